@@ -1,0 +1,177 @@
+"""CEL text -> checked cel-python parse tree.
+
+Parses a condition with cel-python, points syntax errors into the policy file, rejects unknown
+names, functions, methods and fields at load time (with a did-you-mean), and inlines `define`d
+names so that both the compiler and the reference interpreter see one self-contained tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lark
+from celpy.celparser import CELParseError, CELParser
+
+from ..diagnostics import DiagnosticSink, Location, did_you_mean
+from ..nodes import Expression
+
+# What a condition can see (rule-language.md, "What a condition can see").
+EVENT_VARIABLES = ("kind", "protocol", "direction", "sender", "recipient", "body", "subject", "type", "size",
+                   "payload", "headers", "client", "time")
+PARTY_FIELDS = ("address", "user", "domain", "resource", "local", "groups", "attrs")
+FIELDS_OF = {"sender": PARTY_FIELDS, "recipient": PARTY_FIELDS, "client": ("ip", "port", "secure")}
+FUNCTIONS = ("has", "size", "int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration", "type",
+             "dyn", "matches", "contains", "startsWith", "endsWith")
+METHODS = ("contains", "startsWith", "endsWith", "matches", "lowerAscii", "upperAscii", "size", "exists", "all",
+           "exists_one", "map", "filter", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
+           "getDayOfWeek", "getDayOfMonth", "getDayOfYear", "getMonth", "getFullYear", "getDate")
+MACROS = ("exists", "all", "exists_one", "map", "filter")
+MAX_CEL_LENGTH = 64 * 1024
+
+_parser: CELParser | None = None
+
+
+def _cel_parser() -> CELParser:
+    global _parser
+    if _parser is None:
+        _parser = CELParser()
+    return _parser
+
+
+def _file_location(expr: Expression, line: int | None, column: int | None, length: int = 1) -> Location:
+    """Map a (1-based) line/column inside the CEL text to the policy file."""
+    if not line or not column:
+        return expr.location
+    if line == 1:
+        return Location(expr.location.file, expr.location.line, expr.location.column + column - 1, length)
+    # Continued lines keep their full physical text, so columns are file columns.
+    return Location(expr.location.file, expr.location.line + line - 1, column, length)
+
+
+def parse_expression(expr: Expression, sink: DiagnosticSink) -> lark.Tree | None:
+    if len(expr.text) > MAX_CEL_LENGTH:
+        sink.error(expr.location, f"condition is longer than {MAX_CEL_LENGTH} characters")
+        return None
+    try:
+        return _cel_parser().parse(expr.text)
+    except CELParseError as exc:
+        first = str(exc.args[0]).splitlines()[-1] if exc.args else "syntax error"
+        token = ""
+        if len(exc.args) > 1 and hasattr(exc.args[1], "token"):
+            token = str(exc.args[1].token)
+        message = f"CEL syntax error: unexpected '{token}'" if token else f"CEL syntax error: {first.strip()}"
+        sink.error(_file_location(expr, exc.line, exc.column, max(1, len(token))), message)
+    except RecursionError:
+        sink.error(expr.location, "CEL expression nests too deep")
+    except Exception as exc:  # lark raises a handful of other errors on odd input
+        sink.error(expr.location, f"CEL syntax error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    return None
+
+
+def _token_of(tree: lark.Tree) -> lark.Token | None:
+    for child in tree.children:
+        if isinstance(child, lark.Token):
+            return child
+    return None
+
+
+def _ident_name(tree: lark.Tree) -> str | None:
+    """The name when `tree` is an expression that is just an identifier (a macro's variable)."""
+    node = tree
+    while isinstance(node, lark.Tree) and len(node.children) == 1 and node.data != "ident":
+        node = node.children[0]
+    if isinstance(node, lark.Tree) and node.data == "ident":
+        return str(node.children[0])
+    return None
+
+
+class NameChecker:
+    """Checks names in one expression and inlines defines (returns a new tree)."""
+
+    def __init__(self, expr: Expression, sink: DiagnosticSink, *, lists: Mapping[str, object],
+                 defines: Mapping[str, lark.Tree], later_defines: Mapping[str, object] | None = None,
+                 define_reads: Mapping[str, set[str]] | None = None):
+        self.expr = expr
+        self.define_reads = define_reads or {}
+        self.sink = sink
+        self.lists = lists
+        self.defines = defines
+        self.later_defines = later_defines or {}
+        self.names_used: set[str] = set()
+
+    def known_names(self) -> list[str]:
+        return list(EVENT_VARIABLES) + list(self.lists) + list(self.defines)
+
+    def check(self, tree: lark.Tree) -> lark.Tree:
+        return self._visit(tree, frozenset())
+
+    def _error(self, token: lark.Token, message: str) -> None:
+        self.sink.error(_file_location(self.expr, token.line, token.column, len(str(token))), message)
+
+    def _visit(self, tree: lark.Tree, bound: frozenset[str]) -> lark.Tree:
+        data = tree.data
+        if data == "primary" and len(tree.children) == 1 and isinstance(tree.children[0], lark.Tree) \
+                and tree.children[0].data == "ident":
+            token = tree.children[0].children[0]
+            name = str(token)
+            if name in bound:
+                return tree
+            if name in self.defines:
+                self.names_used |= self.define_reads.get(name, set())
+                return lark.Tree("primary", [lark.Tree("paren_expr", [self.defines[name]], tree.meta)], tree.meta)
+            if name in EVENT_VARIABLES or name in self.lists:
+                self.names_used.add(name)
+                return tree
+            if name in self.later_defines:
+                self._error(token, f"'{name}' is used before its 'define'")
+            else:
+                self._error(token, f"unknown name '{name}'{did_you_mean(name, self.known_names())}")
+            return tree
+        if data == "ident_arg":
+            token = _token_of(tree)
+            if token is not None and str(token) not in FUNCTIONS:
+                self._error(token, f"unknown function '{token}'{did_you_mean(str(token), FUNCTIONS)}")
+        if data == "member_dot":
+            target, token = tree.children[0], tree.children[1]
+            base = _ident_name(target)
+            if base in FIELDS_OF and base not in bound and str(token) not in FIELDS_OF[base]:
+                self._error(token, f"'{base}' has no field '{token}'{did_you_mean(str(token), FIELDS_OF[base])}"
+                                   f" (fields: {', '.join(FIELDS_OF[base])})")
+        if data == "member_dot_arg":
+            token = tree.children[1]
+            method = str(token)
+            if method not in METHODS:
+                self._error(token, f"unknown method '{method}'{did_you_mean(method, METHODS)}")
+            elif method in MACROS and len(tree.children) > 2 and isinstance(tree.children[2], lark.Tree):
+                args = tree.children[2].children
+                variable = _ident_name(args[0]) if args else None
+                if variable is None:
+                    self._error(token, f"'{method}' needs a variable name as its first argument")
+                    return tree
+                new_children = [self._visit(tree.children[0], bound), token,
+                                lark.Tree(tree.children[2].data,
+                                          [args[0]] + [self._visit(a, bound | {variable}) for a in args[1:]],
+                                          tree.children[2].meta)]
+                return lark.Tree(data, new_children, tree.meta)
+        children = [self._visit(c, bound) if isinstance(c, lark.Tree) else c for c in tree.children]
+        return lark.Tree(data, children, tree.meta)
+
+
+def check_expression(expr: Expression, sink: DiagnosticSink, *, lists: Mapping[str, object],
+                     defines: Mapping[str, lark.Tree], later_defines: Mapping[str, object] | None = None,
+                     define_reads: Mapping[str, set[str]] | None = None) -> tuple[lark.Tree | None, set[str]]:
+    """Parse, check and inline one expression; (None, names) when it has errors."""
+    tree = parse_expression(expr, sink)
+    if tree is None:
+        return None, set()
+    before = len(sink.diagnostics)
+    checker = NameChecker(expr, sink, lists=lists, defines=defines, later_defines=later_defines,
+                          define_reads=define_reads)
+    try:
+        checked = checker.check(tree)
+    except RecursionError:
+        sink.error(expr.location, "CEL expression nests too deep")
+        return None, set()
+    if len(sink.diagnostics) > before:
+        return None, checker.names_used
+    return checked, checker.names_used

@@ -1,0 +1,206 @@
+"""Events: the protocol-neutral description of one message, presence, call, ... to decide on.
+
+An Event holds the raw addresses as the adapter saw them and their normalised forms
+(policyplug.addresses). Everything a policy adds (direction, groups, attrs) is derived when
+the policy decides, because it depends on that policy's `local domains` and `directory`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from .addresses import Address, AddressError, parse_address
+from .nodes import EVENT_KINDS
+
+PROTOCOLS = ("xmpp", "sip")
+
+
+class EventError(ValueError):
+    """An invalid event; the message is one line naming the field."""
+
+
+def _field_error(name: str, problem: str) -> EventError:
+    return EventError(f"field '{name}': {problem}")
+
+
+def parse_time(value: str, field: str = "time") -> datetime:
+    """RFC 3339 text -> aware datetime in UTC. A time without offset is taken as UTC."""
+    if not isinstance(value, str):
+        raise _field_error(field, f"expected an RFC 3339 string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise _field_error(field, f"not an RFC 3339 time: {value[:60]!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+class Event:
+    """One event to decide on. Build with Event.message(...) etc. or Event.from_json(...)."""
+
+    __slots__ = ("kind", "protocol", "sender", "recipient", "body", "subject", "type", "size", "payload",
+                 "headers", "client", "time", "_activation_cache")
+
+    def __init__(self, kind: str, sender: Address, recipient: Address, *, protocol: str, body: str = "",
+                 subject: str = "", type: str = "", size: int | None = None, payload: list[str] | None = None,
+                 headers: dict[str, str] | None = None, client: dict[str, Any] | None = None,
+                 time: datetime | None = None):
+        self.kind = kind
+        self.protocol = protocol
+        self.sender = sender
+        self.recipient = recipient
+        self.body = body
+        self.subject = subject
+        self.type = type
+        self.size = len(body.encode("utf-8", "surrogatepass")) if size is None else size
+        self.payload = payload if payload is not None else []
+        self.headers = headers if headers is not None else {}
+        self.client = client if client is not None else {"ip": "", "port": 0, "secure": False}
+        self.time = time if time is not None else datetime.now(UTC)
+        self._activation_cache: tuple[int, dict[str, Any]] | None = None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Event:
+        """The event JSON of the spec -> Event; raises EventError naming the first bad field."""
+        if not isinstance(data, Mapping):
+            raise EventError(f"an event must be a JSON object, got {type(data).__name__}")
+        kind = data.get("kind")
+        if kind is None:
+            raise _field_error("kind", "missing")
+        if not isinstance(kind, str) or kind not in EVENT_KINDS:
+            raise _field_error("kind", f"unknown kind {kind!r} (one of {', '.join(EVENT_KINDS)})")
+        raw_from = _required_string(data, "from")
+        raw_to = _required_string(data, "to")
+        protocol = data.get("protocol")
+        if protocol is None:
+            protocol = "sip" if raw_from.lower().startswith(("sip:", "sips:")) or raw_to.lower().startswith(
+                ("sip:", "sips:")) else "xmpp"
+        elif protocol not in PROTOCOLS:
+            raise _field_error("protocol", f"expected 'xmpp' or 'sip', got {protocol!r}")
+        sender = _address(raw_from, "from", protocol)
+        recipient = _address(raw_to, "to", protocol)
+        body = _optional_string(data, "body")
+        subject = _optional_string(data, "subject")
+        stanza_type = _optional_string(data, "type")
+        size = data.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise _field_error("size", f"expected a non-negative integer, got {size!r}")
+        payload = data.get("payload", [])
+        if not isinstance(payload, list) or not all(isinstance(p, str) for p in payload):
+            raise _field_error("payload", "expected a list of strings")
+        headers = data.get("headers", {})
+        if not isinstance(headers, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise _field_error("headers", "expected an object of string values")
+        client = _client(data.get("client"))
+        time_value = data.get("time")
+        when = parse_time(time_value) if time_value is not None else None
+        return cls(kind, sender, recipient, protocol=protocol, body=body, subject=subject, type=stanza_type,
+                   size=size, payload=list(payload), headers={k.lower(): v for k, v in headers.items()},
+                   client=client, time=when)
+
+    @classmethod
+    def _of_kind(cls, kind: str, sender: str, recipient: str, fields: dict[str, Any]) -> Event:
+        data: dict[str, Any] = {"kind": kind, "from": sender, "to": recipient}
+        for key, value in fields.items():
+            if key == "time" and isinstance(value, datetime):
+                value = value.isoformat()
+            data[key] = value
+        return cls.from_json(data)
+
+    @classmethod
+    def message(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("message", sender, recipient, fields)
+
+    @classmethod
+    def groupchat(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("groupchat", sender, recipient, fields)
+
+    @classmethod
+    def presence(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("presence", sender, recipient, fields)
+
+    @classmethod
+    def subscribe(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("subscribe", sender, recipient, fields)
+
+    @classmethod
+    def join(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("join", sender, recipient, fields)
+
+    @classmethod
+    def call(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("call", sender, recipient, fields)
+
+    @classmethod
+    def file(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("file", sender, recipient, fields)
+
+    @classmethod
+    def login(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("login", sender, recipient, fields)
+
+    @classmethod
+    def iq(cls, sender: str, recipient: str, **fields: Any) -> Event:
+        return cls._of_kind("iq", sender, recipient, fields)
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "from": self.sender.raw, "to": self.recipient.raw, "body": self.body,
+            "time": self.time.isoformat().replace("+00:00", "Z"), "protocol": self.protocol,
+            "client": dict(self.client), "headers": dict(self.headers), "payload": list(self.payload),
+            "type": self.type, "subject": self.subject, "size": self.size,
+        }
+
+    def __repr__(self) -> str:
+        return f"Event({self.kind} from {self.sender.raw!r} to {self.recipient.raw!r})"
+
+
+def _required_string(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        raise _field_error(name, "missing")
+    if not isinstance(value, str):
+        raise _field_error(name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _field_error(name, "empty address")
+    return value
+
+
+def _optional_string(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _field_error(name, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _address(raw: str, field: str, protocol: str) -> Address:
+    try:
+        return parse_address(raw, None if raw.lower().startswith(("sip:", "sips:", "xmpp:")) else protocol)
+    except AddressError as exc:
+        raise _field_error(field, str(exc)) from None
+
+
+def _client(value: Any) -> dict[str, Any]:
+    client = {"ip": "", "port": 0, "secure": False}
+    if value is None:
+        return client
+    if not isinstance(value, Mapping):
+        raise _field_error("client", "expected an object {ip, port, secure}")
+    for key, expected in (("ip", str), ("port", int), ("secure", bool)):
+        if key in value:
+            item = value[key]
+            ok = isinstance(item, expected) and (expected is bool or not isinstance(item, bool))
+            if not ok:
+                raise _field_error(f"client.{key}", f"expected {expected.__name__}, got {item!r}")
+            client[key] = item
+    return client

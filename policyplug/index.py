@@ -1,0 +1,182 @@
+"""Rule indexing: pick the rules that can match an event without walking all of them.
+
+A rule whose `when` is a conjunction containing `FIELD == "literal"`, `FIELD in LIST` or
+`FIELD in ["a", "b"]` (FIELD one of direction, sender/recipient .domain/.address) can only
+match events whose FIELD takes one of those values. Skipping it otherwise is exact, not a
+heuristic: CEL's `&&` is false as soon as one side is false, even when another side errs,
+so a skipped rule would neither have matched nor recorded an error. Candidates keep file
+order, so first-match semantics are unchanged (tests compare indexed and unindexed runs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
+
+import lark
+
+from .nodes import EVENT_KINDS
+
+if TYPE_CHECKING:
+    from .events import Event
+    from .loader import PolicyModel
+    from .runtime import CompiledRule, Policy
+
+# The fields an index may be built on, most selective first.
+INDEXED_FIELDS = ("recipient.address", "sender.address", "recipient.domain", "sender.domain", "direction")
+_PASS_THROUGH = {"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
+                 "member", "primary", "paren_expr"}
+_PLAIN_STRING = re.compile(r'^(?:"([^"\\]*)"|\'([^\'\\]*)\')$')
+CACHE_LIMIT = 4096
+
+
+def _strip(tree: Any) -> Any:
+    while isinstance(tree, lark.Tree) and tree.data in _PASS_THROUGH and len(tree.children) == 1 \
+            and isinstance(tree.children[0], lark.Tree):
+        tree = tree.children[0]
+    return tree
+
+
+def _conjuncts(tree: Any) -> list[Any]:
+    tree = _strip(tree)
+    if isinstance(tree, lark.Tree) and tree.data == "conditionaland" and len(tree.children) == 2:
+        return _conjuncts(tree.children[0]) + _conjuncts(tree.children[1])
+    return [tree]
+
+
+def _field_path(tree: Any) -> str | None:
+    tree = _strip(tree)
+    if not isinstance(tree, lark.Tree):
+        return None
+    if tree.data == "ident":
+        name = str(tree.children[0])
+        return name if name == "direction" else None
+    if tree.data == "member_dot":
+        base = _strip(tree.children[0])
+        if isinstance(base, lark.Tree) and base.data == "ident":
+            path = f"{base.children[0]}.{tree.children[1]}"
+            return path if path in INDEXED_FIELDS else None
+    return None
+
+
+def _string_literal(tree: Any) -> str | None:
+    tree = _strip(tree)
+    if isinstance(tree, lark.Tree) and tree.data == "literal" and tree.children:
+        token = tree.children[0]
+        if isinstance(token, lark.Token) and token.type == "STRING_LIT":
+            match = _PLAIN_STRING.match(str(token))
+            if match:
+                return match.group(1) if match.group(1) is not None else match.group(2)
+    return None
+
+
+def _string_set(tree: Any, lists: dict[str, tuple[str, ...]]) -> frozenset[str] | None:
+    tree = _strip(tree)
+    if not isinstance(tree, lark.Tree):
+        return None
+    if tree.data == "ident" and str(tree.children[0]) in lists:
+        return frozenset(lists[str(tree.children[0])])
+    if tree.data == "list_lit":
+        values = []
+        items = tree.children[0].children if tree.children else []
+        for item in items:
+            value = _string_literal(item)
+            if value is None:
+                return None
+            values.append(value)
+        return frozenset(values)
+    return None
+
+
+def guard_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> tuple[str, frozenset[str]] | None:
+    """The most selective (field, allowed values) implied by a rule's `when` clauses, if any."""
+    guards: dict[str, frozenset[str]] = {}
+    for when in when_trees:
+        for conjunct in _conjuncts(when):
+            if not (isinstance(conjunct, lark.Tree) and conjunct.data == "relation" and len(conjunct.children) == 2):
+                continue
+            operator, rhs = conjunct.children
+            if not isinstance(operator, lark.Tree) or not operator.children:
+                continue
+            lhs = operator.children[0]
+            values: frozenset[str] | None = None
+            field = None
+            if operator.data == "relation_eq":
+                field, literal = _field_path(lhs), _string_literal(rhs)
+                if field is None:
+                    field, literal = _field_path(rhs), _string_literal(lhs)
+                values = frozenset([literal]) if literal is not None else None
+            elif operator.data == "relation_in":
+                field, values = _field_path(lhs), _string_set(rhs, lists)
+            if field is not None and values is not None:
+                # two guards on one field: both must hold
+                guards[field] = guards[field] & values if field in guards else values
+    for field in INDEXED_FIELDS:
+        if field in guards:
+            return field, guards[field]
+    return None
+
+
+def _reader(field: str) -> Callable[[dict[str, Any]], str]:
+    if field == "direction":
+        return lambda activation: activation["direction"]
+    party, key = field.split(".")
+    return lambda activation: activation[party][key]
+
+
+def build_selector(policy: Policy, model: PolicyModel) -> Callable[[Event, dict[str, Any]], Sequence[CompiledRule]] | None:
+    """A function (event, activation) -> candidate rules in file order; None when indexing gains nothing."""
+    guards = [guard_of(checked.when, model.lists) for checked in model.rules]
+    if not any(guards):
+        return None
+    by_index = attrgetter("index")
+    plans: dict[str, tuple[tuple[CompiledRule, ...], list[tuple[Callable[[dict[str, Any]], str], dict[str, tuple[CompiledRule, ...]]]]]] = {}
+    for kind in EVENT_KINDS:
+        unguarded: list[CompiledRule] = []
+        tables: dict[str, dict[str, list[CompiledRule]]] = {}
+        for rule, guard in zip(policy.rules, guards, strict=True):
+            if rule.kinds is not None and kind not in rule.kinds:
+                continue
+            if guard is None:
+                unguarded.append(rule)
+                continue
+            field, values = guard
+            table = tables.setdefault(field, {})
+            for value in values:
+                table.setdefault(value, []).append(rule)
+        plans[kind] = (tuple(unguarded), [(_reader(f), {v: tuple(rs) for v, rs in t.items()}) for f, t in tables.items()])
+    cache: dict[tuple[Any, ...], Sequence[CompiledRule]] = {}
+
+    def select(event: Event, activation: dict[str, Any]) -> Sequence[CompiledRule]:
+        unguarded, lookups = plans[event.kind]
+        if not lookups:
+            return unguarded
+        found = []
+        key: list[Any] = [event.kind]
+        for read, table in lookups:
+            value = read(activation)
+            rules = table.get(value)
+            if rules:
+                found.append(rules)
+                key.append(value)
+            else:
+                key.append(None)
+        if not found:
+            return unguarded
+        cache_key = tuple(key)
+        cached = cache.get(cache_key)
+        if cached is not None:
+            return cached
+        merged: list[CompiledRule] = list(unguarded)
+        for rules in found:
+            merged.extend(rules)
+        merged.sort(key=by_index)
+        result = tuple(merged)  # one guard per rule: no rule can be found twice
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        cache[cache_key] = result
+        return result
+
+    return select
