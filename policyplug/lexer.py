@@ -28,7 +28,7 @@ class LogicalLine:
     text: str
     line: int  # file line of text[0]
     column: int  # file column of text[0]
-    comment: str | None = None  # a trailing comment on the line's last physical line
+    comments: tuple[str | None, ...] = ()  # trailing comment of each physical line, for `fmt`
     leading_comments: tuple[str, ...] = ()  # comment lines right above, for `fmt`
     blank_before: bool = False
 
@@ -48,6 +48,18 @@ class LogicalLine:
         while end < len(stripped) and (stripped[end].isalnum() or stripped[end] == "_"):
             end += 1
         return stripped[:end]
+
+
+STATEMENT_WORDS = frozenset((
+    "policy", "local", "list", "directory", "define", "include", "default", "rule", "test",
+    "on", "when", "unless", "limit", "allow", "deny", "drop", "redirect", "route", "copy", "disclaimer", "audit",
+    "tag", "expect", "repeat",
+))
+
+
+def _starts_statement(text: str) -> bool:
+    word = text.split(None, 1)[0] if text else ""
+    return word.rstrip(":") in STATEMENT_WORDS and not text.startswith(("(", "[", "{"))
 
 
 class LexError(Exception):
@@ -120,6 +132,7 @@ def logical_lines(file: str, text: str) -> tuple[list[LogicalLine], list[LexErro
         start_line = i + 1
         indent = len(code) - len(code.lstrip())
         parts = [code[indent:].rstrip()]
+        comments: list[str | None] = [trailing]
         while True:
             current = parts[-1].rstrip()
             continues = bool(stack) or quote is not None or current.endswith(CONTINUATION_ENDINGS)
@@ -133,23 +146,29 @@ def logical_lines(file: str, text: str) -> tuple[list[LogicalLine], list[LexErro
                     errors.append(LexError(Location(file, start_line, indent + 1),
                                            f"'{stack[-1]}' is never closed"))
                 break
+            nxt = physical[i + 1].strip()
+            if stack and not current.endswith(CONTINUATION_ENDINGS) and quote is None \
+                    and _starts_statement(nxt):
+                # An unclosed bracket must not swallow the rest of the file: a line that
+                # starts like a statement or clause ends the runaway expression.
+                errors.append(LexError(Location(file, start_line, indent + 1), f"'{stack[-1]}' is never closed"))
+                break
             i += 1
             raw = physical[i].rstrip("\r")
             comment_at, quote, stack = _scan_line(raw, stack, quote)
             code = raw if comment_at < 0 else raw[:comment_at]
-            if comment_at >= 0:
-                trailing = raw[comment_at:].rstrip()
+            comments.append(raw[comment_at:].rstrip() if comment_at >= 0 else None)
             # Keep the physical line whole (with its indentation) so columns map exactly.
             parts.append(code.rstrip())
         joined = "\n".join(parts)
         leading = tuple(c for c in pending_comments)
         while leading and leading[-1] == "":
             leading = leading[:-1]
-        result.append(LogicalLine(file, joined, start_line, indent + 1, trailing, leading, blank_before))
+        result.append(LogicalLine(file, joined, start_line, indent + 1, tuple(comments), leading, blank_before))
         pending_comments = []
         blank_before = False
         i += 1
     if pending_comments:
         # comments at the end of the file: an empty logical line carries them for `fmt`
-        result.append(LogicalLine(file, "", len(physical), 1, None, tuple(pending_comments), blank_before))
+        result.append(LogicalLine(file, "", len(physical), 1, (), tuple(pending_comments), blank_before))
     return result, errors

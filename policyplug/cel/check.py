@@ -55,12 +55,22 @@ def parse_expression(expr: Expression, sink: DiagnosticSink) -> lark.Tree | None
     try:
         return _cel_parser().parse(expr.text)
     except CELParseError as exc:
-        first = str(exc.args[0]).splitlines()[-1] if exc.args else "syntax error"
         token = ""
-        if len(exc.args) > 1 and hasattr(exc.args[1], "token"):
-            token = str(exc.args[1].token)
-        message = f"CEL syntax error: unexpected '{token}'" if token else f"CEL syntax error: {first.strip()}"
-        sink.error(_file_location(expr, exc.line, exc.column, max(1, len(token))), message)
+        detail = exc.args[1] if len(exc.args) > 1 else None
+        if isinstance(detail, lark.exceptions.UnexpectedToken):
+            token = str(detail.token)
+            message = f"CEL syntax error: unexpected '{token}'" if detail.token.type != "$END" \
+                else "CEL syntax error: the expression ends too early"
+        elif isinstance(detail, lark.exceptions.UnexpectedCharacters):
+            token = expr.text[detail.pos_in_stream:detail.pos_in_stream + 1] if detail.pos_in_stream is not None else ""
+            message = f"CEL syntax error: unexpected character '{token}'"
+        else:
+            message = "CEL syntax error: the expression is incomplete"
+        line, column = exc.line, exc.column
+        if line is None or line < 1:  # at the end of the text
+            lines = expr.text.split("\n")
+            line, column = len(lines), len(lines[-1]) + 1 if len(lines) > 1 else len(lines[-1]) + 1
+        sink.error(_file_location(expr, line, column, max(1, len(token))), message)
     except RecursionError:
         sink.error(expr.location, "CEL expression nests too deep")
     except Exception as exc:  # lark raises a handful of other errors on odd input

@@ -1,0 +1,213 @@
+"""The `policyplug` command line (contract: shared/spec/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .compiler import load_policy
+from .diagnostics import PolicyError
+from .events import Event, EventError
+from .tester import policy_files, run_tests
+
+# Sub-packages that add their own commands (each: add_commands(subparsers)).
+COMMAND_MODULES = ("policyplug.service.commands", "policyplug.audit.commands", "policyplug.usage.commands")
+
+
+def _print_diagnostics(error: PolicyError) -> None:
+    for diagnostic in error.diagnostics:
+        print(diagnostic.format(), file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    files = policy_files(args.paths)
+    if not files:
+        print("policyplug check: no *.policy files found in " + " ".join(args.paths), file=sys.stderr)
+        return 1
+    failed = 0
+    errors = 0
+    for path in files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            _print_diagnostics(exc)
+            failed += 1
+            errors += len(exc.diagnostics)
+            continue
+        if args.explain_compile:
+            fallbacks = policy.fallbacks()
+            compiled = sum(len(r.conditions) for r in policy.rules) - len(fallbacks)
+            print(f"{path}: {compiled} conditions compiled to Python, {len(fallbacks)} run by cel-python")
+            for rule, text, why in fallbacks:
+                print(f"  rule {rule}: {text}  ({why})")
+        elif not args.quiet:
+            print(f"{path}: ok (policy '{policy.name}', {len(policy.rules)} rules, {len(policy.tests)} tests)")
+    if len(files) > 1 or failed:
+        print(f"{len(files) - failed} valid, {failed} invalid ({errors} errors)", file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    files = policy_files(args.paths)
+    if not files:
+        print("policyplug test: no *.policy files found in " + " ".join(args.paths), file=sys.stderr)
+        return 1
+    passed = failed = 0
+    invalid = False
+    started = time.perf_counter()
+    for path in files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            _print_diagnostics(exc)
+            invalid = True
+            continue
+        for outcome in run_tests(policy):
+            if outcome.passed:
+                passed += 1
+                if args.verbose:
+                    print(f"PASS {outcome.location} {outcome.name}")
+            else:
+                failed += 1
+                print("FAIL " + (outcome.describe(with_trace=args.verbose) if args.verbose
+                                 else _one_line(outcome)))
+    elapsed = time.perf_counter() - started
+    if args.verbose:
+        print(f"# {len(files)} policy files in {elapsed:.2f}s", file=sys.stderr)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed or invalid else 0
+
+
+def _one_line(outcome) -> str:  # type: ignore[no-untyped-def]
+    from .tester import describe_decision, describe_expectation
+    expect = outcome.test.expect
+    expected = describe_expectation(expect) if expect else "?"
+    decided = describe_decision(outcome.decision) if outcome.decision else "nothing"
+    trace = ""
+    if outcome.decision is not None and outcome.decision.trace:
+        trace = " | trace: " + ", ".join(f"{s.rule}={'match' if s.matched else 'no'}" for s in outcome.decision.trace)
+    return f"{outcome.location} {outcome.name}: expected {expected}; decided {decided}{trace}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        _print_diagnostics(exc)
+        return 1
+    try:
+        if args.event in (None, "-"):
+            raw = sys.stdin.read()
+        else:
+            raw = Path(args.event).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"policyplug eval: cannot read event: {exc}", file=sys.stderr)
+        return 2
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        print(f"invalid event: not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", file=sys.stderr)
+        return 2
+    try:
+        event = Event.from_json(data)
+    except EventError as exc:
+        print(f"invalid event: {exc}", file=sys.stderr)
+        return 2
+    decision = policy.decide(event, explain=args.explain)
+    print(json.dumps(decision.to_json(), ensure_ascii=False))
+    if args.explain:
+        print(f"{event.kind} from {event.sender.address} to {event.recipient.address} "
+              f"({policy.activation(event)['direction']}):", file=sys.stderr)
+        print(decision.explain(), file=sys.stderr)
+        for error in decision.errors:
+            print(f"  error in {error['rule']}: {error['message']}", file=sys.stderr)
+    return 0
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from .formatter import format_file
+
+    files = policy_files(args.paths)
+    changed = 0
+    invalid = 0
+    for path in files:
+        try:
+            original = path.read_text(encoding="utf-8")
+            formatted = format_file(original, str(path))
+        except PolicyError as exc:
+            _print_diagnostics(exc)
+            invalid += 1
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"{path}: cannot read: {exc}", file=sys.stderr)
+            invalid += 1
+            continue
+        if formatted != original:
+            changed += 1
+            if args.check:
+                print(f"would reformat {path}")
+            else:
+                path.write_text(formatted, encoding="utf-8")
+                print(f"reformatted {path}")
+    if args.check:
+        return 1 if changed or invalid else 0
+    return 1 if invalid else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="policyplug", description="A policy engine for XMPP and SIP servers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("check", help="load policies and print every diagnostic")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--explain-compile", action="store_true",
+                   help="list conditions that run on cel-python's interpreter instead of compiled Python")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only diagnostics")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("test", help="run the test blocks of policies")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("-v", "--verbose", action="store_true", help="show passing tests and full traces")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("eval", help="decide one event given as JSON")
+    p.add_argument("policy", metavar="POLICY")
+    p.add_argument("--event", metavar="FILE", help="event JSON file ('-' or absent: standard input)")
+    p.add_argument("--explain", action="store_true", help="print a trace of every rule on standard error")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fmt", help="rewrite policies in canonical layout")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--check", action="store_true", help="only report files that would change")
+    p.set_defaults(func=cmd_fmt)
+
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that part is not there (yet): its commands are simply absent
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
