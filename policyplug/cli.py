@@ -16,7 +16,7 @@ from .events import Event, EventError
 from .tester import policy_files, run_tests
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
-COMMAND_MODULES = ("policyplug.service.commands", "policyplug.audit.commands", "policyplug.usage.commands")
+COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands", "policyplug.usage.commands")
 
 
 def _print_diagnostics(error: PolicyError) -> None:
