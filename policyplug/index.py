@@ -1,8 +1,9 @@
 """Rule indexing: pick the rules that can match an event without walking all of them.
 
 A rule whose `when` is a conjunction containing `FIELD == "literal"`, `FIELD in LIST` or
-`FIELD in ["a", "b"]` (FIELD one of direction, sender/recipient .domain/.address) can only
-match events whose FIELD takes one of those values. Skipping it otherwise is exact, not a
+`FIELD in ["a", "b"]` (FIELD one of kind, direction, sender/recipient .domain/.address), or
+`"literal" in sender.groups` (or recipient.groups), can only match events whose FIELD takes
+one of those values (whose groups contain it). Skipping it otherwise is exact, not a
 heuristic: CEL's `&&` is false as soon as one side is false, even when another side errs,
 so a skipped rule would neither have matched nor recorded an error. Candidates keep file
 order, so first-match semantics are unchanged (tests compare indexed and unindexed runs).
@@ -24,8 +25,11 @@ if TYPE_CHECKING:
     from .loader import PolicyModel
     from .runtime import CompiledRule, Policy
 
-# The fields an index may be built on, most selective first.
-INDEXED_FIELDS = ("recipient.address", "sender.address", "recipient.domain", "sender.domain", "direction")
+# The fields an index may be built on, most selective first. Group fields are lists: a rule
+# guarded by `"g" in sender.groups` is found through each of the sender's groups.
+INDEXED_FIELDS = ("recipient.address", "sender.address", "recipient.domain", "sender.domain", "sender.groups",
+                  "recipient.groups", "direction")
+MULTI_VALUED = frozenset({"sender.groups", "recipient.groups"})
 _PASS_THROUGH = {"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
                  "member", "primary", "paren_expr"}
 _PLAIN_STRING = re.compile(r'^(?:"([^"\\]*)"|\'([^\'\\]*)\')$')
@@ -52,7 +56,7 @@ def _field_path(tree: Any) -> str | None:
         return None
     if tree.data == "ident":
         name = str(tree.children[0])
-        return name if name == "direction" else None
+        return name if name in ("direction", "kind") else None
     if tree.data == "member_dot":
         base = _strip(tree.children[0])
         if isinstance(base, lark.Tree) and base.data == "ident":
@@ -90,8 +94,8 @@ def _string_set(tree: Any, lists: dict[str, tuple[str, ...]]) -> frozenset[str] 
     return None
 
 
-def guard_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> tuple[str, frozenset[str]] | None:
-    """The most selective (field, allowed values) implied by a rule's `when` clauses, if any."""
+def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
+    """Every (field -> allowed values) implied by a rule's `when` clauses."""
     guards: dict[str, frozenset[str]] = {}
     for when in when_trees:
         for conjunct in _conjuncts(when):
@@ -110,34 +114,53 @@ def guard_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> tu
                 values = frozenset([literal]) if literal is not None else None
             elif operator.data == "relation_in":
                 field, values = _field_path(lhs), _string_set(rhs, lists)
+                if field is None:
+                    # "literal" in sender.groups: the rule needs that group
+                    group_field, literal = _field_path(rhs), _string_literal(lhs)
+                    if group_field in MULTI_VALUED and literal is not None:
+                        field, values = group_field, frozenset([literal])
+                elif field in MULTI_VALUED:
+                    field = None  # `groups in LIST` is a list-in-list test, not a guard
             if field is not None and values is not None:
-                # two guards on one field: both must hold
-                guards[field] = guards[field] & values if field in guards else values
+                # two guards on one field: both must hold (for groups: either one is enough to index by)
+                if field in guards and field not in MULTI_VALUED:
+                    guards[field] = guards[field] & values
+                else:
+                    guards.setdefault(field, values)
+    return guards
+
+
+def guard_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> tuple[str, frozenset[str]] | None:
+    """The most selective (field, allowed values) implied by a rule's `when` clauses, if any."""
+    guards = guards_of(when_trees, lists)
     for field in INDEXED_FIELDS:
         if field in guards:
             return field, guards[field]
     return None
 
 
-def _reader(field: str) -> Callable[[dict[str, Any]], str]:
-    if field == "direction":
-        return lambda activation: activation["direction"]
-    party, key = field.split(".")
-    return lambda activation: activation[party][key]
-
-
 def build_selector(policy: Policy, model: PolicyModel) -> Callable[[Event, dict[str, Any]], Sequence[CompiledRule]] | None:
     """A function (event, activation) -> candidate rules in file order; None when indexing gains nothing."""
-    guards = [guard_of(checked.when, model.lists) for checked in model.rules]
-    if not any(guards):
+    all_guards = [guards_of(checked.when, model.lists) for checked in model.rules]
+    if not any(all_guards):
         return None
+    guards = []
+    kinds_of = []
+    for rule, rule_guards in zip(policy.rules, all_guards, strict=True):
+        kinds = rule.kinds
+        if "kind" in rule_guards:  # `kind == "call"` restricts like `on call`
+            kinds = rule_guards["kind"] if kinds is None else kinds & rule_guards["kind"]
+        kinds_of.append(kinds)
+        guards.append(next(((f, rule_guards[f]) for f in INDEXED_FIELDS if f in rule_guards), None))
     by_index = attrgetter("index")
-    plans: dict[str, tuple[tuple[CompiledRule, ...], list[tuple[Callable[[dict[str, Any]], str], dict[str, tuple[CompiledRule, ...]]]]]] = {}
+    # (party or None, key, table, multi-valued): read as activation[party][key] or activation[key]
+    Lookup = tuple[str | None, str, dict[str, tuple[Any, ...]], bool]
+    plans: dict[str, tuple[tuple[CompiledRule, ...], list[Lookup]]] = {}
     for kind in EVENT_KINDS:
         unguarded: list[CompiledRule] = []
         tables: dict[str, dict[str, list[CompiledRule]]] = {}
-        for rule, guard in zip(policy.rules, guards, strict=True):
-            if rule.kinds is not None and kind not in rule.kinds:
+        for rule, guard, kinds in zip(policy.rules, guards, kinds_of, strict=True):
+            if kinds is not None and kind not in kinds:
                 continue
             if guard is None:
                 unguarded.append(rule)
@@ -146,7 +169,11 @@ def build_selector(policy: Policy, model: PolicyModel) -> Callable[[Event, dict[
             table = tables.setdefault(field, {})
             for value in values:
                 table.setdefault(value, []).append(rule)
-        plans[kind] = (tuple(unguarded), [(_reader(f), {v: tuple(rs) for v, rs in t.items()}) for f, t in tables.items()])
+        lookups: list[Lookup] = []
+        for name, table in tables.items():
+            party, _, key = name.rpartition(".")
+            lookups.append((party or None, key, {v: tuple(rs) for v, rs in table.items()}, name in MULTI_VALUED))
+        plans[kind] = (tuple(unguarded), lookups)
     cache: dict[tuple[Any, ...], Sequence[CompiledRule]] = {}
 
     def select(event: Event, activation: dict[str, Any]) -> Sequence[CompiledRule]:
@@ -155,8 +182,14 @@ def build_selector(policy: Policy, model: PolicyModel) -> Callable[[Event, dict[
             return unguarded
         found = []
         key: list[Any] = [event.kind]
-        for read, table in lookups:
-            value = read(activation)
+        for party, field, table, multi in lookups:
+            value = activation[party][field] if party is not None else activation[field]
+            if multi:
+                hits = tuple(v for v in value if v in table)
+                for v in hits:
+                    found.append(table[v])
+                key.append(hits)
+                continue
             rules = table.get(value)
             if rules:
                 found.append(rules)
@@ -173,7 +206,8 @@ def build_selector(policy: Policy, model: PolicyModel) -> Callable[[Event, dict[
         for rules in found:
             merged.extend(rules)
         merged.sort(key=by_index)
-        result = tuple(merged)  # one guard per rule: no rule can be found twice
+        # one guard per rule, but a group-guarded rule may be reached through two groups
+        result = tuple(dict.fromkeys(merged)) if len(found) > 1 else tuple(merged)
         if len(cache) >= CACHE_LIMIT:
             cache.clear()
         cache[cache_key] = result

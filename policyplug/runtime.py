@@ -20,6 +20,7 @@ from .limits import Limiter, MemoryLimiter
 from .nodes import EVENT_KINDS
 
 EVALUATION_ERROR_REASON = "policy evaluation error"
+PARTY_CACHE_LIMIT = 65536
 
 Condition = Callable[[dict[str, Any]], Any]
 
@@ -81,6 +82,7 @@ class Policy:
     model: Any = None
     _candidates: dict[str, Sequence[CompiledRule]] = field(default_factory=dict)
     _selector: Callable[[Event, dict[str, Any]], Sequence[CompiledRule]] | None = None
+    _parties: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self._candidates:
@@ -91,32 +93,39 @@ class Policy:
 
     def activation(self, event: Event) -> dict[str, Any]:
         cached = event._activation_cache
-        if cached is not None and cached[0] == id(self):
+        if cached is not None and cached[0] is self:
             return cached[1]
-        sender, recipient = event.sender, event.recipient
-        local = self.local_domains
-        sender_local = sender.domain in local
-        recipient_local = recipient.domain in local
-        if sender_local:
-            direction = "internal" if recipient_local else "outbound"
+        sender = self._party(event.sender)
+        recipient = self._party(event.recipient)
+        if sender["local"]:
+            direction = "internal" if recipient["local"] else "outbound"
         else:
-            direction = "inbound" if recipient_local else "transit"
+            direction = "inbound" if recipient["local"] else "transit"
         activation = {
             "kind": event.kind, "protocol": event.protocol, "direction": direction,
-            "sender": self._party(sender, sender_local), "recipient": self._party(recipient, recipient_local),
+            "sender": sender, "recipient": recipient,
             "body": event.body, "subject": event.subject, "type": event.type, "size": event.size,
             "payload": event.payload, "headers": event.headers, "client": event.client, "time": event.time,
         }
-        event._activation_cache = (id(self), activation)
+        event._activation_cache = (self, activation)
         return activation
 
-    def _party(self, address: Any, is_local: bool) -> dict[str, Any]:
+    def _party(self, address: Any) -> dict[str, Any]:
+        """What conditions see of one address; cached, because the same users talk all day."""
+        key = (address.address, address.resource)
+        party = self._parties.get(key)
+        if party is not None:
+            return party
         entry = self.directory.get(address.address)
-        return {
+        party = {
             "address": address.address, "user": address.user, "domain": address.domain,
-            "resource": address.resource, "local": is_local,
+            "resource": address.resource, "local": address.domain in self.local_domains,
             "groups": entry["groups"] if entry else [], "attrs": entry["attrs"] if entry else {},
         }
+        if len(self._parties) >= PARTY_CACHE_LIMIT:
+            self._parties.clear()
+        self._parties[key] = party
+        return party
 
     # -- deciding -----------------------------------------------------------------------------------
 
@@ -126,101 +135,96 @@ class Policy:
         activation = self.activation(event)
         if explain:
             # --explain shows every rule; the index is exact, so the outcome is the same
-            candidates = self.rules
+            candidates: Sequence[CompiledRule] = self.rules
         elif self._selector is not None:
             candidates = self._selector(event, activation)
         else:
             candidates = self._candidates.get(event.kind, ())
-        copy_to: list[str] = []
-        disclaimers: list[str] = []
-        tags: list[str] = []
-        audit = False
-        errors: list[dict[str, str]] = []
-        trace: list[TraceStep] = []
+        # Lists are created only when needed: most decisions have no errors and few obligations.
+        matched_rules: list[CompiledRule] | None = None
+        errors: list[dict[str, str]] | None = None
+        trace: list[TraceStep] | None = [] if explain else None
         for rule in candidates:
             if explain and rule.kinds is not None and event.kind not in rule.kinds:
                 trace.append(TraceStep(rule.name, False, f"on {', '.join(sorted(rule.kinds))}: not a {event.kind}"))
                 continue
-            matched = True
-            failed = False
-            why = ""
+            error = None  # set when a condition fails with an evaluation error
             for condition in rule.conditions:
                 try:
                     value = condition.evaluate(activation)
-                except CelEvaluationError as exc:
-                    matched = False
-                    failed = True
-                    errors.append({"rule": rule.name, "message": str(exc)})
-                    why = f"error in '{condition.text}': {exc}"
-                    break
-                except Exception as exc:  # a bug in a compiled condition must not take the server down
-                    matched = False
-                    failed = True
-                    errors.append({"rule": rule.name, "message": f"internal error: {type(exc).__name__}: {exc}"})
-                    why = f"internal error in '{condition.text}'"
+                except Exception as exc:  # CelEvaluationError; anything else is a bug, still fail safe
+                    error = str(exc) if isinstance(exc, CelEvaluationError) \
+                        else f"internal error: {type(exc).__name__}: {exc}"
                     break
                 if value is not condition.expected:
-                    matched = False
                     if value is not True and value is not False:
-                        message = f"condition '{condition.text}' gave {type(value).__name__}, not a bool"
-                        errors.append({"rule": rule.name, "message": message})
-                        failed = True
-                        why = message
+                        error = f"condition '{condition.text}' gave {type(value).__name__}, not a bool"
                     elif explain:
                         clause = "when" if condition.expected else "unless"
-                        why = f"{clause} {condition.text} is {str(value).lower()}"
+                        trace.append(TraceStep(rule.name, False, f"{clause} {condition.text} is {str(value).lower()}"))
                     break
-            if not matched:
-                if failed and self.on_error_deny:
+            else:
+                # on, when and unless hold: the limit clause, then the rule matches
+                if rule.limit is not None:
+                    over, error = self._over_limit(rule, activation, event, now, limiter)
+                    if not over and error is None:
+                        if explain:
+                            trace.append(TraceStep(rule.name, False, f"limit {rule.limit.count} per "
+                                                                     f"{rule.limit.seconds:g}s by {rule.limit.text} not exceeded"))
+                        continue
+                if error is None:
                     if explain:
-                        trace.append(TraceStep(rule.name, False, why))
-                    return self._finish("deny", rule.name, EVALUATION_ERROR_REASON, None, None, copy_to,
-                                        disclaimers, tags, True, errors, trace)
-                if explain:
-                    trace.append(TraceStep(rule.name, False, why))
+                        trace.append(TraceStep(rule.name, True, "decides" if rule.effect else "matched (obligations added)"))
+                    if rule.has_obligations:
+                        matched_rules = [rule] if matched_rules is None else matched_rules + [rule]
+                    if rule.effect is None:
+                        continue
+                    return self._decision(rule.effect, rule.name, rule.reason, rule.redirect_to, rule.route_via,
+                                          matched_rules, errors, trace)
+            if error is None:
                 continue
-            if rule.limit is not None:
-                limit = rule.limit
-                try:
-                    key_value = limit.key(activation)
-                except CelEvaluationError as exc:
-                    errors.append({"rule": rule.name, "message": f"limit key: {exc}"})
-                    if explain:
-                        trace.append(TraceStep(rule.name, False, f"error in limit key '{limit.text}': {exc}"))
-                    if self.on_error_deny:
-                        return self._finish("deny", rule.name, EVALUATION_ERROR_REASON, None, None, copy_to,
-                                            disclaimers, tags, True, errors, trace)
-                    continue
-                if isinstance(key_value, dict) and "address" in key_value:
-                    key_value = key_value["address"]
-                clock = now if now is not None else event.time.timestamp()
-                over = (limiter or self.limiter).hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count)
-                if not over:
-                    if explain:
-                        trace.append(TraceStep(rule.name, False, f"limit {limit.count} per {limit.seconds:g}s "
-                                                                 f"by {limit.text} not exceeded"))
-                    continue
-            if rule.has_obligations:
-                if rule.copy_to:
-                    copy_to.extend(a for a in rule.copy_to if a not in copy_to)
-                if rule.disclaimers:
-                    disclaimers.extend(d for d in rule.disclaimers if d not in disclaimers)
-                if rule.tags:
-                    tags.extend(t for t in rule.tags if t not in tags)
-                audit = audit or rule.audit
+            # An evaluation error: the rule does not match (fail safe), or `on error deny` denies.
+            if errors is None:
+                errors = []
+            errors.append({"rule": rule.name, "message": error})
             if explain:
-                trace.append(TraceStep(rule.name, True, "decides" if rule.effect else "matched (obligations added)"))
-            if rule.effect is not None:
-                return self._finish(rule.effect, rule.name, rule.reason, rule.redirect_to, rule.route_via,
-                                    copy_to, disclaimers, tags, audit, errors, trace)
-        return self._finish(self.default_effect, None, self.default_reason, None, None, copy_to, disclaimers,
-                            tags, audit, errors, trace)
+                trace.append(TraceStep(rule.name, False, f"error: {error}"))
+            if self.on_error_deny:
+                return self._decision("deny", rule.name, EVALUATION_ERROR_REASON, None, None, matched_rules,
+                                      errors, trace, force_audit=True)
+        return self._decision(self.default_effect, None, self.default_reason, None, None, matched_rules, errors, trace)
 
-    def _finish(self, effect: str, rule: str | None, reason: str | None, redirect_to: str | None,
-                route_via: str | None, copy_to: list[str], disclaimers: list[str], tags: list[str], audit: bool,
-                errors: list[dict[str, str]], trace: list[TraceStep]) -> Decision:
-        return Decision(effect, rule, reason, redirect_to, route_via, copy_to, disclaimers, tags, audit, errors,
-                        self.name, self.revision, trace)
+    def _over_limit(self, rule: CompiledRule, activation: dict[str, Any], event: Event, now: float | None,
+                    limiter: Limiter | None) -> tuple[bool, str | None]:
+        """Count this event against the rule's limit: (over the limit?, evaluation error)."""
+        limit = rule.limit
+        assert limit is not None
+        try:
+            key_value = limit.key(activation)
+        except Exception as exc:
+            return False, f"limit key '{limit.text}': {exc}"
+        if isinstance(key_value, dict) and "address" in key_value:
+            key_value = key_value["address"]  # `by sender` counts per sender address
+        clock = now if now is not None else event.time.timestamp()
+        return (limiter or self.limiter).hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count), None
+
+    def _decision(self, effect: str, rule: str | None, reason: str | None, redirect_to: str | None,
+                  route_via: str | None, matched: list[CompiledRule] | None, errors: list[dict[str, str]] | None,
+                  trace: list[TraceStep] | None, force_audit: bool = False) -> Decision:
+        """Build the decision; obligations of every matched rule, in order, without repeats."""
+        copy_to: list[str] = []
+        disclaimers: list[str] = []
+        tags: list[str] = []
+        audit = force_audit
+        if matched:
+            for m in matched:
+                copy_to.extend(a for a in m.copy_to if a not in copy_to)
+                disclaimers.extend(d for d in m.disclaimers if d not in disclaimers)
+                tags.extend(t for t in m.tags if t not in tags)
+                audit = audit or m.audit
+        return Decision(effect, rule, reason, redirect_to, route_via, copy_to, disclaimers, tags, audit,
+                        errors if errors is not None else [], self.name, self.revision,
+                        trace if trace is not None else [])
 
     # -- introspection --------------------------------------------------------------------------------
 

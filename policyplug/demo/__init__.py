@@ -61,6 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for _ in range(rounds):
         for event in events:
+            event._activation_cache = None  # each real event is new: nothing cached
             policy.decide(event)
     elapsed = time.perf_counter() - started
     count = rounds * len(events)

@@ -1,0 +1,764 @@
+"""CEL syntax tree (cel-python's lark parse tree) -> Python source, compiled once per expression.
+
+The generated function takes the activation (a dict of plain Python values) and returns the CEL
+value. Where the static type of an operand is known (the event schema gives most of them:
+`direction` is a string, `sender.groups` a list of strings, `time` a timestamp) the compiler
+emits plain Python (`act["direction"] == "outbound"`, `x in frozenset(...)`); everywhere else it
+calls helpers in policyplug.cel.runtime that apply cel-python's own operators, so both evaluators
+agree on every value and on every error-versus-value outcome (see docs/compiler.md).
+
+Sub-expressions without variables are evaluated once at compile time by cel-python itself
+(constant folding), which also settles literal syntax, `timestamp("...")`, constant regexes...
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import celpy.celtypes as ct
+import lark
+import re2
+from celpy.evaluation import CELEvalError, Evaluator
+
+from . import runtime as rt
+from .errors import CelEvaluationError
+from .reference import _env, interpret
+
+Type = Any  # 'bool', 'int', ..., 'dyn', ('list', T), ('map', K, V), ('rec', ((field, T), ...))
+
+STRINGS = ("string", "rawstring")
+DOUBLES = ("double", "rawdouble")
+PARTY: Type = ("rec", (("address", "string"), ("user", "string"), ("domain", "string"), ("resource", "string"),
+                       ("local", "bool"), ("groups", ("list", "string")), ("attrs", ("map", "string", "dyn"))))
+CLIENT: Type = ("rec", (("ip", "string"), ("port", "int"), ("secure", "bool")))
+EVENT_SCHEMA: dict[str, Type] = {
+    "kind": "string", "protocol": "string", "direction": "string", "type": "string", "body": "string",
+    "subject": "string", "size": "int", "sender": PARTY, "recipient": PARTY, "payload": ("list", "string"),
+    "headers": ("map", "string", "string"), "client": CLIENT, "time": "timestamp",
+}
+MACROS = ("exists", "all", "exists_one", "map", "filter")
+UNSUPPORTED_MACROS = ("reduce", "min")  # cel-python extensions
+PASSTHROUGH = ("expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
+               "member", "primary", "paren_expr")
+FOLDABLE = ("expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
+            "member", "primary", "member_dot", "member_dot_arg", "member_index", "literal")
+RESULT_TYPES = {"int": "int", "uint": "uint", "double": "double", "string": "string", "bool": "bool",
+                "bytes": "bytes", "timestamp": "timestamp", "duration": "duration", "size": "int",
+                "matches": "bool", "contains": "bool", "startsWith": "bool", "endsWith": "bool",
+                "lowerAscii": "string", "upperAscii": "string"}
+TIME_METHODS = {
+    "getHours": "{}.hour", "getMinutes": "{}.minute", "getSeconds": "{}.second",
+    "getMilliseconds": "({}.microsecond // 1000)", "getFullYear": "{}.year", "getMonth": "({}.month - 1)",
+    "getDate": "{}.day", "getDayOfMonth": "({}.day - 1)", "getDayOfWeek": "({}.isoweekday() % 7)",
+    "getDayOfYear": "_day_of_year({})",
+}
+REL_OPS = {"relation_lt": ("_<_", "<"), "relation_le": ("_<=_", "<="), "relation_gt": ("_>_", ">"),
+           "relation_ge": ("_>=_", ">="), "relation_eq": ("_==_", "=="), "relation_ne": ("_!=_", "!="),
+           "relation_in": ("_in_", "in")}
+ORDERED_SAME = (("int",), ("uint",), STRINGS, DOUBLES, ("timestamp",), ("bool",))
+EQ_SAME = ORDERED_SAME + (("null",),)
+
+
+class Unsupported(Exception):  # noqa: N818
+    """A construct the compiler leaves to the reference interpreter."""
+
+
+@dataclass
+class CompiledExpression:
+    evaluate: Callable[[Mapping[str, Any]], Any]   # raises CelEvaluationError on CEL errors
+    fallback: bool            # True when this expression is run by the reference interpreter
+    fallback_reason: str | None
+    python_source: str | None  # generated source, for debugging/--explain-compile
+
+
+@dataclass
+class Ex:
+    """A compiled sub-expression: Python expression text plus what is known about it."""
+    code: str
+    type: Type = "dyn"
+    err: bool = True        # evaluating it may raise rt.Err (an absorbable CEL error)
+    fatal: bool = False     # ... may raise Raised / PyErr / Defer (never absorbed)
+    atomic: bool = False    # a name or literal: evaluating it twice costs nothing and cannot fail
+    value: Any = None       # the value, for constants
+    const: bool = False
+    holds_err: bool = False  # code may evaluate to an rt.Err instance (a captured error)
+
+
+def _same(a: Type, b: Type, groups: tuple[tuple[str, ...], ...]) -> bool:
+    return any(a in g and b in g for g in groups)
+
+
+def _type_of_value(value: Any) -> Type:
+    t = type(value)
+    simple = {bool: "bool", rt.Uint: "uint", int: "int", rt.RawFloat: "rawdouble", float: "double",
+              rt.RawStr: "rawstring", str: "string", bytes: "bytes", type(None): "null",
+              ct.TimestampType: "timestamp", ct.DurationType: "duration"}
+    if t in simple:
+        return simple[t]
+    if t is list:
+        return ("list", _common(_type_of_value(v) for v in value))
+    if t is dict:
+        return ("map", _common(_type_of_value(k) for k in value), _common(_type_of_value(v) for v in value.values()))
+    return "dyn"
+
+
+def _common(types: Any) -> Type:
+    found = set(types)
+    return found.pop() if len(found) == 1 else "dyn"
+
+
+def _field_type(rec: Type, name: str) -> Type | None:
+    for field, ftype in rec[1]:
+        if field == name:
+            return ftype
+    return None
+
+
+def _unwrap(node: lark.Tree) -> lark.Tree:
+    while node.data in PASSTHROUGH and len(node.children) == 1 and isinstance(node.children[0], lark.Tree):
+        node = node.children[0]
+    return node
+
+
+class _Gen:
+    def __init__(self, constants: Mapping[str, Any]):
+        self.constants = {name: list(entries) for name, entries in constants.items()}
+        self.lines: list[tuple[int, str]] = []
+        self.level = 0
+        self.counter = itertools.count(1)
+        self.globals: dict[str, Any] = {}
+        self.const_ids: dict[int, bool] = {}
+        self._folder_activation: Any = None
+
+    # ------------------------------------------------------------ emission helpers
+
+    def tmp(self, prefix: str = "_t") -> str:
+        return f"{prefix}{next(self.counter)}"
+
+    def emit(self, text: str, extra: int = 0) -> None:
+        self.lines.append((self.level + extra, text))
+
+    @contextmanager
+    def sub(self) -> Iterator[list[tuple[int, str]]]:
+        saved_lines, saved_level = self.lines, self.level
+        self.lines, self.level = [], 0
+        try:
+            yield self.lines
+        finally:
+            self.lines, self.level = saved_lines, saved_level
+
+    def splice(self, buf: list[tuple[int, str]], extra: int = 0) -> None:
+        for level, text in buf:
+            self.lines.append((self.level + extra + level, text))
+
+    def glob(self, value: Any, prefix: str = "_k") -> str:
+        name = self.tmp(prefix)
+        self.globals[name] = value
+        return name
+
+    def literal(self, value: Any) -> Ex:
+        t = type(value)
+        if t in (bool, int, str) or value is None or (t is float and value == value and abs(value) != float("inf")):
+            code = repr(value)
+        else:
+            code = self.glob(value)
+        return Ex(code, _type_of_value(value), err=False, atomic=True, value=value, const=True)
+
+    def materialize(self, ex: Ex) -> Ex:
+        if ex.atomic:
+            return ex
+        name = self.tmp()
+        self.emit(f"{name} = {ex.code}")
+        return replace(ex, code=name, atomic=True)
+
+    def fail(self, kind: str, message: str, cls: type[BaseException] | None = None) -> Ex:
+        if kind == "err":
+            return Ex(f"_fail_err({message!r})", "dyn", err=True)
+        if kind == "raised":
+            return Ex(f"_fail_raised({message!r})", "dyn", err=False, fatal=True)
+        return Ex(f"_fail_py({message!r}, {self.glob(cls)})", "dyn", err=False, fatal=True)
+
+    # ------------------------------------------------------------ constant folding
+
+    def is_const(self, node: lark.Tree) -> bool:
+        key = id(node)
+        if key not in self.const_ids:
+            if node.data in ("ident", "dot_ident", "dot_ident_arg", "member_object"):
+                result = False
+            else:
+                result = all(self.is_const(c) for c in node.children if isinstance(c, lark.Tree))
+            self.const_ids[key] = result
+        return self.const_ids[key]
+
+    def fold(self, node: lark.Tree) -> Ex | None:
+        """Evaluate a variable-free sub-expression with cel-python now."""
+        if self._folder_activation is None:
+            self._folder_activation = _env().program(node, functions=rt.EXTRA_FUNCTIONS).new_activation()
+        try:
+            value = Evaluator(ast=node, activation=self._folder_activation).visit(node)
+        except CELEvalError as exc:
+            return self.fail("raised", str(exc.args[0]) if exc.args else "error")
+        except RecursionError:
+            return None
+        except Exception as exc:
+            return self.fail("py", f"{type(exc).__name__}: {exc}", type(exc))
+        if isinstance(value, CELEvalError):
+            return self.fail("err", str(value.args[0]) if value.args else "error")
+        try:
+            plain = rt.from_cel(value)
+        except rt.Defer:
+            return None
+        return self.literal(plain)
+
+    # ------------------------------------------------------------ operands with cel-python's evaluation order
+
+    def operands(self, nodes: list[lark.Tree], scope: dict[str, tuple[str, Type]]) -> list[Ex]:
+        """Compile operands that cel-python evaluates all of, left to right, before combining them.
+
+        An absorbable error in one operand must not stop a later operand from raising a fatal
+        error (cel-python evaluates both), so such operands are captured first."""
+        parts = []
+        for node in nodes:
+            with self.sub() as buf:
+                ex = self.compile(node, scope)
+            parts.append((buf, ex))
+        capture = [ex.err and any(p[1].fatal for p in parts[i + 1:]) for i, (_, ex) in enumerate(parts)]
+        out: list[Ex] = []
+        if any(capture):
+            for (buf, ex), cap in zip(parts, capture, strict=True):
+                if cap:
+                    name = self.tmp()
+                    self.emit("try:")
+                    self.splice(buf, 1)
+                    self.emit(f"{name} = {ex.code}", 1)
+                    self.emit("except _Err as _e:")
+                    self.emit(f"{name} = _e", 1)
+                    out.append(replace(ex, code=name, atomic=True))
+                else:
+                    self.splice(buf)
+                    out.append(self.materialize(ex))
+            for ex, cap in zip(out, capture, strict=True):
+                if cap:
+                    self.emit(f"if type({ex.code}) is _Err: raise {ex.code}")
+            return out
+        for buf, ex in parts:
+            if buf:
+                out = [self.materialize(o) for o in out]
+                self.splice(buf)
+            out.append(ex)
+        return out
+
+    def captured(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> Ex:
+        """Compile so that the result is a value or an rt.Err instance, never a raised Err."""
+        inner = _unwrap(node)
+        if inner.data in ("conditionalor", "conditionaland") and len(inner.children) == 2:
+            return self.logic(inner, scope, capture=True)
+        if inner.data == "expr" and len(inner.children) == 3:
+            return self.ternary(inner, scope, capture=True)
+        with self.sub() as buf:
+            ex = self.compile(node, scope)
+        if not ex.err:
+            self.splice(buf)
+            return ex
+        name = self.tmp()
+        self.emit("try:")
+        self.splice(buf, 1)
+        self.emit(f"{name} = {ex.code}", 1)
+        self.emit("except _Err as _e:")
+        self.emit(f"{name} = _e", 1)
+        return replace(ex, code=name, atomic=True, err=False, holds_err=True)
+
+    def finish(self, ex: Ex, capture: bool) -> Ex:
+        if ex.holds_err and not capture:
+            self.emit(f"if type({ex.code}) is _Err: raise {ex.code}")
+            return replace(ex, holds_err=False, err=True)
+        return ex
+
+    # ------------------------------------------------------------ dispatch
+
+    def compile(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> Ex:
+        data = node.data
+        if data in PASSTHROUGH and len(node.children) == 1:
+            return self.compile(node.children[0], scope)
+        if data in FOLDABLE and self.is_const(node):
+            folded = self.fold(node)
+            if folded is not None:
+                return folded
+        method = getattr(self, "c_" + data, None)
+        if method is None:
+            raise Unsupported(f"'{data}' is not compiled")
+        return method(node, scope)
+
+    # ------------------------------------------------------------ logic
+
+    def c_expr(self, node: lark.Tree, scope: dict) -> Ex:
+        return self.ternary(node, scope, capture=False)
+
+    def c_conditionalor(self, node: lark.Tree, scope: dict) -> Ex:
+        return self.logic(node, scope, capture=False)
+
+    c_conditionaland = c_conditionalor
+
+    def logic(self, node: lark.Tree, scope: dict, capture: bool) -> Ex:
+        is_or = node.data == "conditionalor"
+        decisive = "True" if is_or else "False"
+        a = self.captured(node.children[0], scope)
+        with self.sub() as bbuf:
+            b = self.captured(node.children[1], scope)
+        both_bool = a.type == "bool" and b.type == "bool"
+        pyop = "or" if is_or else "and"
+        if both_bool and not a.holds_err and not b.holds_err and not b.fatal and not bbuf:
+            ex = Ex(f"({a.code} {pyop} {b.code})", "bool", err=False, fatal=a.fatal)
+            return ex
+        a = self.materialize(a)
+        result = self.tmp()
+        combine = (f"({a.code} {pyop} {b.code})" if both_bool and not a.holds_err and not b.holds_err
+                   else f"{'_lor' if is_or else '_land'}({a.code}, {b.code})")
+        if b.fatal:  # cel-python evaluates both sides: no short circuit past a fatal error
+            self.splice(bbuf)
+            self.emit(f"{result} = {combine}")
+        else:
+            self.emit(f"if {a.code} is {decisive}:")
+            self.emit(f"{result} = {decisive}", 1)
+            self.emit("else:")
+            self.splice(bbuf, 1)
+            self.emit(f"{result} = {combine}", 1)
+        holds = a.holds_err or b.holds_err or not both_bool
+        ex = Ex(result, "bool" if both_bool else "dyn", err=False, fatal=a.fatal or b.fatal, atomic=True,
+                holds_err=holds)
+        return self.finish(ex, capture)
+
+    def ternary(self, node: lark.Tree, scope: dict, capture: bool) -> Ex:
+        cond = self.captured(node.children[0], scope)
+        with self.sub() as abuf:
+            a = self.compile(node.children[1], scope)
+        with self.sub() as bbuf:
+            b = self.compile(node.children[2], scope)
+        if cond.type == "bool" and not cond.holds_err and not a.fatal and not b.fatal and not abuf and not bbuf:
+            return Ex(f"({a.code} if {cond.code} else {b.code})", a.type if a.type == b.type else "dyn",
+                      err=a.err or b.err, fatal=cond.fatal)
+        cond = self.materialize(cond)
+        result = self.tmp()
+        for branch, buf, ex in (("if", abuf, a), ("else", bbuf, b)):
+            self.emit(f"if {cond.code}:" if branch == "if" else "else:")  # truthiness, as cel-python
+            guarded = ex.err or ex.fatal
+            if guarded:
+                self.emit("try:", 1)
+            self.splice(buf, 2 if guarded else 1)
+            self.emit(f"{result} = {ex.code}", 2 if guarded else 1)
+            if ex.err:
+                self.emit("except _Err as _e:", 1)
+                self.emit(f"{result} = _e", 2)
+            if ex.fatal:
+                self.emit("except _PyErr as _e:", 1)
+                self.emit(f"{result} = _pyerr_to_err(_e)", 2)
+        if not (cond.type == "bool" and not cond.holds_err):
+            self.emit(f"if type({cond.code}) is not bool: {result} = _ternary_err()")
+        out = Ex(result, a.type if a.type == b.type else "dyn", err=False, fatal=cond.fatal or a.fatal or b.fatal,
+                 atomic=True, holds_err=True)
+        return self.finish(out, capture)
+
+    # ------------------------------------------------------------ operators
+
+    def c_relation(self, node: lark.Tree, scope: dict) -> Ex:
+        op_node, right = node.children
+        name, pyop = REL_OPS[op_node.data]
+        left, right_ex = self.operands([op_node.children[0], right], scope)
+        fatal = left.fatal or right_ex.fatal
+        err = left.err or right_ex.err
+        lt, rt_ = left.type, right_ex.type
+        if name == "_in_":
+            if lt in STRINGS:
+                if right_ex.const and isinstance(right_ex.value, list) and all(type(v) is str for v in right_ex.value):
+                    members = self.glob(frozenset(right_ex.value), "_set")
+                    return Ex(f"({left.code} in {members})", "bool", err=err, fatal=fatal)
+                if rt_ == ("list", "string") or (isinstance(rt_, tuple) and rt_[0] == "map" and rt_[1] == "string"):
+                    return Ex(f"({left.code} in {right_ex.code})", "bool", err=err, fatal=fatal)
+            return Ex(f"_g_in({left.code}, {right_ex.code})", "bool", err=True, fatal=True)
+        groups = EQ_SAME if name in ("_==_", "_!=_") else ORDERED_SAME
+        if _same(lt, rt_, groups):
+            return Ex(f"({left.code} {pyop} {right_ex.code})", "bool", err=err, fatal=fatal)
+        return Ex(f"_g_rel({name!r}, {left.code}, {right_ex.code})", "bool", err=True, fatal=True)
+
+    def c_addition(self, node: lark.Tree, scope: dict) -> Ex:
+        op_node, right = node.children
+        add = op_node.data == "addition_add"
+        a, b = self.operands([op_node.children[0], right], scope)
+        fatal = a.fatal or b.fatal
+        if a.type == b.type == "int":
+            return Ex(f"{'_iadd' if add else '_isub'}({a.code}, {b.code})", "int", fatal=fatal)
+        if a.type == b.type == "uint":
+            return Ex(f"{'_uadd' if add else '_usub'}({a.code}, {b.code})", "uint", fatal=fatal)
+        if add and a.type in STRINGS and b.type in STRINGS:
+            return Ex(f"_sconcat({a.code}, {b.code})", "rawstring", err=a.err or b.err, fatal=fatal)
+        return Ex(f"_g_add({'_+_' if add else '_-_'!r}, {a.code}, {b.code})", "dyn", fatal=True)
+
+    def c_multiplication(self, node: lark.Tree, scope: dict) -> Ex:
+        op_node, right = node.children
+        op = {"multiplication_mul": "mul", "multiplication_div": "div", "multiplication_mod": "mod"}[op_node.data]
+        a, b = self.operands([op_node.children[0], right], scope)
+        fatal = a.fatal or b.fatal
+        if a.type == b.type == "int":
+            return Ex(f"_i{op}({a.code}, {b.code})", "int", fatal=fatal)
+        if a.type == b.type == "uint":
+            return Ex(f"_u{op}({a.code}, {b.code})", "uint", fatal=fatal)
+        cel_op = {"mul": "_*_", "div": "_/_", "mod": "_%_"}[op]
+        return Ex(f"_g_mul({cel_op!r}, {a.code}, {b.code})", "dyn", fatal=True)
+
+    def c_unary(self, node: lark.Tree, scope: dict) -> Ex:
+        op_node, operand = node.children
+        (a,) = self.operands([operand], scope)
+        if op_node.data == "unary_not":
+            if a.type == "bool":
+                return Ex(f"(not {a.code})", "bool", err=a.err, fatal=a.fatal)
+            return Ex(f"_lnot({a.code})", "bool", fatal=a.fatal)
+        if a.type == "int":
+            return Ex(f"_ineg({a.code})", "int", fatal=a.fatal)
+        return Ex(f"_g_unary('-_', {a.code})", "dyn", fatal=True)
+
+    # ------------------------------------------------------------ names, literals, aggregates
+
+    def c_literal(self, node: lark.Tree, scope: dict) -> Ex:
+        raise Unsupported("literal could not be evaluated")  # folding handles every literal
+
+    def c_ident(self, node: lark.Tree, scope: dict) -> Ex:
+        name = str(node.children[0])
+        if name in scope:
+            pyname, vtype = scope[name]
+            return Ex(pyname, vtype, err=False, atomic=True)
+        if name in EVENT_SCHEMA:
+            return Ex(f"_act[{name!r}]", EVENT_SCHEMA[name], err=False)
+        if name in self.constants:
+            value = self.constants[name]
+            return replace(self.literal(value), type=("list", "string"))
+        if name in rt.FUNCTIONS:
+            raise Unsupported(f"'{name}' names a function, not a value")
+        return self.fail("err", f"undeclared reference to '{name}'")
+
+    def c_paren_expr(self, node: lark.Tree, scope: dict) -> Ex:
+        return self.compile(node.children[0], scope)
+
+    def c_list_lit(self, node: lark.Tree, scope: dict) -> Ex:
+        items = self.operands(list(node.children[0].children), scope) if node.children else []
+        elem = _common(i.type for i in items) if items else "dyn"
+        return Ex(f"[{', '.join(i.code for i in items)}]", ("list", elem), err=any(i.err for i in items),
+                  fatal=any(i.fatal for i in items))
+
+    def c_map_lit(self, node: lark.Tree, scope: dict) -> Ex:
+        if not node.children:
+            return self.literal({})
+        items = self.tmp()
+        self.emit(f"{items} = []")
+        for child in node.children[0].children:
+            with self.sub() as buf:
+                ex = self.compile(child, scope)
+            if not ex.err and not ex.fatal:
+                self.splice(buf)
+                self.emit(f"{items}.append({ex.code})")
+                continue
+            # cel-python keeps an error value *inside* the map, and turns a TypeError/ValueError
+            # raised while building it into an error for the whole map.
+            self.emit("try:")
+            self.splice(buf, 1)
+            self.emit(f"{items}.append({ex.code})", 1)
+            if ex.err:
+                self.emit("except _Err as _e:")
+                self.emit(f"{items}.append(_ErrVal(_e))", 1)
+            if ex.fatal:
+                self.emit("except _PyErr as _e:")
+                self.emit("raise _map_item_error(_e)", 1)
+        return Ex(f"_make_map({items})", ("map", "dyn", "dyn"), err=True, fatal=True)
+
+    # ------------------------------------------------------------ members
+
+    def c_member_dot(self, node: lark.Tree, scope: dict) -> Ex:
+        target_node, name_token = node.children
+        name = str(name_token)
+        (target,) = self.operands([target_node], scope)
+        ttype = target.type
+        if isinstance(ttype, tuple) and ttype[0] == "rec":
+            ftype = _field_type(ttype, name)
+            if ftype is not None:  # the event schema guarantees the field
+                return Ex(f"{target.code}[{name!r}]", ftype, err=target.err, fatal=target.fatal)
+        if isinstance(ttype, tuple) and ttype[0] == "map":
+            return Ex(f"_mget({target.code}, {name!r})", ttype[2], fatal=target.fatal)
+        return Ex(f"_select({target.code}, {name!r})", "dyn", fatal=target.fatal)
+
+    def c_member_index(self, node: lark.Tree, scope: dict) -> Ex:
+        target, index = self.operands(list(node.children), scope)
+        fatal = target.fatal or index.fatal
+        ttype = target.type
+        if isinstance(ttype, tuple):
+            if ttype[0] == "list" and index.type == "int":
+                return Ex(f"_lidx({target.code}, {index.code})", ttype[1], fatal=fatal)
+            if ttype[0] == "map" and ttype[1] == "string" and index.type in STRINGS:
+                return Ex(f"_mget({target.code}, {index.code})", ttype[2], fatal=fatal)
+            if ttype[0] == "rec" and index.const and type(index.value) is str:
+                ftype = _field_type(ttype, index.value)
+                return Ex(f"_mget({target.code}, {index.code})", ftype or "dyn", fatal=fatal)
+        return Ex(f"_g_index({target.code}, {index.code})", "dyn", fatal=True)
+
+    def c_member_object(self, node: lark.Tree, scope: dict) -> Ex:
+        raise Unsupported("message construction")
+
+    def c_dot_ident(self, node: lark.Tree, scope: dict) -> Ex:
+        raise Unsupported("leading-dot name")
+
+    c_dot_ident_arg = c_dot_ident
+
+    # ------------------------------------------------------------ functions and methods
+
+    def c_ident_arg(self, node: lark.Tree, scope: dict) -> Ex:
+        name = str(node.children[0])
+        args = list(node.children[1].children) if len(node.children) > 1 else []
+        if name == "has":
+            if len(args) != 1:
+                raise Unsupported("has() with other than one argument")
+            return self.has(args[0], scope)
+        if name == "dyn":
+            if len(args) != 1:
+                raise Unsupported("dyn() with other than one argument")
+            ex = self.compile(args[0], scope)
+            return replace(ex, type="dyn")
+        if name == "type":
+            raise Unsupported("type()")
+        exs = self.operands(args, scope)
+        fatal = any(e.fatal for e in exs)
+        if name == "size" and len(exs) == 1 and self.sized(exs[0].type):
+            return Ex(f"len({exs[0].code})", "int", err=exs[0].err, fatal=fatal)
+        call = ", ".join([repr(name)] + [e.code for e in exs])
+        return Ex(f"_g_call({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)
+
+    @staticmethod
+    def sized(t: Type) -> bool:
+        return t in STRINGS or t == "bytes" or (isinstance(t, tuple) and t[0] in ("list", "map", "rec"))
+
+    def has(self, arg: lark.Tree, scope: dict) -> Ex:
+        inner = _unwrap(arg)
+        if inner.data == "member_dot":
+            with self.sub() as buf:
+                (target,) = self.operands([inner.children[0]], scope)
+            if isinstance(target.type, tuple) and target.type[0] in ("map", "rec") and not target.err:
+                self.splice(buf)
+                key = repr(str(inner.children[1]))
+                code = f"({key} in {target.code})" if target.type[0] == "rec" else f"_has_key({target.code}, {key})"
+                return Ex(code, "bool", err=False, fatal=target.fatal)
+        with self.sub() as buf:
+            ex = self.compile(arg, scope)
+        if not ex.err and not ex.fatal and not buf:
+            return self.literal(True)
+        result = self.tmp()
+        if not ex.err:
+            self.splice(buf)
+            self.emit(ex.code)
+            self.emit(f"{result} = True")
+        else:
+            self.emit("try:")
+            self.splice(buf, 1)
+            self.emit(ex.code, 1)
+            self.emit(f"{result} = True", 1)
+            self.emit("except _Err:")
+            self.emit(f"{result} = False", 1)
+        return Ex(result, "bool", err=False, fatal=ex.fatal, atomic=True)
+
+    def c_member_dot_arg(self, node: lark.Tree, scope: dict) -> Ex:
+        target_node, name_token = node.children[0], str(node.children[1])
+        args = list(node.children[2].children) if len(node.children) > 2 else []
+        if name_token in MACROS:
+            return self.macro(node, name_token, target_node, args, scope)
+        if name_token in UNSUPPORTED_MACROS:
+            raise Unsupported(f"the {name_token}() macro")
+        exs = self.operands([target_node] + args, scope)
+        target, rest = exs[0], exs[1:]
+        fatal = any(e.fatal for e in exs)
+        err = any(e.err for e in exs)
+        tt = target.type
+        name = name_token
+        if name in ("startsWith", "endsWith") and tt in STRINGS and len(rest) == 1 and rest[0].type in STRINGS:
+            pymethod = "startswith" if name == "startsWith" else "endswith"
+            return Ex(f"{target.code}.{pymethod}({rest[0].code})", "bool", err=err, fatal=fatal)
+        if name == "contains" and tt == "string" and len(rest) == 1 and rest[0].type in STRINGS:
+            return Ex(f"({rest[0].code} in {target.code})", "bool", err=err, fatal=fatal)
+        if name == "matches" and tt in STRINGS and len(rest) == 1 and rest[0].type in STRINGS:
+            if rest[0].const:
+                regex = rt.compile_regex(rest[0].value)  # constant pattern: compiled (or rejected) at load time
+                if isinstance(regex, re2.error):
+                    return Ex(f"_bad_regex_for({target.code})", "bool", fatal=fatal)
+                return Ex(f"{self.glob(rt.regex_tester(regex), '_re')}({target.code})", "bool", err=err, fatal=fatal)
+            return Ex(f"_matches({target.code}, {rest[0].code})", "bool", fatal=fatal)
+        if name in ("lowerAscii", "upperAscii") and tt in STRINGS and not rest:
+            return Ex(f"_{'lower' if name == 'lowerAscii' else 'upper'}_ascii({target.code})", "string",
+                      err=err, fatal=fatal)
+        if name == "size" and not rest and self.sized(tt):
+            return Ex(f"len({target.code})", "int", err=err, fatal=fatal)
+        if name in TIME_METHODS and tt == "timestamp" and len(rest) <= 1 and (not rest or (
+                rest[0].const and type(rest[0].value) is str)):
+            try:
+                tz = rt.timezone_for(rest[0].value if rest else None)
+            except Exception:  # noqa: BLE001 - the generic call reports the same error at run time
+                tz = None
+            if tz is not None:
+                local = self.glob(rt.LocalTime(tz), "_loc")
+                return Ex(TIME_METHODS[name].format(f"{local}({target.code})"), "int", err=err, fatal=fatal)
+        call = ", ".join([repr(name), target.code] + [e.code for e in rest])
+        return Ex(f"_g_method({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)
+
+    # ------------------------------------------------------------ macros
+
+    def macro(self, node: lark.Tree, name: str, target_node: lark.Tree, args: list, scope: dict) -> Ex:
+        if len(args) != 2:
+            raise Unsupported(f"{name}() with {len(args)} arguments")
+        idents = list(args[0].find_data("ident"))
+        if len(idents) != 1:
+            raise Unsupported(f"{name}() without a variable name")
+        var = str(idents[0].children[0])
+        (target,) = self.operands([target_node], scope)
+        target = self.materialize(target)
+        tt = target.type
+        if isinstance(tt, tuple) and tt[0] == "list":
+            iterable, elem, iter_fatal = target.code, tt[1], False
+        elif isinstance(tt, tuple) and tt[0] in ("map", "rec"):
+            iterable, elem, iter_fatal = target.code, (tt[1] if tt[0] == "map" else "string"), False
+        elif tt in STRINGS:
+            iterable, elem, iter_fatal = f"_chars({target.code})", "rawstring", False
+        else:
+            iterable, elem, iter_fatal = f"_macro_iter({target.code})", "dyn", True
+        loop_var = self.tmp("_v")
+        inner_scope = {**scope, var: (loop_var, elem)}
+        with self.sub() as buf:
+            body = self.compile(args[1], inner_scope)
+        fatal = target.fatal or iter_fatal
+        result = self.tmp()
+
+        if name in ("exists", "all"):
+            decisive, neutral = ("True", "False") if name == "exists" else ("False", "True")
+            self.emit(f"{result} = {neutral}")
+            self.emit(f"for {loop_var} in {iterable}:")
+            if body.type == "bool" and not body.fatal:
+                # Absorbing loop with a short circuit: once decisive, later elements cannot change it.
+                value = self.tmp()
+                if body.err:
+                    self.emit("try:", 1)
+                    self.splice(buf, 2)
+                    self.emit(f"{value} = {body.code}", 2)
+                    self.emit("except _Err as _e:", 1)
+                    self.emit(f"{result} = _e", 2)
+                    self.emit("continue", 2)
+                else:
+                    self.splice(buf, 1)
+                    self.emit(f"{value} = {body.code}", 1)
+                self.emit(f"if {value} is {decisive}:", 1)
+                self.emit(f"{result} = {decisive}", 2)
+                self.emit("break", 2)
+                holds = body.err
+            else:
+                value = self.tmp()
+                self.emit("try:", 1)
+                self.splice(buf, 2)
+                self.emit(f"{value} = {body.code}", 2)
+                self.emit("except (_Err, _Raised) as _e:", 1)
+                self.emit(f"{value} = _as_err(_e)", 2)
+                self.emit(f"{result} = {'_lor' if name == 'exists' else '_land'}({result}, {value})", 1)
+                holds = True
+            ex = Ex(result, "bool" if body.type == "bool" else "dyn", err=target.err, fatal=fatal or body.fatal,
+                    atomic=True, holds_err=holds)
+            ex = self.finish(ex, capture=False)
+            return replace(ex, err=ex.err or target.err)
+
+        value = self.tmp()
+        self.emit(f"{result} = {'0' if name == 'exists_one' else '[]'}")
+        self.emit(f"for {loop_var} in {iterable}:")
+        if body.err:  # cel-python *raises* errors of these macro bodies
+            self.emit("try:", 1)
+            self.splice(buf, 2)
+            self.emit(f"{value} = {body.code}", 2)
+            self.emit("except _Err as _e:", 1)
+            self.emit("raise _raised(_e)", 2)
+        else:
+            self.splice(buf, 1)
+            self.emit(f"{value} = {body.code}", 1)
+        fatal = fatal or body.fatal or body.err
+        if name == "exists_one":
+            self.emit(f"if {value}: {result} += 1", 1)
+            return Ex(f"({result} == 1)", "bool", err=target.err, fatal=fatal)
+        if name == "map":
+            self.emit(f"{result}.append({value})", 1)
+            return Ex(result, ("list", body.type), err=target.err, fatal=fatal, atomic=True)
+        self.emit(f"if {value}: {result}.append({loop_var})", 1)
+        return Ex(result, ("list", elem), err=target.err, fatal=fatal, atomic=True)
+
+
+def _fail_err(message: str) -> Any:
+    raise rt.Err(message)
+
+
+def _fail_raised(message: str) -> Any:
+    raise rt.Raised(message)
+
+
+def _fail_py(message: str, cls: type[BaseException]) -> Any:
+    raise rt.PyErr(message, cls)
+
+
+def _bad_regex_for(text: Any) -> Any:
+    raise rt.bad_regex()
+
+
+def _as_err(exc: BaseException) -> rt.Err:
+    return exc if type(exc) is rt.Err else rt.Err(str(exc))
+
+
+_RUNTIME_GLOBALS: dict[str, Any] = {
+    "_Err": rt.Err, "_Raised": rt.Raised, "_PyErr": rt.PyErr, "_Defer": rt.Defer,
+    "_fail_err": _fail_err, "_fail_raised": _fail_raised, "_fail_py": _fail_py, "_bad_regex_for": _bad_regex_for,
+    "_as_err": _as_err, "_raised": rt.raised, "_pyerr_to_err": rt.pyerr_to_err, "_ternary_err": rt.ternary_err,
+    "_g_rel": rt.g_rel, "_g_in": rt.g_in, "_g_add": rt.g_add, "_g_mul": rt.g_mul, "_g_unary": rt.g_unary,
+    "_g_index": rt.g_index, "_g_call": rt.g_call, "_g_method": rt.g_method, "_select": rt.select,
+    "_mget": rt.mget, "_has_key": rt.has_key, "_ErrVal": rt.ErrVal, "_map_item_error": rt.map_item_error, "_lidx": rt.lidx, "_make_map": rt.make_map, "_land": rt.land, "_lor": rt.lor,
+    "_lnot": rt.lnot, "_macro_iter": rt.macro_iter, "_chars": rt.chars, "_matches": rt.matches,
+    "_iadd": rt.iadd, "_isub": rt.isub, "_imul": rt.imul, "_idiv": rt.idiv, "_imod": rt.imod, "_ineg": rt.ineg,
+    "_uadd": rt.uadd, "_usub": rt.usub, "_umul": rt.umul, "_udiv": rt.udiv, "_umod": rt.umod,
+    "_sconcat": rt.sconcat, "_lower_ascii": rt.lower_ascii, "_upper_ascii": rt.upper_ascii,
+    "_day_of_year": rt.day_of_year, "_plain": rt.plain,
+}
+_PLAIN_TYPES = ("bool", "int", "string", "double", "null", "bytes")
+
+
+def generate(tree: lark.Tree, constants: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Python source of `def _cel(_act)` for `tree`, and the globals it needs. Raises Unsupported."""
+    gen = _Gen(constants)
+    gen.level = 1
+    ex = gen.compile(tree, {})
+    ex = gen.finish(ex, capture=False)
+    result = ex.code if ex.type in _PLAIN_TYPES else f"_plain({ex.code})"
+    lines = ["def _cel(_act):"] + ["    " * level + text for level, text in gen.lines] + [f"    return {result}"]
+    return "\n".join(lines) + "\n", {**_RUNTIME_GLOBALS, **gen.globals}
+
+
+def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> CompiledExpression:
+    """Compile a CEL parse tree; what the compiler does not cover runs on the reference interpreter."""
+    reference = interpret(tree, constants)
+    try:
+        source, namespace = generate(tree, constants)
+        code = compile(source, "<cel>", "exec")
+        exec(code, namespace)  # noqa: S102 - source generated above from the parse tree
+    except Unsupported as exc:
+        return CompiledExpression(reference, True, str(exc), None)
+    except (RecursionError, SyntaxError, MemoryError) as exc:  # too deep or too big to compile
+        return CompiledExpression(reference, True, f"expression too complex to compile ({type(exc).__name__})", None)
+    function = namespace["_cel"]
+
+    def evaluate(activation: Mapping[str, Any]) -> Any:
+        try:
+            return function(activation)
+        except CelEvaluationError:
+            raise
+        except Exception:  # rt.Defer, or an activation that does not match the event schema
+            rt.count_deferral()
+            return reference(activation)
+
+    return CompiledExpression(evaluate, False, None, source)
