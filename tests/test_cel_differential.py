@@ -103,7 +103,7 @@ def cel(draw: Any, sort: str = "B", depth: int = 3, scope: tuple[tuple[str, str]
     bound = [name for name, s in scope if s == sort or s == "A"]
     if bound and draw(st.integers(0, 2)) == 0:
         return _pick(draw, bound)
-    leaf = depth <= 0 or draw(st.integers(0, 3)) == 0
+    leaf = depth <= 0 or draw(st.integers(0, 7)) == 0
     sub = lambda s, d=1: draw(cel(s, depth - d, scope))  # noqa: E731
 
     if sort == "B":
@@ -320,6 +320,24 @@ def test_values_of_every_sort_agree_with_reference(text: str, activations: list[
     check_agreement(text, activations)
 
 
+@st.composite
+def policy_conditions(draw: Any) -> str:
+    """What `when` lines look like: a few conditions joined by && and ||, some negated."""
+    terms = [draw(cel("B", 2)) for _ in range(draw(st.integers(2, 5)))]
+    text = terms[0]
+    for term in terms[1:]:
+        op = draw(st.sampled_from(["&&", "||"]))
+        text = f"{text} {op} {'!' if draw(st.booleans()) else ''}({term})"
+    return text
+
+
+@DIFF_SETTINGS
+@given(text=policy_conditions(), activations=st.lists(events(), min_size=1, max_size=3))
+def test_policy_like_conditions_agree_with_reference(text: str, activations: list[dict]) -> None:
+    STATS["evaluations"] += len(activations)
+    check_agreement(text, activations)
+
+
 def test_compiled_path_is_what_was_tested() -> None:
     """Deferrals to the reference (for cel-python quirks) must stay rare, or the tests above prove little."""
     if STATS["evaluations"] < 100:
@@ -366,7 +384,7 @@ def test_generator_reaches_every_construct() -> None:
 
     @settings(max_examples=400, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(text=st.one_of(cel("B", 4), cel("A", 3)))
+    @given(text=st.one_of(cel("B", 4), cel("A", 3), policy_conditions()))
     def collect(text: str) -> None:
         seen.update(constructs(text))
 

@@ -255,12 +255,14 @@ class _Gen:
     def captured(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> Ex:
         """Compile so that the result is a value or an rt.Err instance, never a raised Err."""
         inner = _unwrap(node)
-        if inner.data in ("conditionalor", "conditionaland") and len(inner.children) == 2:
-            return self.logic(inner, scope, capture=True)
-        if inner.data == "expr" and len(inner.children) == 3:
-            return self.ternary(inner, scope, capture=True)
         with self.sub() as buf:
-            ex = self.compile(node, scope)
+            # &&, || and ?: capture natively (keeps long chains from nesting try blocks)
+            if inner.data in ("conditionalor", "conditionaland") and len(inner.children) == 2:
+                ex = self.logic(inner, scope, capture=True)
+            elif inner.data == "expr" and len(inner.children) == 3:
+                ex = self.ternary(inner, scope, capture=True)
+            else:
+                ex = self.compile(node, scope)
         if not ex.err:
             self.splice(buf)
             return ex

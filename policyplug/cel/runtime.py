@@ -47,7 +47,14 @@ UINT64_MAX = 2**64 - 1
 # ---------------------------------------------------------------- errors
 
 class Err(CelEvaluationError):
-    """A CEL error value (absorbed by &&, ||, ?:, has(), exists, all)."""
+    """A CEL error value (absorbed by &&, ||, ?:, has(), exists, all).
+
+    `bad_repr` replicates a cel-python bug: the repr() of an error created at a node that its
+    tree_dump() cannot print (e.g. `x < []`) raises IndexError, and `&&`/`||` format both operands
+    into their "no matching overload" message, so that IndexError escapes. `settled` is set
+    once bad_repr is known (errors that came out of cel-python as values)."""
+    bad_repr = False
+    settled = False
 
 
 class Raised(CelEvaluationError):
@@ -121,13 +128,31 @@ class RawDuration(datetime.timedelta):
 class ErrVal:
     """A CEL error stored as a value inside a map literal: cel-python evaluates `{"a": 1/0, "b": 1}.b`
     to 1 and only fails when the erroneous entry is read (or the map is the result)."""
-    __slots__ = ("message",)
+    __slots__ = ("message", "bad_repr")
 
-    def __init__(self, exc: BaseException):
+    def __init__(self, exc: BaseException, bad_repr: bool | None = None):
         self.message = str(exc)
+        self.bad_repr = getattr(exc, "bad_repr", False) if bad_repr is None else bad_repr
 
     def error(self) -> Err:
-        return Err(self.message)
+        err = Err(self.message)
+        err.bad_repr, err.settled = self.bad_repr, True
+        return err
+
+
+class _BadReprError(CELEvalError):
+    """A cel-python error value whose repr() fails, as cel-python's own do for some trees."""
+
+    def __repr__(self) -> str:
+        raise IndexError("pop from empty list")
+
+
+def cel_repr_fails(value: Any) -> bool:
+    try:
+        repr(value)
+    except Exception:  # noqa: BLE001 - any failure is what we are detecting
+        return True
+    return False
 
 
 _NONE = type(None)
@@ -171,7 +196,7 @@ def to_cel(value: Any) -> Any:
     if t is RawDuration:
         return datetime.timedelta(value.days, value.seconds, value.microseconds)
     if t is ErrVal:
-        return CELEvalError(value.message)
+        return _BadReprError(value.message) if value.bad_repr else CELEvalError(value.message)
     if isinstance(value, datetime.datetime):
         return ct.TimestampType(value)
     if isinstance(value, datetime.timedelta):
@@ -218,7 +243,7 @@ def from_cel(value: Any) -> Any:
     if t is datetime.timedelta:
         return RawDuration(value.days, value.seconds, value.microseconds)
     if isinstance(value, CELEvalError):
-        return ErrVal(value)
+        return ErrVal(value, cel_repr_fails(value))
     raise Defer(f"cannot represent {t.__name__}")  # error values inside maps, type objects...
 
 
@@ -280,8 +305,10 @@ def upper_ascii(text: str) -> str:
 # Each mirrors one node of celpy.evaluation.Evaluator: same function, same caught exceptions.
 
 def _result(value: Any) -> Any:
-    if isinstance(value, CELEvalError):
-        raise Err(str(value.args[0]) if value.args else "error")
+    if isinstance(value, CELEvalError):  # returned, not raised: it carries its own tree (or none)
+        err = Err(str(value.args[0]) if value.args else "error")
+        err.bad_repr, err.settled = cel_repr_fails(value), True
+        raise err
     return from_cel(value)
 
 
@@ -420,11 +447,11 @@ def size(value: Any) -> int:
 
 # ---------------------------------------------------------------- logic (cel-python logical_and / logical_or)
 
-def land(x: Any, y: Any) -> Any:
+def land(x: Any, y: Any, bad: bool = False) -> Any:
     """x && y on values or Err instances; returns a value or an Err instance."""
     bx, by = type(x) is bool, type(y) is bool
     if not bx and not by:
-        return Err("no matching overload for _&&_")
+        return _no_logic_overload(x, y, "_&&_", bad)
     if not bx:
         return x if y else y
     if not by:
@@ -432,10 +459,10 @@ def land(x: Any, y: Any) -> Any:
     return x and y
 
 
-def lor(x: Any, y: Any) -> Any:
+def lor(x: Any, y: Any, bad: bool = False) -> Any:
     bx, by = type(x) is bool, type(y) is bool
     if not bx and not by:
-        return Err("no matching overload for _||_")
+        return _no_logic_overload(x, y, "_||_", bad)
     if not bx:
         return y if y else x
     if not by:
@@ -455,8 +482,11 @@ def raise_if_err(value: Any) -> Any:
     return value
 
 
-def ternary_err() -> Err:
-    return Err("no matching overload for _?_:_")
+def ternary_err(bad: bool = False) -> Err:
+    err = Err("no matching overload for _?_:_")
+    if bad:
+        mark_bad_repr(err)
+    return err
 
 
 # ---------------------------------------------------------------- macros
@@ -478,7 +508,46 @@ def chars(text: str) -> list[RawStr]:
 
 
 def raised(exc: Err) -> Raised:
-    return Raised(str(exc))
+    out = Raised(str(exc))
+    out.bad_repr = exc.bad_repr  # type: ignore[attr-defined]
+    return out
+
+
+def as_err(exc: BaseException) -> Err:
+    """exists/all catch errors raised by their body and keep them as values."""
+    if type(exc) is Err:
+        return exc
+    out = Err(str(exc))
+    out.bad_repr = getattr(exc, "bad_repr", False)
+    out.settled = True
+    return out
+
+
+def mark_bad_repr(exc: Err) -> None:
+    """An error created by a node cel-python cannot tree_dump (see Err)."""
+    if not exc.settled:
+        exc.bad_repr = True
+        exc.settled = True
+
+
+def _repr_fails(value: Any) -> bool:
+    t = type(value)
+    if t is Err or t is ErrVal:
+        return value.bad_repr
+    if t is dict:
+        return any(_repr_fails(v) for v in value.values())
+    if t is list or t is RawList:
+        return any(_repr_fails(v) for v in value)
+    return False
+
+
+def _no_logic_overload(x: Any, y: Any, op: str, bad: bool) -> Err:
+    if _repr_fails(x) or _repr_fails(y):  # the TypeError message formats repr() of both operands
+        raise PyErr("IndexError: pop from empty list", IndexError)
+    err = Err(f"no matching overload for {op}")
+    if bad:
+        mark_bad_repr(err)
+    return err
 
 
 def pyerr_to_err(exc: PyErr) -> Err:

@@ -1,0 +1,196 @@
+"""Address normalisation: what a rule sees of `from` and `to`.
+
+XMPP JIDs follow RFC 7622: the localpart is PRECIS UsernameCaseMapped (case-folded, width-mapped),
+the domainpart lower-cased and IDNA-mapped (UTS 46), the resource PRECIS OpaqueString. SIP and
+SIPS URIs follow RFC 3261: scheme and host lower-cased, percent-escapes decoded, password, port,
+parameters and headers dropped from `address`, escapes decoded, so `sip:%61lice@acme.example`
+is `alice@acme.example`. RFC 3261 compares SIP user parts case-sensitively; we lower-case them
+anyway, because the rule language promises that a policy never has to guess the case of an
+address (`sip:Alice@acme.example` must not slip past a rule about `alice@acme.example`). Domains are kept in their Unicode form (U-labels), so `bücher.example`
+and `xn--bcher-kva.example` are the same domain to a policy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import unquote
+
+import idna
+from precis_i18n import get_profile
+
+MAX_PART_OCTETS = 1023
+# Fast path: plain ASCII parts that PRECIS and IDNA leave as they are, apart from case.
+_SIMPLE_LOCAL = re.compile(r"^[A-Za-z0-9._+\-=!$%*?^`{|}~]+$")
+_SIMPLE_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*"
+                            r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$")
+_SIMPLE_RESOURCE = re.compile(r"^[\x21-\x7e ]+$")
+_FORBIDDEN_LOCAL = set('"&\'/:<>@ ')
+_USERNAME = get_profile("UsernameCaseMapped")
+_OPAQUE = get_profile("OpaqueString")
+
+
+class AddressError(ValueError):
+    """An address that cannot be normalised; the message says why in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    protocol: str  # "xmpp" | "sip"
+    scheme: str  # "xmpp" | "sip" | "sips"
+    address: str  # normalised bare address: "user@domain", or "domain"
+    user: str
+    domain: str
+    resource: str
+    raw: str
+
+
+def normalise_domain(text: str) -> str:
+    """Lower-case, UTS 46 / IDNA2008 mapping to Unicode labels; IP literals kept."""
+    domain = text.strip()
+    if domain.endswith(".") and len(domain) > 1:
+        domain = domain[:-1]
+    if not domain:
+        raise AddressError("empty domain")
+    if _SIMPLE_DOMAIN.match(domain) and "xn--" not in domain.lower():
+        return domain.lower()
+    if domain.startswith("["):
+        if not domain.endswith("]"):
+            raise AddressError(f"bad IPv6 literal {domain!r}")
+        try:
+            return "[" + str(ipaddress.IPv6Address(domain[1:-1])) + "]"
+        except ValueError:
+            raise AddressError(f"bad IPv6 literal {domain!r}") from None
+    try:
+        ipaddress.IPv4Address(domain)
+        return domain
+    except ValueError:
+        pass
+    try:
+        ascii_form = idna.encode(domain, uts46=True, transitional=False)
+        return idna.decode(ascii_form)
+    except (idna.IDNAError, UnicodeError, ValueError) as exc:
+        raise AddressError(f"bad domain {domain[:80]!r}: {exc}") from None
+
+
+def _localpart(text: str) -> str:
+    if _SIMPLE_LOCAL.match(text):
+        return text.lower()
+    if any(c in _FORBIDDEN_LOCAL for c in text):
+        raise AddressError(f"forbidden character in localpart {text[:80]!r}")
+    try:
+        return _USERNAME.enforce(text)
+    except UnicodeEncodeError as exc:
+        raise AddressError(f"bad localpart {text[:80]!r}: {exc.reason}") from None
+
+
+def _resource(text: str) -> str:
+    if _SIMPLE_RESOURCE.match(text):
+        return text
+    try:
+        return _OPAQUE.enforce(text)
+    except UnicodeEncodeError as exc:
+        raise AddressError(f"bad resource {text[:80]!r}: {exc.reason}") from None
+
+
+def _check_length(part: str, what: str) -> None:
+    if len(part.encode("utf-8", "surrogatepass")) > MAX_PART_OCTETS:
+        raise AddressError(f"{what} longer than {MAX_PART_OCTETS} octets")
+
+
+@lru_cache(maxsize=65536)
+def _parse_jid(raw: str) -> Address:
+    text = raw.strip()
+    if text.lower().startswith("xmpp:"):
+        text = unquote(text[5:].split("?", 1)[0])
+    if not text:
+        raise AddressError("empty address")
+    # RFC 7622 §3.1: the resource starts at the first '/', the localpart ends at the first '@' before it.
+    bare, slash, resource = text.partition("/")
+    if slash and not resource:
+        raise AddressError("empty resource after '/'")
+    user, at, domain = bare.partition("@") if "@" in bare else ("", "", bare)
+    if at and not user:
+        raise AddressError("empty localpart before '@'")
+    _check_length(user, "localpart")
+    _check_length(domain, "domain")
+    _check_length(resource, "resource")
+    user = _localpart(user) if user else ""
+    domain = normalise_domain(domain)
+    resource = _resource(resource) if resource else ""
+    return Address("xmpp", "xmpp", f"{user}@{domain}" if user else domain, user, domain, resource, raw)
+
+
+_NAME_ADDR = re.compile(r"^\s*(?:\"(?:[^\"\\]|\\.)*\"|[^<\"]*)?\s*<([^>]*)>")
+
+
+@lru_cache(maxsize=65536)
+def _parse_sip(raw: str) -> Address:
+    text = raw.strip()
+    match = _NAME_ADDR.match(text)
+    if match:  # '"Alice" <sip:alice@acme.example>;tag=1' -> the URI inside the brackets
+        text = match.group(1).strip()
+    scheme, colon, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not colon or scheme not in ("sip", "sips"):
+        if ":" not in text or "@" in text.split(":", 1)[0]:
+            scheme, rest = "sip", text  # a bare user@host given with protocol "sip"
+        else:
+            raise AddressError(f"not a SIP URI: {raw[:80]!r}")
+    rest = rest.split("?", 1)[0]  # headers
+    userinfo, at, hostport = rest.rpartition("@")
+    if not at:
+        userinfo, hostport = "", rest
+    hostport = hostport.split(";", 1)[0]  # uri-parameters
+    user = userinfo.split(";", 1)[0].split(":", 1)[0]  # user-params (telephone-subscriber) and password
+    try:
+        user = unquote(user, errors="strict")
+    except UnicodeDecodeError:
+        raise AddressError(f"bad escape in SIP user {userinfo[:80]!r}") from None
+    if at and not user:
+        raise AddressError("empty user before '@'")
+    if hostport.startswith("["):
+        host = hostport[: hostport.find("]") + 1] if "]" in hostport else hostport
+    else:
+        host = hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+        port = hostport.rsplit(":", 1)[1] if hostport.count(":") == 1 else ""
+        if port and not port.isdigit():
+            raise AddressError(f"bad port in SIP URI {raw[:80]!r}")
+    host = unquote(host)
+    if not host:
+        raise AddressError(f"no host in SIP URI {raw[:80]!r}")
+    if any(c.isspace() or c in "<>\"" for c in user + host):
+        raise AddressError(f"bad character in SIP URI {raw[:80]!r}")
+    user = user.lower()
+    _check_length(user, "SIP user")
+    _check_length(host, "SIP host")
+    domain = normalise_domain(host)
+    return Address("sip", scheme, f"{user}@{domain}" if user else domain, user, domain, "", raw)
+
+
+def parse_address(raw: str, protocol: str | None = None) -> Address:
+    """Normalise a JID or SIP URI. `protocol` None: 'sip:'/'sips:' means SIP, anything else a JID."""
+    if not isinstance(raw, str):
+        raise AddressError("address must be a string")
+    if "\x00" in raw:
+        raise AddressError("NUL character in address")
+    lowered = raw.lstrip()[:5].lower()
+    if protocol == "sip" or (protocol is None and (lowered.startswith("sip:") or lowered.startswith("sips:")
+                                                   or "<sip" in raw.lower())):
+        return _parse_sip(raw)
+    return _parse_jid(raw)
+
+
+def normalise_list_entry(text: str) -> str:
+    """A list entry that looks like an address or a domain is normalised like one; others stay."""
+    entry = text.strip()
+    try:
+        if entry.lower().startswith(("sip:", "sips:")) or "@" in entry:
+            return parse_address(entry).address
+        if "." in entry and " " not in entry:
+            return normalise_domain(entry)
+    except AddressError:
+        return entry
+    return entry
