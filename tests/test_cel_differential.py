@@ -382,7 +382,7 @@ def constructs(text: str) -> set[str]:
 def test_generator_reaches_every_construct() -> None:
     seen: set[str] = set()
 
-    @settings(max_examples=400, deadline=None, database=None,
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(text=st.one_of(cel("B", 4), cel("A", 3), policy_conditions()))
     def collect(text: str) -> None:

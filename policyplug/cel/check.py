@@ -164,6 +164,8 @@ class NameChecker:
                                           tree.children[2].meta)]
                 return lark.Tree(data, new_children, tree.meta)
         children = [self._visit(c, bound) if isinstance(c, lark.Tree) else c for c in tree.children]
+        if all(new is old for new, old in zip(children, tree.children, strict=True)):
+            return tree  # nothing inlined below: keep the parser's node (no copy on the load path)
         return lark.Tree(data, children, tree.meta)
 
 

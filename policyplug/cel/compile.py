@@ -22,6 +22,7 @@ from typing import Any
 import celpy.celtypes as ct
 import lark
 import re2
+from celpy.celparser import tree_dump
 from celpy.evaluation import CELEvalError, Evaluator
 
 from . import runtime as rt
@@ -59,6 +60,8 @@ TIME_METHODS = {
 REL_OPS = {"relation_lt": ("_<_", "<"), "relation_le": ("_<=_", "<="), "relation_gt": ("_>_", ">"),
            "relation_ge": ("_>=_", ">="), "relation_eq": ("_==_", "=="), "relation_ne": ("_!=_", "!="),
            "relation_in": ("_in_", "in")}
+# Nodes whose own errors cel-python creates with `tree=node` (see runtime.Err.bad_repr).
+TREE_ERROR_NODES = ("relation", "addition", "multiplication", "unary", "member_dot", "member_index", "map_lit")
 ORDERED_SAME = (("int",), ("uint",), STRINGS, DOUBLES, ("timestamp",), ("bool",))
 EQ_SAME = ORDERED_SAME + (("null",),)
 
@@ -132,6 +135,8 @@ class _Gen:
         self.counter = itertools.count(1)
         self.globals: dict[str, Any] = {}
         self.const_ids: dict[int, bool] = {}
+        self.dump_memo: dict[int, bool] = {}
+        self.force_atomic = 0
         self._folder_activation: Any = None
 
     # ------------------------------------------------------------ emission helpers
@@ -175,12 +180,23 @@ class _Gen:
         self.emit(f"{name} = {ex.code}")
         return replace(ex, code=name, atomic=True)
 
-    def fail(self, kind: str, message: str, cls: type[BaseException] | None = None) -> Ex:
+    def fail(self, kind: str, message: str, cls: type[BaseException] | None = None, bad: bool = False) -> Ex:
         if kind == "err":
-            return Ex(f"_fail_err({message!r})", "dyn", err=True)
+            return Ex(f"_fail_err({message!r}, {bad})", "dyn", err=True)
         if kind == "raised":
-            return Ex(f"_fail_raised({message!r})", "dyn", err=False, fatal=True)
+            return Ex(f"_fail_raised({message!r}, {bad})", "dyn", err=False, fatal=True)
         return Ex(f"_fail_py({message!r}, {self.glob(cls)})", "dyn", err=False, fatal=True)
+
+    def dump_fails(self, node: lark.Tree) -> bool:
+        """Does cel-python's tree_dump() fail on this node (so repr() of its errors fails)?"""
+        key = id(node)
+        if key not in self.dump_memo:
+            try:
+                tree_dump(node)
+                self.dump_memo[key] = False
+            except Exception:  # noqa: BLE001
+                self.dump_memo[key] = True
+        return self.dump_memo[key]
 
     # ------------------------------------------------------------ constant folding
 
@@ -201,13 +217,13 @@ class _Gen:
         try:
             value = Evaluator(ast=node, activation=self._folder_activation).visit(node)
         except CELEvalError as exc:
-            return self.fail("raised", str(exc.args[0]) if exc.args else "error")
+            return self.fail("raised", str(exc.args[0]) if exc.args else "error", bad=rt.cel_repr_fails(exc))
         except RecursionError:
             return None
         except Exception as exc:
             return self.fail("py", f"{type(exc).__name__}: {exc}", type(exc))
         if isinstance(value, CELEvalError):
-            return self.fail("err", str(value.args[0]) if value.args else "error")
+            return self.fail("err", str(value.args[0]) if value.args else "error", bad=rt.cel_repr_fails(value))
         try:
             plain = rt.from_cel(value)
         except rt.Defer:
@@ -250,6 +266,8 @@ class _Gen:
                 out = [self.materialize(o) for o in out]
                 self.splice(buf)
             out.append(ex)
+        if self.force_atomic:
+            out = [self.materialize(o) for o in out]
         return out
 
     def captured(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> Ex:
@@ -293,6 +311,22 @@ class _Gen:
         method = getattr(self, "c_" + data, None)
         if method is None:
             raise Unsupported(f"'{data}' is not compiled")
+        if data in TREE_ERROR_NODES and self.dump_fails(node):
+            # Operands first (their errors pass unmarked), then mark the errors of this node itself.
+            self.force_atomic += 1
+            try:
+                ex = method(node, scope)
+            finally:
+                self.force_atomic -= 1
+            if not ex.err:
+                return ex
+            name = self.tmp()
+            self.emit("try:")
+            self.emit(f"{name} = {ex.code}", 1)
+            self.emit("except _Err as _e:")
+            self.emit("_mark_bad_repr(_e)", 1)
+            self.emit("raise", 1)
+            return replace(ex, code=name, atomic=True)
         return method(node, scope)
 
     # ------------------------------------------------------------ logic
@@ -319,7 +353,7 @@ class _Gen:
         a = self.materialize(a)
         result = self.tmp()
         combine = (f"({a.code} {pyop} {b.code})" if both_bool and not a.holds_err and not b.holds_err
-                   else f"{'_lor' if is_or else '_land'}({a.code}, {b.code})")
+                   else f"{'_lor' if is_or else '_land'}({a.code}, {b.code}, {self.dump_fails(node)})")
         if b.fatal:  # cel-python evaluates both sides: no short circuit past a fatal error
             self.splice(bbuf)
             self.emit(f"{result} = {combine}")
@@ -359,7 +393,7 @@ class _Gen:
                 self.emit("except _PyErr as _e:", 1)
                 self.emit(f"{result} = _pyerr_to_err(_e)", 2)
         if not (cond.type == "bool" and not cond.holds_err):
-            self.emit(f"if type({cond.code}) is not bool: {result} = _ternary_err()")
+            self.emit(f"if type({cond.code}) is not bool: {result} = _ternary_err({self.dump_fails(node)})")
         out = Ex(result, a.type if a.type == b.type else "dyn", err=False, fatal=cond.fatal or a.fatal or b.fatal,
                  atomic=True, holds_err=True)
         return self.finish(out, capture)
@@ -694,12 +728,16 @@ class _Gen:
         return Ex(result, ("list", elem), err=target.err, fatal=fatal, atomic=True)
 
 
-def _fail_err(message: str) -> Any:
-    raise rt.Err(message)
+def _fail_err(message: str, bad: bool = False) -> Any:
+    err = rt.Err(message)
+    err.bad_repr, err.settled = bad, True
+    raise err
 
 
-def _fail_raised(message: str) -> Any:
-    raise rt.Raised(message)
+def _fail_raised(message: str, bad: bool = False) -> Any:
+    err = rt.Raised(message)
+    err.bad_repr = bad  # type: ignore[attr-defined]
+    raise err
 
 
 def _fail_py(message: str, cls: type[BaseException]) -> Any:
@@ -710,14 +748,10 @@ def _bad_regex_for(text: Any) -> Any:
     raise rt.bad_regex()
 
 
-def _as_err(exc: BaseException) -> rt.Err:
-    return exc if type(exc) is rt.Err else rt.Err(str(exc))
-
-
 _RUNTIME_GLOBALS: dict[str, Any] = {
     "_Err": rt.Err, "_Raised": rt.Raised, "_PyErr": rt.PyErr, "_Defer": rt.Defer,
     "_fail_err": _fail_err, "_fail_raised": _fail_raised, "_fail_py": _fail_py, "_bad_regex_for": _bad_regex_for,
-    "_as_err": _as_err, "_raised": rt.raised, "_pyerr_to_err": rt.pyerr_to_err, "_ternary_err": rt.ternary_err,
+    "_as_err": rt.as_err, "_mark_bad_repr": rt.mark_bad_repr, "_raised": rt.raised, "_pyerr_to_err": rt.pyerr_to_err, "_ternary_err": rt.ternary_err,
     "_g_rel": rt.g_rel, "_g_in": rt.g_in, "_g_add": rt.g_add, "_g_mul": rt.g_mul, "_g_unary": rt.g_unary,
     "_g_index": rt.g_index, "_g_call": rt.g_call, "_g_method": rt.g_method, "_select": rt.select,
     "_mget": rt.mget, "_has_key": rt.has_key, "_ErrVal": rt.ErrVal, "_map_item_error": rt.map_item_error, "_lidx": rt.lidx, "_make_map": rt.make_map, "_land": rt.land, "_lor": rt.lor,
