@@ -13,7 +13,7 @@ from pathlib import Path
 from .compiler import load_policy
 from .diagnostics import PolicyError
 from .events import Event, EventError
-from .tester import policy_files, run_tests
+from .tester import policy_files, run_tests, uncovered_rules
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
 COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands", "policyplug.usage.commands")
@@ -57,7 +57,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if not files:
         print("policyplug test: no *.policy files found in " + " ".join(args.paths), file=sys.stderr)
         return 1
-    passed = failed = 0
+    passed = failed = uncovered = 0
     invalid = False
     started = time.perf_counter()
     for path in files:
@@ -67,7 +67,14 @@ def cmd_test(args: argparse.Namespace) -> int:
             _print_diagnostics(exc)
             invalid = True
             continue
-        for outcome in run_tests(policy):
+        outcomes = run_tests(policy)
+        if args.coverage:
+            missing = uncovered_rules(policy, outcomes)
+            covered = len(policy.rules) - len(missing)
+            print(f"{path}: {covered}/{len(policy.rules)} rules matched in some test"
+                  + (f"; never: {', '.join(missing)}" if missing else ""))
+            uncovered += len(missing)
+        for outcome in outcomes:
             if outcome.passed:
                 passed += 1
                 if args.verbose:
@@ -80,7 +87,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.verbose:
         print(f"# {len(files)} policy files in {elapsed:.2f}s", file=sys.stderr)
     print(f"{passed} passed, {failed} failed")
-    return 1 if failed or invalid else 0
+    return 1 if failed or invalid or (args.coverage and args.require_coverage and uncovered) else 0
 
 
 def _one_line(outcome) -> str:  # type: ignore[no-untyped-def]
@@ -174,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="run the test blocks of policies")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("-v", "--verbose", action="store_true", help="show passing tests and full traces")
+    p.add_argument("--coverage", action="store_true", help="list rules that matched in no test")
+    p.add_argument("--require-coverage", action="store_true",
+                   help="with --coverage: exit 1 when a rule matched in no test")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("eval", help="decide one event given as JSON")

@@ -18,6 +18,7 @@ from .lexer import LogicalLine, logical_lines
 from .parser import TOP_LEVEL_KEYWORDS, parse_text
 
 INDENT = "  "
+TEST_LINE_STARTS = frozenset(nodes.EVENT_KINDS) | {"repeat", "expect"}
 CONTINUATION = "    "
 
 
@@ -69,6 +70,7 @@ def format_text(text: str, file: str = "<text>") -> str:
     lines, _ = logical_lines(file, text)
     out: list[str] = []
     in_block = False
+    in_test = False
 
     def blank() -> None:
         if out and out[-1] != "":
@@ -82,6 +84,8 @@ def format_text(text: str, file: str = "<text>") -> str:
         elif line.blank_before:
             blank()
         indent = "" if (top or not in_block or not line.text) else INDENT
+        if indent and in_test and line.first_word not in TEST_LINE_STARTS:
+            indent += CONTINUATION  # a test's event or expect fields continued on another line
         for comment in line.leading_comments:
             if comment == "":
                 blank()
@@ -98,6 +102,7 @@ def format_text(text: str, file: str = "<text>") -> str:
                 out.append(_with_comment(indent + CONTINUATION + folded if folded else "", comment))
         if top:
             in_block = block_head
+            in_test = line.first_word == "test"
     while out and out[-1] == "":
         out.pop()
     return "\n".join(out) + "\n" if out else ""

@@ -171,6 +171,12 @@ def run_tests(policy: Policy) -> list[TestOutcome]:
     return [run_test(policy, test) for test in policy.tests]
 
 
+def uncovered_rules(policy: Policy, outcomes: list[TestOutcome]) -> list[str]:
+    """Rules that matched in no test (neither decided nor added obligations)."""
+    matched = {step.rule for o in outcomes if o.decision for step in o.decision.trace if step.matched}
+    return [rule.name for rule in policy.rules if rule.name not in matched]
+
+
 def policy_files(paths: list[str]) -> list[Path]:
     """Each path as given: a file, or every *.policy below a folder (sorted)."""
     found: list[Path] = []

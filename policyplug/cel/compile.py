@@ -350,7 +350,7 @@ class _Gen:
         if both_bool and not a.holds_err and not b.holds_err and not b.fatal and not bbuf:
             ex = Ex(f"({a.code} {pyop} {b.code})", "bool", err=False, fatal=a.fatal)
             return ex
-        a = self.materialize(a)
+        a = self.materialize(replace(a, atomic=False) if a.const else a)  # no `True is False` in the source
         result = self.tmp()
         combine = (f"({a.code} {pyop} {b.code})" if both_bool and not a.holds_err and not b.holds_err
                    else f"{'_lor' if is_or else '_land'}({a.code}, {b.code}, {self.dump_fails(node)})")

@@ -140,13 +140,6 @@ class ErrVal:
         return err
 
 
-class _BadReprError(CELEvalError):
-    """A cel-python error value whose repr() fails, as cel-python's own do for some trees."""
-
-    def __repr__(self) -> str:
-        raise IndexError("pop from empty list")
-
-
 def cel_repr_fails(value: Any) -> bool:
     try:
         repr(value)
@@ -195,8 +188,8 @@ def to_cel(value: Any) -> Any:
         return value
     if t is RawDuration:
         return datetime.timedelta(value.days, value.seconds, value.microseconds)
-    if t is ErrVal:
-        return _BadReprError(value.message) if value.bad_repr else CELEvalError(value.message)
+    if t is ErrVal:  # an error stored in a map: only cel-python knows how it prints, compares...
+        raise Defer("error value inside a map")
     if isinstance(value, datetime.datetime):
         return ct.TimestampType(value)
     if isinstance(value, datetime.timedelta):
