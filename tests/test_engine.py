@@ -1,0 +1,343 @@
+"""The engine against the contracts: rule language, decisions, command line, Python API."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policyplug import Event, EventError, PolicyError, load_policy
+from policyplug.compiler import compile_policy
+from policyplug.limits import MemoryLimiter
+from policyplug.loader import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT.parent / "shared" / "spec" / "rule-language.md"
+ACME = ROOT / "policyplug" / "demo" / "acme" / "acme.policy"
+EVENTS = ROOT / "policyplug" / "demo" / "events"
+
+HEAD = 'policy "t"\nlocal domains ["acme.example"]\n'
+
+
+def run_cli(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "policyplug", *args], input=stdin, capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def policy_of(body: str, **kwargs):  # type: ignore[no-untyped-def]
+    return load_policy(text=HEAD + body, **kwargs)
+
+
+# -- the spec's complete example --------------------------------------------------------------------
+
+def test_bundled_example_is_the_spec_example_verbatim() -> None:
+    if not SPEC.exists():
+        pytest.skip("shared/spec is not beside the repository")
+    example = re.search(r"## A complete example\n\n```\n(.*?)```", SPEC.read_text(), re.S)
+    assert example is not None
+    assert ACME.read_text() == example.group(1)
+
+
+def test_spec_example_checks_and_its_tests_pass() -> None:
+    check = run_cli("check", str(ACME))
+    assert check.returncode == 0, check.stderr
+    result = run_cli("test", str(ACME))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "4 passed, 0 failed"
+
+
+# -- diagnostics ----------------------------------------------------------------------------------------
+
+def test_unknown_name_diagnostic_is_exactly_as_the_spec_shows(tmp_path: Path) -> None:
+    path = tmp_path / "acme.policy"
+    path.write_text(HEAD + 'list partners = ["p.example"]\ndefine outbound = direction == "outbound"\n'
+                    'default deny\nrule r:\n  when outbound && recipent.domain in partners\n  allow\n')
+    result = run_cli("check", str(path))
+    assert result.returncode == 1
+    assert (f"{path}:7:20: error: unknown name 'recipent' (did you mean 'recipient'?)\n"
+            "    7 |   when outbound && recipent.domain in partners\n"
+            "      |                    ^^^^^^^^") in result.stderr
+
+
+def test_every_load_time_error_is_reported_in_one_run(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    text = (HEAD + 'list partners = file "missing.txt"\n'      # 1 unreadable list file
+            'directory "bad.json"\n'                          # 2 bad directory
+            "rule a:\n  on mesage\n"                           # 3 unknown kind
+            "  when recipent.domain == \"x\"\n"                # 4 unknown name
+            "  allow\n  deny\n"                                # 5 two terminal effects
+            "rule a:\n  when sender.domain in partnerz\n  drop\n"  # 6 duplicate rule, 7 unknown list
+            "rule c:\n  when (direction == \n  allow\n"        # 8 CEL syntax error
+            "test t:\n  message from \"a@acme.example\" to \"b@acme.example\"\n  expect allow by nosuch\n")  # 9
+    with pytest.raises(PolicyError) as caught:
+        load_policy(text=text, base_dir=tmp_path)
+    messages = "\n".join(d.message for d in caught.value.diagnostics)
+    for fragment in ("cannot read list file", "not valid JSON", "unknown event kind 'mesage'",
+                     "unknown name 'recipent'", "two terminal effects", "duplicate rule name 'a'",
+                     "unknown name 'partnerz'", "CEL syntax error", "no rule has that name",
+                     "no 'default' statement"):
+        assert fragment in messages, fragment
+    assert all(d.location.line >= 1 and d.location.column >= 1 for d in caught.value.diagnostics)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("default deny\nrule r:\n  when sender.domian == \"x\"\n  allow\n", "'sender' has no field 'domian'"),
+    ("default deny\nrule r:\n  when body.lowerascii() == \"x\"\n  allow\n", "did you mean 'lowerAscii'"),
+    ("default deny\nrule r:\n  route via \"sip:x.example\"\n", "'route via' goes with 'allow'"),
+    ("default deny\nrule r:\n  wen true\n  allow\n", "unknown clause 'wen'"),
+    ("default deny\ndefault allow\n", "a second 'default'"),
+    ("default deny\nrule r:\n  when later\n  allow\ndefine later = true\n", "used before its 'define'"),
+    ("default deny\nrule default:\n  allow\n", "reserved"),
+])
+def test_more_load_time_checks(body: str, fragment: str) -> None:
+    with pytest.raises(PolicyError, match=re.escape(fragment)):
+        policy_of(body)
+
+
+def test_policy_must_start_with_policy_statement() -> None:
+    with pytest.raises(PolicyError, match="must start with 'policy"):
+        load_policy(text="default allow\n")
+
+
+# -- decisions --------------------------------------------------------------------------------------
+
+def test_first_match_with_obligations_kept_for_the_default() -> None:
+    policy = policy_of('default deny "no"\n'
+                       'rule tagger:\n  when direction == "outbound"\n  tag "ext"\n  audit\n  copy to "arc@acme.example"\n'
+                       'rule disclaim:\n  disclaimer "D"\n'
+                       'rule never:\n  when false\n  allow\n')
+    decision = policy.decide(Event.message("a@acme.example", "b@other.example"))
+    assert decision.to_json() | {"policy_revision": None} == {
+        "decision": "deny", "rule": None, "reason": "no", "redirect_to": None, "route_via": None,
+        "copy_to": ["arc@acme.example"], "disclaimers": ["D"], "tags": ["ext"], "audit": True, "errors": [],
+        "policy": "t", "policy_revision": None}
+    assert decision.policy_revision.startswith("sha256:") and not decision.allowed
+
+
+def test_terminal_effects_and_obligations() -> None:
+    policy = policy_of('default allow\n'
+                       'rule r1:\n  on call\n  allow\n  route via "sip:sbc.acme.example"\n'
+                       'rule r2:\n  on message\n  when body == "x"\n  redirect to "Desk@ACME.example"\n'
+                       'rule r3:\n  on presence\n  drop\n')
+    call = policy.decide(Event.call("sip:a@acme.example", "sip:b@x.example"))
+    assert (call.decision, call.rule, call.route_via, call.allowed) == ("allow", "r1", "sip:sbc.acme.example", True)
+    redirected = policy.decide(Event.message("a@acme.example", "b@acme.example", body="x"))
+    assert (redirected.decision, redirected.redirect_to, redirected.allowed) == ("redirect", "Desk@ACME.example", True)
+    dropped = policy.decide(Event.presence("a@acme.example", "b@acme.example"))
+    assert (dropped.decision, dropped.allowed) == ("drop", False)
+
+
+@pytest.mark.parametrize("sender, recipient, direction", [
+    ("a@acme.example", "b@ACME.example", "internal"),
+    ("a@acme.example", "b@x.example", "outbound"),
+    ("a@x.example", "b@acme.example", "inbound"),
+    ("a@x.example", "b@y.example", "transit"),
+])
+def test_direction(sender: str, recipient: str, direction: str) -> None:
+    policy = policy_of("default deny\nrule d:\n  when direction == \"%s\"\n  allow\n" % direction)
+    assert policy.decide(Event.message(sender, recipient)).rule == "d"
+
+
+def test_normalised_addresses_reach_rules() -> None:
+    policy = policy_of('default deny\nrule alice:\n  when sender.address == "alice@acme.example"\n  allow\n')
+    for raw in ("Alice@ACME.Example/Laptop", "sip:%61lice@acme.example", "SIP:ALICE@acme.example:5060;transport=tls"):
+        assert policy.decide(Event.message(raw, "bob@acme.example")).rule == "alice", raw
+
+
+def test_evaluation_error_fails_safe_and_is_recorded() -> None:
+    policy = policy_of('default allow\nrule bad:\n  when sender.attrs.missing == 1\n  deny\n')
+    decision = policy.decide(Event.message("a@acme.example", "b@acme.example"))
+    assert decision.decision == "allow" and decision.rule is None
+    assert decision.errors and decision.errors[0]["rule"] == "bad"
+
+
+def test_on_error_deny() -> None:
+    policy = policy_of('on error deny\ndefault allow\nrule bad:\n  when body.matches("(")\n  allow\n')
+    decision = policy.decide(Event.message("a@acme.example", "b@acme.example", body="x"))
+    assert (decision.decision, decision.reason, decision.rule) == ("deny", "policy evaluation error", "bad")
+    assert decision.errors
+
+
+def test_non_bool_condition_is_an_error() -> None:
+    policy = policy_of('default deny\nrule r:\n  when size\n  allow\n')
+    decision = policy.decide(Event.message("a@acme.example", "b@acme.example", body="x"))
+    assert decision.decision == "deny" and "not a bool" in decision.errors[0]["message"]
+
+
+def test_limit_sliding_window_is_exact() -> None:
+    policy = policy_of('default allow\nrule flood:\n  limit 3 per second by sender\n  drop\n')
+    event = Event.message("a@acme.example", "b@acme.example")
+    limiter = MemoryLimiter()
+    times = (0.0, 0.2, 0.4, 0.6, 1.3, 1.5, 1.55)
+    outcomes = [policy.decide(event, now=t, limiter=limiter).decision for t in times]
+    # the 4th event within one second exceeds 3; at 1.3 only 0.4 and 0.6 are left in (0.3, 1.3];
+    # at 1.5 the window holds 0.6, 1.3, 1.5 (three: allowed); 1.55 makes four
+    assert outcomes == ["allow", "allow", "allow", "drop", "allow", "allow", "drop"]
+    other = Event.message("c@acme.example", "b@acme.example")
+    assert policy.decide(other, now=0.7, limiter=limiter).decision == "allow"  # counted per sender
+
+
+def test_directory_groups_and_attrs(tmp_path: Path) -> None:
+    (tmp_path / "users.json").write_text(json.dumps({"Alice@ACME.example": {"groups": ["vip"], "level": 3}}))
+    policy = load_policy(text=HEAD + 'directory "users.json"\ndefault deny\n'
+                         'rule vip:\n  when "vip" in sender.groups && sender.attrs.level > 2\n  allow\n',
+                         base_dir=tmp_path)
+    assert policy.decide(Event.message("alice@acme.example/x", "b@acme.example")).rule == "vip"
+    assert policy.decide(Event.message("bob@acme.example", "b@acme.example")).rule is None
+
+
+def test_include_and_list_file(tmp_path: Path) -> None:
+    (tmp_path / "lists.txt").write_text("# partners\nPartner.Example\n\nsip:Bob@Other.Example  # a person\n")
+    (tmp_path / "partner.rules").write_text('rule partner:\n  when recipient.domain in partners || recipient.address in partners\n  allow\n')
+    policy = load_policy(text=HEAD + 'list partners = file "lists.txt"\ndefault deny\ninclude "partner.rules"\n',
+                         base_dir=tmp_path)
+    assert policy.lists["partners"] == ("partner.example", "bob@other.example")
+    assert policy.decide(Event.message("a@acme.example", "x@partner.example")).rule == "partner"
+    assert policy.decide(Event.message("a@acme.example", "Bob@other.example")).rule == "partner"
+    assert len(policy.files) == 2
+
+
+def test_index_gives_the_same_decisions_as_walking_every_rule() -> None:
+    text = HEAD + 'list p = ["p1.example", "p2.example"]\ndefault deny\n' + "".join(
+        f'rule r{i}:\n  when {cond}\n  {effect}\n' for i, (cond, effect) in enumerate([
+            ('direction == "outbound" && recipient.domain in p', "allow"),
+            ('sender.address == "a@acme.example" && body.matches("(")', "deny"),
+            ('"vip" in sender.groups || kind == "call"', "allow"),
+            ('kind == "presence" && recipient.domain == "p1.example"', "drop"),
+            ('sender.domain in ["p2.example"] && size > 3', 'redirect to "x@acme.example"'),
+            ('direction == "internal"', 'tag "int"'),
+        ]))
+    model = load_model(text=text)
+    indexed, plain = compile_policy(model), compile_policy(model, use_index=False)
+    assert indexed._selector is not None
+    users = ["a@acme.example", "b@acme.example", "c@p1.example", "d@p2.example", "e@q.example"]
+    for kind in ("message", "presence", "call", "file"):
+        for s in users:
+            for r in users:
+                for body in ("", "hello world"):
+                    a = indexed.decide(Event._of_kind(kind, s, r, {"body": body}))
+                    b = plain.decide(Event._of_kind(kind, s, r, {"body": body}))
+                    assert a.to_json() == b.to_json(), (kind, s, r, body)
+
+
+# -- events ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["message", "groupchat", "presence", "subscribe", "join", "call", "file", "login", "iq"])
+def test_event_constructor_per_kind(kind: str) -> None:
+    event = getattr(Event, kind)("Alice@acme.example/r", "bob@acme.example", body="b", client={"ip": "10.0.0.1"})
+    assert (event.kind, event.sender.address, event.sender.resource, event.body) == (kind, "alice@acme.example", "r", "b")
+    assert event.to_json()["from"] == "Alice@acme.example/r"
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"from": "a@b.example", "to": "c@d.example"}, "kind"),
+    ({"kind": "mesage", "from": "a@b.example", "to": "c@d.example"}, "kind"),
+    ({"kind": "message", "to": "c@d.example"}, "from"),
+    ({"kind": "message", "from": "a@b.example"}, "to"),
+    ({"kind": "message", "from": 5, "to": "c@d.example"}, "from"),
+    ({"kind": "message", "from": "@b.example", "to": "c@d.example"}, "from"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "body": 3}, "body"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "size": "big"}, "size"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "time": "yesterday"}, "time"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "client": {"port": "5222"}}, "client.port"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "headers": {"x": 1}}, "headers"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "payload": "x"}, "payload"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "protocol": "irc"}, "protocol"),
+])
+def test_invalid_events_name_the_field(data: dict, field: str) -> None:
+    with pytest.raises(EventError, match=f"^field '{re.escape(field)}'"):
+        Event.from_json(data)
+
+
+def test_protocol_is_inferred_from_sip_addresses() -> None:
+    assert Event.from_json({"kind": "call", "from": "sip:a@b.example", "to": "sip:c@d.example"}).protocol == "sip"
+    assert Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example"}).protocol == "xmpp"
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+def test_eval_prints_the_decision_json_and_explains_on_stderr() -> None:
+    result = run_cli("eval", str(ACME), "--event", str(EVENTS / "02-partner-chat.json"), "--explain")
+    assert result.returncode == 0
+    decision = json.loads(result.stdout)
+    assert set(decision) == {"decision", "rule", "reason", "redirect_to", "route_via", "copy_to", "disclaimers",
+                             "tags", "audit", "errors", "policy", "policy_revision"}
+    assert (decision["decision"], decision["rule"], decision["copy_to"]) == ("allow", "partner_chat",
+                                                                              ["archive@acme.example"])
+    assert "MATCH partner_chat" in result.stderr and "skip  internal_traffic" in result.stderr
+
+
+def test_eval_reads_standard_input_and_exit_codes(tmp_path: Path) -> None:
+    ok = run_cli("eval", str(ACME), stdin='{"kind": "message", "from": "eve@evil.example", "to": "alice@acme.example"}')
+    assert ok.returncode == 0 and json.loads(ok.stdout)["decision"] == "deny"
+    bad_event = run_cli("eval", str(ACME), "--event", "-", stdin='{"kind": "message", "from": "a@b.example"}')
+    assert bad_event.returncode == 2
+    assert bad_event.stderr.strip() == "invalid event: field 'to': missing"
+    not_json = run_cli("eval", str(ACME), stdin="{")
+    assert not_json.returncode == 2 and len(not_json.stderr.strip().splitlines()) == 1
+    bad_policy = tmp_path / "bad.policy"
+    bad_policy.write_text('policy "x"\n')
+    assert run_cli("eval", str(bad_policy), stdin="{}").returncode == 1
+
+
+def test_test_command_reports_failures_one_line_each(tmp_path: Path) -> None:
+    path = tmp_path / "p.policy"
+    path.write_text(HEAD + "default deny\nrule a:\n  allow\n"
+                    'test good:\n  message from "a@acme.example" to "b@acme.example"\n  expect allow by a\n'
+                    'test wrong:\n  message from "a@acme.example" to "b@acme.example"\n  expect deny by default\n')
+    result = run_cli("test", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "1 passed, 1 failed"
+    assert len(lines) == 2 and "wrong" in lines[0] and "expected deny by default" in lines[0]
+    assert "decided allow by a" in lines[0]
+
+
+def test_check_on_a_folder_and_exit_codes(tmp_path: Path) -> None:
+    (tmp_path / "a.policy").write_text(HEAD + "default allow\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.policy").write_text(HEAD + "default allow\nrule x:\n  when nope\n  allow\n")
+    result = run_cli("check", str(tmp_path))
+    assert result.returncode == 1
+    assert "b.policy:5:8: error: unknown name 'nope'" in result.stderr
+    assert run_cli("check", str(tmp_path / "a.policy")).returncode == 0
+
+
+def test_fmt_rewrites_keeps_comments_and_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "p.policy"
+    path.write_text('# head\npolicy  "t"   # name\n\n\n\ndefault deny\n# about r\n   rule r:\n        when direction == "internal" &&\n'
+                    '  true   # why\n      allow\ntest t:\n message from "a@x.example" to "b@x.example"\n'
+                    '     expect deny\n')
+    check = run_cli("fmt", "--check", str(path))
+    assert check.returncode == 1 and "would reformat" in check.stdout
+    assert run_cli("fmt", str(path)).returncode == 0
+    formatted = path.read_text()
+    assert formatted.count("#") == 4
+    assert '  when direction == "internal" &&\n      true  # why\n  allow\n' in formatted
+    assert run_cli("fmt", "--check", str(path)).returncode == 0
+    assert load_policy(path).rules[0].name == "r"
+
+
+# -- pytest plugin -----------------------------------------------------------------------------------------
+
+pytest_plugins = ["pytester"]
+
+
+def test_pytest_plugin_collects_one_item_per_test_block(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".policy", rules=HEAD + "default deny\nrule a:\n  allow\n"
+                      'test passes:\n  message from "a@acme.example" to "b@acme.example"\n  expect allow by a\n'
+                      'test fails:\n  message from "a@acme.example" to "b@acme.example"\n  expect drop\n')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test 'fails' failed*", "*expected: drop*", "*decided:  allow by a*", "*MATCH a*"])
+
+
+def test_pytest_plugin_reports_invalid_policy_as_collection_error(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".policy", broken=HEAD + "rule a:\n  when nope\n  allow\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*invalid policy*", "*unknown name 'nope'*"])
