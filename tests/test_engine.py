@@ -138,7 +138,7 @@ def test_terminal_effects_and_obligations() -> None:
     ("a@x.example", "b@y.example", "transit"),
 ])
 def test_direction(sender: str, recipient: str, direction: str) -> None:
-    policy = policy_of("default deny\nrule d:\n  when direction == \"%s\"\n  allow\n" % direction)
+    policy = policy_of(f"default deny\nrule d:\n  when direction == \"{direction}\"\n  allow\n")
     assert policy.decide(Event.message(sender, recipient)).rule == "d"
 
 
