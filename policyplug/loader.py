@@ -144,6 +144,8 @@ class Loader:
         # Relative list/directory/include paths of text policies resolve against base_dir.
         statements = self.parse_file(path, text, display, None, (), base_dir)
         sink = self.sink
+        if not self.trees:
+            sink.raise_if_failed()  # the file itself could not be read: nothing more to say
         policy_name: str | None = None
         local_domains: set[str] = set()
         lists: dict[str, tuple[str, ...]] = {}
