@@ -1,0 +1,152 @@
+"""The audit log: chained records, tampering detected, rotation, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from policyplug import Event, load_policy
+from policyplug.audit import AuditWriter, verify
+
+POLICY = load_policy(text='policy "audit-test"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
+                          'rule internal:\n  when direction == "internal"\n  allow\n'
+                          'rule noted:\n  when direction == "inbound"\n  audit\n  allow\n')
+
+
+def write_records(path: Path, count: int, **options) -> AuditWriter:  # type: ignore[no-untyped-def]
+    writer = AuditWriter(path, level="all", **options)
+    for i in range(count):
+        event = Event.message(f"user{i}@acme.example", "x@partner.example", body=f"secret {i}")
+        writer.submit(event, POLICY.decide(event))
+    writer.close()
+    return writer
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_records_carry_the_decision_and_chain(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    writer = write_records(log, 5)
+    assert writer.stats["written"] == 5 and writer.stats["errors"] == 0
+    records = [json.loads(line) for line in lines_of(log)]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[0]["prev"] == "0" * 64
+    assert all(r["prev"] == p["hash"] for p, r in zip(records, records[1:]))
+    first = records[0]
+    assert first["policy"] == "audit-test" and first["policy_revision"].startswith("sha256:")
+    assert first["decision"]["decision"] == "deny" and first["decision"]["reason"] == "no"
+    assert "body" not in first["event"]  # bodies are left out unless the operator turns them on
+    assert len({r["id"] for r in records}) == 5
+    result = verify([str(log)])
+    assert result.intact and result.records == 5
+
+
+def test_bodies_only_when_asked(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 1, include_bodies=True)
+    assert json.loads(lines_of(log)[0])["event"]["body"] == "secret 0"
+
+
+def test_levels(tmp_path: Path) -> None:
+    denied = AuditWriter(tmp_path / "d.jsonl")  # default: denied, drops, and `audit` rules
+    for sender, recipient in [("a@acme.example", "b@acme.example"), ("a@x.example", "b@acme.example"),
+                              ("a@acme.example", "b@x.example")]:
+        event = Event.message(sender, recipient)
+        denied.submit(event, POLICY.decide(event))
+    denied.close()
+    kinds = [json.loads(line)["decision"]["rule"] for line in lines_of(tmp_path / "d.jsonl")]
+    assert kinds == ["noted", None]  # the audited allow, and the default deny; not the internal allow
+    none = AuditWriter(tmp_path / "n.jsonl", level="none")
+    event = Event.message("a@acme.example", "b@x.example")
+    none.submit(event, POLICY.decide(event))
+    none.close()
+    assert not (tmp_path / "n.jsonl").exists()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda lines: lines.__setitem__(2, lines[2].replace('"deny"', '"allow"')), "was altered"),
+    (lambda lines: lines.__delitem__(3), "removed or reordered"),
+    (lambda lines: lines.insert(1, lines.pop(4)), "does not follow"),
+    (lambda lines: lines.__delitem__(0), "not the start of the chain"),
+    (lambda lines: lines.__setitem__(1, "{garbage"), "not a valid audit record"),
+])
+def test_tampering_is_detected(tmp_path: Path, tamper, message: str) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 6)
+    lines = lines_of(log)
+    tamper(lines)
+    log.write_text("\n".join(lines) + "\n")
+    result = verify([str(log)])
+    assert not result.intact and message in result.problem
+    cli = subprocess.run([sys.executable, "-m", "policyplug", "audit", "verify", str(log)],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 1 and "TAMPERED" in cli.stderr and str(log) in cli.stderr
+
+
+def test_rotation_keeps_the_chain_across_files(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 40, max_bytes=1500, background=False)
+    files = sorted(tmp_path.glob("audit.jsonl*"))
+    assert len(files) >= 4
+    result = verify([str(log)])  # the base name expands to .N ... .1, then the current file
+    assert result.intact and result.records == 40
+    assert verify([str(tmp_path)]).records == 40
+    # a new writer continues the chain of the existing files
+    write_records(log, 3, max_bytes=1500, background=False)
+    assert verify([str(log)]).records == 43
+    # deleting a whole middle file is noticed, and so is deleting the oldest
+    (tmp_path / "audit.jsonl.2").unlink()
+    assert "does not follow" in (verify([str(log)]).problem or "")
+    oldest = max(tmp_path.glob("audit.jsonl.*"), key=lambda p: int(p.suffix[1:]))
+    oldest.unlink()
+    assert "not the start of the chain" in (verify([str(log)]).problem or "")
+
+
+def test_unwritable_log_is_counted_and_decisions_go_on(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log's folder should be")
+    writer = AuditWriter(blocker / "audit.jsonl", level="all", background=False)
+    event = Event.message("a@acme.example", "b@x.example")
+    writer.submit(event, POLICY.decide(event))  # must not raise
+    assert writer.stats["errors"] == 1 and writer.stats["last_error"]
+    writer.close()
+
+
+def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from policyplug import Event, load_policy
+        from policyplug.audit import AuditWriter
+        policy = load_policy(text='policy "k"\\ndefault deny\\n')
+        writer = AuditWriter({str(log)!r}, level="all", flush_interval=0.05)
+        i = 0
+        while True:
+            event = Event.message(f"u{{i}}@a.example", "b@c.example")
+            writer.submit(event, policy.decide(event))
+            i += 1
+            if i == 2000:
+                print("ready", flush=True)
+            if i % 100 == 0:
+                time.sleep(0.001)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    result = verify([str(log)])
+    assert result.intact, result.problem
+    assert result.records >= 2000
