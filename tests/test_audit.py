@@ -41,7 +41,7 @@ def test_records_carry_the_decision_and_chain(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines_of(log)]
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
     assert records[0]["prev"] == "0" * 64
-    assert all(r["prev"] == p["hash"] for p, r in zip(records, records[1:]))
+    assert all(r["prev"] == p["hash"] for p, r in zip(records, records[1:], strict=False))
     first = records[0]
     assert first["policy"] == "audit-test" and first["policy_revision"].startswith("sha256:")
     assert first["decision"]["decision"] == "deny" and first["decision"]["reason"] == "no"
