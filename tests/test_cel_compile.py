@@ -14,7 +14,7 @@ from policyplug.cel.errors import CelEvaluationError
 from policyplug.cel.reference import interpret
 
 PARSER = CELParser()
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 CONSTANTS = {"partners": ("partner.example", "aim.example"), "blocked": ("evil.example",)}
 
 

@@ -25,7 +25,7 @@ from policyplug.cel.reference import interpret
 
 PARSER = CELParser()
 CONSTANTS = {"partners": ("partner.example", "aim.example"), "blocked": ("evil.example",), "empty": ()}
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 # ------------------------------------------------------------------ events
 

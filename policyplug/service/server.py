@@ -1,0 +1,134 @@
+"""The decision service: one loaded policy, swapped atomically on reload, shared by every transport.
+
+Transports (the local socket, the XMPP component) hand it event JSON and get decision JSON
+back. Reloads compile the new policy beside the old one; only a valid policy replaces the old,
+an invalid one leaves the old in force and its diagnostics are logged, counted and shown by
+`status`. Auditing and metrics never block or fail a decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..compiler import load_policy
+from ..diagnostics import PolicyError
+from ..events import Event
+from ..runtime import Policy
+
+log = logging.getLogger("policyplug.service")
+
+
+class DecisionService:
+    def __init__(self, policy_path: str | Path, *, audit: Any = None, usage: Any = None, metrics: Any = None):
+        self.policy_path = Path(policy_path)
+        self.policy: Policy = load_policy(self.policy_path)  # an invalid policy at start-up is fatal
+        self.audit = audit
+        self.usage = usage
+        self.metrics = metrics
+        self.started = time.time()
+        self.decisions: Counter[str] = Counter()
+        self.evaluation_errors = 0
+        self.invalid_requests = 0
+        self.reloads: Counter[str] = Counter()
+        self.last_reload_error: str | None = None
+        self._mtimes = self._file_times()
+        if metrics is not None:
+            metrics.policy_loaded(self.policy)
+
+    # -- deciding ------------------------------------------------------------------------------------
+
+    def decide_json(self, event_json: Any) -> dict[str, Any]:
+        """Event JSON -> decision JSON. Raises EventError (an invalid request) naming the field."""
+        event = Event.from_json(event_json)
+        policy = self.policy  # one reference: a reload mid-decision cannot mix two policies
+        started = time.perf_counter()
+        decision = policy.decide(event)
+        elapsed = time.perf_counter() - started
+        self.decisions[decision.decision] += 1
+        if decision.errors:
+            self.evaluation_errors += len(decision.errors)
+        if self.metrics is not None:
+            self.metrics.observe(decision, elapsed)
+        if self.audit is not None:
+            self.audit.submit(event, decision)
+        if self.usage is not None:
+            self.usage.count(event, decision, policy.activation(event)["direction"])
+        return decision.to_json()
+
+    # -- reloading -----------------------------------------------------------------------------------
+
+    def _file_times(self) -> dict[Path, float]:
+        times = {}
+        for path in [self.policy_path, *self.policy.files]:
+            try:
+                times[path] = os.stat(path).st_mtime
+            except OSError:
+                times[path] = -1.0
+        return times
+
+    def changed(self) -> bool:
+        return self._file_times() != self._mtimes
+
+    def reload(self, reason: str = "request") -> dict[str, Any]:
+        """Compile the policy anew and swap it in if valid; the old one stays otherwise."""
+        try:
+            new_policy = load_policy(self.policy_path)
+        except PolicyError as exc:
+            self.reloads["invalid"] += 1
+            self.last_reload_error = exc.format()
+            self._mtimes = self._file_times()  # do not retry the same broken text every second
+            log.error("reload (%s) rejected, keeping revision %s:\n%s", reason, self.policy.revision,
+                      self.last_reload_error)
+            if self.metrics is not None:
+                self.metrics.reloaded("invalid")
+            return {"ok": False, "revision": self.policy.revision, "diagnostics": self.last_reload_error}
+        except OSError as exc:
+            self.reloads["error"] += 1
+            self.last_reload_error = str(exc)
+            if self.metrics is not None:
+                self.metrics.reloaded("error")
+            return {"ok": False, "revision": self.policy.revision, "diagnostics": str(exc)}
+        old = self.policy.revision
+        self.policy = new_policy
+        self.last_reload_error = None
+        self.reloads["ok"] += 1
+        self._mtimes = self._file_times()
+        if self.metrics is not None:
+            self.metrics.reloaded("ok")
+            self.metrics.policy_loaded(new_policy)
+        log.info("reload (%s): %s -> %s", reason, old, new_policy.revision)
+        return {"ok": True, "revision": new_policy.revision, "previous": old}
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Reload when the policy or any file it reads changes (polling: no extra dependency)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self.changed():
+                    self.reload("file change")
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("policy watcher")
+
+    # -- status -----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        audit_stats = dict(self.audit.stats) if self.audit is not None else None
+        return {
+            "policy": self.policy.name, "revision": self.policy.revision, "path": str(self.policy_path),
+            "rules": len(self.policy.rules), "uptime_seconds": round(time.time() - self.started, 1),
+            "decisions": dict(self.decisions), "evaluation_errors": self.evaluation_errors,
+            "invalid_requests": self.invalid_requests, "reloads": dict(self.reloads),
+            "last_reload_error": self.last_reload_error, "audit": audit_stats,
+        }
+
+    def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+        if self.usage is not None:
+            self.usage.close()

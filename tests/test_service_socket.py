@@ -1,0 +1,143 @@
+"""`policyplug serve` over its Unix socket: pipelining, bad input, reloads, audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from policyplug.audit import verify
+
+POLICY = '''policy "svc"
+local domains ["acme.example"]
+default deny "no"
+
+rule internal:
+  when direction == "internal"
+  allow
+'''
+
+
+class Client:
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(20)
+        self.sock.connect(str(path))
+        self.buffer = b""
+
+    def send(self, *requests: object, raw: bytes = b"") -> None:
+        self.sock.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in requests) + raw)
+
+    def answers(self, count: int) -> list[dict]:
+        while self.buffer.count(b"\n") < count:
+            chunk = self.sock.recv(1 << 16)
+            assert chunk, "service closed the connection"
+            self.buffer += chunk
+        lines = self.buffer.split(b"\n")
+        self.buffer = b"\n".join(lines[count:])
+        return [json.loads(line) for line in lines[:count]]
+
+    def ask(self, request: dict) -> dict:
+        self.send(request)
+        return self.answers(1)[0]
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    policy = tmp_path / "svc.policy"
+    policy.write_text(POLICY)
+    sock = tmp_path / "pp.sock"
+    audit = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
+                             "--audit-log", str(audit), "--audit-level", "all", "--watch-interval", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "service did not start"
+        time.sleep(0.05)
+    yield proc, sock, policy
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def event(sender: str, recipient: str) -> dict:
+    return {"kind": "message", "from": sender, "to": recipient}
+
+
+def test_pipelined_requests_are_answered_with_their_ids(service) -> None:  # type: ignore[no-untyped-def]
+    _, sock, _ = service
+    client = Client(sock)
+    requests = [{"id": i, "event": event(f"u{i}@acme.example", "b@acme.example" if i % 2 else "b@x.example")}
+                for i in range(200)]
+    client.send(*requests)
+    answers = client.answers(200)
+    assert sorted(a["id"] for a in answers) == list(range(200))
+    for answer in answers:
+        expected = "allow" if answer["id"] % 2 else "deny"
+        assert answer["decision"]["decision"] == expected
+        assert answer["decision"]["policy"] == "svc"
+
+
+def test_bad_requests_get_error_answers_and_the_connection_lives(service) -> None:  # type: ignore[no-untyped-def]
+    _, sock, _ = service
+    client = Client(sock)
+    client.send(raw=b"not json\n[1,2]\n")
+    client.send({"id": "x", "event": {"kind": "message", "from": "a@acme.example"}}, {"id": "y", "nothing": 1})
+    errors = client.answers(4)
+    assert errors[0]["error"].startswith("not JSON")
+    assert errors[1]["error"] == "a request must be a JSON object"
+    assert errors[2] == {"id": "x", "error": "field 'to': missing"}
+    assert errors[3]["id"] == "y" and "needs 'event'" in errors[3]["error"]
+    client.send(raw=b'{"id": 1, "event": "' + b"x" * (2 << 20) + b'"}\n')
+    assert "longer than" in client.answers(1)[0]["error"]
+    assert client.ask({"id": 9, "event": event("a@acme.example", "b@acme.example")})["decision"]["decision"] == "allow"
+    status = client.ask({"id": 10, "op": "status"})["status"]
+    assert status["invalid_requests"] == 5 and status["decisions"]["allow"] == 1
+
+
+def test_reload_on_file_change_and_sighup_keeps_old_policy_when_invalid(service) -> None:  # type: ignore[no-untyped-def]
+    proc, sock, policy = service
+    client = Client(sock)
+    outside = {"id": 1, "event": event("a@acme.example", "b@x.example")}
+    assert client.ask(outside)["decision"]["decision"] == "deny"
+    policy.write_text(POLICY.replace('default deny "no"', "default allow"))
+    deadline = time.monotonic() + 20
+    while client.ask(outside)["decision"]["decision"] != "allow":
+        assert time.monotonic() < deadline, "file change was not picked up"
+        time.sleep(0.1)
+    revision = client.ask({"id": 2, "op": "status"})["status"]["revision"]
+    # an invalid policy: the old one stays in force, the diagnostics are shown by status
+    policy.write_text(POLICY + "rule broken:\n  when nope\n  allow\n")
+    os.kill(proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while True:
+        status = client.ask({"id": 3, "op": "status"})["status"]
+        if status["reloads"].get("invalid"):
+            break
+        assert time.monotonic() < deadline, "invalid reload was not reported"
+        time.sleep(0.1)
+    assert status["revision"] == revision
+    assert "unknown name 'nope'" in status["last_reload_error"]
+    assert client.ask(outside)["decision"]["decision"] == "allow"
+    reload = client.ask({"id": 4, "op": "reload"})["reload"]
+    assert reload["ok"] is False and "nope" in reload["diagnostics"]
+
+
+def test_decisions_are_audited(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, sock, _ = service
+    client = Client(sock)
+    client.send(*[{"id": i, "event": event("a@acme.example", "b@x.example")} for i in range(50)])
+    client.answers(50)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    result = verify([str(tmp_path / "audit.jsonl")])
+    assert result.intact and result.records == 50
