@@ -47,6 +47,7 @@ class DecisionAnswer(ElementBase):
 class PolicyComponent(ComponentXMPP):
     def __init__(self, service: DecisionService, jid: str, secret: str, host: str, port: int):
         super().__init__(jid, secret, host, port)
+        self.enable_direct_tls = False  # XEP-0114 is plain TCP to the server's component port (loopback)
         self.service = service
         self.server_host, self.server_port = host, port
         self.backoff = 1.0

@@ -1,0 +1,124 @@
+"""A real Prosody (Debian package) on loopback, with a throwaway config and data directory.
+
+    server = ProsodyServer(tmp_path, hosts=["acme.example"], components={"policy.acme.example": "s3cret"})
+    server.start(); server.register("alice", "acme.example", "pw"); ...; server.stop()
+
+Prosody runs as root in the foreground (`run_as_root`, `-F`), listens only on 127.0.0.1 on
+ports picked free, requires no TLS (test only), stores accounts in plain text in its data dir.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import free_port, require_binary
+
+
+def _lua(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "{ " + ", ".join(_lua(v) for v in value) + " }"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"[{_lua(k)}] = {_lua(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+class ProsodyServer:
+    def __init__(self, workdir: Path, hosts: list[str] | None = None, components: dict[str, str] | None = None,
+                 extra_modules: list[str] | None = None, plugin_paths: list[str] | None = None,
+                 host_options: dict[str, dict[str, Any]] | None = None, global_options: dict[str, Any] | None = None):
+        self.binary = require_binary("prosody")
+        self.prosodyctl = require_binary("prosodyctl")
+        self.workdir = Path(workdir)
+        self.hosts = hosts or ["acme.example"]
+        self.components = components or {}
+        self.extra_modules = extra_modules or []
+        self.plugin_paths = plugin_paths or []
+        self.host_options = host_options or {}
+        self.global_options = global_options or {}
+        self.c2s_port = free_port()
+        self.s2s_port = free_port()
+        self.component_port = free_port()
+        self.config = self.workdir / "prosody.cfg.lua"
+        self.log = self.workdir / "prosody.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        self.write_config()
+
+    def write_config(self) -> None:
+        modules = ["roster", "saslauth", "disco", "ping", "presence", "message", "iq", "posix"] + self.extra_modules
+        options: dict[str, Any] = {
+            "daemonize": False, "run_as_root": True, "pidfile": str(self.workdir / "prosody.pid"),
+            "data_path": str(self.workdir / "data"), "interfaces": ["127.0.0.1"], "local_interfaces": ["127.0.0.1"],
+            "c2s_ports": [self.c2s_port], "s2s_ports": [self.s2s_port], "component_ports": [self.component_port],
+            "component_interfaces": ["127.0.0.1"], "http_ports": [], "https_ports": [], "c2s_direct_tls_ports": [],
+            "s2s_direct_tls_ports": [],
+            "authentication": "internal_plain", "c2s_require_encryption": False, "s2s_require_encryption": False,
+            "allow_unencrypted_plain_auth": True, "s2s_secure_auth": False, "storage": "internal",
+            "modules_enabled": modules, "modules_disabled": ["tls", "s2s_bidi"],
+            "plugin_paths": self.plugin_paths, "limits": {},
+        }
+        options.update(self.global_options)
+        lines = [f"{key} = {_lua(value)}" for key, value in options.items()]
+        lines.append(f'log = {{ {{ levels = {{ min = "debug" }}, to = "file", filename = {_lua(str(self.log))} }} }}')
+        for host in self.hosts:
+            lines.append(f"VirtualHost {_lua(host)}")
+            for key, value in self.host_options.get(host, {}).items():
+                lines.append(f"    {key} = {_lua(value)}")
+        for jid, secret in self.components.items():
+            lines.append(f"Component {_lua(jid)}")
+            lines.append(f"    component_secret = {_lua(secret)}")
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "HOME": str(self.workdir)}
+
+    def start(self, timeout: float = 30) -> None:
+        self.process = subprocess.Popen([self.binary, "-F", "--config", str(self.config)], cwd=self.workdir,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode(errors="replace") if self.process.stdout else ""
+                raise RuntimeError(f"prosody exited ({self.process.returncode}):\n{output}\n{self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.c2s_port), timeout=0.5):
+                    if not self.components:
+                        return
+                with socket.create_connection(("127.0.0.1", self.component_port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"prosody did not open its ports within {timeout} s:\n{self.log_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def register(self, user: str, host: str, password: str) -> None:
+        subprocess.run([self.prosodyctl, "--config", str(self.config), "register", user, host, password],
+                       check=True, capture_output=True, timeout=60, env=self._env())
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
