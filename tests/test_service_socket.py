@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from policyplug.audit import verify
+from policyplug.usage.report import build_tables
 
 POLICY = '''policy "svc"
 local domains ["acme.example"]
@@ -57,7 +58,8 @@ def service(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
     sock = tmp_path / "pp.sock"
     audit = tmp_path / "audit.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
-                             "--audit-log", str(audit), "--audit-level", "all", "--watch-interval", "0.2"],
+                             "--audit-log", str(audit), "--audit-level", "all", "--watch-interval", "0.2",
+                             "--usage-db", str(tmp_path / "usage.db")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     while not sock.exists():
@@ -141,3 +143,5 @@ def test_decisions_are_audited(service, tmp_path: Path) -> None:  # type: ignore
     proc.wait(timeout=30)
     result = verify([str(tmp_path / "audit.jsonl")])
     assert result.intact and result.records == 50
+    tables = {t.title: t.rows for t in build_tables(tmp_path / "usage.db")}
+    assert tables["Traffic by direction and outcome"] == [("outbound", "deny", 50)]

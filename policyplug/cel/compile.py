@@ -531,7 +531,7 @@ class _Gen:
         if isinstance(ttype, tuple):
             if ttype[0] == "list" and index.type == "int":
                 return Ex(f"_lidx({target.code}, {index.code})", ttype[1], fatal=fatal)
-            if ttype[0] == "map" and ttype[1] == "string" and index.type in STRINGS:
+            if ttype[0] == "map" and index.type in STRINGS:  # a str never equals a non-str key
                 return Ex(f"_mget({target.code}, {index.code})", ttype[2], fatal=fatal)
             if ttype[0] == "rec" and index.const and type(index.value) is str:
                 ftype = _field_type(ttype, index.value)

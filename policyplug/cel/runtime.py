@@ -419,17 +419,25 @@ def lidx(seq: list, index: int) -> Any:
 
 
 def make_map(items: list[Any]) -> dict:
-    """A map literal from evaluated [k1, v1, k2, v2, ...] (cel-python mapinits)."""
+    """A map literal from evaluated [k1, v1, k2, v2, ...] (cel-python mapinits).
+
+    Keys go through cel-python's own MapType for its duplicate and type checks; values stay as
+    they are (an ErrVal among them is kept, as cel-python keeps the error value)."""
+    seen = ct.MapType()
+    out: dict = {}
     try:
-        result = ct.MapType()
         for i in range(0, len(items), 2):
-            key = to_cel(items[i])
-            if key in result:
-                raise ValueError(f"Duplicate key {key!r}")
-            result[key] = to_cel(items[i + 1])
+            key = items[i]
+            if type(key) is ErrVal:  # cel-python: the error object is unhashable
+                raise TypeError("unhashable type: 'CELEvalError'")
+            cel_key = to_cel(key)
+            if cel_key in seen:
+                raise ValueError(f"Duplicate key {cel_key!r}")
+            seen[cel_key] = None
+            out[key] = items[i + 1]
     except (ValueError, TypeError) as exc:
         raise Err(str(exc)) from None
-    return from_cel(result)
+    return out
 
 
 def size(value: Any) -> int:
@@ -492,7 +500,7 @@ def macro_iter(target: Any) -> Any:
     if t is str or t is RawStr:
         return [RawStr(c) for c in target]
     if t is bytes or t is RawBytes:
-        raise Defer("macro over bytes")
+        return [RawInt(b) for b in target]  # iterating bytes gives plain ints
     raise PyErr(f"'{t.__name__}' object is not iterable", TypeError)
 
 

@@ -1,0 +1,1 @@
+"""Usage counting (store.py) and reports (report.py) for `policyplug report`."""

@@ -1,0 +1,128 @@
+"""Usage reports: the tables a compliance officer asks for, as text, CSV or a self-contained HTML page.
+
+Tables: traffic by direction and outcome; top external domains; top denied rules; busiest users.
+The HTML page has inline SVG bar charts (no scripts, no fonts, no network) so it can be mailed
+or archived as one file.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[tuple]
+
+
+def _range(since: str | None, until: str | None) -> tuple[str, list[str]]:
+    clauses, params = [], []
+    if since:
+        clauses.append("hour >= ?")
+        params.append(since[:13] + ":00Z" if len(since) >= 13 else since)
+    if until:
+        clauses.append("hour < ?")
+        params.append(until[:13] + ":00Z" if len(until) >= 13 else until)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def build_tables(db_path: str | Path, since: str | None = None, until: str | None = None, top: int = 10) -> list[Table]:
+    if not Path(db_path).exists():
+        raise FileNotFoundError(f"no usage store at {db_path}")
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    where, params = _range(since, until)
+    and_where = (where + " AND ") if where else " WHERE "
+    try:
+        by_direction = db.execute(
+            f"SELECT direction, decision, SUM(count) FROM traffic{where} GROUP BY direction, decision "
+            "ORDER BY direction, decision", params).fetchall()
+        domains = db.execute(
+            f"SELECT CASE WHEN direction = 'outbound' THEN recipient_domain ELSE sender_domain END AS domain, "
+            f"SUM(count), SUM(CASE WHEN decision IN ('deny', 'drop') THEN count ELSE 0 END) FROM traffic"
+            f"{and_where}direction IN ('outbound', 'inbound') GROUP BY domain ORDER BY 2 DESC, 1 LIMIT ?",
+            [*params, top]).fetchall()
+        denied = db.execute(
+            f"SELECT rule, decision, SUM(count) FROM traffic{and_where}decision IN ('deny', 'drop') "
+            "GROUP BY rule, decision ORDER BY 3 DESC, 1 LIMIT ?", [*params, top]).fetchall()
+        users = db.execute(
+            f"SELECT user, SUM(count), SUM(CASE WHEN direction != 'internal' THEN count ELSE 0 END) "
+            f"FROM user_messages{where} GROUP BY user ORDER BY 2 DESC, 1 LIMIT ?", [*params, top]).fetchall()
+    finally:
+        db.close()
+    return [
+        Table("Traffic by direction and outcome", ["direction", "decision", "events"], by_direction),
+        Table("Top external domains", ["domain", "events", "refused"], domains),
+        Table("Top denied rules", ["rule", "decision", "events"], denied),
+        Table("Busiest users (messages)", ["user", "messages", "external"], users),
+    ]
+
+
+def render_text(tables: list[Table]) -> str:
+    out = []
+    for table in tables:
+        out.append(table.title)
+        cells = [table.columns] + [[str(c) for c in row] for row in table.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(table.columns))]
+        for n, row in enumerate(cells):
+            out.append("  " + "  ".join(c.rjust(w) if n and c.isdigit() else c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            if n == 0:
+                out.append("  " + "  ".join("-" * w for w in widths))
+        if not table.rows:
+            out.append("  (nothing in this period)")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_csv(tables: list[Table]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    for table in tables:
+        writer.writerow(["table", *table.columns])
+        for row in table.rows:
+            writer.writerow([table.title, *row])
+    return buffer.getvalue()
+
+
+COLOURS = ("#2b6cb0", "#c53030", "#2f855a", "#b7791f")
+
+
+def _bar_chart(table: Table, colour: str) -> str:
+    """Horizontal bars of the table's first numeric column, inline SVG."""
+    if not table.rows:
+        return "<p>(nothing in this period)</p>"
+    value_index = next(i for i, c in enumerate(table.columns) if c in ("events", "messages"))
+    labels = [" / ".join(str(v) for v in row[:value_index]) for row in table.rows]
+    values = [int(row[value_index]) for row in table.rows]
+    peak = max(values) or 1
+    height = 26 * len(values) + 10
+    bars = []
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        width = max(2, int(520 * value / peak))
+        y = 8 + 26 * i
+        bars.append(f'<text x="0" y="{y + 15}" font-size="13">{html.escape(label)}</text>'
+                    f'<rect class="bar" x="230" y="{y}" width="{width}" height="20" fill="{colour}"/>'
+                    f'<text x="{236 + width}" y="{y + 15}" font-size="13">{value}</text>')
+    return (f'<svg class="chart" role="img" aria-label="{html.escape(table.title)}" width="820" height="{height}" '
+            f'xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">{"".join(bars)}</svg>')
+
+
+def render_html(tables: list[Table], title: str = "policyplug usage report", period: str = "") -> str:
+    sections = []
+    for table, colour in zip(tables, COLOURS, strict=False):
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in table.rows)
+        sections.append(f"<section><h2>{html.escape(table.title)}</h2>{_bar_chart(table, colour)}"
+                        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:2em;color:#1a202c}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #cbd5e0;padding:4px 10px;text-align:left}th{background:#edf2f7}"
+            "section{margin-bottom:2em}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(period)}</p>{''.join(sections)}</body></html>")

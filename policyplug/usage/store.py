@@ -1,0 +1,86 @@
+"""The usage store: decisions counted into SQLite for `policyplug report`.
+
+Counts are kept per hour, kind, direction, decision, deciding rule, sender domain and recipient
+domain, plus per-user message counts. `count` only adds to an in-memory tally; the tally is
+written in one transaction every `flush_interval` seconds (or 5,000 distinct rows), so a
+decision costs a dictionary update, not a disk write.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("policyplug.usage")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS traffic (
+    hour TEXT NOT NULL, kind TEXT NOT NULL, direction TEXT NOT NULL, decision TEXT NOT NULL,
+    rule TEXT NOT NULL, sender_domain TEXT NOT NULL, recipient_domain TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (hour, kind, direction, decision, rule, sender_domain, recipient_domain)
+);
+CREATE TABLE IF NOT EXISTS user_messages (
+    hour TEXT NOT NULL, user TEXT NOT NULL, direction TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (hour, user, direction)
+);
+CREATE INDEX IF NOT EXISTS traffic_hour ON traffic (hour);
+"""
+
+
+class UsageStore:
+    def __init__(self, path: str | Path, flush_interval: float = 1.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.flush_interval = flush_interval
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+        self._db.executescript(SCHEMA)
+        self._traffic: Counter[tuple[str, ...]] = Counter()
+        self._users: Counter[tuple[str, str, str]] = Counter()
+        self._lock = threading.Lock()
+        self._last_flush = time.monotonic()
+        self.errors = 0
+        self.last_error: str | None = None
+
+    def count(self, event: Any, decision: Any, direction: str) -> None:
+        hour = event.time.strftime("%Y-%m-%dT%H:00Z")
+        key = (hour, event.kind, direction, decision.decision, decision.rule or "default",
+               event.sender.domain, event.recipient.domain)
+        with self._lock:
+            self._traffic[key] += 1
+            if event.kind in ("message", "groupchat") and event.sender.user:
+                self._users[(hour, event.sender.address, direction)] += 1
+            due = time.monotonic() - self._last_flush >= self.flush_interval or len(self._traffic) > 5000
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            traffic, self._traffic = self._traffic, Counter()
+            users, self._users = self._users, Counter()
+            self._last_flush = time.monotonic()
+        if not traffic and not users:
+            return
+        try:
+            with self._db:
+                self._db.executemany(
+                    "INSERT INTO traffic VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count",
+                    [(*key, n) for key, n in traffic.items()])
+                self._db.executemany(
+                    "INSERT INTO user_messages VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count",
+                    [(*key, n) for key, n in users.items()])
+        except sqlite3.Error as exc:
+            # a full disk must not stop decisions: the batch is lost, counted and logged
+            self.errors += 1
+            self.last_error = str(exc)
+            log.error("usage store %s: %s", self.path, exc)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._db.close()
