@@ -634,11 +634,11 @@ class _Gen:
         if name in TIME_METHODS and tt == "timestamp" and len(rest) <= 1 and (not rest or (
                 rest[0].const and type(rest[0].value) is str)):
             try:
-                tz = rt.timezone_for(rest[0].value if rest else None)
+                converter = rt.local_time_for(rest[0].value if rest else None)
             except Exception:  # noqa: BLE001 - the generic call reports the same error at run time
-                tz = None
-            if tz is not None:
-                local = self.glob(rt.LocalTime(tz), "_loc")
+                converter = None
+            if converter is not None:
+                local = self.glob(converter, "_loc")
                 return Ex(TIME_METHODS[name].format(f"{local}({target.code})"), "int", err=err, fatal=fatal)
         call = ", ".join([repr(name), target.code] + [e.code for e in rest])
         return Ex(f"_g_method({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)

@@ -729,6 +729,17 @@ class LocalTime:
         return local
 
 
+_local_times: dict[Any, LocalTime] = {}
+
+
+def local_time_for(name: str | None) -> LocalTime:
+    """One shared converter per zone name, so every condition of a policy reuses the conversion."""
+    found = _local_times.get(name)
+    if found is None:
+        found = _local_times.setdefault(name, LocalTime(timezone_for(name)))
+    return found
+
+
 def day_of_year(local: datetime.datetime) -> int:
     return local.timetuple().tm_yday - 1
 
