@@ -22,6 +22,7 @@ class TestClient(slixmpp.ClientXMPP):
         self.ready = asyncio.Event()
         self.add_event_handler("session_start", self._started)
         self.add_event_handler("message", lambda msg: self.messages.put_nowait(msg))
+        self.add_event_handler("message_error", lambda msg: self.messages.put_nowait(msg))
         self.add_event_handler("failed_auth", lambda _: self.ready.set())
 
     async def _started(self, _: Any) -> None:

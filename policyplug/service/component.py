@@ -46,7 +46,8 @@ class DecisionAnswer(ElementBase):
 
 class PolicyComponent(ComponentXMPP):
     def __init__(self, service: DecisionService, jid: str, secret: str, host: str, port: int):
-        super().__init__(jid, secret, host, port)
+        # fix_error_ns: error elements in the component namespace, or Prosody cannot parse our error answers
+        super().__init__(jid, secret, host, port, fix_error_ns=True)
         self.enable_direct_tls = False  # XEP-0114 is plain TCP to the server's component port (loopback)
         self.service = service
         self.server_host, self.server_port = host, port

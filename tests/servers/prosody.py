@@ -53,6 +53,7 @@ class ProsodyServer:
         self.log = self.workdir / "prosody.log"
         self.process: subprocess.Popen[bytes] | None = None
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "certs").mkdir(exist_ok=True)  # empty: tests run without TLS
         self.write_config()
 
     def write_config(self) -> None:
@@ -62,7 +63,7 @@ class ProsodyServer:
             "data_path": str(self.workdir / "data"), "interfaces": ["127.0.0.1"], "local_interfaces": ["127.0.0.1"],
             "c2s_ports": [self.c2s_port], "s2s_ports": [self.s2s_port], "component_ports": [self.component_port],
             "component_interfaces": ["127.0.0.1"], "http_ports": [], "https_ports": [], "c2s_direct_tls_ports": [],
-            "s2s_direct_tls_ports": [],
+            "s2s_direct_tls_ports": [], "certificates": str(self.workdir / "certs"),
             "authentication": "internal_plain", "c2s_require_encryption": False, "s2s_require_encryption": False,
             "allow_unencrypted_plain_auth": True, "s2s_secure_auth": False, "storage": "internal",
             "modules_enabled": modules, "modules_disabled": ["tls", "s2s_bidi"],
