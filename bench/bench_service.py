@@ -93,9 +93,10 @@ def bench_socket(workdir: Path, count: int, window: int) -> tuple[float, list[fl
 def bench_component(workdir: Path, count: int, window: int) -> tuple[float, list[float]] | str:
     if not shutil.which("prosody"):
         return "prosody is not installed: component figures skipped"
+    from slixmpp.xmlstream import ET
+
     from tests.servers.prosody import ProsodyServer
     from tests.xmpp_client import TestClient
-    from slixmpp.xmlstream import ET
 
     server = ProsodyServer(workdir / "prosody", components={"policy.acme.example": "s3cret"},
                            global_options={"limits": {"c2s": {"rate": "100mb/s"}}})

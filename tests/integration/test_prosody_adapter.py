@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from slixmpp.xmlstream import ET
 
 from tests.servers.prosody import ProsodyServer
