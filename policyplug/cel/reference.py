@@ -89,10 +89,15 @@ def interpret(tree: lark.Tree, constants: Mapping[str, Any]) -> Callable[[Mappin
 
     Raises CelEvaluationError for every failure, whether cel-python returned an error value,
     raised one, or let a Python exception escape."""
-    runner = _env().program(tree, functions=EXTRA_FUNCTIONS)
-    cel_constants = {name: to_celpy(tuple(entries)) for name, entries in constants.items()}
+    # Built on first use: the compiler keeps a reference runner for every expression as its
+    # fallback, and most are never called (building them all costs a large part of load time).
+    prepared: list[Any] = []
 
     def evaluate(activation: Mapping[str, Any]) -> Any:
+        if not prepared:
+            prepared.append(_env().program(tree, functions=EXTRA_FUNCTIONS))
+            prepared.append({name: to_celpy(tuple(entries)) for name, entries in constants.items()})
+        runner, cel_constants = prepared
         try:
             context = dict(cel_constants)
             for name, value in activation.items():
