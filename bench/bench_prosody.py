@@ -41,6 +41,9 @@ async def pump(port: int, count: int, window: int) -> tuple[float, list[float]]:
     sender, receiver = TestClient("alice@acme.example", "pw"), TestClient("bob@acme.example", "pw")
     await sender.login(port)
     await receiver.login(port)
+    # let the receiver's initial presence be processed (and decided) first: messages to a bare JID
+    # whose resources are not yet available would not be delivered
+    await asyncio.sleep(1.0)
     latencies: list[float] = []
     in_flight = asyncio.Semaphore(window)
     done = asyncio.Event()
