@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import orjson  # noqa: E402
+
 from policyplug import Event, load_policy  # noqa: E402
 
 POLICY = ROOT / "policyplug" / "demo" / "acme" / "acme.policy"
@@ -82,7 +84,7 @@ def bench_socket(workdir: Path, count: int, window: int) -> tuple[float, list[fl
         *complete, buffer = buffer.split(b"\n")
         now = time.perf_counter()
         for line in complete:
-            answer = json.loads(line)
+            answer = orjson.loads(line)
             assert "decision" in answer, answer
             latencies.append((now - sent_at.pop(answer["id"])) * 1000)
     elapsed = time.perf_counter() - started

@@ -9,10 +9,11 @@ SIGKILL between write and fsync leaves behind.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 from .log import GENESIS, record_hash
 
@@ -74,7 +75,7 @@ def verify(paths: list[str], allow_partial: bool = False) -> VerifyResult:
             where = f"{path}:{number}"
             last_line = number == len(lines)
             try:
-                record = json.loads(line)
+                record = orjson.loads(line)
                 stored = record["hash"]
                 prev = record["prev"]
                 seq = int(record["seq"])

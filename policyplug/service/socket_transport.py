@@ -13,11 +13,12 @@ answer and the connection lives on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from ..events import EventError
 from .server import DecisionService
@@ -28,14 +29,14 @@ MAX_LINE = 1 << 20  # 1 MiB
 
 
 def _answer(request_id: Any, **payload: Any) -> bytes:
-    return json.dumps({"id": request_id, **payload}, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return orjson.dumps({"id": request_id, **payload}) + b"\n"
 
 
 def handle_line(service: DecisionService, line: bytes) -> bytes:
     """One request line -> one answer line. Never raises."""
     try:
-        request = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+        request = orjson.loads(line)
+    except (orjson.JSONDecodeError, ValueError, UnicodeDecodeError) as exc:
         service.invalid_requests += 1
         return _answer(None, error=f"not JSON: {exc}")
     if not isinstance(request, dict):
