@@ -91,11 +91,7 @@ def run_config(workdir: Path, policy: str | None, count: int, window: int) -> tu
                 [sys.executable, "-m", "policyplug", "serve", str(policy_file), "--component", "policy.acme.example",
                  "--secret", "s3cret", "--server", f"127.0.0.1:{server.component_port}",
                  "--socket", str(workdir / "s.sock")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 30
-            while "External component successfully authenticated" not in server.log_text():
-                if time.monotonic() > deadline:
-                    raise SystemExit("component did not connect")
-                time.sleep(0.1)
+            server.wait_for_component()
         return asyncio.run(pump(server.c2s_port, count, window))
     finally:
         if service is not None:

@@ -110,11 +110,7 @@ def bench_component(workdir: Path, count: int, window: int) -> tuple[float, list
                                 "--audit-log", str(workdir / "c-audit.jsonl"), "--audit-level", "all"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while "External component successfully authenticated" not in server.log_text():
-            if time.monotonic() > deadline:
-                return "component did not connect"
-            time.sleep(0.1)
+        server.wait_for_component()
 
         async def run() -> tuple[float, list[float]]:
             client = TestClient("bench@acme.example", "pw")

@@ -37,13 +37,6 @@ async def ask(client: TestClient, event: dict) -> dict:
     return json.loads(answer.text)
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_component_answers_decisions_and_reconnects(tmp_path: Path) -> None:
     server = ProsodyServer(tmp_path / "prosody", components={"policy.acme.example": "s3cret"})
     server.start()
@@ -55,8 +48,7 @@ def test_component_answers_decisions_and_reconnects(tmp_path: Path) -> None:
          "--secret", "s3cret", "--server", f"127.0.0.1:{server.component_port}", "--socket", str(tmp_path / "s.sock")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: "External component successfully authenticated" in server.log_text(), 30,
-                 "the component did not connect")
+        server.wait_for_component()
 
         async def scenario() -> None:
             client = TestClient("alice@acme.example", "pw")

@@ -7,7 +7,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,15 +41,12 @@ class Deployment:
         self.start_service()
 
     def start_service(self) -> None:
-        before = self.server.log_text().count("External component successfully authenticated")
+        before = self.server.component_logins()
         self.service = subprocess.Popen(
             [sys.executable, "-m", "policyplug", "serve", str(POLICY), "--component", "policy.acme.example",
              "--secret", "s3cret", "--server", f"127.0.0.1:{self.server.component_port}",
              "--socket", str(self.workdir / "svc.sock")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while self.server.log_text().count("External component successfully authenticated") <= before:
-            assert time.monotonic() < deadline, "the decision service did not connect"
-            time.sleep(0.1)
+        self.server.wait_for_component(before)
 
     def stop_service(self) -> None:
         if self.service is not None:

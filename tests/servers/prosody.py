@@ -121,5 +121,17 @@ class ProsodyServer:
         subprocess.run([self.prosodyctl, "--config", str(self.config), "register", user, host, password],
                        check=True, capture_output=True, timeout=60, env=self._env())
 
+    def component_logins(self) -> int:
+        """How many times a component has authenticated so far (Prosody logs each)."""
+        return self.log_text().count("External component successfully authenticated")
+
+    def wait_for_component(self, logins_before: int = 0, timeout: float = 30) -> None:
+        """Wait until a component has authenticated more often than `logins_before`."""
+        deadline = time.monotonic() + timeout
+        while self.component_logins() <= logins_before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no component connected within {timeout} s:\n{self.log_text()[-2000:]}")
+            time.sleep(0.1)
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
