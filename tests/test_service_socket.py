@@ -134,6 +134,38 @@ def test_reload_on_file_change_and_sighup_keeps_old_policy_when_invalid(service)
     assert reload["ok"] is False and "nope" in reload["diagnostics"]
 
 
+def test_unwritable_audit_log_is_reported_and_decisions_go_on(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    policy = tmp_path / "svc.policy"
+    policy.write_text(POLICY)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log folder should be")
+    sock, port = tmp_path / "a.sock", free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
+                             "--audit-log", str(blocker / "audit.jsonl"), "--audit-level", "all",
+                             "--metrics-port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        client = Client(sock)
+        answer = client.ask({"id": 1, "event": event("a@acme.example", "b@acme.example")})
+        assert answer["decision"]["decision"] == "allow"  # the decision goes on
+        deadline = time.monotonic() + 10
+        while not client.ask({"id": 2, "op": "status"})["status"]["audit"]["errors"]:
+            assert time.monotonic() < deadline, "audit failure not reported in status"
+            time.sleep(0.05)
+        import urllib.request
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "policyplug_audit_write_errors 1.0" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert "ERROR policyplug.audit" in output  # and loudly in the log
+
+
 def test_decisions_are_audited(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     proc, sock, _ = service
     client = Client(sock)

@@ -41,6 +41,8 @@ async def run(args: argparse.Namespace) -> int:
         print(exc.format(), file=sys.stderr)
         return 1
     if metrics is not None:
+        if audit is not None:
+            metrics.watch_audit(audit)
         metrics.serve(args.metrics_port, args.metrics_address)
         log.info("metrics on http://%s:%d/metrics", args.metrics_address, args.metrics_port)
 

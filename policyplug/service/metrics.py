@@ -19,6 +19,15 @@ class Metrics:
                               ["rule"], registry=self.registry)
         self.reloads = Counter("policyplug_reloads", "Policy reloads by result", ["result"], registry=self.registry)
         self.rules = Gauge("policyplug_policy_rules", "Rules in the loaded policy", registry=self.registry)
+        self.audit_errors = Gauge("policyplug_audit_write_errors", "Audit log write failures since start",
+                                  registry=self.registry)
+        self.audit_dropped = Gauge("policyplug_audit_dropped", "Audit records dropped because the disk could "
+                                   "not keep up", registry=self.registry)
+
+    def watch_audit(self, audit: Any) -> None:
+        """Export the audit writer's failure counters (read when Prometheus scrapes)."""
+        self.audit_errors.set_function(lambda: audit.stats["errors"])
+        self.audit_dropped.set_function(lambda: audit.stats["dropped"])
 
     def observe(self, decision: Any, seconds: float) -> None:
         self.decisions.labels(decision.decision, decision.rule or "default").inc()
