@@ -1,57 +1,273 @@
 -- mod_policyplug: every message, presence, subscription, IQ, group chat message, room join and
 -- login is decided by the policyplug decision service, and the decision is enforced here.
 --
--- The decision service is an XEP-0114 component (`policyplug serve --component ...`). For each
--- stanza we send it an IQ carrying the event JSON and wait for the answer inside the session's
--- async runner, so Prosody keeps serving everyone else meanwhile. Stanzas from local clients
--- are checked in the pre-* events on the sender's host; stanzas from remote servers when they
--- arrive (origin type s2sin). Stanzas this module sends itself (bounces, copies) are not checked.
+-- How a stanza travels:
+--   1. A stanza from a local client (pre-message/*, pre-presence/*, pre-iq/* on the sender's host)
+--      or from a remote server (message/*, presence/*, iq/* with an s2sin origin) is taken out of
+--      Prosody's processing (the hook returns true) and put in its session's queue.
+--   2. The event JSON goes to the decision service: over its Unix socket (policyplug_socket,
+--      newline-delimited JSON, pipelined) or as an IQ to its XEP-0114 component (policyplug_component).
+--      Nothing waits: the session goes on reading, so one sender can have many decisions in flight.
+--   3. When the answer arrives (or the timeout passes, or the service disconnects) the entry is
+--      settled; the session's queue is delivered in order, so a sender's stanzas never overtake
+--      each other. Allowed stanzas are posted again with a mark that lets them pass this module,
+--      so every other module (carbons, MAM, ...) sees them once, as usual.
+-- Logins (resource bind) wait for their decision inside the session's async runner instead:
+-- nothing of a session is processed before its login is decided.
+-- Stanzas this module sends itself (bounces, refusals, archive copies) are never decided.
 --
 -- Options (Prosody config, per host or global):
---   policyplug_component = "policy.example.com"   -- the decision service's component JID
+--   policyplug_socket = "/run/policyplug/policyplug.sock" -- the service's Unix socket (preferred)
+--   policyplug_component = "policy.example.com"   -- or its component JID (default policy.<host>)
 --   policyplug_timeout = 2                         -- seconds to wait for a decision
---   policyplug_fail_mode = "closed"                -- "closed": refuse when no answer; "open": allow
+--   policyplug_fail_mode = "closed"                -- "closed": refuse when no answer; "open": deliver
 --   policyplug_kinds = { "message", "presence", ... }  -- event kinds to check (default: all)
 
 local st = require "util.stanza";
 local jid_util = require "util.jid";
 local json = require "util.json";
 local async = require "util.async";
-local new_id = require "util.id".medium;
 local datetime = require "util.datetime";
 local array = require "util.array"; -- util.json encodes these as JSON arrays, even when empty
+local time_now = require "util.time".now;
+local new_id = require "util.id".short;
 
 local NS = "urn:policyplug:decision:1";
+local socket_path = module:get_option_string("policyplug_socket");
 local service_jid = module:get_option_string("policyplug_component", "policy." .. module.host);
 local timeout = module:get_option_number("policyplug_timeout", 2);
 local fail_mode = module:get_option_string("policyplug_fail_mode", "closed");
 local kinds = module:get_option_set("policyplug_kinds", {
 	"message", "groupchat", "presence", "subscribe", "join", "call", "file", "login", "iq" });
 local UNAVAILABLE_REASON = "policy service unavailable";
+local MAX_REQUEST = 1000000; -- the service refuses request lines over 1 MiB
+local BODY_KEPT = 200000;    -- what is left of a body that would make the request too long
 
-local counters = { asked = 0, failed_closed = 0, failed_open = 0, errors = 0 };
-module:log("info", "asking %s, timeout %ss, fail mode %s", service_jid, timeout, fail_mode);
+if fail_mode ~= "open" and fail_mode ~= "closed" then
+	module:log("error", "policyplug_fail_mode must be \"closed\" or \"open\", not %q: using \"closed\"", fail_mode);
+	fail_mode = "closed";
+end
+
+local counters = { asked = 0, answered = 0, timeouts = 0, disconnected = 0, service_errors = 0,
+	failed_closed = 0, failed_open = 0, lua_errors = 0 };
+local outcome_metric = module:metric("counter", "outcomes", "",
+	"policyplug decisions enforced, and failures handled by the fail mode", { "outcome" });
+local function count(name)
+	counters[name] = (counters[name] or 0) + 1;
+	outcome_metric:with_labels(name):add(1);
+end
+module.counters = counters; -- for `prosodyctl shell` and tests
+
+local function value(x) -- JSON null -> nil
+	if x == json.null then return nil; end
+	return x;
+end
+
+------------------------------------------------------------------------------------------------
+-- Transport: ask(event, callback) calls callback(decision) or callback(nil, why) exactly once.
+------------------------------------------------------------------------------------------------
+
+local pending = {};               -- request id -> callback
+local deadline_ids, deadline_at, d_first, d_last = {}, {}, 1, 0; -- FIFO: deadlines grow with send order
+local last_id = 0;
+local send_request;               -- transport-specific: send_request(id, event_json) -> ok, err
+
+local function settle(id, decision, err)
+	local callback = pending[id];
+	if not callback then return; end -- already settled (late answer after a timeout)
+	pending[id] = nil;
+	local ok, lua_err = pcall(callback, decision, err);
+	if not ok then
+		count("lua_errors");
+		module:log("error", "policyplug callback failed: %s", lua_err);
+	end
+end
+
+local function fail_all(why)
+	local ids = {};
+	for id in pairs(pending) do ids[#ids + 1] = id; end
+	for _, id in ipairs(ids) do settle(id, nil, why); end
+end
+
+-- One timer for all requests: answers that do not come within the timeout settle as failures.
+local SWEEP = math.min(0.1, timeout / 4);
+module:add_timer(SWEEP, function ()
+	local now = time_now();
+	while d_first <= d_last and deadline_at[d_first] <= now do
+		local id = deadline_ids[d_first];
+		deadline_ids[d_first], deadline_at[d_first] = nil, nil;
+		d_first = d_first + 1;
+		if pending[id] then
+			count("timeouts");
+			settle(id, nil, ("no answer within %gs"):format(timeout));
+		end
+	end
+	return SWEEP;
+end);
+
+local function encode_event(event)
+	local text = json.encode(event);
+	if #text > MAX_REQUEST and #event.body > BODY_KEPT then
+		-- only a pathological body (256 KiB of characters JSON escapes as \u00XX) gets here; the
+		-- policy sees the start of it, and the true stanza size
+		event.body = event.body:sub(1, BODY_KEPT):gsub("[\128-\255]+$", "");
+		text = json.encode(event);
+	end
+	return text;
+end
+
+local function ask(event, callback)
+	last_id = last_id + 1;
+	local id = last_id;
+	count("asked");
+	local ok, err = send_request(id, encode_event(event));
+	if not ok then
+		callback(nil, err);
+		return;
+	end
+	pending[id] = callback;
+	d_last = d_last + 1;
+	deadline_ids[d_last], deadline_at[d_last] = id, time_now() + timeout;
+end
+
+local function handle_answer(id, answer)
+	if type(answer) ~= "table" then
+		settle(id, nil, "malformed answer from the decision service");
+	elseif type(answer.decision) == "table" and type(answer.decision.decision) == "string" then
+		count("answered");
+		settle(id, answer.decision);
+	else
+		count("service_errors");
+		settle(id, nil, "decision service: " .. tostring(value(answer.error) or "malformed answer"));
+	end
+end
+
+if socket_path then
+	-- The local socket: newline-delimited JSON, answers matched on id (they may come out of order).
+	local server = require "net.server";
+	local have_unix, unix = pcall(require, "socket.unix");
+	if have_unix and type(unix) == "function" then unix = { stream = unix }; end -- older LuaSocket
+	local conn, buffer, reconnect_timer = nil, "", nil;
+	local connect;
+
+	local listeners = {};
+	function listeners.onincoming(_, data)
+		buffer = buffer .. data;
+		local start = 1;
+		while true do
+			local newline = buffer:find("\n", start, true);
+			if not newline then break; end
+			local line = buffer:sub(start, newline - 1);
+			start = newline + 1;
+			local ok, answer = pcall(json.decode, line);
+			local id = ok and type(answer) == "table" and value(answer.id);
+			if id ~= nil and pending[id] then
+				handle_answer(id, answer);
+			elseif not (ok and type(answer) == "table") then
+				count("service_errors");
+				module:log("warn", "unreadable line from the decision service: %.200s", line);
+			else
+				module:log("debug", "answer to no pending request: %.200s", line);
+			end
+		end
+		buffer = buffer:sub(start);
+	end
+	function listeners.ondisconnect(_, err)
+		conn, buffer = nil, "";
+		module:log("warn", "decision service socket %s closed (%s); reconnecting", socket_path, tostring(err));
+		count("disconnected");
+		fail_all("decision service disconnected");
+		if not reconnect_timer then
+			reconnect_timer = module:add_timer(1, function () reconnect_timer = nil; connect(); end);
+		end
+	end
+
+	function connect()
+		if conn then return true; end
+		if not have_unix then return nil, "LuaSocket has no Unix socket support (socket.unix)"; end
+		local sock = unix.stream();
+		sock:settimeout(0);
+		local ok, err = sock:connect(socket_path);
+		if not ok then
+			sock:close();
+			if not reconnect_timer then
+				reconnect_timer = module:add_timer(1, function () reconnect_timer = nil; connect(); end);
+			end
+			return nil, err;
+		end
+		conn = server.wrapclient(sock, socket_path, 0, listeners, "*a");
+		module:log("info", "connected to the decision service at %s", socket_path);
+		return true;
+	end
+
+	function send_request(id, event_json)
+		if not conn then
+			local ok, err = connect();
+			if not ok then return nil, "decision service socket " .. socket_path .. ": " .. tostring(err); end
+		end
+		conn:write('{"id":' .. id .. ',"event":' .. event_json .. '}\n');
+		return true;
+	end
+
+	module:hook_global("server-stopping", function () if conn then conn:close(); end end);
+	function module.unload() if conn then conn:close(); end end
+	connect();
+	module:log("info", "asking the decision service at %s, timeout %ss, fail mode %s", socket_path, timeout, fail_mode);
+else
+	-- The XEP-0114 component: one IQ per decision, answered to this host.
+	function send_request(id, event_json)
+		module:send(st.iq({ type = "get", from = module.host, to = service_jid, id = "policyplug-" .. id })
+			:text_tag("decide", event_json, { xmlns = NS }));
+		return true;
+	end
+
+	local function on_answer(event)
+		local stanza = event.stanza;
+		if stanza.attr.from ~= service_jid then return; end
+		local id = tonumber((stanza.attr.id or ""):match("^policyplug%-(%d+)$"));
+		if not id or not pending[id] then return; end
+		if stanza.attr.type == "result" then
+			local element = stanza:get_child("decision", NS);
+			local ok, decision = pcall(json.decode, element and element:get_text() or "");
+			handle_answer(id, { decision = ok and decision or nil });
+		else -- an error: from the service (bad request), or from Prosody (component not connected)
+			local _, condition, text = stanza:get_error();
+			if condition == "service-unavailable" or condition == "remote-server-not-found" then
+				count("disconnected");
+			end
+			handle_answer(id, { error = text or condition or "error" });
+		end
+		return true;
+	end
+	module:hook("iq/host", function (event)
+		local type_ = event.stanza.attr.type;
+		if type_ == "result" or type_ == "error" then return on_answer(event); end
+	end, 100);
+	module:log("info", "asking the decision service %s, timeout %ss, fail mode %s", service_jid, timeout, fail_mode);
+end
+
+------------------------------------------------------------------------------------------------
+-- Events: what a stanza is, in the terms of the rule language.
+------------------------------------------------------------------------------------------------
 
 local SUBSCRIPTION_TYPES = { subscribe = true, subscribed = true, unsubscribe = true, unsubscribed = true };
 
--- What kind of event a stanza is (the rule language's event kinds).
 local function kind_of(stanza)
 	local name, stype = stanza.name, stanza.attr.type;
 	if name == "message" then
 		return stype == "groupchat" and "groupchat" or "message";
 	elseif name == "presence" then
 		if SUBSCRIPTION_TYPES[stype] then return "subscribe"; end
-		if stanza:get_child("x", "http://jabber.org/protocol/muc") then return "join"; end
+		if stype == nil and stanza:get_child("x", "http://jabber.org/protocol/muc") then return "join"; end
 		return "presence";
 	elseif name == "iq" then
 		if stype ~= "get" and stype ~= "set" then return nil; end -- answers are not decided
 		local jingle = stanza:get_child("jingle", "urn:xmpp:jingle:1");
 		if jingle then
 			local content = jingle:get_child("content");
-			local description = content and content.tags[1];
+			local description = content and content:get_child("description");
 			local ns = description and description.attr.xmlns or "";
 			if ns:match("^urn:xmpp:jingle:apps:file%-transfer") then return "file"; end
-			if ns == "urn:xmpp:jingle:apps:rtp:1" then return "call"; end
 			return "call";
 		end
 		if stanza:get_child("si", "http://jabber.org/protocol/si")
@@ -72,53 +288,26 @@ local function payload_of(stanza)
 end
 
 local function event_of(origin, stanza, kind)
-	local from = stanza.attr.from or origin.full_jid or origin.host;
-	local to = stanza.attr.to or jid_util.bare(from); -- no 'to': addressed to the sender's own account
+	local from = stanza.attr.from or origin.full_jid or origin.host or "";
+	local to = stanza.attr.to or jid_util.bare(from) or from; -- no 'to': addressed to the sender's own account
+	local port = 0;
+	if origin.conn and origin.conn.clientport then port = tonumber(origin.conn:clientport()) or 0; end
 	return {
 		kind = kind, from = from, to = to, protocol = "xmpp",
 		body = stanza:get_child_text("body") or "", subject = stanza:get_child_text("subject") or "",
 		type = stanza.attr.type or "", size = #tostring(stanza), payload = payload_of(stanza),
 		time = datetime.datetime(),
-		client = {
-			ip = origin.ip or "", port = tonumber(origin.conn and origin.conn.clientport and origin.conn:clientport()) or 0,
-			secure = origin.secure and true or false,
-		},
+		client = { ip = origin.ip or "", port = port, secure = origin.secure and true or false },
 	};
 end
 
--- Ask the decision service; nil and a message when it does not answer in time.
-local function ask(event)
-	if not async.ready() then
-		return nil, "not in an async runner";
-	end
-	local request = st.iq({ type = "get", from = module.host, to = service_jid, id = new_id() })
-		:text_tag("decide", json.encode(event), { xmlns = NS });
-	counters.asked = counters.asked + 1;
-	local result, err = async.wait_for(module:send_iq(request, nil, timeout));
-	if not result then
-		return nil, tostring(err and (err.text or err.condition) or err);
-	end
-	local answer = result.stanza:get_child("decision", NS);
-	local decision = answer and json.decode(answer:get_text());
-	if type(decision) ~= "table" or type(decision.decision) ~= "string" then
-		return nil, "malformed answer from the decision service";
-	end
-	return decision;
-end
+------------------------------------------------------------------------------------------------
+-- Enforcement
+------------------------------------------------------------------------------------------------
 
-local function refuse(origin, stanza, reason)
-	if stanza.attr.type == "error" or stanza.attr.type == "result" then return; end -- never answer an error
-	if stanza.name == "presence" and SUBSCRIPTION_TYPES[stanza.attr.type] then
-		if stanza.attr.type == "subscribe" and stanza.attr.to then
-			-- the matching refusal of a subscription request
-			local refusal = st.presence({ type = "unsubscribed", from = jid_util.bare(stanza.attr.to),
-				to = jid_util.bare(stanza.attr.from or origin.full_jid), id = stanza.attr.id })
-				:text_tag("status", reason);
-			if origin.type == "c2s" then origin.send(refusal); else module:send(refusal); end
-		end
-		return;
-	end
-	local reply = st.error_reply(stanza, "modify", "policy-violation", reason);
+local passed = setmetatable({}, { __mode = "k" }); -- stanzas decided already, posted again
+
+local function reply_to(origin, reply)
 	if origin.type == "c2s" then
 		if not reply.attr.to then reply.attr.to = origin.full_jid; end
 		origin.send(reply);
@@ -127,14 +316,32 @@ local function refuse(origin, stanza, reason)
 	end
 end
 
-local function archive_copy(stanza, address)
+local function refuse(origin, stanza, reason)
+	local stype = stanza.attr.type;
+	if stype == "error" or stype == "result" then return; end -- never answer an error or a result
+	if stanza.name == "presence" and SUBSCRIPTION_TYPES[stype] then
+		if stype == "subscribe" and stanza.attr.to then
+			-- the matching refusal of a subscription request
+			reply_to(origin, st.presence({ type = "unsubscribed", from = jid_util.bare(stanza.attr.to),
+				to = jid_util.bare(stanza.attr.from or origin.full_jid), id = stanza.attr.id })
+				:text_tag("status", reason));
+		end
+		return;
+	end
+	reply_to(origin, st.error_reply(stanza, "modify", "policy-violation", reason));
+end
+
+local function archive_copy(origin, stanza, address)
 	-- a short body first: clients that do not render XEP-0297 still show what this is
-	local copy = st.message({ from = module.host, to = address, type = "normal", id = new_id() })
+	local original = st.clone(stanza);
+	original.attr.from = original.attr.from or origin.full_jid;
+	original.attr.xmlns = "jabber:client";
+	local copy = st.message({ from = module.host, to = address, type = "normal", id = "policyplug-copy-" .. new_id() })
 		:text_tag("body", ("Copy of a %s from %s to %s (policyplug)"):format(stanza.name,
-			tostring(stanza.attr.from), tostring(stanza.attr.to)))
+			tostring(original.attr.from), tostring(stanza.attr.to)))
 		:tag("forwarded", { xmlns = "urn:xmpp:forward:0" })
 			:tag("delay", { xmlns = "urn:xmpp:delay", stamp = datetime.datetime() }):up()
-			:add_child(st.clone(stanza)):up();
+			:add_child(original):up();
 	module:send(copy);
 end
 
@@ -143,110 +350,206 @@ local function add_disclaimers(stanza, disclaimers)
 	local body = stanza:get_child("body");
 	if not body then return; end
 	local text = body:get_text() or "";
-	for _, disclaimer in ipairs(disclaimers) do text = text .. "\n\n" .. disclaimer; end
-	-- replace the body's text node
-	for i = #body, 1, -1 do body[i] = nil; end
+	for _, disclaimer in ipairs(disclaimers) do text = text .. "\n\n" .. tostring(disclaimer); end
+	for i = #body, 1, -1 do body[i] = nil; end -- replace the body's text node
 	body:text(text);
 end
 
--- Enforce a decision. Returns true when the stanza was handled here (stop Prosody's processing).
+-- Hand a stanza back to Prosody's ordinary processing, marked so this module lets it pass.
+local function post(origin, stanza)
+	passed[stanza] = true;
+	if origin.type == "c2s" then
+		prosody.core_post_stanza(origin, stanza, true); -- with the pre-events other modules hook
+	else
+		prosody.core_post_stanza(origin, stanza);
+	end
+end
+
+-- The fail mode. Returns true when the stanza is to be delivered.
+local function fail(origin, stanza, kind, why)
+	if fail_mode == "open" then
+		count("failed_open");
+		module:log("warn", "no decision for %s from %s (%s): fail open, delivering", kind,
+			tostring(stanza.attr.from or origin.full_jid), why);
+		return true;
+	else
+		count("failed_closed");
+		module:log("warn", "no decision for %s from %s (%s): fail closed, refusing", kind,
+			tostring(stanza.attr.from or origin.full_jid), why);
+		refuse(origin, stanza, UNAVAILABLE_REASON);
+	end
+end
+
+-- Apply a decision. Returns true when the (possibly rewritten) stanza is to be delivered.
 local function enforce(origin, stanza, decision)
 	local verdict = decision.decision;
+	for _, address in ipairs(value(decision.copy_to) or {}) do archive_copy(origin, stanza, address); end
 	if verdict == "deny" then
-		refuse(origin, stanza, decision.reason or "not permitted by policy");
-		return true;
+		refuse(origin, stanza, value(decision.reason) or "not permitted by policy");
+		return;
 	elseif verdict == "drop" then
-		return true;
+		return;
+	elseif verdict ~= "allow" and verdict ~= "redirect" then
+		error("unknown decision " .. tostring(verdict));
 	end
-	for _, address in ipairs(decision.copy_to or {}) do archive_copy(stanza, address); end
-	add_disclaimers(stanza, decision.disclaimers or {});
-	if verdict == "redirect" and decision.redirect_to then
-		stanza.attr.to = decision.redirect_to;
-		module:send(stanza, origin);
-		return true;
-	end
-	if decision.route_via and decision.route_via ~= json.null then
+	add_disclaimers(stanza, value(decision.disclaimers) or {});
+	local redirect_to, route_via = value(decision.redirect_to), value(decision.route_via);
+	if verdict == "redirect" and redirect_to then
+		stanza.attr.to = redirect_to;
+	elseif route_via then
 		-- hand the stanza to the gateway/component, telling it where it was going
-		local original_to = stanza.attr.to;
-		stanza:tag("route", { xmlns = NS, to = original_to }):up();
-		stanza.attr.to = decision.route_via;
-		module:send(stanza, origin);
-		return true;
+		stanza:tag("route", { xmlns = NS, to = stanza.attr.to }):up();
+		stanza.attr.to = route_via;
 	end
-	return nil; -- allow: Prosody delivers as usual
+	return true;
+end
+
+-- Per-session queues: entries settle in any order, and leave in the order they came.
+local queues = setmetatable({}, { __mode = "k" });
+
+local function deliver(origin, entry)
+	local stanza = entry.stanza;
+	local ok, to_post = true, entry.pass;
+	if entry.decision then
+		ok, to_post = pcall(enforce, origin, stanza, entry.decision);
+	elseif not entry.pass then
+		ok, to_post = pcall(fail, origin, stanza, entry.kind, entry.why);
+	end
+	if not ok then
+		-- a bug here must neither lose the stanza silently nor deliver what was not allowed
+		count("lua_errors");
+		module:log("error", "policyplug could not enforce %s on %s: %s",
+			entry.decision and tostring(entry.decision.decision) or "a failure", stanza:top_tag(), to_post);
+		ok, to_post = pcall(fail, origin, stanza, entry.kind or "stanza", "internal error");
+	end
+	if ok and to_post then
+		local posted, err = pcall(post, origin, stanza);
+		if not posted then -- an error in a module that handles delivery: not ours to refuse
+			module:log("error", "delivering %s after its decision failed: %s", stanza:top_tag(), err);
+		end
+	end
+end
+
+local function flush(origin)
+	local queue = queues[origin];
+	if not queue or queue.flushing then return; end
+	queue.flushing = true;
+	while queue.first <= queue.last and queue[queue.first].done do
+		local entry = queue[queue.first];
+		queue[queue.first] = nil;
+		queue.first = queue.first + 1;
+		deliver(origin, entry);
+	end
+	queue.flushing = nil;
+	if queue.first > queue.last then queues[origin] = nil; end
 end
 
 local function check(event)
 	local origin, stanza = event.origin, event.stanza;
+	if passed[stanza] then passed[stanza] = nil; return; end -- decided already: let it through
 	local kind = kind_of(stanza);
-	if not kind or not kinds:contains(kind) then return; end
-	local ok, decision, err = pcall(ask, event_of(origin, stanza, kind));
-	if not ok then
-		counters.errors = counters.errors + 1;
-		decision, err = nil, decision;
+	local queue = queues[origin];
+	if not kind or not kinds:contains(kind) then
+		if not queue then return; end -- nothing waiting before it: straight through
+		kind = nil; -- not decided, but it must not overtake what is waiting
 	end
-	if not decision then
-		if fail_mode == "open" then
-			counters.failed_open = counters.failed_open + 1;
-			module:log("warn", "no decision for %s (%s): fail open, delivering", kind, err);
-			return;
+	local request = kind and event_of(origin, stanza, kind);
+	if not queue then
+		queue = { first = 1, last = 0 };
+		queues[origin] = queue;
+	end
+	local entry = { stanza = stanza, kind = kind, pass = kind == nil, done = kind == nil };
+	queue.last = queue.last + 1;
+	queue[queue.last] = entry;
+	if request then
+		local ok, err = pcall(ask, request, function (decision, why)
+			entry.decision, entry.why, entry.done = decision, why, true;
+			flush(origin);
+		end);
+		if not ok then -- settle it here, or the session's queue would wait for it forever
+			count("lua_errors");
+			module:log("error", "policyplug could not ask about %s: %s", stanza:top_tag(), err);
+			entry.why, entry.done = "internal error", true;
 		end
-		counters.failed_closed = counters.failed_closed + 1;
-		module:log("warn", "no decision for %s (%s): fail closed, refusing", kind, err);
-		refuse(origin, stanza, UNAVAILABLE_REASON);
-		return true;
 	end
-	local handled_ok, handled = pcall(enforce, origin, stanza, decision);
-	if not handled_ok then
-		counters.errors = counters.errors + 1;
-		module:log("error", "enforcing %s failed: %s", decision.decision, handled);
-		if fail_mode ~= "open" then refuse(origin, stanza, UNAVAILABLE_REASON); return true; end
-		return;
-	end
-	return handled;
+	flush(origin);
+	return true; -- taken: delivered (or refused) when its turn comes
+end
+
+local function guarded(event)
+	local ok, handled = pcall(check, event);
+	if ok then return handled; end
+	-- a bug here must neither lose the stanza silently nor crash the session
+	count("lua_errors");
+	module:log("error", "policyplug failed on %s: %s", event.stanza:top_tag(), handled);
+	if fail_mode == "open" then return; end
+	pcall(refuse, event.origin, event.stanza, UNAVAILABLE_REASON);
+	return true;
 end
 
 -- From local clients: before routing, on the sender's host.
 local function from_client(event)
 	if event.origin.type ~= "c2s" then return; end
-	return check(event);
+	return guarded(event);
 end
 
 -- From remote servers: on arrival at the recipient's host.
 local function from_remote(event)
 	if event.origin.type ~= "s2sin" then return; end
-	return check(event);
+	return guarded(event);
 end
 
 for _, name in ipairs({ "message", "presence", "iq" }) do
-	for _, to_type in ipairs({ "bare", "full", "host" }) do
-		module:hook("pre-" .. name .. "/" .. to_type, from_client, 1000);
-		module:hook(name .. "/" .. to_type, from_remote, 1000);
+	for _, to_type in ipairs({ "/bare", "/full", "/host" }) do
+		module:hook("pre-" .. name .. to_type, from_client, 1000);
+		module:hook(name .. to_type, from_remote, 1000);
 	end
 end
 
--- login: a client session bound a resource
+-- login: a client session bound a resource. Waits in the session's runner for the decision.
 module:hook("resource-bind", function (event)
 	if not kinds:contains("login") then return; end
 	local session = event.session;
+	local port = 0;
+	if session.conn and session.conn.clientport then port = tonumber(session.conn:clientport()) or 0; end
 	local login = {
 		kind = "login", from = session.full_jid, to = session.host, protocol = "xmpp", body = "", subject = "",
 		type = "bind", size = 0, payload = array(), time = datetime.datetime(),
-		client = { ip = session.ip or "", port = 0, secure = session.secure and true or false },
+		client = { ip = session.ip or "", port = port, secure = session.secure and true or false },
 	};
-	local ok, decision, err = pcall(ask, login);
-	if not ok then decision, err = nil, decision; end
-	local refused_reason;
-	if not decision then
-		if fail_mode ~= "open" then refused_reason = UNAVAILABLE_REASON; end
-		module:log("warn", "no decision for login of %s (%s)", session.full_jid, err);
-	elseif decision.decision == "deny" or decision.decision == "drop" then
-		refused_reason = decision.reason or "login not permitted by policy";
+	local function decided(decision, why)
+		local refused_reason;
+		if not decision then
+			if fail_mode == "open" then
+				count("failed_open");
+				module:log("warn", "no decision for login of %s (%s): fail open, accepting", session.full_jid, why);
+			else
+				count("failed_closed");
+				module:log("warn", "no decision for login of %s (%s): fail closed, refusing", session.full_jid, why);
+				refused_reason = UNAVAILABLE_REASON;
+			end
+		elseif decision.decision == "deny" or decision.decision == "drop" then
+			refused_reason = value(decision.reason) or "login not permitted by policy";
+			module:log("info", "login of %s refused by policy: %s", session.full_jid, refused_reason);
+		end
+		if refused_reason and not session.destroyed then
+			session:close({ condition = "policy-violation", text = refused_reason });
+		end
 	end
-	if refused_reason then
-		session:close({ condition = "policy-violation", text = refused_reason });
+	local ok, err = pcall(function ()
+		if async.ready() then
+			local wait, done = async.waiter();
+			local decision, why;
+			ask(login, function (d, w) decision, why = d, w; done(); end);
+			wait();
+			decided(decision, why);
+		else
+			ask(login, decided); -- not in a runner (should not happen): close later if refused
+		end
+	end);
+	if not ok then
+		count("lua_errors");
+		module:log("error", "policyplug failed deciding the login of %s: %s", session.full_jid, err);
+		decided(nil, "internal error");
 	end
 end, 1000);
-
--- counters for operators: `prosodyctl shell` -> `> require"core.modulemanager".get_module(host, "policyplug").counters`
-module.counters = counters;

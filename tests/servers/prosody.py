@@ -3,7 +3,21 @@
     server = ProsodyServer(tmp_path, hosts=["acme.example"], components={"policy.acme.example": "s3cret"})
     server.start(); server.register("alice", "acme.example", "pw"); ...; server.stop()
 
-Prosody runs as root in the foreground (`run_as_root`, `-F`), listens only on 127.0.0.1 on
+ProsodyServer(workdir, hosts=["acme.example"], components={jid: secret} (XEP-0114 components),
+              extra_modules=[...] (added to the global modules_enabled), plugin_paths=[...],
+              host_options={host: {option: value}}, global_options={option: value},
+              internal_components={jid: module} (e.g. {"rooms.acme.example": "muc"}),
+              log_level="debug" (the benchmark uses "warn": logging every stanza costs throughput))
+  .start()        waits until the c2s port (and the component port, where there are components) accepts
+  .stop()         SIGTERM, then SIGKILL after 15 s;  .restart()
+  .c2s_port, .s2s_port, .component_port
+  .register(user, host, password)   prosodyctl with the same config
+  .log_text()     Prosody's log so far;  .wait_for_component(logins_before)  after (re)starting a component
+
+The `prosody_server` fixture (tests/integration/conftest.py imports it) is a factory:
+`server = prosody_server(hosts=[...], ...)` returns a started server, stopped at teardown.
+
+Prosody runs as root in the foreground (`run_as_root = true`, `-F`), listens only on 127.0.0.1 on
 ports picked free, requires no TLS (test only), stores accounts in plain text in its data dir.
 """
 
@@ -13,8 +27,11 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from . import free_port, require_binary
 
@@ -36,7 +53,8 @@ def _lua(value: Any) -> str:
 class ProsodyServer:
     def __init__(self, workdir: Path, hosts: list[str] | None = None, components: dict[str, str] | None = None,
                  extra_modules: list[str] | None = None, plugin_paths: list[str] | None = None,
-                 host_options: dict[str, dict[str, Any]] | None = None, global_options: dict[str, Any] | None = None):
+                 host_options: dict[str, dict[str, Any]] | None = None, global_options: dict[str, Any] | None = None,
+                 internal_components: dict[str, str] | None = None, log_level: str = "debug"):
         self.binary = require_binary("prosody")
         self.prosodyctl = require_binary("prosodyctl")
         self.workdir = Path(workdir)
@@ -46,6 +64,8 @@ class ProsodyServer:
         self.plugin_paths = plugin_paths or []
         self.host_options = host_options or {}
         self.global_options = global_options or {}
+        self.internal_components = internal_components or {}
+        self.log_level = log_level
         self.c2s_port = free_port()
         self.s2s_port = free_port()
         self.component_port = free_port()
@@ -71,7 +91,7 @@ class ProsodyServer:
         }
         options.update(self.global_options)
         lines = [f"{key} = {_lua(value)}" for key, value in options.items()]
-        lines.append(f'log = {{ {{ levels = {{ min = "debug" }}, to = "file", filename = {_lua(str(self.log))} }} }}')
+        lines.append(f'log = {{ {{ levels = {{ min = {_lua(self.log_level)} }}, to = "file", filename = {_lua(str(self.log))} }} }}')
         for host in self.hosts:
             lines.append(f"VirtualHost {_lua(host)}")
             for key, value in self.host_options.get(host, {}).items():
@@ -79,6 +99,10 @@ class ProsodyServer:
         for jid, secret in self.components.items():
             lines.append(f"Component {_lua(jid)}")
             lines.append(f"    component_secret = {_lua(secret)}")
+        for jid, module in self.internal_components.items():
+            lines.append(f"Component {_lua(jid)} {_lua(module)}")
+            for key, value in self.host_options.get(jid, {}).items():
+                lines.append(f"    {key} = {_lua(value)}")
         self.config.write_text("\n".join(lines) + "\n")
 
     def _env(self) -> dict[str, str]:
@@ -135,3 +159,20 @@ class ProsodyServer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture
+def prosody_server(tmp_path: Path) -> Iterator[Callable[..., ProsodyServer]]:
+    """Factory fixture: `prosody_server(hosts=[...], components={...}, ...)` -> a started ProsodyServer
+    (keyword arguments as ProsodyServer's), each in its own directory under tmp_path; all stopped at teardown."""
+    started: list[ProsodyServer] = []
+
+    def make(**kwargs: Any) -> ProsodyServer:
+        server = ProsodyServer(tmp_path / f"prosody{len(started)}", **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
