@@ -1,0 +1,355 @@
+"""policyplug inside Kamailio: a KEMI routing script for app_python3 (Kamailio 5.6).
+
+kamailio.cfg loads it (see adapters/kamailio/kamailio.cfg and docs/kamailio.md):
+
+    loadmodule "app_python3.so"
+    modparam("app_python3", "load", "/usr/share/policyplug/kamailio/policyplug_kemi.py")
+    cfgengine "python"
+
+Its settings come from a TOML file, $POLICYPLUG_KAMAILIO_CONFIG or
+/etc/policyplug/kamailio.toml (every key is described in docs/kamailio.md).
+
+The policy is loaded once, in Kamailio's main process before it forks its workers, so every
+worker decides in-process with no extra hop. Each out-of-dialog MESSAGE, SUBSCRIBE (presence),
+PUBLISH, NOTIFY, INVITE and REGISTER (and in-dialog MESSAGE and NOTIFY) is decided and the
+decision enforced:
+
+    allow     -> relayed statefully (t_relay: retransmissions are absorbed by the transaction,
+                 the policy is not asked again); REGISTER -> saved in the location table
+    deny      -> 403 with the reason in a Warning header (stateful reply)
+    drop      -> no relay, no reply; the transaction absorbs retransmissions for a while
+    redirect  -> Request-URI rewritten, then routed as allow
+    route via -> next hop ($du) set to the hop
+    copy to   -> a MESSAGE to the archive address carrying the original as message/cpim
+    disclaimer-> appended to a text/plain MESSAGE body
+
+Any exception answers 500 and is logged with the request's Call-ID; the route always returns
+an int, so a worker is never left in a broken state.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import site
+import sys
+import time
+import tomllib
+import traceback
+from pathlib import Path
+from typing import Any
+
+import KSR  # provided by app_python3 inside Kamailio
+
+CONFIG_PATH = os.environ.get("POLICYPLUG_KAMAILIO_CONFIG", "/etc/policyplug/kamailio.toml")
+HERE = Path(__file__).resolve().parent
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        config = tomllib.load(f)
+    # where policyplug is installed, when that is not Kamailio's own Python (a venv, say):
+    # addsitedir also reads .pth files (editable installs); the new entries go first, so the
+    # versions policyplug was installed with win over older Debian ones in dist-packages
+    before = list(sys.path)
+    for entry in config.get("python_path", []):
+        site.addsitedir(entry)
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = added + before
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return config
+
+
+CONFIG = _read_config(CONFIG_PATH)
+
+from htable_limiter import HtableLimiter  # noqa: E402  (needs the paths set above)
+from sip_event import event_json, media_type, split_message  # noqa: E402
+
+from policyplug import Event, EventError, PolicyError, load_policy  # noqa: E402
+from policyplug.audit.shared_file import SharedAuditLog  # noqa: E402
+
+COPY_HEADER = "X-Policyplug-Copy"
+DIALOG_FORMING = ("INVITE", "SUBSCRIBE")
+IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
+
+# the last policy that loaded, kept across `kamcmd app_python.reload` (which runs this file again)
+_last_good: dict[str, Any] = {}
+
+
+def log(level: str, text: str) -> None:
+    getattr(KSR, level)(f"policyplug: {text}\n")
+
+
+def raw_message() -> bytes:
+    """The request as received. Through base64: KSR.pv.get decodes text as UTF-8 and raises on
+    anything else, and a body need not be UTF-8."""
+    return base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
+
+
+def quoted(text: str) -> str:
+    """A SIP quoted-string: no CR/LF, quotes and backslashes escaped, bounded."""
+    text = " ".join(str(text).split())[:200]
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sip_uri(address: str) -> str:
+    """Policy addresses may be written as user@domain (shared with XMPP policies)."""
+    return address if address.startswith(("sip:", "sips:")) else "sip:" + address
+
+
+class PolicyplugKamailio:
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.policy_path = Path(config["policy"])
+        self.limiter = HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits"))
+        self.server_name = config.get("server_name", "policyplug")
+        self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
+        self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))
+        self.reload_interval = float(config.get("reload_interval", 1.0))
+        self.self_uri = config.get("self_uri")  # where copies are sent to be routed like any request
+        audit_path = config.get("audit_log")
+        self.audit = SharedAuditLog(audit_path, level=config.get("audit_level", "denied"),
+                                    include_bodies=bool(config.get("audit_bodies", False)),
+                                    node=config.get("node"), max_bytes=config.get("audit_max_bytes")) \
+            if audit_path else None
+        # copies this server sends itself carry this token, so they are routed without a decision;
+        # made before fork, so every worker knows it, and nobody outside can forge it
+        self.copy_token = secrets.token_hex(16)
+        self.policy = _last_good.get(str(self.policy_path))
+        self._mtimes: dict[Path, float] = {}
+        self._next_check = 0.0
+        self.reload(initial=self.policy is None)
+
+    # -- the policy ---------------------------------------------------------------------------------
+
+    def _file_times(self, policy: Any) -> dict[Path, float]:
+        times: dict[Path, float] = {}
+        for path in [self.policy_path, *(policy.files if policy else [])]:
+            try:
+                times[path] = os.stat(path).st_mtime
+            except OSError:
+                times[path] = -1.0
+        return times
+
+    def reload(self, initial: bool = False) -> bool:
+        """Load the policy file; an invalid one leaves the one in force (and says why)."""
+        try:
+            policy = load_policy(self.policy_path, limiter=self.limiter)
+        except PolicyError as exc:
+            self._mtimes = self._file_times(self.policy)  # do not retry the same text every second
+            what = "policy not loaded" if self.policy is None else f"keeping revision {self.policy.revision}"
+            log("err", f"{self.policy_path} is invalid, {what}:\n{exc}")
+            if initial and self.policy is None:
+                raise
+            return False
+        self.policy = policy
+        _last_good[str(self.policy_path)] = policy
+        self._mtimes = self._file_times(policy)
+        log("info", f"policy {policy.name!r} revision {policy.revision} loaded from {self.policy_path}")
+        return True
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.reload_interval
+        if self._file_times(self.policy) != self._mtimes:
+            self.reload()
+
+    # -- a request ----------------------------------------------------------------------------------
+
+    def request_route(self) -> int:
+        method = KSR.pv.get("$rm") or ""
+        if KSR.maxfwd.process_maxfwd(10) < 0:
+            KSR.sl.sl_send_reply(483, "Too Many Hops")
+            return 1
+        if KSR.sanity.sanity_check_defaults() < 0:
+            return 1  # sanity has answered (400 and the like)
+        if method == "CANCEL":
+            if KSR.tm.t_check_trans() > 0:
+                KSR.tm.t_relay()
+            return 1
+        if method != "ACK":
+            if KSR.tmx.t_precheck_trans() > 0:  # a retransmission another worker is processing
+                KSR.tm.t_check_trans()
+                return 1
+            if KSR.tm.t_check_trans() == 0:  # a retransmission: tm answered it, no new decision
+                return 1
+        if KSR.siputils.has_totag() > 0:
+            return self.in_dialog(method)
+        if method == "OPTIONS" and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
+            KSR.siputils.options_reply()  # a keepalive to the server itself (monitoring, tests)
+            return 1
+        if method == "ACK":
+            if KSR.tm.t_check_trans() > 0:
+                KSR.tm.t_relay()
+            return 1
+        if self._is_our_copy():
+            KSR.hdr.remove(COPY_HEADER)
+            return self.relay(method)
+        KSR.hdr.remove(COPY_HEADER)  # a forged one must not reach anyone
+        self._maybe_reload()
+        return self.decide_and_enforce(method, initial=True)
+
+    def in_dialog(self, method: str) -> int:
+        if KSR.rr.loose_route() < 0 and method != "ACK":
+            KSR.sl.sl_send_reply(404, "Not here")
+            return 1
+        if method in IN_DIALOG_DECIDED:
+            self._maybe_reload()
+            return self.decide_and_enforce(method, initial=False)
+        if method == "ACK" or KSR.tm.t_relay() < 0:
+            if method == "ACK":
+                KSR.forward()  # ACK for 2xx: stateless, as RFC 3261 proxies do
+            else:
+                KSR.sl.sl_reply_error()
+        return 1
+
+    def _is_our_copy(self) -> bool:
+        value = KSR.hdr.get(COPY_HEADER)
+        return value is not None and secrets.compare_digest(value.strip(), self.copy_token) \
+            and bool(KSR.is_myself_srcip())
+
+    def decide_and_enforce(self, method: str, *, initial: bool) -> int:
+        raw = raw_message()
+        from_uri, to_uri = KSR.pv.get("$fu"), KSR.pv.get("$ru")
+        if not from_uri:
+            return self.reply(400, "Bad Request", "missing or malformed From header")
+        if not to_uri:
+            return self.reply(400, "Bad Request", "malformed Request-URI")
+        if not from_uri.startswith(("sip:", "sips:")) or not to_uri.startswith(("sip:", "sips:")):
+            return self.reply(416, "Unsupported URI Scheme", "only sip: and sips: addresses are decided")
+        request = event_json(method=method, raw=raw, from_uri=from_uri, to_uri=to_uri,
+                             source_ip=KSR.pv.get("$si") or "", source_port=int(KSR.pv.get("$sp") or 0),
+                             transport=KSR.pv.get("$pr") or "udp")
+        if request is None:
+            return self.relay(method) if initial else self.relay_in_dialog()
+        try:
+            event = Event.from_json(request)
+        except EventError as exc:
+            return self.reply(400, "Bad Request", str(exc))
+        decision = self.policy.decide(event)
+        if self.audit is not None:
+            self.audit.submit(event, decision)
+        verdict = decision.decision
+        for address in decision.copy_to:
+            self.send_copy(event, address)
+        if verdict == "deny":
+            return self.reply(403, "Forbidden", decision.reason or "not permitted by policy")
+        if verdict == "drop":
+            KSR.tm.t_newtran()
+            KSR.tm.t_release()  # kept on tm's wait timer: retransmissions are absorbed, not re-decided
+            return 1
+        if decision.disclaimers and method == "MESSAGE" \
+                and media_type(event.headers.get("content-type", "")) == "text/plain":
+            KSR.textops.set_body("\n\n".join([event.body, *decision.disclaimers]), "text/plain")
+        if verdict == "redirect" and decision.redirect_to:
+            KSR.setruri(sip_uri(decision.redirect_to))
+        elif decision.route_via:
+            KSR.setdsturi(sip_uri(decision.route_via))
+        return self.relay(method) if initial else self.relay_in_dialog()
+
+    # -- enforcement helpers ------------------------------------------------------------------------
+
+    def reply(self, code: int, reason_phrase: str, why: str) -> int:
+        """A stateful reply carrying why in a Warning header (RFC 3261 20.43, code 399)."""
+        KSR.hdr.append_to_reply(f"Warning: 399 {self.server_name} {quoted(why)}\r\n")
+        if KSR.tm.t_newtran() < 0 or KSR.tm.t_reply(code, reason_phrase) < 0:
+            KSR.sl.sl_send_reply(code, reason_phrase)
+        return 1
+
+    def relay(self, method: str) -> int:
+        """Route an out-of-dialog request on: registrar, location lookup, static routes, DNS."""
+        if method == "REGISTER":
+            if KSR.registrar.save("location", 0) < 0:
+                KSR.sl.sl_reply_error()
+            return 1
+        if method in DIALOG_FORMING:
+            KSR.rr.record_route()  # in-dialog NOTIFY and MESSAGE come back here to be decided
+        if not KSR.isdsturiset():  # a bool in KEMI, unlike the int results of module functions
+            domain = (KSR.pv.get("$rd") or "").lower()
+            if domain in self.local_domains():
+                code = KSR.registrar.lookup("location")
+                if code < 0:
+                    KSR.tm.t_newtran()
+                    KSR.tm.t_reply(404 if code == -1 else 480, "Not Found" if code == -1 else "Temporarily Unavailable")
+                    return 1
+            elif domain in self.routes:
+                KSR.setdsturi(self.routes[domain])
+        if KSR.tm.t_relay() < 0:
+            KSR.sl.sl_reply_error()
+        return 1
+
+    def relay_in_dialog(self) -> int:
+        if KSR.tm.t_relay() < 0:
+            KSR.sl.sl_reply_error()
+        return 1
+
+    def local_domains(self) -> frozenset[str]:
+        return self.policy.local_domains | self.extra_local
+
+    def send_copy(self, event: Event, address: str) -> None:
+        """A MESSAGE to the archive carrying the original as message/cpim (RFC 3862), sent
+        through this server so it is routed like any request (location lookup, routes)."""
+        if not self.self_uri:
+            log("err", "copy to %s skipped: `self_uri` is not set in the adapter's config" % address)
+            return
+        content_type = event.headers.get("content-type", "text/plain") or "text/plain"
+        original_body = split_message(raw_message())[1].decode("utf-8", errors="replace")
+        cpim = (f"From: <{event.sender.raw}>\r\nTo: <{event.recipient.raw}>\r\n"
+                f"DateTime: {event.time.isoformat()}\r\n\r\n"
+                f"Content-Type: {content_type}\r\n\r\n{original_body}")
+        archive = sip_uri(address)
+        headers = (f"From: <sip:policyplug@{self.server_name}>;tag={secrets.token_hex(6)}\r\n"
+                   f"To: <{archive}>\r\n{COPY_HEADER}: {self.copy_token}\r\n"
+                   f"X-Policyplug-Original-Call-ID: {KSR.pv.get('$ci') or ''}\r\n"
+                   f"Content-Type: message/cpim\r\n")
+        if KSR.tm.t_uac_send("MESSAGE", archive, self.self_uri, "", headers, cpim) < 0:
+            log("err", f"copy to {archive} could not be sent (Call-ID {KSR.pv.get('$ci')})")
+
+    def sync_audit(self) -> int:
+        if self.audit is not None:
+            self.audit.sync()
+        return 1
+
+
+class kamailio:  # noqa: N801  (the class name app_python3 looks for)
+    def __init__(self) -> None:
+        self.adapter = PolicyplugKamailio(CONFIG)
+
+    def child_init(self, rank: int) -> int:
+        return 0
+
+    def ksr_request_route(self, msg: Any) -> int:
+        try:
+            return self.adapter.request_route()
+        except Exception as exc:  # never a silent drop, never a broken worker: 500 and the Call-ID
+            call_id = KSR.pv.get("$ci")
+            log("err", f"internal error on {KSR.pv.get('$rm')} Call-ID {call_id}: {type(exc).__name__}: {exc}\n"
+                       + traceback.format_exc(limit=6))
+            try:
+                KSR.hdr.append_to_reply(f"Warning: 399 {self.adapter.server_name} \"policyplug internal error\"\r\n")
+                KSR.sl.sl_send_reply(500, "Server Internal Error")
+            except Exception:
+                pass
+            return 1
+
+    def ksr_onsend_route(self, msg: Any) -> int:
+        return 1  # app_python3 calls it for every message sent: nothing to do, allow the send
+
+    def ksr_reply_route(self, msg: Any) -> int:
+        return 1  # replies are relayed as they are
+
+    def ksr_policyplug_sync(self, msg: Any, event_name: str | None = None) -> int:
+        """rtimer callback (every 200 ms): fsync the audit log."""
+        try:
+            return self.adapter.sync_audit()
+        except Exception as exc:
+            log("err", f"audit sync failed: {exc}")
+            return 1
+
+
+def mod_init() -> kamailio:
+    return kamailio()

@@ -1,0 +1,114 @@
+"""What a SIP request is, in the terms of the rule language: request -> event JSON.
+
+Pure functions over the raw request bytes and what Kamailio parsed already, so they are unit
+tested without Kamailio (tests/test_kamailio_events.py) and used unchanged inside it.
+
+    MESSAGE                          -> message (the text body)
+    SUBSCRIBE, Event: presence[.*]   -> subscribe
+    PUBLISH, NOTIFY                  -> presence
+    INVITE                           -> call, or file when its SDP offers an MSRP file transfer
+    REGISTER                         -> login
+    anything else                    -> None: not a kind of the rule language, not decided
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# RFC 3261 7.3.3 compact header forms, and a few common extension ones (RFC 3265, 3515, 3841)
+COMPACT_NAMES = {
+    "i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length", "c": "content-type",
+    "f": "from", "s": "subject", "k": "supported", "t": "to", "v": "via", "o": "event", "u": "allow-events",
+    "r": "refer-to", "b": "referred-by", "j": "reject-contact", "a": "accept-contact", "d": "request-disposition",
+    "x": "session-expires", "y": "identity", "n": "identity-info",
+}
+MAX_HEADERS = 128          # what the policy sees of a request with more is the first 128
+MAX_HEADER_VALUE = 8192    # a longer value is cut (the request itself is relayed unchanged)
+PRESENCE_EVENTS = ("presence", "presence.winfo")
+SECURE_TRANSPORTS = ("tls", "wss")
+TEXT_TYPES = ("text/plain", "text/html", "message/cpim", "")
+
+
+def split_message(raw: bytes) -> tuple[list[bytes], bytes]:
+    """Header lines (folded lines joined) and the body of a SIP message."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = raw.partition(b"\n\n")  # bare LF: tolerated, as Kamailio does
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")[1:]  # without the request line
+    joined: list[bytes] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and joined:
+            joined[-1] += b" " + line.strip()
+        elif line:
+            joined.append(line)
+    return joined, body
+
+
+def parse_headers(lines: list[bytes]) -> dict[str, str]:
+    """Lower-case (long-form) header names -> values; repeated headers joined with ', '."""
+    headers: dict[str, str] = {}
+    for line in lines[:MAX_HEADERS]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        key = name.strip().decode("latin-1").lower()
+        key = COMPACT_NAMES.get(key, key)
+        text = value.strip().decode("utf-8", errors="replace")[:MAX_HEADER_VALUE]
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def offers_msrp_file_transfer(sdp: str) -> bool:
+    """RFC 5547: an MSRP media line (m=message ... TCP/MSRP) with a file-selector attribute."""
+    lowered = sdp.lower()
+    return "m=message" in lowered and "msrp" in lowered and "a=file-selector" in lowered
+
+
+def kind_of(method: str, headers: dict[str, str], body_text: str) -> str | None:
+    if method == "MESSAGE":
+        return "message"
+    if method == "SUBSCRIBE":
+        event = headers.get("event", "").split(";", 1)[0].strip().lower()
+        return "subscribe" if event in PRESENCE_EVENTS else None
+    if method in ("PUBLISH", "NOTIFY"):
+        return "presence"
+    if method == "INVITE":
+        if media_type(headers.get("content-type", "")) == "application/sdp" and offers_msrp_file_transfer(body_text):
+            return "file"
+        return "call"
+    if method == "REGISTER":
+        return "login"
+    return None
+
+
+def event_json(*, method: str, raw: bytes, from_uri: str | None, to_uri: str | None, source_ip: str,
+               source_port: int, transport: str, time: str | None = None) -> dict[str, Any] | None:
+    """The event JSON (shared/spec/cli.md) of a request, or None when its method is not decided.
+
+    `from_uri` is the From URI and `to_uri` the Request-URI, both as Kamailio parsed them (None
+    when missing or unparsable: the caller refuses the request with 400 before asking). The
+    recipient is the Request-URI, not the To header: it is where the request will be routed, so
+    a To header naming someone else cannot get a request past a rule."""
+    lines, body = split_message(raw)
+    headers = parse_headers(lines)
+    body_text = body.decode("utf-8", errors="replace")
+    kind = kind_of(method, headers, body_text)
+    if kind is None:
+        return None
+    content_type = headers.get("content-type", "")
+    payload = [value for value in (content_type, headers.get("event", "")) if value]
+    # the message text is what a person wrote: the body of a MESSAGE of a textual type
+    text = body_text if kind == "message" and media_type(content_type) in TEXT_TYPES else ""
+    event: dict[str, Any] = {
+        "kind": kind, "from": from_uri, "to": to_uri, "protocol": "sip",
+        "body": text, "subject": headers.get("subject", ""), "type": method, "size": len(raw),
+        "payload": payload, "headers": headers,
+        "client": {"ip": source_ip, "port": source_port, "secure": transport.lower() in SECURE_TRANSPORTS},
+    }
+    if time is not None:
+        event["time"] = time
+    return event

@@ -1,0 +1,407 @@
+"""The Kamailio adapter in a real Kamailio (Debian kamailio + kamailio-python3-modules), driven by
+SIPp (Debian sip-tester) and by a small UDP user agent (tests/sip_agent.py), all on 127.0.0.1.
+
+One Kamailio with 4 UDP workers serves the module's tests; the policy below exercises every
+event kind and every effect. "Outside" domains are reached through the adapter's static
+routes (there is no DNS here): partner.example goes to the `partner` agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from policyplug.audit.verify import verify
+from tests.servers import require_binary
+from tests.servers.kamailio import KamailioServer
+from tests.sip_agent import SDP_AUDIO, SDP_MSRP_FILE, SipAgent, SipMessage
+
+SIPP_DIR = Path(__file__).parent / "sipp"
+
+POLICY = """\
+policy "kamailio-adapter"
+local domains ["acme.example"]
+default deny "not permitted by the test policy"
+
+rule refused_login:
+  on login
+  when sender.user == "mallory"
+  deny "mallory may not register"
+
+rule logins:
+  on login
+  allow
+
+rule flood:
+  on message
+  when sender.user == "flooder"
+  limit 5 per minute by sender
+  deny "too many messages"
+
+rule no_secrets:
+  on message
+  when body.contains("secret")
+  deny "REASON_TEXT"
+
+rule silently_dropped:
+  on message
+  when body.contains("drop me")
+  drop
+
+rule moved:
+  on message
+  when recipient.user == "oldbob"
+  redirect to "sip:bob@acme.example"
+
+rule partner_chat:
+  on message
+  when recipient.domain == "partner.example"
+  allow
+  copy to "sip:archive@acme.example"
+  disclaimer "Archived by ACME."
+
+rule no_files:
+  on file
+  deny "file transfer is not allowed"
+
+rule partner_calls:
+  on call
+  when recipient.domain == "partner.example"
+  allow
+  route via "sip:SBC_ADDRESS"
+
+rule eve_may_not_watch:
+  on subscribe
+  when sender.user == "eve"
+  deny "eve may not see presence"
+
+rule hidden_presence:
+  on presence
+  when sender.user == "hidden"
+  deny "hidden users publish no presence"
+
+rule internal:
+  when direction == "internal"
+  allow
+"""
+
+
+def policy_text(sbc: SipAgent, reason: str = "no secrets over SIP") -> str:
+    return POLICY.replace("SBC_ADDRESS", f"127.0.0.1:{sbc.port}").replace("REASON_TEXT", reason)
+
+
+class World:
+    """The Kamailio under test and the user agents around it."""
+
+    def __init__(self, tmp: Path):
+        self.sbc = SipAgent("sbc", "sbc.example", ("127.0.0.1", 9))  # proxy set once Kamailio runs
+        self.partner = SipAgent("dave", "partner.example", ("127.0.0.1", 9))
+        self.server = KamailioServer(tmp, policy_text(self.sbc),
+                                     routes={"partner.example": f"sip:127.0.0.1:{self.partner.port}"})
+        self.server.start()
+        proxy = ("127.0.0.1", self.server.port)
+        self.sbc.proxy = self.partner.proxy = proxy
+        self.agents: dict[str, SipAgent] = {}
+        for user in ("alice", "bob", "archive", "eve", "flooder", "hidden"):
+            agent = SipAgent(user, "acme.example", proxy)
+            self.agents[user] = agent
+            response = agent.register()
+            assert response is not None and response.status == 200, f"{user} could not register: {response}"
+
+    def __getitem__(self, user: str) -> SipAgent:
+        return self.agents[user]
+
+    def close(self) -> None:
+        for agent in [*self.agents.values(), self.sbc, self.partner]:
+            agent.close()
+        self.server.stop()
+
+    def audit_records(self) -> list[dict]:
+        return [json.loads(line) for line in self.server.audit_log.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    world = World(tmp_path_factory.mktemp("kamailio"))
+    yield world
+    try:
+        assert world.server.alive(), "Kamailio died during the tests"
+        assert world.server.python_errors() == [], "the adapter raised:\n" + "\n".join(world.server.python_errors())
+    finally:
+        world.close()
+
+
+def is_message_with(text: str):
+    return lambda m: m.method == "MESSAGE" and text in m.text
+
+
+def sipp(world: World, scenario: str, service: str, *keys: str, log_dir: Path | None = None) -> subprocess.CompletedProcess:
+    binary = require_binary("sipp")
+    command = [binary, "-sf", str(SIPP_DIR / scenario), "-m", "1", "-i", "127.0.0.1", "-p", "0",
+               "-s", service, "-timeout", "15s", "-timeout_error", "-nostdin", "-trace_err", "-trace_logs"]
+    for pair in zip(keys[::2], keys[1::2], strict=True):
+        command += ["-key", *pair]
+    command.append(f"127.0.0.1:{world.server.port}")
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=log_dir)
+
+
+# -- SIPp scenarios ------------------------------------------------------------------------------
+
+def test_sipp_message_allowed_and_delivered(world: World) -> None:
+    marker = uuid.uuid4().hex
+    result = sipp(world, "message.xml", "bob", "from", "alice", "domain", "acme.example", "body", f"hello {marker}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    delivered = world["bob"].wait_for(is_message_with(marker))
+    assert delivered is not None and delivered.uri.startswith("sip:bob@127.0.0.1:")
+
+
+def test_sipp_message_denied_gets_403_with_reason(world: World, tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    result = sipp(world, "message_denied.xml", "bob", "from", "alice", "domain", "acme.example",
+                  "body", f"the secret is {marker}", log_dir=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    logs = "".join(p.read_text() for p in tmp_path.glob("*_logs.log"))
+    assert '403 Warning: 399 kamailio.test "no secrets over SIP"' in logs
+    assert world["bob"].wait_for(is_message_with(marker), timeout=1) is None
+
+
+def test_sipp_presence_subscribe_relayed(world: World) -> None:
+    before = len([m for m in world["bob"].received if m.method == "SUBSCRIBE"])
+    result = sipp(world, "subscribe.xml", "bob", "from", "alice", "domain", "acme.example")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    subscribes = [m for m in world["bob"].received if m.method == "SUBSCRIBE"]
+    assert len(subscribes) == before + 1 and subscribes[-1].header("Event") == "presence"
+    assert subscribes[-1].header("Record-Route"), "dialog-forming requests are record-routed"
+
+
+def test_sipp_call_routed_via_the_sbc(world: World) -> None:
+    before = len([m for m in world.sbc.received if m.method == "INVITE"])
+    result = sipp(world, "invite.xml", "carol", "from", "alice", "domain", "acme.example",
+                  "callee_domain", "partner.example")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    invites = [m for m in world.sbc.received if m.method == "INVITE"]
+    assert len(invites) == before + 1
+    assert invites[-1].uri == "sip:carol@partner.example", "route via keeps the Request-URI, sets the next hop"
+    assert world.sbc.wait_for(lambda m: m.method == "BYE") is not None, "the BYE followed the record-route"
+
+
+# -- every effect, with the UDP agent ------------------------------------------------------------
+
+def test_internal_message_delivered(world: World) -> None:
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="hi bob")
+    assert response is not None and response.status == 200
+    assert world["bob"].wait_for(is_message_with("hi bob")) is not None
+
+
+def test_address_case_and_escapes_do_not_get_past_a_rule(world: World) -> None:
+    response = world["alice"].request("MESSAGE", "sip:%62ob@ACME.Example", body="a secret, escaped")
+    assert response is not None and response.status == 403
+
+
+def test_denied_message_reaches_sender_as_403_with_reason(world: World) -> None:
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="my secret")
+    assert response is not None and response.status == 403
+    assert response.header("Warning") == '399 kamailio.test "no secrets over SIP"'
+    assert world["bob"].wait_for(is_message_with("my secret"), timeout=1) is None
+
+
+def test_dropped_message_gets_no_answer_and_no_delivery_and_is_decided_once(world: World) -> None:
+    alice = world["alice"]
+    raw, call_id = alice.build("MESSAGE", "sip:bob@acme.example", body="please drop me")
+    alice.send_raw(raw, call_id)
+    time.sleep(0.5)
+    alice.send_raw(raw)  # a retransmission: absorbed by the transaction, not decided again
+    assert alice.final_response(call_id, timeout=2) is None
+    assert world["bob"].wait_for(is_message_with("drop me"), timeout=0.5) is None
+    decided = [r for r in world.audit_records() if r["event"]["headers"].get("call-id") == call_id]
+    assert [r["decision"]["decision"] for r in decided] == ["drop"]
+
+
+def test_redirected_message_reaches_the_new_address(world: World) -> None:
+    response = world["alice"].request("MESSAGE", "sip:oldbob@acme.example", body="for old bob")
+    assert response is not None and response.status == 200
+    delivered = world["bob"].wait_for(is_message_with("for old bob"))
+    assert delivered is not None and delivered.header("To") == "<sip:oldbob@acme.example>"
+
+
+def test_copy_to_archive_and_disclaimer(world: World) -> None:
+    marker = uuid.uuid4().hex
+    response = world["alice"].request("MESSAGE", "sip:dave@partner.example", body=f"offer {marker}")
+    assert response is not None and response.status == 200
+    delivered = world.partner.wait_for(is_message_with(marker))
+    assert delivered is not None
+    assert delivered.text == f"offer {marker}\n\nArchived by ACME."
+    copy = world["archive"].wait_for(is_message_with(marker))
+    assert copy is not None, "no copy reached the archive"
+    assert copy.header("Content-Type") == "message/cpim"
+    assert "From: <sip:alice@acme.example>" in copy.text and "To: <sip:dave@partner.example>" in copy.text
+    assert copy.text.endswith(f"offer {marker}"), "the archive keeps the original, without the disclaimer"
+    assert copy.header("X-Policyplug-Copy") is None, "the copy token never leaves the server"
+
+
+def test_forged_copy_header_does_not_skip_the_policy(world: World) -> None:
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="forged secret",
+                                      extra="X-Policyplug-Copy: 0123456789abcdef\r\n")
+    assert response is not None and response.status == 403
+
+
+def test_presence_subscribe_refused(world: World) -> None:
+    response = world["eve"].request("SUBSCRIBE", "sip:bob@acme.example", content_type=None,
+                                    extra="Event: presence\r\nExpires: 60\r\n")
+    assert response is not None and response.status == 403
+    assert "eve may not see presence" in (response.header("Warning") or "")
+
+
+def test_publish_is_presence(world: World) -> None:
+    pidf = '<?xml version="1.0"?><presence xmlns="urn:ietf:params:xml:ns:pidf" entity="sip:hidden@acme.example"/>'
+    refused = world["hidden"].request("PUBLISH", "sip:hidden@acme.example", body=pidf,
+                                      content_type="application/pidf+xml", extra="Event: presence\r\n")
+    assert refused is not None and refused.status == 403
+    allowed = world["alice"].request("PUBLISH", "sip:bob@acme.example", body=pidf,
+                                     content_type="application/pidf+xml", extra="Event: presence\r\n")
+    assert allowed is not None and allowed.status == 200
+
+
+def test_msrp_file_transfer_invite_is_a_file_event(world: World) -> None:
+    response = world["alice"].request("INVITE", "sip:bob@acme.example", body=SDP_MSRP_FILE,
+                                      content_type="application/sdp")
+    assert response is not None and response.status == 403
+    assert "file transfer is not allowed" in (response.header("Warning") or "")
+    call = world["alice"].request("INVITE", "sip:bob@acme.example", body=SDP_AUDIO, content_type="application/sdp")
+    assert call is not None and call.status == 200
+
+
+def test_register_is_a_login(world: World) -> None:
+    mallory = SipAgent("mallory", "acme.example", ("127.0.0.1", world.server.port))
+    try:
+        response = mallory.register()
+        assert response is not None and response.status == 403
+        assert "mallory may not register" in (response.header("Warning") or "")
+    finally:
+        mallory.close()
+
+
+def test_limit_counts_across_all_workers(world: World) -> None:
+    # each request from its own socket, so the kernel hands them to different UDP workers
+    statuses = []
+    for i in range(9):
+        agent = SipAgent("flooder", "acme.example", ("127.0.0.1", world.server.port))
+        try:
+            response = agent.request("MESSAGE", "sip:bob@acme.example", body=f"flood {i}")
+            statuses.append(response.status if response else None)
+        finally:
+            agent.close()
+    assert statuses == [200] * 5 + [403] * 4, statuses
+    workers = {r["event"]["client"]["port"] for r in world.audit_records() if r["event"]["from"] == "sip:flooder@acme.example"}
+    assert len(workers) >= 9  # nine distinct clients were counted as one sender
+
+
+def test_audit_log_is_one_intact_chain(world: World) -> None:
+    world["alice"].request("MESSAGE", "sip:bob@acme.example", body="audited")
+    time.sleep(0.3)
+    result = verify([str(world.server.audit_log)])
+    assert result.intact, result.problem
+    records = world.audit_records()
+    assert result.records == len(records) > 10
+    assert {r["node"] for r in records} == {"kamailio-test"}
+    assert all("body" not in r["event"] for r in records), "bodies stay out of the audit log by default"
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def raw_exchange(port: int, raw: bytes, timeout: float = 3.0) -> SipMessage | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(timeout)
+        sock.sendto(raw.replace(b"LOCALPORT", str(sock.getsockname()[1]).encode()), ("127.0.0.1", port))
+        try:
+            return SipMessage.parse(sock.recv(65536))
+        except TimeoutError:
+            return None
+
+
+BAD_HEAD = ("MESSAGE {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:LOCALPORT;branch=z9hG4bK{branch}\r\n"
+            "Max-Forwards: 70\r\n{from_line}To: <sip:bob@acme.example>\r\nCall-ID: {branch}\r\nCSeq: 1 MESSAGE\r\n"
+            "Content-Type: text/plain\r\n")
+
+
+def bad_request(ruri: str = "sip:bob@acme.example", from_line: str = "From: <sip:alice@acme.example>;tag=1\r\n",
+                body: bytes = b"hi") -> bytes:
+    head = BAD_HEAD.format(ruri=ruri, from_line=from_line, branch=uuid.uuid4().hex)
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (bad_request(from_line=""), 400),                                      # no From
+    (bad_request(from_line="From: garbage<<>>;;\r\n"), 400),               # unparsable From
+    (bad_request(ruri="sip:@@@:x:y"), 400),                                # garbage Request-URI
+    (bad_request(ruri="tel:+4930123456"), 416),                            # not a SIP URI
+    (bad_request(body="h\xe9llo secret".encode("latin-1")), 403),          # not UTF-8: still decided
+])
+def test_malformed_requests_get_a_clear_error_or_a_decision(world: World, raw: bytes, expected: int) -> None:
+    response = raw_exchange(world.server.port, raw)
+    assert response is not None and response.status == expected, response and response.first_line
+    if expected in (400, 416):
+        assert response.header("Warning") or response.first_line
+
+
+def test_one_megabyte_body_over_tcp_does_not_hurt_a_worker(world: World) -> None:
+    body = b"x" * (1 << 20)
+    raw = bad_request(body=body).replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP")
+    with socket.create_connection(("127.0.0.1", world.server.port), timeout=5) as conn:
+        conn.sendall(raw.replace(b"LOCALPORT", b"5060"))
+        conn.settimeout(3)
+        try:
+            conn.recv(65536)
+        except (TimeoutError, ConnectionError):
+            pass  # refused or closed by Kamailio's parser: either is fine, a crash is not
+    assert world.server.alive()
+    assert world.server.ping()
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="still here")
+    assert response is not None and response.status == 200
+
+
+# -- reload --------------------------------------------------------------------------------------
+
+def test_policy_file_change_is_picked_up_and_an_invalid_one_is_refused(world: World) -> None:
+    server = world.server
+    original = server.policy.read_text()
+    try:
+        server.policy.write_text(policy_text(world.sbc, reason="secrets stay inside"))
+        os.utime(server.policy)
+        deadline = time.monotonic() + 10
+        warning = None
+        while time.monotonic() < deadline:
+            response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="a secret")
+            warning = response.header("Warning") if response else None
+            if warning and "secrets stay inside" in warning:
+                break
+            time.sleep(0.2)
+        assert warning == '399 kamailio.test "secrets stay inside"'
+        # an invalid policy: the one in force stays, and the log says why
+        server.policy.write_text(original.replace("rule internal:", "rule internal:\n  when recipent.user == 1"))
+        time.sleep(1.0)
+        for _ in range(4):  # every worker gets to see the change
+            response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="a secret")
+            assert response is not None and response.header("Warning") == '399 kamailio.test "secrets stay inside"'
+        assert "unknown name 'recipent'" in server.log_text()
+        assert "keeping revision" in server.log_text()
+    finally:
+        server.policy.write_text(original)
+        os.utime(server.policy)
+        time.sleep(1.0)
+
+
+def test_kamcmd_app_python_reload(world: World) -> None:
+    output = world.server.rpc("app_python.reload")
+    assert "error" not in output.lower(), output
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="after rpc reload")
+    assert response is not None and response.status == 200

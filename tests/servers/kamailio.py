@@ -1,0 +1,164 @@
+"""A real Kamailio (Debian `kamailio`, `kamailio-python3-modules`) with the policyplug KEMI adapter.
+
+    server = kamailio_server(policy_text, routes={"partner.example": "sip:127.0.0.1:5071"})
+    server.port, server.address            where it listens (UDP and TCP on 127.0.0.1)
+    server.audit_log, server.log_text()    the audit log and Kamailio's own log
+    server.rpc("app_python.reload")        kamcmd over its control socket
+
+It runs in the foreground (`kamailio -f adapters/kamailio/kamailio.cfg -DD -E`) with the
+adapter's settings in a throwaway TOML file, on a free loopback port, and stops at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import site
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import free_port, require_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = ROOT / "adapters" / "kamailio" / "kamailio.cfg"
+KEMI_SCRIPT = ROOT / "adapters" / "kamailio" / "policyplug_kemi.py"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def python_paths() -> list[str]:
+    """Where this interpreter finds policyplug and its dependencies: Kamailio's embedded
+    Python (Debian's) is told to look there first."""
+    return [*site.getsitepackages(), str(ROOT)]
+
+
+class KamailioServer:
+    def __init__(self, workdir: Path, policy_text: str, *, routes: dict[str, str] | None = None,
+                 children: int = 4, audit_level: str = "all", allocator: str | None = None,
+                 extra_config: dict[str, Any] | None = None, debug: int = 2):
+        self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
+        if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so").exists() and \
+                not list(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so")):
+            require_binary("kamailio-python3-modules (app_python3.so)")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port("127.0.0.1", socket.SOCK_DGRAM)
+        self.address = f"127.0.0.1:{self.port}"
+        self.policy = self.workdir / "test.policy"
+        self.policy.write_text(policy_text)
+        self.audit_log = self.workdir / "audit.jsonl"
+        self.config = self.workdir / "policyplug-kamailio.toml"
+        self.log = self.workdir / "kamailio.log"
+        self.ctl = self.workdir / "kamailio_ctl"
+        self.children = children
+        self.allocator = allocator
+        self.debug = debug
+        settings: dict[str, Any] = {
+            "policy": str(self.policy), "python_path": python_paths(), "audit_log": str(self.audit_log),
+            "audit_level": audit_level, "self_uri": f"sip:{self.address}", "server_name": "kamailio.test",
+            "reload_interval": 0.2, "node": "kamailio-test",
+        }
+        settings.update(extra_config or {})
+        lines = [f"{key} = {_toml(value)}" for key, value in settings.items()]
+        lines.append("[routes]")
+        lines += [f"{_toml(domain)} = {_toml(hop)}" for domain, hop in (routes or {}).items()]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        module_dir = next(iter(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so"))).parent
+        command = [self.binary, "-f", str(CFG), "-DD", "-E", "-w", str(self.workdir),
+                   "-A", f"LISTEN=udp:{self.address}", "-A", f"LISTEN2=tcp:{self.address}",
+                   "-A", f"CHILDREN={self.children}", "-A", f'KEMI_SCRIPT="{KEMI_SCRIPT}"',
+                   "-A", f'MPATH="{module_dir}/"', "-A", f'CTL_SOCKET="unix:{self.ctl}"',
+                   "-A", f"DEBUG_LEVEL={self.debug}"]
+        if self.allocator:
+            command += ["-x", self.allocator]
+        env = dict(os.environ, POLICYPLUG_KAMAILIO_CONFIG=str(self.config))
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+                                     cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kamailio exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            if self.ping():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"kamailio did not answer OPTIONS within {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def ping(self) -> bool:
+        """An OPTIONS to the server itself, answered 200 by the adapter's keepalive branch."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(0.3)
+            port = sock.getsockname()[1]
+            call_id = uuid.uuid4().hex
+            request = (f"OPTIONS sip:{self.address} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
+                       f"Max-Forwards: 70\r\nFrom: <sip:ping@test>;tag=1\r\nTo: <sip:{self.address}>\r\n"
+                       f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+            try:
+                sock.sendto(request.encode(), ("127.0.0.1", self.port))
+                return sock.recv(4096).startswith(b"SIP/2.0 200")
+            except OSError:
+                return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rpc(self, *args: str) -> str:
+        kamcmd = require_binary("kamcmd", "/usr/sbin/kamcmd")
+        result = subprocess.run([kamcmd, "-s", f"unix:{self.ctl}", *args], capture_output=True, text=True, timeout=10)
+        return result.stdout + result.stderr
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log_file", None):
+            self._log_file.close()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def python_errors(self) -> list[str]:
+        """Lines of Kamailio's log where the adapter's Python raised (the adapter catches and logs
+        its own errors as 'policyplug: internal error'; app_python3 logs uncaught ones)."""
+        return [line for line in self.log_text().splitlines()
+                if "Unhandled exception" in line or "policyplug: internal error" in line]
+
+
+@pytest.fixture
+def kamailio_server(tmp_path: Path) -> Iterator[Callable[..., KamailioServer]]:
+    """Factory: `kamailio_server(policy_text, routes=..., ...)` -> a started KamailioServer."""
+    started: list[KamailioServer] = []
+
+    def make(policy_text: str, **kwargs: Any) -> KamailioServer:
+        server = KamailioServer(tmp_path / f"kamailio{len(started)}", policy_text, **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
