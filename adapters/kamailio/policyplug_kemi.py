@@ -32,9 +32,9 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import shutil
 import site
 import sys
-import time
 import tomllib
 import traceback
 from pathlib import Path
@@ -74,8 +74,7 @@ COPY_HEADER = "X-Policyplug-Copy"
 DIALOG_FORMING = ("INVITE", "SUBSCRIBE")
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
-# the last policy that loaded, kept across `kamcmd app_python.reload` (which runs this file again)
-_last_good: dict[str, Any] = {}
+STATE_TABLE = "policyplug_state"  # htable: generation and path of the policy published to workers
 
 
 def log(level: str, text: str) -> None:
@@ -107,7 +106,6 @@ class PolicyplugKamailio:
         self.server_name = config.get("server_name", "policyplug")
         self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
         self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))
-        self.reload_interval = float(config.get("reload_interval", 1.0))
         self.self_uri = config.get("self_uri")  # where copies are sent to be routed like any request
         audit_path = config.get("audit_log")
         self.audit = SharedAuditLog(audit_path, level=config.get("audit_level", "denied"),
@@ -117,12 +115,19 @@ class PolicyplugKamailio:
         # copies this server sends itself carry this token, so they are routed without a decision;
         # made before fork, so every worker knows it, and nobody outside can forge it
         self.copy_token = secrets.token_hex(16)
-        self.policy = _last_good.get(str(self.policy_path))
+        self.state_dir = Path(config.get("state_dir", "/var/lib/policyplug/kamailio"))
+        self.policy: Any = None
+        self.generation = 0
         self._mtimes: dict[Path, float] = {}
-        self._next_check = 0.0
-        self.reload(initial=self.policy is None)
+        self._load_initial()
 
     # -- the policy ---------------------------------------------------------------------------------
+    #
+    # Reloading is done once, by a timer process (rtimer, every second, kamailio.cfg): it checks the
+    # policy files, and only when the new text is valid copies it into a snapshot folder and bumps
+    # a generation number in shared memory (htable). Workers compare that number on each request
+    # (one htable read) and load the snapshot. So every worker runs the same policy, and an
+    # invalid text is never loaded by anyone, whenever each worker happens to look.
 
     def _file_times(self, policy: Any) -> dict[Path, float]:
         times: dict[Path, float] = {}
@@ -133,30 +138,71 @@ class PolicyplugKamailio:
                 times[path] = -1.0
         return times
 
-    def reload(self, initial: bool = False) -> bool:
-        """Load the policy file; an invalid one leaves the one in force (and says why)."""
+    def _load_initial(self) -> None:
+        snapshot = self._shared_snapshot()
+        if snapshot is not None:  # `kamcmd app_python.reload` runs this file again in a worker
+            self.generation, path = snapshot
+            self.policy = load_policy(path, limiter=self.limiter)
+        else:
+            self.policy = load_policy(self.policy_path, limiter=self.limiter)
+        self._mtimes = self._file_times(self.policy)
+        log("info", f"policy {self.policy.name!r} revision {self.policy.revision} loaded from {self.policy_path}")
+
+    def _shared_snapshot(self) -> tuple[int, str] | None:
+        try:
+            generation = KSR.htable.sht_get(STATE_TABLE, "generation")
+            path = KSR.htable.sht_get(STATE_TABLE, "snapshot")
+        except Exception:  # no htable yet (mod_init of a first start)
+            return None
+        if isinstance(generation, int) and generation > 0 and isinstance(path, str):
+            return generation, path
+        return None
+
+    def watch(self) -> None:
+        """Timer process: validate a changed policy and publish it to the workers."""
+        if self._file_times(self.policy) == self._mtimes:
+            return
         try:
             policy = load_policy(self.policy_path, limiter=self.limiter)
         except PolicyError as exc:
             self._mtimes = self._file_times(self.policy)  # do not retry the same text every second
-            what = "policy not loaded" if self.policy is None else f"keeping revision {self.policy.revision}"
-            log("err", f"{self.policy_path} is invalid, {what}:\n{exc}")
-            if initial and self.policy is None:
-                raise
-            return False
-        self.policy = policy
-        _last_good[str(self.policy_path)] = policy
-        self._mtimes = self._file_times(policy)
-        log("info", f"policy {policy.name!r} revision {policy.revision} loaded from {self.policy_path}")
-        return True
-
-    def _maybe_reload(self) -> None:
-        now = time.monotonic()
-        if now < self._next_check:
+            KSR.htable.sht_inc(STATE_TABLE, "failed_reloads")
+            log("err", f"{self.policy_path} is invalid, keeping revision {self.policy.revision}:\n{exc}")
             return
-        self._next_check = now + self.reload_interval
-        if self._file_times(self.policy) != self._mtimes:
-            self.reload()
+        self.generation += 1
+        path = self._snapshot(policy, self.generation)
+        self.policy = policy
+        self._mtimes = self._file_times(policy)
+        KSR.htable.sht_sets(STATE_TABLE, "snapshot", str(path))
+        KSR.htable.sht_seti(STATE_TABLE, "generation", self.generation)
+        log("info", f"policy {policy.name!r} revision {policy.revision} published to the workers "
+                    f"(generation {self.generation})")
+
+    def _snapshot(self, policy: Any, generation: int) -> Path:
+        """Copy the policy and every file it read, keeping their relative places."""
+        files = [self.policy_path.resolve(), *(Path(f).resolve() for f in policy.files)]
+        root = Path(os.path.commonpath([str(f.parent) for f in files]))
+        target = self.state_dir / f"generation-{generation}"
+        for source in files:
+            destination = target / source.relative_to(root)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination)
+        for old in self.state_dir.glob("generation-*"):  # keep the last few
+            if old.name.split("-")[-1].isdigit() and int(old.name.split("-")[-1]) < generation - 3:
+                shutil.rmtree(old, ignore_errors=True)
+        return target / self.policy_path.resolve().relative_to(root)
+
+    def _follow(self) -> None:
+        """Worker: load the policy the timer process published, if it is newer than ours."""
+        generation = KSR.htable.sht_get(STATE_TABLE, "generation")
+        if not isinstance(generation, int) or generation <= self.generation:
+            return
+        path = KSR.htable.sht_get(STATE_TABLE, "snapshot")
+        try:
+            self.policy = load_policy(path, limiter=self.limiter)
+        except (PolicyError, OSError) as exc:  # a snapshot was valid when made: say so loudly
+            log("err", f"snapshot {path} did not load, keeping revision {self.policy.revision}: {exc}")
+        self.generation = generation
 
     # -- a request ----------------------------------------------------------------------------------
 
@@ -190,7 +236,7 @@ class PolicyplugKamailio:
             KSR.hdr.remove(COPY_HEADER)
             return self.relay(method)
         KSR.hdr.remove(COPY_HEADER)  # a forged one must not reach anyone
-        self._maybe_reload()
+        self._follow()
         return self.decide_and_enforce(method, initial=True)
 
     def in_dialog(self, method: str) -> int:
@@ -198,7 +244,7 @@ class PolicyplugKamailio:
             KSR.sl.sl_send_reply(404, "Not here")
             return 1
         if method in IN_DIALOG_DECIDED:
-            self._maybe_reload()
+            self._follow()
             return self.decide_and_enforce(method, initial=False)
         if method == "ACK" or KSR.tm.t_relay() < 0:
             if method == "ACK":
@@ -246,7 +292,7 @@ class PolicyplugKamailio:
                 and media_type(event.headers.get("content-type", "")) == "text/plain":
             KSR.textops.set_body("\n\n".join([event.body, *decision.disclaimers]), "text/plain")
         if verdict == "redirect" and decision.redirect_to:
-            KSR.setruri(sip_uri(decision.redirect_to))
+            KSR.seturi(sip_uri(decision.redirect_to))
         elif decision.route_via:
             KSR.setdsturi(sip_uri(decision.route_via))
         return self.relay(method) if initial else self.relay_in_dialog()
@@ -349,6 +395,14 @@ class kamailio:  # noqa: N801  (the class name app_python3 looks for)
         except Exception as exc:
             log("err", f"audit sync failed: {exc}")
             return 1
+
+    def ksr_policyplug_watch(self, msg: Any, event_name: str | None = None) -> int:
+        """rtimer callback (every second): reload a changed, valid policy for every worker."""
+        try:
+            self.adapter.watch()
+        except Exception as exc:
+            log("err", f"policy watch failed: {type(exc).__name__}: {exc}\n" + traceback.format_exc(limit=6))
+        return 1
 
 
 def mod_init() -> kamailio:

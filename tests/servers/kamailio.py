@@ -71,7 +71,7 @@ class KamailioServer:
         settings: dict[str, Any] = {
             "policy": str(self.policy), "python_path": python_paths(), "audit_log": str(self.audit_log),
             "audit_level": audit_level, "self_uri": f"sip:{self.address}", "server_name": "kamailio.test",
-            "reload_interval": 0.2, "node": "kamailio-test",
+            "state_dir": str(self.workdir / "state"), "node": "kamailio-test",
         }
         settings.update(extra_config or {})
         lines = [f"{key} = {_toml(value)}" for key, value in settings.items()]
