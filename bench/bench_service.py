@@ -2,13 +2,23 @@
 """Decision service throughput and latency, through the Unix socket and through the XMPP component.
 
 One run prints:
-  - baseline: in-process `policy.decide` on the same events (what the transports add overhead to),
-  - socket: decisions/s and latency percentiles with a window of requests in flight on one connection,
+  - baseline: in-process `Event.from_json` + `policy.decide` on the same events (what the transports
+    add overhead to), on the service's CPU;
+  - socket, closed loop: decisions/s and latency percentiles with a window of requests in flight on one
+    connection (a new request is sent when an answer comes back);
+  - socket, open loop: requests sent on a fixed schedule (--rate per second, whatever the answers do),
+    latency measured from each request's *scheduled* send time, so queueing in the service is not
+    hidden by the client waiting (no coordinated omission). The goal of issue 4 is judged on this run:
+    achieved rate >= --rate and p99 < 2 ms;
   - component: decisions/s and latency of decision IQs sent by a slixmpp client through a real Prosody
     (skipped with a note when prosody is not installed),
 with the audit log at level `all`, on the bundled example policy.
 
-    python3 bench/bench_service.py [--requests 50000] [--window 64] [--iq-requests 3000]
+"On one core": the service runs pinned to one CPU (sched_setaffinity before exec, so every thread of
+it, the audit writer included, shares that CPU) and this client to another one, so the client does not
+steal the service's core. Prosody, in the component run, shares the client's CPU.
+
+    python3 bench/bench_service.py [--rate 20000] [--duration 5] [--windows 16,64] [--iq-requests 3000]
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import selectors
 import shutil
 import signal
 import socket
@@ -41,20 +53,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def baseline(count: int) -> tuple[float, float]:
-    policy = load_policy(POLICY)
-    started = time.perf_counter()
-    for i in range(count):
-        policy.decide(Event.from_json(EVENTS[i % len(EVENTS)]))
-    elapsed = time.perf_counter() - started
+def cpus() -> tuple[int, int]:
+    """(service CPU, client CPU): the first two CPUs this process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise SystemExit("need two CPUs: one for the service, one for the client")
+    return allowed[0], allowed[1]
+
+
+def baseline(count: int, cpu: int) -> tuple[float, float]:
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # on the service's CPU, like the service
+    try:
+        policy = load_policy(POLICY)
+        started = time.perf_counter()
+        for i in range(count):
+            policy.decide(Event.from_json(EVENTS[i % len(EVENTS)]))
+        elapsed = time.perf_counter() - started
+    finally:
+        os.sched_setaffinity(0, own)
     return count / elapsed, elapsed / count * 1e6
 
 
-def start_service(workdir: Path, *extra: str) -> subprocess.Popen[str]:
+def start_service(workdir: Path, cpu: int, *extra: str) -> subprocess.Popen[str]:
     sock = workdir / "pp.sock"
+    if sock.exists():
+        sock.unlink()
     proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(POLICY), "--socket", str(sock),
                              "--audit-log", str(workdir / "audit.jsonl"), "--audit-level", "all", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -63,10 +91,37 @@ def start_service(workdir: Path, *extra: str) -> subprocess.Popen[str]:
     return proc
 
 
-def bench_socket(workdir: Path, count: int, window: int) -> tuple[float, list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_service(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def request_lines(count: int) -> list[bytes]:
+    """Pre-encoded requests, so encoding costs the client nothing while measuring."""
+    return [orjson.dumps({"id": i, "event": EVENTS[i % len(EVENTS)]}) + b"\n" for i in range(count)]
+
+
+def answer_ids(complete: list[bytes]) -> list[int]:
+    """Ids of decision answers, read cheaply: answers start with {"id":N,"decision": (checked)."""
+    ids = []
+    for line in complete:
+        comma = line.index(b",", 6)
+        if not line.startswith(b'{"id":') or not line.startswith(b'"decision":', comma + 1):
+            raise SystemExit(f"not a decision answer: {line[:200]!r}")
+        ids.append(int(line[6:comma]))
+    return ids
+
+
+def bench_closed(workdir: Path, count: int, window: int) -> tuple[float, list[float]]:
     client = socket.socket(socket.AF_UNIX)
     client.connect(str(workdir / "pp.sock"))
-    lines = [json.dumps({"id": i, "event": EVENTS[i % len(EVENTS)]}).encode() + b"\n" for i in range(count)]
+    lines = request_lines(count)
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     buffer = b""
@@ -83,16 +138,86 @@ def bench_socket(workdir: Path, count: int, window: int) -> tuple[float, list[fl
         buffer += client.recv(1 << 20)
         *complete, buffer = buffer.split(b"\n")
         now = time.perf_counter()
-        for line in complete:
-            answer = orjson.loads(line)
-            assert "decision" in answer, answer
-            latencies.append((now - sent_at.pop(answer["id"])) * 1000)
+        for i in answer_ids(complete):
+            latencies.append((now - sent_at.pop(i)) * 1000)
     elapsed = time.perf_counter() - started
     client.close()
     return count / elapsed, latencies
 
 
-def bench_component(workdir: Path, count: int, window: int) -> tuple[float, list[float]] | str:
+def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick: float) -> dict[str, float]:
+    """Send request i at t0 + i/rate (all requests due by each tick in one send), whatever the answers do.
+
+    Latency of request i = time its answer was read - its scheduled time, so a service that falls
+    behind shows the whole queueing delay. Requests scheduled during the warm-up are answered but not
+    counted. The socket is non-blocking: the client never stops reading while it has to send.
+    """
+    total = int(rate * (warmup + duration))
+    skip = int(rate * warmup)
+    lines = request_lines(total)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(workdir / "pp.sock"))
+    client.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(client, selectors.EVENT_READ)
+    latencies: list[float] = []
+    answered = 0
+    outbox = b""
+    sent = 0  # requests handed to outbox
+    max_send_lag = 0.0
+    buffer = b""
+    interval = 1.0 / rate
+    t0 = time.perf_counter() + 0.01
+    first_answer: float | None = None  # when the first counted answer was read
+    last_answer = t0
+    deadline = t0 + warmup + duration + 10  # a service that cannot keep up still gets 10 s to drain
+    while answered < total:
+        now = time.perf_counter()
+        if now > deadline:
+            raise SystemExit(f"open loop: only {answered} of {total} answers after the schedule + 10 s")
+        due = min(total, int((now - t0) * rate) + 1) if now >= t0 else 0
+        if due > sent:
+            max_send_lag = max(max_send_lag, now - (t0 + sent * interval))
+            outbox += b"".join(lines[sent:due])
+            sent = due
+        if outbox:
+            try:
+                written = client.send(outbox)
+                outbox = outbox[written:]
+            except BlockingIOError:
+                pass
+        if sent < total:
+            wait = max(0.0, min(t0 + sent * interval, now + tick) - time.perf_counter())
+        else:
+            wait = 0.05
+        if outbox:
+            selector.modify(client, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        for _key, mask in selector.select(wait):
+            if mask & selectors.EVENT_READ:
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    raise SystemExit("service closed the connection")
+                received = time.perf_counter()
+                buffer += chunk
+                *complete, buffer = buffer.split(b"\n")
+                for i in answer_ids(complete):
+                    if i >= skip:
+                        latencies.append((received - (t0 + i * interval)) * 1000)
+                answered += len(complete)
+                if complete and first_answer is None and answered > skip:
+                    first_answer = received
+                last_answer = received
+        if not outbox:
+            selector.modify(client, selectors.EVENT_READ)
+    client.close()
+    # steady-state throughput: answers per second between the first and the last counted answer
+    achieved = (len(latencies) - 1) / (last_answer - first_answer) if first_answer else 0.0
+    return {"offered": rate, "achieved": achieved, "count": len(latencies),
+            "p50": percentile(latencies, .5), "p90": percentile(latencies, .9), "p99": percentile(latencies, .99),
+            "p999": percentile(latencies, .999), "max": max(latencies), "send_lag_ms": max_send_lag * 1000}
+
+
+def bench_component(workdir: Path, count: int, window: int, service_cpu: int) -> tuple[float, list[float]] | str:
     if not shutil.which("prosody"):
         return "prosody is not installed: component figures skipped"
     from slixmpp.xmlstream import ET
@@ -102,13 +227,14 @@ def bench_component(workdir: Path, count: int, window: int) -> tuple[float, list
 
     server = ProsodyServer(workdir / "prosody", components={"policy.acme.example": "s3cret"},
                            global_options={"limits": {"c2s": {"rate": "100mb/s"}}})
-    server.start()
+    server.start()  # inherits this client's CPU
     server.register("bench", "acme.example", "pw")
     service = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(POLICY), "--component",
                                 "policy.acme.example", "--secret", "s3cret", "--server",
                                 f"127.0.0.1:{server.component_port}", "--socket", str(workdir / "c.sock"),
                                 "--audit-log", str(workdir / "c-audit.jsonl"), "--audit-level", "all"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=lambda: os.sched_setaffinity(0, {service_cpu}))
     try:
         server.wait_for_component()
 
@@ -143,30 +269,56 @@ def bench_component(workdir: Path, count: int, window: int) -> tuple[float, list
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=50_000)
-    parser.add_argument("--window", type=int, default=64, help="requests in flight on the socket")
+    parser.add_argument("--requests", type=int, default=50_000, help="requests per closed-loop run")
+    parser.add_argument("--windows", default="16,64", help="requests in flight, closed loop (comma-separated)")
+    parser.add_argument("--rate", type=float, default=20_000, help="offered rate of the open-loop run (per s)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds of the open-loop run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of the open-loop run not counted")
+    parser.add_argument("--tick", type=float, default=0.0002, help="open loop: longest wait between sends (s)")
     parser.add_argument("--iq-requests", type=int, default=3000)
     parser.add_argument("--iq-window", type=int, default=32)
+    parser.add_argument("--no-component", action="store_true", help="skip the Prosody run")
     args = parser.parse_args()
+    service_cpu, client_cpu = cpus()
+    os.sched_setaffinity(0, {client_cpu})
+    print(f"service pinned to CPU {service_cpu}, benchmark client (and Prosody) to CPU {client_cpu}; "
+          f"audit level all")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        rate, per = baseline(args.requests)
-        print(f"baseline  in-process decide (incl. event parsing): {rate:>9,.0f} decisions/s  {per:6.2f} µs each")
-        proc = start_service(workdir)
+        rate, per = baseline(args.requests, service_cpu)
+        print(f"baseline  in-process decide (incl. event parsing):   {rate:>9,.0f} decisions/s  {per:6.2f} µs each")
+        for window in (int(w) for w in args.windows.split(",") if w.strip()):
+            proc = start_service(workdir, service_cpu)
+            try:
+                cpu_before = cpu_seconds(proc.pid)
+                rate, latencies = bench_closed(workdir, args.requests, window)
+                cpu = (cpu_seconds(proc.pid) - cpu_before) / args.requests * 1e6
+            finally:
+                stop_service(proc)
+            print(f"socket    closed loop, {window:>3} in flight:              {rate:>9,.0f} decisions/s  "
+                  f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms  "
+                  f"(service CPU {cpu:.1f} µs/decision)")
+        proc = start_service(workdir, service_cpu)
         try:
-            rate, latencies = bench_socket(workdir, args.requests, args.window)
+            cpu_before = cpu_seconds(proc.pid)
+            result = bench_open(workdir, args.rate, args.duration, args.warmup, args.tick)
+            cpu = (cpu_seconds(proc.pid) - cpu_before) / (args.rate * (args.duration + args.warmup)) * 1e6
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-        print(f"socket    window {args.window:>3}, audit all:             {rate:>9,.0f} decisions/s  "
-              f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms")
-        result = bench_component(workdir, args.iq_requests, args.iq_window)
-        if isinstance(result, str):
-            print(f"component {result}")
-        else:
-            rate, latencies = result
-            print(f"component via Prosody, window {args.iq_window:>3}, audit all: {rate:>9,.0f} decisions/s  "
-                  f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms")
+            stop_service(proc)
+        met = result["achieved"] >= args.rate * 0.995 and result["p99"] < 2.0
+        print(f"socket    open loop, offered {args.rate:,.0f}/s for {args.duration:g} s: {result['achieved']:>9,.0f} "
+              f"decisions/s  p50 {result['p50']:.3f} ms  p90 {result['p90']:.3f} ms  p99 {result['p99']:.3f} ms  "
+              f"p99.9 {result['p999']:.3f} ms  max {result['max']:.3f} ms  (service CPU {cpu:.1f} µs/decision; "
+              f"client send lag max {result['send_lag_ms']:.2f} ms)")
+        print(f"goal      >= {args.rate:,.0f}/s with p99 < 2 ms on the open-loop run: {'MET' if met else 'NOT MET'}")
+        if not args.no_component:
+            component = bench_component(workdir, args.iq_requests, args.iq_window, service_cpu)
+            if isinstance(component, str):
+                print(f"component {component}")
+            else:
+                rate, latencies = component
+                print(f"component via Prosody, closed loop, {args.iq_window:>3} in flight: {rate:>9,.0f} decisions/s  "
+                      f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms")
     return 0
 
 

@@ -150,3 +150,51 @@ def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
     result = verify([str(log)])
     assert result.intact, result.problem
     assert result.records >= 2000
+
+
+def sample_events() -> list[Event]:
+    demo = Path(__file__).resolve().parent.parent / "policyplug" / "demo" / "events"
+    events = [Event.from_json(json.loads(p.read_text())) for p in sorted(demo.glob("*.json"))]
+    events.append(Event.from_json({
+        "kind": "message", "from": "Zoë@acme.example/phone", "to": "x@partner.example", "body": "bonjour \u2603",
+        "subject": "s", "time": "2026-11-24T10:00:00.250001+02:00", "headers": {"X-B": "2", "X-A": "1"},
+        "payload": ["urn:xmpp:receipts"], "client": {"ip": "192.0.2.1", "port": 5222, "secure": True}}))
+    events.append(Event.message("a@acme.example", "b@acme.example"))  # default time: now, with microseconds
+    assert len(events) > 3
+    return events
+
+
+@pytest.mark.parametrize("include_bodies", [False, True])
+def test_fast_event_encoding_is_the_canonical_event_json(include_bodies: bool) -> None:
+    from policyplug.audit.log import canonical, encode_event, event_record
+    for event in sample_events():
+        assert encode_event(event, include_bodies) == canonical(event_record(event, include_bodies)), event
+
+
+@pytest.mark.parametrize("include_bodies", [False, True])
+def test_written_records_are_canonical_build_records(tmp_path: Path, include_bodies: bool) -> None:
+    """The writer puts records together from serialised parts: byte for byte canonical(build_record())."""
+    from policyplug.audit.log import build_record, canonical, record_body, record_hash
+    log = tmp_path / "audit.jsonl"
+    writer = AuditWriter(log, level="all", node="node-ü", include_bodies=include_bodies, background=False)
+    events = sample_events()
+    decisions = [POLICY.decide(event) for event in events]
+    for event, decision in zip(events, decisions, strict=True):
+        writer.submit(event, decision)
+    writer.close()
+    raw_lines = log.read_bytes().splitlines()
+    assert len(raw_lines) == len(events)
+    for raw, event, decision in zip(raw_lines, events, decisions, strict=True):
+        record = json.loads(raw)
+        expected = build_record(event, decision, node="node-ü", include_bodies=include_bodies,
+                                record_id=record["id"], time=record["time"])
+        expected.update(seq=record["seq"], prev=record["prev"])
+        body = canonical(expected)
+        assert raw == b'{"hash":"' + record["hash"].encode() + b'",' + body[1:]
+        assert record_hash(record) == record["hash"]
+        assert record_body(decision=canonical(expected["decision"]), event=canonical(expected["event"]),
+                           record_id=record["id"], node="node-ü", policy=record["policy"],
+                           revision=record["policy_revision"], prev=record["prev"], seq=record["seq"],
+                           time=record["time"]) == body
+        assert ("body" in record["event"]) == include_bodies
+    assert verify([str(log)]).intact

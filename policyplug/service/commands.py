@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..diagnostics import PolicyError
 
@@ -84,7 +85,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.socket and not args.component:
         args.socket = default_socket_path()
-    return asyncio.run(run(args))
+    return run_loop(run(args), args.event_loop)
+
+
+def run_loop(main: Any, choice: str = "auto") -> int:
+    """Run `main` on uvloop when asked or, with `auto`, when it is installed; asyncio otherwise."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("policyplug serve: --event-loop uvloop, but uvloop is not installed") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -103,5 +117,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-address", default="127.0.0.1", help="address for metrics (default loopback)")
     p.add_argument("--watch-interval", type=float, default=1.0,
                    help="seconds between checks for policy file changes (0: only SIGHUP reloads)")
+    p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="auto: uvloop when installed (less time per read and write), else asyncio")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve)

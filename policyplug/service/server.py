@@ -16,6 +16,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from ..audit.log import encode_decision
 from ..compiler import load_policy
 from ..diagnostics import PolicyError
 from ..events import Event
@@ -38,6 +41,7 @@ class DecisionService:
         self.reloads: Counter[str] = Counter()
         self.last_reload_error: str | None = None
         self._mtimes = self._file_times()
+        self._policy_members: dict[tuple[str, str], bytes] = {}  # serialised policy fields of answers
         if metrics is not None:
             metrics.policy_loaded(self.policy)
 
@@ -45,21 +49,36 @@ class DecisionService:
 
     def decide_json(self, event_json: Any) -> dict[str, Any]:
         """Event JSON -> decision JSON. Raises EventError (an invalid request) naming the field."""
+        return orjson.loads(self.decide_encoded(event_json))
+
+    def decide_encoded(self, event_json: Any) -> bytes:
+        """Event JSON -> decision JSON, serialised (UTF-8, keys sorted, policy fields last).
+
+        The same serialisation of the decision goes into the audit record, so answering and
+        auditing serialise a decision once. Raises EventError (an invalid request) naming the field.
+        """
         event = Event.from_json(event_json)
         policy = self.policy  # one reference: a reload mid-decision cannot mix two policies
-        started = time.perf_counter()
-        decision = policy.decide(event)
-        elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            started = time.perf_counter()
+            decision = policy.decide(event)
+            self.metrics.observe(decision, time.perf_counter() - started)
+        else:
+            decision = policy.decide(event)
         self.decisions[decision.decision] += 1
         if decision.errors:
             self.evaluation_errors += len(decision.errors)
-        if self.metrics is not None:
-            self.metrics.observe(decision, elapsed)
+        encoded = encode_decision(decision)
         if self.audit is not None:
-            self.audit.submit(event, decision)
+            self.audit.submit_encoded(event, decision, encoded)
         if self.usage is not None:
             self.usage.count(event, decision, policy.activation(event)["direction"])
-        return decision.to_json()
+        body, name, revision = encoded
+        suffix = self._policy_members.get((name, revision))
+        if suffix is None:
+            suffix = self._policy_members[(name, revision)] = (
+                b',"policy":' + orjson.dumps(name) + b',"policy_revision":' + orjson.dumps(revision) + b"}")
+        return body[:-1] + suffix if len(body) > 2 else b"{" + suffix[1:]
 
     # -- reloading -----------------------------------------------------------------------------------
 
