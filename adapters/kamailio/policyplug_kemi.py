@@ -71,6 +71,7 @@ from policyplug import Event, EventError, PolicyError, load_policy  # noqa: E402
 from policyplug.audit.shared_file import SharedAuditLog  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
+COPY_MARK = COPY_HEADER.lower().encode()
 DIALOG_FORMING = ("INVITE", "SUBSCRIBE")
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
@@ -232,12 +233,14 @@ class PolicyplugKamailio:
             if KSR.tm.t_check_trans() > 0:
                 KSR.tm.t_relay()
             return 1
-        if self._is_our_copy():
-            KSR.hdr.remove(COPY_HEADER)
-            return self.relay(method)
-        KSR.hdr.remove(COPY_HEADER)  # a forged one must not reach anyone
+        raw = raw_message()
+        if COPY_MARK in raw.lower():  # rare: look closer only then (each KSR call costs)
+            ours = self._is_our_copy()
+            KSR.hdr.remove(COPY_HEADER)  # the token never leaves; a forged one reaches nobody
+            if ours:
+                return self.relay(method)
         self._follow()
-        return self.decide_and_enforce(method, initial=True)
+        return self.decide_and_enforce(method, raw, initial=True)
 
     def in_dialog(self, method: str) -> int:
         if KSR.rr.loose_route() < 0 and method != "ACK":
@@ -245,7 +248,7 @@ class PolicyplugKamailio:
             return 1
         if method in IN_DIALOG_DECIDED:
             self._follow()
-            return self.decide_and_enforce(method, initial=False)
+            return self.decide_and_enforce(method, raw_message(), initial=False)
         if method == "ACK" or KSR.tm.t_relay() < 0:
             if method == "ACK":
                 KSR.forward()  # ACK for 2xx: stateless, as RFC 3261 proxies do
@@ -258,8 +261,7 @@ class PolicyplugKamailio:
         return value is not None and secrets.compare_digest(value.strip(), self.copy_token) \
             and bool(KSR.is_myself_srcip())
 
-    def decide_and_enforce(self, method: str, *, initial: bool) -> int:
-        raw = raw_message()
+    def decide_and_enforce(self, method: str, raw: bytes, *, initial: bool) -> int:
         from_uri, to_uri = KSR.pv.get("$fu"), KSR.pv.get("$ru")
         if not from_uri:
             return self.reply(400, "Bad Request", "missing or malformed From header")
@@ -340,7 +342,7 @@ class PolicyplugKamailio:
         """A MESSAGE to the archive carrying the original as message/cpim (RFC 3862), sent
         through this server so it is routed like any request (location lookup, routes)."""
         if not self.self_uri:
-            log("err", "copy to %s skipped: `self_uri` is not set in the adapter's config" % address)
+            log("err", f"copy to {address} skipped: `self_uri` is not set in the adapter's config")
             return
         content_type = event.headers.get("content-type", "text/plain") or "text/plain"
         original_body = split_message(raw_message())[1].decode("utf-8", errors="replace")

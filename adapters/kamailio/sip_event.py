@@ -13,6 +13,7 @@ tested without Kamailio (tests/test_kamailio_events.py) and used unchanged insid
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 # RFC 3261 7.3.3 compact header forms, and a few common extension ones (RFC 3265, 3515, 3841)
@@ -29,32 +30,33 @@ SECURE_TRANSPORTS = ("tls", "wss")
 TEXT_TYPES = ("text/plain", "text/html", "message/cpim", "")
 
 
-def split_message(raw: bytes) -> tuple[list[bytes], bytes]:
-    """Header lines (folded lines joined) and the body of a SIP message."""
+FOLD = re.compile(r"\r?\n[ \t]+")
+
+
+def split_message(raw: bytes) -> tuple[str, bytes]:
+    """The header section (without the request line, folded lines joined) and the body."""
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = raw.partition(b"\n\n")  # bare LF: tolerated, as Kamailio does
-    lines = head.replace(b"\r\n", b"\n").split(b"\n")[1:]  # without the request line
-    joined: list[bytes] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and joined:
-            joined[-1] += b" " + line.strip()
-        elif line:
-            joined.append(line)
-    return joined, body
+    text = head.decode("utf-8", errors="replace")
+    if "\n " in text or "\n\t" in text:
+        text = FOLD.sub(" ", text)
+    return text.partition("\n")[2], body
 
 
-def parse_headers(lines: list[bytes]) -> dict[str, str]:
+def parse_headers(section: str) -> dict[str, str]:
     """Lower-case (long-form) header names -> values; repeated headers joined with ', '."""
     headers: dict[str, str] = {}
-    for line in lines[:MAX_HEADERS]:
-        name, colon, value = line.partition(b":")
+    for line in section.split("\n", MAX_HEADERS)[:MAX_HEADERS]:
+        name, colon, value = line.partition(":")
         if not colon:
             continue
-        key = name.strip().decode("latin-1").lower()
+        key = name.strip().lower()
         key = COMPACT_NAMES.get(key, key)
-        text = value.strip().decode("utf-8", errors="replace")[:MAX_HEADER_VALUE]
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        value = value.strip()
+        if len(value) > MAX_HEADER_VALUE:
+            value = value[:MAX_HEADER_VALUE]
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return headers
 
 
@@ -93,8 +95,8 @@ def event_json(*, method: str, raw: bytes, from_uri: str | None, to_uri: str | N
     when missing or unparsable: the caller refuses the request with 400 before asking). The
     recipient is the Request-URI, not the To header: it is where the request will be routed, so
     a To header naming someone else cannot get a request past a rule."""
-    lines, body = split_message(raw)
-    headers = parse_headers(lines)
+    section, body = split_message(raw)
+    headers = parse_headers(section)
     body_text = body.decode("utf-8", errors="replace")
     kind = kind_of(method, headers, body_text)
     if kind is None:

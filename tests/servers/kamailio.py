@@ -49,7 +49,7 @@ def python_paths() -> list[str]:
 
 class KamailioServer:
     def __init__(self, workdir: Path, policy_text: str, *, routes: dict[str, str] | None = None,
-                 children: int = 4, audit_level: str = "all", allocator: str | None = None,
+                 children: int = 4, audit_level: str = "all", allocator: str | None = None, shm_mb: int | None = None,
                  extra_config: dict[str, Any] | None = None, debug: int = 2):
         self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
         if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so").exists() and \
@@ -67,6 +67,7 @@ class KamailioServer:
         self.ctl = self.workdir / "kamailio_ctl"
         self.children = children
         self.allocator = allocator
+        self.shm_mb = shm_mb
         self.debug = debug
         settings: dict[str, Any] = {
             "policy": str(self.policy), "python_path": python_paths(), "audit_log": str(self.audit_log),
@@ -89,6 +90,8 @@ class KamailioServer:
                    "-A", f"DEBUG_LEVEL={self.debug}"]
         if self.allocator:
             command += ["-x", self.allocator]
+        if self.shm_mb:
+            command += ["-m", str(self.shm_mb)]  # shared memory: transactions wait there a few seconds
         env = dict(os.environ, POLICYPLUG_KAMAILIO_CONFIG=str(self.config))
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""SIP MESSAGE requests per second through a real Kamailio on loopback, three ways in one run:
+
+  native    a native-cfg route that only does what the adapter does around the decision
+            (sanity, retransmission handling, stateful relay to a fixed next hop): the baseline,
+  200 rules the policyplug KEMI adapter with the 200-rule benchmark policy of bench_engine.py
+            (plus one rule allowing the benchmark's destination; audit level `denied`, so the
+            policy's `audit` rule writes a hash-chained audit record for every message),
+  trivial   the adapter with a `default allow` policy.
+
+SIPp (Debian sip-tester) sends MESSAGEs with a fixed number in flight to Kamailio, which
+relays them statefully to a SIPp sink answering 200. Kamailio runs with the TLSF allocator
+(`-x tlsf`; Debian's default is the debugging allocator `qm`) and 4 workers. Prints msg/s and
+the share of the native route's throughput each configuration keeps.
+
+    python3 bench/bench_kamailio.py [--messages 20000] [--in-flight 100] [--children 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_engine import make_policy  # noqa: E402
+
+from tests.servers import free_port  # noqa: E402
+from tests.servers.kamailio import KamailioServer  # noqa: E402
+
+SIPP_DIR = ROOT / "bench" / "sipp"
+TRIVIAL = 'policy "trivial"\nlocal domains ["acme.example"]\ndefault allow\n'
+BENCH_RULE = 'rule bench_destination:\n  on message\n  when recipient.domain == "bench.example"\n  allow\n'
+
+
+def large_policy() -> str:
+    return make_policy(200) + "\n" + BENCH_RULE
+
+
+def sipp_binary() -> str:
+    path = shutil.which("sipp")
+    if not path:
+        raise SystemExit("sipp is not installed: apt-get install sip-tester")
+    return path
+
+
+def start_sink() -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen([sipp_binary(), "-sf", str(SIPP_DIR / "message_uas.xml"), "-i", "127.0.0.1",
+                             "-p", str(port), "-nostdin", "-max_recv_loops", "10000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.5)
+    return proc, port
+
+
+def load(port: int, messages: int, in_flight: int) -> tuple[int, int, float]:
+    """(successful, failed, seconds) for `messages` MESSAGEs with `in_flight` outstanding."""
+    started = time.perf_counter()
+    result = subprocess.run([sipp_binary(), "-sf", str(SIPP_DIR / "message_uac.xml"), "-s", "bob",
+                             "-i", "127.0.0.1", "-p", "0", "-m", str(messages), "-r", "100000", "-rp", "1000",
+                             "-l", str(in_flight), "-nostdin", "-nd", "-timeout", "300s", "-recv_timeout", "5000",
+                             "-max_recv_loops", "10000", "-max_sched_loops", "10000", f"127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - started
+    def counter(name: str) -> int:
+        found = re.findall(rf"{name}\s+\|\s+\d+\s+\|\s+(\d+)", result.stdout)
+        return int(found[-1]) if found else 0
+    return counter("Successful call"), counter("Failed call"), elapsed
+
+
+def start_native(workdir: Path, sink_port: int, children: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port("127.0.0.1")
+    module_dir = next(iter(Path("/usr/lib").glob("*/kamailio/modules/tm.so"))).parent
+    proc = subprocess.Popen(["kamailio", "-f", str(ROOT / "bench" / "kamailio-native.cfg"), "-DD", "-E", "-x", "tlsf", "-m", "512",
+                             "-w", str(workdir), "-A", f"LISTEN=udp:127.0.0.1:{port}", "-A", f"CHILDREN={children}",
+                             "-A", f'NEXT_HOP="sip:127.0.0.1:{sink_port}"', "-A", f'MPATH="{module_dir}/"'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(1.5)
+    if proc.poll() is not None:
+        raise SystemExit("the native Kamailio did not start")
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    import os
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--in-flight", type=int, default=100)
+    parser.add_argument("--children", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="measured runs per configuration (best kept)")
+    args = parser.parse_args()
+
+    results: dict[str, tuple[float, int, int]] = {}
+    sink, sink_port = start_sink()
+    try:
+        with tempfile.TemporaryDirectory(prefix="policyplug-bench-kamailio-") as tmp:
+            work = Path(tmp)
+            configurations = [("native route", None), ("adapter, 200-rule policy", large_policy()),
+                              ("adapter, trivial policy", TRIVIAL)]
+            for index, (name, policy) in enumerate(configurations):
+                server = None
+                if policy is None:
+                    proc, port = start_native(work, sink_port, args.children)
+                else:
+                    server = KamailioServer(work / f"k{index}", policy, children=args.children, audit_level="denied",
+                                            allocator="tlsf", shm_mb=512, routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
+                                            debug=1)
+                    server.start()
+                    port = server.port
+                try:
+                    load(port, 2000, args.in_flight)  # warm-up: transactions, caches, branch predictors
+                    best = (0.0, 0, 0)
+                    for _ in range(args.rounds):
+                        ok, failed, seconds = load(port, args.messages, args.in_flight)
+                        rate = ok / seconds
+                        print(f"  {name}: {ok} ok, {failed} failed in {seconds:.2f} s = {rate:,.0f} msg/s", flush=True)
+                        if rate > best[0]:
+                            best = (rate, ok, failed)
+                    results[name] = best
+                finally:
+                    if server is not None:
+                        audited = len(server.audit_log.read_text().splitlines()) if server.audit_log.exists() else 0
+                        print(f"  ({audited} audit records written)")
+                        server.stop()
+                    else:
+                        stop(proc)
+    finally:
+        stop(sink)
+
+    baseline = results["native route"][0]
+    print()
+    print(f"MESSAGE through Kamailio 5.6 (-x tlsf, {args.children} workers), SIPp with {args.in_flight} in flight, "
+          f"{args.messages} per run, best of {args.rounds}")
+    print(f"{'configuration':<28} {'msg/s':>10} {'kept':>7} {'failed':>7}")
+    for name, (rate, _ok, failed) in results.items():
+        print(f"{name:<28} {rate:>10,.0f} {rate / baseline:>7.0%} {failed:>7}")
+    kept = results["adapter, 200-rule policy"][0] / baseline
+    print(f"\ngoal: the adapter with 200 rules keeps >= 70% of the native route: {'met' if kept >= 0.7 else 'NOT met'} ({kept:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
