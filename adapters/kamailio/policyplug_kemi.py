@@ -35,6 +35,7 @@ import secrets
 import shutil
 import site
 import sys
+import time
 import tomllib
 import traceback
 from pathlib import Path
@@ -68,6 +69,7 @@ from htable_limiter import HtableLimiter  # noqa: E402  (needs the paths set abo
 from sip_event import event_json, media_type, split_message  # noqa: E402
 
 from policyplug import Event, EventError, PolicyError, load_policy  # noqa: E402
+from policyplug.addresses import AddressError, parse_address  # noqa: E402
 from policyplug.audit.shared_file import SharedAuditLog  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
@@ -75,6 +77,7 @@ COPY_MARK = COPY_HEADER.lower().encode()
 DIALOG_FORMING = ("INVITE", "SUBSCRIBE")
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
+FOLLOW_INTERVAL = 0.1  # seconds
 STATE_TABLE = "policyplug_state"  # htable: generation and path of the policy published to workers
 
 
@@ -83,9 +86,25 @@ def log(level: str, text: str) -> None:
 
 
 def raw_message() -> bytes:
-    """The request as received. Through base64: KSR.pv.get decodes text as UTF-8 and raises on
-    anything else, and a body need not be UTF-8."""
-    return base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
+    """The request as received. KSR.pv.get decodes text as UTF-8 and raises on anything else,
+    and a body need not be UTF-8: such a request is fetched again through base64."""
+    try:
+        return (KSR.pv.get("$mb") or "").encode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
+
+
+def build_event(request: dict[str, Any]) -> Event:
+    """The Event of a request mapped by sip_event.event_json, whose fields have the right types
+    by construction: Event.from_json's checks of untrusted JSON are not needed on this path."""
+    try:
+        sender = parse_address(request["from"], None)
+        recipient = parse_address(request["to"], None)
+    except AddressError as exc:
+        raise EventError(f"{exc}") from None
+    return Event(request["kind"], sender, recipient, protocol="sip", body=request["body"],
+                 subject=request["subject"], type=request["type"], size=request["size"],
+                 payload=request["payload"], headers=request["headers"], client=request["client"])
 
 
 def quoted(text: str) -> str:
@@ -119,6 +138,7 @@ class PolicyplugKamailio:
         self.state_dir = Path(config.get("state_dir", "/var/lib/policyplug/kamailio"))
         self.policy: Any = None
         self.generation = 0
+        self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
         self._load_initial()
 
@@ -194,7 +214,12 @@ class PolicyplugKamailio:
         return target / self.policy_path.resolve().relative_to(root)
 
     def _follow(self) -> None:
-        """Worker: load the policy the timer process published, if it is newer than ours."""
+        """Worker: load the policy the timer process published, if it is newer than ours
+        (looked up at most every FOLLOW_INTERVAL: the timer publishes once a second anyway)."""
+        now = time.monotonic()
+        if now < self._next_follow:
+            return
+        self._next_follow = now + FOLLOW_INTERVAL
         generation = KSR.htable.sht_get(STATE_TABLE, "generation")
         if not isinstance(generation, int) or generation <= self.generation:
             return
@@ -275,7 +300,7 @@ class PolicyplugKamailio:
         if request is None:
             return self.relay(method) if initial else self.relay_in_dialog()
         try:
-            event = Event.from_json(request)
+            event = build_event(request)
         except EventError as exc:
             return self.reply(400, "Bad Request", str(exc))
         decision = self.policy.decide(event)

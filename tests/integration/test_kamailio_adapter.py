@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -150,7 +151,7 @@ def sipp(world: World, scenario: str, service: str, *keys: str, log_dir: Path | 
     for pair in zip(keys[::2], keys[1::2], strict=True):
         command += ["-key", *pair]
     command.append(f"127.0.0.1:{world.server.port}")
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=log_dir)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=log_dir or tempfile.mkdtemp(prefix="sipp-"))
 
 
 # -- SIPp scenarios ------------------------------------------------------------------------------
