@@ -6,7 +6,8 @@
   200 rules the policyplug KEMI adapter with the 200-rule benchmark policy of bench_engine.py
             (plus one rule allowing the benchmark's destination; audit level `denied`, so the
             policy's `audit` rule writes a hash-chained audit record for every message),
-  trivial   the adapter with a `default allow` policy.
+  trivial   the adapter with a `default allow` policy,
+and, to show what the audit log costs, the 200-rule policy with the audit level `none`.
 
 SIPp (Debian sip-tester) sends MESSAGEs with a fixed number in flight to Kamailio, which
 relays them statefully to a SIPp sink answering 200. Kamailio runs with the TLSF allocator
@@ -113,14 +114,15 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="policyplug-bench-kamailio-") as tmp:
             work = Path(tmp)
-            configurations = [("native route", None), ("adapter, 200-rule policy", large_policy()),
-                              ("adapter, trivial policy", TRIVIAL)]
-            for index, (name, policy) in enumerate(configurations):
+            configurations = [("native route", None, ""), ("adapter, 200-rule policy", large_policy(), "denied"),
+                              ("adapter, trivial policy", TRIVIAL, "denied"),
+                              ("  (200 rules, audit off)", large_policy(), "none")]
+            for index, (name, policy, audit_level) in enumerate(configurations):
                 server = None
                 if policy is None:
                     proc, port = start_native(work, sink_port, args.children)
                 else:
-                    server = KamailioServer(work / f"k{index}", policy, children=args.children, audit_level="denied",
+                    server = KamailioServer(work / f"k{index}", policy, children=args.children, audit_level=audit_level,
                                             allocator="tlsf", shm_mb=512, routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
                                             debug=1)
                     server.start()

@@ -70,7 +70,7 @@ from sip_event import event_json, media_type, split_message  # noqa: E402
 
 from policyplug import Event, EventError, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, parse_address  # noqa: E402
-from policyplug.audit.shared_file import SharedAuditLog  # noqa: E402
+from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
 COPY_MARK = COPY_HEADER.lower().encode()
@@ -128,10 +128,21 @@ class PolicyplugKamailio:
         self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))
         self.self_uri = config.get("self_uri")  # where copies are sent to be routed like any request
         audit_path = config.get("audit_log")
-        self.audit = SharedAuditLog(audit_path, level=config.get("audit_level", "denied"),
-                                    include_bodies=bool(config.get("audit_bodies", False)),
-                                    node=config.get("node"), max_bytes=config.get("audit_max_bytes")) \
-            if audit_path else None
+        self.audit: Any = None
+        self.chainer: SpoolChainer | None = None
+        if audit_path:
+            level = config.get("audit_level", "denied")
+            bodies = bool(config.get("audit_bodies", False))
+            node = config.get("node")
+            shared_log = SharedAuditLog(audit_path, level=level, include_bodies=bodies, node=node,
+                                        max_bytes=config.get("audit_max_bytes"))
+            if config.get("audit_spool", True):
+                # workers spool, the timer process chains (policyplug/audit/shared_file.py)
+                spool = Path(config.get("audit_spool_dir", f"{audit_path}.spool"))
+                self.audit = AuditSpool(spool, level=level, include_bodies=bodies, node=node)
+                self.chainer = SpoolChainer(spool, shared_log)
+            else:
+                self.audit = shared_log
         # copies this server sends itself carry this token, so they are routed without a decision;
         # made before fork, so every worker knows it, and nobody outside can forge it
         self.copy_token = secrets.token_hex(16)
@@ -383,7 +394,10 @@ class PolicyplugKamailio:
             log("err", f"copy to {archive} could not be sent (Call-ID {KSR.pv.get('$ci')})")
 
     def sync_audit(self) -> int:
-        if self.audit is not None:
+        """Timer process: chain what the workers spooled (or fsync the directly written log)."""
+        if self.chainer is not None:
+            self.chainer.run_once()
+        elif self.audit is not None:
             self.audit.sync()
         return 1
 
@@ -416,7 +430,7 @@ class kamailio:  # noqa: N801  (the class name app_python3 looks for)
         return 1  # replies are relayed as they are
 
     def ksr_policyplug_sync(self, msg: Any, event_name: str | None = None) -> int:
-        """rtimer callback (every 200 ms): fsync the audit log."""
+        """rtimer callback (every 100 ms): chain the spooled audit records, fsync the log."""
         try:
             return self.adapter.sync_audit()
         except Exception as exc:

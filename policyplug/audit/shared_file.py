@@ -15,6 +15,7 @@ The format, rotation and `policyplug audit verify` are those of the decision ser
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -25,6 +26,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from .log import FORMAT_VERSION, GENESIS, LEVELS, canonical, last_record, should_audit
 
@@ -112,6 +115,39 @@ class SharedAuditLog:
             self._known = (stat.st_ino, end)
             self._write_head(stat.st_ino, end)
             self.stats["written"] += 1
+            if self.max_bytes is not None and end >= self.max_bytes:
+                self._rotate()
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def append_bodies(self, bodies: list[bytes]) -> None:
+        """Chain and append many records given as canonical JSON without chain fields (as
+        AuditSpool writes them), under one lock and with one write."""
+        if not bodies:
+            return
+        self._ensure_open()
+        assert self._lock_fd is not None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            fd, stat = self._current_file()
+            if self._known != (stat.st_ino, stat.st_size):
+                self._prev, self._seq = self._chain_head(stat)
+            lines = []
+            for body in bodies:
+                cut = body.rfind(b',"time":')
+                if cut <= 0:
+                    raise ValueError(f"not an audit record: {body[:80]!r}")
+                self._seq += 1
+                chained = b"".join((body[:cut], b',"prev":"', self._prev.encode(), b'","seq":',
+                                    str(self._seq).encode(), body[cut:]))
+                self._prev = hashlib.sha256(chained).hexdigest()
+                lines.append(b'{"hash":"' + self._prev.encode() + b'",' + chained[1:] + b"\n")
+            data = b"".join(lines)
+            os.write(fd, data)
+            end = stat.st_size + len(data)
+            self._known = (stat.st_ino, end)
+            self._write_head(stat.st_ino, end)
+            self.stats["written"] += len(bodies)
             if self.max_bytes is not None and end >= self.max_bytes:
                 self._rotate()
         finally:
@@ -224,3 +260,142 @@ class SharedAuditLog:
         self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
         self.stats["last_error_at"] = time.time()
         log.error("audit log %s: %s", self.path, self.stats["last_error"])
+
+
+# -- the spool: what workers write, chained by one timer process ---------------------------------
+#
+# Chaining costs a lock, a look at the chain head and a hash per record, in the worker, on the
+# path of the request. With a spool a worker only appends the record's canonical line to a file
+# of its own (spool/<pid>.jsonl: one write, no lock); a timer process (Kamailio's rtimer, every
+# 100 ms) moves every new line, in time order, into the hash-chained log with one lock and one
+# write per batch, and fsyncs both. Nothing is lost when the server is killed: what was spooled
+# and not yet chained is chained at the next start. Until then (at most a timer interval) a
+# record sits unchained in the spool; docs/kamailio.md says so.
+
+SPOOL_FILE_MAX = 64 << 20  # a worker starts a new spool file past this size
+
+
+class AuditSpool:
+    """Worker side: one unchained canonical line per audited decision. Never raises."""
+
+    def __init__(self, spool_dir: str | Path, *, level: str = "denied", include_bodies: bool = False,
+                 node: str | None = None):
+        if level not in LEVELS:
+            raise ValueError(f"audit level must be one of {', '.join(LEVELS)}, not {level!r}")
+        self.dir = Path(spool_dir)
+        self.level = level
+        self.include_bodies = include_bodies
+        self.node = node or socket.gethostname()
+        self.stats: dict[str, Any] = {"written": 0, "errors": 0, "last_error": None}
+        self._fd: int | None = None
+        self._pid = 0
+        self._size = 0
+        self._part = 0
+
+    def submit(self, event: Any, decision: Any) -> bool:
+        if not should_audit(self.level, decision):
+            return False
+        try:
+            line = canonical(build_record(event, decision, node=self.node, include_bodies=self.include_bodies))
+            if self._fd is None or self._pid != os.getpid() or self._size >= SPOOL_FILE_MAX:
+                self._open()
+            assert self._fd is not None
+            os.write(self._fd, line + b"\n")
+            self._size += len(line) + 1
+            self.stats["written"] += 1
+            return True
+        except Exception as exc:  # auditing must never break a decision
+            self.stats["errors"] += 1
+            self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
+            log.error("audit spool %s: %s", self.dir, self.stats["last_error"])
+            self._fd = None
+            return False
+
+    def _open(self) -> None:
+        """spool/<pid>.jsonl; a full one is renamed <pid>.<n>.jsonl (the chainer finishes it)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        current = self.dir / f"{os.getpid()}.jsonl"
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+            self._part += 1
+            os.replace(current, self.dir / f"{os.getpid()}.{self._part}.jsonl")
+        self._pid = os.getpid()
+        self._fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+
+class SpoolChainer:
+    """Timer side: move spooled records into the hash-chained log. One process runs it."""
+
+    def __init__(self, spool_dir: str | Path, log_: SharedAuditLog):
+        self.dir = Path(spool_dir)
+        self.log = log_
+        self.offsets_path = self.dir / "offsets.json"
+        self._offsets: dict[str, int] | None = None  # by inode: a renamed spool file keeps its place
+
+    def run_once(self) -> int:
+        """Chain every complete new line; returns how many records were moved."""
+        if not self.dir.is_dir():
+            return 0
+        if self._offsets is None:
+            try:
+                self._offsets = {k: int(v) for k, v in orjson.loads(self.offsets_path.read_bytes()).items()}
+            except (OSError, ValueError):
+                self._offsets = {}
+        offsets = self._offsets
+        batch: list[tuple[bytes, bytes]] = []
+        finished: list[Path] = []
+        seen: set[str] = set()
+        for path in sorted(self.dir.glob("*.jsonl")):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                stat = os.fstat(fd)
+                key = str(stat.st_ino)
+                seen.add(key)
+                start = offsets.get(key, 0)
+                data = os.pread(fd, max(0, stat.st_size - start), start) if stat.st_size > start else b""
+            finally:
+                os.close(fd)
+            complete = data[: data.rfind(b"\n") + 1]  # a line being written is left for next time
+            for line in complete.splitlines():
+                if line.strip():
+                    cut = line.rfind(b',"time":"')
+                    stamp = line[cut + 9: line.find(b'"', cut + 9)] if cut > 0 else b""
+                    batch.append((stamp, line))
+            offsets[key] = start + len(complete)
+            if offsets[key] >= stat.st_size and not _writer_alive(path):
+                finished.append(path)
+        if batch:
+            batch.sort(key=lambda item: item[0])  # stable: one worker's records keep their order
+            self.log.append_bodies([line for _, line in batch])
+            self.log.sync()
+        for key in [k for k in offsets if k not in seen]:
+            del offsets[key]
+        self._save_offsets()
+        for path in finished:  # fully chained and nobody writes it any more
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return len(batch)
+
+    def _save_offsets(self) -> None:
+        assert self._offsets is not None
+        temporary = self.offsets_path.with_suffix(".tmp")
+        temporary.write_bytes(orjson.dumps(self._offsets))
+        os.replace(temporary, self.offsets_path)
+
+
+def _writer_alive(path: Path) -> bool:
+    """Is the worker that writes this spool file still writing it? (<pid>.jsonl of a live pid)"""
+    parts = path.name.split(".")
+    if len(parts) != 2 or not parts[0].isdigit():
+        return False  # <pid>.<n>.jsonl: renamed by its worker, complete
+    try:
+        os.kill(int(parts[0]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
