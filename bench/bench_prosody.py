@@ -4,19 +4,26 @@ in one run: without mod_policyplug (the baseline), with it and a trivial policy,
 200-rule policy. Prints throughput and the median/p99 latency per message, and the share of the
 baseline throughput each configuration keeps.
 
-    python3 bench/bench_prosody.py [--messages 3000] [--window 200]
+    python3 bench/bench_prosody.py [--messages 3000] [--window 50] [--transport socket|component]
+
+The module asks the decision service over its Unix socket by default (`--transport component`:
+decision IQs to its XEP-0114 component). The receiver stamps each message on arrival; latency is
+arrival minus the send time written in the body, so "added" is the median with the module minus
+the median without it, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +44,16 @@ def large_policy() -> str:
                                     'local domains ["acme.example"]')
 
 
-async def pump(port: int, count: int, window: int) -> tuple[float, list[float]]:
-    sender, receiver = TestClient("alice@acme.example", "pw"), TestClient("bob@acme.example", "pw")
-    await sender.login(port)
-    await receiver.login(port)
-    # let the receiver's initial presence be processed (and decided) first: messages to a bare JID
-    # whose resources are not yet available would not be delivered
-    await asyncio.sleep(1.0)
+@dataclass
+class Result:
+    rate: float = 0.0                                            # messages/s, `window` in flight
+    loaded: list[float] = field(default_factory=list)            # latencies (ms) in that run
+    unloaded: list[float] = field(default_factory=list)          # latencies (ms), one message at a time
+    cpu: dict[str, float] = field(default_factory=dict)          # CPU seconds per process, loaded run
+
+
+async def send_and_time(sender: TestClient, receiver: TestClient, count: int, window: int) -> tuple[float, list[float]]:
+    """Send `count` messages, at most `window` unanswered; -> (messages/s, latencies in ms)."""
     latencies: list[float] = []
     in_flight = asyncio.Semaphore(window)
     done = asyncio.Event()
@@ -65,20 +75,56 @@ async def pump(port: int, count: int, window: int) -> tuple[float, list[float]]:
     except TimeoutError:
         print(f"  only {len(latencies)} of {count} messages arrived within 120 s", flush=True)
     elapsed = time.perf_counter() - started
-    count = len(latencies)
+    receiver.del_event_handler("message", received)
+    return len(latencies) / elapsed, latencies
+
+
+async def pump(port: int, count: int, window: int, latency_count: int, pids: dict[str, int]) -> Result:
+    sender, receiver = TestClient("alice@acme.example", "pw"), TestClient("bob@acme.example", "pw")
+    await sender.login(port)
+    await receiver.login(port)
+    # let the receiver's initial presence be processed (and decided) first: messages to a bare JID
+    # whose resources are not yet available would not be delivered
+    await asyncio.sleep(1.0)
+    result = Result()
+    await send_and_time(sender, receiver, min(200, count), window)  # warm-up (JIT-free Lua, but caches)
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client_before = time.process_time()
+    result.rate, result.loaded = await send_and_time(sender, receiver, count, window)
+    result.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    result.cpu["clients"] = time.process_time() - client_before
+    _, result.unloaded = await send_and_time(sender, receiver, latency_count, 1)
     sender.disconnect()
     receiver.disconnect()
-    return count / elapsed, latencies
+    return result
 
 
-def run_config(workdir: Path, policy: str | None, count: int, window: int) -> tuple[float, list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_socket(server: ProsodyServer, sock: Path, timeout: float = 30) -> None:
+    """Until the module has connected to the service's socket (it retries every second)."""
+    deadline = time.monotonic() + timeout
+    while "connected to the decision service" not in server.log_text():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the module did not connect to {sock}:\n{server.log_text()[-2000:]}")
+        time.sleep(0.1)
+
+
+def run_config(workdir: Path, policy: str | None, count: int, window: int, latency_count: int,
+               transport: str) -> Result:
     options = {}
+    sock = workdir / "s.sock"
     if policy is not None:
-        options = {"acme.example": {"modules_enabled": ["policyplug"], "policyplug_component": "policy.acme.example",
-                                    "policyplug_timeout": 5}}
+        where = {"policyplug_socket": str(sock)} if transport == "socket" else \
+            {"policyplug_component": "policy.acme.example"}
+        options = {"acme.example": {"modules_enabled": ["policyplug"], "policyplug_timeout": 5, **where}}
+    # log level "info": Prosody logging every stanza (debug) would dominate what is measured
     server = ProsodyServer(workdir, components={"policy.acme.example": "s3cret"},
-                           plugin_paths=[str(ROOT / "adapters" / "prosody")], host_options=options,
-                           )
+                           plugin_paths=[str(ROOT / "adapters" / "prosody")], host_options=options, log_level="info")
     server.start()
     service = None
     try:
@@ -87,12 +133,20 @@ def run_config(workdir: Path, policy: str | None, count: int, window: int) -> tu
         if policy is not None:
             policy_file = workdir / "bench.policy"
             policy_file.write_text(policy)
-            service = subprocess.Popen(
-                [sys.executable, "-m", "policyplug", "serve", str(policy_file), "--component", "policy.acme.example",
-                 "--secret", "s3cret", "--server", f"127.0.0.1:{server.component_port}",
-                 "--socket", str(workdir / "s.sock")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            server.wait_for_component()
-        return asyncio.run(pump(server.c2s_port, count, window))
+            command = [sys.executable, "-m", "policyplug", "serve", str(policy_file), "--socket", str(sock)]
+            if transport == "component":
+                command += ["--component", "policy.acme.example", "--secret", "s3cret",
+                            "--server", f"127.0.0.1:{server.component_port}"]
+            service = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if transport == "component":
+                server.wait_for_component()
+            else:
+                wait_for_socket(server, sock)
+        assert server.process is not None
+        pids = {"prosody": server.process.pid}
+        if service is not None:
+            pids["service"] = service.pid
+        return asyncio.run(pump(server.c2s_port, count, window, latency_count, pids))
     finally:
         if service is not None:
             service.send_signal(signal.SIGTERM)
@@ -102,23 +156,37 @@ def run_config(workdir: Path, policy: str | None, count: int, window: int) -> tu
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--window", type=int, default=50, help="messages in flight")
+    parser.add_argument("--messages", type=int, default=3000, help="messages in the throughput run")
+    parser.add_argument("--window", type=int, default=50, help="messages in flight in the throughput run")
+    parser.add_argument("--latency-messages", type=int, default=500, help="messages sent one at a time")
+    parser.add_argument("--transport", choices=("socket", "component"), default="socket")
     args = parser.parse_args()
-    rows = []
+    print(f"{args.messages} messages with {args.window} in flight, then {args.latency_messages} one at a time; "
+          f"transport {args.transport}", flush=True)
+    rows: list[tuple[str, Result]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, policy in (("without the module", None), ("module, trivial policy", TRIVIAL),
                               ("module, 200-rule policy", large_policy())):
             workdir = Path(tmp) / label.replace(" ", "-").replace(",", "")
             workdir.mkdir()
-            rate, latencies = run_config(workdir, policy, args.messages, args.window)
-            rows.append((label, rate, statistics.median(latencies), sorted(latencies)[int(len(latencies) * .99) - 1]))
-    base_rate, base_median = rows[0][1], rows[0][2]
-    print(f"{'configuration':<26} {'msg/s':>8} {'kept':>6} {'median ms':>10} {'added':>8} {'p99 ms':>8}")
-    for label, rate, median, p99 in rows:
-        print(f"{label:<26} {rate:>8,.0f} {rate / base_rate:>6.0%} {median:>10.2f} {median - base_median:>+8.2f} "
-              f"{p99:>8.2f}")
+            rows.append((label, run_config(workdir, policy, args.messages, args.window, args.latency_messages,
+                                           args.transport)))
+    base = rows[0][1]
+    base_median = statistics.median(base.unloaded)
+    print(f"\n{'configuration':<26} {'msg/s':>8} {'kept':>6} {'loaded median':>14} {'p99':>7}   "
+          f"{'1-at-a-time median':>18} {'added':>7} {'p99':>7}   CPU s per 1000 msgs")
+    for label, r in rows:
+        median = statistics.median(r.unloaded)
+        cpu = ", ".join(f"{name} {seconds * 1000 / args.messages:.2f}" for name, seconds in r.cpu.items())
+        print(f"{label:<26} {r.rate:>8,.0f} {r.rate / base.rate:>6.0%} {statistics.median(r.loaded):>11.2f} ms "
+              f"{percentile(r.loaded, .99):>7.2f}   {median:>15.3f} ms {median - base_median:>+7.3f} "
+              f"{percentile(r.unloaded, .99):>7.2f}   {cpu}")
     return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * q) - 1)] if ordered else float("nan")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ local jid_util = require "util.jid";
 local json = require "util.json";
 local async = require "util.async";
 local datetime = require "util.datetime";
-local array = require "util.array"; -- util.json encodes these as JSON arrays, even when empty
 local time_now = require "util.time".now;
 local new_id = require "util.id".short;
 
 local NS = "urn:policyplug:decision:1";
+local ALLOW, DROP = { decision = "allow" }, { decision = "drop" }; -- shared, never modified
 local socket_path = module:get_option_string("policyplug_socket");
 local service_jid = module:get_option_string("policyplug_component", "policy." .. module.host);
 local timeout = module:get_option_number("policyplug_timeout", 2);
@@ -41,7 +41,7 @@ local kinds = module:get_option_set("policyplug_kinds", {
 	"message", "groupchat", "presence", "subscribe", "join", "call", "file", "login", "iq" });
 local UNAVAILABLE_REASON = "policy service unavailable";
 local MAX_REQUEST = 1000000; -- the service refuses request lines over 1 MiB
-local BODY_KEPT = 200000;    -- what is left of a body that would make the request too long
+local BODY_KEPT = 150000;    -- what is left of a body that would make the request too long (x6 escaped < 1 MiB)
 
 if fail_mode ~= "open" and fail_mode ~= "closed" then
 	module:log("error", "policyplug_fail_mode must be \"closed\" or \"open\", not %q: using \"closed\"", fail_mode);
@@ -52,9 +52,12 @@ local counters = { asked = 0, answered = 0, timeouts = 0, disconnected = 0, serv
 	failed_closed = 0, failed_open = 0, lua_errors = 0 };
 local outcome_metric = module:metric("counter", "outcomes", "",
 	"policyplug decisions enforced, and failures handled by the fail mode", { "outcome" });
+local metric_of = {};
 local function count(name)
 	counters[name] = (counters[name] or 0) + 1;
-	outcome_metric:with_labels(name):add(1);
+	local metric = metric_of[name];
+	if not metric then metric = outcome_metric:with_labels(name); metric_of[name] = metric; end
+	metric:add(1);
 end
 module.counters = counters; -- for `prosodyctl shell` and tests
 
@@ -64,34 +67,43 @@ local function value(x) -- JSON null -> nil
 end
 
 ------------------------------------------------------------------------------------------------
--- Transport: ask(event, callback) calls callback(decision) or callback(nil, why) exactly once.
+-- Transport: ask(request_json, waiter) settles the waiter exactly once, with a decision or with
+-- nil and why. A waiter is a queue entry (see check) or, for logins, a function.
 ------------------------------------------------------------------------------------------------
 
-local pending = {};               -- request id -> callback
+local pending = {};               -- request id -> waiter
 local deadline_ids, deadline_at, d_first, d_last = {}, {}, 1, 0; -- FIFO: deadlines grow with send order
 local last_id = 0;
 local send_request;               -- transport-specific: send_request(id, event_json) -> ok, err
+local flush;                      -- delivers a session's settled entries (defined with the queues)
 
 local function settle(id, decision, err)
-	local callback = pending[id];
-	if not callback then return; end -- already settled (late answer after a timeout)
+	local waiter = pending[id];
+	if not waiter then return; end -- already settled (a late answer after a timeout)
 	pending[id] = nil;
-	local ok, lua_err = pcall(callback, decision, err);
+	local ok, lua_err;
+	if type(waiter) == "function" then
+		ok, lua_err = pcall(waiter, decision, err);
+	else
+		waiter.decision, waiter.why, waiter.done = decision, err, true;
+		ok, lua_err = pcall(flush, waiter.origin);
+	end
 	if not ok then
 		count("lua_errors");
-		module:log("error", "policyplug callback failed: %s", lua_err);
+		module:log("error", "policyplug: settling a decision failed: %s", lua_err);
 	end
 end
 
 local function fail_all(why)
 	local ids = {};
 	for id in pairs(pending) do ids[#ids + 1] = id; end
+	table.sort(ids); -- in sending order, as answers would have come
 	for _, id in ipairs(ids) do settle(id, nil, why); end
 end
 
 -- One timer for all requests: answers that do not come within the timeout settle as failures.
 local SWEEP = math.min(0.1, timeout / 4);
-module:add_timer(SWEEP, function ()
+local function sweep()
 	local now = time_now();
 	while d_first <= d_last and deadline_at[d_first] <= now do
 		local id = deadline_ids[d_first];
@@ -102,32 +114,52 @@ module:add_timer(SWEEP, function ()
 			settle(id, nil, ("no answer within %gs"):format(timeout));
 		end
 	end
+end
+module:add_timer(SWEEP, function ()
+	local ok, err = pcall(sweep); -- an error must not stop the timer: it is what unblocks sessions
+	if not ok then module:log("error", "policyplug timeout sweep failed: %s", err); end
 	return SWEEP;
 end);
 
-local function encode_event(event)
-	local text = json.encode(event);
-	if #text > MAX_REQUEST and #event.body > BODY_KEPT then
-		-- only a pathological body (256 KiB of characters JSON escapes as \u00XX) gets here; the
-		-- policy sees the start of it, and the true stanza size
-		event.body = event.body:sub(1, BODY_KEPT):gsub("[\128-\255]+$", "");
-		text = json.encode(event);
-	end
-	return text;
+-- The event JSON is written by hand: util.json is general and allocates a lot (and Prosody's
+-- garbage collector is tuned to collect often, so allocations are what costs). Strings are valid
+-- UTF-8 (Prosody's XML parser refuses anything else), so JSON only needs quotes, backslashes and
+-- control characters escaped. Fields left out take the spec's defaults: `time` is now,
+-- `protocol` is xmpp (inferred from the addresses), `body`/`subject`/`type` are empty.
+local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" };
+local function escape_char(c) return escapes[c] or ("\\u%04x"):format(c:byte()); end
+local function quote(s)
+	if not s:find('[%c"\\]') then return '"' .. s .. '"'; end
+	return '"' .. s:gsub('[%c"\\]', escape_char) .. '"';
 end
 
-local function ask(event, callback)
+local function ask(request_json, waiter)
 	last_id = last_id + 1;
 	local id = last_id;
 	count("asked");
-	local ok, err = send_request(id, encode_event(event));
+	local ok, err = send_request(id, request_json);
 	if not ok then
-		callback(nil, err);
+		pending[id] = waiter;
+		settle(id, nil, err);
 		return;
 	end
-	pending[id] = callback;
+	pending[id] = waiter;
 	d_last = d_last + 1;
 	deadline_ids[d_last], deadline_at[d_last] = id, time_now() + timeout;
+end
+
+-- Most answers are a plain allow (or drop) with no obligations. Those are recognised with a few
+-- plain-text searches in [first, last] of `text` instead of util.json: inside JSON strings quotes
+-- are escaped, so `"copy_to":[]` can only be the key itself. Anything else is decoded in full.
+local NO_OBLIGATIONS = { '"copy_to":[]', '"disclaimers":[]', '"redirect_to":null', '"route_via":null' };
+local function quick_decision(text, first, last)
+	local at, _, verdict = text:find('"decision":"(%a+)"', first);
+	if not at or at > last or (verdict ~= "allow" and verdict ~= "drop") then return; end
+	for i = 1, #NO_OBLIGATIONS do
+		local found = text:find(NO_OBLIGATIONS[i], first, true);
+		if not found or found > last then return; end
+	end
+	return verdict == "allow" and ALLOW or DROP;
 end
 
 local function handle_answer(id, answer)
@@ -152,25 +184,33 @@ if socket_path then
 
 	local listeners = {};
 	function listeners.onincoming(_, data)
-		buffer = buffer .. data;
+		if buffer ~= "" then data = buffer .. data; end
 		local start = 1;
 		while true do
-			local newline = buffer:find("\n", start, true);
+			local newline = data:find("\n", start, true);
 			if not newline then break; end
-			local line = buffer:sub(start, newline - 1);
-			start = newline + 1;
-			local ok, answer = pcall(json.decode, line);
-			local id = ok and type(answer) == "table" and value(answer.id);
-			if id ~= nil and pending[id] then
-				handle_answer(id, answer);
-			elseif not (ok and type(answer) == "table") then
-				count("service_errors");
-				module:log("warn", "unreadable line from the decision service: %.200s", line);
+			local _, head_end, id = data:find('^{"id":(%d+),"decision":{', start);
+			id = tonumber(id);
+			local quick = id and pending[id] and quick_decision(data, head_end, newline);
+			if quick then
+				count("answered");
+				settle(id, quick);
 			else
-				module:log("debug", "answer to no pending request: %.200s", line);
+				local line = data:sub(start, newline - 1);
+				local ok, answer = pcall(json.decode, line);
+				id = ok and type(answer) == "table" and value(answer.id);
+				if id ~= nil and pending[id] then
+					handle_answer(id, answer);
+				elseif not (ok and type(answer) == "table") then
+					count("service_errors");
+					module:log("warn", "unreadable line from the decision service: %.200s", line);
+				else
+					module:log("debug", "answer to no pending request: %.200s", line);
+				end
 			end
+			start = newline + 1;
 		end
-		buffer = buffer:sub(start);
+		buffer = start <= #data and data:sub(start) or "";
 	end
 	function listeners.ondisconnect(_, err)
 		conn, buffer = nil, "";
@@ -228,8 +268,13 @@ else
 		if not id or not pending[id] then return; end
 		if stanza.attr.type == "result" then
 			local element = stanza:get_child("decision", NS);
-			local ok, decision = pcall(json.decode, element and element:get_text() or "");
-			handle_answer(id, { decision = ok and decision or nil });
+			local text = element and element:get_text() or "";
+			local decision = quick_decision(text, 1, #text);
+			if not decision then
+				local ok, decoded = pcall(json.decode, text);
+				decision = ok and decoded or nil;
+			end
+			handle_answer(id, { decision = decision });
 		else -- an error: from the service (bad request), or from Prosody (component not connected)
 			local _, condition, text = stanza:get_error();
 			if condition == "service-unavailable" or condition == "remote-server-not-found" then
@@ -278,27 +323,44 @@ local function kind_of(stanza)
 	end
 end
 
-local function payload_of(stanza)
-	local seen, list = {}, array();
-	for child in stanza:childtags() do
-		local ns = child.attr.xmlns;
-		if ns and not seen[ns] then seen[ns] = true; list[#list + 1] = ns; end
+-- The namespaces of the stanza's children, as a JSON list (first seen first, no repeats).
+local function payload_json(stanza)
+	local tags = stanza.tags;
+	if #tags == 0 then return "[]"; end
+	if #tags == 1 then -- the usual message: one <body/>, or one payload
+		local ns = tags[1].attr.xmlns;
+		return ns and "[" .. quote(ns) .. "]" or "[]";
 	end
-	return list;
+	local seen, list = {}, {};
+	for i = 1, #tags do
+		local ns = tags[i].attr.xmlns;
+		if ns and not seen[ns] then seen[ns] = true; list[#list + 1] = quote(ns); end
+	end
+	return "[" .. table.concat(list, ",") .. "]";
 end
 
-local function event_of(origin, stanza, kind)
-	local from = stanza.attr.from or origin.full_jid or origin.host or "";
-	local to = stanza.attr.to or jid_util.bare(from) or from; -- no 'to': addressed to the sender's own account
-	local port = 0;
-	if origin.conn and origin.conn.clientport then port = tonumber(origin.conn:clientport()) or 0; end
-	return {
-		kind = kind, from = from, to = to, protocol = "xmpp",
-		body = stanza:get_child_text("body") or "", subject = stanza:get_child_text("subject") or "",
-		type = stanza.attr.type or "", size = #tostring(stanza), payload = payload_of(stanza),
-		time = datetime.datetime(),
-		client = { ip = origin.ip or "", port = port, secure = origin.secure and true or false },
-	};
+-- The event JSON of a stanza (cli.md), without `time` (the service's now is the same moment).
+local function event_json(origin, stanza, kind)
+	local attr = stanza.attr;
+	local from = attr.from or origin.full_jid or origin.host or "";
+	local to = attr.to or jid_util.bare(from) or from; -- no 'to': addressed to the sender's own account
+	local conn = origin.conn;
+	local port = conn and conn.clientport and tonumber(conn:clientport()) or 0;
+	local body = stanza:get_child_text("body");
+	local subject = stanza:get_child_text("subject");
+	local head = '{"kind":"' .. kind .. '","from":' .. quote(from) .. ',"to":' .. quote(to)
+		.. ',"protocol":"xmpp","type":' .. quote(attr.type or "") .. ',"size":' .. #tostring(stanza)
+		.. ',"payload":' .. payload_json(stanza) .. ',"client":{"ip":' .. quote(origin.ip or "")
+		.. ',"port":' .. port .. ',"secure":' .. (origin.secure and "true" or "false") .. "}"
+		.. (subject and ',"subject":' .. quote(subject) or "");
+	if not body then return head .. "}"; end
+	local body_json = quote(body);
+	if #head + #body_json > MAX_REQUEST - 100 then
+		-- only a pathological body (256 KiB of characters JSON escapes as \u00XX) gets here; the
+		-- policy sees the start of it, and the true stanza size
+		body_json = quote((body:sub(1, BODY_KEPT):gsub("[\128-\255]+$", "")));
+	end
+	return head .. ',"body":' .. body_json .. "}";
 end
 
 ------------------------------------------------------------------------------------------------
@@ -383,7 +445,10 @@ end
 -- Apply a decision. Returns true when the (possibly rewritten) stanza is to be delivered.
 local function enforce(origin, stanza, decision)
 	local verdict = decision.decision;
-	for _, address in ipairs(value(decision.copy_to) or {}) do archive_copy(origin, stanza, address); end
+	local copy_to = value(decision.copy_to);
+	if copy_to then
+		for _, address in ipairs(copy_to) do archive_copy(origin, stanza, address); end
+	end
 	if verdict == "deny" then
 		refuse(origin, stanza, value(decision.reason) or "not permitted by policy");
 		return;
@@ -392,7 +457,8 @@ local function enforce(origin, stanza, decision)
 	elseif verdict ~= "allow" and verdict ~= "redirect" then
 		error("unknown decision " .. tostring(verdict));
 	end
-	add_disclaimers(stanza, value(decision.disclaimers) or {});
+	local disclaimers = value(decision.disclaimers);
+	if disclaimers then add_disclaimers(stanza, disclaimers); end
 	local redirect_to, route_via = value(decision.redirect_to), value(decision.route_via);
 	if verdict == "redirect" and redirect_to then
 		stanza.attr.to = redirect_to;
@@ -407,8 +473,16 @@ end
 -- Per-session queues: entries settle in any order, and leave in the order they came.
 local queues = setmetatable({}, { __mode = "k" });
 
-local function deliver(origin, entry)
-	local stanza = entry.stanza;
+-- Hand a stanza whose session has gone meanwhile (the client disconnected while its stanza was
+-- being decided): Prosody cannot route from a retired session, so it goes from this host. Its
+-- broadcast presence is dropped: Prosody announced the session's end itself.
+local function post_orphan(stanza)
+	if stanza.name == "presence" and not stanza.attr.to then return; end
+	module:send(stanza);
+end
+
+local function deliver(entry)
+	local origin, stanza = entry.origin, entry.stanza;
 	local ok, to_post = true, entry.pass;
 	if entry.decision then
 		ok, to_post = pcall(enforce, origin, stanza, entry.decision);
@@ -423,14 +497,19 @@ local function deliver(origin, entry)
 		ok, to_post = pcall(fail, origin, stanza, entry.kind or "stanza", "internal error");
 	end
 	if ok and to_post then
-		local posted, err = pcall(post, origin, stanza);
+		local posted, err;
+		if origin.destroyed then
+			posted, err = pcall(post_orphan, stanza);
+		else
+			posted, err = pcall(post, origin, stanza);
+		end
 		if not posted then -- an error in a module that handles delivery: not ours to refuse
 			module:log("error", "delivering %s after its decision failed: %s", stanza:top_tag(), err);
 		end
 	end
 end
 
-local function flush(origin)
+function flush(origin)
 	local queue = queues[origin];
 	if not queue or queue.flushing then return; end
 	queue.flushing = true;
@@ -438,7 +517,7 @@ local function flush(origin)
 		local entry = queue[queue.first];
 		queue[queue.first] = nil;
 		queue.first = queue.first + 1;
-		deliver(origin, entry);
+		deliver(entry);
 	end
 	queue.flushing = nil;
 	if queue.first > queue.last then queues[origin] = nil; end
@@ -453,19 +532,16 @@ local function check(event)
 		if not queue then return; end -- nothing waiting before it: straight through
 		kind = nil; -- not decided, but it must not overtake what is waiting
 	end
-	local request = kind and event_of(origin, stanza, kind);
+	local request = kind and event_json(origin, stanza, kind);
 	if not queue then
 		queue = { first = 1, last = 0 };
 		queues[origin] = queue;
 	end
-	local entry = { stanza = stanza, kind = kind, pass = kind == nil, done = kind == nil };
+	local entry = { origin = origin, stanza = stanza, kind = kind, pass = kind == nil, done = kind == nil };
 	queue.last = queue.last + 1;
 	queue[queue.last] = entry;
 	if request then
-		local ok, err = pcall(ask, request, function (decision, why)
-			entry.decision, entry.why, entry.done = decision, why, true;
-			flush(origin);
-		end);
+		local ok, err = pcall(ask, request, entry); -- settles the entry (now or later) and flushes
 		if not ok then -- settle it here, or the session's queue would wait for it forever
 			count("lua_errors");
 			module:log("error", "policyplug could not ask about %s: %s", stanza:top_tag(), err);
@@ -510,13 +586,11 @@ end
 module:hook("resource-bind", function (event)
 	if not kinds:contains("login") then return; end
 	local session = event.session;
-	local port = 0;
-	if session.conn and session.conn.clientport then port = tonumber(session.conn:clientport()) or 0; end
-	local login = {
-		kind = "login", from = session.full_jid, to = session.host, protocol = "xmpp", body = "", subject = "",
-		type = "bind", size = 0, payload = array(), time = datetime.datetime(),
-		client = { ip = session.ip or "", port = port, secure = session.secure and true or false },
-	};
+	local conn = session.conn;
+	local port = conn and conn.clientport and tonumber(conn:clientport()) or 0;
+	local login = '{"kind":"login","from":' .. quote(session.full_jid) .. ',"to":' .. quote(session.host)
+		.. ',"protocol":"xmpp","type":"bind","size":0,"payload":[],"client":{"ip":' .. quote(session.ip or "")
+		.. ',"port":' .. port .. ',"secure":' .. (session.secure and "true" or "false") .. "}}";
 	local function decided(decision, why)
 		local refused_reason;
 		if not decision then

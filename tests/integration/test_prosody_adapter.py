@@ -45,7 +45,7 @@ class Deployment:
         self.service = subprocess.Popen(
             [sys.executable, "-m", "policyplug", "serve", str(POLICY), "--component", "policy.acme.example",
              "--secret", "s3cret", "--server", f"127.0.0.1:{self.server.component_port}",
-             "--socket", str(self.workdir / "svc.sock")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--socket", str(self.workdir / "svc.sock")], stdout=open(self.workdir / "svc.log", "a"), stderr=subprocess.STDOUT)
         self.server.wait_for_component(before)
 
     def stop_service(self) -> None:
