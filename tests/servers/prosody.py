@@ -7,7 +7,8 @@ ProsodyServer(workdir, hosts=["acme.example"], components={jid: secret} (XEP-011
               extra_modules=[...] (added to the global modules_enabled), plugin_paths=[...],
               host_options={host: {option: value}}, global_options={option: value},
               internal_components={jid: module} (e.g. {"rooms.acme.example": "muc"}),
-              log_level="debug" (the benchmark uses "warn": logging every stanza costs throughput))
+              log_level="debug" (the benchmark uses "info": logging every stanza costs throughput),
+              s2s_peers={domain: s2s_port} (another test server's domain, reached over s2s on loopback))
   .start()        waits until the c2s port (and the component port, where there are components) accepts
   .stop()         SIGTERM, then SIGKILL after 15 s;  .restart()
   .c2s_port, .s2s_port, .component_port
@@ -16,6 +17,12 @@ ProsodyServer(workdir, hosts=["acme.example"], components={jid: secret} (XEP-011
 
 The `prosody_server` fixture (tests/integration/conftest.py imports it) is a factory:
 `server = prosody_server(hosts=[...], ...)` returns a started server, stopped at teardown.
+
+s2s between two test servers: Prosody finds a remote domain by DNS (SRV `_xmpp-server._tcp`, else
+port 5269), through libunbound. `s2s_peers` gives the server's resolver a local SRV record pointing
+that domain at `localhost:PORT` (unbound's `local-data`, nothing touches /etc/hosts or real DNS), and
+enables dialback, which authenticates the servers to each other without certificates. libunbound
+takes one `local-data` option per context, so a server can have one peer (enough for the tests).
 
 Prosody runs as root in the foreground (`run_as_root = true`, `-F`), listens only on 127.0.0.1 on
 ports picked free, requires no TLS (test only), stores accounts in plain text in its data dir.
@@ -54,7 +61,8 @@ class ProsodyServer:
     def __init__(self, workdir: Path, hosts: list[str] | None = None, components: dict[str, str] | None = None,
                  extra_modules: list[str] | None = None, plugin_paths: list[str] | None = None,
                  host_options: dict[str, dict[str, Any]] | None = None, global_options: dict[str, Any] | None = None,
-                 internal_components: dict[str, str] | None = None, log_level: str = "debug"):
+                 internal_components: dict[str, str] | None = None, log_level: str = "debug",
+                 s2s_peers: dict[str, int] | None = None):
         self.binary = require_binary("prosody")
         self.prosodyctl = require_binary("prosodyctl")
         self.workdir = Path(workdir)
@@ -66,6 +74,9 @@ class ProsodyServer:
         self.global_options = global_options or {}
         self.internal_components = internal_components or {}
         self.log_level = log_level
+        self.s2s_peers = s2s_peers or {}
+        if len(self.s2s_peers) > 1:
+            raise ValueError("one s2s peer per test server (one unbound local-data option)")
         self.c2s_port = free_port()
         self.s2s_port = free_port()
         self.component_port = free_port()
@@ -89,6 +100,11 @@ class ProsodyServer:
             "modules_enabled": modules, "modules_disabled": ["tls", "s2s_bidi"],
             "plugin_paths": self.plugin_paths, "limits": {},
         }
+        for domain, port in self.s2s_peers.items():
+            modules.append("dialback")
+            options["use_ipv6"] = False
+            options["unbound"] = {"resolvconf": False, "hoststxt": False, "options": {
+                "local-data:": f"_xmpp-server._tcp.{domain}. 60 IN SRV 0 0 {port} localhost."}}
         options.update(self.global_options)
         lines = [f"{key} = {_lua(value)}" for key, value in options.items()]
         lines.append(f'log = {{ {{ levels = {{ min = {_lua(self.log_level)} }}, to = "file", filename = {_lua(str(self.log))} }} }}')
@@ -159,6 +175,14 @@ class ProsodyServer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def link_s2s(a: ProsodyServer, b: ProsodyServer) -> None:
+    """Before starting them: let two test servers reach each other's (first) domain over s2s."""
+    a.s2s_peers = {b.hosts[0]: b.s2s_port}
+    b.s2s_peers = {a.hosts[0]: a.s2s_port}
+    a.write_config()
+    b.write_config()
 
 
 @pytest.fixture
