@@ -50,7 +50,7 @@ def python_paths() -> list[str]:
 class KamailioServer:
     def __init__(self, workdir: Path, policy_text: str, *, routes: dict[str, str] | None = None,
                  children: int = 4, audit_level: str = "all", allocator: str | None = None, shm_mb: int | None = None,
-                 extra_config: dict[str, Any] | None = None, debug: int = 2):
+                 extra_config: dict[str, Any] | None = None, debug: int = 2, cpus: str | None = None):
         self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
         if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so").exists() and \
                 not list(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so")):
@@ -69,6 +69,7 @@ class KamailioServer:
         self.allocator = allocator
         self.shm_mb = shm_mb
         self.debug = debug
+        self.cpus = cpus  # e.g. "0": run pinned (taskset), for benchmarks
         settings: dict[str, Any] = {
             "policy": str(self.policy), "python_path": python_paths(), "audit_log": str(self.audit_log),
             "audit_level": audit_level, "self_uri": f"sip:{self.address}", "server_name": "kamailio.test",
@@ -92,6 +93,8 @@ class KamailioServer:
             command += ["-x", self.allocator]
         if self.shm_mb:
             command += ["-m", str(self.shm_mb)]  # shared memory: transactions wait there a few seconds
+        if self.cpus is not None:
+            command = ["taskset", "-c", self.cpus, *command]
         env = dict(os.environ, POLICYPLUG_KAMAILIO_CONFIG=str(self.config))
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
