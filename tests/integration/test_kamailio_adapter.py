@@ -426,3 +426,35 @@ def test_kamcmd_app_python_reload(world: World) -> None:
     assert "error" not in output.lower(), output
     response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="after rpc reload")
     assert response is not None and response.status == 200
+
+
+# -- the adapter in a native kamailio.cfg ---------------------------------------------------------
+
+def test_native_cfg_hands_requests_to_the_adapter(tmp_path: Path) -> None:
+    native_cfg = Path(__file__).parents[2] / "adapters" / "kamailio" / "native-example.cfg"
+    sbc = SipAgent("sbc", "sbc.example", ("127.0.0.1", 9))
+    server = KamailioServer(tmp_path, policy_text(sbc), cfg=native_cfg, children=2)
+    server.start()
+    agents = []
+    try:
+        proxy = ("127.0.0.1", server.port)
+        bob, alice = SipAgent("bob", "acme.example", proxy), SipAgent("alice", "acme.example", proxy)
+        agents = [bob, alice, sbc]
+        assert bob.register().status == 200
+        allowed = alice.request("MESSAGE", "sip:bob@acme.example", body="hello from native routing")
+        assert allowed is not None and allowed.status == 200
+        assert bob.wait_for(is_message_with("hello from native routing")) is not None
+        denied = alice.request("MESSAGE", "sip:bob@acme.example", body="a secret")
+        assert denied is not None and denied.status == 403
+        assert denied.header("Warning") == '399 kamailio.test "no secrets over SIP"'
+        marker = uuid.uuid4().hex
+        alice.request("MESSAGE", "sip:bob@acme.example", body="audited", call_id=marker)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not (server.audit_log.exists() and marker in server.audit_log.read_text()):
+            time.sleep(0.05)
+        assert marker in server.audit_log.read_text(), "the timer route chained the spooled records"
+        assert server.python_errors() == []
+    finally:
+        for agent in agents:
+            agent.close()
+        server.stop()

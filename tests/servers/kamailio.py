@@ -12,10 +12,12 @@ adapter's settings in a throwaway TOML file, on a free loopback port, and stops 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import site
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,14 +49,29 @@ def python_paths() -> list[str]:
     return [*site.getsitepackages(), str(ROOT)]
 
 
+def embedded_python() -> str | None:
+    """The Python version app_python3 is linked with ("3.11"), from its dynamic dependencies."""
+    module = next(iter(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so")), None)
+    if module is None:
+        return None
+    linked = subprocess.run(["ldd", str(module)], capture_output=True, text=True).stdout
+    match = re.search(r"libpython(\d+\.\d+)", linked)
+    return match.group(1) if match else None
+
+
 class KamailioServer:
     def __init__(self, workdir: Path, policy_text: str, *, routes: dict[str, str] | None = None,
                  children: int = 4, audit_level: str = "all", allocator: str | None = None, shm_mb: int | None = None,
-                 extra_config: dict[str, Any] | None = None, debug: int = 2, cpus: str | None = None):
+                 extra_config: dict[str, Any] | None = None, debug: int = 2, cpus: str | None = None,
+                 cfg: Path = CFG):
         self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
         if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so").exists() and \
                 not list(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so")):
             require_binary("kamailio-python3-modules (app_python3.so)")
+        embedded = embedded_python()
+        if embedded and embedded != f"{sys.version_info.major}.{sys.version_info.minor}":
+            pytest.fail(f"Kamailio embeds Python {embedded}, these tests run on {sys.version.split()[0]}: policyplug's "
+                        "compiled dependencies would not load in Kamailio; run the tests with that Python", pytrace=False)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port("127.0.0.1", socket.SOCK_DGRAM)
@@ -70,6 +87,7 @@ class KamailioServer:
         self.shm_mb = shm_mb
         self.debug = debug
         self.cpus = cpus  # e.g. "0": run pinned (taskset), for benchmarks
+        self.cfg = cfg
         settings: dict[str, Any] = {
             "policy": str(self.policy), "python_path": python_paths(), "audit_log": str(self.audit_log),
             "audit_level": audit_level, "self_uri": f"sip:{self.address}", "server_name": "kamailio.test",
@@ -84,7 +102,7 @@ class KamailioServer:
 
     def start(self, timeout: float = 30.0) -> None:
         module_dir = next(iter(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so"))).parent
-        command = [self.binary, "-f", str(CFG), "-DD", "-E", "-w", str(self.workdir),
+        command = [self.binary, "-f", str(self.cfg), "-DD", "-E", "-w", str(self.workdir),
                    "-A", f"LISTEN=udp:{self.address}", "-A", f"LISTEN2=tcp:{self.address}",
                    "-A", f"CHILDREN={self.children}", "-A", f'KEMI_SCRIPT="{KEMI_SCRIPT}"',
                    "-A", f'MPATH="{module_dir}/"', "-A", f'CTL_SOCKET="unix:{self.ctl}"',

@@ -1,0 +1,195 @@
+"""Unit tests of the Kamailio adapter's pure parts: SIP request -> event, htable limits, and the
+500-on-exception guard (with a stand-in for Kamailio's KSR module: the real thing is exercised by
+tests/integration/test_kamailio_adapter.py)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policyplug import Event, load_policy
+
+ADAPTER = Path(__file__).resolve().parents[1] / "adapters" / "kamailio"
+sys.path.insert(0, str(ADAPTER))
+
+from htable_limiter import HtableLimiter  # noqa: E402
+from sip_event import event_json, kind_of, offers_msrp_file_transfer, parse_headers, split_message  # noqa: E402
+
+from tests.sip_agent import SDP_AUDIO, SDP_MSRP_FILE  # noqa: E402
+
+
+def request(method: str, extra: str = "", body: bytes = b"hi", content_type: str = "text/plain") -> bytes:
+    head = (f"{method} sip:bob@acme.example SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK1\r\n"
+            f"f: <sip:alice@acme.example>;tag=1\r\nTo: <sip:bob@acme.example>\r\nCall-ID: c1\r\n"
+            f"CSeq: 1 {method}\r\n{extra}Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def mapped(method: str, **kwargs: Any) -> dict[str, Any] | None:
+    raw = kwargs.pop("raw", None) or request(method, **kwargs)
+    return event_json(method=method, raw=raw, from_uri="sip:alice@acme.example", to_uri="sip:bob@acme.example",
+                      source_ip="192.0.2.7", source_port=5062, transport="tls")
+
+
+@pytest.mark.parametrize("method, extra, body, content_type, kind", [
+    ("MESSAGE", "", b"hi", "text/plain", "message"),
+    ("SUBSCRIBE", "Event: presence\r\n", b"", "text/plain", "subscribe"),
+    ("SUBSCRIBE", "o: presence.winfo\r\n", b"", "text/plain", "subscribe"),
+    ("SUBSCRIBE", "Event: dialog\r\n", b"", "text/plain", None),
+    ("PUBLISH", "Event: presence\r\n", b"<presence/>", "application/pidf+xml", "presence"),
+    ("NOTIFY", "Event: presence\r\n", b"<presence/>", "application/pidf+xml", "presence"),
+    ("INVITE", "", SDP_AUDIO.encode(), "application/sdp", "call"),
+    ("INVITE", "", SDP_MSRP_FILE.encode(), "application/sdp", "file"),
+    ("REGISTER", "", b"", "text/plain", "login"),
+    ("OPTIONS", "", b"", "text/plain", None),
+    ("INFO", "", b"", "text/plain", None),
+])
+def test_every_method_maps_to_its_kind(method: str, extra: str, body: bytes, content_type: str, kind: str | None) -> None:
+    event = mapped(method, extra=extra, body=body, content_type=content_type)
+    assert (event["kind"] if event else None) == kind
+
+
+def test_message_event_fields() -> None:
+    event = mapped("MESSAGE", extra="Subject: lunch\r\nX-Custom: a\r\nX-Custom: b\r\n")
+    assert event is not None
+    assert event["body"] == "hi" and event["subject"] == "lunch" and event["type"] == "MESSAGE"
+    assert event["headers"]["from"] == "<sip:alice@acme.example>;tag=1", "compact form f: is expanded"
+    assert event["headers"]["x-custom"] == "a, b"
+    assert event["payload"] == ["text/plain"]
+    assert event["client"] == {"ip": "192.0.2.7", "port": 5062, "secure": True}
+    assert event["size"] == len(request("MESSAGE", extra="Subject: lunch\r\nX-Custom: a\r\nX-Custom: b\r\n"))
+    decided = load_policy(text='policy "t"\nlocal domains ["acme.example"]\ndefault allow\n').decide(Event.from_json(event))
+    assert decided.allowed, "the mapped event is valid event JSON of the spec"
+
+
+def test_non_text_bodies_are_not_message_text() -> None:
+    assert mapped("MESSAGE", body=b"\x00\x01", content_type="application/octet-stream")["body"] == ""
+    assert mapped("INVITE", body=SDP_AUDIO.encode(), content_type="application/sdp")["body"] == ""
+
+
+def test_non_utf8_body_is_decoded_with_replacement() -> None:
+    event = mapped("MESSAGE", body="h\xe9llo".encode("latin-1"))
+    assert event["body"] == "h\ufffdllo"
+
+
+def test_folded_headers_and_bare_lf() -> None:
+    section, body = split_message(b"MESSAGE sip:b@x SIP/2.0\nSubject: one\n two\nVia: v\n\nbody")
+    assert parse_headers(section) == {"subject": "one two", "via": "v"} and body == b"body"
+
+
+def test_header_count_and_size_are_bounded() -> None:
+    many = "".join(f"X-H{i}: {'v' * 10000}\r\n" for i in range(300))
+    headers = mapped("MESSAGE", extra=many)["headers"]
+    assert len(headers) <= 128 and all(len(v) <= 8192 for v in headers.values())
+
+
+def test_msrp_detection_needs_a_file_selector() -> None:
+    assert offers_msrp_file_transfer(SDP_MSRP_FILE)
+    assert not offers_msrp_file_transfer(SDP_MSRP_FILE.replace("a=file-selector", "a=x-other"))
+    assert kind_of("INVITE", {"content-type": "text/plain"}, SDP_MSRP_FILE) == "call"
+
+
+# -- htable limits -------------------------------------------------------------------------------
+
+class FakeHtable:
+    """Kamailio's htable KEMI functions over a dict, with lock bookkeeping."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str], Any] = {}
+        self.locked: set[tuple[str, str]] = set()
+        self.expires: dict[tuple[str, str], int] = {}
+
+    def sht_lock(self, table: str, key: str) -> int:
+        assert (table, key) not in self.locked
+        self.locked.add((table, key))
+        return 1
+
+    def sht_unlock(self, table: str, key: str) -> int:
+        self.locked.remove((table, key))
+        return 1
+
+    def sht_get(self, table: str, key: str) -> Any:
+        assert (table, key) in self.locked, "read outside the item's lock"
+        return self.items.get((table, key))
+
+    def sht_setxs(self, table: str, key: str, value: str, expire: int) -> int:
+        assert (table, key) in self.locked, "write outside the item's lock"
+        self.items[(table, key)] = value
+        self.expires[(table, key)] = expire
+        return 1
+
+    def sht_reset(self, table: str) -> int:
+        self.items = {k: v for k, v in self.items.items() if k[0] != table}
+        return 1
+
+
+def test_htable_limiter_is_an_exact_sliding_window() -> None:
+    ksr = types.SimpleNamespace(htable=FakeHtable())
+    limiter = HtableLimiter(ksr, "limits")
+    hits = [limiter.hit("rule\x00alice", 1000.0 + i, 60.0, 3) for i in range(5)]
+    assert hits == [False, False, False, True, True]
+    assert limiter.hit("rule\x00alice", 1063.5, 60.0, 3) is False, "events older than the window are forgotten"
+    assert limiter.hit("rule\x00bob", 1000.0, 60.0, 3) is False, "keys count apart"
+    assert not ksr.htable.locked, "every lock released"
+    assert set(ksr.htable.expires.values()) == {61}, "items expire from shared memory when idle"
+    stored = next(iter(ksr.htable.items.values()))
+    assert len(stored.split()) <= 4, "at most limit+1 timestamps are kept"
+
+
+def test_htable_limiter_agrees_with_the_memory_limiter() -> None:
+    from policyplug.limits import MemoryLimiter
+
+    ksr = types.SimpleNamespace(htable=FakeHtable())
+    shared, memory = HtableLimiter(ksr), MemoryLimiter()
+    times = [0.0, 0.2, 0.5, 0.9, 1.0, 1.05, 2.5, 2.6, 2.7, 4.0, 4.01, 4.02, 4.03]
+    for now in times:
+        assert shared.hit("k", now, 1.0, 2) == memory.hit("k", now, 1.0, 2), now
+
+
+# -- the guard: an exception answers 500 ----------------------------------------------------------
+
+class FakeKSR(types.ModuleType):
+    def __init__(self) -> None:
+        super().__init__("KSR")
+        self.replies: list[tuple[int, str]] = []
+        self.reply_headers: list[str] = []
+        self.logged: list[str] = []
+        self.pv = types.SimpleNamespace(get=lambda name: {"$ci": "call-42", "$rm": "MESSAGE"}.get(name))
+        self.hdr = types.SimpleNamespace(append_to_reply=self.reply_headers.append)
+        self.sl = types.SimpleNamespace(sl_send_reply=lambda code, text: self.replies.append((code, text)))
+        self.htable = FakeHtable()
+
+    def err(self, text: str) -> None:
+        self.logged.append(text)
+
+    info = err
+
+
+def test_an_exception_in_the_adapter_answers_500_and_logs_the_call_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = tmp_path / "p.policy"
+    policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
+    config = tmp_path / "k.toml"
+    config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
+    fake = FakeKSR()
+    monkeypatch.setitem(sys.modules, "KSR", fake)
+    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
+    sys.modules.pop("policyplug_kemi", None)
+    kemi = importlib.import_module("policyplug_kemi")
+    try:
+        handler = kemi.kamailio()
+
+        def broken() -> int:
+            raise RuntimeError("boom")
+
+        handler.adapter.request_route = broken
+        assert handler.ksr_request_route(None) == 1, "a KEMI route must return an int"
+        assert fake.replies == [(500, "Server Internal Error")]
+        assert fake.reply_headers == ['Warning: 399 policyplug "policyplug internal error"\r\n']
+        assert any("Call-ID call-42" in line and "RuntimeError: boom" in line for line in fake.logged)
+    finally:
+        sys.modules.pop("policyplug_kemi", None)
