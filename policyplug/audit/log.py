@@ -36,7 +36,9 @@ log = logging.getLogger("policyplug.audit")
 LEVELS = ("all", "denied", "none")
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
-BATCH_INTERVAL = 0.002  # seconds between hand-overs: short, so each batch holds the GIL briefly
+# seconds between hand-overs to the writer: 5 ms batches cost less CPU than 2 ms ones (fewer GIL hand-offs
+# and thread wake-ups) and hold the GIL ~0.5 ms at 20,000 records/s, well inside a 2 ms p99
+BATCH_INTERVAL = 0.005
 _SORTED = orjson.OPT_SORT_KEYS
 
 
