@@ -137,13 +137,14 @@ local function ask(request_json, waiter)
 	last_id = last_id + 1;
 	local id = last_id;
 	count("asked");
+	-- pending before sending: an answer can come back within send_request (Prosody bounces an IQ
+	-- to a component that is not connected at once)
+	pending[id] = waiter;
 	local ok, err = send_request(id, request_json);
 	if not ok then
-		pending[id] = waiter;
 		settle(id, nil, err);
 		return;
 	end
-	pending[id] = waiter;
 	d_last = d_last + 1;
 	deadline_ids[d_last], deadline_at[d_last] = id, time_now() + timeout;
 end
@@ -183,30 +184,38 @@ if socket_path then
 	local connect;
 
 	local listeners = {};
+	local function answer_line(data, start, newline)
+		local _, head_end, id = data:find('^{"id":(%d+),"decision":{', start);
+		id = tonumber(id);
+		local quick = id and pending[id] and quick_decision(data, head_end, newline);
+		if quick then
+			count("answered");
+			settle(id, quick);
+			return;
+		end
+		local line = data:sub(start, newline - 1);
+		local ok, answer = pcall(json.decode, line);
+		id = ok and type(answer) == "table" and value(answer.id);
+		if id ~= nil and pending[id] then
+			handle_answer(id, answer);
+		elseif not (ok and type(answer) == "table") then
+			count("service_errors");
+			module:log("warn", "unreadable line from the decision service: %s", line:sub(1, 200));
+		else -- e.g. a late answer to a request that has timed out meanwhile
+			module:log("debug", "answer to no pending request: %s", line:sub(1, 200));
+		end
+	end
+
 	function listeners.onincoming(_, data)
 		if buffer ~= "" then data = buffer .. data; end
 		local start = 1;
 		while true do
 			local newline = data:find("\n", start, true);
 			if not newline then break; end
-			local _, head_end, id = data:find('^{"id":(%d+),"decision":{', start);
-			id = tonumber(id);
-			local quick = id and pending[id] and quick_decision(data, head_end, newline);
-			if quick then
-				count("answered");
-				settle(id, quick);
-			else
-				local line = data:sub(start, newline - 1);
-				local ok, answer = pcall(json.decode, line);
-				id = ok and type(answer) == "table" and value(answer.id);
-				if id ~= nil and pending[id] then
-					handle_answer(id, answer);
-				elseif not (ok and type(answer) == "table") then
-					count("service_errors");
-					module:log("warn", "unreadable line from the decision service: %.200s", line);
-				else
-					module:log("debug", "answer to no pending request: %.200s", line);
-				end
+			local ok, err = pcall(answer_line, data, start, newline);
+			if not ok then -- one bad line must not lose the answers after it
+				count("lua_errors");
+				module:log("error", "policyplug: reading an answer failed: %s", err);
 			end
 			start = newline + 1;
 		end
