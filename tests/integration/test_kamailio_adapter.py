@@ -107,15 +107,19 @@ class World:
         self.partner = SipAgent("dave", "partner.example", ("127.0.0.1", 9))
         self.server = KamailioServer(tmp, policy_text(self.sbc),
                                      routes={"partner.example": f"sip:127.0.0.1:{self.partner.port}"})
-        self.server.start()
-        proxy = ("127.0.0.1", self.server.port)
-        self.sbc.proxy = self.partner.proxy = proxy
         self.agents: dict[str, SipAgent] = {}
-        for user in ("alice", "bob", "archive", "eve", "flooder", "hidden"):
-            agent = SipAgent(user, "acme.example", proxy)
-            self.agents[user] = agent
-            response = agent.register()
-            assert response is not None and response.status == 200, f"{user} could not register: {response}"
+        self.server.start()
+        try:
+            proxy = ("127.0.0.1", self.server.port)
+            self.sbc.proxy = self.partner.proxy = proxy
+            for user in ("alice", "bob", "archive", "eve", "flooder", "hidden"):
+                agent = SipAgent(user, "acme.example", proxy)
+                self.agents[user] = agent
+                response = agent.register()
+                assert response is not None and response.status == 200, f"{user} could not register: {response}"
+        except BaseException:
+            self.close()  # no Kamailio left running behind a failed set-up
+            raise
 
     def __getitem__(self, user: str) -> SipAgent:
         return self.agents[user]
