@@ -447,7 +447,10 @@ local function fail(origin, stanza, kind, why)
 		count("failed_closed");
 		module:log("warn", "no decision for %s from %s (%s): fail closed, refusing", kind,
 			tostring(stanza.attr.from or origin.full_jid), why);
-		refuse(origin, stanza, UNAVAILABLE_REASON);
+		-- the service refused the event itself (e.g. an address it cannot parse): say that, not
+		-- that it is unavailable
+		local invalid = why and why:match("^decision service: (.*)");
+		refuse(origin, stanza, invalid and "cannot be decided: " .. invalid or UNAVAILABLE_REASON);
 	end
 end
 
