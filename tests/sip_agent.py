@@ -80,6 +80,7 @@ class SipAgent:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._responses: dict[str, queue.Queue[SipMessage]] = {}
+        self.local_tags: dict[str, str] = {}  # Call-ID -> the To tag this agent answered with
         self._arrived = threading.Condition()
         self._running = True
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -101,13 +102,14 @@ class SipAgent:
 
     def build(self, method: str, ruri: str, *, to: str | None = None, body: str | bytes = b"",
               content_type: str | None = "text/plain", extra: str = "", call_id: str | None = None,
-              from_uri: str | None = None, cseq: int = 1, to_tag: str | None = None) -> tuple[bytes, str]:
+              from_uri: str | None = None, cseq: int = 1, to_tag: str | None = None,
+              from_tag: str | None = None) -> tuple[bytes, str]:
         call_id = call_id or uuid.uuid4().hex
         payload = body.encode() if isinstance(body, str) else body
         to_header = f"<{to or ruri}>" + (f";tag={to_tag}" if to_tag else "")
         lines = [f"{method} {ruri} SIP/2.0",
                  f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};rport;branch=z9hG4bK{uuid.uuid4().hex[:16]}",
-                 "Max-Forwards: 70", f"From: <{from_uri or self.aor}>;tag={uuid.uuid4().hex[:8]}",
+                 "Max-Forwards: 70", f"From: <{from_uri or self.aor}>;tag={from_tag or uuid.uuid4().hex[:8]}",
                  f"To: {to_header}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}",
                  f"Contact: <{self.contact}>"]
         if payload and content_type:
@@ -195,7 +197,9 @@ class SipAgent:
             if name.lower() in ("via", "v", "from", "f", "call-id", "i", "cseq", "record-route"):
                 lines.append(f"{name}: {value}")
         to = request.header("To") or ""
-        lines.append(f"To: {to}" + ("" if "tag=" in to else f";tag={uuid.uuid4().hex[:8]}"))
+        call_id = request.header("Call-ID") or request.header("i") or ""
+        tag = self.local_tags.setdefault(call_id, uuid.uuid4().hex[:8])
+        lines.append(f"To: {to}" + ("" if "tag=" in to else f";tag={tag}"))
         lines.append(f"Contact: <{self.contact}>")
         if body:
             lines.append("Content-Type: application/sdp")

@@ -299,7 +299,9 @@ class PolicyplugKamailio:
             and bool(KSR.is_myself_srcip())
 
     def decide_and_enforce(self, method: str, raw: bytes, *, initial: bool) -> int:
-        from_uri, to_uri = KSR.pv.get("$fu"), KSR.pv.get("$ru")
+        # the recipient: the Request-URI of an initial request (where it will be routed); inside a
+        # dialog the Request-URI is a device's contact, and the To URI names the party
+        from_uri, to_uri = KSR.pv.get("$fu"), KSR.pv.get("$ru" if initial else "$tu")
         if not from_uri:
             return self.reply(400, "Bad Request", "missing or malformed From header")
         if not to_uri:

@@ -276,6 +276,32 @@ def test_presence_subscribe_refused(world: World) -> None:
     assert "eve may not see presence" in (response.header("Warning") or "")
 
 
+def test_in_dialog_notify_is_presence_and_decided(world: World) -> None:
+    alice = world["alice"]
+    for watched, expected in (("bob", 200), ("hidden", 403)):
+        raw, call_id = alice.build("SUBSCRIBE", f"sip:{watched}@acme.example", content_type=None,
+                                   extra="Event: presence\r\nExpires: 60\r\n")
+        alice_tag = raw.split(b"From: ")[1].split(b"tag=")[1].split(b"\r\n")[0].decode()
+        alice.send_raw(raw, call_id)
+        assert alice.final_response(call_id).status == 200
+        subscribe = world[watched].wait_for(lambda m, c=call_id: m.method == "SUBSCRIBE" and m.header("Call-ID") == c)
+        assert subscribe is not None and subscribe.header("Record-Route")
+        # the watched user's NOTIFY, in the dialog: to alice's contact, through the record-route
+        notifier = world[watched]
+        notify, _ = notifier.build("NOTIFY", alice.contact, to=alice.aor, to_tag=alice_tag, call_id=call_id,
+                                   from_tag=notifier.local_tags[call_id], body="<presence/>",
+                                   content_type="application/pidf+xml", cseq=1,
+                                   extra=f"Route: {subscribe.header('Record-Route')}\r\nEvent: presence\r\n"
+                                         "Subscription-State: active;expires=60\r\n")
+        notifier.send_raw(notify, call_id)
+        response = notifier.final_response(call_id)
+        assert response is not None and response.status == expected, (watched, response and response.first_line)
+        if expected == 403:
+            assert "hidden users publish no presence" in (response.header("Warning") or "")
+        got = alice.wait_for(lambda m, c=call_id: m.method == "NOTIFY" and m.header("Call-ID") == c, timeout=1)
+        assert (got is not None) == (expected == 200)
+
+
 def test_publish_is_presence(world: World) -> None:
     pidf = '<?xml version="1.0"?><presence xmlns="urn:ietf:params:xml:ns:pidf" entity="sip:hidden@acme.example"/>'
     refused = world["hidden"].request("PUBLISH", "sip:hidden@acme.example", body=pidf,
