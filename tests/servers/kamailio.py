@@ -1,6 +1,6 @@
 """A real Kamailio (Debian `kamailio`, `kamailio-python3-modules`) with the policyplug KEMI adapter.
 
-    server = kamailio_server(policy_text, routes={"partner.example": "sip:127.0.0.1:5071"})
+    server = KamailioServer(workdir, policy_text, routes={"partner.example": "sip:127.0.0.1:5071"}); server.start()
     server.port, server.address            where it listens (UDP and TCP on 127.0.0.1)
     server.audit_log, server.log_text()    the audit log and Kamailio's own log
     server.rpc("app_python.reload")        kamcmd over its control socket
@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,19 +169,3 @@ class KamailioServer:
         its own errors as 'policyplug: internal error'; app_python3 logs uncaught ones)."""
         return [line for line in self.log_text().splitlines()
                 if "Unhandled exception" in line or "policyplug: internal error" in line]
-
-
-@pytest.fixture
-def kamailio_server(tmp_path: Path) -> Iterator[Callable[..., KamailioServer]]:
-    """Factory: `kamailio_server(policy_text, routes=..., ...)` -> a started KamailioServer."""
-    started: list[KamailioServer] = []
-
-    def make(policy_text: str, **kwargs: Any) -> KamailioServer:
-        server = KamailioServer(tmp_path / f"kamailio{len(started)}", policy_text, **kwargs)
-        started.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
