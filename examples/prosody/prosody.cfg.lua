@@ -1,23 +1,32 @@
 -- A Prosody 0.12 configuration that puts every stanza of example.com through policyplug.
--- Start the decision service beside it:
---   policyplug serve /etc/policyplug/site.policy --component policy.example.com \
---       --secret "$POLICYPLUG_COMPONENT_SECRET" --server 127.0.0.1:5347
+-- (tests/integration/test_prosody_example.py starts Prosody with this very file, Included, with
+-- only ports, paths and TLS overridden for the test.)
+--
+-- Start the decision service beside it (examples/systemd/policyplug.service does this):
+--   policyplug serve /etc/policyplug/site.policy --socket /run/policyplug/policyplug.sock \
+--       --component policy.example.com --secret "$POLICYPLUG_COMPONENT_SECRET" --server 127.0.0.1:5347
+-- Prosody's user must be able to open the socket (mode 0660): e.g. `adduser prosody policyplug`.
+
 admins = { }
 plugin_paths = { "/opt/policyplug/adapters/prosody" }   -- where mod_policyplug.lua lives
 
 modules_enabled = {
-	"roster"; "saslauth"; "tls"; "dialback"; "disco"; "ping"; "register"; "posix";
-	"policyplug";                       -- ask policyplug about every stanza
+	"roster"; "saslauth"; "tls"; "dialback"; "disco"; "ping"; "posix";
+	"policyplug";                       -- ask policyplug about every stanza and login
 }
 
--- The decision service connects as an XEP-0114 component: only on loopback.
-component_ports = { 5347 }
-component_interface = "127.0.0.1"
+-- How mod_policyplug reaches the decision service. The Unix socket is the fast path (decisions
+-- pipelined on one connection); without it the module sends decision IQs to the component.
+policyplug_socket = "/run/policyplug/policyplug.sock"
+-- policyplug_component = "policy.example.com"  -- used when policyplug_socket is not set
+policyplug_timeout = 2                          -- seconds to wait for a decision
+policyplug_fail_mode = "closed"                 -- "closed": refuse when the service is down; "open": deliver
+-- policyplug_kinds = { "message", "groupchat", "subscribe", "join", "file", "login" }  -- check only these
 
-policyplug_component = "policy.example.com"   -- the service's component JID
-policyplug_timeout = 2                        -- seconds to wait for a decision
-policyplug_fail_mode = "closed"               -- "closed" refuses when the service is down; "open" delivers
--- policyplug_kinds = { "message", "groupchat", "subscribe", "file", "login" }  -- check only these
+-- The decision service also connects as an XEP-0114 component (its ad-hoc commands: status,
+-- reload, decide a test event). Only on loopback.
+component_ports = { 5347 }
+component_interfaces = { "127.0.0.1" }
 
 authentication = "internal_hashed"
 storage = "internal"

@@ -8,7 +8,9 @@ ProsodyServer(workdir, hosts=["acme.example"], components={jid: secret} (XEP-011
               host_options={host: {option: value}}, global_options={option: value},
               internal_components={jid: module} (e.g. {"rooms.acme.example": "muc"}),
               log_level="debug" (the benchmark uses "info": logging every stanza costs throughput),
-              s2s_peers={domain: s2s_port} (another test server's domain, reached over s2s on loopback))
+              s2s_peers={domain: s2s_port} (another test server's domain, reached over s2s on loopback),
+              include=PATH (an existing config, Included first; then only ports, paths, logging and
+              TLS are overridden, so its modules, hosts and components are the ones used))
   .start()        waits until the c2s port (and the component port, where there are components) accepts
   .stop()         SIGTERM, then SIGKILL after 15 s;  .restart()
   .c2s_port, .s2s_port, .component_port
@@ -62,7 +64,7 @@ class ProsodyServer:
                  extra_modules: list[str] | None = None, plugin_paths: list[str] | None = None,
                  host_options: dict[str, dict[str, Any]] | None = None, global_options: dict[str, Any] | None = None,
                  internal_components: dict[str, str] | None = None, log_level: str = "debug",
-                 s2s_peers: dict[str, int] | None = None):
+                 s2s_peers: dict[str, int] | None = None, include: Path | None = None):
         self.binary = require_binary("prosody")
         self.prosodyctl = require_binary("prosodyctl")
         self.workdir = Path(workdir)
@@ -75,6 +77,7 @@ class ProsodyServer:
         self.internal_components = internal_components or {}
         self.log_level = log_level
         self.s2s_peers = s2s_peers or {}
+        self.include = include
         if len(self.s2s_peers) > 1:
             raise ValueError("one s2s peer per test server (one unbound local-data option)")
         self.c2s_port = free_port()
@@ -100,15 +103,21 @@ class ProsodyServer:
             "modules_enabled": modules, "modules_disabled": ["tls", "s2s_bidi"],
             "plugin_paths": self.plugin_paths, "limits": {},
         }
+        if self.include is not None:
+            # the included config's modules, hosts and components stand; only what a throwaway
+            # server on loopback needs differently is overridden
+            for key in ("modules_enabled", "authentication", "storage", "limits"):
+                del options[key]
         for domain, port in self.s2s_peers.items():
             modules.append("dialback")
             options["use_ipv6"] = False
             options["unbound"] = {"resolvconf": False, "hoststxt": False, "options": {
                 "local-data:": f"_xmpp-server._tcp.{domain}. 60 IN SRV 0 0 {port} localhost."}}
         options.update(self.global_options)
-        lines = [f"{key} = {_lua(value)}" for key, value in options.items()]
+        lines = [f"Include {_lua(str(self.include))}"] if self.include is not None else []
+        lines += [f"{key} = {_lua(value)}" for key, value in options.items()]
         lines.append(f'log = {{ {{ levels = {{ min = {_lua(self.log_level)} }}, to = "file", filename = {_lua(str(self.log))} }} }}')
-        for host in self.hosts:
+        for host in self.hosts if self.include is None else []:
             lines.append(f"VirtualHost {_lua(host)}")
             for key, value in self.host_options.get(host, {}).items():
                 lines.append(f"    {key} = {_lua(value)}")
