@@ -53,13 +53,17 @@ class Deployment:
         self.service: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.acme.start()
-        self.partner.start()
-        for user in ACME_USERS:
-            self.acme.register(user, "acme.example", "pw")
-        for user in PARTNER_USERS:
-            self.partner.register(user, "partner.example", "pw")
-        self.start_service()
+        try:
+            self.acme.start()
+            self.partner.start()
+            for user in ACME_USERS:
+                self.acme.register(user, "acme.example", "pw")
+            for user in PARTNER_USERS:
+                self.partner.register(user, "partner.example", "pw")
+            self.start_service()
+        except BaseException:
+            self.stop()  # a fixture that fails to start never reaches its teardown
+            raise
 
     def socket_connections(self) -> int:
         return self.acme.log_text().count("connected to the decision service at")
