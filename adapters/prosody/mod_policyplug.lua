@@ -270,6 +270,8 @@ else
 		return true;
 	end
 
+	local UNREACHABLE = { ["remote-server-timeout"] = true, ["service-unavailable"] = true,
+		["remote-server-not-found"] = true, ["recipient-unavailable"] = true };
 	local function on_answer(event)
 		local stanza = event.stanza;
 		if stanza.attr.from ~= service_jid then return; end
@@ -284,12 +286,14 @@ else
 				decision = ok and decoded or nil;
 			end
 			handle_answer(id, { decision = decision });
-		else -- an error: from the service (bad request), or from Prosody (component not connected)
+		else
 			local _, condition, text = stanza:get_error();
-			if condition == "service-unavailable" or condition == "remote-server-not-found" then
+			if UNREACHABLE[condition] then -- Prosody's: the component is not connected, or unknown
 				count("disconnected");
+				settle(id, nil, "decision service not connected: " .. tostring(text or condition));
+			else -- the service's (bad-request: an event it cannot decide)
+				handle_answer(id, { error = text or condition });
 			end
-			handle_answer(id, { error = text or condition or "error" });
 		end
 		return true;
 	end

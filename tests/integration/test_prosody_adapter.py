@@ -22,7 +22,8 @@ from tests.integration.prosody_deployment import (
 
 @pytest.fixture(scope="module", params=["socket", "component"])
 def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp(f"prosody-{request.param}"), transport=request.param)
+    # a generous timeout: these tests are about effects; fail modes and timeouts have their own
+    d = Deployment(tmp_path_factory.mktemp(f"prosody-{request.param}"), transport=request.param, timeout=10)
     d.start()
     yield d
     d.stop()
