@@ -357,7 +357,8 @@ class PolicyplugKamailio:
             KSR.rr.record_route()  # in-dialog NOTIFY and MESSAGE come back here to be decided
         if not KSR.isdsturiset():  # a bool in KEMI, unlike the int results of module functions
             domain = (KSR.pv.get("$rd") or "").lower()
-            if domain in self.local_domains():
+            if domain in self.local_domains() or (domain not in self.routes and KSR.is_myself_ruri()):
+                # ours: by the policy's domains, or addressed to this server itself (its IP, an alias)
                 code = KSR.registrar.lookup("location")
                 if code < 0:
                     KSR.tm.t_newtran()

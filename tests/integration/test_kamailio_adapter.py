@@ -92,6 +92,11 @@ rule hidden_presence:
 rule internal:
   when direction == "internal"
   allow
+
+rule to_the_server_itself:
+  on message
+  when recipient.domain == "127.0.0.1"
+  allow
 """
 
 
@@ -212,6 +217,13 @@ def test_internal_message_delivered(world: World) -> None:
     response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="hi bob")
     assert response is not None and response.status == 200
     assert world["bob"].wait_for(is_message_with("hi bob")) is not None
+
+
+def test_request_to_the_servers_own_address_is_looked_up_not_looped(world: World) -> None:
+    response = world["alice"].request("MESSAGE", f"sip:nobody@{world.server.address}", body="to the server itself")
+    # allowed by the policy, then looked up in this server's location table (no such user), where
+    # relaying it to its own address would loop until Max-Forwards ran out (483)
+    assert response is not None and response.status == 404, response and response.first_line
 
 
 def test_address_case_and_escapes_do_not_get_past_a_rule(world: World) -> None:
