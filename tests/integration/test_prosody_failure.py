@@ -43,6 +43,14 @@ def fail_open(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     assert d.errors_in_logs() == []
 
 
+async def both_available(alice: TestClient, bob: TestClient) -> None:
+    """Wait until bob's initial presence has been decided and delivered: a message to a bare JID
+    reaches only available resources (else it goes to offline storage), and a presence still
+    waiting for its decision when the service goes away is refused (fail closed)."""
+    alice.send_message(mto="bob@acme.example", mbody="ready?", mtype="chat")
+    assert (await next_message(bob, 10))["body"] == "ready?"
+
+
 async def login_fails(deployment: Deployment, jid: str) -> bool:
     client = TestClient(jid, "pw")
     closed = asyncio.Event()
@@ -55,6 +63,7 @@ async def login_fails(deployment: Deployment, jid: str) -> bool:
 def test_fail_closed_when_the_service_is_stopped(closed: Deployment) -> None:
     async def scenario() -> None:
         alice, bob = await login(closed, "alice@acme.example", "bob@acme.example")
+        await both_available(alice, bob)
         closed.stop_service()  # logged in; now the decision service goes away
         alice.send_message(mto="bob@acme.example", mbody="anyone there?", mtype="chat")
         bounce = await next_message(alice, 10)
@@ -84,10 +93,7 @@ def test_fail_closed_when_the_service_does_not_answer(closed: Deployment) -> Non
     no answer comes. Each stanza is refused when its timeout (1 s) passes, and the session lives on."""
     async def scenario() -> None:
         alice, bob = await login(closed, "alice@acme.example", "bob@acme.example")
-        # bob's initial presence decided and delivered first: a message to a bare JID reaches only
-        # available resources
-        alice.send_message(mto="bob@acme.example", mbody="ready?", mtype="chat")
-        assert (await next_message(bob, 10))["body"] == "ready?"
+        await both_available(alice, bob)
         assert closed.service is not None
         closed.service.send_signal(signal.SIGSTOP)
         try:
