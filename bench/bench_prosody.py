@@ -6,6 +6,7 @@ baseline throughput each configuration keeps.
 
     python3 bench/bench_prosody.py [--messages 3000] [--window 50] [--rounds 3] [--transport socket|component]
 
+POLICYPLUG_PROSODY_ADAPTER=DIR loads mod_policyplug.lua from DIR instead (to measure a variant).
 The module asks the decision service over its Unix socket by default (`--transport component`:
 decision IQs to its XEP-0114 component). The receiver stamps each message on arrival; latency is
 arrival minus the send time written in the body, so "added" is the median with the module minus
@@ -126,7 +127,8 @@ def run_config(workdir: Path, policy: str | None, count: int, window: int, laten
         options = {"acme.example": {"modules_enabled": ["policyplug"], "policyplug_timeout": 5, **where}}
     # log level "info": Prosody logging every stanza (debug) would dominate what is measured
     server = ProsodyServer(workdir, components={"policy.acme.example": "s3cret"},
-                           plugin_paths=[str(ROOT / "adapters" / "prosody")], host_options=options, log_level="info")
+                           plugin_paths=[os.environ.get("POLICYPLUG_PROSODY_ADAPTER", str(ROOT / "adapters" / "prosody"))],
+                           host_options=options, log_level="info")
     server.start()
     service = None
     try:
