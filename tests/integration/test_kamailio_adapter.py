@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -499,4 +500,44 @@ def test_native_cfg_hands_requests_to_the_adapter(tmp_path: Path) -> None:
     finally:
         for agent in agents:
             agent.close()
+        server.stop()
+
+
+def test_audit_records_survive_sigkill_and_are_chained_at_the_next_start(tmp_path: Path) -> None:
+    sbc = SipAgent("sbc", "sbc.example", ("127.0.0.1", 9))
+    server = KamailioServer(tmp_path, policy_text(sbc), children=2)
+    server.start()
+    alice = SipAgent("alice", "acme.example", ("127.0.0.1", server.port))
+    try:
+        call_ids = []
+        for i in range(40):
+            raw, call_id = alice.build("MESSAGE", "sip:nobody@partner-less.example", body=f"refused {i}")
+            alice.send_raw(raw, call_id)
+            call_ids.append(call_id)
+        for call_id in call_ids:
+            response = alice.final_response(call_id)
+            assert response is not None and response.status == 403
+        os.killpg(server.proc.pid, signal.SIGKILL)  # no time to chain what was spooled last
+        server.proc.wait()
+        chained_before = server.audit_log.read_text().count('"decision":"deny"') if server.audit_log.exists() else 0
+        print(f"chained before the kill: {chained_before} of {len(call_ids)}")
+        restarted = KamailioServer(tmp_path, policy_text(sbc), children=2)  # same folder, same logs
+        restarted.start()
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                text = restarted.audit_log.read_text() if restarted.audit_log.exists() else ""
+                if all(call_id in text for call_id in call_ids):
+                    break
+                time.sleep(0.1)
+            result = verify([str(restarted.audit_log)])
+            assert result.intact, result.problem
+            records = [json.loads(line) for line in restarted.audit_log.read_text().splitlines()]
+            chained = [r["event"]["headers"]["call-id"] for r in records if r["decision"]["decision"] == "deny"]
+            assert sorted(chained) == sorted(call_ids), "every refusal audited exactly once"
+        finally:
+            restarted.stop()
+    finally:
+        alice.close()
+        sbc.close()
         server.stop()
