@@ -42,6 +42,9 @@ class DecisionService:
         self.last_reload_error: str | None = None
         self._mtimes = self._file_times()
         self._policy_members: dict[tuple[str, str], bytes] = {}  # serialised policy fields of answers
+        # called with {"revision", "cacheable"} after a reload: the socket tells its clients, so
+        # an adapter's decision cache never outlives the policy that made it
+        self.reload_listeners: list[Any] = []
         if metrics is not None:
             metrics.policy_loaded(self.policy)
 
@@ -122,7 +125,21 @@ class DecisionService:
             self.metrics.reloaded("ok")
             self.metrics.policy_loaded(new_policy)
         log.info("reload (%s): %s -> %s", reason, old, new_policy.revision)
+        notice = {"revision": new_policy.revision, "cacheable": self.cacheable}
+        for listener in list(self.reload_listeners):
+            try:
+                listener(notice)
+            except Exception:  # one client's trouble must not stop the others hearing of it
+                log.exception("reload listener")
         return {"ok": True, "revision": new_policy.revision, "previous": old}
+
+    @property
+    def cacheable(self) -> bool:
+        """May an adapter cache decisions per (kind, from, to) until the next reload? Only when the
+        policy reads nothing else, and no decision must reach the usage store or an audit log at
+        level `all` (a cached decision never reaches the service)."""
+        return (self.policy.cacheable and self.usage is None
+                and (self.audit is None or getattr(self.audit, "level", "all") != "all"))
 
     async def watch(self, interval: float = 1.0) -> None:
         """Reload when the policy or any file it reads changes (polling: no extra dependency)."""
@@ -143,7 +160,7 @@ class DecisionService:
             "rules": len(self.policy.rules), "uptime_seconds": round(time.time() - self.started, 1),
             "decisions": dict(self.decisions), "evaluation_errors": self.evaluation_errors,
             "invalid_requests": self.invalid_requests, "reloads": dict(self.reloads),
-            "last_reload_error": self.last_reload_error, "audit": audit_stats,
+            "last_reload_error": self.last_reload_error, "audit": audit_stats, "cacheable": self.cacheable,
         }
 
     def close(self) -> None:

@@ -32,8 +32,9 @@ def _answer(request_id: Any, **payload: Any) -> bytes:
     return orjson.dumps({"id": request_id, **payload}) + b"\n"
 
 
-def handle_line(service: DecisionService, line: bytes) -> bytes:
-    """One request line -> one answer line. Never raises."""
+def handle_line(service: DecisionService, line: bytes, connection: Any = None) -> bytes:
+    """One request line -> one answer line. Never raises. `connection` (a _Connection) is what a
+    `watch` op subscribes to reload notices."""
     try:
         request = orjson.loads(line)
     except (orjson.JSONDecodeError, ValueError, UnicodeDecodeError) as exc:
@@ -53,6 +54,9 @@ def handle_line(service: DecisionService, line: bytes) -> bytes:
             return _answer(request_id, status=service.status())
         if op == "reload":
             return _answer(request_id, reload=service.reload("socket request"))
+        if op == "watch" and connection is not None:
+            connection.watch()
+            return _answer(request_id, watch={"revision": service.policy.revision, "cacheable": service.cacheable})
         service.invalid_requests += 1
         return _answer(request_id, error="a request needs 'event' (or 'op': 'status' | 'reload')")
     except EventError as exc:
@@ -102,6 +106,21 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def watch(self) -> None:
+        """From now on, tell this client of every reload (the `watch` op)."""
+        if self.reloaded not in self.service.reload_listeners:
+            self.service.reload_listeners.append(self.reloaded)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reloaded in self.service.reload_listeners:
+            self.service.reload_listeners.remove(self.reloaded)
+
+    def reloaded(self, notice: dict[str, Any]) -> None:
+        """Tell a watching client a new policy is in force: {"id": null, "reloaded": {"revision",
+        "cacheable"}}. Answers decided before it were written before it, on this one ordered stream."""
+        if self.transport is not None:
+            self.transport.write(_answer(None, reloaded=notice))
+
     def data_received(self, data: bytes) -> None:
         if self.pending:
             data = self.pending + data
@@ -121,7 +140,7 @@ class _Connection(asyncio.Protocol):
                 service.invalid_requests += 1
                 out.append(_answer(None, error=f"request line longer than {MAX_LINE} bytes"))
             elif line.strip():
-                out.append(handle_line(service, line))
+                out.append(handle_line(service, line, self))
         if len(rest) > MAX_LINE:
             # an oversized line still without its end: answer now, drop the rest of it as it comes
             service.invalid_requests += 1
