@@ -37,7 +37,7 @@ async def run(args: argparse.Namespace) -> int:
         usage = UsageStore(args.usage_db)
     metrics = Metrics() if args.metrics_port is not None else None
     try:
-        service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics)
+        service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics, freeze_gc=True)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1

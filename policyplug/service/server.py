@@ -9,6 +9,7 @@ an invalid one leaves the old in force and its diagnostics are logged, counted a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -28,9 +29,13 @@ log = logging.getLogger("policyplug.service")
 
 
 class DecisionService:
-    def __init__(self, policy_path: str | Path, *, audit: Any = None, usage: Any = None, metrics: Any = None):
+    def __init__(self, policy_path: str | Path, *, audit: Any = None, usage: Any = None, metrics: Any = None,
+                 freeze_gc: bool = False):
         self.policy_path = Path(policy_path)
         self.policy: Policy = load_policy(self.policy_path)  # an invalid policy at start-up is fatal
+        self.freeze_gc = freeze_gc
+        if freeze_gc:
+            self._settle_memory()
         self.audit = audit
         self.usage = usage
         self.metrics = metrics
@@ -83,6 +88,18 @@ class DecisionService:
                 b',"policy":' + orjson.dumps(name) + b',"policy_revision":' + orjson.dumps(revision) + b"}")
         return body[:-1] + suffix if len(body) > 2 else b"{" + suffix[1:]
 
+    def _settle_memory(self) -> None:
+        """Move the objects alive now (the compiled policy: ~50,000 of them) out of the collector's way.
+
+        Events held briefly for the audit writer get promoted to the oldest generation, so full
+        collections run every second or so at 20,000 decisions/s; each traversed the whole policy and
+        stalled every decision for 20-200 ms. Frozen objects are not traversed. After a reload the old
+        policy is unfrozen and collected first, so reloads do not leak.
+        """
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
     # -- reloading -----------------------------------------------------------------------------------
 
     def _file_times(self) -> dict[Path, float]:
@@ -118,6 +135,8 @@ class DecisionService:
             return {"ok": False, "revision": self.policy.revision, "diagnostics": str(exc)}
         old = self.policy.revision
         self.policy = new_policy
+        if self.freeze_gc:
+            self._settle_memory()
         self.last_reload_error = None
         self.reloads["ok"] += 1
         self._mtimes = self._file_times()
