@@ -22,6 +22,8 @@
 --   policyplug_timeout = 2                         -- seconds to wait for a decision
 --   policyplug_fail_mode = "closed"                -- "closed": refuse when no answer; "open": deliver
 --   policyplug_kinds = { "message", "presence", ... }  -- event kinds to check (default: all)
+--   policyplug_cache = true                        -- cache decisions per (kind, from, to) when the
+--                                                  -- service says the policy allows it (socket only)
 
 local st = require "util.stanza";
 local jid_util = require "util.jid";
@@ -39,6 +41,7 @@ local timeout = module:get_option_number("policyplug_timeout", 2);
 local fail_mode = module:get_option_string("policyplug_fail_mode", "closed");
 local kinds = module:get_option_set("policyplug_kinds", {
 	"message", "groupchat", "presence", "subscribe", "join", "call", "file", "login", "iq" });
+local use_cache = module:get_option_boolean("policyplug_cache", true);
 local UNAVAILABLE_REASON = "policy service unavailable";
 local MAX_REQUEST = 1000000; -- the service refuses request lines over 1 MiB
 local BODY_KEPT = 150000;    -- what is left of a body that would make the request too long (x6 escaped < 1 MiB)
@@ -72,15 +75,40 @@ end
 ------------------------------------------------------------------------------------------------
 
 local pending = {};               -- request id -> waiter
+
+-- The decision cache (socket transport only): decisions per (kind, from, to), used only while the
+-- service says the policy in force reads nothing else (`cacheable`, from the `watch` op and every
+-- reload notice), and only decisions of that policy revision that need no audit record. A reload
+-- notice, a disconnection or a full cache empties it.
+local MAX_CACHED = 10000;
+local cache, cached_count = {}, 0;
+local cache_revision;             -- the revision the cached decisions belong to; nil: no caching
+local fresh_marker;               -- '"policy_revision":"<revision>"', found in answers of that revision
+local function reset_cache(revision, cacheable)
+	cache, cached_count = {}, 0;
+	if use_cache and cacheable and type(revision) == "string" then
+		cache_revision, fresh_marker = revision, '"policy_revision":"' .. revision .. '"';
+	else
+		cache_revision, fresh_marker = nil, nil;
+	end
+end
+local function remember(key, decision)
+	if cached_count >= MAX_CACHED then cache, cached_count = {}, 0; end
+	cache[key] = decision;
+	cached_count = cached_count + 1;
+end
 local deadline_ids, deadline_at, d_first, d_last = {}, {}, 1, 0; -- FIFO: deadlines grow with send order
 local last_id = 0;
 local send_request;               -- transport-specific: send_request(id, event_json) -> ok, err
 local flush;                      -- delivers a session's settled entries (defined with the queues)
 
-local function settle(id, decision, err)
+local function settle(id, decision, err, fresh)
 	local waiter = pending[id];
 	if not waiter then return; end -- already settled (a late answer after a timeout)
 	pending[id] = nil;
+	if fresh and cache_revision and type(waiter) == "table" and waiter.key then
+		remember(waiter.key, decision);
+	end
 	local ok, lua_err;
 	if type(waiter) == "function" then
 		ok, lua_err = pcall(waiter, decision, err);
@@ -152,7 +180,8 @@ end
 -- Most answers are a plain allow (or drop) with no obligations. Those are recognised with a few
 -- plain-text searches in [first, last] of `text` instead of util.json: inside JSON strings quotes
 -- are escaped, so `"copy_to":[]` can only be the key itself. Anything else is decoded in full.
-local NO_OBLIGATIONS = { '"copy_to":[]', '"disclaimers":[]', '"redirect_to":null', '"route_via":null' };
+local NO_OBLIGATIONS = { '"copy_to":[]', '"disclaimers":[]', '"redirect_to":null', '"route_via":null',
+	'"audit":false' };
 local function quick_decision(text, first, last)
 	local at, _, verdict = text:find('"decision":"(%a+)"', first);
 	if not at or at > last or (verdict ~= "allow" and verdict ~= "drop") then return; end
@@ -168,7 +197,10 @@ local function handle_answer(id, answer)
 		settle(id, nil, "malformed answer from the decision service");
 	elseif type(answer.decision) == "table" and type(answer.decision.decision) == "string" then
 		count("answered");
-		settle(id, answer.decision);
+		local decision = answer.decision;
+		-- cached only if made by the policy the cache belongs to, and not to be audited
+		settle(id, decision, nil, cache_revision ~= nil and decision.policy_revision == cache_revision
+			and decision.audit == false);
 	else
 		count("service_errors");
 		settle(id, nil, "decision service: " .. tostring(value(answer.error) or "malformed answer"));
@@ -190,7 +222,8 @@ if socket_path then
 		local quick = id and pending[id] and quick_decision(data, head_end, newline);
 		if quick then
 			count("answered");
-			settle(id, quick);
+			local at = fresh_marker and data:find(fresh_marker, head_end, true);
+			settle(id, quick, nil, at and at < newline);
 			return;
 		end
 		local line = data:sub(start, newline - 1);
@@ -198,6 +231,12 @@ if socket_path then
 		id = ok and type(answer) == "table" and value(answer.id);
 		if id ~= nil and pending[id] then
 			handle_answer(id, answer);
+		elseif ok and type(answer) == "table" and (type(answer.reloaded) == "table" or type(answer.watch) == "table") then
+			-- the policy in force (the `watch` op's answer, or a reload): cached decisions go
+			local policy = answer.reloaded or answer.watch;
+			reset_cache(value(policy.revision), policy.cacheable == true);
+			module:log("info", "decision service policy %s%s", tostring(value(policy.revision)),
+				cache_revision and ", decisions cached per (kind, from, to)" or ", not cached");
 		elseif not (ok and type(answer) == "table") then
 			count("service_errors");
 			module:log("warn", "unreadable line from the decision service: %s", line:sub(1, 200));
@@ -223,6 +262,7 @@ if socket_path then
 	end
 	function listeners.ondisconnect(_, err)
 		conn, buffer = nil, "";
+		reset_cache(nil, false); -- until the next connection says which policy is in force
 		module:log("warn", "decision service socket %s closed (%s); reconnecting", socket_path, tostring(err));
 		count("disconnected");
 		fail_all("decision service disconnected");
@@ -246,6 +286,8 @@ if socket_path then
 		end
 		conn = server.wrapclient(sock, socket_path, 0, listeners, "*a");
 		module:log("info", "connected to the decision service at %s", socket_path);
+		-- which policy is in force, may its decisions be cached, and tell us of every reload
+		conn:write('{"id":"watch","op":"watch"}\n');
 		return true;
 	end
 
@@ -548,12 +590,27 @@ local function check(event)
 		if not queue then return; end -- nothing waiting before it: straight through
 		kind = nil; -- not decided, but it must not overtake what is waiting
 	end
-	local request = kind and event_json(origin, stanza, kind);
+	local key, cached;
+	if kind and cache_revision then
+		local from = stanza.attr.from or origin.full_jid or origin.host or "";
+		key = kind .. "\0" .. from .. "\0" .. (stanza.attr.to or jid_util.bare(from) or from);
+		cached = cache[key];
+		if cached == ALLOW and not queue then
+			count("cached");
+			return; -- allowed before by this very policy, nothing waiting: straight through
+		end
+	end
+	local request = kind and not cached and event_json(origin, stanza, kind);
 	if not queue then
 		queue = { first = 1, last = 0 };
 		queues[origin] = queue;
 	end
-	local entry = { origin = origin, stanza = stanza, kind = kind, pass = kind == nil, done = kind == nil };
+	local entry = { origin = origin, stanza = stanza, kind = kind, pass = kind == nil, done = kind == nil,
+		key = key };
+	if cached then
+		count("cached");
+		entry.decision, entry.done = cached, true;
+	end
 	queue.last = queue.last + 1;
 	queue[queue.last] = entry;
 	if request then

@@ -1,0 +1,131 @@
+"""The decision cache of mod_policyplug (socket transport): with a policy that reads only kind and
+addresses, a (kind, from, to) decided once is not asked again; after a reload no cached decision
+of the old policy is ever served; with a policy that reads more, nothing is cached."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.prosody_deployment import (
+    Deployment,
+    error_condition,
+    login,
+    next_message,
+    nothing_arrives,
+)
+
+ADDRESS_ONLY = '''policy "cache-test"
+local domains ["acme.example", "rooms.acme.example"]
+default deny "not permitted"
+{extra}
+rule internal:
+  when direction == "internal"
+  allow
+'''
+BLOCK_ALICE_TO_BOB = '''rule blocked_pair:
+  on message
+  when sender.address == "alice@acme.example" && recipient.address == "bob@acme.example"
+  deny "{reason}"
+'''
+
+
+def service_status(sock: Path) -> dict:  # type: ignore[type-arg]
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(sock))
+        client.sendall(b'{"id": 1, "op": "status"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            data += client.recv(65536)
+    return json.loads(data)["status"]
+
+
+@pytest.fixture
+def cached(tmp_path: Path) -> Iterator[Deployment]:
+    policy = tmp_path / "cache.policy"
+    policy.write_text(ADDRESS_ONLY.format(extra=""))
+    d = Deployment(tmp_path / "deployment", transport="socket", policy=policy, timeout=10)
+    d.start()
+    yield d
+    d.stop()
+    assert d.errors_in_logs() == []
+
+
+def wait_for_log(deployment: Deployment, text: str, count: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while deployment.acme.log_text().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not logged {count} times"
+        time.sleep(0.05)
+
+
+def test_cache_is_used_and_never_stale_across_reloads(cached: Deployment) -> None:
+    assert service_status(cached.socket)["cacheable"] is True
+    wait_for_log(cached, "decisions cached per (kind, from, to)", 1)
+
+    async def scenario() -> None:
+        alice, bob = await login(cached, "alice@acme.example", "bob@acme.example")
+        alice.send_message(mto="bob@acme.example", mbody="first", mtype="chat")
+        assert (await next_message(bob))["body"] == "first"
+        asked = sum(service_status(cached.socket)["decisions"].values())
+        for i in range(20):
+            alice.send_message(mto="bob@acme.example", mbody=f"again {i}", mtype="chat")
+        assert [(await next_message(bob))["body"] for _ in range(20)] == [f"again {i}" for i in range(20)]
+        # served from the cache: the service was not asked again
+        assert sum(service_status(cached.socket)["decisions"].values()) == asked
+
+        # reload (SIGHUP) a policy that blocks exactly that pair: once the module has heard of the
+        # reload, the cached allow is gone
+        for generation, reason in enumerate(("blocked after reload 1", "blocked after reload 2")):
+            cached.policy.write_text(ADDRESS_ONLY.format(extra=BLOCK_ALICE_TO_BOB.format(reason=reason)))
+            assert cached.service is not None
+            cached.service.send_signal(signal.SIGHUP)
+            wait_for_log(cached, "decisions cached per (kind, from, to)", 2 + generation)
+            for _ in range(3):  # the first answer is cached too: the next ones come from the cache
+                alice.send_message(mto="bob@acme.example", mbody="after the reload", mtype="chat")
+                bounce = await next_message(alice)
+                assert error_condition(bounce) == ("policy-violation", reason)
+            assert await nothing_arrives(bob, 0.5)
+
+        # and back to allowing it
+        cached.policy.write_text(ADDRESS_ONLY.format(extra=""))
+        cached.service.send_signal(signal.SIGHUP)
+        wait_for_log(cached, "decisions cached per (kind, from, to)", 4)
+        alice.send_message(mto="bob@acme.example", mbody="allowed again", mtype="chat")
+        assert (await next_message(bob))["body"] == "allowed again"
+        assert await nothing_arrives(alice, 0.5)
+        for client in (alice, bob):
+            client.disconnect()
+
+    asyncio.run(scenario())
+
+
+def test_nothing_cached_when_the_policy_reads_the_body(cached: Deployment) -> None:
+    """A policy reading the body: every stanza is asked about (the same pair gets different answers)."""
+    cached.policy.write_text(ADDRESS_ONLY.format(extra='''rule words:
+  on message
+  when body.contains("forbidden")
+  deny "no forbidden words"
+'''))
+    assert cached.service is not None
+    cached.service.send_signal(signal.SIGHUP)
+    wait_for_log(cached, ", not cached", 1)
+    assert service_status(cached.socket)["cacheable"] is False
+
+    async def scenario() -> None:
+        alice, bob = await login(cached, "alice@acme.example", "bob@acme.example")
+        for i in range(3):
+            alice.send_message(mto="bob@acme.example", mbody=f"fine {i}", mtype="chat")
+            assert (await next_message(bob))["body"] == f"fine {i}"
+            alice.send_message(mto="bob@acme.example", mbody="forbidden", mtype="chat")
+            assert error_condition(await next_message(alice)) == ("policy-violation", "no forbidden words")
+        for client in (alice, bob):
+            client.disconnect()
+
+    asyncio.run(scenario())
