@@ -302,7 +302,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20_000, help="offered rate of the open-loop run (per s)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds of the open-loop run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of the open-loop run not counted")
-    parser.add_argument("--tick", type=float, default=0.0005,
+    parser.add_argument("--tick", type=float, default=0.0002,
                         help="open loop: shortest time between two sends (s); requests due meanwhile go together")
     parser.add_argument("--iq-requests", type=int, default=3000)
     parser.add_argument("--iq-window", type=int, default=32)
