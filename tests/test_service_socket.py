@@ -177,3 +177,17 @@ def test_decisions_are_audited(service, tmp_path: Path) -> None:  # type: ignore
     assert result.intact and result.records == 50
     tables = {t.title: t.rows for t in build_tables(tmp_path / "usage.db")}
     assert tables["Traffic by direction and outcome"] == [("outbound", "deny", 50)]
+
+
+def test_requests_split_across_reads_and_blank_lines(service) -> None:  # type: ignore[no-untyped-def]
+    _, sock, _ = service
+    client = Client(sock)
+    line = json.dumps({"id": 1, "event": event("a@acme.example", "b@acme.example")}).encode() + b"\n"
+    for piece in (line[:7], line[7:40], line[40:] + b"  \n\r\n" + line.replace(b'"id": 1', b'"id": 2')[:-1]):
+        client.sock.sendall(piece)
+        time.sleep(0.05)  # separate reads on the service's side
+    client.sock.sendall(b"\n")
+    first, second = client.answers(2)
+    assert first["id"] == 1 and first["decision"]["decision"] == "allow"
+    assert second["id"] == 2 and second["decision"]["decision"] == "allow"
+    assert set(first["decision"]) >= {"decision", "rule", "reason", "policy", "policy_revision", "audit", "errors"}
