@@ -95,7 +95,7 @@ class PolicyComponent(ComponentXMPP):
     def _decide(self, iq: Iq) -> None:
         text = iq["policyplug_decide"].xml.text or ""
         try:
-            decision = self.service.decide_json(json.loads(text))
+            decision = self.service.decide_encoded(json.loads(text)).decode()  # the JSON as the audit has it
         except (ValueError, EventError) as exc:
             self.service.invalid_requests += 1
             message = str(exc) if isinstance(exc, EventError) else f"not JSON: {exc}"
@@ -106,7 +106,7 @@ class PolicyComponent(ComponentXMPP):
             reply.send()
             return
         reply = iq.reply(clear=True)
-        reply["policyplug_decision"].xml.text = json.dumps(decision, ensure_ascii=False)
+        reply["policyplug_decision"].xml.text = decision
         reply.send()
 
     # -- ad-hoc commands ----------------------------------------------------------------------------------
