@@ -65,6 +65,21 @@ def wait_for_log(deployment: Deployment, text: str, count: int, timeout: float =
         time.sleep(0.05)
 
 
+def reload(deployment: Deployment, policy_text: str, cached: bool = True) -> None:
+    """Write the policy, SIGHUP the service, and wait until mod_policyplug has heard of the new
+    revision (the service also reloads on file change: whichever comes first)."""
+    before = service_status(deployment.socket)["revision"]
+    deployment.policy.write_text(policy_text)
+    assert deployment.service is not None
+    deployment.service.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while (revision := service_status(deployment.socket)["revision"]) == before:
+        assert time.monotonic() < deadline, "the service did not reload"
+        time.sleep(0.05)
+    wait_for_log(deployment, f"decision service policy {revision}, "
+                 + ("decisions cached per (kind, from, to)" if cached else "not cached"), 1)
+
+
 def test_cache_is_used_and_never_stale_across_reloads(cached: Deployment) -> None:
     assert service_status(cached.socket)["cacheable"] is True
     wait_for_log(cached, "decisions cached per (kind, from, to)", 1)
@@ -82,11 +97,8 @@ def test_cache_is_used_and_never_stale_across_reloads(cached: Deployment) -> Non
 
         # reload (SIGHUP) a policy that blocks exactly that pair: once the module has heard of the
         # reload, the cached allow is gone
-        for generation, reason in enumerate(("blocked after reload 1", "blocked after reload 2")):
-            cached.policy.write_text(ADDRESS_ONLY.format(extra=BLOCK_ALICE_TO_BOB.format(reason=reason)))
-            assert cached.service is not None
-            cached.service.send_signal(signal.SIGHUP)
-            wait_for_log(cached, "decisions cached per (kind, from, to)", 2 + generation)
+        for reason in ("blocked after reload 1", "blocked after reload 2"):
+            reload(cached, ADDRESS_ONLY.format(extra=BLOCK_ALICE_TO_BOB.format(reason=reason)))
             for _ in range(3):  # the first answer is cached too: the next ones come from the cache
                 alice.send_message(mto="bob@acme.example", mbody="after the reload", mtype="chat")
                 bounce = await next_message(alice)
@@ -94,9 +106,7 @@ def test_cache_is_used_and_never_stale_across_reloads(cached: Deployment) -> Non
             assert await nothing_arrives(bob, 0.5)
 
         # and back to allowing it
-        cached.policy.write_text(ADDRESS_ONLY.format(extra=""))
-        cached.service.send_signal(signal.SIGHUP)
-        wait_for_log(cached, "decisions cached per (kind, from, to)", 4)
+        reload(cached, ADDRESS_ONLY.format(extra=""))
         alice.send_message(mto="bob@acme.example", mbody="allowed again", mtype="chat")
         assert (await next_message(bob))["body"] == "allowed again"
         assert await nothing_arrives(alice, 0.5)
@@ -108,14 +118,11 @@ def test_cache_is_used_and_never_stale_across_reloads(cached: Deployment) -> Non
 
 def test_nothing_cached_when_the_policy_reads_the_body(cached: Deployment) -> None:
     """A policy reading the body: every stanza is asked about (the same pair gets different answers)."""
-    cached.policy.write_text(ADDRESS_ONLY.format(extra='''rule words:
+    reload(cached, ADDRESS_ONLY.format(extra='''rule words:
   on message
   when body.contains("forbidden")
   deny "no forbidden words"
-'''))
-    assert cached.service is not None
-    cached.service.send_signal(signal.SIGHUP)
-    wait_for_log(cached, ", not cached", 1)
+'''), cached=False)
     assert service_status(cached.socket)["cacheable"] is False
 
     async def scenario() -> None:
