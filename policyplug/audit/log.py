@@ -73,6 +73,16 @@ def build_record(event: Any, decision: Any, *, node: str, include_bodies: bool, 
     }
 
 
+def shift_rotations(path: Path) -> None:
+    """Rotate by renaming: audit.jsonl.N -> .N+1, ..., audit.jsonl -> audit.jsonl.1."""
+    index = 1
+    while path.with_name(f"{path.name}.{index}").exists():
+        index += 1
+    for i in range(index, 1, -1):
+        os.replace(path.with_name(f"{path.name}.{i - 1}"), path.with_name(f"{path.name}.{i}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+
+
 def event_record(event: Any, include_bodies: bool) -> dict[str, Any]:
     """The event as recorded: its JSON, without body and subject unless bodies are kept."""
     event_json = event.to_json()
@@ -319,12 +329,7 @@ class AuditWriter:
         """audit.jsonl -> audit.jsonl.1 -> .2 ...; the chain continues in the new file."""
         os.fsync(self._file.fileno())
         self._file.close()
-        index = 1
-        while self.path.with_name(f"{self.path.name}.{index}").exists():
-            index += 1
-        for i in range(index, 1, -1):
-            os.replace(self.path.with_name(f"{self.path.name}.{i - 1}"), self.path.with_name(f"{self.path.name}.{i}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        shift_rotations(self.path)
         self._file = self.path.open("ab")
 
     def _failed(self, exc: BaseException) -> None:

@@ -23,32 +23,16 @@ import mmap
 import os
 import socket
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .log import FORMAT_VERSION, GENESIS, LEVELS, canonical, last_record, should_audit
+from .log import GENESIS, LEVELS, build_record, canonical, last_record, shift_rotations, should_audit
 
 log = logging.getLogger("policyplug.audit")
 HEAD_BYTES = 160
 RECORD_KEYS = {"v", "id", "time", "node", "policy", "policy_revision", "event", "decision"}
-
-
-def build_record(event: Any, decision: Any, *, node: str, include_bodies: bool) -> dict[str, Any]:
-    """An audit record (docs/audit.md) without its chain fields."""
-    event_json = event.to_json()
-    if not include_bodies:
-        event_json.pop("body", None)
-        event_json.pop("subject", None)
-    decision_json = decision.to_json()
-    return {
-        "v": FORMAT_VERSION, "id": os.urandom(16).hex(), "time": datetime.now(UTC).isoformat(),
-        "node": node, "policy": decision_json.pop("policy"),
-        "policy_revision": decision_json.pop("policy_revision"),
-        "event": event_json, "decision": decision_json,
-    }
 
 
 class SharedAuditLog:
@@ -78,7 +62,8 @@ class SharedAuditLog:
         if not should_audit(self.level, decision):
             return False
         try:
-            record = build_record(event, decision, node=self.node, include_bodies=self.include_bodies)
+            record = build_record(event, decision, node=self.node, include_bodies=self.include_bodies,
+                                  record_id=os.urandom(16).hex())
             self.append(record)
             return True
         except Exception as exc:  # auditing must never break a decision
@@ -242,12 +227,7 @@ class SharedAuditLog:
         """audit.jsonl -> .1 -> .2 ... under the lock; the chain continues in the new file."""
         assert self._fd is not None
         os.fsync(self._fd)
-        index = 1
-        while self.path.with_name(f"{self.path.name}.{index}").exists():
-            index += 1
-        for i in range(index, 1, -1):
-            os.replace(self.path.with_name(f"{self.path.name}.{i - 1}"), self.path.with_name(f"{self.path.name}.{i}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        shift_rotations(self.path)
         os.close(self._fd)
         # the new file exists at once and the head names it, so no writer appends to the old one
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -296,7 +276,9 @@ class AuditSpool:
         if not should_audit(self.level, decision):
             return False
         try:
-            line = canonical(build_record(event, decision, node=self.node, include_bodies=self.include_bodies))
+            record = build_record(event, decision, node=self.node, include_bodies=self.include_bodies,
+                                  record_id=os.urandom(16).hex())
+            line = canonical(record)
             if self._fd is None or self._pid != os.getpid() or self._size >= SPOOL_FILE_MAX:
                 self._open()
             assert self._fd is not None
