@@ -25,6 +25,8 @@ port 5269), through libunbound. `s2s_peers` gives the server's resolver a local 
 that domain at `localhost:PORT` (unbound's `local-data`, nothing touches /etc/hosts or real DNS), and
 enables dialback, which authenticates the servers to each other without certificates. libunbound
 takes one `local-data` option per context, so a server can have one peer (enough for the tests).
+This needs Prosody to resolve through libunbound: Debian `lua-unbound` (a Recommends of `prosody`,
+installed by .ci/run); without it Prosody uses its own resolver and s2s between test servers fails.
 
 Prosody runs as root in the foreground (`run_as_root = true`, `-F`), listens only on 127.0.0.1 on
 ports picked free, requires no TLS (test only), stores accounts in plain text in its data dir.
