@@ -144,15 +144,31 @@ class PolicyplugKamailio:
                 self.chainer = SpoolChainer(spool, shared_log)
             else:
                 self.audit = shared_log
-        # copies this server sends itself carry this token, so they are routed without a decision;
-        # made before fork, so every worker knows it, and nobody outside can forge it
-        self.copy_token = secrets.token_hex(16)
         self.state_dir = Path(config.get("state_dir", "/var/lib/policyplug/kamailio"))
+        # copies this server sends itself carry this token, so they are routed without a decision;
+        # nobody outside can forge it, and every worker knows the same one, also after
+        # `kamcmd app_python.reload` has run this file again in each of them
+        self.copy_token = self._copy_token()
         self.policy: Any = None
         self.generation = 0
         self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
         self._load_initial()
+
+    def _copy_token(self) -> str:
+        path = self.state_dir / "copy-token"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            token = path.read_text().strip()
+            if len(token) == 32:
+                return token
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)  # damaged: make a new one
+        token = secrets.token_hex(16)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return token
 
     # -- the policy ---------------------------------------------------------------------------------
     #

@@ -469,6 +469,12 @@ def test_kamcmd_app_python_reload(world: World) -> None:
     assert "error" not in output.lower(), output
     response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="after rpc reload")
     assert response is not None and response.status == 200
+    # every worker ran the script again; archive copies still pass between workers as copies
+    for i in range(6):
+        marker = uuid.uuid4().hex
+        response = world["alice"].request("MESSAGE", "sip:dave@partner.example", body=f"after reload {marker}")
+        assert response is not None and response.status == 200
+        assert world["archive"].wait_for(is_message_with(marker)) is not None, i
 
 
 # -- the adapter in a native kamailio.cfg ---------------------------------------------------------
