@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import unquote
 
@@ -45,6 +45,12 @@ class Address:
     domain: str
     resource: str
     raw: str
+    # address and resource in one string (NUL cannot occur in either): what a policy caches
+    # per party under, computed once here rather than on every decision
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.address}\x00{self.resource}")
 
 
 def normalise_domain(text: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DECISIONS = ("allow", "deny", "drop", "redirect")
@@ -20,21 +20,89 @@ class TraceStep:
         return {"rule": self.rule, "matched": self.matched, "why": self.why}
 
 
-@dataclass(slots=True)
 class Decision:
-    decision: str
-    rule: str | None
-    reason: str | None = None
-    redirect_to: str | None = None
-    route_via: str | None = None
-    copy_to: list[str] = field(default_factory=list)
-    disclaimers: list[str] = field(default_factory=list)
-    tags: list[str] = field(default_factory=list)
-    audit: bool = False
-    errors: list[dict[str, str]] = field(default_factory=list)
-    policy: str = ""
-    policy_revision: str = ""
-    trace: list[TraceStep] = field(default_factory=list)
+    """One decision. Attributes as in the decision JSON (cli.md); `copy_to`, `disclaimers`, `tags`,
+    `errors` and `trace` are lists (created on first read when empty)."""
+
+    __slots__ = ("decision", "rule", "reason", "redirect_to", "route_via", "_copy_to", "_disclaimers", "_tags",
+                 "audit", "_errors", "policy", "policy_revision", "_trace")
+
+    def __init__(self, decision: str, rule: str | None, reason: str | None = None, redirect_to: str | None = None,
+                 route_via: str | None = None, copy_to: list[str] | None = None,
+                 disclaimers: list[str] | None = None, tags: list[str] | None = None, audit: bool = False,
+                 errors: list[dict[str, str]] | None = None, policy: str = "", policy_revision: str = "",
+                 trace: list[TraceStep] | None = None):
+        self.decision = decision
+        self.rule = rule
+        self.reason = reason
+        self.redirect_to = redirect_to
+        self.route_via = route_via
+        self._copy_to = copy_to
+        self._disclaimers = disclaimers
+        self._tags = tags
+        self.audit = audit
+        self._errors = errors
+        self.policy = policy
+        self.policy_revision = policy_revision
+        self._trace = trace
+
+    # The list attributes are created on first read (the engine stores None for an empty one, or
+    # a tuple it shares between decisions): most decisions have no copies, tags, errors or trace,
+    # and deciding should not pay for five lists nobody looks at.
+    @property
+    def copy_to(self) -> list[str]:
+        value = self._copy_to
+        if value.__class__ is not list:
+            value = self._copy_to = [] if value is None else list(value)
+        return value
+
+    @copy_to.setter
+    def copy_to(self, value: list[str]) -> None:
+        self._copy_to = value
+
+    @property
+    def disclaimers(self) -> list[str]:
+        value = self._disclaimers
+        if value.__class__ is not list:
+            value = self._disclaimers = [] if value is None else list(value)
+        return value
+
+    @disclaimers.setter
+    def disclaimers(self, value: list[str]) -> None:
+        self._disclaimers = value
+
+    @property
+    def tags(self) -> list[str]:
+        value = self._tags
+        if value.__class__ is not list:
+            value = self._tags = [] if value is None else list(value)
+        return value
+
+    @tags.setter
+    def tags(self, value: list[str]) -> None:
+        self._tags = value
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        value = self._errors
+        if value.__class__ is not list:
+            value = self._errors = [] if value is None else list(value)
+        return value
+
+    @errors.setter
+    def errors(self, value: list[dict[str, str]]) -> None:
+        self._errors = value
+
+    @property
+    def trace(self) -> list[TraceStep]:
+        value = self._trace
+        if value.__class__ is not list:
+            value = self._trace = [] if value is None else list(value)
+        return value
+
+    @trace.setter
+    def trace(self, value: list[TraceStep]) -> None:
+        self._trace = value
 
     @property
     def allowed(self) -> bool:
@@ -42,18 +110,39 @@ class Decision:
 
     def to_json(self) -> dict[str, Any]:
         """The decision JSON of the spec (cli.md), key for key."""
+        copy_to, disclaimers, tags, errors = self._copy_to, self._disclaimers, self._tags, self._errors
         return {
             "decision": self.decision, "rule": self.rule, "reason": self.reason,
             "redirect_to": self.redirect_to, "route_via": self.route_via,
-            "copy_to": list(self.copy_to), "disclaimers": list(self.disclaimers), "tags": list(self.tags),
-            "audit": self.audit, "errors": [dict(e) for e in self.errors],
+            "copy_to": list(copy_to) if copy_to else [], "disclaimers": list(disclaimers) if disclaimers else [],
+            "tags": list(tags) if tags else [], "audit": self.audit,
+            "errors": [dict(e) for e in errors] if errors else [],
             "policy": self.policy, "policy_revision": self.policy_revision,
         }
+
+    def _fields(self) -> tuple[Any, ...]:
+        def as_list(value: Any) -> list[Any]:
+            return list(value) if value else []
+        return (self.decision, self.rule, self.reason, self.redirect_to, self.route_via, as_list(self._copy_to),
+                as_list(self._disclaimers), as_list(self._tags), self.audit, as_list(self._errors), self.policy,
+                self.policy_revision, as_list(self._trace))
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
+
+    def __repr__(self) -> str:
+        names = ("decision", "rule", "reason", "redirect_to", "route_via", "copy_to", "disclaimers", "tags", "audit",
+                 "errors", "policy", "policy_revision", "trace")
+        return "Decision(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True)) + ")"
 
     def explain(self) -> str:
         """A human-readable trace (for `eval --explain` and failing tests)."""
         lines = []
-        for step in self.trace:
+        for step in self._trace or ():
             mark = "MATCH" if step.matched else "skip "
             lines.append(f"  {mark} {step.rule}: {step.why}")
         decided_by = self.rule if self.rule is not None else "default"

@@ -60,7 +60,9 @@ class Event:
         self.headers = headers if headers is not None else {}
         self.client = client if client is not None else {"ip": "", "port": 0, "secure": False}
         self.time = time if time is not None else datetime.now(UTC)
-        self._activation_cache: tuple[int, dict[str, Any]] | None = None
+        # what the last policy to look at this event derived from it (runtime.Policy: its parties,
+        # direction, activation dict); set to None to have it derived again
+        self._activation_cache: tuple[Any, ...] | None = None
 
     # -- construction ---------------------------------------------------------------------------
 

@@ -2,26 +2,31 @@
 
 A rule whose `when` is a conjunction containing `FIELD == "literal"`, `FIELD in LIST` or
 `FIELD in ["a", "b"]` (FIELD one of kind, direction, sender/recipient .domain/.address), or
-`"literal" in sender.groups` (or recipient.groups), can only match events whose FIELD takes
-one of those values (whose groups contain it). Skipping it otherwise is exact, not a
-heuristic: CEL's `&&` is false as soon as one side is false, even when another side errs,
-so a skipped rule would neither have matched nor recorded an error. Candidates keep file
-order, so first-match semantics are unchanged (tests compare indexed and unindexed runs).
+`"literal" in sender.groups` (or recipient.groups), or `sender.local` / `!recipient.local` (which
+allow two directions each), or `size > 1000000` (any comparison of `size` with an int), can only
+match events whose FIELD takes one of those values (whose groups contain it, whose size is in
+range). Skipping it otherwise is exact, not a heuristic: CEL's `&&` is false as soon as one side
+is false, even when another side errs, so a skipped rule would neither have matched nor recorded
+an error. Only the first `when` of a rule is read, and later ones only while the earlier are
+made of such tests alone: conditions run one after the other, and an error in one is reported
+even if a later one is false. Candidates keep file order, so first-match semantics are unchanged
+(tests compare indexed and unindexed runs).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from bisect import bisect_right
+from collections.abc import Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import lark
 
+from .cel.fastparse import rule_name
 from .nodes import EVENT_KINDS
 
 if TYPE_CHECKING:
-    from .events import Event
     from .loader import PolicyModel
     from .runtime import CompiledRule, Policy
 
@@ -33,11 +38,10 @@ MULTI_VALUED = frozenset({"sender.groups", "recipient.groups"})
 _PASS_THROUGH = {"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
                  "member", "primary", "paren_expr"}
 _PLAIN_STRING = re.compile(r'^(?:"([^"\\]*)"|\'([^\'\\]*)\')$')
-CACHE_LIMIT = 4096
 
 
 def _strip(tree: Any) -> Any:
-    while isinstance(tree, lark.Tree) and tree.data in _PASS_THROUGH and len(tree.children) == 1 \
+    while isinstance(tree, lark.Tree) and len(tree.children) == 1 and rule_name(tree.data) in _PASS_THROUGH \
             and isinstance(tree.children[0], lark.Tree):
         tree = tree.children[0]
     return tree
@@ -45,7 +49,7 @@ def _strip(tree: Any) -> Any:
 
 def _conjuncts(tree: Any) -> list[Any]:
     tree = _strip(tree)
-    if isinstance(tree, lark.Tree) and tree.data == "conditionaland" and len(tree.children) == 2:
+    if isinstance(tree, lark.Tree) and rule_name(tree.data) == "conditionaland" and len(tree.children) == 2:
         return _conjuncts(tree.children[0]) + _conjuncts(tree.children[1])
     return [tree]
 
@@ -54,12 +58,13 @@ def _field_path(tree: Any) -> str | None:
     tree = _strip(tree)
     if not isinstance(tree, lark.Tree):
         return None
-    if tree.data == "ident":
+    data = rule_name(tree.data)
+    if data == "ident":
         name = str(tree.children[0])
         return name if name in ("direction", "kind") else None
-    if tree.data == "member_dot":
+    if data == "member_dot":
         base = _strip(tree.children[0])
-        if isinstance(base, lark.Tree) and base.data == "ident":
+        if isinstance(base, lark.Tree) and rule_name(base.data) == "ident":
             path = f"{base.children[0]}.{tree.children[1]}"
             return path if path in INDEXED_FIELDS else None
     return None
@@ -67,7 +72,7 @@ def _field_path(tree: Any) -> str | None:
 
 def _string_literal(tree: Any) -> str | None:
     tree = _strip(tree)
-    if isinstance(tree, lark.Tree) and tree.data == "literal" and tree.children:
+    if isinstance(tree, lark.Tree) and tree.children and rule_name(tree.data) == "literal":
         token = tree.children[0]
         if isinstance(token, lark.Token) and token.type == "STRING_LIT":
             match = _PLAIN_STRING.match(str(token))
@@ -80,9 +85,10 @@ def _string_set(tree: Any, lists: dict[str, tuple[str, ...]]) -> frozenset[str] 
     tree = _strip(tree)
     if not isinstance(tree, lark.Tree):
         return None
-    if tree.data == "ident" and str(tree.children[0]) in lists:
+    data = rule_name(tree.data)
+    if data == "ident" and str(tree.children[0]) in lists:
         return frozenset(lists[str(tree.children[0])])
-    if tree.data == "list_lit":
+    if data == "list_lit":
         values = []
         items = tree.children[0].children if tree.children else []
         for item in items:
@@ -94,25 +100,109 @@ def _string_set(tree: Any, lists: dict[str, tuple[str, ...]]) -> frozenset[str] 
     return None
 
 
+# `sender.local`, `!recipient.local`... as a conjunct: the directions it allows
+_LOCAL_DIRECTIONS = {
+    ("sender.local", False): frozenset({"internal", "outbound"}),
+    ("sender.local", True): frozenset({"inbound", "transit"}),
+    ("recipient.local", False): frozenset({"internal", "inbound"}),
+    ("recipient.local", True): frozenset({"outbound", "transit"}),
+}
+
+
+def _local_directions(tree: Any) -> frozenset[str] | None:
+    negated = False
+    if isinstance(tree, lark.Tree) and len(tree.children) == 2 and rule_name(tree.data) == "unary" \
+            and isinstance(tree.children[0], lark.Tree) and rule_name(tree.children[0].data) == "unary_not":
+        negated, tree = True, _strip(tree.children[1])
+    if not (isinstance(tree, lark.Tree) and rule_name(tree.data) == "member_dot"):
+        return None
+    base = _strip(tree.children[0])
+    if isinstance(base, lark.Tree) and rule_name(base.data) == "ident":
+        return _LOCAL_DIRECTIONS.get((f"{base.children[0]}.{tree.children[1]}", negated))
+    return None
+
+
+_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+INT64 = 2**63
+_FLIPPED = {"relation_lt": "relation_gt", "relation_le": "relation_ge", "relation_gt": "relation_lt",
+            "relation_ge": "relation_le", "relation_eq": "relation_eq"}
+
+
+def _int_literal(tree: Any) -> int | None:
+    tree = _strip(tree)
+    if isinstance(tree, lark.Tree) and len(tree.children) == 1 and rule_name(tree.data) == "literal":
+        token = tree.children[0]
+        if isinstance(token, lark.Token) and token.type == "INT_LIT" and _INT.fullmatch(str(token)):
+            value = int(str(token))
+            if -INT64 <= value < INT64:
+                return value
+    return None
+
+
+def _is_size(tree: Any) -> bool:
+    tree = _strip(tree)
+    return isinstance(tree, lark.Tree) and rule_name(tree.data) == "ident" and str(tree.children[0]) == "size"
+
+
+def _size_interval(operation: str, lhs: Any, rhs: Any) -> tuple[float, float] | None:
+    """`size < 100`, `1000 <= size`...: the sizes [lo, hi) it allows, or None."""
+    if operation not in _FLIPPED:
+        return None
+    if _is_size(lhs):
+        bound = _int_literal(rhs)
+    elif _is_size(rhs):
+        bound, operation = _int_literal(lhs), _FLIPPED[operation]
+    else:
+        return None
+    if bound is None:
+        return None
+    inf = float("inf")
+    return {"relation_lt": (-inf, bound), "relation_le": (-inf, bound + 1), "relation_gt": (bound + 1, inf),
+            "relation_ge": (bound, inf), "relation_eq": (bound, bound + 1)}[operation]
+
+
 def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
-    """Every (field -> allowed values) implied by a rule's `when` clauses."""
+    """Every (field -> allowed values) implied by a rule's `when` clauses.
+
+    `sender.local` and `recipient.local` (or their negation) restrict the direction; comparisons
+    of `size` with an int give "size" -> the interval [lo, hi) of sizes allowed. A rule's
+    conditions run one after the other, and an error in one is reported even if a later one
+    is false: so a later `when` is looked at only while every `when` before it is made of
+    guards alone (comparisons that cannot fail)."""
     guards: dict[str, frozenset[str]] = {}
     for when in when_trees:
+        only_guards = True
         for conjunct in _conjuncts(when):
-            if not (isinstance(conjunct, lark.Tree) and conjunct.data == "relation" and len(conjunct.children) == 2):
+            directions = _local_directions(conjunct)
+            if directions is not None:
+                guards["direction"] = guards["direction"] & directions if "direction" in guards else directions
+                continue
+            if not (isinstance(conjunct, lark.Tree) and len(conjunct.children) == 2
+                    and rule_name(conjunct.data) == "relation"):
+                only_guards = False
                 continue
             operator, rhs = conjunct.children
             if not isinstance(operator, lark.Tree) or not operator.children:
+                only_guards = False
                 continue
             lhs = operator.children[0]
             values: frozenset[str] | None = None
             field = None
-            if operator.data == "relation_eq":
+            operation = rule_name(operator.data)
+            interval = _size_interval(operation, lhs, rhs)
+            if interval is not None:
+                if "size" in guards:
+                    (lo, hi), (lo2, hi2) = guards["size"], interval
+                    interval = (max(lo, lo2), min(hi, hi2))
+                guards["size"] = interval  # type: ignore[assignment]
+                only_guards = False  # `size` of an event built by hand might not be an int
+                continue
+            if operation == "relation_eq":
                 field, literal = _field_path(lhs), _string_literal(rhs)
                 if field is None:
                     field, literal = _field_path(rhs), _string_literal(lhs)
                 values = frozenset([literal]) if literal is not None else None
-            elif operator.data == "relation_in":
+            elif operation == "relation_in":
                 field, values = _field_path(lhs), _string_set(rhs, lists)
                 if field is None:
                     # "literal" in sender.groups: the rule needs that group
@@ -127,90 +217,127 @@ def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> d
                     guards[field] = guards[field] & values
                 else:
                     guards.setdefault(field, values)
+            else:
+                only_guards = False
+        if not only_guards:
+            break
     return guards
 
 
-def guard_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> tuple[str, frozenset[str]] | None:
-    """The most selective (field, allowed values) implied by a rule's `when` clauses, if any."""
-    guards = guards_of(when_trees, lists)
-    for field in INDEXED_FIELDS:
-        if field in guards:
-            return field, guards[field]
-    return None
+class RuleIndex:
+    """Candidate rules per (kind, direction, sender, recipient), in file order.
 
+    A plan per (kind, direction) holds the rules that cannot be skipped (no guard, or a guard on
+    direction only that this direction satisfies) and one table per guarded field. Which table
+    entries an event hits depends only on its kind and on what the policy knows of its two
+    parties, so the policy caches each party's *signature* (its local flag and the values of its
+    indexed fields that appear in some table) and caches candidates per (kind, signatures), and
+    per size bucket when rules have `size` guards."""
 
-def build_selector(policy: Policy, model: PolicyModel) -> Callable[[Event, dict[str, Any]], Sequence[CompiledRule]] | None:
-    """A function (event, activation) -> candidate rules in file order; None when indexing gains nothing."""
-    all_guards = [guards_of(checked.when, model.lists) for checked in model.rules]
-    if not any(all_guards):
-        return None
-    guards = []
-    kinds_of = []
-    for rule, rule_guards in zip(policy.rules, all_guards, strict=True):
-        kinds = rule.kinds
-        if "kind" in rule_guards:  # `kind == "call"` restricts like `on call`
-            kinds = rule_guards["kind"] if kinds is None else kinds & rule_guards["kind"]
-        kinds_of.append(kinds)
-        guards.append(next(((f, rule_guards[f]) for f in INDEXED_FIELDS if f in rule_guards), None))
-    by_index = attrgetter("index")
-    # (party or None, key, table, multi-valued): read as activation[party][key] or activation[key]
-    Lookup = tuple[str | None, str, dict[str, tuple[Any, ...]], bool]
-    plans: dict[str, tuple[tuple[CompiledRule, ...], list[Lookup]]] = {}
-    for kind in EVENT_KINDS:
-        unguarded: list[CompiledRule] = []
-        tables: dict[str, dict[str, list[CompiledRule]]] = {}
-        for rule, guard, kinds in zip(policy.rules, guards, kinds_of, strict=True):
-            if kinds is not None and kind not in kinds:
-                continue
-            if guard is None:
-                unguarded.append(rule)
-                continue
-            field, values = guard
-            table = tables.setdefault(field, {})
-            for value in values:
-                table.setdefault(value, []).append(rule)
-        lookups: list[Lookup] = []
-        for name, table in tables.items():
-            party, _, key = name.rpartition(".")
-            lookups.append((party or None, key, {v: tuple(rs) for v, rs in table.items()}, name in MULTI_VALUED))
-        plans[kind] = (tuple(unguarded), lookups)
-    cache: dict[tuple[Any, ...], Sequence[CompiledRule]] = {}
+    def __init__(self, plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]],
+                 side_values: dict[str, dict[str, frozenset[str]]],
+                 sizes: dict[CompiledRule, tuple[float, float]] | None = None):
+        self.plans = plans
+        self.side_values = side_values  # "sender" | "recipient" -> field -> values some table holds
+        # Rules with a `size` guard, and the bounds of all such guards: an event's size falls in one
+        # of the buckets these bounds cut (bisect_right(size_points, size)), and within one bucket
+        # every guard holds or fails alike, so candidates are cached per bucket too.
+        self.sizes = sizes or {}
+        self.size_points = tuple(sorted({b for lo_hi in self.sizes.values() for b in lo_hi if b not in
+                                         (float("inf"), float("-inf"))}))
 
-    def select(event: Event, activation: dict[str, Any]) -> Sequence[CompiledRule]:
-        unguarded, lookups = plans[event.kind]
-        if not lookups:
-            return unguarded
+    def signature(self, party: dict[str, Any], side: str) -> tuple[Any, ...]:
+        values = self.side_values[side]
+        address, domain, groups = values["address"], values["domain"], values["groups"]
+        return (party["local"],
+                party["address"] if party["address"] in address else None,
+                party["domain"] if party["domain"] in domain else None,
+                tuple(g for g in party["groups"] if g in groups) if groups else ())
+
+    def candidates(self, kind: str, direction: str, sender: dict[str, Any], recipient: dict[str, Any],
+                   size_bucket: int = -1) -> tuple[CompiledRule, ...]:
+        """Candidate rules; `size_bucket` -1 when the event's size is unknown (not an int64)."""
+        found = self._candidates(kind, direction, sender, recipient)
+        if size_bucket < 0 or not self.sizes:
+            return found
+        points, sizes = self.size_points, self.sizes
+        value = points[size_bucket - 1] if size_bucket > 0 else points[0] - 1  # any size in the bucket
+        return tuple(r for r in found if r not in sizes or sizes[r][0] <= value < sizes[r][1])
+
+    def size_bucket(self, size: Any) -> int:
+        if type(size) is int and -INT64 <= size < INT64:
+            return bisect_right(self.size_points, size)
+        return -1
+
+    def _candidates(self, kind: str, direction: str, sender: dict[str, Any],
+                    recipient: dict[str, Any]) -> tuple[CompiledRule, ...]:
+        by_direction = self.plans.get(kind)
+        if by_direction is None:
+            return ()
+        unguarded, lookups = by_direction[direction]
         found = []
-        key: list[Any] = [event.kind]
         for party, field, table, multi in lookups:
-            value = activation[party][field] if party is not None else activation[field]
+            value = (sender if party == "sender" else recipient)[field]
             if multi:
-                hits = tuple(v for v in value if v in table)
-                for v in hits:
-                    found.append(table[v])
-                key.append(hits)
+                for v in value:
+                    rules = table.get(v)
+                    if rules:
+                        found.append(rules)
                 continue
             rules = table.get(value)
             if rules:
                 found.append(rules)
-                key.append(value)
-            else:
-                key.append(None)
         if not found:
             return unguarded
-        cache_key = tuple(key)
-        cached = cache.get(cache_key)
-        if cached is not None:
-            return cached
         merged: list[CompiledRule] = list(unguarded)
         for rules in found:
             merged.extend(rules)
-        merged.sort(key=by_index)
-        # one guard per rule, but a group-guarded rule may be reached through two groups
-        result = tuple(dict.fromkeys(merged)) if len(found) > 1 else tuple(merged)
-        if len(cache) >= CACHE_LIMIT:
-            cache.clear()
-        cache[cache_key] = result
-        return result
+        merged.sort(key=attrgetter("index"))
+        # one table per rule and plan, but a group-guarded rule may be reached through two groups
+        return tuple(dict.fromkeys(merged))
 
-    return select
+
+DIRECTIONS = ("internal", "outbound", "inbound", "transit")
+PARTY_FIELDS = {"address", "domain", "groups"}
+
+
+def build_selector(policy: Policy, model: PolicyModel) -> RuleIndex | None:
+    """The rule index of a policy; None when no rule has a guard (every rule is a candidate)."""
+    all_guards = [guards_of(checked.when, model.lists) for checked in model.rules]
+    if not any(all_guards):
+        return None
+    plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}
+    side_values: dict[str, dict[str, set[str]]] = {side: {f: set() for f in PARTY_FIELDS}
+                                                   for side in ("sender", "recipient")}
+    # per rule, once: the kinds and directions it can match, and the field it is indexed by
+    placed = []
+    for rule, guards in zip(policy.rules, all_guards, strict=True):
+        kinds = EVENT_KINDS if rule.kinds is None else [k for k in EVENT_KINDS if k in rule.kinds]
+        if "kind" in guards:  # `kind == "call"` restricts like `on call`
+            kinds = [k for k in kinds if k in guards["kind"]]
+        directions = [d for d in DIRECTIONS if d in guards["direction"]] if "direction" in guards else DIRECTIONS
+        field = next((f for f in INDEXED_FIELDS if f in guards and f != "direction"), None)
+        placed.append((rule, frozenset(kinds), frozenset(directions), field, guards.get(field) if field else None))
+    for kind in EVENT_KINDS:
+        plans[kind] = {}
+        for direction in DIRECTIONS:
+            unguarded: list[CompiledRule] = []
+            tables: dict[str, dict[str, list[CompiledRule]]] = {}
+            for rule, kinds, directions, field, values in placed:
+                if kind not in kinds or direction not in directions:
+                    continue
+                if field is None:
+                    unguarded.append(rule)
+                    continue
+                table = tables.setdefault(field, {})
+                for value in values:
+                    table.setdefault(value, []).append(rule)
+            lookups = []
+            for name, table in tables.items():
+                party, _, key = name.partition(".")
+                lookups.append((party, key, {v: tuple(rs) for v, rs in table.items()}, name in MULTI_VALUED))
+                side_values[party][key].update(table)
+            plans[kind][direction] = (tuple(unguarded), lookups)
+    frozen = {side: {f: frozenset(v) for f, v in fields.items()} for side, fields in side_values.items()}
+    sizes = {rule: guards["size"] for rule, guards in zip(policy.rules, all_guards, strict=True) if "size" in guards}
+    return RuleIndex(plans, frozen, sizes)  # type: ignore[arg-type]

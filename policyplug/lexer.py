@@ -8,6 +8,7 @@ every character came from, so later stages can point at the exact file line and 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .diagnostics import Location
@@ -69,37 +70,50 @@ class LexError(Exception):
         self.message = message
 
 
+_SPECIAL = re.compile(r"""[#"'()\[\]{}]""")  # what matters outside a string
+_IN_STRING = {'"': re.compile(r'[\\"]'), "'": re.compile(r"[\\']")}  # ... and inside one
+
+
 def _scan_line(text: str, depth: list[str], in_string: str | None) -> tuple[int, str | None, list[str]]:
     """Scan one physical line; return (comment start or -1, open string quote, bracket stack).
 
-    Strings may not span lines (except CEL triple-quoted ones, which we treat as open)."""
+    Strings may not span lines (except CEL triple-quoted ones, which we treat as open). The scan
+    jumps from one character that matters to the next (tests/test_lexer.py checks it against a
+    character-by-character scan)."""
     i = 0
     n = len(text)
     stack = list(depth)
     quote = in_string
     while i < n:
-        c = text[i]
         if quote:
-            if c == "\\":
-                i += 2
-                continue
-            if text.startswith(quote, i):
-                i += len(quote)
+            match = _IN_STRING[quote[0]].search(text, i)
+            if match is None:
+                break
+            j = match.start()
+            if text[j] == "\\":
+                i = j + 2
+            elif text.startswith(quote, j):
+                i = j + len(quote)
                 quote = None
-                continue
-            i += 1
+            else:
+                i = j + 1
             continue
+        match = _SPECIAL.search(text, i)
+        if match is None:
+            break
+        j = match.start()
+        c = text[j]
         if c == "#":
-            return i, None, stack
-        if c in "\"'":
-            quote = c * 3 if text.startswith(c * 3, i) else c
-            i += len(quote)
+            return j, None, stack
+        if c == '"' or c == "'":
+            quote = c * 3 if text.startswith(c * 3, j) else c
+            i = j + len(quote)
             continue
         if c in OPENERS:
             stack.append(c)
-        elif c in CLOSERS and stack and OPENERS[stack[-1]] == c:
+        elif stack and OPENERS[stack[-1]] == c:
             stack.pop()
-        i += 1
+        i = j + 1
     if quote and len(quote) == 1:
         quote = None  # an unterminated one-line string: let the parser report it
     return -1, quote, stack

@@ -93,6 +93,7 @@ class Loader:
         self.files: list[Path] = []
         self.hash_parts: list[tuple[str, bytes]] = []
         self.trees: list[nodes.PolicyFile] = []
+        self.parsed: dict[str, lark.Tree] = {}  # CEL text -> parse tree, for repeated conditions
 
     # -- reading files and includes ------------------------------------------------------------
 
@@ -190,7 +191,8 @@ class Loader:
                     sink.error(loc, f"'{name}' is already defined")
                 pending_defines.pop(name, None)
                 tree, used = check_expression(statement.expression, sink, lists=lists, defines=defines,
-                                              later_defines=pending_defines, define_reads=define_reads)
+                                              later_defines=pending_defines, define_reads=define_reads,
+                                              parsed=self.parsed)
                 if tree is not None:
                     defines[name] = tree
                     define_reads[name] = used
@@ -335,12 +337,12 @@ class Loader:
         for expressions, trees in ((rule.when, checked.when), (rule.unless, checked.unless)):
             for expression in expressions:
                 tree, used = check_expression(expression, sink, lists=lists, defines=defines,
-                                              later_defines=pending, define_reads=define_reads)
+                                              later_defines=pending, define_reads=define_reads, parsed=self.parsed)
                 reads |= used
                 trees.append(tree)
         if rule.limit is not None:
             tree, used = check_expression(rule.limit.key, sink, lists=lists, defines=defines,
-                                          later_defines=pending, define_reads=define_reads)
+                                          later_defines=pending, define_reads=define_reads, parsed=self.parsed)
             reads |= used
             checked.limit_key = tree
         if rule.kinds is not None:

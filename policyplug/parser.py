@@ -8,6 +8,8 @@ offsets so that CEL errors point into the policy file.
 
 from __future__ import annotations
 
+import re
+
 import pyparsing as pp
 
 from . import nodes
@@ -108,6 +110,114 @@ G_TEST_BODY = (
 )
 
 
+# -- fast paths ----------------------------------------------------------------------------------
+# Most lines of a large policy are `rule NAME:`, `on KIND, ...`, `when CONDITION` and an effect.
+# These small scanners read exactly what the grammars above accept for such lines (same
+# whitespace, keyword boundaries and positions) and give up (None) on anything else, which then
+# goes through the pyparsing grammar: it has the last word and writes every error message.
+# tests/test_parser_fast.py checks that both give the same nodes.
+
+_WHITE = frozenset(" \n\t\r")  # pyparsing's default whitespace
+_KEYWORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_$")
+_NAME_AT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_STRING_AT = re.compile(r'"([^"\\\n\r]*)"')  # a "string" without escapes
+
+
+def _skip(text: str, i: int) -> int:
+    n = len(text)
+    while i < n and text[i] in _WHITE:
+        i += 1
+    return i
+
+
+def _keyword(text: str, i: int, word: str) -> int:
+    """Position after `word` at i (after whitespace), or -1; a keyword must end at a non-name char.
+
+    A line with a tab is left to pyparsing, which expands tabs before it parses."""
+    if "\t" in text:
+        return -1
+    i = _skip(text, i)
+    end = i + len(word)
+    if not text.startswith(word, i) or (end < len(text) and text[end] in _KEYWORD_CHARS):
+        return -1
+    return end
+
+
+def _at_end(text: str, i: int) -> bool:
+    return _skip(text, i) == len(text)
+
+
+def _fast_string(text: str, i: int) -> tuple[str, int] | None:
+    match = _PLAIN_STRING_AT.match(text, _skip(text, i))
+    return (match.group(1), match.end()) if match else None
+
+
+def _fast_rest(line: LogicalLine, word: str) -> nodes.Expression | None:
+    """`when|unless|define ... REST`: the expression after the keyword."""
+    text = line.text
+    i = _keyword(text, 0, word)
+    if i < 0:
+        return None
+    start = _skip(text, i)
+    if start >= len(text):
+        return None
+    return _expression_at(line, start, text[start:])
+
+
+def _fast_names(line: LogicalLine, word: str) -> list[tuple[str, int, int]] | None:
+    """`on NAME, NAME, ...`: (name, start, end) each."""
+    text = line.text
+    i = _keyword(text, 0, word)
+    if i < 0:
+        return None
+    names = []
+    while True:
+        match = _NAME_AT.match(text, _skip(text, i))
+        if match is None:
+            return None
+        names.append((match.group(), match.start(), match.end()))
+        i = _skip(text, match.end())
+        if i == len(text):
+            return names
+        if text[i] != ",":
+            return None
+        i += 1
+
+
+def _fast_effect(line: LogicalLine, word: str) -> tuple[str | None] | None:
+    """An effect or obligation clause: (argument,), or None when the fast path does not apply."""
+    text = line.text
+    i = _keyword(text, 0, word)
+    if i < 0:
+        return None
+    second = {"copy": "to", "redirect": "to", "route": "via"}.get(word)
+    if second is not None:
+        i = _keyword(text, i, second)
+        if i < 0:
+            return None
+    if word in ("allow", "drop", "audit") or (word == "deny" and _at_end(text, i)):
+        return (None,) if _at_end(text, i) else None
+    found = _fast_string(text, i)
+    if found is None or not _at_end(text, found[1]):
+        return None
+    return (found[0],)
+
+
+def _fast_block_head(line: LogicalLine, word: str) -> tuple[str, int, int] | None:
+    """`rule NAME:` or `test NAME:`: (name, start, end)."""
+    text = line.text
+    i = _keyword(text, 0, word)
+    if i < 0:
+        return None
+    match = _NAME_AT.match(text, _skip(text, i))
+    if match is None:
+        return None
+    i = _skip(text, match.end())
+    if i == len(text) or text[i] != ":" or not _at_end(text, i + 1):
+        return None
+    return match.group(), match.start(), match.end()
+
+
 def _parse(grammar: pp.ParserElement, line: LogicalLine, sink: DiagnosticSink, what: str) -> pp.ParseResults | None:
     try:
         return grammar.parse_string(line.text, parse_all=True)
@@ -132,7 +242,10 @@ def _loc(line: LogicalLine, located: pp.ParseResults) -> Location:
 
 
 def _expression(line: LogicalLine, located: pp.ParseResults) -> nodes.Expression:
-    start, text = located[0], _value(located)
+    return _expression_at(line, located[0], _value(located))
+
+
+def _expression_at(line: LogicalLine, start: int, text: str) -> nodes.Expression:
     # CEL text keeps its position: `location` is the first character of the expression
     text = text.rstrip()
     return nodes.Expression(line.location(start, max(1, len(text.split("\n")[0]))), text)
@@ -188,13 +301,18 @@ def _parse_top_level(word: str, line: LogicalLine, sink: DiagnosticSink, is_on_e
     if is_on_error:
         return nodes.OnErrorDeny(here) if _parse(G_ON_ERROR, line, sink, "'on error' statement") is not None else None
     if word in ("rule", "test"):
-        r = _parse(G_BLOCK_HEAD, line, sink, f"{word} header (expected '{word} NAME:')")
-        if r is None:
-            return None
-        name_loc = _loc(line, r["name"])
+        head = _fast_block_head(line, word)
+        if head is not None:
+            name, start, end = head
+            name_loc = line.location(start, max(1, end - start))
+        else:
+            r = _parse(G_BLOCK_HEAD, line, sink, f"{word} header (expected '{word} NAME:')")
+            if r is None:
+                return None
+            name, name_loc = _value(r["name"]), _loc(line, r["name"])
         if word == "rule":
-            return nodes.Rule(name_loc, _value(r["name"]))
-        return nodes.Test(name_loc, _value(r["name"]))
+            return nodes.Rule(name_loc, name)
+        return nodes.Test(name_loc, name)
     grammar = {
         "policy": G_POLICY, "local": G_LOCAL, "list": G_LIST, "directory": G_DIRECTORY, "define": G_DEFINE,
         "include": G_INCLUDE, "default": G_DEFAULT,
@@ -228,16 +346,18 @@ def _parse_clause(rule: nodes.Rule, line: LogicalLine, sink: DiagnosticSink) -> 
         sink.error(here, f"unknown clause '{word or line.text.strip()[:10]}' in rule '{rule.name}'{hint}")
         return
     if word == "on":
-        r = _parse(G_ON, line, sink, "'on' clause (expected 'on KIND, KIND, ...')")
-        if r is None:
-            return
+        names = _fast_names(line, word)
+        if names is None:
+            r = _parse(G_ON, line, sink, "'on' clause (expected 'on KIND, KIND, ...')")
+            if r is None:
+                return
+            names = [(_value(located), located[0], located[2]) for located in r["kinds"]]
         if rule.kinds is not None:
             sink.error(here, f"rule '{rule.name}' has two 'on' clauses")
         kinds = []
-        for located in r["kinds"]:
-            kind = _value(located)
+        for kind, start, end in names:
             if kind not in nodes.EVENT_KINDS:
-                sink.error(_loc(line, located),
+                sink.error(line.location(start, max(1, end - start)),
                            f"unknown event kind '{kind}'{did_you_mean(kind, nodes.EVENT_KINDS)}")
             kinds.append(kind)
         rule.kinds = kinds
@@ -245,10 +365,12 @@ def _parse_clause(rule: nodes.Rule, line: LogicalLine, sink: DiagnosticSink) -> 
         rule.clause_order.append(nodes.Obligation(here, "on", ", ".join(kinds)))
         return
     if word in ("when", "unless"):
-        r = _parse(G_WHEN, line, sink, f"'{word}' clause (expected '{word} CONDITION')")
-        if r is None:
-            return
-        expression = _expression(line, r["expr"])
+        expression = _fast_rest(line, word)
+        if expression is None:
+            r = _parse(G_WHEN, line, sink, f"'{word}' clause (expected '{word} CONDITION')")
+            if r is None:
+                return
+            expression = _expression(line, r["expr"])
         (rule.when if word == "when" else rule.unless).append(expression)
         rule.clause_order.append(nodes.Obligation(here, word, expression.text))
         return
@@ -263,10 +385,14 @@ def _parse_clause(rule: nodes.Rule, line: LogicalLine, sink: DiagnosticSink) -> 
         rule.limit = nodes.Limit(here, r["count"], r["window"], _expression(line, r["expr"]))
         rule.clause_order.append(rule.limit)
         return
-    r = _parse(CLAUSE_GRAMMARS[word], line, sink, f"'{word}' clause")
-    if r is None:
-        return
-    argument = r.get("argument")
+    fast = _fast_effect(line, word)
+    if fast is not None:
+        argument = fast[0]
+    else:
+        r = _parse(CLAUSE_GRAMMARS[word], line, sink, f"'{word}' clause")
+        if r is None:
+            return
+        argument = r.get("argument")
     if word in nodes.TERMINAL_EFFECTS:
         effect = nodes.Effect(here, word, argument)
         rule.effects.append(effect)

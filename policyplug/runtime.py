@@ -1,21 +1,29 @@
 """Decisions: first-match evaluation of a compiled policy over one event.
 
-This module is the hot path. Conditions are already Python callables (policyplug.compiler);
-here we only build the activation (what conditions see), walk the candidate rules in file
-order and collect obligations. Evaluation never raises on event content: a failing condition
+This module is the hot path. Conditions are already Python: each rule's conditions are one
+function (policyplug.compiler). A decision looks up what the policy knows of the event's two
+parties (cached per address: the party dicts conditions see, and a signature of the values the
+rule index cares about), the candidate rules and the direction (cached per event kind and pair
+of signatures, policyplug.index), then calls each candidate's function in file order and
+collects obligations (shared, cached per sequence of matched rules). No activation dict is built
+unless needed: for an evaluation error, a non-bool condition, a `limit`, a condition run by the
+reference interpreter or an explained decision, the walk goes on in _walk, condition by
+condition, exactly as before. Evaluation never raises on event content: a failing condition
 makes its rule not match (or, with `on error deny`, denies), and is recorded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
 from .cel.errors import CelEvaluationError
 from .decision import Decision, TraceStep
 from .events import Event
+from .index import RuleIndex
 from .limits import Limiter, MemoryLimiter
 from .nodes import EVENT_KINDS
 
@@ -59,11 +67,59 @@ class CompiledRule:
     audit: bool = False
     has_obligations: bool = False
     location: Any = None
+    # All conditions fused into one function (event, sender, recipient, direction) -> True/False,
+    # None for "look closer" (policyplug.cel.compile.compile_rules); None when not compiled.
+    match: Callable[..., Any] | None = None
+    python_source: str | None = None
+    obligations_alone: Any = None  # Obligations of this rule alone (set by the Policy)
+    outcome: tuple[Any, ...] = ()  # (effect, name, reason, redirect_to, route_via) (set by the Policy)
+
+
+class Obligations:
+    """The obligations of the rules matched so far, in order and without repeats. Immutable and
+    shared: `then(rule)` is cached, so a decision that matches the usual rules builds nothing."""
+
+    __slots__ = ("copy_to", "disclaimers", "tags", "audit", "_after")
+
+    def __init__(self, copy_to: tuple[str, ...] = (), disclaimers: tuple[str, ...] = (), tags: tuple[str, ...] = (),
+                 audit: bool = False):
+        self.copy_to = copy_to
+        self.disclaimers = disclaimers
+        self.tags = tags
+        self.audit = audit
+        self._after: dict[CompiledRule, Obligations] = {}
+
+    def then(self, rule: CompiledRule) -> Obligations:
+        after = self._after.get(rule)
+        if after is None:
+            def merged(have: tuple[str, ...], new: tuple[str, ...]) -> tuple[str, ...]:
+                out = list(have)
+                for item in new:
+                    if item not in out:
+                        out.append(item)
+                return tuple(out)
+            after = Obligations(merged(self.copy_to, rule.copy_to), merged(self.disclaimers, rule.disclaimers),
+                                merged(self.tags, rule.tags), self.audit or rule.audit)
+            if len(self._after) < OBLIGATION_CACHE_LIMIT:
+                self._after[rule] = after
+        return after
+
+
+OBLIGATION_CACHE_LIMIT = 256
+_new_decision = object.__new__
+# direction by (sender local, recipient local)
+_DIRECTION = {(True, True): "internal", (True, False): "outbound", (False, True): "inbound",
+              (False, False): "transit"}
+_SIG_BITS = 40  # sender signature number << _SIG_BITS | recipient signature number: a selection key
+SELECTION_CACHE_LIMIT = 65536
+
+# A party entry: (party dict, local, sender signature << _SIG_BITS, recipient signature)
+PartyEntry = tuple[dict[str, Any], bool, int, int]
 
 
 @dataclass
 class Policy:
-    """A loaded, compiled policy. Thread-compatible: decide() only reads, except limit counters."""
+    """A loaded, compiled policy. Thread-compatible: decide() only reads, except caches and limit counters."""
 
     name: str
     revision: str
@@ -80,68 +136,191 @@ class Policy:
     tests: list[Any] = field(default_factory=list)
     limiter: Limiter = field(default_factory=MemoryLimiter)
     model: Any = None
-    _candidates: dict[str, Sequence[CompiledRule]] = field(default_factory=dict)
-    _selector: Callable[[Event, dict[str, Any]], Sequence[CompiledRule]] | None = None
-    _parties: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    _candidates: dict[str, tuple[CompiledRule, ...]] = field(default_factory=dict)
+    _index: RuleIndex | None = None
+    # Address.key (address and resource) -> PartyEntry
+    _parties: dict[str, PartyEntry] = field(default_factory=dict)
+    # A party's signature (its local flag and the values of its indexed fields that some index
+    # table holds) -> a number; parties with equal signatures have the same candidate rules.
+    _signatures: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    # kind -> selection key -> (direction, candidate rules)
+    _selection: dict[str, dict[int, tuple[str, tuple[CompiledRule, ...]]]] = field(default_factory=dict)
+    _numbers: Iterator[int] = field(default_factory=count)
+    _no_obligations: Obligations = field(default_factory=Obligations)
+    _default_outcome: tuple[Any, ...] = ()
+    _size_points: tuple[int, ...] = ()  # the index's size bounds (see RuleIndex), empty when none
 
     def __post_init__(self) -> None:
         if not self._candidates:
             self._candidates = {kind: tuple(r for r in self.rules if r.kinds is None or kind in r.kinds)
                                 for kind in EVENT_KINDS}
+        self._selection = {kind: {} for kind in EVENT_KINDS}
+        for rule in self.rules:
+            if rule.has_obligations:
+                rule.obligations_alone = self._no_obligations.then(rule)
+            rule.outcome = (rule.effect, rule.name, rule.reason, rule.redirect_to, rule.route_via)
+        self._default_outcome = (self.default_effect, None, self.default_reason, None, None)
 
     # -- what conditions see ------------------------------------------------------------------------
 
     def activation(self, event: Event) -> dict[str, Any]:
+        """Everything a condition sees of `event` (a dict of plain values), as the reference
+        interpreter gets it; decide() itself reads the event and its two parties directly."""
         cached = event._activation_cache
-        if cached is not None and cached[0] is self:
-            return cached[1]
-        sender = self._party(event.sender)
-        recipient = self._party(event.recipient)
-        if sender["local"]:
-            direction = "internal" if recipient["local"] else "outbound"
+        if cached is None or cached[0] is not self:
+            sender, recipient, direction = self._derived(event)
+        elif cached[4] is not None:
+            return cached[4]
         else:
-            direction = "inbound" if recipient["local"] else "transit"
+            sender, recipient, direction = cached[1], cached[2], cached[3]
         activation = {
             "kind": event.kind, "protocol": event.protocol, "direction": direction,
-            "sender": sender, "recipient": recipient,
+            "sender": sender[0], "recipient": recipient[0],
             "body": event.body, "subject": event.subject, "type": event.type, "size": event.size,
             "payload": event.payload, "headers": event.headers, "client": event.client, "time": event.time,
         }
-        event._activation_cache = (self, activation)
+        event._activation_cache = (self, sender, recipient, direction, activation)
         return activation
 
-    def _party(self, address: Any) -> dict[str, Any]:
-        """What conditions see of one address; cached, because the same users talk all day."""
-        key = (address.address, address.resource)
-        party = self._parties.get(key)
-        if party is not None:
-            return party
+    def _derived(self, event: Event) -> tuple[PartyEntry, PartyEntry, str]:
+        """(sender entry, recipient entry, direction) of an event, cached on the event."""
+        cached = event._activation_cache
+        if cached is not None and cached[0] is self:
+            return cached[1], cached[2], cached[3]
+        s, r = event.sender, event.recipient
+        sender = self._parties.get(s.key) or self._party(s)
+        recipient = self._parties.get(r.key) or self._party(r)
+        direction = _DIRECTION[sender[1], recipient[1]]
+        event._activation_cache = (self, sender, recipient, direction, None)
+        return sender, recipient, direction
+
+    def _party(self, address: Any) -> PartyEntry:
+        """What conditions see of one address, and its signatures; cached, because the same users
+        talk all day."""
         entry = self.directory.get(address.address)
+        local = address.domain in self.local_domains
         party = {
             "address": address.address, "user": address.user, "domain": address.domain,
-            "resource": address.resource, "local": address.domain in self.local_domains,
+            "resource": address.resource, "local": local,
             "groups": entry["groups"] if entry else [], "attrs": entry["attrs"] if entry else {},
         }
         if len(self._parties) >= PARTY_CACHE_LIMIT:
-            self._parties.clear()
-        self._parties[key] = party
-        return party
+            self._forget()
+        index = self._index
+        if index is not None:
+            as_sender = ("sender",) + index.signature(party, "sender")
+            as_recipient = ("recipient",) + index.signature(party, "recipient")
+        else:
+            as_sender, as_recipient = ("sender", local), ("recipient", local)
+        result = (party, local, self._number(as_sender) << _SIG_BITS, self._number(as_recipient))
+        self._parties[address.key] = result
+        return result
+
+    def _number(self, signature: tuple[Any, ...]) -> int:
+        number = self._signatures.get(signature)
+        if number is None:
+            # numbers are never reused, so a cached selection never answers for other parties
+            number = self._signatures[signature] = next(self._numbers)
+        return number
+
+    def _forget(self) -> None:
+        """Drop the party and selection caches (a flood of distinct addresses)."""
+        self._parties.clear()
+        self._signatures.clear()
+        for cache in self._selection.values():
+            cache.clear()
+
+    def _select(self, kind: str, sender: PartyEntry, recipient: PartyEntry, key: Any,
+                size_bucket: int) -> tuple[str, tuple[CompiledRule, ...]]:
+        """(direction, candidate rules in file order) for an event of `kind` between two parties,
+        cached under `key` (the parties' signatures, and the size bucket if the index has one)."""
+        direction = _DIRECTION[sender[1], recipient[1]]
+        index = self._index
+        if index is None:
+            found = (direction, self._candidates.get(kind, ()))
+        else:
+            found = (direction, index.candidates(kind, direction, sender[0], recipient[0], size_bucket))
+        cache = self._selection.get(kind)
+        if cache is not None:
+            if len(cache) >= SELECTION_CACHE_LIMIT:
+                cache.clear()
+            cache[key] = found
+        return found
 
     # -- deciding -----------------------------------------------------------------------------------
 
     def decide(self, event: Event, *, now: float | None = None, explain: bool = False,
                limiter: Limiter | None = None) -> Decision:
         """Decide one event. `now` (seconds) drives `limit` windows; by default the event's time."""
-        activation = self.activation(event)
         if explain:
             # --explain shows every rule; the index is exact, so the outcome is the same
-            candidates: Sequence[CompiledRule] = self.rules
-        elif self._selector is not None:
-            candidates = self._selector(event, activation)
+            return self._walk(event, iter(self.rules), None, now, True, limiter)
+        # The hot path: the event's two parties (cached per address), the candidate rules and the
+        # direction (cached per kind and party signatures), each rule's fused matcher. Anything
+        # unusual (no matcher, a limit, an evaluation error, a non-bool condition) hands the rest
+        # of the walk to _walk, which does it all.
+        cached = event._activation_cache
+        if cached is not None and cached[0] is self:
+            sender, recipient = cached[1], cached[2]
         else:
-            candidates = self._candidates.get(event.kind, ())
-        # Lists are created only when needed: most decisions have no errors and few obligations.
-        matched_rules: list[CompiledRule] | None = None
+            parties = self._parties
+            sender = parties.get(event.sender.key) or self._party(event.sender)
+            recipient = parties.get(event.recipient.key) or self._party(event.recipient)
+        kind = event.kind
+        key = sender[2] | recipient[3]
+        size_bucket = -1
+        if self._size_points:  # the index has `size` guards: candidates depend on the size too
+            size_bucket = self._index.size_bucket(event.size)  # type: ignore[union-attr]
+            key = (key, size_bucket)
+        cache = self._selection.get(kind)
+        found = cache.get(key) if cache is not None else None
+        if found is None:
+            found = self._select(kind, sender, recipient, key, size_bucket)
+        direction, candidates = found
+        if cached is None:
+            event._activation_cache = (self, sender, recipient, direction, None)
+        s_party, r_party = sender[0], recipient[0]
+        obligations: Obligations | None = None
+        rules = iter(candidates)
+        for rule in rules:
+            match = rule.match
+            if match is None or rule.limit is not None:
+                return self._walk(event, chain((rule,), rules), obligations, now, False, limiter)
+            try:
+                result = match(event, s_party, r_party, direction)
+            except Exception:  # an evaluation error: _walk evaluates the rule again and reports it
+                return self._walk(event, chain((rule,), rules), obligations, now, False, limiter)
+            if result is False:
+                continue
+            if result is not True:
+                return self._walk(event, chain((rule,), rules), obligations, now, False, limiter)
+            if rule.has_obligations:
+                obligations = rule.obligations_alone if obligations is None else obligations.then(rule)
+            if rule.effect is not None:
+                outcome = rule.outcome
+                break
+        else:
+            outcome = self._default_outcome
+        # the decision, its slots set here rather than through Decision.__init__ (a call saved)
+        decision = _new_decision(Decision)
+        decision.decision, decision.rule, decision.reason, decision.redirect_to, decision.route_via = outcome
+        if obligations is None:
+            decision._copy_to = decision._disclaimers = decision._tags = None
+            decision.audit = False
+        else:
+            decision._copy_to = obligations.copy_to
+            decision._disclaimers = obligations.disclaimers
+            decision._tags = obligations.tags
+            decision.audit = obligations.audit
+        decision._errors = decision._trace = None
+        decision.policy = self.name
+        decision.policy_revision = self.revision
+        return decision
+
+    def _walk(self, event: Event, candidates: Iterator[CompiledRule], obligations: Obligations | None,
+              now: float | None, explain: bool, limiter: Limiter | None) -> Decision:
+        """First match over `candidates`, condition by condition, with errors, limits and (explain) a trace."""
+        activation = self.activation(event)
         errors: list[dict[str, str]] | None = None
         trace: list[TraceStep] | None = [] if explain else None
         for rule in candidates:
@@ -176,11 +355,11 @@ class Policy:
                     if explain:
                         trace.append(TraceStep(rule.name, True, "decides" if rule.effect else "matched (obligations added)"))
                     if rule.has_obligations:
-                        matched_rules = [rule] if matched_rules is None else matched_rules + [rule]
+                        obligations = (obligations or self._no_obligations).then(rule)
                     if rule.effect is None:
                         continue
                     return self._decision(rule.effect, rule.name, rule.reason, rule.redirect_to, rule.route_via,
-                                          matched_rules, errors, trace)
+                                          obligations, errors, trace)
             if error is None:
                 continue
             # An evaluation error: the rule does not match (fail safe), or `on error deny` denies.
@@ -190,10 +369,9 @@ class Policy:
             if explain:
                 trace.append(TraceStep(rule.name, False, f"error: {error}"))
             if self.on_error_deny:
-                return self._decision("deny", rule.name, EVALUATION_ERROR_REASON, None, None, matched_rules,
+                return self._decision("deny", rule.name, EVALUATION_ERROR_REASON, None, None, obligations,
                                       errors, trace, force_audit=True)
-        return self._decision(self.default_effect, None, self.default_reason, None, None, matched_rules, errors, trace)
-
+        return self._decision(self.default_effect, None, self.default_reason, None, None, obligations, errors, trace)
     def _over_limit(self, rule: CompiledRule, activation: dict[str, Any], event: Event, now: float | None,
                     limiter: Limiter | None) -> tuple[bool, str | None]:
         """Count this event against the rule's limit: (over the limit?, evaluation error)."""
@@ -209,22 +387,12 @@ class Policy:
         return (limiter or self.limiter).hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count), None
 
     def _decision(self, effect: str, rule: str | None, reason: str | None, redirect_to: str | None,
-                  route_via: str | None, matched: list[CompiledRule] | None, errors: list[dict[str, str]] | None,
+                  route_via: str | None, obligations: Obligations | None, errors: list[dict[str, str]] | None,
                   trace: list[TraceStep] | None, force_audit: bool = False) -> Decision:
         """Build the decision; obligations of every matched rule, in order, without repeats."""
-        copy_to: list[str] = []
-        disclaimers: list[str] = []
-        tags: list[str] = []
-        audit = force_audit
-        if matched:
-            for m in matched:
-                copy_to.extend(a for a in m.copy_to if a not in copy_to)
-                disclaimers.extend(d for d in m.disclaimers if d not in disclaimers)
-                tags.extend(t for t in m.tags if t not in tags)
-                audit = audit or m.audit
-        return Decision(effect, rule, reason, redirect_to, route_via, copy_to, disclaimers, tags, audit,
-                        errors if errors is not None else [], self.name, self.revision,
-                        trace if trace is not None else [])
+        o = obligations or self._no_obligations
+        return Decision(effect, rule, reason, redirect_to, route_via, list(o.copy_to), list(o.disclaimers),
+                        list(o.tags), force_audit or o.audit, errors, self.name, self.revision, trace)
 
     # -- introspection --------------------------------------------------------------------------------
 

@@ -208,3 +208,17 @@ def test_defines_substituted_twice_compile() -> None:
             relation.children[0].children[0] = shared
     result = compile_expression(tree, CONSTANTS)
     assert not result.fallback and result.evaluate(EVENT) is True
+
+
+@pytest.mark.parametrize("text", ['"abc"', "'x'", '""', "''", '"é and spaces"', "0", "7", "007", "42",
+                                  "999999999999999999", "9223372036854775807", "true", "false"])
+def test_plain_literals_fold_as_cel_python_folds_them(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folding skips cel-python's evaluator for plain literals; the result must be what it gives."""
+    from policyplug.cel import compile as compile_module
+
+    literal = next(PARSER.parse(text).find_pred(lambda t: t.data == "literal"))
+    fast = compile_module._Gen({}).fold(literal)
+    monkeypatch.setattr(compile_module, "_simple_literal", lambda token: None)
+    slow = compile_module._Gen({}).fold(literal)
+    assert (fast.code, fast.type, type(fast.value), fast.value, fast.err, fast.const) == \
+        (slow.code, slow.type, type(slow.value), slow.value, slow.err, slow.const)

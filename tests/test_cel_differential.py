@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policyplug.cel import runtime as rt
-from policyplug.cel.compile import compile_expression
+from policyplug.cel.compile import compile_expression, compile_rules
 from policyplug.cel.errors import CelEvaluationError
 from policyplug.cel.reference import interpret
 
@@ -338,12 +339,62 @@ def test_policy_like_conditions_agree_with_reference(text: str, activations: lis
     check_agreement(text, activations)
 
 
+RULE_OUTCOMES = {"match": 0, "no match": 0, "look closer": 0}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(conditions=st.lists(st.tuples(st.one_of(policy_conditions(), cel("B", 3), cel("A", 2)), st.booleans()),
+                           min_size=1, max_size=3),
+       activations=st.lists(events(), min_size=1, max_size=3))
+def test_rule_matchers_agree_with_reference(conditions: list[tuple[str, bool]], activations: list[dict]) -> None:
+    """The fused matcher of a rule (compile_rules: all its conditions in one function, reading the
+    Event and its parties directly) against the reference run condition by condition: True only
+    when every condition gives what it must, False only when one gives the other bool before any
+    error, and otherwise None or an exception (the engine then walks the rule condition by condition)."""
+    trees = [(PARSER.parse(text), expected) for text, expected in conditions]
+    (fused,) = compile_rules([trees], CONSTANTS)
+    if fused.matcher is None:
+        return  # a condition falls back to cel-python: nothing fused to check
+    references = [interpret(tree, CONSTANTS) for tree, _ in trees]
+    compiled = [compile_expression(tree, CONSTANTS).evaluate for tree, _ in trees]
+    for activation in activations:
+        want = "match"
+        for reference, (_, expected) in zip(references, trees, strict=True):
+            kind, value = outcome(reference, activation)
+            if kind == "error" or (value is not True and value is not False):
+                want = "look closer"
+                break
+            if value is not expected:
+                want = "no match"
+                break
+        before = rt.deferrals
+        for evaluate in compiled:
+            outcome(evaluate, activation)
+        deferred = rt.deferrals > before  # a cel-python quirk: the matcher may hand over instead
+        event = SimpleNamespace(**{k: v for k, v in activation.items()
+                                   if k not in ("sender", "recipient", "direction")})
+        try:
+            result = fused.matcher(event, activation["sender"], activation["recipient"], activation["direction"])
+        except Exception:  # noqa: BLE001 - any exception sends the engine to the walk
+            result = None
+        got = {True: "match", False: "no match"}.get(result, "look closer") if type(result) is bool or \
+            result is None else "wrong type"
+        if want == "look closer":
+            assert got == "look closer", (conditions, activation, fused.python_source)
+        else:
+            assert got == want or (got == "look closer" and deferred), (conditions, activation,
+                                                                        fused.python_source)
+        RULE_OUTCOMES[want] += 1
+
+
 def test_compiled_path_is_what_was_tested() -> None:
     """Deferrals to the reference (for cel-python quirks) must stay rare, or the tests above prove little."""
     if STATS["evaluations"] < 100:
         pytest.skip("run together with the differential tests")
     deferred = rt.deferrals - STATS["deferrals_at_start"]
     assert deferred / STATS["evaluations"] < 0.05, (deferred, STATS["evaluations"])
+    if sum(RULE_OUTCOMES.values()) >= 100:
+        assert all(RULE_OUTCOMES.values()), RULE_OUTCOMES  # fused matchers met all three outcomes
 
 
 # ------------------------------------------------------------------ the generator reaches every construct

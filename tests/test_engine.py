@@ -213,7 +213,7 @@ def test_index_gives_the_same_decisions_as_walking_every_rule() -> None:
         ]))
     model = load_model(text=text)
     indexed, plain = compile_policy(model), compile_policy(model, use_index=False)
-    assert indexed._selector is not None
+    assert indexed._index is not None and plain._index is None
     users = ["a@acme.example", "b@acme.example", "c@p1.example", "d@p2.example", "e@q.example"]
     for kind in ("message", "presence", "call", "file"):
         for s in users:

@@ -30,6 +30,10 @@ CONDITIONS = [
     'payload.exists(p, p.startsWith("urn:"))',
     'sender.user.size() > 3 ? recipient.local : !recipient.local',
     '1 / (size - {number}) > 0',  # division by zero for one size
+    '!sender.local && size > {number}',  # local flags restrict the direction in the index
+    '{number} <= size && size < 40 && recipient.domain == "{domain}"',  # size bounds too
+    'size == {number} || size <= 3',
+    'recipient.local && (body.contains("{word}") || 1 / (size - {number}) > 0)',
 ]
 EFFECTS = ["allow", 'deny "no {word}"', "drop", 'redirect to "desk@acme.example"', 'tag "t{number}"',
            'copy to "archive@acme.example"', "audit", 'disclaimer "d{number}"']

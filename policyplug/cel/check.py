@@ -14,6 +14,8 @@ from celpy.celparser import CELParseError, CELParser
 
 from ..diagnostics import DiagnosticSink, Location, did_you_mean
 from ..nodes import Expression
+from . import fastparse
+from .fastparse import RULE_NAMES, rule_name
 
 # What a condition can see (rule-language.md, "What a condition can see").
 EVENT_VARIABLES = ("kind", "protocol", "direction", "sender", "recipient", "body", "subject", "type", "size",
@@ -27,6 +29,9 @@ METHODS = ("contains", "startsWith", "endsWith", "matches", "lowerAscii", "upper
            "getDayOfWeek", "getDayOfMonth", "getDayOfYear", "getMonth", "getFullYear", "getDate")
 MACROS = ("exists", "all", "exists_one", "map", "filter")
 MAX_CEL_LENGTH = 64 * 1024
+_name = RULE_NAMES.get
+_Tree = lark.Tree
+_CHECKED = frozenset(("primary", "ident_arg", "member_dot", "member_dot_arg"))  # nodes NameChecker looks at
 
 _parser: CELParser | None = None
 
@@ -52,6 +57,9 @@ def parse_expression(expr: Expression, sink: DiagnosticSink) -> lark.Tree | None
     if len(expr.text) > MAX_CEL_LENGTH:
         sink.error(expr.location, f"condition is longer than {MAX_CEL_LENGTH} characters")
         return None
+    tree = fastparse.parse(expr.text)  # the same tree as cel-python's parser, for plain conditions
+    if tree is not None:
+        return tree
     try:
         return _cel_parser().parse(expr.text)
     except CELParseError as exc:
@@ -88,9 +96,9 @@ def _token_of(tree: lark.Tree) -> lark.Token | None:
 def _ident_name(tree: lark.Tree) -> str | None:
     """The name when `tree` is an expression that is just an identifier (a macro's variable)."""
     node = tree
-    while isinstance(node, lark.Tree) and len(node.children) == 1 and node.data != "ident":
+    while isinstance(node, lark.Tree) and len(node.children) == 1 and rule_name(node.data) != "ident":
         node = node.children[0]
-    if isinstance(node, lark.Tree) and node.data == "ident":
+    if isinstance(node, lark.Tree) and rule_name(node.data) == "ident":
         return str(node.children[0])
     return None
 
@@ -119,9 +127,11 @@ class NameChecker:
         self.sink.error(_file_location(self.expr, token.line, token.column, len(str(token))), message)
 
     def _visit(self, tree: lark.Tree, bound: frozenset[str]) -> lark.Tree:
-        data = tree.data
+        data = _name(tree.data, tree.data)
+        if data not in _CHECKED:
+            return self._children(tree, bound)
         if data == "primary" and len(tree.children) == 1 and isinstance(tree.children[0], lark.Tree) \
-                and tree.children[0].data == "ident":
+                and rule_name(tree.children[0].data) == "ident":
             token = tree.children[0].children[0]
             name = str(token)
             if name in bound:
@@ -162,20 +172,39 @@ class NameChecker:
                                 lark.Tree(tree.children[2].data,
                                           [args[0]] + [self._visit(a, bound | {variable}) for a in args[1:]],
                                           tree.children[2].meta)]
-                return lark.Tree(data, new_children, tree.meta)
-        children = [self._visit(c, bound) if isinstance(c, lark.Tree) else c for c in tree.children]
-        if all(new is old for new, old in zip(children, tree.children, strict=True)):
+                return lark.Tree(tree.data, new_children, tree.meta)
+        return self._children(tree, bound)
+
+    def _children(self, tree: lark.Tree, bound: frozenset[str]) -> lark.Tree:
+        children = tree.children
+        new_children = None
+        for i, child in enumerate(children):
+            if child.__class__ is _Tree or isinstance(child, lark.Tree):
+                new = self._visit(child, bound)
+                if new is not child:
+                    if new_children is None:
+                        new_children = list(children)
+                    new_children[i] = new
+        if new_children is None:
             return tree  # nothing inlined below: keep the parser's node (no copy on the load path)
-        return lark.Tree(data, children, tree.meta)
+        return lark.Tree(tree.data, new_children, tree.meta)
 
 
 def check_expression(expr: Expression, sink: DiagnosticSink, *, lists: Mapping[str, object],
                      defines: Mapping[str, lark.Tree], later_defines: Mapping[str, object] | None = None,
-                     define_reads: Mapping[str, set[str]] | None = None) -> tuple[lark.Tree | None, set[str]]:
-    """Parse, check and inline one expression; (None, names) when it has errors."""
-    tree = parse_expression(expr, sink)
+                     define_reads: Mapping[str, set[str]] | None = None,
+                     parsed: dict[str, lark.Tree] | None = None) -> tuple[lark.Tree | None, set[str]]:
+    """Parse, check and inline one expression; (None, names) when it has errors.
+
+    `parsed` caches parse trees by expression text (one load's conditions repeat themselves;
+    nothing changes a parse tree, so one tree serves them all)."""
+    tree = parsed.get(expr.text) if parsed is not None else None
     if tree is None:
-        return None, set()
+        tree = parse_expression(expr, sink)
+        if tree is None:
+            return None, set()
+        if parsed is not None:
+            parsed[expr.text] = tree
     before = len(sink.diagnostics)
     checker = NameChecker(expr, sink, lists=lists, defines=defines, later_defines=later_defines,
                           define_reads=define_reads)

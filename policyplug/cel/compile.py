@@ -1,7 +1,9 @@
-"""CEL syntax tree (cel-python's lark parse tree) -> Python source, compiled once per expression.
+"""CEL syntax tree (cel-python's lark parse tree) -> Python source, compiled once.
 
-The generated function takes the activation (a dict of plain Python values) and returns the CEL
-value. Where the static type of an operand is known (the event schema gives most of them:
+compile_expression: one expression -> a function of the activation (a dict of plain Python
+values) returning the CEL value. compile_rules: every rule of a policy -> one module with a
+function per rule that runs all its conditions on the Event and its parties (no activation dict).
+Where the static type of an operand is known (the event schema gives most of them:
 `direction` is a string, `sender.groups` a list of strings, `time` a timestamp) the compiler
 emits plain Python (`act["direction"] == "outbound"`, `x in frozenset(...)`); everywhere else it
 calls helpers in policyplug.cel.runtime that apply cel-python's own operators, so both evaluators
@@ -14,6 +16,7 @@ Sub-expressions without variables are evaluated once at compile time by cel-pyth
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -27,6 +30,7 @@ from celpy.evaluation import CELEvalError, Evaluator
 
 from . import runtime as rt
 from .errors import CelEvaluationError
+from .fastparse import RULE_NAMES, rule_name
 from .reference import _env, interpret
 
 Type = Any  # 'bool', 'int', ..., 'dyn', ('list', T), ('map', K, V), ('rec', ((field, T), ...))
@@ -68,6 +72,9 @@ TREE_ERROR_NODES = frozenset(("relation", "addition", "multiplication", "unary",
                               "map_lit"))
 ORDERED_SAME = (("int",), ("uint",), STRINGS, DOUBLES, ("timestamp",), ("bool",))
 EQ_SAME = ORDERED_SAME + (("null",),)
+
+
+_name = RULE_NAMES.get  # _name(data, data): a tree's rule name as a plain str (see fastparse.RULE_NAMES)
 
 
 class Unsupported(Exception):  # noqa: N818
@@ -125,14 +132,55 @@ def _field_type(rec: Type, name: str) -> Type | None:
     return None
 
 
+_SIMPLE_STRING = re.compile(r'"[^"\\\n\r]*"|\'[^\'\\\n\r]*\'')
+_SIMPLE_INT = re.compile(r"0|[1-9][0-9]{0,17}")  # below 2**63: no range check needed
+
+
+def _simple_literal(token: Any) -> Any:
+    """The value of a plain literal token, as folding it with cel-python gives it (None: fold it so)."""
+    kind = token.type
+    text = str(token)
+    if kind == "STRING_LIT" and _SIMPLE_STRING.fullmatch(text):  # no escapes, prefixes or triple quotes
+        return text[1:-1]
+    if kind == "INT_LIT" and _SIMPLE_INT.fullmatch(text):
+        return int(text)
+    if kind == "BOOL_LIT" and text in ("true", "false"):
+        return text == "true"
+    return None
+
+
+def has_empty_literal(tree: Any) -> bool:
+    """Does the expression contain `[]` or `{}` (the only trees cel-python's tree_dump() can fail on)?"""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        children = node.children
+        if not children and _name(node.data, node.data) in ("list_lit", "map_lit"):
+            return True
+        for child in children:
+            if isinstance(child, lark.Tree):
+                stack.append(child)
+    return False
+
+
 def _unwrap(node: lark.Tree) -> lark.Tree:
-    while node.data in PASSTHROUGH and len(node.children) == 1 and isinstance(node.children[0], lark.Tree):
+    while rule_name(node.data) in PASSTHROUGH and len(node.children) == 1 and isinstance(node.children[0], lark.Tree):
         node = node.children[0]
     return node
 
 
+# How generated code reads the event's variables. Single expressions (compile_expression) take the
+# activation dict; the matchers of a whole policy (compile_rules) take the Event itself plus the
+# parts a policy derives from it: sender and recipient (dicts) and direction. The values are the
+# same objects either way (Policy.activation builds the dict from exactly these).
+ACT_ACCESS = {name: f"_act[{name!r}]" for name in EVENT_SCHEMA}
+EVENT_ACCESS = {name: f"_ev.{name}" for name in EVENT_SCHEMA} | {"sender": "_s", "recipient": "_r", "direction": "_d"}
+MATCHER_ARGS = "_ev, _s, _r, _d"
+
+
 class _Gen:
-    def __init__(self, constants: Mapping[str, Any]):
+    def __init__(self, constants: Mapping[str, Any], access: Mapping[str, str] = ACT_ACCESS):
+        self.access = access
         self.constants = {name: list(entries) for name, entries in constants.items()}
         self.lines: list[tuple[int, str]] = []
         self.level = 0
@@ -142,6 +190,7 @@ class _Gen:
         self.dump_memo: dict[int, bool] = {}
         self.force_atomic = 0
         self._folder_activation: Any = None
+        self.maybe_bad = True  # may tree_dump() fail somewhere in the expression? (see dump_fails)
 
     # ------------------------------------------------------------ emission helpers
 
@@ -192,7 +241,13 @@ class _Gen:
         return Ex(f"_fail_py({message!r}, {self.glob(cls)})", "dyn", err=False, fatal=True)
 
     def dump_fails(self, node: lark.Tree) -> bool:
-        """Does cel-python's tree_dump() fail on this node (so repr() of its errors fails)?"""
+        """Does cel-python's tree_dump() fail on this node (so repr() of its errors fails)?
+
+        Its dumper keeps a stack of strings, one per visited sub-expression; only an empty list or
+        map literal (`[]`, `{}`) breaks that count, so a tree without one never fails (`maybe_bad`
+        is False for the expression being compiled)."""
+        if not self.maybe_bad:
+            return False
         key = id(node)
         if key not in self.dump_memo:
             try:
@@ -205,17 +260,25 @@ class _Gen:
     # ------------------------------------------------------------ constant folding
 
     def is_const(self, node: lark.Tree) -> bool:
-        key = id(node)
-        if key not in self.const_ids:
-            if node.data in NOT_CONSTANT:
-                result = False
-            else:
-                result = all(self.is_const(c) for c in node.children if isinstance(c, lark.Tree))
-            self.const_ids[key] = result
-        return self.const_ids[key]
+        """No variable below this node (memoized)."""
+        memo = self.const_ids
+        result = memo.get(id(node))
+        if result is None:
+            result = _name(node.data, node.data) not in NOT_CONSTANT
+            if result:
+                for child in node.children:
+                    if isinstance(child, lark.Tree) and not self.is_const(child):
+                        result = False
+                        break
+            memo[id(node)] = result
+        return result
 
     def fold(self, node: lark.Tree) -> Ex | None:
         """Evaluate a variable-free sub-expression with cel-python now."""
+        if rule_name(node.data) == "literal" and len(node.children) == 1:
+            value = _simple_literal(node.children[0])
+            if value is not None:
+                return self.literal(value)
         if self._folder_activation is None:
             self._folder_activation = _env().program(node, functions=rt.EXTRA_FUNCTIONS).new_activation()
         try:
@@ -279,9 +342,10 @@ class _Gen:
         inner = _unwrap(node)
         with self.sub() as buf:
             # &&, || and ?: capture natively (keeps long chains from nesting try blocks)
-            if inner.data in ("conditionalor", "conditionaland") and len(inner.children) == 2:
+            inner_name = rule_name(inner.data)
+            if inner_name in ("conditionalor", "conditionaland") and len(inner.children) == 2:
                 ex = self.logic(inner, scope, capture=True)
-            elif inner.data == "expr" and len(inner.children) == 3:
+            elif inner_name == "expr" and len(inner.children) == 3:
                 ex = self.ternary(inner, scope, capture=True)
             else:
                 ex = self.compile(node, scope)
@@ -305,7 +369,7 @@ class _Gen:
     # ------------------------------------------------------------ dispatch
 
     def compile(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> Ex:
-        data = node.data
+        data = _name(node.data, node.data)
         if data in PASSTHROUGH and len(node.children) == 1:
             return self.compile(node.children[0], scope)
         if data in FOLDABLE and self.is_const(node):
@@ -344,7 +408,7 @@ class _Gen:
     c_conditionaland = c_conditionalor
 
     def logic(self, node: lark.Tree, scope: dict, capture: bool) -> Ex:
-        is_or = node.data == "conditionalor"
+        is_or = rule_name(node.data) == "conditionalor"
         decisive = "True" if is_or else "False"
         a = self.captured(node.children[0], scope)
         with self.sub() as bbuf:
@@ -406,7 +470,7 @@ class _Gen:
 
     def c_relation(self, node: lark.Tree, scope: dict) -> Ex:
         op_node, right = node.children
-        name, pyop = REL_OPS[op_node.data]
+        name, pyop = REL_OPS[rule_name(op_node.data)]
         left, right_ex = self.operands([op_node.children[0], right], scope)
         fatal = left.fatal or right_ex.fatal
         err = left.err or right_ex.err
@@ -426,7 +490,7 @@ class _Gen:
 
     def c_addition(self, node: lark.Tree, scope: dict) -> Ex:
         op_node, right = node.children
-        add = op_node.data == "addition_add"
+        add = rule_name(op_node.data) == "addition_add"
         a, b = self.operands([op_node.children[0], right], scope)
         fatal = a.fatal or b.fatal
         if a.type == b.type == "int":
@@ -439,7 +503,7 @@ class _Gen:
 
     def c_multiplication(self, node: lark.Tree, scope: dict) -> Ex:
         op_node, right = node.children
-        op = {"multiplication_mul": "mul", "multiplication_div": "div", "multiplication_mod": "mod"}[op_node.data]
+        op = {"multiplication_mul": "mul", "multiplication_div": "div", "multiplication_mod": "mod"}[rule_name(op_node.data)]
         a, b = self.operands([op_node.children[0], right], scope)
         fatal = a.fatal or b.fatal
         if a.type == b.type == "int":
@@ -452,7 +516,7 @@ class _Gen:
     def c_unary(self, node: lark.Tree, scope: dict) -> Ex:
         op_node, operand = node.children
         (a,) = self.operands([operand], scope)
-        if op_node.data == "unary_not":
+        if rule_name(op_node.data) == "unary_not":
             if a.type == "bool":
                 return Ex(f"(not {a.code})", "bool", err=a.err, fatal=a.fatal)
             return Ex(f"_lnot({a.code})", "bool", fatal=a.fatal)
@@ -471,7 +535,8 @@ class _Gen:
             pyname, vtype = scope[name]
             return Ex(pyname, vtype, err=False, atomic=True)
         if name in EVENT_SCHEMA:
-            return Ex(f"_act[{name!r}]", EVENT_SCHEMA[name], err=False)
+            code = self.access[name]
+            return Ex(code, EVENT_SCHEMA[name], err=False, atomic=code.isidentifier())
         if name in self.constants:
             value = self.constants[name]
             return replace(self.literal(value), type=("list", "string"))
@@ -579,7 +644,7 @@ class _Gen:
 
     def has(self, arg: lark.Tree, scope: dict) -> Ex:
         inner = _unwrap(arg)
-        if inner.data == "member_dot":
+        if rule_name(inner.data) == "member_dot":
             with self.sub() as buf:
                 (target,) = self.operands([inner.children[0]], scope)
             if isinstance(target.type, tuple) and target.type[0] in ("map", "rec") and not target.err:
@@ -772,6 +837,7 @@ def generate(tree: lark.Tree, constants: Mapping[str, Any]) -> tuple[str, dict[s
     """Python source of `def _cel(_act)` for `tree`, and the globals it needs. Raises Unsupported."""
     gen = _Gen(constants)
     gen.level = 1
+    gen.maybe_bad = has_empty_literal(tree)
     ex = gen.compile(tree, {})
     ex = gen.finish(ex, capture=False)
     result = ex.code if ex.type in _PLAIN_TYPES else f"_plain({ex.code})"
@@ -802,3 +868,79 @@ def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> Compile
             return reference(activation)
 
     return CompiledExpression(evaluate, False, None, source)
+
+
+# ---------------------------------------------------------------- whole policies: one matcher per rule
+
+@dataclass
+class CompiledRuleConditions:
+    """The conditions of one rule fused into one function `matcher(event, sender, recipient, direction)`.
+
+    The matcher returns True when every `when` is true and every `unless` false, False when one is
+    not, and None when a condition gives a non-bool value; it raises on an error. The engine takes
+    only True and False from it: anything else makes it evaluate that rule again condition by
+    condition (expressions are pure), which reports the error exactly as before. `matcher` is None
+    when a condition is left to the reference interpreter (`fallbacks` says which, and why)."""
+    matcher: Callable[..., Any] | None
+    fallbacks: list[str | None]  # per condition: None when compiled, else why not
+    python_source: str | None
+
+
+def _matcher_lines(gen: _Gen, name: str, conditions: list[tuple[lark.Tree, bool]]) -> tuple[list[str], list[str | None]]:
+    """Source lines of `def name(_ev, _s, _r, _d)` for one rule's conditions, and per-condition fallbacks."""
+    body: list[tuple[int, str]] = []
+    reasons: list[str | None] = []
+    for tree, expected in conditions:
+        gen.lines, gen.level = [], 1
+        gen.maybe_bad = has_empty_literal(tree)
+        try:
+            ex = gen.finish(gen.compile(tree, {}), capture=False)
+        except Unsupported as exc:
+            reasons.append(str(exc))
+            continue
+        except (RecursionError, MemoryError) as exc:
+            reasons.append(f"expression too complex to compile ({type(exc).__name__})")
+            continue
+        reasons.append(None)
+        body.extend(gen.lines)
+        want, other = ("True", "False") if expected else ("False", "True")
+        value = gen.tmp("_c")  # an Err instance or a non-bool ends up as None: the engine looks closer
+        body.append((1, f"{value} = {ex.code}"))
+        body.append((1, f"if {value} is not {want}: return False if {value} is {other} else None"))
+    if any(reasons):
+        return [], reasons
+    lines = [f"def {name}({MATCHER_ARGS}):"] + ["    " * level + text for level, text in body] + ["    return True"]
+    return lines, reasons
+
+
+def compile_rules(rules: list[list[tuple[lark.Tree, bool]]], constants: Mapping[str, Any]) -> list[CompiledRuleConditions]:
+    """Compile the conditions of every rule of a policy (in `when`, `unless` order) into one Python
+    module, compiled and executed once: one matcher function per rule."""
+    gen = _Gen(constants, EVENT_ACCESS)
+    sources: list[list[str]] = []
+    reasons: list[list[str | None]] = []
+    for i, conditions in enumerate(rules):
+        lines, why = _matcher_lines(gen, f"_m{i}", conditions)
+        sources.append(lines)
+        reasons.append(why)
+    namespace = {**_RUNTIME_GLOBALS, **gen.globals}
+    try:
+        code = compile("\n".join(line for lines in sources for line in lines) + "\n", "<policy>", "exec")
+        exec(code, namespace)  # noqa: S102 - source generated above from the parse trees
+        broken: set[int] = set()
+    except (RecursionError, SyntaxError, MemoryError):
+        # A rule too big or too deep for Python's compiler: compile them one by one. A rule that
+        # still fails gets no matcher (its conditions are then compiled one by one, or fall back).
+        broken = set()
+        for i, lines in enumerate(sources):
+            if not lines:
+                continue
+            try:
+                exec(compile("\n".join(lines) + "\n", "<rule>", "exec"), namespace)  # noqa: S102
+            except (RecursionError, SyntaxError, MemoryError):
+                broken.add(i)
+    out = []
+    for i, lines in enumerate(sources):
+        matcher = namespace.get(f"_m{i}") if lines and i not in broken else None
+        out.append(CompiledRuleConditions(matcher, reasons[i], "\n".join(lines) + "\n" if matcher else None))
+    return out
