@@ -94,7 +94,6 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
         model=model,
     )
     policy._index = build_selector(policy, model) if use_index else None
-    policy._size_points = policy._index.size_points if policy._index is not None else ()
     return policy
 
 

@@ -14,6 +14,7 @@ makes its rule not match (or, with `on error deny`, denies), and is recorded.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, count
@@ -111,6 +112,7 @@ _new_decision = object.__new__
 _DIRECTION = {(True, True): "internal", (True, False): "outbound", (False, True): "inbound",
               (False, False): "transit"}
 _SIG_BITS = 40  # sender signature number << _SIG_BITS | recipient signature number: a selection key
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 SELECTION_CACHE_LIMIT = 65536
 
 # A party entry: (party dict, local, sender signature << _SIG_BITS, recipient signature)
@@ -148,7 +150,6 @@ class Policy:
     _numbers: Iterator[int] = field(default_factory=count)
     _no_obligations: Obligations = field(default_factory=Obligations)
     _default_outcome: tuple[Any, ...] = ()
-    _size_points: tuple[int, ...] = ()  # the index's size bounds (see RuleIndex), empty when none
 
     def __post_init__(self) -> None:
         if not self._candidates:
@@ -230,22 +231,25 @@ class Policy:
         for cache in self._selection.values():
             cache.clear()
 
-    def _select(self, kind: str, sender: PartyEntry, recipient: PartyEntry, key: Any,
-                size_bucket: int) -> tuple[str, tuple[CompiledRule, ...]]:
-        """(direction, candidate rules in file order) for an event of `kind` between two parties,
-        cached under `key` (the parties' signatures, and the size bucket if the index has one)."""
+    def _select(self, kind: str, sender: PartyEntry, recipient: PartyEntry,
+                size_bucket: int | None = None) -> Any:
+        """(direction, candidate rules in file order) for an event of `kind` between two parties;
+        decide() caches it. Without `size_bucket`: when some candidates have `size` guards, a list
+        with a slot per size bucket instead, the last one filled (candidates for any size)."""
+        cache = self._selection.get(kind)
+        if size_bucket is None and cache is not None and len(cache) >= SELECTION_CACHE_LIMIT:
+            cache.clear()
         direction = _DIRECTION[sender[1], recipient[1]]
         index = self._index
         if index is None:
-            found = (direction, self._candidates.get(kind, ()))
-        else:
-            found = (direction, index.candidates(kind, direction, sender[0], recipient[0], size_bucket))
-        cache = self._selection.get(kind)
-        if cache is not None:
-            if len(cache) >= SELECTION_CACHE_LIMIT:
-                cache.clear()
-            cache[key] = found
-        return found
+            return direction, self._candidates.get(kind, ())
+        candidates = index.candidates(kind, direction, sender[0], recipient[0],
+                                      -1 if size_bucket is None else size_bucket)
+        if size_bucket is None and index.sizes and any(rule in index.sizes for rule in candidates):
+            by_bucket: list[Any] = [None] * (len(index.size_points) + 2)
+            by_bucket[-1] = (direction, candidates)
+            return by_bucket
+        return direction, candidates
 
     # -- deciding -----------------------------------------------------------------------------------
 
@@ -268,14 +272,25 @@ class Policy:
             recipient = parties.get(event.recipient.key) or self._party(event.recipient)
         kind = event.kind
         key = sender[2] | recipient[3]
-        size_bucket = -1
-        if self._size_points:  # the index has `size` guards: candidates depend on the size too
-            size_bucket = self._index.size_bucket(event.size)  # type: ignore[union-attr]
-            key = (key, size_bucket)
         cache = self._selection.get(kind)
         found = cache.get(key) if cache is not None else None
         if found is None:
-            found = self._select(kind, sender, recipient, key, size_bucket)
+            found = self._select(kind, sender, recipient)
+            if cache is not None:
+                cache[key] = found
+        if found.__class__ is list:
+            # Some candidates have `size` guards: which of them stay depends on the bucket, cut by
+            # the bounds of all size guards, that the size falls in (see RuleIndex). The last slot
+            # holds them all, for a size that is not an int64 (no size guard is trusted then).
+            size = event.size
+            if type(size) is int and _INT64_MIN <= size <= _INT64_MAX:
+                bucket = bisect_right(self._index.size_points, size)  # type: ignore[union-attr]
+            else:
+                bucket = -1
+            by_bucket = found
+            found = by_bucket[bucket]
+            if found is None:
+                found = by_bucket[bucket] = self._select(kind, sender, recipient, bucket)
         direction, candidates = found
         if cached is None:
             event._activation_cache = (self, sender, recipient, direction, None)
