@@ -35,14 +35,46 @@ HEAD_BYTES = 160
 RECORD_KEYS = {"v", "id", "time", "node", "policy", "policy_revision", "event", "decision"}
 
 
-class SharedAuditLog:
+class RecordSink:
+    """What SharedAuditLog and AuditSpool share: the audit level, building records, counting
+    failures. `submit` never raises: auditing must never break a decision."""
+
+    level: str
+    include_bodies: bool
+    node: str
+    stats: dict[str, Any]
+    where: Path
+
+    def submit(self, event: Any, decision: Any) -> bool:
+        """Record the decision if the audit level asks for it; False when not (or on failure)."""
+        if not should_audit(self.level, decision):
+            return False
+        try:
+            self.put(build_record(event, decision, node=self.node, include_bodies=self.include_bodies,
+                                  record_id=os.urandom(16).hex()))
+            return True
+        except Exception as exc:
+            self._failed(exc)
+            return False
+
+    def put(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats["errors"] += 1
+        self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
+        self.stats["last_error_at"] = time.time()
+        log.error("audit %s: %s", self.where, self.stats["last_error"])
+
+
+class SharedAuditLog(RecordSink):
     """Synchronous, multi-process, hash-chained JSON Lines audit log."""
 
     def __init__(self, path: str | Path, *, level: str = "denied", include_bodies: bool = False,
                  node: str | None = None, max_bytes: int | None = None):
         if level not in LEVELS:
             raise ValueError(f"audit level must be one of {', '.join(LEVELS)}, not {level!r}")
-        self.path = Path(path)
+        self.path = self.where = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.level = level
         self.include_bodies = include_bodies
@@ -57,18 +89,8 @@ class SharedAuditLog:
         self._known: tuple[int, int] | None = None
         self._prev, self._seq = GENESIS, 0
 
-    def submit(self, event: Any, decision: Any) -> bool:
-        """Append the decision's record if the audit level asks for it. Never raises."""
-        if not should_audit(self.level, decision):
-            return False
-        try:
-            record = build_record(event, decision, node=self.node, include_bodies=self.include_bodies,
-                                  record_id=os.urandom(16).hex())
-            self.append(record)
-            return True
-        except Exception as exc:  # auditing must never break a decision
-            self._failed(exc)
-            return False
+    def put(self, record: dict[str, Any]) -> None:
+        self.append(record)
 
     def append(self, record: dict[str, Any]) -> None:
         """Chain and append one record (fields `seq`, `prev`, `hash` are set here)."""
@@ -235,11 +257,6 @@ class SharedAuditLog:
         self._known = (inode, 0)
         self._write_head(inode, 0)
 
-    def _failed(self, exc: BaseException) -> None:
-        self.stats["errors"] += 1
-        self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
-        self.stats["last_error_at"] = time.time()
-        log.error("audit log %s: %s", self.path, self.stats["last_error"])
 
 
 # -- the spool: what workers write, chained by one timer process ---------------------------------
@@ -255,14 +272,14 @@ class SharedAuditLog:
 SPOOL_FILE_MAX = 64 << 20  # a worker starts a new spool file past this size
 
 
-class AuditSpool:
-    """Worker side: one unchained canonical line per audited decision. Never raises."""
+class AuditSpool(RecordSink):
+    """Worker side: one unchained canonical line per audited decision."""
 
     def __init__(self, spool_dir: str | Path, *, level: str = "denied", include_bodies: bool = False,
                  node: str | None = None):
         if level not in LEVELS:
             raise ValueError(f"audit level must be one of {', '.join(LEVELS)}, not {level!r}")
-        self.dir = Path(spool_dir)
+        self.dir = self.where = Path(spool_dir)
         self.level = level
         self.include_bodies = include_bodies
         self.node = node or socket.gethostname()
@@ -272,26 +289,18 @@ class AuditSpool:
         self._size = 0
         self._part = 0
 
-    def submit(self, event: Any, decision: Any) -> bool:
-        if not should_audit(self.level, decision):
-            return False
-        try:
-            record = build_record(event, decision, node=self.node, include_bodies=self.include_bodies,
-                                  record_id=os.urandom(16).hex())
-            line = canonical(record)
-            if self._fd is None or self._pid != os.getpid() or self._size >= SPOOL_FILE_MAX:
-                self._open()
-            assert self._fd is not None
-            os.write(self._fd, line + b"\n")
-            self._size += len(line) + 1
-            self.stats["written"] += 1
-            return True
-        except Exception as exc:  # auditing must never break a decision
-            self.stats["errors"] += 1
-            self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
-            log.error("audit spool %s: %s", self.dir, self.stats["last_error"])
-            self._fd = None
-            return False
+    def put(self, record: dict[str, Any]) -> None:
+        line = canonical(record)
+        if self._fd is None or self._pid != os.getpid() or self._size >= SPOOL_FILE_MAX:
+            self._open()
+        assert self._fd is not None
+        os.write(self._fd, line + b"\n")
+        self._size += len(line) + 1
+        self.stats["written"] += 1
+
+    def _failed(self, exc: BaseException) -> None:
+        super()._failed(exc)
+        self._fd = None  # reopen next time (disk freed, folder recreated)
 
     def _open(self) -> None:
         """spool/<pid>.jsonl; a full one is renamed <pid>.<n>.jsonl (the chainer finishes it)."""
