@@ -151,6 +151,7 @@ class PolicyplugKamailio:
         self.copy_token = self._copy_token()
         self.policy: Any = None
         self.generation = 0
+        self._audit_errors = 0
         self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
         self._load_initial()
@@ -334,8 +335,11 @@ class PolicyplugKamailio:
         except EventError as exc:
             return self.reply(400, "Bad Request", str(exc))
         decision = self.policy.decide(event)
-        if self.audit is not None:
-            self.audit.submit(event, decision)
+        if self.audit is not None and not self.audit.submit(event, decision) \
+                and self.audit.stats["errors"] != self._audit_errors:
+            # a failing disk: said loudly in Kamailio's log (once per failure), decisions go on
+            self._audit_errors = self.audit.stats["errors"]
+            log("err", f"audit record not written ({self._audit_errors} so far): {self.audit.stats['last_error']}")
         verdict = decision.decision
         for address in decision.copy_to:
             self.send_copy(event, address)

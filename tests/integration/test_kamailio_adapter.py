@@ -547,3 +547,23 @@ def test_audit_records_survive_sigkill_and_are_chained_at_the_next_start(tmp_pat
         alice.close()
         sbc.close()
         server.stop()
+
+
+def test_unwritable_audit_spool_is_reported_and_decisions_go_on(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    sbc = SipAgent("sbc", "sbc.example", ("127.0.0.1", 9))
+    server = KamailioServer(tmp_path / "k", policy_text(sbc), children=1,
+                            extra_config={"audit_spool_dir": str(blocker / "spool")})
+    server.start()
+    alice = SipAgent("alice", "acme.example", ("127.0.0.1", server.port))
+    try:
+        for _ in range(2):
+            response = alice.request("MESSAGE", "sip:nobody@elsewhere.example", body="refused and audited")
+            assert response is not None and response.status == 403, "decisions go on"
+        assert "audit record not written (1 so far)" in server.log_text()
+        assert "audit record not written (2 so far)" in server.log_text()
+    finally:
+        alice.close()
+        sbc.close()
+        server.stop()
