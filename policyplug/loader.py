@@ -58,6 +58,9 @@ def read_source(path: Path, sink: DiagnosticSink, location: Location | None = No
                 what: str = "policy file") -> str | None:
     """Read a UTF-8 file; any failure becomes a diagnostic naming the file (and the line, for bad bytes)."""
     here = location or Location(str(path), 1, 1)
+    if "\x00" in str(path):  # the file system cannot name it (os.stat raises ValueError, not OSError)
+        sink.error(here, f"cannot read {what} {str(path)!r}: the path contains a NUL character")
+        return None
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -114,6 +117,10 @@ class Loader:
         out: list[tuple[nodes.Node, Path]] = []
         for statement in tree.statements:
             if isinstance(statement, nodes.Include):
+                if "\x00" in statement.path:  # resolve() would raise ValueError, not OSError
+                    self.sink.error(statement.location,
+                                    f"cannot read included file {statement.path!r}: the path contains a NUL character")
+                    continue
                 target = (base or Path.cwd()) / statement.path if not Path(statement.path).is_absolute() \
                     else Path(statement.path)
                 resolved = target.resolve()

@@ -38,6 +38,19 @@ def test_not_utf8_is_a_diagnostic_naming_line_and_column(tmp_path: Path) -> None
     assert (diagnostic.location.line, diagnostic.location.column) == (2, 18)
 
 
+@pytest.mark.parametrize("statement, what", [
+    ('include "\x00x.policy"', "included file"),
+    ('list l = file "\x00l.txt"', "list file"),
+    ('directory "\x00users.json"', "directory file"),
+])
+def test_nul_in_a_file_path_is_a_diagnostic(tmp_path: Path, statement: str, what: str) -> None:
+    # found by the mutation test below: os.stat raises ValueError (not OSError) for such a path
+    with pytest.raises(PolicyError) as caught:
+        load_policy(text=f'policy "x"\n{statement}\ndefault allow\n', base_dir=tmp_path)
+    assert f"<text>:2:1: error: cannot read {what}" in str(caught.value)
+    assert "the path contains a NUL character" in str(caught.value)
+
+
 def test_empty_file_is_a_diagnostic() -> None:
     assert "no 'default' statement" in outcome("") or "empty" in outcome("")
 
