@@ -152,6 +152,8 @@ class PolicyplugKamailio:
         self.policy: Any = None
         self.generation = 0
         self._audit_errors = 0
+        self._local: frozenset[str] = frozenset()
+        self._local_of: Any = None  # the policy self._local was made for
         self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
         self._load_initial()
@@ -342,7 +344,7 @@ class PolicyplugKamailio:
             log("err", f"audit record not written ({self._audit_errors} so far): {self.audit.stats['last_error']}")
         verdict = decision.decision
         for address in decision.copy_to:
-            self.send_copy(event, address)
+            self.send_copy(event, address, raw)
         if verdict == "deny":
             return self.reply(403, "Forbidden", decision.reason or "not permitted by policy")
         if verdict == "drop":
@@ -396,16 +398,19 @@ class PolicyplugKamailio:
         return 1
 
     def local_domains(self) -> frozenset[str]:
-        return self.policy.local_domains | self.extra_local
+        """The policy's local domains and the configured ones; made again only when the policy changes."""
+        if self._local_of is not self.policy:
+            self._local, self._local_of = self.policy.local_domains | self.extra_local, self.policy
+        return self._local
 
-    def send_copy(self, event: Event, address: str) -> None:
+    def send_copy(self, event: Event, address: str, raw: bytes) -> None:
         """A MESSAGE to the archive carrying the original as message/cpim (RFC 3862), sent
         through this server so it is routed like any request (location lookup, routes)."""
         if not self.self_uri:
             log("err", f"copy to {address} skipped: `self_uri` is not set in the adapter's config")
             return
         content_type = event.headers.get("content-type", "text/plain") or "text/plain"
-        original_body = split_message(raw_message())[1].decode("utf-8", errors="replace")
+        original_body = split_message(raw)[1].decode("utf-8", errors="replace")
         cpim = (f"From: <{event.sender.raw}>\r\nTo: <{event.recipient.raw}>\r\n"
                 f"DateTime: {event.time.isoformat()}\r\n\r\n"
                 f"Content-Type: {content_type}\r\n\r\n{original_body}")
