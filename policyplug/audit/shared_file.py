@@ -90,46 +90,16 @@ class SharedAuditLog(RecordSink):
         self._prev, self._seq = GENESIS, 0
 
     def put(self, record: dict[str, Any]) -> None:
-        self.append(record)
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Chain and append one record (fields `seq`, `prev`, `hash` are set here)."""
-        self._ensure_open()
-        assert self._lock_fd is not None
-        # Serialise before taking the lock: workers wait on each other only for the hashing and
-        # the write. In canonical (sorted) order the chain fields "prev" and "seq" come right
-        # before the top-level "time" (the last ',"time":' of the line; only "v" follows it).
-        spliceable = record.keys() == RECORD_KEYS
-        body = canonical(record) if spliceable else b""
-        cut = body.rfind(b',"time":')
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            fd, stat = self._current_file()
-            if self._known != (stat.st_ino, stat.st_size):
-                self._prev, self._seq = self._chain_head(stat)  # another process wrote since
-            self._seq += 1
-            if spliceable and cut > 0:
-                body = b"".join((body[:cut], b',"prev":"', self._prev.encode(), b'","seq":',
-                                 str(self._seq).encode(), body[cut:]))
-            else:
-                record["seq"], record["prev"] = self._seq, self._prev
-                body = canonical(record)
-            digest = hashlib.sha256(body).hexdigest()
-            line = b'{"hash":"' + digest.encode() + b'",' + body[1:] + b"\n"
-            os.write(fd, line)
-            self._prev = digest
-            end = stat.st_size + len(line)
-            self._known = (stat.st_ino, end)
-            self._write_head(stat.st_ino, end)
-            self.stats["written"] += 1
-            if self.max_bytes is not None and end >= self.max_bytes:
-                self._rotate()
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        # serialised before the lock is taken: workers wait on each other only for chaining and writing
+        if record.keys() != RECORD_KEYS:
+            raise ValueError(f"not an audit record of docs/audit.md: keys {sorted(record)}")
+        self.append_bodies([canonical(record)])
 
     def append_bodies(self, bodies: list[bytes]) -> None:
-        """Chain and append many records given as canonical JSON without chain fields (as
-        AuditSpool writes them), under one lock and with one write."""
+        """Chain and append records given as canonical JSON without chain fields (as AuditSpool
+        writes them), under one lock and with one write. In canonical (sorted) order the chain
+        fields "prev" and "seq" come right before the top-level "time": the last ',"time":' of
+        the line, as only "v" follows it."""
         if not bodies:
             return
         self._ensure_open()
