@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,18 @@ def read_source(path: Path, sink: DiagnosticSink, location: Location | None = No
         sink.error(here, f"cannot read {what} '{path}': {exc.strerror or exc}")
         return None
     return decode_source(data, str(path), sink, what)
+
+
+def file_times(paths: Iterable[Path]) -> dict[Path, float]:
+    """Modification times of a policy's files (-1 for one that cannot be read): what reloaders
+    compare to see that a policy, an include, a list or the directory changed."""
+    times: dict[Path, float] = {}
+    for path in paths:
+        try:
+            times[path] = os.stat(path).st_mtime
+        except OSError:
+            times[path] = -1.0
+    return times
 
 
 def decode_source(data: bytes, file: str, sink: DiagnosticSink, what: str = "policy file") -> str | None:

@@ -72,6 +72,7 @@ from sip_event import event_json, media_type, split_message  # noqa: E402
 from policyplug import Event, EventError, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, parse_address  # noqa: E402
 from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer  # noqa: E402
+from policyplug.loader import file_times  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
 COPY_MARK = COPY_HEADER.lower().encode()
@@ -182,13 +183,7 @@ class PolicyplugKamailio:
     # invalid text is never loaded by anyone, whenever each worker happens to look.
 
     def _file_times(self, policy: Any) -> dict[Path, float]:
-        times: dict[Path, float] = {}
-        for path in [self.policy_path, *(policy.files if policy else [])]:
-            try:
-                times[path] = os.stat(path).st_mtime
-            except OSError:
-                times[path] = -1.0
-        return times
+        return file_times([self.policy_path, *(policy.files if policy else [])])
 
     def _load_initial(self) -> None:
         snapshot = self._shared_snapshot()

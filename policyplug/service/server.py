@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..audit.log import encode_decision
 from ..compiler import load_policy
 from ..diagnostics import PolicyError
 from ..events import Event
+from ..loader import file_times
 from ..runtime import Policy
 
 log = logging.getLogger("policyplug.service")
@@ -103,13 +103,7 @@ class DecisionService:
     # -- reloading -----------------------------------------------------------------------------------
 
     def _file_times(self) -> dict[Path, float]:
-        times = {}
-        for path in [self.policy_path, *self.policy.files]:
-            try:
-                times[path] = os.stat(path).st_mtime
-            except OSError:
-                times[path] = -1.0
-        return times
+        return file_times([self.policy_path, *self.policy.files])
 
     def changed(self) -> bool:
         return self._file_times() != self._mtimes
