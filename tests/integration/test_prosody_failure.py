@@ -23,24 +23,24 @@ from tests.xmpp_client import TestClient
 UNAVAILABLE = ("policy-violation", "policy service unavailable")
 
 
-@pytest.fixture(scope="module", params=["socket", "component"])
-def closed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp(f"fail-closed-{request.param}"), transport=request.param,
-                   fail_mode="closed", timeout=1)
+def deployment(tmp_path_factory: pytest.TempPathFactory, transport: str, fail_mode: str) -> Iterator[Deployment]:
+    """A started deployment with a 1 s timeout; stopped afterwards, with clean logs."""
+    d = Deployment(tmp_path_factory.mktemp(f"fail-{fail_mode}-{transport}"), transport=transport,
+                   fail_mode=fail_mode, timeout=1)
     d.start()
     yield d
     d.stop()
     assert d.errors_in_logs() == []
+
+
+@pytest.fixture(scope="module", params=["socket", "component"])
+def closed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    yield from deployment(tmp_path_factory, request.param, "closed")
 
 
 @pytest.fixture(params=["socket", "component"])
 def fail_open(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp(f"fail-open-{request.param}"), transport=request.param,
-                   fail_mode="open", timeout=1)
-    d.start()
-    yield d
-    d.stop()
-    assert d.errors_in_logs() == []
+    yield from deployment(tmp_path_factory, request.param, "open")
 
 
 async def both_available(alice: TestClient, bob: TestClient) -> None:
