@@ -3,12 +3,14 @@
 Servers that fork workers sharing no memory (Kamailio: every SIP worker runs its own Python)
 cannot hand records to one writer thread. Each process appends its records itself, holding an
 exclusive `flock` on a lock file beside the log while it writes: under the lock it learns the
-previous record's hash (remembered from its own last write when nobody wrote since, otherwise
-read from the file's tail), so the chain stays one chain, in file order, across all workers.
+previous record's hash (from the chain head kept in a shared mapping of the lock file, or from
+the log's tail when that head does not describe the log), so the chain stays one chain, in file
+order, across all workers. Either the workers write this way themselves (SharedAuditLog) or they
+spool unchained lines and one timer process chains them (AuditSpool + SpoolChainer, below).
 
 A record reaches the kernel with one `write` before the decision is enforced, so killing the
-server loses nothing; `sync()` (called every 200 ms by a timer process, see
-adapters/kamailio/kamailio.cfg) fsyncs the file, so a machine crash loses at most that interval.
+server loses nothing; the timer process (every 100 ms, adapters/kamailio/kamailio.cfg) fsyncs
+the log, so a machine crash loses at most that interval.
 The format, rotation and `policyplug audit verify` are those of the decision service's log
 (docs/audit.md). A failing disk is counted in `stats`, logged, and never stops a decision.
 """
