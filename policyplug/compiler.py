@@ -10,6 +10,7 @@ or to explain a decision.
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,17 @@ class LazyCondition:
         return function(activation)
 
 
+# a limit key that is a party or one of its string fields: decide() reads it off the party directly
+_PARTY_KEY = re.compile(r"\s*(sender|recipient)\s*(?:\.\s*(address|user|domain|resource)\s*)?")
+
+
+def _party_key(text: str) -> tuple[str, str] | None:
+    """`sender` -> ("sender", "address") (a party counts by its address); `recipient.domain` ->
+    ("recipient", "domain"); None for any other expression."""
+    found = _PARTY_KEY.fullmatch(text)
+    return (found.group(1), found.group(2) or "address") if found else None
+
+
 def _condition(tree: Any, text: str, expected: bool, constants: dict[str, Any]) -> CompiledCondition:
     compiled = compile_expression(tree, constants)
     return CompiledCondition(compiled.evaluate, expected, text, compiled.fallback, compiled.fallback_reason)
@@ -65,7 +77,8 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
         limit = None
         if node.limit is not None and checked.limit_key is not None:
             key = compile_expression(checked.limit_key, constants)
-            limit = CompiledLimit(key.evaluate, node.limit.count, node.limit.seconds, node.limit.key.text)
+            limit = CompiledLimit(key.evaluate, node.limit.count, node.limit.seconds, node.limit.key.text,
+                                  _party_key(node.limit.key.text))
         effect = node.effect
         obligations = node.obligations
         rule = CompiledRule(

@@ -49,6 +49,9 @@ class CompiledLimit:
     count: int
     seconds: float
     text: str
+    # `by sender`, `by recipient.domain`...: the key read straight off a party (party, field), so
+    # decide() counts without building the activation; None for any other key expression
+    party_key: tuple[str, str] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -299,7 +302,8 @@ class Policy:
         rules = iter(candidates)
         for rule in rules:
             match = rule.match
-            if match is None or rule.limit is not None:
+            limit = rule.limit
+            if match is None or (limit is not None and limit.party_key is None):
                 return self._walk(event, chain((rule,), rules), obligations, now, False, limiter)
             try:
                 result = match(event, s_party, r_party, direction)
@@ -309,6 +313,13 @@ class Policy:
                 continue
             if result is not True:
                 return self._walk(event, chain((rule,), rules), obligations, now, False, limiter)
+            if limit is not None:  # what _over_limit does, with the key read off the party
+                party, field = limit.party_key  # type: ignore[misc]
+                key_value = (s_party if party == "sender" else r_party)[field]
+                clock = now if now is not None else event.time.timestamp()
+                counter = limiter if limiter is not None else self.limiter
+                if not counter.hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count):
+                    continue
             if rule.has_obligations:
                 obligations = rule.obligations_alone if obligations is None else obligations.then(rule)
             if rule.effect is not None:
@@ -399,7 +410,7 @@ class Policy:
         if isinstance(key_value, dict) and "address" in key_value:
             key_value = key_value["address"]  # `by sender` counts per sender address
         clock = now if now is not None else event.time.timestamp()
-        return (limiter or self.limiter).hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count), None
+        return (limiter if limiter is not None else self.limiter).hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count), None
 
     def _decision(self, effect: str, rule: str | None, reason: str | None, redirect_to: str | None,
                   route_via: str | None, obligations: Obligations | None, errors: list[dict[str, str]] | None,

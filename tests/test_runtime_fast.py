@@ -168,6 +168,44 @@ def test_limits_and_explain_still_walk(policy_text: tuple[str, Any]) -> None:
     assert [s.rule for s in explained.trace] == ["first", "flood"] and isinstance(explained.trace[0], TraceStep)
 
 
+@pytest.mark.parametrize("key", ["sender", "recipient", "sender.domain", "recipient . user", "sender.resource",
+                                 "sender.address", "sender.domain + recipient.domain", "kind"])
+def test_limits_keyed_by_a_party_count_exactly_as_the_walk_does(key: str) -> None:
+    """decide() counts `by sender` / `by recipient.domain` ... reading the key off the party (no
+    activation); every other key goes through the walk. Both must count the same windows."""
+    text = (HEAD + 'default allow\nrule first:\n  when direction == "internal"\n  tag "t"\n'
+            f'rule flood:\n  on message\n  when body != "exempt"\n  limit 3 per minute by {key}\n  drop\n'
+            'rule after:\n  when size > 35\n  deny "big"\n')
+    policy = load_policy(text=text)
+    assert (policy.rules[1].limit.party_key is None) == (key in ("sender.domain + recipient.domain", "kind"))
+    fast, walk = MemoryLimiter(), MemoryLimiter()
+    events = [e for e in all_events() if e.kind in ("message", "presence")]
+    drops = 0
+    for step, event in enumerate(events * 2):
+        now = step * 0.25
+        event._activation_cache = None
+        got = policy.decide(event, now=now, limiter=fast)
+        event._activation_cache = None
+        candidates = (r for r in policy.rules if r.kinds is None or event.kind in r.kinds)  # as the index does
+        expected = policy._walk(event, candidates, None, now, False, walk)
+        assert got == expected, (key, step, event)
+        drops += got.decision == "drop"
+    assert drops > 0  # the limit was reached, not only counted
+    assert {k: list(v[0]) for k, v in fast._windows.items()} == {k: list(v[0]) for k, v in walk._windows.items()}
+
+
+def test_an_empty_limiter_passed_in_is_used_not_the_policys_own() -> None:
+    """A MemoryLimiter with no keys yet is falsy (it has a length): `limiter or self.limiter` once sent
+    the first hit of every caller's limiter to the policy's own one."""
+    for key in ("sender", "kind"):  # the party fast path and the walk
+        policy = load_policy(text=HEAD + f"default allow\nrule flood:\n  limit 1 per minute by {key}\n  drop\n")
+        event = Event.message("a@acme.example", "b@acme.example")
+        for _ in range(3):
+            event._activation_cache = None
+            assert policy.decide(event, now=0.0, limiter=MemoryLimiter()).decision == "allow"
+        assert len(policy.limiter) == 0
+
+
 def test_decision_keeps_the_dataclass_interface() -> None:
     d = Decision("allow", "r1")
     assert (d.copy_to, d.disclaimers, d.tags, d.errors, d.trace, d.audit, d.reason) == ([], [], [], [], [], False, None)
