@@ -15,6 +15,12 @@ from .addresses import Address, AddressError, parse_address
 from .nodes import EVENT_KINDS
 
 PROTOCOLS = ("xmpp", "sip")
+_KINDS = frozenset(EVENT_KINDS)
+# normalised addresses by raw text, per protocol (Address is frozen, so sharing one is safe)
+ADDRESS_CACHE_LIMIT = 65536
+_ADDRESSES: dict[str, dict[str, Address]] = {"xmpp": {}, "sip": {}}
+_last_time: tuple[str, datetime] | None = None
+_ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
 
 
 class EventError(ValueError):
@@ -68,44 +74,70 @@ class Event:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Event:
-        """The event JSON of the spec -> Event; raises EventError naming the first bad field."""
+        """The event JSON of the spec -> Event; raises EventError naming the first bad field.
+
+        Every service request comes through here, so each field is checked inline for its usual
+        shape first (exact types, one dict lookup); anything else goes to the helper that accepts
+        the unusual (str subclasses, Mappings, null) or names the problem.
+        """
         if type(data) is not dict and not isinstance(data, Mapping):  # dict first: ABC checks are slow
             raise EventError(f"an event must be a JSON object, got {type(data).__name__}")
-        kind = data.get("kind")
-        if kind is None:
-            raise _field_error("kind", "missing")
-        if not isinstance(kind, str) or kind not in EVENT_KINDS:
-            raise _field_error("kind", f"unknown kind {kind!r} (one of {', '.join(EVENT_KINDS)})")
-        raw_from = _required_string(data, "from")
-        raw_to = _required_string(data, "to")
-        protocol = data.get("protocol")
+        get = data.get
+        kind = get("kind")
+        if type(kind) is not str or kind not in _KINDS:
+            if kind is None:
+                raise _field_error("kind", "missing")
+            if not isinstance(kind, str) or kind not in _KINDS:
+                raise _field_error("kind", f"unknown kind {kind!r} (one of {', '.join(EVENT_KINDS)})")
+        raw_from = get("from")
+        if type(raw_from) is not str or not raw_from or raw_from[0].isspace() or raw_from[-1].isspace():
+            raw_from = _required_string(data, "from")
+        raw_to = get("to")
+        if type(raw_to) is not str or not raw_to or raw_to[0].isspace() or raw_to[-1].isspace():
+            raw_to = _required_string(data, "to")
+        protocol = get("protocol")
         if protocol is None:
-            protocol = "sip" if raw_from.lower().startswith(("sip:", "sips:")) or raw_to.lower().startswith(
+            protocol = "sip" if raw_from[:5].lower().startswith(("sip:", "sips:")) or raw_to[:5].lower().startswith(
                 ("sip:", "sips:")) else "xmpp"
         elif protocol not in PROTOCOLS:
             raise _field_error("protocol", f"expected 'xmpp' or 'sip', got {protocol!r}")
-        sender = _address(raw_from, "from", protocol)
-        recipient = _address(raw_to, "to", protocol)
-        body = _optional_string(data, "body")
-        subject = _optional_string(data, "subject")
-        stanza_type = _optional_string(data, "type")
-        size = data.get("size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        cache = _ADDRESSES[protocol]
+        sender = cache.get(raw_from) or _address(raw_from, "from", protocol)
+        recipient = cache.get(raw_to) or _address(raw_to, "to", protocol)
+        body = get("body", "")
+        if type(body) is not str:
+            body = _optional_string(data, "body")
+        subject = get("subject", "")
+        if type(subject) is not str:
+            subject = _optional_string(data, "subject")
+        stanza_type = get("type", "")
+        if type(stanza_type) is not str:
+            stanza_type = _optional_string(data, "type")
+        size = get("size")
+        if size is not None and (type(size) is not int or size < 0) and (
+                not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise _field_error("size", f"expected a non-negative integer, got {size!r}")
-        payload = data.get("payload", [])
-        if not isinstance(payload, list) or not all(type(p) is str or isinstance(p, str) for p in payload):
+        payload = get("payload", _ABSENT)
+        if payload is _ABSENT:
+            payload = []
+        elif not isinstance(payload, list) or not all(type(p) is str or isinstance(p, str) for p in payload):
             raise _field_error("payload", "expected a list of strings")
-        headers = data.get("headers", {})
-        if (type(headers) is not dict and not isinstance(headers, Mapping)) or not all(
+        else:
+            payload = list(payload)
+        headers = get("headers", _ABSENT)
+        if headers is _ABSENT or headers == {}:
+            headers = {}
+        elif (type(headers) is not dict and not isinstance(headers, Mapping)) or not all(
                 type(k) is str and type(v) is str or isinstance(k, str) and isinstance(v, str)
                 for k, v in headers.items()):
             raise _field_error("headers", "expected an object of string values")
-        client = _client(data.get("client"))
-        time_value = data.get("time")
-        when = parse_time(time_value) if time_value is not None else None
+        else:
+            headers = {k.lower(): v for k, v in headers.items()}
+        client = _client(get("client"))
+        time_value = get("time")
+        when = _parse_time_cached(time_value) if time_value is not None else None
         return cls(kind, sender, recipient, protocol=protocol, body=body, subject=subject, type=stanza_type,
-                   size=size, payload=list(payload), headers={k.lower(): v for k, v in headers.items()},
-                   client=client, time=when)
+                   size=size, payload=payload, headers=headers, client=client, time=when)
 
     @classmethod
     def _of_kind(cls, kind: str, sender: str, recipient: str, fields: dict[str, Any]) -> Event:
@@ -187,10 +219,27 @@ def _optional_string(data: Mapping[str, Any], name: str) -> str:
 
 
 def _address(raw: str, field: str, protocol: str) -> Address:
+    """Normalise an address of an event of `protocol`, remembering it (the same users talk all day)."""
     try:
-        return parse_address(raw, None if raw.lower().startswith(("sip:", "sips:", "xmpp:")) else protocol)
+        address = parse_address(raw, None if raw.lower().startswith(("sip:", "sips:", "xmpp:")) else protocol)
     except AddressError as exc:
         raise _field_error(field, str(exc)) from None
+    cache = _ADDRESSES[protocol]
+    if len(cache) >= ADDRESS_CACHE_LIMIT:
+        cache.clear()  # a flood of distinct addresses: start again rather than grow
+    cache[raw] = address
+    return address
+
+
+def _parse_time_cached(value: Any) -> datetime:
+    """parse_time, remembering the last text: events of the same second carry the same time."""
+    global _last_time
+    last = _last_time
+    if last is not None and last[0] == value and type(value) is str:
+        return last[1]
+    parsed = parse_time(value)
+    _last_time = (value, parsed)
+    return parsed
 
 
 def _client(value: Any) -> dict[str, Any]:

@@ -247,10 +247,46 @@ def test_event_constructor_per_kind(kind: str) -> None:
     ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "headers": {"x": 1}}, "headers"),
     ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "payload": "x"}, "payload"),
     ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "protocol": "irc"}, "protocol"),
+    ({"kind": ["message"], "from": "a@b.example", "to": "c@d.example"}, "kind"),
+    ({"kind": "message", "from": "  ", "to": "c@d.example"}, "from"),
+    ({"kind": "message", "from": "a@b.example", "to": ""}, "to"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "size": True}, "size"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "size": -1}, "size"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "headers": None}, "headers"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "headers": []}, "headers"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "payload": None}, "payload"),
+    ({"kind": "message", "from": "a@b.example", "to": "c@d.example", "payload": ["a", 2]}, "payload"),
 ])
 def test_invalid_events_name_the_field(data: dict, field: str) -> None:
     with pytest.raises(EventError, match=f"^field '{re.escape(field)}'"):
         Event.from_json(data)
+
+
+def test_unusual_but_valid_members_are_accepted_as_before() -> None:
+    """from_json checks the usual shapes inline; the unusual valid ones take the long way, same result."""
+    from collections import OrderedDict
+    event = Event.from_json(OrderedDict(kind="message", **{"from": " Alice@B.example ", "to": "c@d.example"},
+                                        body=None, headers=OrderedDict(X="1"), payload=["p"], size=0))
+    assert (event.sender.address, event.body, event.headers, event.payload, event.size) == (
+        "alice@b.example", "", {"x": "1"}, ["p"], 0)
+
+
+def test_address_and_time_caches_never_answer_for_another_protocol_or_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from policyplug import events as events_module
+    monkeypatch.setattr(events_module, "ADDRESS_CACHE_LIMIT", 4)
+    monkeypatch.setattr(events_module, "_ADDRESSES", {"xmpp": {}, "sip": {}})
+    as_jid = Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "protocol": "xmpp"})
+    as_sip = Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "protocol": "sip"})
+    assert (as_jid.sender.protocol, as_jid.sender.scheme) == ("xmpp", "xmpp")
+    assert (as_sip.sender.protocol, as_sip.sender.scheme) == ("sip", "sip")
+    for i in range(20):  # a flood of distinct addresses: the cache stays bounded, answers stay right
+        event = Event.from_json({"kind": "message", "from": f"u{i}@b.example", "to": "c@d.example"})
+        assert event.sender.address == f"u{i}@b.example"
+    assert all(len(cache) <= 4 for cache in events_module._ADDRESSES.values())
+    times = ["2026-11-24T10:00:00Z", "2026-11-24T10:00:00Z", "2026-11-24T11:00:00+01:00", "2026-11-24T10:00:01Z"]
+    got = [Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "time": t}).time
+           for t in times]
+    assert [t.isoformat() for t in got] == ["2026-11-24T10:00:00+00:00"] * 3 + ["2026-11-24T10:00:01+00:00"]
 
 
 def test_protocol_is_inferred_from_sip_addresses() -> None:
