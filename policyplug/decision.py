@@ -120,6 +120,15 @@ class Decision:
             "policy": self.policy, "policy_revision": self.policy_revision,
         }
 
+    def shape(self) -> tuple[Any, ...] | None:
+        """Everything to_json() gives, as a hashable key (decisions of the hot path share their
+        obligation tuples), or None when a member is a list (errors, or obligations set by hand)."""
+        copy_to, disclaimers, tags = self._copy_to, self._disclaimers, self._tags
+        if self._errors or (copy_to.__class__ is list) or (disclaimers.__class__ is list) or (tags.__class__ is list):
+            return None
+        return (self.decision, self.rule, self.reason, self.redirect_to, self.route_via, copy_to or (),
+                disclaimers or (), tags or (), self.audit, self.policy, self.policy_revision)
+
     def _fields(self) -> tuple[Any, ...]:
         def as_list(value: Any) -> list[Any]:
             return list(value) if value else []

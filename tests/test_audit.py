@@ -171,6 +171,32 @@ def test_fast_event_encoding_is_the_canonical_event_json(include_bodies: bool) -
         assert encode_event(event, include_bodies) == canonical(event_record(event, include_bodies)), event
 
 
+def test_decision_serialisations_are_remembered_only_for_what_they_say() -> None:
+    """encode_decision remembers the bytes of a decision by its shape: every member to_json gives.
+    A remembered answer must never stand for a decision that differs in any member."""
+    from policyplug import Decision
+    from policyplug.audit.log import _ENCODED_DECISIONS, canonical, encode_decision
+
+    def fresh(decision: Decision) -> tuple[bytes, str, str]:
+        as_json = decision.to_json()
+        return canonical({k: v for k, v in as_json.items() if k not in ("policy", "policy_revision")}), \
+            as_json["policy"], as_json["policy_revision"]
+
+    decisions = [POLICY.decide(event) for event in sample_events()] * 2
+    base: dict[str, object] = dict(decision="allow", rule="r", reason=None, redirect_to=None, route_via=None,
+                                copy_to=None, disclaimers=None, tags=None, audit=False, policy="p", policy_revision="1")
+    changes = [("decision", "deny"), ("rule", None), ("reason", "why"), ("redirect_to", "x@acme.example"),
+               ("route_via", "sip:sbc"), ("copy_to", ("c@acme.example",)), ("disclaimers", ("d",)), ("tags", ("t",)),
+               ("tags", ("t", "u")), ("audit", True), ("policy", "q"), ("policy_revision", "2")]
+    variants = [Decision(**base)] + [Decision(**{**base, member: value}) for member, value in changes]
+    with_errors = Decision("deny", "r", "why", errors=[{"rule": "r", "message": "boom"}], policy="p",
+                           policy_revision="1")
+    for decision in decisions + variants + [with_errors, with_errors]:
+        assert encode_decision(decision) == fresh(decision), decision
+    assert with_errors.shape() is None and any(d.shape() is not None for d in decisions)
+    assert 0 < len(_ENCODED_DECISIONS)
+
+
 @pytest.mark.parametrize("include_bodies", [False, True])
 def test_written_records_are_canonical_build_records(tmp_path: Path, include_bodies: bool) -> None:
     """The writer puts records together from serialised parts: byte for byte canonical(build_record())."""

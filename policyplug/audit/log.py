@@ -127,10 +127,26 @@ def encode_decision(decision: Any) -> tuple[bytes, str, str]:
     The bytes are the record's `decision` member; a transport may answer with them too (see
     `policyplug.service.socket_transport`), so a decision is serialised once.
     """
+    shape = decision.shape()
+    if shape is not None:
+        encoded = _ENCODED_DECISIONS.get(shape)
+        if encoded is not None:
+            return encoded
     decision_json = decision.to_json()
     policy = decision_json.pop("policy")
     revision = decision_json.pop("policy_revision")
-    return orjson.dumps(decision_json, option=_SORTED), policy, revision
+    encoded = orjson.dumps(decision_json, option=_SORTED), policy, revision
+    if shape is not None:
+        if len(_ENCODED_DECISIONS) >= ENCODED_DECISIONS_LIMIT:
+            _ENCODED_DECISIONS.clear()
+        _ENCODED_DECISIONS[shape] = encoded
+    return encoded
+
+
+# A policy makes few distinct decisions (one per rule and obligation set): their serialisations,
+# by Decision.shape(), so the service does not serialise the same answer 20,000 times a second.
+ENCODED_DECISIONS_LIMIT = 4096
+_ENCODED_DECISIONS: dict[tuple[Any, ...], tuple[bytes, str, str]] = {}
 
 
 def record_body(*, decision: bytes, event: bytes, record_id: str, node: str, policy: str, revision: str,
