@@ -166,3 +166,187 @@ def test_a_torn_last_line_waits_for_its_end(tmp_path: Path) -> None:
         f.write(whole[last_line_start + 20:])
     assert chainer.run_once() == 1
     assert verify([str(log)]).records == 3
+
+
+# -- records as bytes: the spool lines are canonical(build_record()) -------------------------------
+
+RICH_POLICY = """\
+policy "rich"
+local domains ["acme.example"]
+default deny "no"
+
+rule tagged:
+  when direction == "internal" && body.contains("copy")
+  tag "internal"
+  disclaimer "Kept."
+  audit
+
+rule archived:
+  when direction == "internal" && body.contains("copy")
+  allow
+  copy to "archive@acme.example"
+
+rule internal:
+  when direction == "internal"
+  allow
+
+rule broken:
+  when sender.domain == "err.example" && int(body) > 1
+  allow
+"""
+
+
+def _sample_events() -> list[Event]:
+    return [
+        Event.message("alice@acme.example", "bob@acme.example", body="hi"),
+        Event.message("alice@acme.example", "bob@acme.example", body="please copy this ü", subject="s"),
+        Event.message("eve@evil.example", "bob@acme.example", body="x"),
+        Event.message("z@err.example", "bob@acme.example", body="not a number"),
+        Event.from_json({"kind": "message", "from": "sip:Zoë@acme.example", "to": "sip:x@acme.example",
+                         "body": "b", "time": "2026-11-24T10:00:00+02:00", "headers": {"X-B": "2", "Via": "v"},
+                         "payload": ["text/plain"], "client": {"ip": "192.0.2.1", "port": 5060, "secure": True},
+                         "size": 321}),
+    ]
+
+
+def test_encoded_lines_are_byte_for_byte_canonical_build_records() -> None:
+    from datetime import UTC, datetime
+
+    from policyplug.audit.log import build_record, canonical
+    from policyplug.audit.shared_file import _FAST, RecordEncoder
+
+    assert _FAST, "the fast encoding is in use (its import-time check passed)"
+    policy = load_policy(text=RICH_POLICY)
+    events = _sample_events()
+    decisions = [policy.decide(event) for event in events]
+    assert {d.decision for d in decisions} == {"allow", "deny"} and any(d.errors for d in decisions)
+    assert any(d.copy_to and d.tags and d.disclaimers for d in decisions)
+    times = [datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC), datetime.now(UTC)]  # without and with microseconds
+    for bodies in (False, True):
+        encoder = RecordEncoder("node-ü", bodies)
+        for _round in range(2):  # the second time from the decision cache
+            for event, decision in zip(events, decisions, strict=True):
+                for when in times:
+                    expected = canonical(build_record(event, decision, node="node-ü", include_bodies=bodies,
+                                                      record_id="ab" * 16, time=when.isoformat()))
+                    assert encoder.line(event, decision, record_id="ab" * 16, time=when) == expected
+                    assert encoder.line(event, decision, record_id="ab" * 16, time=when, end=b"\n") == expected + b"\n"
+        made = json.loads(encoder.line(events[0], decisions[0]))
+        assert len(made["id"]) == 32 and int(made["id"], 16) >= 0 and made["time"].endswith("+00:00")
+
+
+def test_spooled_lines_chain_into_a_log_that_verifies_with_the_records_build_record_makes(tmp_path: Path) -> None:
+    from policyplug.audit.log import build_record, canonical
+
+    policy = load_policy(text=RICH_POLICY)
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    audit = AuditSpool(spool, level="all", node="n1", include_bodies=True)
+    events = _sample_events() * 3
+    decisions = [policy.decide(event) for event in events]
+    for event, decision in zip(events, decisions, strict=True):
+        assert audit.submit(event, decision)
+    assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == len(events)
+    result = verify([str(log)])
+    assert result.intact and result.records == len(events), result.problem
+    raw_lines = log.read_bytes().splitlines()
+    for raw, event, decision in zip(raw_lines, events, decisions, strict=True):
+        record = json.loads(raw)
+        expected = build_record(event, decision, node="n1", include_bodies=True, record_id=record["id"],
+                                time=record["time"])
+        expected.update(seq=record["seq"], prev=record["prev"])
+        assert raw == b'{"hash":"' + record["hash"].encode() + b'",' + canonical(expected)[1:]
+    assert len({json.loads(raw)["id"] for raw in raw_lines}) == len(events)
+
+
+def test_the_audit_level_is_what_should_audit_says(tmp_path: Path) -> None:
+    from policyplug.audit.log import should_audit
+
+    policy = load_policy(text=RICH_POLICY)
+    decisions = [policy.decide(event) for event in _sample_events()]
+    for level in ("all", "denied", "none"):
+        audit = AuditSpool(tmp_path / level, level=level)
+        assert [audit.submit(e, d) for e, d in zip(_sample_events(), decisions, strict=True)] == \
+            [should_audit(level, d) for d in decisions]
+
+
+def _child_ids(spool: str, count: int) -> None:
+    policy = load_policy(text=POLICY)
+    event = Event.message("alice@acme.example", "bob@acme.example")
+    for _ in range(count):
+        assert SPOOL_BEFORE_FORK.submit(event, policy.decide(event))
+
+
+SPOOL_BEFORE_FORK: AuditSpool
+
+
+def test_forked_workers_draw_their_own_ids_and_spool_files(tmp_path: Path) -> None:
+    """An AuditSpool made (and used) before fork, as in Kamailio's main process: no id is handed out
+    twice and each child writes a spool file of its own."""
+    global SPOOL_BEFORE_FORK
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    SPOOL_BEFORE_FORK = AuditSpool(spool, level="all", node="n")
+    _child_ids(str(spool), 3)  # the parent's id pool and spool file are in use
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_child_ids, args=(str(spool), 50)) for _ in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(30)
+        assert child.exitcode == 0
+    assert len(list(spool.glob("*.jsonl"))) == 4
+    assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 153
+    ids = [json.loads(line)["id"] for line in log.read_text().splitlines()]
+    assert len(set(ids)) == 153
+
+
+def test_offsets_survive_a_torn_slot_and_an_older_offsets_json(tmp_path: Path) -> None:
+    from policyplug.audit.shared_file import OFFSETS_SLOT
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _spooler(str(spool), 0, 4)
+    first = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+    assert first.run_once() == 4
+    _spooler(str(spool), 0, 3)
+    assert first.run_once() == 3  # two generations written: one in each slot
+    state = (spool / "offsets").read_bytes()
+    newer = 0 if state[:OFFSETS_SLOT].split()[1] > state[OFFSETS_SLOT:].split()[1] else 1
+    with (spool / "offsets").open("r+b") as f:  # a crash while the newer slot was written
+        f.seek(newer * OFFSETS_SLOT + 40)
+        f.write(b"torn")
+    _spooler(str(spool), 0, 2)
+    # the older slot counts: the 3 records chained after it are chained again (as after a crash
+    # between chaining and saving), nothing is lost and the chain stays intact
+    assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 5
+    assert verify([str(log)]).intact and verify([str(log)]).records == 12
+
+    # a spool left by a version that kept offsets.json: continued from there, then migrated
+    spool2, log2 = tmp_path / "spool2", tmp_path / "audit2.jsonl"
+    _spooler(str(spool2), 0, 2)
+    path = next(spool2.glob("*.jsonl"))
+    (spool2 / "offsets.json").write_text(json.dumps({str(path.stat().st_ino): path.stat().st_size}))
+    _spooler(str(spool2), 0, 1)
+    assert SpoolChainer(spool2, SharedAuditLog(log2, level="all")).run_once() == 1
+    assert not (spool2 / "offsets.json").exists() and (spool2 / "offsets").exists()
+
+
+def test_the_offsets_are_written_only_when_they_change(tmp_path: Path) -> None:
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _spooler(str(spool), 0, 2)
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+    assert chainer.run_once() == 2
+    before = (spool / "offsets").stat().st_mtime_ns, chainer._generation
+    assert chainer.run_once() == 0
+    assert ((spool / "offsets").stat().st_mtime_ns, chainer._generation) == before
+
+
+def test_a_line_that_is_not_a_record_is_kept_out_of_the_chain_and_counted(tmp_path: Path) -> None:
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _spooler(str(spool), 0, 2)
+    path = next(spool.glob("*.jsonl"))
+    with path.open("ab") as f:
+        f.write(b'{"garbage": true}\n')
+    _spooler(str(spool), 0, 2)
+    shared = SharedAuditLog(log, level="all")
+    assert SpoolChainer(spool, shared).run_once() == 4, "the records around it are chained"
+    assert shared.stats["errors"] == 1 and "not an audit record" in shared.stats["last_error"]
+    assert verify([str(log)]).intact

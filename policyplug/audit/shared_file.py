@@ -25,16 +25,150 @@ import mmap
 import os
 import socket
 import time
+import weakref
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .log import GENESIS, LEVELS, build_record, canonical, last_record, shift_rotations, should_audit
+from .log import (
+    FORMAT_VERSION,
+    GENESIS,
+    LEVELS,
+    build_record,
+    canonical,
+    encode_decision,
+    encode_event,
+    last_record,
+    shift_rotations,
+    should_audit,
+)
 
 log = logging.getLogger("policyplug.audit")
 HEAD_BYTES = 160
 RECORD_KEYS = {"v", "id", "time", "node", "policy", "policy_revision", "event", "decision"}
+
+
+# -- records as bytes --------------------------------------------------------------------------
+#
+# A worker's record is one line of canonical JSON without the chain fields, put together from
+# serialised parts instead of build_record's dicts and a full dump: the event through
+# log.encode_event, the decision with the policy and node members remembered by Decision.shape()
+# (a policy makes few distinct decisions), ids cut from a pool of random bytes. The bytes are those
+# of canonical(build_record(...)) (tested, and checked once at import: if the Event or Decision
+# JSON ever changes, the slow path is taken instead).
+
+DECISION_CACHE_SIZE = 1024
+ID_POOL = 256  # record ids drawn per os.urandom call
+
+
+class RecordEncoder:
+    """Audit records (docs/audit.md) without `seq`, `prev` and `hash`, as canonical JSON bytes."""
+
+    def __init__(self, node: str, include_bodies: bool):
+        self.node = node
+        self.include_bodies = include_bodies
+        self._node_part = b',"node":' + orjson.dumps(node)
+        # Decision.shape() -> ('{"decision":...,"event":', '","node":...,"policy_revision":...,"time":')
+        self._decisions: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        self._ids = b""  # a pool of random hex ids, drawn from by new_id
+        self._next_id = 0
+        _ENCODERS.add(self)
+        if not _FAST:
+            self.line = self._built_line  # type: ignore[method-assign]
+
+    def line(self, event: Any, decision: Any, *, record_id: str | None = None, time: datetime | None = None,
+             end: bytes = b"") -> bytes:
+        """canonical(build_record(event, decision, ...)) + `end`; `time` defaults to now (UTC)."""
+        shape = decision.shape()  # None: not cached (an evaluation error, lists set by hand)
+        parts = self._decisions.get(shape) if shape is not None else None
+        if parts is None:
+            parts = self._parts(decision)
+            if shape is not None:
+                if len(self._decisions) >= DECISION_CACHE_SIZE:
+                    self._decisions.clear()
+                self._decisions[shape] = parts
+        head, middle = parts
+        if record_id is None:
+            start = self._next_id
+            if start >= len(self._ids):
+                self._ids, start = os.urandom(16 * ID_POOL).hex().encode(), 0
+            self._next_id = start + 32
+            rid = self._ids[start:start + 32]
+        else:
+            rid = record_id.encode()
+        return b"".join((head, encode_event(event, self.include_bodies), b',"id":"', rid, middle,
+                         orjson.dumps(time or datetime.now(UTC)), _VERSION_PART, end))
+
+    def _parts(self, decision: Any) -> tuple[bytes, bytes]:
+        encoded, policy, revision = encode_decision(decision)
+        return (b'{"decision":' + encoded + b',"event":',
+                b'"' + self._node_part + b',"policy":' + orjson.dumps(policy) + b',"policy_revision":'
+                + orjson.dumps(revision) + b',"time":')
+
+    def _built_line(self, event: Any, decision: Any, *, record_id: str | None = None,
+                    time: datetime | None = None, end: bytes = b"") -> bytes:
+        record = build_record(event, decision, node=self.node, include_bodies=self.include_bodies,
+                              record_id=record_id or self.new_id(), time=(time or datetime.now(UTC)).isoformat())
+        return canonical(record) + end
+
+    def new_id(self) -> str:
+        """A random 128-bit id in hex, as build_record makes."""
+        start = self._next_id
+        if start >= len(self._ids):
+            self._ids, start = os.urandom(16 * ID_POOL).hex().encode(), 0
+        self._next_id = start + 32
+        return self._ids[start:start + 32].decode()
+
+    def after_fork(self) -> None:
+        """A forked child must not hand out the ids left in its parent's pool."""
+        self._ids, self._next_id = b"", 0
+
+
+_VERSION_PART = b',"v":' + str(FORMAT_VERSION).encode() + b"}"
+# Every encoder and spool of this process: a forked child resets them (os.register_at_fork below;
+# Kamailio forks in C, so the adapter's child_init calls after_fork too). No getpid per record.
+_ENCODERS: weakref.WeakSet[RecordEncoder] = weakref.WeakSet()
+_SPOOLS: weakref.WeakSet[AuditSpool] = weakref.WeakSet()
+
+
+def after_fork() -> None:
+    """Reset what a forked child must not share with its parent: id pools and spool files."""
+    for encoder in list(_ENCODERS):
+        encoder.after_fork()
+    for spool in list(_SPOOLS):
+        spool.after_fork()
+
+
+def _fast_records_match() -> bool:
+    """The fast path gives canonical(build_record()) for a few decisions (checked once, at import)."""
+    from ..decision import Decision
+    from ..events import Event
+    try:
+        event = Event.message("alice@acme.example", "bob@partner.example", body="b", subject="s",
+                              headers={"x-a": "1"}, client={"ip": "192.0.2.1", "port": 5060, "secure": True})
+        decisions = [Decision("deny", "r1", reason="no", policy="p", policy_revision="sha256:1"),
+                     Decision("allow", "r2", copy_to=["a@b.example"], disclaimers=["d"], tags=["t"], audit=True,
+                              redirect_to="x@y.example", route_via="sip:h", policy="p", policy_revision="sha256:1"),
+                     Decision("allow", "r2", copy_to=("a@b.example",), disclaimers=("d",), tags=("t",),  # type: ignore[arg-type]
+                              audit=True, policy="p", policy_revision="sha256:1"),
+                     Decision("deny", None, errors=[{"rule": "r", "error": "e"}], policy="p", policy_revision="2")]
+        now = datetime.now(UTC)
+        for bodies in (False, True):
+            encoder = RecordEncoder("node-ü", bodies)
+            for decision in decisions * 2:  # the second time from the cache
+                expected = canonical(build_record(event, decision, node="node-ü", include_bodies=bodies,
+                                                  record_id="0" * 32, time=now.isoformat()))
+                if encoder.line(event, decision, record_id="0" * 32, time=now) != expected:
+                    return False
+        return True
+    except Exception:  # pragma: no cover - whatever changed, the slow path is right
+        return False
+
+
+_FAST = True  # while checking
+_FAST = _fast_records_match()
 
 
 class RecordSink:
@@ -46,20 +180,27 @@ class RecordSink:
     node: str
     stats: dict[str, Any]
     where: Path
+    encoder: RecordEncoder
 
     def submit(self, event: Any, decision: Any) -> bool:
         """Record the decision if the audit level asks for it; False when not (or on failure)."""
         if not should_audit(self.level, decision):
             return False
         try:
-            self.put(build_record(event, decision, node=self.node, include_bodies=self.include_bodies,
-                                  record_id=os.urandom(16).hex()))
+            self.put_line(self.encoder.line(event, decision))
             return True
         except Exception as exc:
             self._failed(exc)
             return False
 
     def put(self, record: dict[str, Any]) -> None:
+        """A record made by log.build_record (without chain fields)."""
+        if record.keys() != RECORD_KEYS:
+            raise ValueError(f"not an audit record of docs/audit.md: keys {sorted(record)}")
+        self.put_line(canonical(record))
+
+    def put_line(self, line: bytes) -> None:
+        """A record as canonical JSON without chain fields (RecordEncoder.line)."""
         raise NotImplementedError
 
     def _failed(self, exc: BaseException) -> None:
@@ -81,6 +222,7 @@ class SharedAuditLog(RecordSink):
         self.level = level
         self.include_bodies = include_bodies
         self.node = node or socket.gethostname()
+        self.encoder = RecordEncoder(self.node, include_bodies)
         self.max_bytes = max_bytes
         self.stats: dict[str, Any] = {"written": 0, "errors": 0, "last_error": None}
         self._fd: int | None = None
@@ -91,18 +233,26 @@ class SharedAuditLog(RecordSink):
         self._known: tuple[int, int] | None = None
         self._prev, self._seq = GENESIS, 0
 
-    def put(self, record: dict[str, Any]) -> None:
+    def put_line(self, line: bytes) -> None:
         # serialised before the lock is taken: workers wait on each other only for chaining and writing
-        if record.keys() != RECORD_KEYS:
-            raise ValueError(f"not an audit record of docs/audit.md: keys {sorted(record)}")
-        self.append_bodies([canonical(record)])
+        self.append_bodies([line])
 
     def append_bodies(self, bodies: list[bytes]) -> None:
         """Chain and append records given as canonical JSON without chain fields (as AuditSpool
         writes them), under one lock and with one write. In canonical (sorted) order the chain
         fields "prev" and "seq" come right before the top-level "time": the last ',"time":' of
         the line, as only "v" follows it."""
-        if not bodies:
+        cut_bodies = []
+        for body in bodies:
+            cut = body.rfind(b',"time":')
+            if cut <= 0:
+                raise ValueError(f"not an audit record: {body[:80]!r}")
+            cut_bodies.append((body, cut))
+        self.append_cut(cut_bodies)
+
+    def append_cut(self, cut_bodies: list[tuple[bytes, int]]) -> None:
+        """append_bodies of (body, where its top-level ',"time":' starts), as SpoolChainer has them."""
+        if not cut_bodies:
             return
         self._ensure_open()
         assert self._lock_fd is not None
@@ -111,22 +261,28 @@ class SharedAuditLog(RecordSink):
             fd, stat = self._current_file()
             if self._known != (stat.st_ino, stat.st_size):
                 self._prev, self._seq = self._chain_head(stat)
-            lines = []
-            for body in bodies:
-                cut = body.rfind(b',"time":')
-                if cut <= 0:
-                    raise ValueError(f"not an audit record: {body[:80]!r}")
-                self._seq += 1
-                chained = b"".join((body[:cut], b',"prev":"', self._prev.encode(), b'","seq":',
-                                    str(self._seq).encode(), body[cut:]))
-                self._prev = hashlib.sha256(chained).hexdigest()
-                lines.append(b'{"hash":"' + self._prev.encode() + b'",' + chained[1:] + b"\n")
-            data = b"".join(lines)
+            # the hash is taken over the pieces and the lines are joined from them once: no copy of
+            # a record is made before the final join
+            pieces: list[bytes | memoryview] = []
+            sha256 = hashlib.sha256
+            prev, seq = self._prev.encode(), self._seq
+            for body, cut in cut_bodies:
+                seq += 1
+                chain = b',"prev":"' + prev + b'","seq":' + str(seq).encode()
+                view = memoryview(body)
+                head, tail = view[:cut], view[cut:]
+                digest = sha256(head)
+                digest.update(chain)
+                digest.update(tail)
+                prev = digest.hexdigest().encode()
+                pieces += (b'{"hash":"', prev, b'",', head[1:], chain, tail, b"\n")
+            data = b"".join(pieces)
             os.write(fd, data)
+            self._prev, self._seq = prev.decode(), seq
             end = stat.st_size + len(data)
             self._known = (stat.st_ino, end)
             self._write_head(stat.st_ino, end)
-            self.stats["written"] += len(bodies)
+            self.stats["written"] += len(cut_bodies)
             if self.max_bytes is not None and end >= self.max_bytes:
                 self._rotate()
         finally:
@@ -255,36 +411,74 @@ class AuditSpool(RecordSink):
         self.level = level
         self.include_bodies = include_bodies
         self.node = node or socket.gethostname()
+        self.encoder = RecordEncoder(self.node, include_bodies)
         self.stats: dict[str, Any] = {"written": 0, "errors": 0, "last_error": None}
         self._fd: int | None = None
-        self._pid = 0
         self._size = 0
         self._part = 0
+        # should_audit, decided once: (skip all, keep all); otherwise refusals and `audit` rules
+        self._none, self._all = level == "none", level == "all"
+        _SPOOLS.add(self)
 
-    def put(self, record: dict[str, Any]) -> None:
-        line = canonical(record)
-        if self._fd is None or self._pid != os.getpid() or self._size >= SPOOL_FILE_MAX:
+    def submit(self, event: Any, decision: Any) -> bool:
+        """RecordSink.submit in one step (this is on the path of every audited request): the audit
+        level as should_audit has it, the line made with its newline, one write."""
+        if self._none or not (self._all or decision.audit or decision.decision in _REFUSALS):
+            return False
+        try:
+            data = self.encoder.line(event, decision, end=b"\n")
+            if self._fd is None or self._size >= SPOOL_FILE_MAX:
+                self._open()
+            # one write per record, before the decision is enforced: a killed worker loses nothing
+            os.write(self._fd, data)  # type: ignore[arg-type]
+            self._size += len(data)
+            self.stats["written"] += 1
+            return True
+        except Exception as exc:
+            self._failed(exc)
+            return False
+
+    def put_line(self, line: bytes) -> None:
+        if self._fd is None or self._size >= SPOOL_FILE_MAX:
             self._open()
-        assert self._fd is not None
-        os.write(self._fd, line + b"\n")
+        os.write(self._fd, line + b"\n")  # type: ignore[arg-type]
         self._size += len(line) + 1
         self.stats["written"] += 1
 
+    def after_fork(self) -> None:
+        """In a forked child: its records go to a spool file of its own, opened when first needed."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # the child's copy; the parent keeps its own
+        self._fd = None
+        self._part = 0
+
     def _failed(self, exc: BaseException) -> None:
         super()._failed(exc)
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
         self._fd = None  # reopen next time (disk freed, folder recreated)
 
     def _open(self) -> None:
         """spool/<pid>.jsonl; a full one is renamed <pid>.<n>.jsonl (the chainer finishes it)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         current = self.dir / f"{os.getpid()}.jsonl"
-        if self._fd is not None and self._pid == os.getpid():
+        if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
             self._part += 1
             os.replace(current, self.dir / f"{os.getpid()}.{self._part}.jsonl")
-        self._pid = os.getpid()
         self._fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
+
+
+_REFUSALS = ("deny", "drop")
+os.register_at_fork(after_in_child=after_fork)
+
+
+OFFSETS_SLOT = 1 << 20  # bytes per slot of the offsets file (two slots; sparse)
+READ_CHUNK = 1 << 20     # a spool file is read this much at a time
 
 
 class SpoolChainer:
@@ -293,20 +487,21 @@ class SpoolChainer:
     def __init__(self, spool_dir: str | Path, log_: SharedAuditLog):
         self.dir = Path(spool_dir)
         self.log = log_
-        self.offsets_path = self.dir / "offsets.json"
+        self.offsets_path = self.dir / "offsets"
+        self.legacy_offsets_path = self.dir / "offsets.json"  # before the two-slot file
         self._offsets: dict[str, int] | None = None  # by inode: a renamed spool file keeps its place
+        self._saved: dict[str, int] = {}
+        self._generation = 0
+        self._offsets_fd: int | None = None
 
     def run_once(self) -> int:
         """Chain every complete new line; returns how many records were moved."""
         if not self.dir.is_dir():
             return 0
         if self._offsets is None:
-            try:
-                self._offsets = {k: int(v) for k, v in orjson.loads(self.offsets_path.read_bytes()).items()}
-            except (OSError, ValueError):
-                self._offsets = {}
+            self._offsets = self._load_offsets()
         offsets = self._offsets
-        batch: list[tuple[bytes, bytes]] = []
+        batch: list[tuple[bytes, bytes, int]] = []  # (time, line, where its ',"time":' starts)
         finished: list[Path] = []
         seen: set[str] = set()
         for path in sorted(self.dir.glob("*.jsonl")):
@@ -319,35 +514,88 @@ class SpoolChainer:
                 key = str(stat.st_ino)
                 seen.add(key)
                 start = offsets.get(key, 0)
-                data = os.pread(fd, max(0, stat.st_size - start), start) if stat.st_size > start else b""
+                data = os.pread(fd, min(stat.st_size - start, READ_CHUNK), start) if stat.st_size > start else b""
+                if len(data) == READ_CHUNK and b"\n" not in data:  # one very long line: all of it
+                    data = os.pread(fd, stat.st_size - start, start)
             finally:
                 os.close(fd)
-            complete = data[: data.rfind(b"\n") + 1]  # a line being written is left for next time
-            for line in complete.splitlines():
-                if line.strip():
-                    cut = line.rfind(b',"time":"')
-                    stamp = line[cut + 9: line.find(b'"', cut + 9)] if cut > 0 else b""
-                    batch.append((stamp, line))
-            offsets[key] = start + len(complete)
-            if offsets[key] >= stat.st_size and not _writer_alive(path):
+            done = data.rfind(b"\n") + 1  # what follows the last newline: a line being written
+            lines = data.split(b"\n")
+            lines.pop()  # (left for next time)
+            for line in lines:
+                cut = line.rfind(b',"time":"')
+                if cut > 0:
+                    batch.append((line[cut + 9:line.find(b'"', cut + 9)], line, cut))
+                elif line.strip():  # not a record: kept out of the chain, and said
+                    self.log._failed(ValueError(f"{path.name}: not an audit record: {line[:80]!r}"))
+            offsets[key] = end = start + done
+            if end >= stat.st_size and not _writer_alive(path):
                 finished.append(path)
         if batch:
-            batch.sort(key=lambda item: item[0])  # stable: one worker's records keep their order
-            self.log.append_bodies([line for _, line in batch])
+            batch.sort(key=_first)  # by time; stable: one worker's records keep their order
+            self.log.append_cut([(line, cut) for _, line, cut in batch])
             self.log.sync()
         for key in [k for k in offsets if k not in seen]:
             del offsets[key]
-        self._save_offsets()
+        if offsets != self._saved:
+            self._save_offsets()
         for path in finished:  # fully chained and nobody writes it any more
             with contextlib.suppress(OSError):
                 os.unlink(path)
         return len(batch)
 
+    # How far each spool file is chained survives a restart: two slots of one file, written in
+    # turn in place (one pwrite, no new file and rename every 100 ms), each with a generation and
+    # a checksum; the valid one of the higher generation counts. A write torn by a crash leaves
+    # the other slot, the state before: what a crash between chaining and saving gives anyway.
+
+    def _load_offsets(self) -> dict[str, int]:
+        best: tuple[int, dict[str, int]] | None = None
+        try:
+            with open(self.offsets_path, "rb") as f:
+                for slot in range(2):
+                    f.seek(slot * OFFSETS_SLOT)
+                    header = f.readline(200)
+                    try:
+                        magic, generation, length, digest = header.split()
+                        body = f.read(int(length))
+                        if magic != b"ppoffsets1" or hashlib.sha256(body).hexdigest().encode() != digest:
+                            continue
+                        state = {k: int(v) for k, v in orjson.loads(body).items()}
+                    except (ValueError, TypeError, AttributeError):
+                        continue
+                    if best is None or int(generation) > best[0]:
+                        best = (int(generation), state)
+        except FileNotFoundError:
+            pass
+        if best is None:
+            try:  # offsets kept by an older version
+                legacy = {k: int(v) for k, v in orjson.loads(self.legacy_offsets_path.read_bytes()).items()}
+            except (OSError, ValueError):
+                legacy = {}
+            best = (0, legacy)
+        self._generation = best[0]
+        self._saved = dict(best[1])
+        return best[1]
+
     def _save_offsets(self) -> None:
         assert self._offsets is not None
-        temporary = self.offsets_path.with_suffix(".tmp")
-        temporary.write_bytes(orjson.dumps(self._offsets))
-        os.replace(temporary, self.offsets_path)
+        body = orjson.dumps(self._offsets)
+        header = b"ppoffsets1 %d %d %s\n" % (self._generation + 1, len(body), hashlib.sha256(body).hexdigest().encode())
+        if len(header) + len(body) > OFFSETS_SLOT:
+            raise ValueError(f"{len(self._offsets)} spool files: too many to keep their offsets")
+        if self._offsets_fd is None:
+            self._offsets_fd = os.open(self.offsets_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._generation += 1
+        os.pwrite(self._offsets_fd, header + body, (self._generation % 2) * OFFSETS_SLOT)
+        self._saved = dict(self._offsets)
+        if self.legacy_offsets_path.exists():
+            with contextlib.suppress(OSError):
+                os.unlink(self.legacy_offsets_path)
+
+
+def _first(item: tuple[bytes, bytes, int]) -> bytes:
+    return item[0]
 
 
 def _writer_alive(path: Path) -> bool:
