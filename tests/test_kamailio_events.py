@@ -88,6 +88,57 @@ def test_header_count_and_size_are_bounded() -> None:
     assert len(headers) <= 128 and all(len(v) <= 8192 for v in headers.values())
 
 
+def _reference_parse_headers(section: str) -> dict[str, str]:
+    """parse_headers as first written (before its name cache): the behaviour to keep."""
+    from sip_event import COMPACT_NAMES, MAX_HEADER_VALUE, MAX_HEADERS
+    headers: dict[str, str] = {}
+    for line in section.split("\n", MAX_HEADERS)[:MAX_HEADERS]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        key = name.strip().lower()
+        key = COMPACT_NAMES.get(key, key)
+        value = value.strip()
+        if len(value) > MAX_HEADER_VALUE:
+            value = value[:MAX_HEADER_VALUE]
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
+
+
+def test_parse_headers_with_its_name_cache_is_the_plain_parse() -> None:
+    import random
+
+    rng = random.Random(5)
+    names = ["Via", "via", " Via", "Via ", "v", "V", "f", "From", "X-A", "x-a", "\tSubject", "s", "Call-ID", "i", "",
+             "Content-Type", "c", "Event", "o", "X\u00e9", "\u00a0X", "a" * 100, "CSeq", "no colon here"]
+    for _ in range(400):
+        lines = []
+        for _ in range(rng.randint(0, 12)):
+            name = rng.choice(names)
+            value = rng.choice(["v1", " spaced ", "", "a:b", "x" * rng.choice([1, 9000]), "\u00e9t\u00e9\r"])
+            lines.append(name if name == "no colon here" else f"{name}:{value}")
+        section = "\n".join(lines)
+        assert parse_headers(section) == _reference_parse_headers(section), section[:200]
+        assert parse_headers(section) == _reference_parse_headers(section)  # again, names from the cache
+
+
+def test_a_request_as_text_maps_to_the_event_of_its_bytes() -> None:
+    """The adapter hands event_json the text Kamailio gave it (ASCII) or the bytes: same event."""
+    cases = [request("MESSAGE", extra="Subject: lunch\r\nX-Custom: a\r\nX-Custom: b\r\n"),
+             request("MESSAGE", body="h\u00e9llo \u2603".encode()),
+             request("SUBSCRIBE", extra="o: presence\r\n", body=b""),
+             request("INVITE", body=SDP_MSRP_FILE.encode(), content_type="application/sdp"),
+             b"MESSAGE sip:b@x SIP/2.0\nSubject: one\n two\nVia: v\n\nbody",
+             b"MESSAGE sip:b@x SIP/2.0\r\nVia: v\r\n"]
+    for raw in cases:
+        text = raw.decode("utf-8")
+        for given in (text, raw):
+            assert event_json(method=raw.split()[0].decode(), raw=given, from_uri="sip:a@x", to_uri="sip:b@x",
+                              source_ip="192.0.2.7", source_port=5062, transport="udp") == \
+                event_json(method=raw.split()[0].decode(), raw=raw, from_uri="sip:a@x", to_uri="sip:b@x",
+                           source_ip="192.0.2.7", source_port=5062, transport="udp"), raw[:60]
+
+
 def test_msrp_detection_needs_a_file_selector() -> None:
     assert offers_msrp_file_transfer(SDP_MSRP_FILE)
     assert not offers_msrp_file_transfer(SDP_MSRP_FILE.replace("a=file-selector", "a=x-other"))
@@ -191,5 +242,33 @@ def test_an_exception_in_the_adapter_answers_500_and_logs_the_call_id(tmp_path: 
         assert fake.replies == [(500, "Server Internal Error")]
         assert fake.reply_headers == ['Warning: 399 policyplug "policyplug internal error"\r\n']
         assert any("Call-ID call-42" in line and "RuntimeError: boom" in line for line in fake.logged)
+    finally:
+        sys.modules.pop("policyplug_kemi", None)
+
+
+def test_addresses_are_parsed_once_and_the_copy_header_is_found_in_text_and_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from policyplug.addresses import AddressError, parse_address
+
+    policy = tmp_path / "p.policy"
+    policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
+    config = tmp_path / "k.toml"
+    config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
+    monkeypatch.setitem(sys.modules, "KSR", FakeKSR())
+    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
+    sys.modules.pop("policyplug_kemi", None)
+    kemi = importlib.import_module("policyplug_kemi")
+    try:
+        first = kemi.address_of("sip:%62ob@ACME.example")
+        assert first == parse_address("sip:%62ob@ACME.example") and kemi.address_of("sip:%62ob@ACME.example") is first
+        for _ in range(2):
+            with pytest.raises(AddressError):
+                kemi.address_of("sip:@acme.example")
+        assert "sip:@acme.example" not in kemi._ADDRESSES
+        marked = "MESSAGE sip:b@x SIP/2.0\r\nx-POLICYPLUG-copy: t\r\n\r\n"
+        assert kemi.has_copy_mark(marked) and kemi.has_copy_mark(marked.encode())
+        assert not kemi.has_copy_mark("MESSAGE sip:b@x SIP/2.0\r\n\r\n")
+        assert kemi.request_body("M sip:b@x SIP/2.0\r\nA: b\r\n\r\nbody") == "body"
+        assert kemi.request_body(b"M sip:b@x SIP/2.0\r\nA: b\r\n\r\nb\xffdy") == "b\ufffddy"
     finally:
         sys.modules.pop("policyplug_kemi", None)

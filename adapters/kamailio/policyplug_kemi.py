@@ -67,15 +67,16 @@ def _read_config(path: str) -> dict[str, Any]:
 CONFIG = _read_config(CONFIG_PATH)
 
 from htable_limiter import HtableLimiter  # noqa: E402  (needs the paths set above)
-from sip_event import event_json, media_type, split_message  # noqa: E402
+from sip_event import client_of, media_type, request_parts, split_message, split_text  # noqa: E402
 
-from policyplug import Event, EventError, PolicyError, load_policy  # noqa: E402
+from policyplug import Event, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, parse_address  # noqa: E402
-from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer  # noqa: E402
+from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
-COPY_MARK = COPY_HEADER.lower().encode()
+COPY_MARK = COPY_HEADER.lower()
+COPY_MARK_BYTES = COPY_MARK.encode()
 DIALOG_FORMING = ("INVITE", "SUBSCRIBE")
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
@@ -87,26 +88,50 @@ def log(level: str, text: str) -> None:
     getattr(KSR, level)(f"policyplug: {text}\n")
 
 
-def raw_message() -> bytes:
-    """The request as received. KSR.pv.get decodes text as UTF-8 and raises on anything else,
-    and a body need not be UTF-8: such a request is fetched again through base64."""
+def raw_message() -> str | bytes:
+    """The request as received: its text when it is ASCII (nearly always: it is used as it is),
+    else its bytes. KSR.pv.get decodes text as UTF-8 and raises on anything else, and a body need
+    not be UTF-8: such a request is fetched again through base64."""
     try:
-        return (KSR.pv.get("$mb") or "").encode("utf-8", "surrogatepass")
+        text = KSR.pv.get("$mb") or ""
     except UnicodeDecodeError:
         return base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
+    return text if text.isascii() else text.encode("utf-8", "surrogatepass")
 
 
-def build_event(request: dict[str, Any]) -> Event:
-    """The Event of a request mapped by sip_event.event_json, whose fields have the right types
-    by construction: Event.from_json's checks of untrusted JSON are not needed on this path."""
-    try:
-        sender = parse_address(request["from"], None)
-        recipient = parse_address(request["to"], None)
-    except AddressError as exc:
-        raise EventError(f"{exc}") from None
-    return Event(request["kind"], sender, recipient, protocol="sip", body=request["body"],
-                 subject=request["subject"], type=request["type"], size=request["size"],
-                 payload=request["payload"], headers=request["headers"], client=request["client"])
+def has_copy_mark(raw: str | bytes) -> bool:
+    """Might the request carry the copy header (in any case)? Rare: looked at closer only then."""
+    return COPY_MARK in raw.lower() if isinstance(raw, str) else COPY_MARK_BYTES in raw.lower()
+
+
+def request_body(raw: str | bytes) -> str:
+    return split_text(raw)[1] if isinstance(raw, str) else split_message(raw)[1].decode("utf-8", errors="replace")
+
+
+# Addresses as parsed, by their text: a request's From and Request-URI are mostly the ones seen
+# before, and parse_address is a pure function of the text (an Address is immutable).
+_ADDRESSES: dict[str, Any] = {}
+ADDRESS_CACHE_SIZE = 4096
+
+
+def address_of(text: str) -> Any:
+    address = _ADDRESSES.get(text)
+    if address is None:
+        address = parse_address(text, None)  # raises AddressError: nothing is cached then
+        if len(_ADDRESSES) >= ADDRESS_CACHE_SIZE:
+            _ADDRESSES.clear()  # a flood of distinct addresses: start afresh rather than grow
+        _ADDRESSES[text] = address
+    return address
+
+
+def source() -> tuple[str, int, str]:
+    """(ip, port, transport) the request came from: $sas ("udp:192.0.2.1:5060", "tcp:[::1]:5060")
+    is all three in one call; the three variables one by one if it is ever not that."""
+    proto, _, hostport = (KSR.pv.get("$sas") or "").partition(":")
+    host, _, port = hostport.rpartition(":")
+    if proto and host and port.isdigit():
+        return (host[1:-1] if host.startswith("[") else host), int(port), proto
+    return KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0), KSR.pv.get("$pr") or "udp"
 
 
 def quoted(text: str) -> str:
@@ -285,7 +310,7 @@ class PolicyplugKamailio:
                 KSR.tm.t_relay()
             return 1
         raw = raw_message()
-        if COPY_MARK in raw.lower():  # rare: look closer only then (each KSR call costs)
+        if has_copy_mark(raw):  # rare: look closer only then (each KSR call costs)
             ours = self._is_our_copy()
             KSR.hdr.remove(COPY_HEADER)  # the token never leaves; a forged one reaches nobody
             if ours:
@@ -312,7 +337,7 @@ class PolicyplugKamailio:
         return value is not None and secrets.compare_digest(value.strip(), self.copy_token) \
             and bool(KSR.is_myself_srcip())
 
-    def decide_and_enforce(self, method: str, raw: bytes, *, initial: bool) -> int:
+    def decide_and_enforce(self, method: str, raw: str | bytes, *, initial: bool) -> int:
         # the recipient: the Request-URI of an initial request (where it will be routed); inside a
         # dialog the Request-URI is a device's contact, and the To URI names the party
         from_uri, to_uri = KSR.pv.get("$fu"), KSR.pv.get("$ru" if initial else "$tu")
@@ -322,15 +347,18 @@ class PolicyplugKamailio:
             return self.reply(400, "Bad Request", "malformed Request-URI")
         if not from_uri.startswith(("sip:", "sips:")) or not to_uri.startswith(("sip:", "sips:")):
             return self.reply(416, "Unsupported URI Scheme", "only sip: and sips: addresses are decided")
-        request = event_json(method=method, raw=raw, from_uri=from_uri, to_uri=to_uri,
-                             source_ip=KSR.pv.get("$si") or "", source_port=int(KSR.pv.get("$sp") or 0),
-                             transport=KSR.pv.get("$pr") or "udp")
-        if request is None:
+        # the event of sip_event.event_json, made directly: its fields have the right types by
+        # construction, Event.from_json's checks of untrusted JSON are not needed on this path
+        parts = request_parts(method, raw)
+        if parts is None:
             return self.relay(method) if initial else self.relay_in_dialog()
         try:
-            event = build_event(request)
-        except EventError as exc:
+            sender, recipient = address_of(from_uri), address_of(to_uri)
+        except AddressError as exc:
             return self.reply(400, "Bad Request", str(exc))
+        kind, text, subject, size, payload, headers = parts
+        event = Event(kind, sender, recipient, protocol="sip", body=text, subject=subject, type=method, size=size,
+                      payload=payload, headers=headers, client=client_of(*source()))
         decision = self.policy.decide(event)
         if self.audit is not None and not self.audit.submit(event, decision) \
                 and self.audit.stats["errors"] != self._audit_errors:
@@ -398,14 +426,14 @@ class PolicyplugKamailio:
             self._local, self._local_of = self.policy.local_domains | self.extra_local, self.policy
         return self._local
 
-    def send_copy(self, event: Event, address: str, raw: bytes) -> None:
+    def send_copy(self, event: Event, address: str, raw: str | bytes) -> None:
         """A MESSAGE to the archive carrying the original as message/cpim (RFC 3862), sent
         through this server so it is routed like any request (location lookup, routes)."""
         if not self.self_uri:
             log("err", f"copy to {address} skipped: `self_uri` is not set in the adapter's config")
             return
         content_type = event.headers.get("content-type", "text/plain") or "text/plain"
-        original_body = split_message(raw)[1].decode("utf-8", errors="replace")
+        original_body = request_body(raw)
         cpim = (f"From: <{event.sender.raw}>\r\nTo: <{event.recipient.raw}>\r\n"
                 f"DateTime: {event.time.isoformat()}\r\n\r\n"
                 f"Content-Type: {content_type}\r\n\r\n{original_body}")
@@ -431,6 +459,9 @@ class kamailio:  # noqa: N801  (the class name app_python3 looks for)
         self.adapter = PolicyplugKamailio(CONFIG)
 
     def child_init(self, rank: int) -> int:
+        # Kamailio forks in C, where Python's own at-fork handlers may not run: each process draws
+        # its own audit record ids and opens its own spool file
+        after_fork()
         return 0
 
     def ksr_request_route(self, msg: Any) -> int:

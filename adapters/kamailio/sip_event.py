@@ -38,26 +38,57 @@ def split_message(raw: bytes) -> tuple[str, bytes]:
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = raw.partition(b"\n\n")  # bare LF: tolerated, as Kamailio does
-    text = head.decode("utf-8", errors="replace")
+    return _unfolded(head.decode("utf-8", errors="replace")), body
+
+
+def split_text(raw: str) -> tuple[str, str]:
+    """split_message of an ASCII request given as text (what Kamailio hands the script): the
+    same header section, and the body as text, without encoding and decoding it again."""
+    head, sep, body = raw.partition("\r\n\r\n")
+    if not sep:
+        head, sep, body = raw.partition("\n\n")
+    return _unfolded(head), body
+
+
+def _unfolded(text: str) -> str:
     if "\n " in text or "\n\t" in text:
         text = FOLD.sub(" ", text)
-    return text.partition("\n")[2], body
+    return text.partition("\n")[2]
 
 
 def parse_headers(section: str) -> dict[str, str]:
     """Lower-case (long-form) header names -> values; repeated headers joined with ', '."""
     headers: dict[str, str] = {}
+    keys = _KEYS
     for line in section.split("\n", MAX_HEADERS)[:MAX_HEADERS]:
         name, colon, value = line.partition(":")
         if not colon:
             continue
-        key = name.strip().lower()
-        key = COMPACT_NAMES.get(key, key)
+        key = keys.get(name)
+        if key is None:
+            key = _key(name)
         value = value.strip()
         if len(value) > MAX_HEADER_VALUE:
             value = value[:MAX_HEADER_VALUE]
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if key in headers:
+            headers[key] = f"{headers[key]}, {value}"
+        else:
+            headers[key] = value
     return headers
+
+
+# header name as written -> its key: requests use a few dozen names, each looked up once here
+_KEYS: dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    key = name.strip().lower()
+    key = COMPACT_NAMES.get(key, key)
+    if len(name) <= 64:
+        if len(_KEYS) >= 1024:
+            _KEYS.clear()  # a flood of odd names: start afresh rather than grow
+        _KEYS[name] = key
+    return key
 
 
 def media_type(content_type: str) -> str:
@@ -87,29 +118,52 @@ def kind_of(method: str, headers: dict[str, str], body_text: str) -> str | None:
     return None
 
 
-def event_json(*, method: str, raw: bytes, from_uri: str | None, to_uri: str | None, source_ip: str,
-               source_port: int, transport: str, time: str | None = None) -> dict[str, Any] | None:
-    """The event JSON (shared/spec/cli.md) of a request, or None when its method is not decided.
-
-    `from_uri` is the From URI and `to_uri` the Request-URI, both as Kamailio parsed them (None
-    when missing or unparsable: the caller refuses the request with 400 before asking). The
-    recipient is the Request-URI, not the To header: it is where the request will be routed, so
-    a To header naming someone else cannot get a request past a rule."""
-    section, body = split_message(raw)
+def request_parts(method: str, raw: bytes | str) -> tuple[str, str, str, int, list[str], dict[str, str]] | None:
+    """(kind, body, subject, size, payload, headers) of a request as its event has them, or None
+    when its method is not decided. `raw` is the request's bytes, or its text when it is ASCII
+    (the same result either way)."""
+    if isinstance(raw, str) and not raw.isascii():
+        raw = raw.encode("utf-8", "surrogatepass")
+    if isinstance(raw, str):  # ASCII: its length is its size in bytes
+        section, body_text = split_text(raw)
+    else:
+        section, body = split_message(raw)
+        body_text = body.decode("utf-8", errors="replace")
     headers = parse_headers(section)
-    body_text = body.decode("utf-8", errors="replace")
     kind = kind_of(method, headers, body_text)
     if kind is None:
         return None
     content_type = headers.get("content-type", "")
-    payload = [value for value in (content_type, headers.get("event", "")) if value]
+    payload = [content_type] if content_type else []
+    event_header = headers.get("event", "")
+    if event_header:
+        payload.append(event_header)
     # the message text is what a person wrote: the body of a MESSAGE of a textual type
     text = body_text if kind == "message" and media_type(content_type) in TEXT_TYPES else ""
+    return kind, text, headers.get("subject", ""), len(raw), payload, headers
+
+
+def client_of(source_ip: str, source_port: int, transport: str) -> dict[str, Any]:
+    return {"ip": source_ip, "port": source_port, "secure": transport.lower() in SECURE_TRANSPORTS}
+
+
+def event_json(*, method: str, raw: bytes | str, from_uri: str | None, to_uri: str | None, source_ip: str,
+               source_port: int, transport: str, time: str | None = None) -> dict[str, Any] | None:
+    """The event JSON (shared/spec/cli.md) of a request, or None when its method is not decided.
+
+    `raw` is the request's bytes, or its text when it is ASCII (the same result either way).
+    `from_uri` is the From URI and `to_uri` the Request-URI, both as Kamailio parsed them (None
+    when missing or unparsable: the caller refuses the request with 400 before asking). The
+    recipient is the Request-URI, not the To header: it is where the request will be routed, so
+    a To header naming someone else cannot get a request past a rule."""
+    parts = request_parts(method, raw)
+    if parts is None:
+        return None
+    kind, text, subject, size, payload, headers = parts
     event: dict[str, Any] = {
         "kind": kind, "from": from_uri, "to": to_uri, "protocol": "sip",
-        "body": text, "subject": headers.get("subject", ""), "type": method, "size": len(raw),
-        "payload": payload, "headers": headers,
-        "client": {"ip": source_ip, "port": source_port, "secure": transport.lower() in SECURE_TRANSPORTS},
+        "body": text, "subject": subject, "type": method, "size": size,
+        "payload": payload, "headers": headers, "client": client_of(source_ip, source_port, transport),
     }
     if time is not None:
         event["time"] = time
