@@ -261,22 +261,15 @@ class SharedAuditLog(RecordSink):
             fd, stat = self._current_file()
             if self._known != (stat.st_ino, stat.st_size):
                 self._prev, self._seq = self._chain_head(stat)
-            # the hash is taken over the pieces and the lines are joined from them once: no copy of
-            # a record is made before the final join
-            pieces: list[bytes | memoryview] = []
+            lines = []
             sha256 = hashlib.sha256
             prev, seq = self._prev.encode(), self._seq
             for body, cut in cut_bodies:
                 seq += 1
-                chain = b',"prev":"' + prev + b'","seq":' + str(seq).encode()
-                view = memoryview(body)
-                head, tail = view[:cut], view[cut:]
-                digest = sha256(head)
-                digest.update(chain)
-                digest.update(tail)
-                prev = digest.hexdigest().encode()
-                pieces += (b'{"hash":"', prev, b'",', head[1:], chain, tail, b"\n")
-            data = b"".join(pieces)
+                chained = b'%s,"prev":"%s","seq":%d%s' % (body[:cut], prev, seq, body[cut:])
+                prev = sha256(chained).hexdigest().encode()
+                lines.append(b'{"hash":"%s",%s\n' % (prev, chained[1:]))
+            data = b"".join(lines)
             os.write(fd, data)
             self._prev, self._seq = prev.decode(), seq
             end = stat.st_size + len(data)
