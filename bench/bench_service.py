@@ -9,7 +9,9 @@ One run prints:
   - socket, open loop: requests sent on a fixed schedule (--rate per second, whatever the answers do),
     latency measured from each request's *scheduled* send time, so queueing in the service is not
     hidden by the client waiting (no coordinated omission). The goal of issue 4 is judged on this run:
-    achieved rate >= --rate and p99 < 2 ms;
+    achieved rate >= --rate and p99 < 2 ms. Also printed: the client's worst send lag and p99 counted
+    from when the client actually sent each request, which tell a stall of the client (this machine's
+    virtual CPUs stop for up to tens of ms now and then) from one of the service;
   - component: decisions/s and latency of decision IQs sent by a slixmpp client through a real Prosody
     (skipped with a note when prosody is not installed),
 with the audit log at level `all`, on the bundled example policy.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import selectors
@@ -170,6 +173,40 @@ def bench_closed(workdir: Path, count: int, window: int) -> tuple[float, list[fl
     return count / elapsed, latencies
 
 
+STALL_PROBE = """
+import json, os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+try:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(20))  # above the service: only the host stops it
+except PermissionError:
+    pass
+end = time.perf_counter() + float(sys.argv[2])
+gaps = []
+while True:
+    before = time.perf_counter()
+    if before > end:
+        break
+    time.sleep(0.001)
+    late = time.perf_counter() - before - 0.001
+    if late > 0.001:
+        gaps.append(late * 1000)
+print(json.dumps({"max_ms": max(gaps, default=0.0), "over_5ms": sum(g > 5 for g in gaps),
+                  "stopped_ms": sum(gaps)}))
+"""
+
+
+HOST_STOP_LIMIT_MS = 5.0
+
+
+def stall_probe(cpu: int, seconds: float) -> subprocess.Popen[str]:
+    """Watch `cpu` for `seconds`: a process at a real-time priority above the service's sleeps 1 ms at a
+    time and notes how late it wakes. Nothing in this machine may delay it, so a late wake-up means the
+    virtual CPU itself was stopped by the host (seen here: 10-150 ms, several times a minute at busy
+    times). Costs the service about 1% of its CPU."""
+    return subprocess.Popen([sys.executable, "-c", STALL_PROBE, str(cpu), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+
+
 def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick: float) -> dict[str, float]:
     """Send request i at t0 + i/rate, whatever the answers do; all requests due are sent together,
     one send per `tick` at most (so a request waits up to `tick` in the client, counted in its latency).
@@ -190,6 +227,8 @@ def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick:
     selector = selectors.SelectSelector()
     selector.register(client, selectors.EVENT_READ)
     latencies: list[float] = []
+    from_send: list[float] = []  # the same answers, from when the client actually sent the request
+    handed = [0.0] * total
     answered = 0
     outbox = b""
     sent = 0  # requests handed to outbox
@@ -209,6 +248,8 @@ def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick:
         if due > sent and now >= last_send + tick:
             max_send_lag = max(max_send_lag, now - (t0 + sent * interval) - tick)
             outbox += b"".join(lines[sent:due])
+            for i in range(sent, due):
+                handed[i] = now
             sent = due
             last_send = now
         if outbox:
@@ -234,6 +275,7 @@ def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick:
                 for i in answer_ids(complete):
                     if i >= skip:
                         latencies.append((received - (t0 + i * interval)) * 1000)
+                        from_send.append((received - handed[i]) * 1000)
                 answered += len(complete)
                 if complete and first_answer is None and answered > skip:
                     first_answer = received
@@ -245,7 +287,8 @@ def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick:
     achieved = (len(latencies) - 1) / (last_answer - first_answer) if first_answer else 0.0
     return {"offered": rate, "achieved": achieved, "count": len(latencies),
             "p50": percentile(latencies, .5), "p90": percentile(latencies, .9), "p99": percentile(latencies, .99),
-            "p999": percentile(latencies, .999), "max": max(latencies), "send_lag_ms": max_send_lag * 1000}
+            "p999": percentile(latencies, .999), "max": max(latencies), "send_lag_ms": max_send_lag * 1000,
+            "p99_from_send": percentile(from_send, .99)}
 
 
 def bench_component(workdir: Path, count: int, window: int, service_cpu: int) -> tuple[float, list[float]] | str:
@@ -298,6 +341,21 @@ def bench_component(workdir: Path, count: int, window: int, service_cpu: int) ->
         server.stop()
 
 
+class collector_quiet:
+    """The client's garbage collector off while it measures (its garbage is acyclic; refcounting frees
+    it). The baseline loaded a policy into this process: a full collection walking those ~50,000
+    objects stalled the client for 10-15 ms, and every request due meanwhile counted that as latency."""
+
+    def __enter__(self) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        gc.enable()
+        gc.unfreeze()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=50_000, help="requests per closed-loop run")
@@ -307,6 +365,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of the open-loop run not counted")
     parser.add_argument("--tick", type=float, default=0.0002,
                         help="open loop: shortest time between two sends (s); requests due meanwhile go together")
+    parser.add_argument("--attempts", type=int, default=3,
+                        help="open-loop runs at most, until one where the host did not stop the service's CPU")
     parser.add_argument("--iq-requests", type=int, default=3000)
     parser.add_argument("--iq-window", type=int, default=32)
     parser.add_argument("--no-component", action="store_true", help="skip the Prosody run")
@@ -323,29 +383,47 @@ def main() -> int:
             proc = start_service(workdir, service_cpu)
             try:
                 cpu_before = cpu_seconds(proc.pid)
-                rate, latencies = bench_closed(workdir, args.requests, window)
+                with collector_quiet():
+                    rate, latencies = bench_closed(workdir, args.requests, window)
                 cpu = (cpu_seconds(proc.pid) - cpu_before) / args.requests * 1e6
             finally:
                 stop_service(proc)
             print(f"socket    closed loop, {window:>3} in flight:              {rate:>9,.0f} decisions/s  "
                   f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms  "
                   f"(service CPU {cpu:.1f} µs/decision)")
-        proc = start_service(workdir, service_cpu)
-        try:
-            cpu_before = cpu_seconds(proc.pid)
-            result = bench_open(workdir, args.rate, args.duration, args.warmup, args.tick)
-            cpu = (cpu_seconds(proc.pid) - cpu_before) / (args.rate * (args.duration + args.warmup)) * 1e6
-        finally:
-            stop_service(proc)
-        met = result["achieved"] >= args.rate * 0.995 and result["p99"] < 2.0
-        print(f"socket    open loop, offered {args.rate:,.0f}/s for {args.duration:g} s (+{args.warmup:g} s warm-up), "
-              f"a send every {args.tick * 1000:g} ms: {result['achieved']:>9,.0f} "
-              f"decisions/s  p50 {result['p50']:.3f} ms  p90 {result['p90']:.3f} ms  p99 {result['p99']:.3f} ms  "
-              f"p99.9 {result['p999']:.3f} ms  max {result['max']:.3f} ms  (service CPU {cpu:.1f} µs/decision; "
-              f"client send lag max {result['send_lag_ms']:.2f} ms)")
+        # The goal is judged on the first open-loop run during which the host did not stop the service's
+        # CPU for more than HOST_STOP_LIMIT_MS (a stopped CPU answers nothing, whatever runs on it; stops of
+        # 2-3 ms are this machine's everyday jitter, 10-150 ms ones happen at busy times); every attempt is printed.
+        verdict = None
+        for attempt in range(1, args.attempts + 1):
+            proc = start_service(workdir, service_cpu)
+            try:
+                cpu_before = cpu_seconds(proc.pid)
+                probe = stall_probe(service_cpu, args.duration + args.warmup)
+                with collector_quiet():
+                    result = bench_open(workdir, args.rate, args.duration, args.warmup, args.tick)
+                cpu = (cpu_seconds(proc.pid) - cpu_before) / (args.rate * (args.duration + args.warmup)) * 1e6
+                stalls = json.loads(probe.communicate(timeout=60)[0])
+            finally:
+                stop_service(proc)
+            met = result["achieved"] >= args.rate * 0.995 and result["p99"] < 2.0
+            host_stopped = stalls["max_ms"] > HOST_STOP_LIMIT_MS
+            print(f"socket    open loop #{attempt}, offered {args.rate:,.0f}/s for {args.duration:g} s "
+                  f"(+{args.warmup:g} s warm-up), a send every {args.tick * 1000:g} ms: {result['achieved']:>9,.0f} "
+                  f"decisions/s  p50 {result['p50']:.3f} ms  p90 {result['p90']:.3f} ms  p99 {result['p99']:.3f} ms  "
+                  f"p99.9 {result['p999']:.3f} ms  max {result['max']:.3f} ms  (service CPU {cpu:.1f} µs/decision; "
+                  f"client send lag max {result['send_lag_ms']:.2f} ms; p99 from the actual send "
+                  f"{result['p99_from_send']:.3f} ms; service CPU stopped by the host: longest "
+                  f"{stalls['max_ms']:.1f} ms, {stalls['over_5ms']} times > 5 ms, {stalls['stopped_ms']:.0f} ms in all)")
+            if not host_stopped:
+                verdict = met
+                break
+            print(f"          attempt {attempt} does not count: the host stopped the service's CPU "
+                  f"for {stalls['max_ms']:.1f} ms")
         # the answered rate, measured between the first and the last answer, jitters by ~0.3% around the offered one
         print(f"goal      {args.rate:,.0f}/s offered, answered within 0.5% of it, p99 < 2 ms (open loop): "
-              f"{'MET' if met else 'NOT MET'}")
+              + ("MET" if verdict else "NOT MET" if verdict is not None
+                 else f"NOT JUDGED (the host stopped the service's CPU in all {args.attempts} attempts)"))
         if not args.no_component:
             component = bench_component(workdir, args.iq_requests, args.iq_window, service_cpu)
             if isinstance(component, str):
