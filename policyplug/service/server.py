@@ -74,8 +74,8 @@ class DecisionService:
         else:
             decision = policy.decide(event)
         self.decisions[decision.decision] += 1
-        if decision.errors:
-            self.evaluation_errors += len(decision.errors)
+        if decision._errors:  # not .errors: that makes an empty list for every decision without any
+            self.evaluation_errors += len(decision._errors)
         encoded = encode_decision(decision)
         if self.audit is not None:
             self.audit.submit_encoded(event, decision, encoded)
