@@ -265,6 +265,8 @@ def test_addresses_are_parsed_once_and_the_copy_header_is_found_in_text_and_byte
             with pytest.raises(AddressError):
                 kemi.address_of("sip:@acme.example")
         assert "sip:@acme.example" not in kemi._ADDRESSES
+        long_uri = "sip:" + "a" * 300 + "@acme.example"
+        assert kemi.address_of(long_uri).user == "a" * 300 and long_uri not in kemi._ADDRESSES
         marked = "MESSAGE sip:b@x SIP/2.0\r\nx-POLICYPLUG-copy: t\r\n\r\n"
         assert kemi.has_copy_mark(marked) and kemi.has_copy_mark(marked.encode())
         assert not kemi.has_copy_mark("MESSAGE sip:b@x SIP/2.0\r\n\r\n")

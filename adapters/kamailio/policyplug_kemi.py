@@ -112,15 +112,17 @@ def request_body(raw: str | bytes) -> str:
 # before, and parse_address is a pure function of the text (an Address is immutable).
 _ADDRESSES: dict[str, Any] = {}
 ADDRESS_CACHE_SIZE = 4096
+ADDRESS_CACHE_TEXT = 256  # longer texts are parsed each time (a bound on the cache's memory)
 
 
 def address_of(text: str) -> Any:
     address = _ADDRESSES.get(text)
     if address is None:
         address = parse_address(text, None)  # raises AddressError: nothing is cached then
-        if len(_ADDRESSES) >= ADDRESS_CACHE_SIZE:
-            _ADDRESSES.clear()  # a flood of distinct addresses: start afresh rather than grow
-        _ADDRESSES[text] = address
+        if len(text) <= ADDRESS_CACHE_TEXT:
+            if len(_ADDRESSES) >= ADDRESS_CACHE_SIZE:
+                _ADDRESSES.clear()  # a flood of distinct addresses: start afresh rather than grow
+            _ADDRESSES[text] = address
     return address
 
 
