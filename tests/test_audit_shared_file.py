@@ -256,6 +256,11 @@ def test_spooled_lines_chain_into_a_log_that_verifies_with_the_records_build_rec
         expected.update(seq=record["seq"], prev=record["prev"])
         assert raw == b'{"hash":"' + record["hash"].encode() + b'",' + canonical(expected)[1:]
     assert len({json.loads(raw)["id"] for raw in raw_lines}) == len(events)
+    import subprocess
+    import sys
+    cli = subprocess.run([sys.executable, "-m", "policyplug", "audit", "verify", str(log)],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and f"intact: {len(events)} records" in cli.stdout, cli.stdout + cli.stderr
 
 
 def test_the_audit_level_is_what_should_audit_says(tmp_path: Path) -> None:
