@@ -189,6 +189,27 @@ def parse_address(raw: str, protocol: str | None = None) -> Address:
     return _parse_jid(raw)
 
 
+# Addresses of events by their text, per event protocol: the same users talk all day, and an Address
+# is immutable. Bounded: a flood of distinct addresses empties it, and long texts are not kept.
+ADDRESS_CACHE_SIZE = 65536
+ADDRESS_CACHE_TEXT = 256
+_EVENT_ADDRESSES: dict[str, dict[str, Address]] = {"xmpp": {}, "sip": {}}
+
+
+def event_address(raw: str, protocol: str) -> Address:
+    """The address `raw` names in an event of `protocol` ("xmpp" | "sip"): a scheme in the text
+    (sip:, sips:, xmpp:) wins over the protocol. Remembered; raises AddressError like parse_address."""
+    cache = _EVENT_ADDRESSES[protocol]
+    address = cache.get(raw)
+    if address is None:
+        address = parse_address(raw, None if raw[:5].lower().startswith(("sip:", "sips:", "xmpp:")) else protocol)
+        if len(raw) <= ADDRESS_CACHE_TEXT:
+            if len(cache) >= ADDRESS_CACHE_SIZE:
+                cache.clear()
+            cache[raw] = address
+    return address
+
+
 def normalise_list_entry(text: str) -> str:
     """A list entry that looks like an address or a domain is normalised like one; others stay."""
     entry = text.strip()

@@ -11,14 +11,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .addresses import Address, AddressError, parse_address
+from .addresses import Address, AddressError, event_address
 from .nodes import EVENT_KINDS
 
 PROTOCOLS = ("xmpp", "sip")
 _KINDS = frozenset(EVENT_KINDS)
-# normalised addresses by raw text, per protocol (Address is frozen, so sharing one is safe)
-ADDRESS_CACHE_LIMIT = 65536
-_ADDRESSES: dict[str, dict[str, Address]] = {"xmpp": {}, "sip": {}}
 _last_time: tuple[str, datetime] | None = None
 _ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
 
@@ -101,9 +98,8 @@ class Event:
                 ("sip:", "sips:")) else "xmpp"
         elif protocol not in PROTOCOLS:
             raise _field_error("protocol", f"expected 'xmpp' or 'sip', got {protocol!r}")
-        cache = _ADDRESSES[protocol]
-        sender = cache.get(raw_from) or _address(raw_from, "from", protocol)
-        recipient = cache.get(raw_to) or _address(raw_to, "to", protocol)
+        sender = _address(raw_from, "from", protocol)
+        recipient = _address(raw_to, "to", protocol)
         body = get("body", "")
         if type(body) is not str:
             body = _optional_string(data, "body")
@@ -219,16 +215,10 @@ def _optional_string(data: Mapping[str, Any], name: str) -> str:
 
 
 def _address(raw: str, field: str, protocol: str) -> Address:
-    """Normalise an address of an event of `protocol`, remembering it (the same users talk all day)."""
     try:
-        address = parse_address(raw, None if raw.lower().startswith(("sip:", "sips:", "xmpp:")) else protocol)
+        return event_address(raw, protocol)
     except AddressError as exc:
         raise _field_error(field, str(exc)) from None
-    cache = _ADDRESSES[protocol]
-    if len(cache) >= ADDRESS_CACHE_LIMIT:
-        cache.clear()  # a flood of distinct addresses: start again rather than grow
-    cache[raw] = address
-    return address
 
 
 def _parse_time_cached(value: Any) -> datetime:

@@ -272,17 +272,29 @@ def test_unusual_but_valid_members_are_accepted_as_before() -> None:
 
 
 def test_address_and_time_caches_never_answer_for_another_protocol_or_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    from policyplug import events as events_module
-    monkeypatch.setattr(events_module, "ADDRESS_CACHE_LIMIT", 4)
-    monkeypatch.setattr(events_module, "_ADDRESSES", {"xmpp": {}, "sip": {}})
+    """Event addresses are remembered (addresses.event_address, for the service and the Kamailio
+    adapter alike) per event protocol, bounded, never for a failed parse or a long text."""
+    from policyplug import addresses
+    from policyplug.addresses import AddressError, event_address, parse_address
+    monkeypatch.setattr(addresses, "ADDRESS_CACHE_SIZE", 4)
+    monkeypatch.setattr(addresses, "_EVENT_ADDRESSES", {"xmpp": {}, "sip": {}})
     as_jid = Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "protocol": "xmpp"})
     as_sip = Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "protocol": "sip"})
     assert (as_jid.sender.protocol, as_jid.sender.scheme) == ("xmpp", "xmpp")
     assert (as_sip.sender.protocol, as_sip.sender.scheme) == ("sip", "sip")
+    assert event_address("sip:%62ob@ACME.example", "xmpp") == parse_address("sip:%62ob@ACME.example")  # scheme wins
+    first = event_address("sip:bob@acme.example", "sip")
+    assert event_address("sip:bob@acme.example", "sip") is first
+    for _ in range(2):
+        with pytest.raises(AddressError):
+            event_address("sip:@acme.example", "sip")
+    long_uri = "sip:" + "a" * 300 + "@acme.example"
+    assert event_address(long_uri, "sip").user == "a" * 300
+    assert "sip:@acme.example" not in addresses._EVENT_ADDRESSES["sip"] and long_uri not in addresses._EVENT_ADDRESSES["sip"]
     for i in range(20):  # a flood of distinct addresses: the cache stays bounded, answers stay right
         event = Event.from_json({"kind": "message", "from": f"u{i}@b.example", "to": "c@d.example"})
         assert event.sender.address == f"u{i}@b.example"
-    assert all(len(cache) <= 4 for cache in events_module._ADDRESSES.values())
+    assert all(len(cache) <= 4 for cache in addresses._EVENT_ADDRESSES.values())
     times = ["2026-11-24T10:00:00Z", "2026-11-24T10:00:00Z", "2026-11-24T11:00:00+01:00", "2026-11-24T10:00:01Z"]
     got = [Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "time": t}).time
            for t in times]

@@ -70,7 +70,7 @@ from htable_limiter import HtableLimiter  # noqa: E402  (needs the paths set abo
 from sip_event import client_of, media_type, request_parts, split_message, split_text  # noqa: E402
 
 from policyplug import Event, PolicyError, load_policy  # noqa: E402
-from policyplug.addresses import AddressError, parse_address  # noqa: E402
+from policyplug.addresses import AddressError, event_address  # noqa: E402
 from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
 
@@ -106,24 +106,6 @@ def has_copy_mark(raw: str | bytes) -> bool:
 
 def request_body(raw: str | bytes) -> str:
     return split_text(raw)[1] if isinstance(raw, str) else split_message(raw)[1].decode("utf-8", errors="replace")
-
-
-# Addresses as parsed, by their text: a request's From and Request-URI are mostly the ones seen
-# before, and parse_address is a pure function of the text (an Address is immutable).
-_ADDRESSES: dict[str, Any] = {}
-ADDRESS_CACHE_SIZE = 4096
-ADDRESS_CACHE_TEXT = 256  # longer texts are parsed each time (a bound on the cache's memory)
-
-
-def address_of(text: str) -> Any:
-    address = _ADDRESSES.get(text)
-    if address is None:
-        address = parse_address(text, None)  # raises AddressError: nothing is cached then
-        if len(text) <= ADDRESS_CACHE_TEXT:
-            if len(_ADDRESSES) >= ADDRESS_CACHE_SIZE:
-                _ADDRESSES.clear()  # a flood of distinct addresses: start afresh rather than grow
-            _ADDRESSES[text] = address
-    return address
 
 
 def source() -> tuple[str, int, str]:
@@ -355,7 +337,7 @@ class PolicyplugKamailio:
         if parts is None:
             return self.relay(method) if initial else self.relay_in_dialog()
         try:
-            sender, recipient = address_of(from_uri), address_of(to_uri)
+            sender, recipient = event_address(from_uri, "sip"), event_address(to_uri, "sip")
         except AddressError as exc:
             return self.reply(400, "Bad Request", str(exc))
         kind, text, subject, size, payload, headers = parts
