@@ -315,10 +315,7 @@ class Policy:
                 return self._walk(event, chain((rule,), rules), obligations, now, False, limiter)
             if limit is not None:  # what _over_limit does, with the key read off the party
                 party, field = limit.party_key  # type: ignore[misc]
-                key_value = (s_party if party == "sender" else r_party)[field]
-                clock = now if now is not None else event.time.timestamp()
-                counter = limiter if limiter is not None else self.limiter
-                if not counter.hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count):
+                if not self._count(rule, (s_party if party == "sender" else r_party)[field], event, now, limiter):
                     continue
             if rule.has_obligations:
                 obligations = rule.obligations_alone if obligations is None else obligations.then(rule)
@@ -409,8 +406,16 @@ class Policy:
             return False, f"limit key '{limit.text}': {exc}"
         if isinstance(key_value, dict) and "address" in key_value:
             key_value = key_value["address"]  # `by sender` counts per sender address
+        return self._count(rule, key_value, event, now, limiter), None
+
+    def _count(self, rule: CompiledRule, key_value: Any, event: Event, now: float | None,
+               limiter: Limiter | None) -> bool:
+        """One hit on the rule's window for `key_value`: over the limit now?"""
+        limit = rule.limit
+        assert limit is not None
         clock = now if now is not None else event.time.timestamp()
-        return (limiter if limiter is not None else self.limiter).hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count), None
+        counter = limiter if limiter is not None else self.limiter
+        return counter.hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count)
 
     def _decision(self, effect: str, rule: str | None, reason: str | None, redirect_to: str | None,
                   route_via: str | None, obligations: Obligations | None, errors: list[dict[str, str]] | None,
