@@ -90,14 +90,7 @@ class RecordEncoder:
                     self._decisions.clear()
                 self._decisions[shape] = parts
         head, middle = parts
-        if record_id is None:
-            start = self._next_id
-            if start >= len(self._ids):
-                self._ids, start = os.urandom(16 * ID_POOL).hex().encode(), 0
-            self._next_id = start + 32
-            rid = self._ids[start:start + 32]
-        else:
-            rid = record_id.encode()
+        rid = self._draw_id() if record_id is None else record_id.encode()
         return b"".join((head, encode_event(event, self.include_bodies), b',"id":"', rid, middle,
                          orjson.dumps(time or datetime.now(UTC)), _VERSION_PART, end))
 
@@ -115,11 +108,14 @@ class RecordEncoder:
 
     def new_id(self) -> str:
         """A random 128-bit id in hex, as build_record makes."""
+        return self._draw_id().decode()
+
+    def _draw_id(self) -> bytes:
         start = self._next_id
         if start >= len(self._ids):
             self._ids, start = os.urandom(16 * ID_POOL).hex().encode(), 0
         self._next_id = start + 32
-        return self._ids[start:start + 32].decode()
+        return self._ids[start:start + 32]
 
     def after_fork(self) -> None:
         """A forked child must not hand out the ids left in its parent's pool."""
