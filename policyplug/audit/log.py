@@ -193,8 +193,120 @@ def last_record(path: Path) -> tuple[str, int]:
     return GENESIS, 0
 
 
+def policy_part(policy: str, revision: str) -> bytes:
+    """The record's `policy` and `policy_revision` members, serialised (between `node` and `prev`)."""
+    return b',"policy":' + orjson.dumps(policy) + b',"policy_revision":' + orjson.dumps(revision)
+
+
+# What a writer queues per record: (event, decision, policy part), each already serialised canonically
+# (`encode_event`, `encode_decision`, `policy_part`). None of them holds a tab or a newline (JSON escapes
+# both), which lets the writer process take them as tab-separated lines (policyplug.audit.writer_process).
+QueuedRecord = tuple[bytes, bytes, bytes]
+
+
+class ChainedLog:
+    """The file side of an audit log: chains queued records, appends them, fsyncs, rotates.
+
+    Used by one writer at a time (the thread of `AuditWriter`, or the writer process). Errors are
+    counted in `stats` and logged, never raised: a failing disk must not stop the caller, and the
+    next batch tries to reopen the file (disk freed, permissions fixed).
+    """
+
+    def __init__(self, path: Path, *, node: str, max_bytes: int | None = None, flush_interval: float = 0.2,
+                 stats: dict[str, Any] | None = None):
+        self.path = path
+        self.node = node
+        self.max_bytes = max_bytes
+        self.flush_interval = flush_interval
+        self.stats = stats if stats is not None else {"written": 0, "errors": 0, "last_error": None}
+        self._file: Any = None
+        self._prev, self._seq = GENESIS, 0
+        self._last_sync = time.monotonic()
+        self._opened = False
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._prev, self._seq = last_record(self.path)
+        if self._prev == GENESIS:
+            rotated = self.path.with_name(self.path.name + ".1")
+            if rotated.exists():
+                self._prev, self._seq = last_record(rotated)
+        self._file = self.path.open("ab")
+        self._opened = True
+
+    def append(self, items: list[QueuedRecord]) -> None:
+        try:
+            if not self._opened:
+                self._open()
+            # one time and one batch of random ids per batch: "time" is when the record was written
+            now = orjson.dumps(datetime.now(UTC).isoformat())
+            ids = os.urandom(16 * len(items)).hex().encode()
+            node = b',"node":' + orjson.dumps(self.node)
+            tail = b',"time":' + now + b',"v":' + str(FORMAT_VERSION).encode() + b"}"
+            prev = self._prev.encode()
+            seq = self._seq
+            sha256 = hashlib.sha256
+            lines = []
+            for index, (event, decision, policy) in enumerate(items):
+                seq += 1
+                # record_body(), inlined: the members in sorted key order, as canonical() puts them
+                body = b"".join((
+                    b'{"decision":', decision,
+                    b',"event":', event,
+                    b',"id":"', ids[32 * index:32 * index + 32], b'"', node, policy,
+                    b',"prev":"', prev, b'","seq":', str(seq).encode(), tail,
+                ))
+                prev = sha256(body).hexdigest().encode()
+                # the line is the hashed body with "hash" put first: one serialisation per record
+                lines.append(b'{"hash":"' + prev + b'",' + body[1:] + b"\n")
+                if index % YIELD_EVERY == YIELD_EVERY - 1:
+                    _yield()  # let a waiting decision in: it must not wait behind a whole batch
+            self._seq, self._prev = seq, prev.decode()
+            self._file.write(b"".join(lines))
+            self._file.flush()
+            self.stats["written"] += len(items)
+            self.sync_if_due()
+            if self.max_bytes is not None and self._file.tell() >= self.max_bytes:
+                self._rotate()
+        except Exception as exc:
+            self.failed(exc)
+            self._opened = False  # try to reopen next time
+
+    def sync_if_due(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._file is not None and (force or now - self._last_sync >= self.flush_interval):
+            try:
+                os.fsync(self._file.fileno())
+            except (OSError, ValueError) as exc:
+                self.failed(exc)
+            self._last_sync = now
+
+    def seconds_to_sync(self) -> float:
+        """How long until the next fsync is due (for a writer waiting on its input)."""
+        return max(0.0, self._last_sync + self.flush_interval - time.monotonic())
+
+    def _rotate(self) -> None:
+        """audit.jsonl -> audit.jsonl.1 -> .2 ...; the chain continues in the new file."""
+        os.fsync(self._file.fileno())
+        self._file.close()
+        shift_rotations(self.path)
+        self._file = self.path.open("ab")
+
+    def failed(self, exc: BaseException) -> None:
+        self.stats["errors"] += 1
+        self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
+        log.error("audit log %s: %s", self.path, self.stats["last_error"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.sync_if_due(force=True)
+            self._file.close()
+            self._file = None
+        self._opened = False
+
+
 class AuditWriter:
-    """Queue audited decisions and append them to a hash-chained JSON Lines file."""
+    """Queue audited decisions and append them to a hash-chained JSON Lines file (a writer thread)."""
 
     def __init__(self, path: str | Path, *, level: str = "denied", include_bodies: bool = False,
                  node: str | None = None, max_bytes: int | None = None, flush_interval: float = 0.2,
@@ -209,16 +321,15 @@ class AuditWriter:
         self.flush_interval = flush_interval
         self.background = background
         self.stats: dict[str, Any] = {"written": 0, "dropped": 0, "errors": 0, "last_error": None}
-        self._pending: deque[tuple[bytes, bytes, str, str]] = deque()  # (event, decision, policy, revision)
+        self._log = ChainedLog(self.path, node=self.node, max_bytes=max_bytes, flush_interval=flush_interval,
+                               stats=self.stats)
+        self._pending: deque[QueuedRecord] = deque()
         self._queue_size = queue_size
+        self._policy_parts: dict[tuple[str, str], bytes] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._file: Any = None
-        self._prev, self._seq = GENESIS, 0
-        self._last_sync = time.monotonic()
         self._closed = False
-        self._opened = False
 
     # -- the caller's side: cheap, never raises --------------------------------------------------
 
@@ -239,11 +350,19 @@ class AuditWriter:
         except Exception as exc:
             self._failed(exc)
 
-    def _submit(self, event: Any, decision: bytes, policy: str, revision: str) -> None:
+    def _queued(self, event: Any, decision: bytes, policy: str, revision: str) -> QueuedRecord:
         # Serialised here, not by the writer: a queue of bytes is nothing the garbage collector has to
         # look at, while queued Event objects got promoted to the oldest generation and made every full
         # collection walk thousands of them (tens of ms) when the writer was behind.
-        item = (encode_event(event, self.include_bodies), decision, policy, revision)
+        part = self._policy_parts.get((policy, revision))
+        if part is None:
+            if len(self._policy_parts) > 64:  # one per policy revision served: reloads must not grow it
+                self._policy_parts.clear()
+            part = self._policy_parts[(policy, revision)] = policy_part(policy, revision)
+        return encode_event(event, self.include_bodies), decision, part
+
+    def _submit(self, event: Any, decision: bytes, policy: str, revision: str) -> None:
+        item = self._queued(event, decision, policy, revision)
         if self.background:
             if self._thread is None:
                 self._start()  # lazily, so a writer created before fork works in the child
@@ -253,10 +372,7 @@ class AuditWriter:
             self._pending.append(item)  # atomic under the GIL
         else:
             with self._lock:
-                self._write([item])
-
-    def _record(self, event: Any, decision: Any) -> dict[str, Any]:
-        return build_record(event, decision, node=self.node, include_bodies=self.include_bodies)
+                self._log.append([item])
 
     # -- the writer's side ------------------------------------------------------------------------
 
@@ -274,84 +390,13 @@ class AuditWriter:
             batch = [pending.popleft() for _ in range(len(pending))]
             with self._lock:
                 if batch:
-                    self._write(batch)
-                self._sync_if_due(force=stopping)
+                    self._log.append(batch)
+                self._log.sync_if_due(force=stopping)
             if stopping and not self._pending:
                 return
 
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._prev, self._seq = last_record(self.path)
-        if self._prev == GENESIS:
-            rotated = self.path.with_name(self.path.name + ".1")
-            if rotated.exists():
-                self._prev, self._seq = last_record(rotated)
-        self._file = self.path.open("ab")
-        self._opened = True
-
-    def _write(self, items: list[tuple[bytes, bytes, str, str]]) -> None:
-        try:
-            if not self._opened:
-                self._open()
-            # one time and one batch of random ids per batch: "time" is when the record was written
-            now = orjson.dumps(datetime.now(UTC).isoformat())
-            ids = os.urandom(16 * len(items)).hex().encode()
-            node = b',"node":' + orjson.dumps(self.node)
-            tail = b',"time":' + now + b',"v":' + str(FORMAT_VERSION).encode() + b"}"
-            policies: dict[tuple[str, str], bytes] = {}
-            prev = self._prev.encode()
-            seq = self._seq
-            sha256 = hashlib.sha256
-            lines = []
-            for index, (event, decision, policy, revision) in enumerate(items):
-                policy_part = policies.get((policy, revision))
-                if policy_part is None:
-                    policy_part = policies[(policy, revision)] = (
-                        b',"policy":' + orjson.dumps(policy) + b',"policy_revision":' + orjson.dumps(revision))
-                seq += 1
-                # record_body(), inlined: the members in sorted key order, as canonical() puts them
-                body = b"".join((
-                    b'{"decision":', decision,
-                    b',"event":', event,
-                    b',"id":"', ids[32 * index:32 * index + 32], b'"', node, policy_part,
-                    b',"prev":"', prev, b'","seq":', str(seq).encode(), tail,
-                ))
-                prev = sha256(body).hexdigest().encode()
-                # the line is the hashed body with "hash" put first: one serialisation per record
-                lines.append(b'{"hash":"' + prev + b'",' + body[1:] + b"\n")
-                if index % YIELD_EVERY == YIELD_EVERY - 1:
-                    _yield()  # let a waiting decision in: it must not wait behind a whole batch
-            self._seq, self._prev = seq, prev.decode()
-            self._file.write(b"".join(lines))
-            self._file.flush()
-            self.stats["written"] += len(items)
-            self._sync_if_due()
-            if self.max_bytes is not None and self._file.tell() >= self.max_bytes:
-                self._rotate()
-        except Exception as exc:
-            self._failed(exc)
-            self._opened = False  # try to reopen next time (disk freed, permissions fixed)
-
-    def _sync_if_due(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._file is not None and (force or now - self._last_sync >= self.flush_interval):
-            try:
-                os.fsync(self._file.fileno())
-            except (OSError, ValueError) as exc:
-                self._failed(exc)
-            self._last_sync = now
-
-    def _rotate(self) -> None:
-        """audit.jsonl -> audit.jsonl.1 -> .2 ...; the chain continues in the new file."""
-        os.fsync(self._file.fileno())
-        self._file.close()
-        shift_rotations(self.path)
-        self._file = self.path.open("ab")
-
     def _failed(self, exc: BaseException) -> None:
-        self.stats["errors"] += 1
-        self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
-        log.error("audit log %s: %s", self.path, self.stats["last_error"])
+        self._log.failed(exc)
 
     def close(self) -> None:
         """Flush everything queued, fsync, close."""
@@ -362,7 +407,4 @@ class AuditWriter:
             self._stop.set()
             self._thread.join(timeout=10)
         with self._lock:
-            if self._file is not None:
-                self._sync_if_due(force=True)
-                self._file.close()
-                self._file = None
+            self._log.close()
