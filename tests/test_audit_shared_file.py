@@ -355,3 +355,178 @@ def test_a_line_that_is_not_a_record_is_kept_out_of_the_chain_and_counted(tmp_pa
     assert SpoolChainer(spool, shared).run_once() == 4, "the records around it are chained"
     assert shared.stats["errors"] == 1 and "not an audit record" in shared.stats["last_error"]
     assert verify([str(log)]).intact
+
+
+# -- the ring: each worker's spool reused in place (mmap), spool files when it is full -------------
+
+def _ring_spooler(spool: str, worker: int, count: int, ring_bytes: int, pause_every: int = 0) -> None:
+    import time
+
+    policy = load_policy(text=POLICY)
+    audit = AuditSpool(spool, level="all", node=f"worker-{worker}", ring_bytes=ring_bytes)
+    for i in range(count):
+        event = Event.message(f"user{worker}@acme.example", "bob@acme.example", body=f"m{i}")
+        assert audit.submit(event, policy.decide(event))
+        if pause_every and i % pause_every == 0:
+            time.sleep(0.001)  # let the chainer catch up now and then: the ring is used again
+    assert audit.stats["errors"] == 0
+
+
+def _chain_while_workers_run(spool: Path, log: Path, workers: list) -> int:
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+    for process in workers:
+        process.start()
+    moved = 0
+    while any(p.is_alive() for p in workers):
+        moved += chainer.run_once()  # runs while the workers store: frames being written wait
+    for process in workers:
+        process.join(30)
+        assert process.exitcode == 0
+    return moved + chainer.run_once() + chainer.run_once()
+
+
+def _check_chain(log: Path, workers: int, each: int) -> None:
+    result = verify([str(log)])
+    assert result.intact, result.problem
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len({r["id"] for r in records}) == len(records) == workers * each, "every record exactly once"
+    for worker in range(workers):  # each worker's records keep their order in the chain
+        bodies = [r["event"]["size"] for r in records if r["node"] == f"worker-{worker}"]
+        times = [r["time"] for r in records if r["node"] == f"worker-{worker}"]
+        assert len(bodies) == each and times == sorted(times)
+
+
+def test_ring_records_of_many_workers_are_chained_in_order_across_laps_and_overflows(tmp_path: Path) -> None:
+    from policyplug.audit.shared_file import SpoolRing
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    context = multiprocessing.get_context("fork")
+    # 8 KiB rings hold about 12 records: many laps, WRAP frames, and full rings overflowing to files
+    workers = [context.Process(target=_ring_spooler, args=(str(spool), w, 400, 8192, 7)) for w in range(4)]
+    assert _chain_while_workers_run(spool, log, workers) == 1600
+    _check_chain(log, 4, 400)
+    assert list(spool.glob("*.ring")) == [] and list(spool.glob("*.jsonl")) == [], \
+        "rings and spool files of finished workers are removed"
+    # and the ring was used (not only the files): a live writer's ring shows its position
+    _ring_spooler(str(spool), 9, 5, 8192)
+    ring = SpoolRing.open(next(spool.glob("*.ring")))
+    assert ring is not None and len(ring.frames()[0]) == 5
+    ring.close()
+
+
+def test_a_full_ring_overflows_to_the_spool_file_and_is_used_again_once_both_are_chained(tmp_path: Path) -> None:
+    import os
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    policy = load_policy(text=POLICY)
+    audit = AuditSpool(spool, level="all", node="worker-0", ring_bytes=4096)
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+
+    def submit(count: int) -> None:
+        for _ in range(count):
+            event = Event.message("user0@acme.example", "bob@acme.example", body="m")
+            assert audit.submit(event, policy.decide(event))
+
+    submit(12)  # a 4 KiB ring holds a few of these: the rest go to the spool file
+    overflowed = audit.stats["overflowed"]
+    assert 0 < overflowed < 12 and (spool / f"{os.getpid()}.jsonl").stat().st_size > 0
+    assert chainer.run_once() == 12
+    submit(1)  # everything chained: the ring again
+    assert audit.stats["overflowed"] == overflowed
+    submit(12)
+    overflowed = audit.stats["overflowed"]
+    assert chainer.run_once() == 13
+    assert audit._ring is not None
+    audit._ring.set_overflow(0, 0)  # as if the chainer had not said yet that it took the file's records
+    submit(1)  # the ring has room, but the spool file's records come first
+    assert audit.stats["overflowed"] == overflowed + 1
+    assert chainer.run_once() == 1
+    submit(1)
+    assert audit.stats["overflowed"] == overflowed + 1
+    assert chainer.run_once() == 1
+    _check_chain(log, 1, 27)
+
+
+def test_a_torn_or_half_stored_frame_is_not_read_until_complete(tmp_path: Path) -> None:
+    import os
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _ring_spooler(str(spool), 0, 3, 8192)
+    path = spool / f"{os.getpid()}.ring"
+    data = bytearray(path.read_bytes())
+    # the third frame: its record bytes changed as if the store had not reached them yet
+    from policyplug.audit.shared_file import RING_HEADER, SpoolRing
+    ring = SpoolRing.open(path)
+    assert ring is not None
+    records = ring.frames()[0]
+    third = RING_HEADER + sum((16 + len(r) + 7) & ~7 for r in records[:2])
+    original = bytes(data[third + 40:third + 48])
+    ring.map[third + 40:third + 48] = b"\0" * 8
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+    assert chainer.run_once() == 2, "the frame being written waits"
+    ring.map[third + 40:third + 48] = original
+    assert chainer.run_once() == 1
+    ring.close()
+    _check_chain(log, 1, 3)
+
+
+def _stored_then_killed(spool: str, ready: object) -> None:
+    import os
+    import time
+
+    _ring_spooler(spool, 0, 50, 1 << 20)
+    ready.set()  # type: ignore[attr-defined]
+    while True:
+        time.sleep(1)
+    os._exit(0)  # pragma: no cover
+
+
+def test_a_sigkilled_worker_loses_no_record_it_stored_in_its_ring(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_stored_then_killed, args=(str(spool), ready))
+    worker.start()
+    assert ready.wait(30)
+    os.kill(worker.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    worker.join(10)
+    assert list(spool.glob("*.jsonl")) == [], "every record went to the ring"
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))  # e.g. at the next start
+    assert chainer.run_once() == 50
+    assert chainer.run_once() == 0
+    assert list(spool.glob("*.ring")) == [], "the dead worker's ring, fully chained, is removed"
+    _check_chain(log, 1, 50)
+
+
+def test_a_ring_reopened_by_the_same_process_goes_on_after_its_last_frame(tmp_path: Path) -> None:
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _ring_spooler(str(spool), 0, 4, 8192)  # e.g. `kamcmd app_python.reload`: a new AuditSpool, same pid
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+    assert chainer.run_once() == 4
+    _ring_spooler(str(spool), 0, 30, 8192)
+    assert chainer.run_once() + chainer.run_once() == 30
+    _check_chain(log, 1, 34)
+    # a restarted chainer takes the position from the ring's header: nothing twice
+    assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 0
+
+
+def test_the_ring_position_survives_a_torn_slot(tmp_path: Path) -> None:
+    from policyplug.audit.shared_file import SpoolRing
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _ring_spooler(str(spool), 0, 3, 8192)
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+    assert chainer.run_once() == 3
+    ring = SpoolRing.open(next(spool.glob("*.ring")))
+    assert ring is not None
+    generation, chained, _seq = ring.position()  # type: ignore[misc]
+    ring.map[16 + (generation % 2) * 32 + 8] ^= 0xFF  # the newest slot torn by a crash
+    assert ring.position() is not None and ring.position()[0] == generation - 1  # type: ignore[index]
+    ring.close()
+    # the older position counts: those 3 are chained again (as after a crash between chaining and
+    # saving), nothing is lost and the chain stays intact
+    assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 3
+    assert verify([str(log)]).intact and verify([str(log)]).records == 6

@@ -71,7 +71,7 @@ from sip_event import client_of, media_type, request_parts, split_message, split
 
 from policyplug import Event, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, event_address  # noqa: E402
-from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
+from policyplug.audit.shared_file import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
@@ -150,7 +150,8 @@ class PolicyplugKamailio:
             if config.get("audit_spool", True):
                 # workers spool, the timer process chains (policyplug/audit/shared_file.py)
                 spool = Path(config.get("audit_spool_dir", f"{audit_path}.spool"))
-                self.audit = AuditSpool(spool, level=level, include_bodies=bodies, node=node)
+                self.audit = AuditSpool(spool, level=level, include_bodies=bodies, node=node,
+                                        ring_bytes=int(config.get("audit_ring_bytes", RING_BYTES)))
                 self.chainer = SpoolChainer(spool, shared_log)
             else:
                 self.audit = shared_log

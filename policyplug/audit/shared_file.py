@@ -24,8 +24,10 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import time
 import weakref
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -389,58 +391,293 @@ class SharedAuditLog(RecordSink):
 SPOOL_FILE_MAX = 64 << 20  # a worker starts a new spool file past this size
 
 
+# -- the ring: a spool reused in place -------------------------------------------------------------
+#
+# Appending to a spool file costs a `write` system call per record and, as the file grows, new
+# page-cache pages. A worker's ring (spool/<pid>.ring) is a file of fixed size mapped into the
+# worker (MAP_SHARED) and reused in place: a record is stored into the mapping, so it is in the
+# kernel's page cache when the store is done (a SIGKILL of the worker loses nothing it stored) and
+# the chainer reads it through its own mapping of the same file. No system call, no new pages.
+#
+#   header (RING_HEADER bytes): magic, data size; written by the chainer only: how far it has
+#     chained (a byte count over all laps) with the sequence number of the next frame, in two slots
+#     written in turn (generation, position, seq, CRC: a store torn by a kill or caught half done
+#     leaves the other slot, the older position, which is the safe side for the worker deciding
+#     whether the ring has room); and how far it has chained the worker's overflow spool file
+#     (inode, offset, CRC)
+#   frames, 8-byte aligned: seq (u64), length (u32), CRC-32 of those 12 bytes and the record (u32),
+#     the record. The chainer takes a frame only when its seq is the next one and its CRC matches:
+#     a frame being written (or torn by a kill) is never read, whatever order the stores become
+#     visible in; a frame of an earlier lap has an older seq. A frame does not wrap: when it would
+#     not fit before the end, a WRAP frame (length 0xFFFFFFFF) is stored there (or, with fewer than
+#     16 bytes left, nothing) and the frame goes to the start.
+#
+# A full ring (the chainer has not caught up) sends records to the worker's spool file
+# (<pid>.jsonl), and they keep going there until the chainer has taken everything from both, so a
+# worker's records are chained in the order it wrote them (the chainer reads spool files before rings).
+
+RING_MAGIC = b"ppring01"
+RING_HEADER = 4096
+RING_BYTES = 4 << 20  # the adapter's default (`audit_ring_bytes`); 0: no ring, spool files only
+_FRAME_HEAD = struct.Struct("<QI")  # seq, length
+_FRAME = struct.Struct("<QII")  # seq, length, crc
+_SLOT = struct.Struct("<QQQQ")  # generation, chained bytes, next seq, crc of the first three
+_SLOT_HEAD = struct.Struct("<QQQ")
+_SLOTS_AT = (16, 48)
+_OVERFLOW = struct.Struct("<QQQ")  # inode and chained offset of the overflow spool file, crc
+_OVERFLOW_HEAD = struct.Struct("<QQ")
+_OVERFLOW_AT = 80
+_WRAP = 0xFFFFFFFF
+
+
+def _frame_size(length: int) -> int:
+    return (16 + length + 7) & ~7
+
+
+class SpoolRing:
+    """One worker's ring file, as its writer (the worker) or its reader (the chainer) sees it."""
+
+    def __init__(self, path: Path, fd: int, mapping: mmap.mmap, size: int):
+        self.path = path
+        self.fd = fd
+        self.map = mapping
+        self.size = size  # of the data area
+        self.inode = os.fstat(fd).st_ino
+
+    @classmethod
+    def create(cls, path: Path, size: int) -> SpoolRing:
+        """The ring at `path`, made (zero-filled, so no page is allocated later) unless it exists."""
+        if not path.exists():
+            temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                header = bytearray(RING_HEADER)
+                header[:16] = RING_MAGIC + struct.pack("<Q", size)
+                _SLOT.pack_into(header, _SLOTS_AT[1], 1, 0, 1, zlib.crc32(_SLOT_HEAD.pack(1, 0, 1)))
+                os.write(fd, header)
+                zeros = bytes(1 << 20)
+                for start in range(0, size, len(zeros)):
+                    os.write(fd, zeros[:min(len(zeros), size - start)])
+            finally:
+                os.close(fd)
+            os.replace(temporary, path)  # complete before the chainer can see it
+        ring = cls.open(path)
+        if ring is None:
+            raise OSError(f"{path}: not a spool ring")
+        return ring
+
+    @classmethod
+    def open(cls, path: Path) -> SpoolRing | None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, 16, 0)
+            size = struct.unpack_from("<Q", head, 8)[0] if len(head) == 16 else 0
+            if head[:8] != RING_MAGIC or size < 4096 or size % 8 or os.fstat(fd).st_size != RING_HEADER + size:
+                os.close(fd)
+                return None
+            mapping = mmap.mmap(fd, RING_HEADER + size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, mapping, size)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    # -- the chainer's values in the header --------------------------------------------------------
+
+    def position(self) -> tuple[int, int, int] | None:
+        """(generation, bytes chained, seq of the next frame) of the newest intact slot."""
+        best = None
+        for at in _SLOTS_AT:
+            generation, chained, seq, crc = _SLOT.unpack_from(self.map, at)
+            if zlib.crc32(_SLOT_HEAD.pack(generation, chained, seq)) == crc and (best is None or generation > best[0]):
+                best = (generation, chained, seq)
+        return best
+
+    def set_position(self, chained: int, seq: int) -> None:
+        current = self.position()
+        generation = (current[0] if current else 0) + 1
+        _SLOT.pack_into(self.map, _SLOTS_AT[generation % 2], generation, chained, seq,
+                        zlib.crc32(_SLOT_HEAD.pack(generation, chained, seq)))
+
+    def chained(self) -> int | None:
+        position = self.position()
+        return position[1] if position else None
+
+    def overflow(self) -> tuple[int, int] | None:
+        inode, done, crc = _OVERFLOW.unpack_from(self.map, _OVERFLOW_AT)
+        return (inode, done) if zlib.crc32(_OVERFLOW_HEAD.pack(inode, done)) == crc else None
+
+    def set_overflow(self, inode: int, done: int) -> None:
+        _OVERFLOW.pack_into(self.map, _OVERFLOW_AT, inode, done, zlib.crc32(_OVERFLOW_HEAD.pack(inode, done)))
+
+    # -- reading (the chainer) -----------------------------------------------------------------------
+
+    def frames(self) -> tuple[list[bytes], int, int]:
+        """The complete records after the chained ones: (records, byte count, seq) after them."""
+        position = self.position()
+        if position is None:
+            raise ValueError(f"{self.path.name}: damaged header")
+        _generation, total, seq = position
+        size, data, records = self.size, self.map, []
+        limit = total + size
+        while total < limit:
+            at = total % size
+            room = size - at
+            if room < 16:
+                total += room
+                continue
+            at += RING_HEADER
+            frame_seq, length, crc = _FRAME.unpack_from(data, at)
+            if frame_seq != seq:
+                break  # not written yet (an older lap's frame)
+            if length == _WRAP:
+                if zlib.crc32(data[at:at + 12]) != crc:
+                    break
+                total += room
+                seq += 1
+                continue
+            if length > room - 16:
+                break
+            record = data[at + 16:at + 16 + length]
+            if zlib.crc32(record, zlib.crc32(data[at:at + 12])) != crc:
+                break  # being written
+            records.append(record)
+            total += _frame_size(length)
+            seq += 1
+        return records, total, seq
+
+
 class AuditSpool(RecordSink):
-    """Worker side: one unchained canonical line per audited decision."""
+    """Worker side: one unchained canonical record per audited decision, stored into the worker's
+    ring (`ring_bytes` > 0) or, when there is none or it is full, appended to its spool file."""
 
     def __init__(self, spool_dir: str | Path, *, level: str = "denied", include_bodies: bool = False,
-                 node: str | None = None):
+                 node: str | None = None, ring_bytes: int = 0):
         if level not in LEVELS:
             raise ValueError(f"audit level must be one of {', '.join(LEVELS)}, not {level!r}")
+        if ring_bytes and (ring_bytes < 4096 or ring_bytes % 4096):
+            raise ValueError(f"the ring size must be 0 or a multiple of 4096 bytes, not {ring_bytes}")
         self.dir = self.where = Path(spool_dir)
         self.level = level
         self.include_bodies = include_bodies
         self.node = node or socket.gethostname()
         self.encoder = RecordEncoder(self.node, include_bodies)
-        self.stats: dict[str, Any] = {"written": 0, "errors": 0, "last_error": None}
+        self.stats: dict[str, Any] = {"written": 0, "errors": 0, "last_error": None, "overflowed": 0}
+        self.ring_bytes = ring_bytes
         self._fd: int | None = None
         self._size = 0
+        self._inode = 0
         self._part = 0
+        self._ring: SpoolRing | None = None
+        self._ring_tried = False
+        self._overflowing = False  # records go to the spool file until the chainer has taken all
+        self._total = self._seq = self._chained = 0  # the ring: bytes and frames written, bytes chained
         # should_audit, decided once: (skip all, keep all); otherwise refusals and `audit` rules
         self._none, self._all = level == "none", level == "all"
         _SPOOLS.add(self)
 
     def submit(self, event: Any, decision: Any) -> bool:
         """RecordSink.submit in one step (this is on the path of every audited request): the audit
-        level as should_audit has it, the line made with its newline, one write."""
+        level as should_audit has it, the line made, stored before the decision is enforced."""
         if self._none or not (self._all or decision.audit or decision.decision in _REFUSALS):
             return False
         try:
-            data = self.encoder.line(event, decision, end=b"\n")
-            if self._fd is None or self._size >= SPOOL_FILE_MAX:
-                self._open()
-            # one write per record, before the decision is enforced: a killed worker loses nothing
-            os.write(self._fd, data)  # type: ignore[arg-type]
-            self._size += len(data)
-            self.stats["written"] += 1
+            self.put_line(self.encoder.line(event, decision))
             return True
         except Exception as exc:
             self._failed(exc)
             return False
 
     def put_line(self, line: bytes) -> None:
-        if self._fd is None or self._size >= SPOOL_FILE_MAX:
-            self._open()
-        os.write(self._fd, line + b"\n")  # type: ignore[arg-type]
-        self._size += len(line) + 1
+        # into the ring, or with one write to the spool file: either way the record is in the
+        # kernel (page cache) when this returns, so a killed worker loses nothing
+        if self._ring is None and not self._ring_tried:
+            self._open_ring()
+        if self._ring is None or (self._overflowing and not self._drained()) or not self._store(line):
+            if self._fd is None or self._size >= SPOOL_FILE_MAX:
+                self._open()
+            os.write(self._fd, line + b"\n")  # type: ignore[arg-type]
+            self._size += len(line) + 1
+            if self._ring is not None:
+                self._overflowing = True
+                self.stats["overflowed"] += 1
         self.stats["written"] += 1
 
+    def _store(self, line: bytes) -> bool:
+        """The record as the ring's next frame; False when the ring has no room for it."""
+        ring = self._ring
+        assert ring is not None
+        size, length = ring.size, len(line)
+        need = (16 + length + 7) & ~7
+        total = self._total
+        at = total % size
+        pad = size - at if size - at < need else 0
+        if total + pad + need - self._chained > size:
+            if need > size // 2:
+                return False
+            chained = ring.chained()  # has the chainer made room since we last looked?
+            if chained is None or total + pad + need - chained > size:
+                return False
+            self._chained = chained
+        data, seq = ring.map, self._seq
+        if pad:  # the frame does not fit before the end: a WRAP frame there, the frame at the start
+            if pad >= 16:
+                _FRAME.pack_into(data, RING_HEADER + at, seq, _WRAP, zlib.crc32(_FRAME_HEAD.pack(seq, _WRAP)))
+                seq += 1
+            total += pad
+            at = 0
+        at += RING_HEADER
+        data[at + 16:at + 16 + length] = line  # the record first, then the frame head naming it
+        _FRAME.pack_into(data, at, seq, length, zlib.crc32(line, zlib.crc32(_FRAME_HEAD.pack(seq, length))))
+        self._total, self._seq = total + need, seq + 1
+        return True
+
+    def _drained(self) -> bool:
+        """Has the chainer taken every record of the ring and of the spool file? Then the ring
+        can be used again without a later record being chained before an earlier one."""
+        ring = self._ring
+        assert ring is not None
+        chained = ring.chained()
+        if chained is None or chained != self._total or ring.overflow() != (self._inode, self._size):
+            return False
+        self._chained, self._overflowing = chained, False
+        return True
+
+    def _open_ring(self) -> None:
+        self._ring_tried = True
+        if not self.ring_bytes:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            ring = SpoolRing.create(self.dir / f"{os.getpid()}.ring", self.ring_bytes)
+            # a ring left by this process (the script reloaded) or an earlier one of the same pid:
+            # go on after its last complete frame
+            _records, self._total, self._seq = ring.frames()
+            self._chained = ring.chained() or 0
+            self._ring = ring
+            spool_file = self.dir / f"{os.getpid()}.jsonl"
+            if spool_file.exists() and spool_file.stat().st_size:
+                self._open()
+                self._overflowing = True  # its records first
+        except Exception as exc:  # no ring: spool files, as without one
+            log.error("audit ring in %s not usable, spooling to files: %s", self.dir, exc)
+            self._ring = None
+
     def after_fork(self) -> None:
-        """In a forked child: its records go to a spool file of its own, opened when first needed."""
+        """In a forked child: its records go to a ring and spool file of its own, made when first needed."""
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)  # the child's copy; the parent keeps its own
         self._fd = None
         self._part = 0
+        if self._ring is not None:
+            self._ring.close()  # unmaps the child's view only
+        self._ring, self._ring_tried, self._overflowing = None, False, False
 
     def _failed(self, exc: BaseException) -> None:
         super()._failed(exc)
@@ -459,7 +696,8 @@ class AuditSpool(RecordSink):
             self._part += 1
             os.replace(current, self.dir / f"{os.getpid()}.{self._part}.jsonl")
         self._fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        stat = os.fstat(self._fd)
+        self._size, self._inode = stat.st_size, stat.st_ino
 
 
 _REFUSALS = ("deny", "drop")
@@ -482,9 +720,12 @@ class SpoolChainer:
         self._saved: dict[str, int] = {}
         self._generation = 0
         self._offsets_fd: int | None = None
+        self._rings: dict[str, SpoolRing] = {}  # by file name, mapped once
 
     def run_once(self) -> int:
-        """Chain every complete new line; returns how many records were moved."""
+        """Chain every complete new record; returns how many were moved. Spool files are read
+        before rings: a worker's records that overflowed into its file were written after those
+        in its ring, and any it writes to its ring after them come once both are chained."""
         if not self.dir.is_dir():
             return 0
         if self._offsets is None:
@@ -493,6 +734,7 @@ class SpoolChainer:
         batch: list[tuple[bytes, bytes, int]] = []  # (time, line, where its ',"time":' starts)
         finished: list[Path] = []
         seen: set[str] = set()
+        spooled: dict[str, tuple[int, int]] = {}  # <pid>.jsonl -> (inode, offset chained after this batch)
         for path in sorted(self.dir.glob("*.jsonl")):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -518,8 +760,10 @@ class SpoolChainer:
                 elif line.strip():  # not a record: kept out of the chain, and said
                     self.log._failed(ValueError(f"{path.name}: not an audit record: {line[:80]!r}"))
             offsets[key] = end = start + done
+            spooled[path.name] = (stat.st_ino, end)
             if end >= stat.st_size and not _writer_alive(path):
                 finished.append(path)
+        rings = self._read_rings(batch, finished)
         if batch:
             batch.sort(key=_first)  # by time; stable: one worker's records keep their order
             self.log.append_cut([(line, cut) for _, line, cut in batch])
@@ -528,10 +772,50 @@ class SpoolChainer:
             del offsets[key]
         if offsets != self._saved:
             self._save_offsets()
+        for ring, total, seq in rings:  # chained: the worker may store over them
+            if total != ring.chained():
+                ring.set_position(total, seq)
+            overflow = spooled.get(ring.path.name[:-len(".ring")] + ".jsonl", (0, 0))
+            if ring.overflow() != overflow:
+                ring.set_overflow(*overflow)
         for path in finished:  # fully chained and nobody writes it any more
+            ring = self._rings.pop(path.name, None)
+            if ring is not None:
+                ring.close()
             with contextlib.suppress(OSError):
                 os.unlink(path)
         return len(batch)
+
+    def _read_rings(self, batch: list[tuple[bytes, bytes, int]],
+                    finished: list[Path]) -> list[tuple[SpoolRing, int, int]]:
+        """Add the new records of every ring to `batch`; (ring, bytes, seq) after them."""
+        found: list[tuple[SpoolRing, int, int]] = []
+        names = set()
+        for path in sorted(self.dir.glob("*.ring")):
+            names.add(path.name)
+            ring = self._rings.get(path.name)
+            try:
+                if ring is None:
+                    ring = SpoolRing.open(path)
+                    if ring is None:
+                        continue  # not a ring (yet): its worker makes it under another name first
+                    self._rings[path.name] = ring
+                records, total, seq = ring.frames()
+            except (OSError, ValueError) as exc:
+                self.log._failed(ValueError(f"{path.name}: {exc}"))
+                continue
+            for record in records:
+                cut = record.rfind(b',"time":"')
+                if cut > 0:
+                    batch.append((record[cut + 9:record.find(b'"', cut + 9)], record, cut))
+                else:
+                    self.log._failed(ValueError(f"{path.name}: not an audit record: {record[:80]!r}"))
+            found.append((ring, total, seq))
+            if not records and not _writer_alive(path):
+                finished.append(path)  # its worker is gone and everything it stored is chained
+        for name in [n for n in self._rings if n not in names]:
+            self._rings.pop(name).close()
+        return found
 
     # How far each spool file is chained survives a restart: two slots of one file, written in
     # turn in place (one pwrite, no new file and rename every 100 ms), each with a generation and
@@ -588,7 +872,7 @@ def _first(item: tuple[bytes, bytes, int]) -> bytes:
 
 
 def _writer_alive(path: Path) -> bool:
-    """Is the worker that writes this spool file still writing it? (<pid>.jsonl of a live pid)"""
+    """Is the worker that writes this spool file still writing it? (<pid>.jsonl or <pid>.ring of a live pid)"""
     parts = path.name.split(".")
     if len(parts) != 2 or not parts[0].isdigit():
         return False  # <pid>.<n>.jsonl: renamed by its worker, complete
