@@ -191,3 +191,33 @@ def test_requests_split_across_reads_and_blank_lines(service) -> None:  # type: 
     assert first["id"] == 1 and first["decision"]["decision"] == "allow"
     assert second["id"] == 2 and second["decision"]["decision"] == "allow"
     assert set(first["decision"]) >= {"decision", "rule", "reason", "policy", "policy_revision", "audit", "errors"}
+
+
+def test_a_backlog_is_answered_in_groups_in_order(tmp_path: Path) -> None:
+    """A read holding a backlog (after a stall) is answered ANSWER_GROUP answers per write, in request
+    order, so the first requests of the backlog do not wait for the last to be decided."""
+    from policyplug.service.server import DecisionService
+    from policyplug.service.socket_transport import ANSWER_GROUP, _Connection
+
+    class RecordingTransport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+    policy = tmp_path / "svc.policy"
+    policy.write_text(POLICY)
+    connection = _Connection(DecisionService(policy))
+    transport = RecordingTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    count = 2 * ANSWER_GROUP + 3
+    backlog = b"".join(json.dumps({"id": i, "event": event(f"u{i}@acme.example", "b@acme.example")}).encode() + b"\n"
+                       for i in range(count))
+    connection.data_received(backlog + b'{"id": "partial"')
+    assert [w.count(b"\n") for w in transport.writes] == [ANSWER_GROUP, ANSWER_GROUP, 3]
+    answers = [json.loads(line) for w in transport.writes for line in w.splitlines()]
+    assert [a["id"] for a in answers] == list(range(count))
+    assert all(a["decision"]["decision"] == "allow" for a in answers)
+    connection.data_received(b', "op": "status"}\n')  # the partial line, completed by the next read
+    assert json.loads(transport.writes[-1])["id"] == "partial"

@@ -207,7 +207,7 @@ QueuedRecord = tuple[bytes, bytes, bytes]
 class ChainedLog:
     """The file side of an audit log: chains queued records, appends them, fsyncs, rotates.
 
-    Used by one writer at a time (the thread of `AuditWriter`, or the writer process). Errors are
+    Used by one writer at a time (the thread of `AuditWriter`). Errors are
     counted in `stats` and logged, never raised: a failing disk must not stop the caller, and the
     next batch tries to reopen the file (disk freed, permissions fixed).
     """

@@ -5,9 +5,9 @@ answer  : {"id": 7, "decision": {...decision JSON...}}
 error   : {"id": 7, "error": "field 'to': missing"}
 ops     : {"id": 8, "op": "status"} / {"id": 9, "op": "reload"}
 
-A client may send many requests without waiting; answers carry the request's id. Everything
-read in one chunk is answered with one write. A malformed or oversized line gets an error
-answer and the connection lives on.
+A client may send many requests without waiting; answers carry the request's id. The requests
+read in one chunk are answered with one write per ANSWER_GROUP of them. A malformed or oversized
+line gets an error answer and the connection lives on.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from .server import DecisionService
 log = logging.getLogger("policyplug.service.socket")
 
 MAX_LINE = 1 << 20  # 1 MiB
+# Answers written per group: one write per read is cheapest, but after a stall (a stopped virtual CPU,
+# a slow client) a read brings a backlog of tens of requests, and answering them all in one write made
+# the first wait for the last (60 requests x 30 µs = 1.8 ms added to each). In groups of 8, the backlog
+# is answered as it is decided, for one more write per 8 requests.
+ANSWER_GROUP = 8
 
 
 def _answer(request_id: Any, **payload: Any) -> bytes:
@@ -141,6 +146,9 @@ class _Connection(asyncio.Protocol):
                 out.append(_answer(None, error=f"request line longer than {MAX_LINE} bytes"))
             elif line.strip():
                 out.append(handle_line(service, line, self))
+                if len(out) == ANSWER_GROUP and self.transport is not None:
+                    self.transport.write(b"".join(out))
+                    out = []
         if len(rest) > MAX_LINE:
             # an oversized line still without its end: answer now, drop the rest of it as it comes
             service.invalid_requests += 1
@@ -149,7 +157,7 @@ class _Connection(asyncio.Protocol):
         else:
             self.pending = rest
         if out and self.transport is not None:
-            self.transport.write(b"".join(out))  # everything read in one chunk, answered in one write
+            self.transport.write(b"".join(out))
 
     # back-pressure: a client that does not read its answers stops being read
     def pause_writing(self) -> None:
