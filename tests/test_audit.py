@@ -224,3 +224,40 @@ def test_written_records_are_canonical_build_records(tmp_path: Path, include_bod
                            time=record["time"]) == body
         assert ("body" in record["event"]) == include_bodies
     assert verify([str(log)]).intact
+
+
+def test_the_writer_thread_runs_below_the_deciding_thread(tmp_path: Path) -> None:
+    """The writer's system calls can take milliseconds in the kernel; a decision must not wait for
+    them at the same priority (docs/audit.md). An ordinary thread is made nicer; a real-time one
+    becomes SCHED_OTHER; the rest of the process keeps its priority."""
+    import threading
+
+    from policyplug.audit.log import WRITER_NICE, lower_this_threads_priority
+
+    seen: dict[str, object] = {}
+
+    def ordinary() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["ordinary"] = lower_this_threads_priority()
+        seen["nice_added"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) - before
+
+    def real_time() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except PermissionError:
+            seen["real_time"] = "not allowed here"
+            return
+        seen["real_time"] = lower_this_threads_priority()
+        seen["policy_after"] = os.sched_getscheduler(0)
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for target in (ordinary, real_time):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert seen["ordinary"] == f"nice +{WRITER_NICE}" and seen["nice_added"] == WRITER_NICE
+    if seen["real_time"] != "not allowed here":
+        assert str(seen["real_time"]).startswith("SCHED_OTHER") and seen["policy_after"] == os.SCHED_OTHER
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # only that thread
+    writer = write_records(tmp_path / "a.jsonl", 3)
+    assert writer.stats["writer_priority"] == f"nice +{WRITER_NICE}"
