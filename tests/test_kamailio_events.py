@@ -264,3 +264,45 @@ def test_the_copy_header_is_found_and_the_body_read_in_text_and_bytes(
         assert kemi.request_body(b"M sip:b@x SIP/2.0\r\nA: b\r\n\r\nb\xffdy") == "b\ufffddy"
     finally:
         sys.modules.pop("policyplug_kemi", None)
+
+
+def test_the_method_comes_from_the_request_line_and_unknown_words_are_asked_of_kamailio(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = tmp_path / "p.policy"
+    policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
+    config = tmp_path / "k.toml"
+    config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
+    fake = FakeKSR()
+    asked: list[str] = []
+    values = {"$rm": "MESSAGE", "$rd": "Bench.Example"}
+    fake.pv = types.SimpleNamespace(get=lambda name: asked.append(name) or values.get(name))
+    monkeypatch.setitem(sys.modules, "KSR", fake)
+    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
+    sys.modules.pop("policyplug_kemi", None)
+    kemi = importlib.import_module("policyplug_kemi")
+    try:
+        for method in ("MESSAGE", "SUBSCRIBE", "REGISTER", "INVITE", "OPTIONS", "ACK", "CANCEL", "BYE", "PUBLISH"):
+            assert kemi.request_method(f"{method} sip:b@x SIP/2.0\r\n\r\n") == method
+            assert kemi.request_method(f"{method} sip:b@x SIP/2.0\r\n\r\n".encode()) == method
+        assert asked == []
+        assert kemi.request_method("\r\nMESSAGE sip:b@x SIP/2.0\r\n\r\n") == "MESSAGE" and asked == ["$rm"]
+        assert kemi.request_method("FOO sip:b@x SIP/2.0\r\n\r\n") == "MESSAGE"  # what $rm says
+        # the Request-URI's domain: asked once per Request-URI text, lower-case
+        adapter = kemi.kamailio().adapter
+        asked.clear()
+        assert adapter.request_domain("sip:bob@Bench.Example") == "bench.example"
+        assert adapter.request_domain("sip:bob@Bench.Example") == "bench.example"
+        assert asked == ["$rd"]
+        assert adapter.request_domain(None) == "bench.example" and asked == ["$rd", "$rd"]  # rewritten: asked
+    finally:
+        sys.modules.pop("policyplug_kemi", None)
+
+
+def test_the_copy_header_is_looked_for_in_the_text_when_there_are_more_headers_than_parsed() -> None:
+    from sip_event import MAX_HEADERS, all_headers_parsed, message_sections
+
+    many = "".join(f"X-H{i}: {i}\r\n" for i in range(MAX_HEADERS + 5))
+    section, _body, _size = message_sections(f"MESSAGE sip:b@x SIP/2.0\r\n{many}x-policyplug-COPY: t\r\n\r\nhi")
+    assert not all_headers_parsed(section) and "x-policyplug-copy" not in parse_headers(section)
+    section, _body, _size = message_sections("MESSAGE sip:b@x SIP/2.0\r\nX-Policyplug-Copy: t\r\n\r\nhi")
+    assert all_headers_parsed(section) and "x-policyplug-copy" in parse_headers(section)

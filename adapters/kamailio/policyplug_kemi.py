@@ -187,6 +187,7 @@ class PolicyplugKamailio:
         self._audit_errors = 0
         self._local: frozenset[str] = frozenset()
         self._local_of: Any = None  # the policy self._local was made for
+        self._domains: dict[str, str] = {}  # Request-URI -> its domain as Kamailio parses it ($rd)
         self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
         self._load_initial()
@@ -362,7 +363,7 @@ class PolicyplugKamailio:
         # construction, Event.from_json's checks of untrusted JSON are not needed on this path
         parts = event_parts(method, headers, body_text, size)
         if parts is None:
-            return self.relay(method) if initial else self.relay_in_dialog()
+            return self.relay(method, to_uri) if initial else self.relay_in_dialog()
         try:
             sender, recipient = event_address(from_uri, "sip"), event_address(to_uri, "sip")
         except AddressError as exc:
@@ -390,9 +391,10 @@ class PolicyplugKamailio:
             KSR.textops.set_body("\n\n".join([event.body, *decision.disclaimers]), "text/plain")
         if verdict == "redirect" and decision.redirect_to:
             KSR.seturi(sip_uri(decision.redirect_to))
+            to_uri = None  # the Request-URI is another now: its domain is asked for
         elif decision.route_via:
             KSR.setdsturi(sip_uri(decision.route_via))
-        return self.relay(method) if initial else self.relay_in_dialog()
+        return self.relay(method, to_uri) if initial else self.relay_in_dialog()
 
     # -- enforcement helpers ------------------------------------------------------------------------
 
@@ -403,8 +405,9 @@ class PolicyplugKamailio:
             KSR.sl.sl_send_reply(code, reason_phrase)
         return 1
 
-    def relay(self, method: str) -> int:
-        """Route an out-of-dialog request on: registrar, location lookup, static routes, DNS."""
+    def relay(self, method: str, request_uri: str | None = None) -> int:
+        """Route an out-of-dialog request on: registrar, location lookup, static routes, DNS.
+        `request_uri`: the Request-URI ($ru) when it is known, so its domain can be remembered."""
         if method == "REGISTER":
             if KSR.registrar.save("location", 0) < 0:
                 KSR.sl.sl_reply_error()
@@ -412,7 +415,7 @@ class PolicyplugKamailio:
         if method in DIALOG_FORMING:
             KSR.rr.record_route()  # in-dialog NOTIFY and MESSAGE come back here to be decided
         if not KSR.isdsturiset():  # a bool in KEMI, unlike the int results of module functions
-            domain = (KSR.pv.get("$rd") or "").lower()
+            domain = self.request_domain(request_uri)
             if domain in self.local_domains() or (domain not in self.routes and KSR.is_myself_ruri()):
                 # ours: by the policy's domains, or addressed to this server itself (its IP, an alias)
                 code = KSR.registrar.lookup("location")
@@ -425,6 +428,20 @@ class PolicyplugKamailio:
         if KSR.tm.t_relay() < 0:
             KSR.sl.sl_reply_error()
         return 1
+
+    def request_domain(self, request_uri: str | None) -> str:
+        """The Request-URI's domain, lower-case: $rd, asked for once per Request-URI text (it is
+        what Kamailio parses out of that text; few distinct ones come by)."""
+        if request_uri is None:
+            return (KSR.pv.get("$rd") or "").lower()
+        domain = self._domains.get(request_uri)
+        if domain is None:
+            domain = (KSR.pv.get("$rd") or "").lower()
+            if len(request_uri) <= 256:
+                if len(self._domains) >= 1024:
+                    self._domains.clear()  # many distinct ones: start afresh rather than grow
+                self._domains[request_uri] = domain
+        return domain
 
     def relay_in_dialog(self) -> int:
         if KSR.tm.t_relay() < 0:

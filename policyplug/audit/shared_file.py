@@ -672,6 +672,11 @@ class AuditSpool(RecordSink):
             # go on after its last complete frame
             _records, self._total, self._seq = ring.frames()
             self._chained = ring.chained() or 0
+            # each page stored to once now (its own byte again: nothing changes for a reader), so the
+            # file system prepares it for writing here, not on the path of a request
+            data = ring.map
+            for at in range(RING_HEADER, RING_HEADER + ring.size, mmap.PAGESIZE):
+                data[at] = data[at]
             self._ring = ring
             spool_file = self.dir / f"{os.getpid()}.jsonl"
             if spool_file.exists() and spool_file.stat().st_size:
