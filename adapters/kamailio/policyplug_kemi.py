@@ -67,7 +67,16 @@ def _read_config(path: str) -> dict[str, Any]:
 CONFIG = _read_config(CONFIG_PATH)
 
 from htable_limiter import HtableLimiter  # noqa: E402  (needs the paths set above)
-from sip_event import client_of, media_type, request_parts, split_message, split_text  # noqa: E402
+from sip_event import (  # noqa: E402
+    all_headers_parsed,
+    client_of,
+    event_parts,
+    media_type,
+    message_sections,
+    parse_headers,
+    split_message,
+    split_text,
+)
 
 from policyplug import Event, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, event_address  # noqa: E402
@@ -78,6 +87,9 @@ COPY_HEADER = "X-Policyplug-Copy"
 COPY_MARK = COPY_HEADER.lower()
 COPY_MARK_BYTES = COPY_MARK.encode()
 DIALOG_FORMING = ("INVITE", "SUBSCRIBE")
+# methods read from the request line itself; any other first word is asked of Kamailio ($rm)
+METHODS = frozenset(("MESSAGE", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY",
+                     "PUBLISH", "INFO", "REFER", "PRACK", "UPDATE"))
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
 FOLLOW_INTERVAL = 0.1  # seconds
@@ -97,6 +109,16 @@ def raw_message() -> str | bytes:
     except UnicodeDecodeError:
         return base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
     return text if text.isascii() else text.encode("utf-8", "surrogatepass")
+
+
+def request_method(raw: str | bytes) -> str:
+    """The method: the request line's first word, as Kamailio parsed it (the request got here, so
+    it parsed), without asking for $rm; asked for when the text does not start with a known method."""
+    if isinstance(raw, str):
+        method = raw[:raw.find(" ", 0, 12)]
+    else:
+        method = raw[:raw.find(b" ", 0, 12)].decode("latin-1")
+    return method if method in METHODS else (KSR.pv.get("$rm") or "")
 
 
 def has_copy_mark(raw: str | bytes) -> bool:
@@ -270,7 +292,8 @@ class PolicyplugKamailio:
     # -- a request ----------------------------------------------------------------------------------
 
     def request_route(self) -> int:
-        method = KSR.pv.get("$rm") or ""
+        raw = raw_message()
+        method = request_method(raw)
         if KSR.maxfwd.process_maxfwd(10) < 0:
             KSR.sl.sl_send_reply(483, "Too Many Hops")
             return 1
@@ -287,7 +310,7 @@ class PolicyplugKamailio:
             if KSR.tm.t_check_trans() == 0:  # a retransmission: tm answered it, no new decision
                 return 1
         if KSR.siputils.has_totag() > 0:
-            return self.in_dialog(method)
+            return self.in_dialog(method, raw)
         if method == "OPTIONS" and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
             KSR.siputils.options_reply()  # a keepalive to the server itself (monitoring, tests)
             return 1
@@ -295,22 +318,16 @@ class PolicyplugKamailio:
             if KSR.tm.t_check_trans() > 0:
                 KSR.tm.t_relay()
             return 1
-        raw = raw_message()
-        if has_copy_mark(raw):  # rare: look closer only then (each KSR call costs)
-            ours = self._is_our_copy()
-            KSR.hdr.remove(COPY_HEADER)  # the token never leaves; a forged one reaches nobody
-            if ours:
-                return self.relay(method)
         self._follow()
         return self.decide_and_enforce(method, raw, initial=True)
 
-    def in_dialog(self, method: str) -> int:
+    def in_dialog(self, method: str, raw: str | bytes) -> int:
         if KSR.rr.loose_route() < 0 and method != "ACK":
             KSR.sl.sl_send_reply(404, "Not here")
             return 1
         if method in IN_DIALOG_DECIDED:
             self._follow()
-            return self.decide_and_enforce(method, raw_message(), initial=False)
+            return self.decide_and_enforce(method, raw, initial=False)
         if method == "ACK" or KSR.tm.t_relay() < 0:
             if method == "ACK":
                 KSR.forward()  # ACK for 2xx: stateless, as RFC 3261 proxies do
@@ -324,6 +341,15 @@ class PolicyplugKamailio:
             and bool(KSR.is_myself_srcip())
 
     def decide_and_enforce(self, method: str, raw: str | bytes, *, initial: bool) -> int:
+        section, body_text, size = message_sections(raw)
+        headers = parse_headers(section)
+        # the copy header (any case): found among the parsed headers (or, past the first
+        # MAX_HEADERS lines, in the text), then looked at closer (each KSR call costs)
+        if initial and (COPY_MARK in headers if all_headers_parsed(section) else has_copy_mark(raw)):
+            ours = self._is_our_copy()
+            KSR.hdr.remove(COPY_HEADER)  # the token never leaves; a forged one reaches nobody
+            if ours:
+                return self.relay(method)
         # the recipient: the Request-URI of an initial request (where it will be routed); inside a
         # dialog the Request-URI is a device's contact, and the To URI names the party
         from_uri, to_uri = KSR.pv.get("$fu"), KSR.pv.get("$ru" if initial else "$tu")
@@ -335,14 +361,14 @@ class PolicyplugKamailio:
             return self.reply(416, "Unsupported URI Scheme", "only sip: and sips: addresses are decided")
         # the event of sip_event.event_json, made directly: its fields have the right types by
         # construction, Event.from_json's checks of untrusted JSON are not needed on this path
-        parts = request_parts(method, raw)
+        parts = event_parts(method, headers, body_text, size)
         if parts is None:
             return self.relay(method, to_uri) if initial else self.relay_in_dialog()
         try:
             sender, recipient = event_address(from_uri, "sip"), event_address(to_uri, "sip")
         except AddressError as exc:
             return self.reply(400, "Bad Request", str(exc))
-        kind, text, subject, size, payload, headers = parts
+        kind, text, subject, size, payload, _headers = parts
         event = Event(kind, sender, recipient, protocol="sip", body=text, subject=subject, type=method, size=size,
                       payload=payload, headers=headers, client=client_of(*source()))
         decision = self.policy.decide(event)

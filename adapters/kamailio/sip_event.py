@@ -118,10 +118,10 @@ def kind_of(method: str, headers: dict[str, str], body_text: str) -> str | None:
     return None
 
 
-def request_parts(method: str, raw: bytes | str) -> tuple[str, str, str, int, list[str], dict[str, str]] | None:
-    """(kind, body, subject, size, payload, headers) of a request as its event has them, or None
-    when its method is not decided. `raw` is the request's bytes, or its text when it is ASCII
-    (the same result either way)."""
+def message_sections(raw: bytes | str) -> tuple[str, str, int]:
+    """(header section without the request line, folded lines joined; body as text; size in
+    bytes) of a request given as its bytes, or as its text when it is ASCII (the same result
+    either way)."""
     if isinstance(raw, str) and not raw.isascii():
         raw = raw.encode("utf-8", "surrogatepass")
     if isinstance(raw, str):  # ASCII: its length is its size in bytes
@@ -129,7 +129,17 @@ def request_parts(method: str, raw: bytes | str) -> tuple[str, str, str, int, li
     else:
         section, body = split_message(raw)
         body_text = body.decode("utf-8", errors="replace")
-    headers = parse_headers(section)
+    return section, body_text, len(raw)
+
+
+def all_headers_parsed(section: str) -> bool:
+    """Does parse_headers(section) see every header (not only the first MAX_HEADERS lines)?"""
+    return section.count("\n") < MAX_HEADERS
+
+
+def event_parts(method: str, headers: dict[str, str], body_text: str,
+                size: int) -> tuple[str, str, str, int, list[str], dict[str, str]] | None:
+    """request_parts of a request already split (message_sections) and its headers parsed."""
     kind = kind_of(method, headers, body_text)
     if kind is None:
         return None
@@ -140,7 +150,15 @@ def request_parts(method: str, raw: bytes | str) -> tuple[str, str, str, int, li
         payload.append(event_header)
     # the message text is what a person wrote: the body of a MESSAGE of a textual type
     text = body_text if kind == "message" and media_type(content_type) in TEXT_TYPES else ""
-    return kind, text, headers.get("subject", ""), len(raw), payload, headers
+    return kind, text, headers.get("subject", ""), size, payload, headers
+
+
+def request_parts(method: str, raw: bytes | str) -> tuple[str, str, str, int, list[str], dict[str, str]] | None:
+    """(kind, body, subject, size, payload, headers) of a request as its event has them, or None
+    when its method is not decided. `raw` is the request's bytes, or its text when it is ASCII
+    (the same result either way)."""
+    section, body_text, size = message_sections(raw)
+    return event_parts(method, parse_headers(section), body_text, size)
 
 
 def client_of(source_ip: str, source_port: int, transport: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import logging
 import mmap
+import operator
 import os
 import socket
 import struct
@@ -30,6 +31,7 @@ import weakref
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
+from time import time_ns
 from typing import Any
 
 import orjson
@@ -94,7 +96,7 @@ class RecordEncoder:
         head, middle = parts
         rid = self._draw_id() if record_id is None else record_id.encode()
         return b"".join((head, encode_event(event, self.include_bodies), b',"id":"', rid, middle,
-                         orjson.dumps(time or datetime.now(UTC)), _VERSION_PART, end))
+                         now_json() if time is None else orjson.dumps(time), _VERSION_PART, end))
 
     def _parts(self, decision: Any) -> tuple[bytes, bytes]:
         encoded, policy, revision = encode_decision(decision)
@@ -125,6 +127,21 @@ class RecordEncoder:
 
 
 _VERSION_PART = b',"v":' + str(FORMAT_VERSION).encode() + b"}"
+_clock: list[Any] = [None, b""]  # the second now_json last formatted, and its text
+
+
+def now_json(ns: int | None = None) -> bytes:
+    """orjson.dumps(datetime.now(UTC)) (of `ns` nanoseconds since the epoch when given), the date
+    and time formatted once a second: b'"2026-11-25T01:02:03.456789+00:00"'."""
+    if ns is None:
+        ns = time_ns()
+    second, nanos = divmod(ns, 1_000_000_000)
+    if second != _clock[0]:
+        _clock[1] = b'"' + datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
+        _clock[0] = second
+    micros = nanos // 1000
+    return _clock[1] + (b'.%06d+00:00"' % micros if micros else b'+00:00"')
+
 # Every encoder and spool of this process: a forked child resets them (os.register_at_fork below;
 # Kamailio forks in C, so the adapter's child_init calls after_fork too). No getpid per record.
 _ENCODERS: weakref.WeakSet[RecordEncoder] = weakref.WeakSet()
@@ -259,15 +276,15 @@ class SharedAuditLog(RecordSink):
             fd, stat = self._current_file()
             if self._known != (stat.st_ino, stat.st_size):
                 self._prev, self._seq = self._chain_head(stat)
-            lines = []
-            sha256 = hashlib.sha256
+            parts: list[bytes] = []
+            add, join, sha256 = parts.extend, b"".join, hashlib.sha256
             prev, seq = self._prev.encode(), self._seq
             for body, cut in cut_bodies:
                 seq += 1
-                chained = b'%s,"prev":"%s","seq":%d%s' % (body[:cut], prev, seq, body[cut:])
+                chained = join((body[:cut], b',"prev":"', prev, b'","seq":', b"%d" % seq, body[cut:]))
                 prev = sha256(chained).hexdigest().encode()
-                lines.append(b'{"hash":"%s",%s\n' % (prev, chained[1:]))
-            data = b"".join(lines)
+                add((b'{"hash":"', prev, b'",', chained[1:], b"\n"))
+            data = join(parts)
             os.write(fd, data)
             self._prev, self._seq = prev.decode(), seq
             end = stat.st_size + len(data)
@@ -405,8 +422,7 @@ SPOOL_FILE_MAX = 64 << 20  # a worker starts a new spool file past this size
 #     leaves the other slot, the older position, which is the safe side for the worker deciding
 #     whether the ring has room); and how far it has chained the worker's overflow spool file
 #     (inode, offset, CRC)
-#   frames, 8-byte aligned: seq (u64), length (u32), CRC-32 of those 12 bytes and the record (u32),
-#     the record. The chainer takes a frame only when its seq is the next one and its CRC matches:
+#   frames, 8-byte aligned: CRC-32 (u32) of what follows it, length (u32), seq (u64), the record. The chainer takes a frame only when its seq is the next one and its CRC matches:
 #     a frame being written (or torn by a kill) is never read, whatever order the stores become
 #     visible in; a frame of an earlier lap has an older seq. A frame does not wrap: when it would
 #     not fit before the end, a WRAP frame (length 0xFFFFFFFF) is stored there (or, with fewer than
@@ -419,8 +435,8 @@ SPOOL_FILE_MAX = 64 << 20  # a worker starts a new spool file past this size
 RING_MAGIC = b"ppring01"
 RING_HEADER = 4096
 RING_BYTES = 4 << 20  # the adapter's default (`audit_ring_bytes`); 0: no ring, spool files only
-_FRAME_HEAD = struct.Struct("<QI")  # seq, length
-_FRAME = struct.Struct("<QII")  # seq, length, crc
+_FRAME_HEAD = struct.Struct("<IQ")  # length, seq
+_FRAME = struct.Struct("<IIQ")  # crc (of what follows it: length, seq, the record), length, seq
 _SLOT = struct.Struct("<QQQQ")  # generation, chained bytes, next seq, crc of the first three
 _SLOT_HEAD = struct.Struct("<QQQ")
 _SLOTS_AT = (16, 48)
@@ -428,10 +444,6 @@ _OVERFLOW = struct.Struct("<QQQ")  # inode and chained offset of the overflow sp
 _OVERFLOW_HEAD = struct.Struct("<QQ")
 _OVERFLOW_AT = 80
 _WRAP = 0xFFFFFFFF
-
-
-def _frame_size(length: int) -> int:
-    return (16 + length + 7) & ~7
 
 
 class SpoolRing:
@@ -524,31 +536,32 @@ class SpoolRing:
             raise ValueError(f"{self.path.name}: damaged header")
         _generation, total, seq = position
         size, data, records = self.size, self.map, []
+        view, unpack, crc32, header = memoryview(self.map), _FRAME.unpack_from, zlib.crc32, RING_HEADER
         limit = total + size
-        while total < limit:
-            at = total % size
-            room = size - at
-            if room < 16:
-                total += room
-                continue
-            at += RING_HEADER
-            frame_seq, length, crc = _FRAME.unpack_from(data, at)
-            if frame_seq != seq:
-                break  # not written yet (an older lap's frame)
-            if length == _WRAP:
-                if zlib.crc32(data[at:at + 12]) != crc:
-                    break
-                total += room
+        try:
+            while total < limit:
+                at = total % size
+                room = size - at
+                if room < 16:
+                    total += room
+                    continue
+                at += header
+                crc, length, frame_seq = unpack(data, at)
+                if frame_seq != seq:
+                    break  # not written yet (an older lap's frame)
+                if length == _WRAP:
+                    if crc32(view[at + 4:at + 16]) != crc:
+                        break
+                    total += room
+                    seq += 1
+                    continue
+                if length > room - 16 or crc32(view[at + 4:at + 16 + length]) != crc:
+                    break  # being written
+                records.append(data[at + 16:at + 16 + length])
+                total += (23 + length) & ~7
                 seq += 1
-                continue
-            if length > room - 16:
-                break
-            record = data[at + 16:at + 16 + length]
-            if zlib.crc32(record, zlib.crc32(data[at:at + 12])) != crc:
-                break  # being written
-            records.append(record)
-            total += _frame_size(length)
-            seq += 1
+        finally:
+            view.release()
         return records, total, seq
 
 
@@ -627,13 +640,13 @@ class AuditSpool(RecordSink):
         data, seq = ring.map, self._seq
         if pad:  # the frame does not fit before the end: a WRAP frame there, the frame at the start
             if pad >= 16:
-                _FRAME.pack_into(data, RING_HEADER + at, seq, _WRAP, zlib.crc32(_FRAME_HEAD.pack(seq, _WRAP)))
+                _FRAME.pack_into(data, RING_HEADER + at, zlib.crc32(_FRAME_HEAD.pack(_WRAP, seq)), _WRAP, seq)
                 seq += 1
             total += pad
             at = 0
         at += RING_HEADER
         data[at + 16:at + 16 + length] = line  # the record first, then the frame head naming it
-        _FRAME.pack_into(data, at, seq, length, zlib.crc32(line, zlib.crc32(_FRAME_HEAD.pack(seq, length))))
+        _FRAME.pack_into(data, at, zlib.crc32(line, zlib.crc32(_FRAME_HEAD.pack(length, seq))), length, seq)
         self._total, self._seq = total + need, seq + 1
         return True
 
@@ -809,10 +822,11 @@ class SpoolChainer:
             except (OSError, ValueError) as exc:
                 self.log._failed(ValueError(f"{path.name}: {exc}"))
                 continue
+            add = batch.append
             for record in records:
                 cut = record.rfind(b',"time":"')
                 if cut > 0:
-                    batch.append((record[cut + 9:record.find(b'"', cut + 9)], record, cut))
+                    add((record[cut + 9:cut + 41], record, cut))  # the time, as far as it sorts
                 else:
                     self.log._failed(ValueError(f"{path.name}: not an audit record: {record[:80]!r}"))
             found.append((ring, total, seq))
@@ -872,8 +886,7 @@ class SpoolChainer:
                 os.unlink(self.legacy_offsets_path)
 
 
-def _first(item: tuple[bytes, bytes, int]) -> bytes:
-    return item[0]
+_first = operator.itemgetter(0)
 
 
 def _writer_alive(path: Path) -> bool:
