@@ -45,29 +45,6 @@ _SORTED = orjson.OPT_SORT_KEYS
 # switch interval). os.sched_yield releases the GIL around the system call.
 YIELD_EVERY = 32
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
-# The writer thread runs below the deciding thread: its write() can spend milliseconds in the kernel
-# (page-cache pages filled for the first time; the kernels seen here do not preempt kernel code), and a
-# decision woken meanwhile at the same priority waited for the whole system call. Below it, the
-# deciding thread takes the CPU at the kernel's next scheduling point. A real-time deciding process
-# (SCHED_FIFO/RR) gets a SCHED_OTHER writer; an ordinary one a writer WRITER_NICE steps nicer.
-WRITER_NICE = 5
-LOWER_WRITER_PRIORITY = True
-
-
-def lower_this_threads_priority() -> str:
-    """Put the calling thread below the rest of its process; returns what was done (for the status)."""
-    if not LOWER_WRITER_PRIORITY or not hasattr(os, "sched_getscheduler"):
-        return "unchanged"
-    try:
-        if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):  # 0: this thread, on Linux
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            return "SCHED_OTHER (the deciding thread is real-time)"
-        # Linux keeps a nice value per thread: PRIO_PROCESS with this thread's id changes only it
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + WRITER_NICE)
-        return f"nice +{WRITER_NICE}"
-    except OSError as exc:  # not allowed or not supported: the writer runs as it is
-        return f"unchanged ({exc})"
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -406,7 +383,6 @@ class AuditWriter:
                 self._thread.start()
 
     def _run(self) -> None:
-        self.stats["writer_priority"] = lower_this_threads_priority()
         while True:
             stopping = self._stop.wait(BATCH_INTERVAL)
             # popleft, not swapping lists: an append racing with a swap could land in a list already written
