@@ -259,18 +259,28 @@ class ChainedLog:
                 prev = sha256(body).hexdigest().encode()
                 # the line is the hashed body with "hash" put first: one serialisation per record
                 lines.append(b'{"hash":"' + prev + b'",' + body[1:] + b"\n")
-                if index % YIELD_EVERY == YIELD_EVERY - 1:
+                if len(lines) == YIELD_EVERY:
+                    self._append_lines(lines, seq, prev)
+                    lines = []
                     _yield()  # let a waiting decision in: it must not wait behind a whole batch
-            self._seq, self._prev = seq, prev.decode()
-            self._file.write(b"".join(lines))
-            self._file.flush()
-            self.stats["written"] += len(items)
+            if lines:
+                self._append_lines(lines, seq, prev)
             self.sync_if_due()
             if self.max_bytes is not None and self._file.tell() >= self.max_bytes:
                 self._rotate()
         except Exception as exc:
             self.failed(exc)
             self._opened = False  # try to reopen next time
+
+    def _append_lines(self, lines: list[bytes], seq: int, prev: bytes) -> None:
+        """Append chained lines, YIELD_EVERY at most per write: one write() of a whole batch could spend
+        milliseconds in the kernel filling new page-cache pages (seen on this project's VM, whose kernel
+        does not preempt kernel code) while a decision at the same priority waited for it. The chain
+        head moves with what is written, so a write that fails leaves it at the last line on disk."""
+        self._file.write(b"".join(lines))
+        self._file.flush()
+        self._seq, self._prev = seq, prev.decode()
+        self.stats["written"] += len(lines)
 
     def sync_if_due(self, force: bool = False) -> None:
         now = time.monotonic()
