@@ -531,18 +531,3 @@ def test_the_ring_position_survives_a_torn_slot(tmp_path: Path) -> None:
     assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 3
     assert verify([str(log)]).intact and verify([str(log)]).records == 6
 
-
-def test_the_record_time_is_formatted_as_orjson_formats_datetime_now() -> None:
-    from datetime import UTC, datetime
-
-    import orjson
-
-    from policyplug.audit.shared_file import now_json
-
-    for ns in (0, 1_764_000_000_000_000_000, 1_764_000_000_123_456_789, 1_764_000_000_000_000_999,
-               1_764_000_000_000_001_000, 1_764_000_059_999_999_000, 1_764_000_060_000_000_000):
-        expected = datetime.fromtimestamp(ns // 10**9, UTC).replace(microsecond=ns // 1000 % 10**6)
-        assert now_json(ns) == orjson.dumps(expected), ns
-    before = datetime.now(UTC)
-    made = datetime.fromisoformat(orjson.loads(now_json()))
-    assert before <= made <= datetime.now(UTC)

@@ -31,7 +31,6 @@ import weakref
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
-from time import time_ns
 from typing import Any
 
 import orjson
@@ -96,7 +95,7 @@ class RecordEncoder:
         head, middle = parts
         rid = self._draw_id() if record_id is None else record_id.encode()
         return b"".join((head, encode_event(event, self.include_bodies), b',"id":"', rid, middle,
-                         now_json() if time is None else orjson.dumps(time), _VERSION_PART, end))
+                         orjson.dumps(time or datetime.now(UTC)), _VERSION_PART, end))
 
     def _parts(self, decision: Any) -> tuple[bytes, bytes]:
         encoded, policy, revision = encode_decision(decision)
@@ -127,21 +126,6 @@ class RecordEncoder:
 
 
 _VERSION_PART = b',"v":' + str(FORMAT_VERSION).encode() + b"}"
-_clock: list[Any] = [None, b""]  # the second now_json last formatted, and its text
-
-
-def now_json(ns: int | None = None) -> bytes:
-    """orjson.dumps(datetime.now(UTC)) (of `ns` nanoseconds since the epoch when given), the date
-    and time formatted once a second: b'"2026-11-25T01:02:03.456789+00:00"'."""
-    if ns is None:
-        ns = time_ns()
-    second, nanos = divmod(ns, 1_000_000_000)
-    if second != _clock[0]:
-        _clock[1] = b'"' + datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
-        _clock[0] = second
-    micros = nanos // 1000
-    return _clock[1] + (b'.%06d+00:00"' % micros if micros else b'+00:00"')
-
 # Every encoder and spool of this process: a forked child resets them (os.register_at_fork below;
 # Kamailio forks in C, so the adapter's child_init calls after_fork too). No getpid per record.
 _ENCODERS: weakref.WeakSet[RecordEncoder] = weakref.WeakSet()
