@@ -306,3 +306,27 @@ def test_the_copy_header_is_looked_for_in_the_text_when_there_are_more_headers_t
     assert not all_headers_parsed(section) and "x-policyplug-copy" not in parse_headers(section)
     section, _body, _size = message_sections("MESSAGE sip:b@x SIP/2.0\r\nX-Policyplug-Copy: t\r\n\r\nhi")
     assert all_headers_parsed(section) and "x-policyplug-copy" in parse_headers(section)
+
+
+def test_the_client_comes_from_sas_once_per_source_and_from_three_variables_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = tmp_path / "p.policy"
+    policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
+    config = tmp_path / "k.toml"
+    config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
+    fake = FakeKSR()
+    values: dict[str, Any] = {"$sas": "tls:[2001:db8::1]:5061", "$si": "192.0.2.9", "$sp": 5070, "$pr": "tcp"}
+    fake.pv = types.SimpleNamespace(get=values.get)
+    monkeypatch.setitem(sys.modules, "KSR", fake)
+    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
+    sys.modules.pop("policyplug_kemi", None)
+    kemi = importlib.import_module("policyplug_kemi")
+    try:
+        first = kemi.client()
+        assert first == {"ip": "2001:db8::1", "port": 5061, "secure": True} and kemi.client() is first
+        values["$sas"] = "udp:192.0.2.1:5060"
+        assert kemi.client() == {"ip": "192.0.2.1", "port": 5060, "secure": False}
+        values["$sas"] = None  # not there: the three variables
+        assert kemi.client() == {"ip": "192.0.2.9", "port": 5070, "secure": False}
+    finally:
+        sys.modules.pop("policyplug_kemi", None)

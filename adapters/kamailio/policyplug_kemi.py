@@ -130,14 +130,43 @@ def request_body(raw: str | bytes) -> str:
     return split_text(raw)[1] if isinstance(raw, str) else split_message(raw)[1].decode("utf-8", errors="replace")
 
 
-def source() -> tuple[str, int, str]:
-    """(ip, port, transport) the request came from: $sas ("udp:192.0.2.1:5060", "tcp:[::1]:5060")
-    is all three in one call; the three variables one by one if it is ever not that."""
-    proto, _, hostport = (KSR.pv.get("$sas") or "").partition(":")
+def parse_sas(sas: str) -> tuple[str, int, str] | None:
+    """$sas ("udp:192.0.2.1:5060", "tcp:[::1]:5060") -> (ip, port, transport), None if not that."""
+    proto, _, hostport = sas.partition(":")
     host, _, port = hostport.rpartition(":")
     if proto and host and port.isdigit():
         return (host[1:-1] if host.startswith("[") else host), int(port), proto
+    return None
+
+
+def source() -> tuple[str, int, str]:
+    """(ip, port, transport) the request came from: $sas is all three in one call; the three
+    variables one by one if it is ever not that."""
+    parsed = parse_sas(KSR.pv.get("$sas") or "")
+    if parsed is not None:
+        return parsed
     return KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0), KSR.pv.get("$pr") or "udp"
+
+
+# $sas -> the event's `client` (the same dict for every request from one address: nobody changes
+# it; Event.to_json copies it). Few distinct sources come by a proxy (its peers, an edge proxy).
+_CLIENTS: dict[str, dict[str, Any]] = {}
+
+
+def client() -> dict[str, Any]:
+    """The event's `client` of this request (sip_event.client_of of its source)."""
+    sas = KSR.pv.get("$sas") or ""
+    found = _CLIENTS.get(sas)
+    if found is None:
+        parsed = parse_sas(sas)
+        if parsed is None:
+            return client_of(*source())
+        found = client_of(*parsed)
+        if len(sas) <= 64:
+            if len(_CLIENTS) >= 1024:
+                _CLIENTS.clear()  # many sources: start afresh rather than grow
+            _CLIENTS[sas] = found
+    return found
 
 
 def quoted(text: str) -> str:
@@ -370,7 +399,7 @@ class PolicyplugKamailio:
             return self.reply(400, "Bad Request", str(exc))
         kind, text, subject, size, payload, _headers = parts
         event = Event(kind, sender, recipient, protocol="sip", body=text, subject=subject, type=method, size=size,
-                      payload=payload, headers=headers, client=client_of(*source()))
+                      payload=payload, headers=headers, client=client())
         decision = self.policy.decide(event)
         if self.audit is not None and not self.audit.submit(event, decision) \
                 and self.audit.stats["errors"] != self._audit_errors:
