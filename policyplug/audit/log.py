@@ -198,18 +198,17 @@ def policy_part(policy: str, revision: str) -> bytes:
     return b',"policy":' + orjson.dumps(policy) + b',"policy_revision":' + orjson.dumps(revision)
 
 
-# What a writer queues per record: (event, decision, policy part), each already serialised canonically
-# (`encode_event`, `encode_decision`, `policy_part`). None of them holds a tab or a newline (JSON escapes
-# both), which lets the writer process take them as tab-separated lines (policyplug.audit.writer_process).
+# What the writer queues per record: (event, decision, policy part), each already serialised canonically
+# (`encode_event`, `encode_decision`, `policy_part`).
 QueuedRecord = tuple[bytes, bytes, bytes]
 
 
 class ChainedLog:
     """The file side of an audit log: chains queued records, appends them, fsyncs, rotates.
 
-    Used by one writer at a time (the thread of `AuditWriter`). Errors are
-    counted in `stats` and logged, never raised: a failing disk must not stop the caller, and the
-    next batch tries to reopen the file (disk freed, permissions fixed).
+    Used by one writer at a time (the thread of `AuditWriter`). Errors are counted in `stats` and
+    logged, never raised: a failing disk must not stop the caller, and the next batch tries to reopen
+    the file (disk freed, permissions fixed).
     """
 
     def __init__(self, path: Path, *, node: str, max_bytes: int | None = None, flush_interval: float = 0.2,
@@ -290,10 +289,6 @@ class ChainedLog:
             except (OSError, ValueError) as exc:
                 self.failed(exc)
             self._last_sync = now
-
-    def seconds_to_sync(self) -> float:
-        """How long until the next fsync is due (for a writer waiting on its input)."""
-        return max(0.0, self._last_sync + self.flush_interval - time.monotonic())
 
     def _rotate(self) -> None:
         """audit.jsonl -> audit.jsonl.1 -> .2 ...; the chain continues in the new file."""
