@@ -15,6 +15,14 @@ relays them statefully to a SIPp sink answering 200. Kamailio runs with the TLSF
 the share of the native route's throughput each configuration keeps.
 
     python3 bench/bench_kamailio.py [--messages 20000] [--in-flight 100] [--children 4]
+
+This machine's speed varies by tens of percent from one run to the next, so two versions of the
+adapter are compared side by side instead: `--pair OTHER_CHECKOUT` starts this checkout's adapter
+and the other checkout's at the same time, both pinned to the Kamailio core and loaded at the same
+time (one SIPp each, on the other core), and prints each one's Kamailio CPU per message, round by
+round: a slow spell of the host slows both.
+
+    python3 bench/bench_kamailio.py --pair /path/to/older/checkout [--policy large|trivial] [--audit denied|none]
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ import os
 import re
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_engine import make_policy  # noqa: E402
 
+import tests.servers.kamailio as kamailio_servers  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 from tests.servers.kamailio import KamailioServer  # noqa: E402
 
@@ -119,13 +130,69 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def pair(args: argparse.Namespace) -> int:
+    """This checkout's adapter and another's, side by side on the same core (see the module doc)."""
+    checkouts = {"this": ROOT, "other": Path(args.pair).resolve()}
+    policy = large_policy() if args.policy == "large" else TRIVIAL
+    sink, sink_port = start_sink()
+    servers: dict[str, KamailioServer] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="policyplug-bench-kamailio-pair-") as tmp:
+            for name, root in checkouts.items():
+                kamailio_servers.KEMI_SCRIPT = root / "adapters" / "kamailio" / "policyplug_kemi.py"
+                server = KamailioServer(Path(tmp) / name, policy, children=args.children, audit_level=args.audit,
+                                        allocator="tlsf", shm_mb=512, cpus=KAMAILIO_CPU, debug=1,
+                                        routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
+                                        extra_config={"python_path": [*site.getsitepackages(), str(root)]})
+                server.start()
+                servers[name] = server
+            per_message: dict[str, list[float]] = {name: [] for name in servers}
+
+            def run(name: str, messages: int) -> None:
+                server = servers[name]
+                assert server.proc is not None
+                before = kamailio_cpu_seconds(server.proc.pid)
+                ok, _failed, _seconds = load(server.port, messages, args.in_flight)
+                per_message[name].append((kamailio_cpu_seconds(server.proc.pid) - before) / max(ok, 1) * 1e6)
+
+            print(f"this checkout ({ROOT}) and the other ({checkouts['other']}), {args.policy} policy, audit level "
+                  f"{args.audit}: Kamailio CPU µs/msg, both loaded at once")
+            for round_ in range(args.rounds + 1):  # round 0: warm-up
+                threads = [threading.Thread(target=run, args=(name, 2000 if round_ == 0 else args.messages))
+                           for name in servers]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                if round_:
+                    this, other = per_message["this"][-1], per_message["other"][-1]
+                    print(f"  round {round_}: this {this:.1f}, other {other:.1f}, this - other {this - other:+.1f} "
+                          f"({this / other - 1:+.1%})", flush=True)
+            rounds = list(zip(per_message["this"][1:], per_message["other"][1:], strict=True))
+            mean = sum(this - other for this, other in rounds) / len(rounds)
+            print(f"mean difference {mean:+.1f} µs/msg over {len(rounds)} rounds")
+            for name, server in servers.items():
+                if server.python_errors():
+                    print(f"{name}: Python errors in Kamailio's log: {server.python_errors()[:3]}")
+    finally:
+        for server in servers.values():
+            server.stop()
+        stop(sink)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--in-flight", type=int, default=100)
     parser.add_argument("--children", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="measured runs per configuration (best kept)")
+    parser.add_argument("--pair", metavar="CHECKOUT", help="compare with another checkout's adapter, side by side")
+    parser.add_argument("--policy", choices=("large", "trivial"), default="large", help="with --pair")
+    parser.add_argument("--audit", choices=("denied", "all", "none"), default="denied", help="with --pair")
     args = parser.parse_args()
+    if args.pair:
+        return pair(args)
 
     results: dict[str, tuple[float, int, int, float, float]] = {}
     sink, sink_port = start_sink()
