@@ -531,3 +531,16 @@ def test_the_ring_position_survives_a_torn_slot(tmp_path: Path) -> None:
     assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 3
     assert verify([str(log)]).intact and verify([str(log)]).records == 6
 
+
+
+def test_a_ring_left_half_made_by_a_dead_worker_is_removed(tmp_path: Path) -> None:
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    spool.mkdir()
+    context = multiprocessing.get_context("fork")
+    gone = context.Process(target=lambda: None)
+    gone.start()
+    gone.join(10)
+    (spool / f"{gone.pid}.ring.{gone.pid}.tmp").write_bytes(b"ppring01")  # died while making its ring
+    (spool / "1.ring.1.tmp").write_bytes(b"ppring01")  # pid 1 lives: left alone
+    assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 0
+    assert sorted(p.name for p in spool.iterdir() if p.name.endswith(".tmp")) == ["1.ring.1.tmp"]

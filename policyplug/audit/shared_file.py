@@ -818,6 +818,11 @@ class SpoolChainer:
                 finished.append(path)  # its worker is gone and everything it stored is chained
         for name in [n for n in self._rings if n not in names]:
             self._rings.pop(name).close()
+        for path in self.dir.glob("*.ring.*.tmp"):  # a ring being made by a worker that died doing it
+            maker = path.name.split(".")[-2]
+            if maker.isdigit() and not _writer_alive(path.with_name(f"{maker}.ring")):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         return found
 
     # How far each spool file is chained survives a restart: two slots of one file, written in
