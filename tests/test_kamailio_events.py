@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -221,81 +222,67 @@ class FakeKSR(types.ModuleType):
     info = err
 
 
-def test_an_exception_in_the_adapter_answers_500_and_logs_the_call_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def load_kemi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[FakeKSR], types.ModuleType]]:
+    """Import the KEMI script afresh against a FakeKSR, with a `default allow` policy and its config."""
     policy = tmp_path / "p.policy"
     policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
     config = tmp_path / "k.toml"
     config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
+
+    def load(fake: FakeKSR) -> types.ModuleType:
+        monkeypatch.setitem(sys.modules, "KSR", fake)
+        monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
+        sys.modules.pop("policyplug_kemi", None)
+        return importlib.import_module("policyplug_kemi")
+
+    yield load
+    sys.modules.pop("policyplug_kemi", None)
+
+
+def test_an_exception_in_the_adapter_answers_500_and_logs_the_call_id(load_kemi) -> None:  # type: ignore[no-untyped-def]
     fake = FakeKSR()
-    monkeypatch.setitem(sys.modules, "KSR", fake)
-    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
-    sys.modules.pop("policyplug_kemi", None)
-    kemi = importlib.import_module("policyplug_kemi")
-    try:
-        handler = kemi.kamailio()
+    kemi = load_kemi(fake)
+    handler = kemi.kamailio()
 
-        def broken() -> int:
-            raise RuntimeError("boom")
+    def broken() -> int:
+        raise RuntimeError("boom")
 
-        handler.adapter.request_route = broken
-        assert handler.ksr_request_route(None) == 1, "a KEMI route must return an int"
-        assert fake.replies == [(500, "Server Internal Error")]
-        assert fake.reply_headers == ['Warning: 399 policyplug "policyplug internal error"\r\n']
-        assert any("Call-ID call-42" in line and "RuntimeError: boom" in line for line in fake.logged)
-    finally:
-        sys.modules.pop("policyplug_kemi", None)
+    handler.adapter.request_route = broken
+    assert handler.ksr_request_route(None) == 1, "a KEMI route must return an int"
+    assert fake.replies == [(500, "Server Internal Error")]
+    assert fake.reply_headers == ['Warning: 399 policyplug "policyplug internal error"\r\n']
+    assert any("Call-ID call-42" in line and "RuntimeError: boom" in line for line in fake.logged)
 
 
-def test_the_copy_header_is_found_and_the_body_read_in_text_and_bytes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    policy = tmp_path / "p.policy"
-    policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
-    config = tmp_path / "k.toml"
-    config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
-    monkeypatch.setitem(sys.modules, "KSR", FakeKSR())
-    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
-    sys.modules.pop("policyplug_kemi", None)
-    kemi = importlib.import_module("policyplug_kemi")
-    try:
-        marked = "MESSAGE sip:b@x SIP/2.0\r\nx-POLICYPLUG-copy: t\r\n\r\n"
-        assert kemi.has_copy_mark(marked) and kemi.has_copy_mark(marked.encode())
-        assert not kemi.has_copy_mark("MESSAGE sip:b@x SIP/2.0\r\n\r\n")
-        assert kemi.request_body("M sip:b@x SIP/2.0\r\nA: b\r\n\r\nbody") == "body"
-        assert kemi.request_body(b"M sip:b@x SIP/2.0\r\nA: b\r\n\r\nb\xffdy") == "b\ufffddy"
-    finally:
-        sys.modules.pop("policyplug_kemi", None)
+def test_the_copy_header_is_found_and_the_body_read_in_text_and_bytes(load_kemi) -> None:  # type: ignore[no-untyped-def]
+    kemi = load_kemi(FakeKSR())
+    marked = "MESSAGE sip:b@x SIP/2.0\r\nx-POLICYPLUG-copy: t\r\n\r\n"
+    assert kemi.has_copy_mark(marked) and kemi.has_copy_mark(marked.encode())
+    assert not kemi.has_copy_mark("MESSAGE sip:b@x SIP/2.0\r\n\r\n")
+    assert kemi.request_body("M sip:b@x SIP/2.0\r\nA: b\r\n\r\nbody") == "body"
+    assert kemi.request_body(b"M sip:b@x SIP/2.0\r\nA: b\r\n\r\nb\xffdy") == "b\ufffddy"
 
 
-def test_the_method_comes_from_the_request_line_and_unknown_words_are_asked_of_kamailio(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    policy = tmp_path / "p.policy"
-    policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
-    config = tmp_path / "k.toml"
-    config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
+def test_the_method_comes_from_the_request_line_and_unknown_words_are_asked_of_kamailio(load_kemi) -> None:  # type: ignore[no-untyped-def]
     fake = FakeKSR()
     asked: list[str] = []
     values = {"$rm": "MESSAGE", "$rd": "Bench.Example"}
     fake.pv = types.SimpleNamespace(get=lambda name: asked.append(name) or values.get(name))
-    monkeypatch.setitem(sys.modules, "KSR", fake)
-    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
-    sys.modules.pop("policyplug_kemi", None)
-    kemi = importlib.import_module("policyplug_kemi")
-    try:
-        for method in ("MESSAGE", "SUBSCRIBE", "REGISTER", "INVITE", "OPTIONS", "ACK", "CANCEL", "BYE", "PUBLISH"):
-            assert kemi.request_method(f"{method} sip:b@x SIP/2.0\r\n\r\n") == method
-            assert kemi.request_method(f"{method} sip:b@x SIP/2.0\r\n\r\n".encode()) == method
-        assert asked == []
-        assert kemi.request_method("\r\nMESSAGE sip:b@x SIP/2.0\r\n\r\n") == "MESSAGE" and asked == ["$rm"]
-        assert kemi.request_method("FOO sip:b@x SIP/2.0\r\n\r\n") == "MESSAGE"  # what $rm says
-        # the Request-URI's domain: asked once per Request-URI text, lower-case
-        adapter = kemi.kamailio().adapter
-        asked.clear()
-        assert adapter.request_domain("sip:bob@Bench.Example") == "bench.example"
-        assert adapter.request_domain("sip:bob@Bench.Example") == "bench.example"
-        assert asked == ["$rd"]
-        assert adapter.request_domain(None) == "bench.example" and asked == ["$rd", "$rd"]  # rewritten: asked
-    finally:
-        sys.modules.pop("policyplug_kemi", None)
+    kemi = load_kemi(fake)
+    for method in ("MESSAGE", "SUBSCRIBE", "REGISTER", "INVITE", "OPTIONS", "ACK", "CANCEL", "BYE", "PUBLISH"):
+        assert kemi.request_method(f"{method} sip:b@x SIP/2.0\r\n\r\n") == method
+        assert kemi.request_method(f"{method} sip:b@x SIP/2.0\r\n\r\n".encode()) == method
+    assert asked == []
+    assert kemi.request_method("\r\nMESSAGE sip:b@x SIP/2.0\r\n\r\n") == "MESSAGE" and asked == ["$rm"]
+    assert kemi.request_method("FOO sip:b@x SIP/2.0\r\n\r\n") == "MESSAGE"  # what $rm says
+    # the Request-URI's domain: asked once per Request-URI text, lower-case
+    adapter = kemi.kamailio().adapter
+    asked.clear()
+    assert adapter.request_domain("sip:bob@Bench.Example") == "bench.example"
+    assert adapter.request_domain("sip:bob@Bench.Example") == "bench.example"
+    assert asked == ["$rd"]
+    assert adapter.request_domain(None) == "bench.example" and asked == ["$rd", "$rd"]  # rewritten: asked
 
 
 def test_the_copy_header_is_looked_for_in_the_text_when_there_are_more_headers_than_parsed() -> None:
@@ -308,25 +295,14 @@ def test_the_copy_header_is_looked_for_in_the_text_when_there_are_more_headers_t
     assert all_headers_parsed(section) and "x-policyplug-copy" in parse_headers(section)
 
 
-def test_the_client_comes_from_sas_once_per_source_and_from_three_variables_otherwise(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    policy = tmp_path / "p.policy"
-    policy.write_text('policy "t"\nlocal domains ["acme.example"]\ndefault allow\n')
-    config = tmp_path / "k.toml"
-    config.write_text(f'policy = "{policy}"\nstate_dir = "{tmp_path / "state"}"\n')
+def test_the_client_comes_from_sas_once_per_source_and_from_three_variables_otherwise(load_kemi) -> None:  # type: ignore[no-untyped-def]
     fake = FakeKSR()
     values: dict[str, Any] = {"$sas": "tls:[2001:db8::1]:5061", "$si": "192.0.2.9", "$sp": 5070, "$pr": "tcp"}
     fake.pv = types.SimpleNamespace(get=values.get)
-    monkeypatch.setitem(sys.modules, "KSR", fake)
-    monkeypatch.setenv("POLICYPLUG_KAMAILIO_CONFIG", str(config))
-    sys.modules.pop("policyplug_kemi", None)
-    kemi = importlib.import_module("policyplug_kemi")
-    try:
-        first = kemi.client()
-        assert first == {"ip": "2001:db8::1", "port": 5061, "secure": True} and kemi.client() is first
-        values["$sas"] = "udp:192.0.2.1:5060"
-        assert kemi.client() == {"ip": "192.0.2.1", "port": 5060, "secure": False}
-        values["$sas"] = None  # not there: the three variables
-        assert kemi.client() == {"ip": "192.0.2.9", "port": 5070, "secure": False}
-    finally:
-        sys.modules.pop("policyplug_kemi", None)
+    kemi = load_kemi(fake)
+    first = kemi.client()
+    assert first == {"ip": "2001:db8::1", "port": 5061, "secure": True} and kemi.client() is first
+    values["$sas"] = "udp:192.0.2.1:5060"
+    assert kemi.client() == {"ip": "192.0.2.1", "port": 5060, "secure": False}
+    values["$sas"] = None  # not there: the three variables
+    assert kemi.client() == {"ip": "192.0.2.9", "port": 5070, "secure": False}
