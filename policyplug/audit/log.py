@@ -155,8 +155,7 @@ def record_body(*, decision: bytes, event: bytes, record_id: str, node: str, pol
     canonical, i.e. orjson with sorted keys): the members in sorted key order, as `canonical` does."""
     return b"".join((
         b'{"decision":', decision, b',"event":', event, b',"id":', orjson.dumps(record_id),
-        b',"node":', orjson.dumps(node), b',"policy":', orjson.dumps(policy),
-        b',"policy_revision":', orjson.dumps(revision), b',"prev":', orjson.dumps(prev),
+        b',"node":', orjson.dumps(node), policy_part(policy, revision), b',"prev":', orjson.dumps(prev),
         b',"seq":', str(seq).encode(), b',"time":', orjson.dumps(time), b',"v":', str(FORMAT_VERSION).encode(),
         b"}",
     ))

@@ -44,6 +44,7 @@ from .log import (
     encode_decision,
     encode_event,
     last_record,
+    policy_part,
     shift_rotations,
     should_audit,
 )
@@ -100,8 +101,7 @@ class RecordEncoder:
     def _parts(self, decision: Any) -> tuple[bytes, bytes]:
         encoded, policy, revision = encode_decision(decision)
         return (b'{"decision":' + encoded + b',"event":',
-                b'"' + self._node_part + b',"policy":' + orjson.dumps(policy) + b',"policy_revision":'
-                + orjson.dumps(revision) + b',"time":')
+                b'"' + self._node_part + policy_part(policy, revision) + b',"time":')
 
     def _built_line(self, event: Any, decision: Any, *, record_id: str | None = None,
                     time: datetime | None = None, end: bytes = b"") -> bytes:
