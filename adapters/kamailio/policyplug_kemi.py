@@ -139,15 +139,6 @@ def parse_sas(sas: str) -> tuple[str, int, str] | None:
     return None
 
 
-def source() -> tuple[str, int, str]:
-    """(ip, port, transport) the request came from: $sas is all three in one call; the three
-    variables one by one if it is ever not that."""
-    parsed = parse_sas(KSR.pv.get("$sas") or "")
-    if parsed is not None:
-        return parsed
-    return KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0), KSR.pv.get("$pr") or "udp"
-
-
 # $sas -> the event's `client` (the same dict for every request from one address: nobody changes
 # it; Event.to_json copies it). Few distinct sources come by a proxy (its peers, an edge proxy).
 _CLIENTS: dict[str, dict[str, Any]] = {}
@@ -159,8 +150,8 @@ def client() -> dict[str, Any]:
     found = _CLIENTS.get(sas)
     if found is None:
         parsed = parse_sas(sas)
-        if parsed is None:
-            return client_of(*source())
+        if parsed is None:  # $sas is not "proto:host:port": the three variables one by one
+            return client_of(KSR.pv.get("$si") or "", int(KSR.pv.get("$sp") or 0), KSR.pv.get("$pr") or "udp")
         found = client_of(*parsed)
         if len(sas) <= 64:
             if len(_CLIENTS) >= 1024:
