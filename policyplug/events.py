@@ -17,6 +17,7 @@ from .nodes import EVENT_KINDS
 PROTOCOLS = ("xmpp", "sip")
 _KINDS = frozenset(EVENT_KINDS)
 _last_time: tuple[str, datetime] | None = None
+_new_event = object.__new__
 _ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
 
 
@@ -94,8 +95,10 @@ class Event:
             raw_to = _required_string(data, "to")
         protocol = get("protocol")
         if protocol is None:
-            protocol = "sip" if raw_from[:5].lower().startswith(("sip:", "sips:")) or raw_to[:5].lower().startswith(
-                ("sip:", "sips:")) else "xmpp"
+            protocol = "xmpp"
+            if (raw_from[0] in "sS" or raw_to[0] in "sS") and (  # only then can either be a sip: URI
+                    raw_from[:5].lower().startswith(("sip:", "sips:")) or raw_to[:5].lower().startswith(("sip:", "sips:"))):
+                protocol = "sip"
         elif protocol not in PROTOCOLS:
             raise _field_error("protocol", f"expected 'xmpp' or 'sip', got {protocol!r}")
         sender = _address(raw_from, "from", protocol)
@@ -129,11 +132,37 @@ class Event:
             raise _field_error("headers", "expected an object of string values")
         else:
             headers = {k.lower(): v for k, v in headers.items()}
-        client = _client(get("client"))
+        client = get("client")
+        if type(client) is dict and len(client) == 3 and type(client.get("ip")) is str and type(
+                client.get("port")) is int and type(client.get("secure")) is bool:
+            client = {"ip": client["ip"], "port": client["port"], "secure": client["secure"]}  # the usual shape
+        else:
+            client = _client(client)
         time_value = get("time")
-        when = _parse_time_cached(time_value) if time_value is not None else None
-        return cls(kind, sender, recipient, protocol=protocol, body=body, subject=subject, type=stanza_type,
-                   size=size, payload=payload, headers=headers, client=client, time=when)
+        if time_value is None:
+            when = datetime.now(UTC)
+        else:
+            last = _last_time
+            when = last[1] if last is not None and last[0] == time_value and type(time_value) is str \
+                else _parse_time_cached(time_value)
+        if size is None:
+            size = len(body) if body.isascii() else len(body.encode("utf-8", "surrogatepass"))
+        # the slots set here, not through __init__: its keyword call is a fifth of this method's time
+        event = _new_event(cls)
+        event.kind = kind
+        event.protocol = protocol
+        event.sender = sender
+        event.recipient = recipient
+        event.body = body
+        event.subject = subject
+        event.type = stanza_type
+        event.size = size
+        event.payload = payload
+        event.headers = headers
+        event.client = client
+        event.time = when
+        event._activation_cache = None
+        return event
 
     @classmethod
     def _of_kind(cls, kind: str, sender: str, recipient: str, fields: dict[str, Any]) -> Event:

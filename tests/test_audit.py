@@ -73,6 +73,36 @@ def test_levels(tmp_path: Path) -> None:
     assert not (tmp_path / "n.jsonl").exists()
 
 
+
+def test_the_services_submit_path_keeps_levels_order_and_counts_drops(tmp_path: Path) -> None:
+    """submit_encoded (the decision service's path) queues inline; levels apply as in submit, and a full
+    queue counts a drop instead of blocking the decision."""
+    from policyplug.audit.log import encode_decision
+    denied = AuditWriter(tmp_path / "d.jsonl")
+    for sender, recipient in [("a@acme.example", "b@acme.example"), ("a@x.example", "b@acme.example"),
+                              ("a@acme.example", "b@x.example")]:
+        event = Event.message(sender, recipient)
+        decision = POLICY.decide(event)
+        denied.submit_encoded(event, decision, encode_decision(decision))
+    denied.close()
+    assert [json.loads(line)["decision"]["rule"] for line in lines_of(tmp_path / "d.jsonl")] == ["noted", None]
+
+    full = AuditWriter(tmp_path / "f.jsonl", level="all", queue_size=3)
+    def submit(i: int) -> None:
+        event = Event.message(f"user{i}@acme.example", "x@partner.example")
+        decision = POLICY.decide(event)
+        full.submit_encoded(event, decision, encode_decision(decision))
+    submit(0)  # starts the writer thread
+    with full._lock:  # the writer takes what is queued, then waits here to write it: the queue fills up
+        time.sleep(0.05)
+        for i in range(1, 11):
+            submit(i)
+        assert full.stats["dropped"] == 7
+    full.close()
+    senders = [json.loads(line)["event"]["from"] for line in lines_of(tmp_path / "f.jsonl")]
+    assert senders == [f"user{i}@acme.example" for i in range(4)]
+    assert verify([str(tmp_path / "f.jsonl")]).intact
+
 @pytest.mark.parametrize("tamper, message", [
     (lambda lines: lines.__setitem__(2, lines[2].replace('"deny"', '"allow"')), "was altered"),
     (lambda lines: lines.__delitem__(3), "removed or reordered"),

@@ -304,6 +304,40 @@ def test_address_and_time_caches_never_answer_for_another_protocol_or_time(monke
 def test_protocol_is_inferred_from_sip_addresses() -> None:
     assert Event.from_json({"kind": "call", "from": "sip:a@b.example", "to": "sip:c@d.example"}).protocol == "sip"
     assert Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example"}).protocol == "xmpp"
+    for sender, recipient, protocol in [("sales@b.example", "c@d.example", "xmpp"), ("a@b.example", "SIPS:c@d.example", "sip"),
+                                        ("s@b.example", "sip:c@d.example", "sip"), ("Sip:a@b.example", "c@d.example", "sip")]:
+        assert Event.from_json({"kind": "message", "from": sender, "to": recipient}).protocol == protocol, sender
+
+
+def test_from_json_builds_the_same_event_as_the_constructor() -> None:
+    """from_json sets the slots itself (no keyword call to __init__) and takes the usual client shape
+    inline: every member must come out as __init__ would make it."""
+    from datetime import UTC, datetime
+    slots = [s for s in Event.__slots__ if s != "_activation_cache"]
+    cases = [
+        ({"client": {"ip": "10.0.0.1", "port": 5222, "secure": True}}, {"client": {"ip": "10.0.0.1", "port": 5222, "secure": True}}),
+        ({"client": {"ip": "10.0.0.1", "port": 5222, "secure": True, "extra": 1}},
+         {"client": {"ip": "10.0.0.1", "port": 5222, "secure": True}}),
+        ({"client": {"ip": "10.0.0.1"}}, {"client": {"ip": "10.0.0.1", "port": 0, "secure": False}}),
+        ({"body": "Grüße"}, {"body": "Grüße", "size": 7}),
+        ({"body": "plain", "size": 3}, {"body": "plain", "size": 3}),
+    ]
+    for extra, expected in cases:
+        event = Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example",
+                                 "time": "2026-11-24T10:00:00Z", **extra})
+        made = Event("message", event.sender, event.recipient, protocol="xmpp", time=event.time,
+                     **{k: v for k, v in expected.items()})
+        assert {s: getattr(event, s) for s in slots} == {s: getattr(made, s) for s in slots}, extra
+        assert event._activation_cache is None
+    client = {"ip": "10.0.0.1", "port": 5222, "secure": True}
+    assert Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "client": client}).client \
+        is not client, "the event's client is its own copy"
+    with pytest.raises(EventError, match="^field 'client.port'"):
+        Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example",
+                         "client": {"ip": "10.0.0.1", "port": True, "secure": True}})
+    before = datetime.now(UTC)
+    assert before <= Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example"}).time \
+        <= datetime.now(UTC)
 
 
 # -- command line -----------------------------------------------------------------------------------------

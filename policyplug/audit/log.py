@@ -346,11 +346,22 @@ class AuditWriter:
             self._failed(exc)
 
     def submit_encoded(self, event: Any, decision: Any, encoded: tuple[bytes, str, str]) -> None:
-        """`submit` for a caller that already has `encode_decision(decision)` (for its answer)."""
-        if self._closed or not should_audit(self.level, decision):
+        """`submit` for a caller that already has `encode_decision(decision)` (for its answer).
+
+        The service's path for every audited decision: the usual case (writer running, queue not
+        full) is done here without the calls `_submit` and `_queued` make."""
+        if self._closed or (self.level != "all" and not should_audit(self.level, decision)):
             return
         try:
-            self._submit(event, *encoded)
+            pending = self._pending
+            if self._thread is None or len(pending) >= self._queue_size or not self.background:
+                self._submit(event, *encoded)
+                return
+            decision_bytes, policy, revision = encoded
+            part = self._policy_parts.get((policy, revision))
+            if part is None:
+                part = self._policy_part(policy, revision)
+            pending.append((encode_event(event, self.include_bodies), decision_bytes, part))  # atomic under the GIL
         except Exception as exc:
             self._failed(exc)
 
@@ -360,10 +371,14 @@ class AuditWriter:
         # collection walk thousands of them (tens of ms) when the writer was behind.
         part = self._policy_parts.get((policy, revision))
         if part is None:
-            if len(self._policy_parts) > 64:  # one per policy revision served: reloads must not grow it
-                self._policy_parts.clear()
-            part = self._policy_parts[(policy, revision)] = policy_part(policy, revision)
+            part = self._policy_part(policy, revision)
         return encode_event(event, self.include_bodies), decision, part
+
+    def _policy_part(self, policy: str, revision: str) -> bytes:
+        if len(self._policy_parts) > 64:  # one per policy revision served: reloads must not grow it
+            self._policy_parts.clear()
+        part = self._policy_parts[(policy, revision)] = policy_part(policy, revision)
+        return part
 
     def _submit(self, event: Any, decision: bytes, policy: str, revision: str) -> None:
         item = self._queued(event, decision, policy, revision)
