@@ -544,3 +544,55 @@ def test_a_ring_left_half_made_by_a_dead_worker_is_removed(tmp_path: Path) -> No
     (spool / "1.ring.1.tmp").write_bytes(b"ppring01")  # pid 1 lives: left alone
     assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 0
     assert sorted(p.name for p in spool.iterdir() if p.name.endswith(".tmp")) == ["1.ring.1.tmp"]
+
+
+def test_a_ring_frame_that_is_not_a_record_is_kept_out_of_the_chain_and_counted(tmp_path: Path) -> None:
+    import os
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _ring_spooler(str(spool), 0, 2, 8192)
+    audit = AuditSpool(spool, level="all", node="worker-0", ring_bytes=8192)
+    audit.put_line(b'{"garbage":true}')  # a complete frame of this process's ring, not a record
+    _ring_spooler(str(spool), 0, 2, 8192)
+    assert not (spool / f"{os.getpid()}.jsonl").exists(), "all of them went to the ring"
+    shared = SharedAuditLog(log, level="all")
+    chainer = SpoolChainer(spool, shared)
+    assert chainer.run_once() == 4, "the records around it are chained"
+    assert shared.stats["errors"] == 1 and "not an audit record" in shared.stats["last_error"]
+    assert chainer.run_once() == 0 and shared.stats["errors"] == 1, "taken once: the ring's position moved past it"
+    _check_chain(log, 1, 4)
+
+
+def test_the_ring_read_keyed_for_the_chainer_gives_the_records_frames_gives(tmp_path: Path) -> None:
+    from policyplug.audit.shared_file import SpoolRing
+
+    spool = tmp_path / "spool"
+    _ring_spooler(str(spool), 0, 30, 8192)  # several laps of an 8 KiB ring: WRAP frames on the way
+    ring = SpoolRing.open(next(spool.glob("*.ring")))
+    assert ring is not None
+    records, total, seq = ring.frames()
+    batch: list = []
+    bad: list = []
+    assert ring.frames(batch, bad)[1:] == (total, seq) and bad == []
+    assert [record for _, record, _ in batch] == records and records
+    for key, record, cut in batch:
+        assert record[cut:cut + 9] == b',"time":"' and key.startswith(json.loads(record)["time"].encode())
+    ring.close()
+
+
+def test_the_chainer_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
+    _ring_spooler(str(spool), 0, 3, 8192)
+    chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
+    assert gc.isenabled()
+    assert chainer.run_once() == 3 and gc.isenabled()
+    gc.disable()
+    try:
+        _ring_spooler(str(spool), 0, 1, 8192)
+        assert chainer.run_once() == 1 and not gc.isenabled()
+    finally:
+        gc.enable()
+    assert SpoolChainer(tmp_path / "no-such-folder", SharedAuditLog(log, level="all")).run_once() == 0
+    assert gc.isenabled()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import logging
 import mmap
@@ -246,11 +247,12 @@ class SharedAuditLog(RecordSink):
             cut = body.rfind(b',"time":')
             if cut <= 0:
                 raise ValueError(f"not an audit record: {body[:80]!r}")
-            cut_bodies.append((body, cut))
+            cut_bodies.append((None, body, cut))
         self.append_cut(cut_bodies)
 
-    def append_cut(self, cut_bodies: list[tuple[bytes, int]]) -> None:
-        """append_bodies of (body, where its top-level ',"time":' starts), as SpoolChainer has them."""
+    def append_cut(self, cut_bodies: list[tuple[Any, bytes, int]]) -> None:
+        """append_bodies of (anything, body, where its top-level ',"time":' starts): SpoolChainer's
+        batch as it is, (sort key, body, cut)."""
         if not cut_bodies:
             return
         self._ensure_open()
@@ -263,7 +265,7 @@ class SharedAuditLog(RecordSink):
             parts: list[bytes] = []
             add, join, sha256 = parts.extend, b"".join, hashlib.sha256
             prev, seq = self._prev.encode(), self._seq
-            for body, cut in cut_bodies:
+            for _key, body, cut in cut_bodies:
                 seq += 1
                 chained = join((body[:cut], b',"prev":"', prev, b'","seq":', b"%d" % seq, body[cut:]))
                 prev = sha256(chained).hexdigest().encode()
@@ -513,36 +515,55 @@ class SpoolRing:
 
     # -- reading (the chainer) -----------------------------------------------------------------------
 
-    def frames(self) -> tuple[list[bytes], int, int]:
-        """The complete records after the chained ones: (records, byte count, seq) after them."""
+    def frames(self, into: list[Any] | None = None,
+               bad: list[bytes] | None = None) -> tuple[list[Any], int, int]:
+        """The complete records after the chained ones: (records, byte count, seq) after them.
+
+        With `into` (the chainer), each record is added to that list as it is found, keyed for
+        sorting: (its time, as far as it sorts; the record; where its ',"time":"' starts), and a
+        record without that (not an audit record) to `bad` instead."""
         position = self.position()
         if position is None:
             raise ValueError(f"{self.path.name}: damaged header")
         _generation, total, seq = position
-        size, data, records = self.size, self.map, []
-        view, unpack, crc32, header = memoryview(self.map), _FRAME.unpack_from, zlib.crc32, RING_HEADER
+        size, data = self.size, self.map
+        records: list[Any] = [] if into is None else into
+        add = records.append
+        view, unpack, crc32, header = memoryview(data), _FRAME.unpack_from, zlib.crc32, RING_HEADER
         limit = total + size
+        at = total % size  # where `total` is in the data area
         try:
             while total < limit:
-                at = total % size
                 room = size - at
                 if room < 16:
                     total += room
+                    at = 0
                     continue
-                at += header
-                crc, length, frame_seq = unpack(data, at)
+                start = at + header
+                crc, length, frame_seq = unpack(data, start)
                 if frame_seq != seq:
                     break  # not written yet (an older lap's frame)
                 if length == _WRAP:
-                    if crc32(view[at + 4:at + 16]) != crc:
+                    if crc32(view[start + 4:start + 16]) != crc:
                         break
                     total += room
+                    at = 0
                     seq += 1
                     continue
-                if length > room - 16 or crc32(view[at + 4:at + 16 + length]) != crc:
+                if length > room - 16 or crc32(view[start + 4:start + 16 + length]) != crc:
                     break  # being written
-                records.append(data[at + 16:at + 16 + length])
-                total += (23 + length) & ~7
+                record = data[start + 16:start + 16 + length]
+                if into is None:
+                    add(record)
+                else:
+                    cut = record.rfind(b',"time":"')
+                    if cut > 0:
+                        add((record[cut + 9:cut + 41], record, cut))
+                    elif bad is not None:
+                        bad.append(record)
+                length = (23 + length) & ~7  # the frame's size
+                total += length
+                at += length
                 seq += 1
         finally:
             view.release()
@@ -584,7 +605,11 @@ class AuditSpool(RecordSink):
         if self._none or not (self._all or decision.audit or decision.decision in _REFUSALS):
             return False
         try:
-            self.put_line(self.encoder.line(event, decision))
+            line = self.encoder.line(event, decision)
+            if self._ring is not None and not self._overflowing and self._store(line):
+                self.stats["written"] += 1  # the usual case: put_line's, without its other checks
+            else:
+                self.put_line(line)
             return True
         except Exception as exc:
             self._failed(exc)
@@ -727,8 +752,22 @@ class SpoolChainer:
     def run_once(self) -> int:
         """Chain every complete new record; returns how many were moved. Spool files are read
         before rings: a worker's records that overflowed into its file were written after those
-        in its ring, and any it writes to its ring after them come once both are chained."""
-        if not self.dir.is_dir():
+        in its ring, and any it writes to its ring after them come once both are chained.
+
+        The garbage collector is off meanwhile: a batch holds a few tuples per record (thousands
+        every 100 ms), which would set off collections that find nothing (they make no cycles)."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run_once()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run_once(self) -> int:
+        try:
+            names = os.listdir(self.dir)  # one look at the folder (not a glob per kind of file)
+        except OSError:
             return 0
         if self._offsets is None:
             self._offsets = self._load_offsets()
@@ -737,7 +776,7 @@ class SpoolChainer:
         finished: list[Path] = []
         seen: set[str] = set()
         spooled: dict[str, tuple[int, int]] = {}  # <pid>.jsonl -> (inode, offset chained after this batch)
-        for path in sorted(self.dir.glob("*.jsonl")):
+        for path in [self.dir / name for name in sorted(names) if name.endswith(".jsonl")]:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -765,10 +804,10 @@ class SpoolChainer:
             spooled[path.name] = (stat.st_ino, end)
             if end >= stat.st_size and not _writer_alive(path):
                 finished.append(path)
-        rings = self._read_rings(batch, finished)
+        rings = self._read_rings(names, batch, finished)
         if batch:
             batch.sort(key=_first)  # by time; stable: one worker's records keep their order
-            self.log.append_cut([(line, cut) for _, line, cut in batch])
+            self.log.append_cut(batch)
             self.log.sync()
         for key in [k for k in offsets if k not in seen]:
             del offsets[key]
@@ -788,41 +827,44 @@ class SpoolChainer:
                 os.unlink(path)
         return len(batch)
 
-    def _read_rings(self, batch: list[tuple[bytes, bytes, int]],
+    def _read_rings(self, names: list[str], batch: list[tuple[bytes, bytes, int]],
                     finished: list[Path]) -> list[tuple[SpoolRing, int, int]]:
-        """Add the new records of every ring to `batch`; (ring, bytes, seq) after them."""
+        """Add the new records of every ring (of the folder's `names`) to `batch`; (ring, bytes,
+        seq) after them."""
         found: list[tuple[SpoolRing, int, int]] = []
-        names = set()
-        for path in sorted(self.dir.glob("*.ring")):
-            names.add(path.name)
-            ring = self._rings.get(path.name)
+        rings = sorted(name for name in names if name.endswith(".ring"))
+        bad: list[bytes] = []
+        for name in rings:
+            ring = self._rings.get(name)
+            before = len(batch)
             try:
                 if ring is None:
-                    ring = SpoolRing.open(path)
+                    ring = SpoolRing.open(self.dir / name)
                     if ring is None:
                         continue  # not a ring (yet): its worker makes it under another name first
-                    self._rings[path.name] = ring
-                records, total, seq = ring.frames()
+                    self._rings[name] = ring
+                _records, total, seq = ring.frames(batch, bad)  # keyed into the batch: (time, record, cut)
             except (OSError, ValueError) as exc:
-                self.log._failed(ValueError(f"{path.name}: {exc}"))
+                del batch[before:]
+                self.log._failed(ValueError(f"{name}: {exc}"))
                 continue
-            add = batch.append
-            for record in records:
-                cut = record.rfind(b',"time":"')
-                if cut > 0:
-                    add((record[cut + 9:cut + 41], record, cut))  # the time, as far as it sorts
-                else:
-                    self.log._failed(ValueError(f"{path.name}: not an audit record: {record[:80]!r}"))
+            taken = len(batch) - before + len(bad)
+            for record in bad:
+                self.log._failed(ValueError(f"{name}: not an audit record: {record[:80]!r}"))
+            bad.clear()
             found.append((ring, total, seq))
-            if not records and not _writer_alive(path):
-                finished.append(path)  # its worker is gone and everything it stored is chained
-        for name in [n for n in self._rings if n not in names]:
+            if not taken and not _writer_alive(ring.path):
+                finished.append(ring.path)  # its worker is gone and everything it stored is chained
+        current = set(rings)
+        for name in [n for n in self._rings if n not in current]:
             self._rings.pop(name).close()
-        for path in self.dir.glob("*.ring.*.tmp"):  # a ring being made by a worker that died doing it
-            maker = path.name.split(".")[-2]
-            if maker.isdigit() and not _writer_alive(path.with_name(f"{maker}.ring")):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        for name in names:  # a ring being made by a worker that died doing it: <pid>.ring.<maker>.tmp
+            if name.endswith(".tmp") and ".ring." in name:
+                maker = name.split(".")[-2]
+                path = self.dir / name
+                if maker.isdigit() and not _writer_alive(path.with_name(f"{maker}.ring")):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
         return found
 
     # How far each spool file is chained survives a restart: two slots of one file, written in
