@@ -38,6 +38,7 @@ def test_records_carry_the_decision_and_chain(tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
     writer = write_records(log, 5)
     assert writer.stats["written"] == 5 and writer.stats["errors"] == 0
+    assert writer.stats["syncs"] >= 1, "close fsyncs, and status counts it"
     records = [json.loads(line) for line in lines_of(log)]
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
     assert records[0]["prev"] == "0" * 64

@@ -285,6 +285,7 @@ class ChainedLog:
         if self._file is not None and (force or now - self._last_sync >= self.flush_interval):
             try:
                 os.fsync(self._file.fileno())
+                self.stats["syncs"] = self.stats.get("syncs", 0) + 1
             except (OSError, ValueError) as exc:
                 self.failed(exc)
             self._last_sync = now
@@ -324,7 +325,7 @@ class AuditWriter:
         self.max_bytes = max_bytes
         self.flush_interval = flush_interval
         self.background = background
-        self.stats: dict[str, Any] = {"written": 0, "dropped": 0, "errors": 0, "last_error": None}
+        self.stats: dict[str, Any] = {"written": 0, "dropped": 0, "errors": 0, "syncs": 0, "last_error": None}
         self._log = ChainedLog(self.path, node=self.node, max_bytes=max_bytes, flush_interval=flush_interval,
                                stats=self.stats)
         self._pending: deque[QueuedRecord] = deque()
