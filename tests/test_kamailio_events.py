@@ -306,3 +306,21 @@ def test_the_client_comes_from_sas_once_per_source_and_from_three_variables_othe
     assert kemi.client() == {"ip": "192.0.2.1", "port": 5060, "secure": False}
     values["$sas"] = None  # not there: the three variables
     assert kemi.client() == {"ip": "192.0.2.9", "port": 5070, "secure": False}
+
+
+def test_the_adapters_event_is_the_one_the_constructor_makes(load_kemi) -> None:  # type: ignore[no-untyped-def]
+    from policyplug import Event
+    from policyplug.addresses import event_address
+
+    kemi = load_kemi(FakeKSR())
+    assert kemi.sip_event is not kemi._constructed_sip_event, "Event's slots are the ones the adapter sets"
+    parts = ("message", event_address("sip:alice@acme.example", "sip"), event_address("sip:bob@bench.example", "sip"),
+             "hi", "subject", "MESSAGE", 42, ["text/plain"], {"content-type": "text/plain"},
+             {"ip": "192.0.2.1", "port": 5060, "secure": False})
+    made, constructed = kemi.sip_event(*parts), kemi._constructed_sip_event(*parts)
+    assert set(Event.__slots__) == set(kemi._EVENT_SLOTS)
+    for slot in Event.__slots__:
+        if slot != "time":
+            assert getattr(made, slot) == getattr(constructed, slot), slot
+    assert made.time.tzinfo is not None and abs((made.time - constructed.time).total_seconds()) < 5
+    assert made.to_json() | {"time": None} == constructed.to_json() | {"time": None}
