@@ -101,12 +101,40 @@ def log(level: str, text: str) -> None:
     getattr(KSR, level)(f"policyplug: {text}\n")
 
 
+def _ksr(path: str) -> Any:
+    """KSR.<path>, looked up once: the functions every relayed request calls are found here, not
+    through two attribute lookups per call. One of a module Kamailio did not load fails when it is
+    called, with the error KSR.<path> gives."""
+    try:
+        found: Any = KSR
+        for name in path.split("."):
+            found = getattr(found, name)
+        return found
+    except AttributeError as exc:
+        error = exc
+
+        def missing(*_args: Any) -> Any:
+            raise error
+        return missing
+
+
+pv_get = _ksr("pv.get")
+process_maxfwd = _ksr("maxfwd.process_maxfwd")
+sanity_check_defaults = _ksr("sanity.sanity_check_defaults")
+t_precheck_trans = _ksr("tmx.t_precheck_trans")
+t_check_trans = _ksr("tm.t_check_trans")
+t_relay = _ksr("tm.t_relay")
+has_totag = _ksr("siputils.has_totag")
+isdsturiset = _ksr("isdsturiset")
+setdsturi = _ksr("setdsturi")
+
+
 def raw_message() -> str | bytes:
     """The request as received: its text when it is ASCII (nearly always: it is used as it is),
     else its bytes. KSR.pv.get decodes text as UTF-8 and raises on anything else, and a body need
     not be UTF-8: such a request is fetched again through base64."""
     try:
-        text = KSR.pv.get("$mb") or ""
+        text = pv_get("$mb") or ""
     except UnicodeDecodeError:
         return base64.b64decode(KSR.pv.get("$(mb{s.encode.base64})") or "")
     return text if text.isascii() else text.encode("utf-8", "surrogatepass")
@@ -119,7 +147,7 @@ def request_method(raw: str | bytes) -> str:
         method = raw[:raw.find(" ", 0, 12)]
     else:
         method = raw[:raw.find(b" ", 0, 12)].decode("latin-1")
-    return method if method in METHODS else (KSR.pv.get("$rm") or "")
+    return method if method in METHODS else (pv_get("$rm") or "")
 
 
 def has_copy_mark(raw: str | bytes) -> bool:
@@ -147,7 +175,7 @@ _CLIENTS: dict[str, dict[str, Any]] = {}
 
 def client() -> dict[str, Any]:
     """The event's `client` of this request (sip_event.client_of of its source)."""
-    sas = KSR.pv.get("$sas") or ""
+    sas = pv_get("$sas") or ""
     found = _CLIENTS.get(sas)
     if found is None:
         parsed = parse_sas(sas)
@@ -355,22 +383,22 @@ class PolicyplugKamailio:
     def request_route(self) -> int:
         raw = raw_message()
         method = request_method(raw)
-        if KSR.maxfwd.process_maxfwd(10) < 0:
+        if process_maxfwd(10) < 0:
             KSR.sl.sl_send_reply(483, "Too Many Hops")
             return 1
-        if KSR.sanity.sanity_check_defaults() < 0:
+        if sanity_check_defaults() < 0:
             return 1  # sanity has answered (400 and the like)
         if method == "CANCEL":
             if KSR.tm.t_check_trans() > 0:
                 KSR.tm.t_relay()
             return 1
         if method != "ACK":
-            if KSR.tmx.t_precheck_trans() > 0:  # a retransmission another worker is processing
-                KSR.tm.t_check_trans()
+            if t_precheck_trans() > 0:  # a retransmission another worker is processing
+                t_check_trans()
                 return 1
-            if KSR.tm.t_check_trans() == 0:  # a retransmission: tm answered it, no new decision
+            if t_check_trans() == 0:  # a retransmission: tm answered it, no new decision
                 return 1
-        if KSR.siputils.has_totag() > 0:
+        if has_totag() > 0:
             return self.in_dialog(method, raw)
         if method == "OPTIONS" and KSR.is_myself_ruri() and not KSR.pv.get("$rU"):
             KSR.siputils.options_reply()  # a keepalive to the server itself (monitoring, tests)
@@ -413,7 +441,7 @@ class PolicyplugKamailio:
                 return self.relay(method)
         # the recipient: the Request-URI of an initial request (where it will be routed); inside a
         # dialog the Request-URI is a device's contact, and the To URI names the party
-        from_uri, to_uri = KSR.pv.get("$fu"), KSR.pv.get("$ru" if initial else "$tu")
+        from_uri, to_uri = pv_get("$fu"), pv_get("$ru" if initial else "$tu")
         if not from_uri:
             return self.reply(400, "Bad Request", "missing or malformed From header")
         if not to_uri:
@@ -474,7 +502,7 @@ class PolicyplugKamailio:
             return 1
         if method in DIALOG_FORMING:
             KSR.rr.record_route()  # in-dialog NOTIFY and MESSAGE come back here to be decided
-        if not KSR.isdsturiset():  # a bool in KEMI, unlike the int results of module functions
+        if not isdsturiset():  # a bool in KEMI, unlike the int results of module functions
             domain = self.request_domain(request_uri)
             if domain in self.local_domains() or (domain not in self.routes and KSR.is_myself_ruri()):
                 # ours: by the policy's domains, or addressed to this server itself (its IP, an alias)
@@ -484,8 +512,8 @@ class PolicyplugKamailio:
                     KSR.tm.t_reply(404 if code == -1 else 480, "Not Found" if code == -1 else "Temporarily Unavailable")
                     return 1
             elif domain in self.routes:
-                KSR.setdsturi(self.routes[domain])
-        if KSR.tm.t_relay() < 0:
+                setdsturi(self.routes[domain])
+        if t_relay() < 0:
             KSR.sl.sl_reply_error()
         return 1
 
@@ -496,7 +524,7 @@ class PolicyplugKamailio:
             return (KSR.pv.get("$rd") or "").lower()
         domain = self._domains.get(request_uri)
         if domain is None:
-            domain = (KSR.pv.get("$rd") or "").lower()
+            domain = (pv_get("$rd") or "").lower()
             if len(request_uri) <= 256:
                 if len(self._domains) >= 1024:
                     self._domains.clear()  # many distinct ones: start afresh rather than grow
