@@ -324,3 +324,18 @@ def test_the_adapters_event_is_the_one_the_constructor_makes(load_kemi) -> None:
             assert getattr(made, slot) == getattr(constructed, slot), slot
     assert made.time.tzinfo is not None and abs((made.time - constructed.time).total_seconds()) < 5
     assert made.to_json() | {"time": None} == constructed.to_json() | {"time": None}
+
+
+def test_ksr_functions_are_looked_up_once_and_a_missing_one_fails_when_called(load_kemi) -> None:  # type: ignore[no-untyped-def]
+    fake = FakeKSR()
+    calls: list[str] = []
+    fake.tm = types.SimpleNamespace(t_relay=lambda: calls.append("t_relay") or 1)
+    kemi = load_kemi(fake)  # FakeKSR has no maxfwd: the script still loads
+    assert kemi.t_relay() == 1 and calls == ["t_relay"]
+    assert kemi.pv_get("$ci") == "call-42"
+    with pytest.raises(AttributeError, match="maxfwd"):
+        kemi.process_maxfwd(10)
+    # a request meeting the missing module answers 500 and the worker goes on, as before
+    fake.pv = types.SimpleNamespace(get=lambda name: {"$mb": "MESSAGE sip:b@x SIP/2.0\r\n\r\n"}.get(name))
+    kemi = load_kemi(fake)
+    assert kemi.kamailio().ksr_request_route(None) == 1 and fake.replies == [(500, "Server Internal Error")]
