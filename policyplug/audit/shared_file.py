@@ -774,6 +774,7 @@ class SpoolChainer:
         offsets = self._offsets
         batch: list[tuple[bytes, bytes, int]] = []  # (time, line, where its ',"time":' starts)
         finished: list[Path] = []
+        finished_at: dict[Path, tuple[str, int]] = {}  # finished spool files: (inode key, offset)
         seen: set[str] = set()
         spooled: dict[str, tuple[int, int]] = {}  # <pid>.jsonl -> (inode, offset chained after this batch)
         for path in [self.dir / name for name in sorted(names) if name.endswith(".jsonl")]:
@@ -804,11 +805,16 @@ class SpoolChainer:
             spooled[path.name] = (stat.st_ino, end)
             if end >= stat.st_size and not _writer_alive(path):
                 finished.append(path)
+                seen.discard(key)  # its offset goes with it (below), before the file does
+                finished_at[path] = (key, end)
         rings = self._read_rings(names, batch, finished)
         if batch:
             batch.sort(key=_first)  # by time; stable: one worker's records keep their order
             self.log.append_cut(batch)
             self.log.sync()
+        # offsets of files gone, and of finished files (removed below): the inode of a removed file
+        # can be given to a new spool file at once, which must be read from its start. Saved before
+        # the files are removed: a crash in between chains a finished file again (duplicated, not lost)
         for key in [k for k in offsets if k not in seen]:
             del offsets[key]
         if offsets != self._saved:
@@ -823,8 +829,16 @@ class SpoolChainer:
             ring = self._rings.pop(path.name, None)
             if ring is not None:
                 ring.close()
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if path in finished_at:  # still there: keep its place, not to chain it again
+                    key, end = finished_at[path]
+                    offsets[key] = end
+        if offsets != self._saved:
+            self._save_offsets()
         return len(batch)
 
     def _read_rings(self, names: list[str], batch: list[tuple[bytes, bytes, int]],
