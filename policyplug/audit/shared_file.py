@@ -282,6 +282,28 @@ class SharedAuditLog(RecordSink):
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def last_record_ids(self, count: int, limit: int = 256 << 20) -> set[str]:
+        """The ids of the last `count` records of the log (reading at most `limit` bytes from its end);
+        a torn last line is skipped."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return set()
+        try:
+            end = os.fstat(fd).st_size
+            start, tail = end, b""
+            while start > 0 and tail.count(b"\n") <= count and end - start < limit:
+                step = min(start, 1 << 20)
+                start -= step
+                tail = os.pread(fd, step, start) + tail
+        finally:
+            os.close(fd)
+        ids: set[str] = set()
+        for line in tail.split(b"\n")[-count - 1:]:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                ids.add(orjson.loads(line)["id"])
+        return ids
+
     def sync(self) -> None:
         """fsync the log (any process may do it for all: fsync flushes the file, not the descriptor)."""
         try:
@@ -748,6 +770,7 @@ class SpoolChainer:
         self._generation = 0
         self._offsets_fd: int | None = None
         self._rings: dict[str, SpoolRing] = {}  # by file name, mapped once
+        self._first_run = True  # the first batch may repeat what ends the log (see _drop_chained)
 
     def run_once(self) -> int:
         """Chain every complete new record; returns how many were moved. Spool files are read
@@ -808,6 +831,10 @@ class SpoolChainer:
                 seen.discard(key)  # its offset goes with it (below), before the file does
                 finished_at[path] = (key, end)
         rings = self._read_rings(names, batch, finished)
+        if self._first_run:
+            self._first_run = False
+            if batch:
+                batch = self._drop_chained(batch)
         if batch:
             batch.sort(key=_first)  # by time; stable: one worker's records keep their order
             self.log.append_cut(batch)
@@ -840,6 +867,28 @@ class SpoolChainer:
         if offsets != self._saved:
             self._save_offsets()
         return len(batch)
+
+    def _drop_chained(self, batch: list[tuple[bytes, bytes, int]]) -> list[tuple[bytes, bytes, int]]:
+        """The first batch after a start without the records that end the log already.
+
+        A chainer killed after appending a batch but before saving how far it read (an fsync lies in
+        between) left that batch to be read again: it is the end of the log, and at most as long as
+        this batch. Its records are known by their ids (random, 128 bits), so they are not chained twice."""
+        chained = self.log.last_record_ids(len(batch))
+        if not chained:
+            return batch
+        kept = []
+        for item in batch:
+            try:
+                record_id = orjson.loads(item[1])["id"]
+            except (ValueError, TypeError, KeyError):
+                record_id = None
+            if record_id not in chained:
+                kept.append(item)
+        if len(kept) < len(batch):
+            log.warning("audit chainer: %d spooled records were in the log already (chained before a crash, "
+                        "not chained again)", len(batch) - len(kept))
+        return kept
 
     def _read_rings(self, names: list[str], batch: list[tuple[bytes, bytes, int]],
                     finished: list[Path]) -> list[tuple[SpoolRing, int, int]]:
