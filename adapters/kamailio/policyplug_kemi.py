@@ -189,44 +189,12 @@ def client() -> dict[str, Any]:
     return found
 
 
-# The event of a request, made with its slots set directly: every member is already of its final
-# type here (sip_event made them), and Event.__init__'s keyword call with its defaults is half the
-# cost of making an event. Used only while Event has exactly these slots (checked at import; a
-# test compares the two ways); otherwise through Event(...).
-_EVENT_SLOTS = ("kind", "protocol", "sender", "recipient", "body", "subject", "type", "size", "payload", "headers",
-                "client", "time", "_activation_cache")
-_new_event = object.__new__
-
-
 def sip_event(kind: str, sender: Any, recipient: Any, body: str, subject: str, method: str, size: int,
               payload: list[str], headers: dict[str, str], client: dict[str, Any]) -> Event:
-    """Event(kind, sender, recipient, protocol="sip", body=body, subject=subject, type=method,
-    size=size, payload=payload, headers=headers, client=client), its time now."""
-    event = _new_event(Event)
-    event.kind = kind
-    event.protocol = "sip"
-    event.sender = sender
-    event.recipient = recipient
-    event.body = body
-    event.subject = subject
-    event.type = method
-    event.size = size
-    event.payload = payload
-    event.headers = headers
-    event.client = client
-    event.time = datetime.now(UTC)
-    event._activation_cache = None
-    return event
-
-
-def _constructed_sip_event(kind: str, sender: Any, recipient: Any, body: str, subject: str, method: str, size: int,
-                           payload: list[str], headers: dict[str, str], client: dict[str, Any]) -> Event:
-    return Event(kind, sender, recipient, protocol="sip", body=body, subject=subject, type=method, size=size,
-                 payload=payload, headers=headers, client=client)
-
-
-if tuple(getattr(Event, "__slots__", ())) != _EVENT_SLOTS:  # Event changed: the constructor, always right
-    sip_event = _constructed_sip_event  # noqa: F811
+    """The event of a request, its time now: every member is already in its final form here (sip_event
+    made them), so Event.from_members sets them without Event.__init__'s keyword call and defaults."""
+    return Event.from_members(kind, "sip", sender, recipient, body, subject, method, size, payload, headers, client,
+                              datetime.now(UTC))
 
 
 def quoted(text: str) -> str:
