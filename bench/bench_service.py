@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 
 from policyplug import Event, load_policy  # noqa: E402
+from tests.servers import service_status  # noqa: E402
 
 POLICY = ROOT / "policyplug" / "demo" / "acme" / "acme.policy"
 EVENTS = [json.loads(p.read_text()) for p in sorted((ROOT / "policyplug" / "demo" / "events").glob("*.json"))]
@@ -120,21 +121,6 @@ def start_service(workdir: Path, cpu: int, *extra: str, audit_dir: Path | None =
             raise SystemExit(f"service did not start: {proc.stdout.read() if proc.stdout else ''}")
         time.sleep(0.05)
     return proc
-
-
-def service_status(workdir: Path) -> dict:
-    """The service's `status` op (its audit writer's counters among them)."""
-    with socket.socket(socket.AF_UNIX) as client:
-        client.settimeout(10)
-        client.connect(str(workdir / "pp.sock"))
-        client.sendall(b'{"id": 1, "op": "status"}\n')
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = client.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return orjson.loads(answer)["status"]
 
 
 def filesystem(path: Path) -> str:
@@ -433,7 +419,7 @@ def judge_open_loop(args: argparse.Namespace, workdir: Path, audit_dir: Path, se
             cpu = (cpu_seconds(proc.pid) - cpu_before) / (args.rate * (args.duration + args.warmup)) * 1e6
             stalls = json.loads(probe.communicate(timeout=60)[0])
             client_stalls = json.loads(client_probe.communicate(timeout=60)[0])
-            audit_stats = service_status(workdir)["audit"] or {}
+            audit_stats = service_status(workdir / "pp.sock")["audit"] or {}
         finally:
             stop_service(proc)
         met = result["achieved"] >= args.rate * 0.995 and result["p99"] < 2.0

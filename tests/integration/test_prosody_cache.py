@@ -5,9 +5,7 @@ of the old policy is ever served; with a policy that reads more, nothing is cach
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from tests.integration.prosody_deployment import (
     next_message,
     nothing_arrives,
 )
+from tests.servers import service_status
 
 ADDRESS_ONLY = '''policy "cache-test"
 local domains ["acme.example", "rooms.acme.example"]
@@ -35,16 +34,6 @@ BLOCK_ALICE_TO_BOB = '''rule blocked_pair:
   when sender.address == "alice@acme.example" && recipient.address == "bob@acme.example"
   deny "{reason}"
 '''
-
-
-def service_status(sock: Path) -> dict:  # type: ignore[type-arg]
-    with socket.socket(socket.AF_UNIX) as client:
-        client.connect(str(sock))
-        client.sendall(b'{"id": 1, "op": "status"}\n')
-        data = b""
-        while not data.endswith(b"\n"):
-            data += client.recv(65536)
-    return json.loads(data)["status"]
 
 
 @pytest.fixture

@@ -6,9 +6,12 @@ POLICYPLUG_REQUIRE_SERVERS=1 (set by .ci/run), so CI can never pass by skipping.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,3 +35,18 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def service_status(sock: str | Path) -> dict[str, Any]:
+    """The `status` op of a decision service listening on the Unix socket `sock`."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(sock))
+        client.sendall(b'{"id": 1, "op": "status"}\n')
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = client.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"{sock}: closed before answering status")
+            answer += chunk
+    return json.loads(answer)["status"]
