@@ -216,7 +216,7 @@ class ChainedLog:
         self.node = node
         self.max_bytes = max_bytes
         self.flush_interval = flush_interval
-        self.stats = stats if stats is not None else {"written": 0, "errors": 0, "last_error": None}
+        self.stats = stats if stats is not None else {"written": 0, "errors": 0, "syncs": 0, "last_error": None}
         self._file: Any = None
         self._prev, self._seq = GENESIS, 0
         self._last_sync = time.monotonic()
@@ -285,7 +285,7 @@ class ChainedLog:
         if self._file is not None and (force or now - self._last_sync >= self.flush_interval):
             try:
                 os.fsync(self._file.fileno())
-                self.stats["syncs"] = self.stats.get("syncs", 0) + 1
+                self.stats["syncs"] += 1
             except (OSError, ValueError) as exc:
                 self.failed(exc)
             self._last_sync = now
