@@ -109,6 +109,13 @@ G_TEST_BODY = (
     + pp.Group(G_EXPECT)("expect") + END
 )
 
+# pyparsing expands tabs to 8 columns before it parses unless told not to: offsets (and so every
+# column a diagnostic names) would be off on a line with a tab, and a tab inside a "string" or a CEL
+# condition would become spaces. Every grammar that parse_string is called on keeps them.
+for _grammar in (G_POLICY, G_LOCAL, G_LIST, G_DIRECTORY, G_DEFINE, G_INCLUDE, G_DEFAULT, G_ON_ERROR, G_BLOCK_HEAD,
+                 G_ON, G_WHEN, G_LIMIT, *CLAUSE_GRAMMARS.values(), G_TEST_BODY):
+    _grammar.parse_with_tabs()
+
 
 # -- fast paths ----------------------------------------------------------------------------------
 # Most lines of a large policy are `rule NAME:`, `on KIND, ...`, `when CONDITION` and an effect.
@@ -133,7 +140,7 @@ def _skip(text: str, i: int) -> int:
 def _keyword(text: str, i: int, word: str) -> int:
     """Position after `word` at i (after whitespace), or -1; a keyword must end at a non-name char.
 
-    A line with a tab is left to pyparsing, which expands tabs before it parses."""
+    A line with a tab is left to pyparsing (its grammars keep tabs, see parse_with_tabs above)."""
     if "\t" in text:
         return -1
     i = _skip(text, i)

@@ -63,6 +63,23 @@ def test_unknown_name_diagnostic_is_exactly_as_the_spec_shows(tmp_path: Path) ->
             "      |                    ^^^^^^^^") in result.stderr
 
 
+def test_columns_count_a_tab_as_one_character_and_tabs_in_strings_stay_tabs() -> None:
+    """Indentation is free, tabs included: pyparsing must not expand them, or every column after a
+    tab is off (and a tab inside a string or a condition turns into spaces)."""
+    with pytest.raises(PolicyError) as caught:
+        policy_of("default deny\nrule r:\n\twhen\tfoo\n  allow\n")
+    [diagnostic] = caught.value.diagnostics
+    assert (diagnostic.location.line, diagnostic.location.column) == (5, 7)
+    assert diagnostic.format().endswith("    5 | \twhen\tfoo\n      | \t    \t^^^")
+    with pytest.raises(PolicyError) as caught:
+        policy_of('default deny\nrule r:\n  allow\ntest t:\n\tmessage from "a@acme.example" to "b@acme.example"\n'
+                  "\texpect\tallow by\tnosuch\n")
+    assert [(d.location.line, d.location.column) for d in caught.value.diagnostics] == [(8, 18)]
+    policy = policy_of('default allow\nrule r:\n\twhen\tbody == "a\tb"\n\tdeny\t"x\ty"\n')
+    decision = policy.decide(Event.message("a@acme.example", "b@acme.example", body="a\tb"))
+    assert (decision.rule, decision.reason) == ("r", "x\ty")
+
+
 def test_every_load_time_error_is_reported_in_one_run(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     text = (HEAD + 'list partners = file "missing.txt"\n'      # 1 unreadable list file
