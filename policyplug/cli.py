@@ -95,7 +95,9 @@ def _one_line(outcome) -> str:  # type: ignore[no-untyped-def]
     from .tester import describe_decision, describe_expectation
     expect = outcome.test.expect
     expected = describe_expectation(expect) if expect else "?"
-    decided = describe_decision(outcome.decision) if outcome.decision else "nothing"
+    if outcome.decision is None:  # the test could not run: say why, not just "decided nothing"
+        return f"{outcome.location} {outcome.name}: expected {expected}; not run: {'; '.join(outcome.problems)}"
+    decided = describe_decision(outcome.decision)
     trace = ""
     if outcome.decision is not None and outcome.decision.trace:
         trace = " | trace: " + ", ".join(f"{s.rule}={'match' if s.matched else 'no'}" for s in outcome.decision.trace)

@@ -23,6 +23,7 @@ from .addresses import AddressError, normalise_domain, normalise_list_entry, par
 from .cel.check import EVENT_VARIABLES, check_expression
 from .diagnostics import DiagnosticSink, Location, did_you_mean
 from .parser import parse_text
+from .tester import test_event_problem
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_INCLUDE_DEPTH = 32
@@ -377,6 +378,10 @@ class Loader:
             self.sink.error(location, f"'{what}' address '{text}' is not valid: {exc}")
 
     def _check_test(self, test: nodes.Test, rule_locations: dict[str, Location]) -> None:
+        if test.event is not None and test.event.kind in nodes.EVENT_KINDS:  # an unknown kind is reported already
+            problem = test_event_problem(test.event)
+            if problem is not None:
+                self.sink.error(problem[0], f"test '{test.name}': {problem[1]}")
         expect = test.expect
         if expect is None or expect.by is None or expect.by == "default":
             return

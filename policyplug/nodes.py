@@ -122,6 +122,11 @@ class TestEvent(Node):
     body: str | None = None
     at: str | None = None
     with_map: Expression | None = None
+    # where each field's string is, for diagnostics about the event (checked when the policy loads)
+    sender_location: Location | None = None
+    recipient_location: Location | None = None
+    body_location: Location | None = None
+    at_location: Location | None = None
 
 
 @dataclass(slots=True)

@@ -84,12 +84,12 @@ CEL_MAP = pp.original_text_for(pp.nested_expr("{", "}", ignore_expr=pp.QuotedStr
                                               | pp.QuotedString("'", esc_char="\\")))
 CEL_MAP.set_name("a CEL map {...}")
 EVENT_FIELD = (
-    (K("body") + STRING("body"))
-    | (K("at") + STRING("at"))
+    (K("body") + _located(STRING, "body"))
+    | (K("at") + _located(STRING, "at"))
     | (K("with") + _located(CEL_MAP, "with_map"))
 )
 G_TEST_EVENT = (
-    _located(NAME, "kind") + K("from") + STRING("sender") + K("to") + STRING("recipient")
+    _located(NAME, "kind") + K("from") + _located(STRING, "sender") + K("to") + _located(STRING, "recipient")
     + pp.ZeroOrMore(EVENT_FIELD)
 )
 EXPECT_FIELD = (
@@ -446,7 +446,20 @@ def _parse_test_body(test: nodes.Test, lines: list[LogicalLine], sink: Diagnosti
     if "with_map" in ev:
         start, text = ev["with_map"][0], _value(ev["with_map"])
         with_map = nodes.Expression(locate(start, 1), text)
-    test.event = nodes.TestEvent(kind_loc, kind, ev["sender"], ev["recipient"], ev.get("body"), ev.get("at"), with_map)
+
+    def field(name: str) -> tuple[str | None, Location | None]:
+        """A located string of the event line: its text, and where it is (quotes included)."""
+        if name not in ev:
+            return None, None
+        start, end = ev[name][0], ev[name][2]
+        return _value(ev[name]), locate(start, max(1, end - start))
+
+    (sender, sender_loc), (recipient, recipient_loc) = field("sender"), field("recipient")
+    (body, body_loc), (at, at_loc) = field("body"), field("at")
+    assert sender is not None and recipient is not None
+    test.event = nodes.TestEvent(kind_loc, kind, sender, recipient, body, at, with_map,
+                                 sender_location=sender_loc, recipient_location=recipient_loc,
+                                 body_location=body_loc, at_location=at_loc)
     if "repeat" in r:
         test.repeat = r["repeat"]
         if test.repeat < 1:

@@ -16,7 +16,7 @@ from .cel.check import parse_expression
 from .cel.errors import CelEvaluationError
 from .cel.reference import interpret
 from .decision import Decision
-from .diagnostics import DiagnosticSink
+from .diagnostics import DiagnosticSink, Location, did_you_mean
 from .events import Event, EventError, parse_time
 from .limits import MemoryLimiter
 from .runtime import Policy
@@ -118,6 +118,51 @@ def build_event_json(spec: nodes.TestEvent) -> dict[str, Any]:
     if spec.with_map is not None:
         data = _deep_merge(data, _with_map(spec.with_map))
     return data
+
+
+# What `with` may set: the members of the event JSON (cli.md), and the members of its client.
+EVENT_FIELDS = ("kind", "from", "to", "body", "time", "protocol", "client", "headers", "payload", "type", "subject",
+                "size")
+CLIENT_FIELDS = ("ip", "port", "secure")
+
+
+def test_event_problem(spec: nodes.TestEvent) -> tuple[Location, str] | None:
+    """Why a test's event is not a valid event, and where (the field's string, or the `with` map);
+    None when it is valid. The loader reports it, so a broken test is found by `check`, never
+    only when it runs."""
+    where = {"from": spec.sender_location, "to": spec.recipient_location, "body": spec.body_location,
+             "time": spec.at_location}
+    with_location = spec.with_map.location if spec.with_map is not None else None
+    try:
+        if spec.with_map is not None:
+            extra = _with_map(spec.with_map)
+            unknown = [key for key in extra if key not in EVENT_FIELDS]
+            client = extra.get("client")
+            if isinstance(client, dict):
+                unknown += [f"client.{key}" for key in client if key not in CLIENT_FIELDS]
+            if unknown:
+                return (with_location or spec.location,
+                        f"'with' sets '{unknown[0]}', which is not an event field"
+                        f"{did_you_mean(unknown[0].removeprefix('client.'), CLIENT_FIELDS if '.' in unknown[0] else EVENT_FIELDS)}"
+                        f" (fields: {', '.join(EVENT_FIELDS)}; client: {', '.join(CLIENT_FIELDS)})")
+        data = build_event_json(spec)
+        Event.from_json(data)
+    except EventError as exc:
+        message = str(exc)
+        location = with_location if message.startswith("with:") else None
+        if location is None:
+            named = message.split("'", 2)[1] if message.startswith("field '") else ""
+            set_by_with = spec.with_map is not None and named.split(".")[0] in _with_keys(spec.with_map)
+            location = with_location if set_by_with else where.get(named)
+        return location or spec.location, f"invalid event: {message}"
+    return None
+
+
+def _with_keys(expression: nodes.Expression) -> set[str]:
+    try:
+        return set(_with_map(expression))
+    except EventError:
+        return set()
 
 
 def run_test(policy: Policy, test: nodes.Test) -> TestOutcome:

@@ -115,6 +115,39 @@ def test_more_load_time_checks(body: str, fragment: str) -> None:
         policy_of(body)
 
 
+@pytest.mark.parametrize("fields, line_col, fragment", [
+    ('at "yesterday"', (7, 53), "invalid event: field 'time': not an RFC 3339 time"),
+    ('body "x" with {"nope": 1}', (7, 64), "'with' sets 'nope', which is not an event field"),
+    ('with {"protocl": "sip"}', (7, 55), "(did you mean 'protocol'?)"),
+    ('with {"client": {"prt": 1}}', (7, 55), "'with' sets 'client.prt'"),
+    ('with {"client": {"port": "5222"}}', (7, 55), "invalid event: field 'client.port': expected int"),
+    ('with {"kind": "mesage"}', (7, 55), "invalid event: field 'kind': unknown kind 'mesage'"),
+    ('with {"size": 1 / 0}', (7, 55), "invalid event: with: "),
+])
+def test_invalid_test_events_are_load_time_errors_at_the_field(fields: str, line_col: tuple[int, int],
+                                                                fragment: str) -> None:
+    """A test whose event can never be built is found by `check`, at the field that is wrong (it used
+    to load, and then fail in `policyplug test` as 'decided nothing', saying neither why nor where)."""
+    with pytest.raises(PolicyError) as caught:
+        policy_of('default deny\nrule r:\n  allow\ntest t:\n'
+                  f'  message from "a@acme.example" to "b@x.example" {fields}\n  expect allow\n')
+    [diagnostic] = caught.value.diagnostics
+    assert (diagnostic.location.line, diagnostic.location.column) == line_col
+    assert diagnostic.message.startswith("test 't': ") and fragment in diagnostic.message
+
+
+def test_invalid_test_addresses_point_at_the_address() -> None:
+    with pytest.raises(PolicyError) as caught:
+        policy_of('default deny\ntest t:\n  message from "a@acme.example"\n    to "b@@x.example"\n  expect allow\n')
+    [diagnostic] = caught.value.diagnostics
+    assert (diagnostic.location.line, diagnostic.location.column, diagnostic.location.length) == (6, 8, 14)
+    assert "invalid event: field 'to'" in diagnostic.message
+    valid = policy_of('default deny\ntest t:\n  message from "a@acme.example" to "b@x.example" body "b"\n'
+                      '    at "2026-11-24T10:00:00Z" with {"protocol": "xmpp", "client": {"ip": "10.1.2.3"}}\n'
+                      '  expect deny\n')
+    assert len(valid.tests) == 1
+
+
 def test_policy_must_start_with_policy_statement() -> None:
     with pytest.raises(PolicyError, match="must start with 'policy"):
         load_policy(text="default allow\n")
@@ -394,6 +427,20 @@ def test_test_command_reports_failures_one_line_each(tmp_path: Path) -> None:
     assert lines[-1] == "1 passed, 1 failed"
     assert len(lines) == 2 and "wrong" in lines[0] and "expected deny by default" in lines[0]
     assert "decided allow by a" in lines[0]
+
+
+def test_a_test_that_cannot_run_says_why_in_its_one_line() -> None:
+    from policyplug import nodes
+    from policyplug.cli import _one_line
+    from policyplug.diagnostics import Location
+    from policyplug.tester import run_test
+    policy = policy_of("default deny\n")
+    here = Location("x.policy", 3, 1)
+    test = nodes.Test(here, "t", nodes.TestEvent(here, "message", "a@acme.example", "b@x.example", at="never"),
+                      expect=nodes.Expectation(here, "deny"))  # as the loader would refuse it: built by hand
+    line = _one_line(run_test(policy, test))
+    assert line == ("x.policy:3 t: expected deny; not run: invalid test event: field 'time': "
+                    "not an RFC 3339 time: 'never'")
 
 
 def test_check_on_a_folder_and_exit_codes(tmp_path: Path) -> None:
