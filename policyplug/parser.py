@@ -23,6 +23,7 @@ TOP_LEVEL_KEYWORDS = ("policy", "local", "list", "directory", "define", "include
 RULE_CLAUSES = ("on", "when", "unless", "limit", "allow", "deny", "drop", "redirect", "route", "copy",
                 "disclaimer", "audit", "tag")
 WINDOWS = ("second", "minute", "hour", "day")
+MAX_LIMIT = 1_000_000_000  # `limit N`: at most this N (it must fit every limiter's counters)
 
 # -- shared tokens -----------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ G_BLOCK_HEAD = (K("rule") | K("test"))("keyword") + _located(NAME, "name") + pp.
 
 G_ON = K("on") + pp.DelimitedList(_located(NAME, "kind"))("kinds") + END
 G_WHEN = (K("when") | K("unless"))("keyword") + _located(REST, "expr")
-G_LIMIT = (K("limit") + INTEGER("count") + K("per") + pp.one_of(WINDOWS, as_keyword=True)("window")
+G_LIMIT = (K("limit") + _located(INTEGER, "count_located") + K("per") + pp.one_of(WINDOWS, as_keyword=True)("window")
            + K("by") + _located(REST, "expr"))
 G_ALLOW = K("allow") + END
 G_DENY = K("deny") + pp.Optional(STRING("argument")) + END
@@ -387,9 +388,13 @@ def _parse_clause(rule: nodes.Rule, line: LogicalLine, sink: DiagnosticSink) -> 
             return
         if rule.limit is not None:
             sink.error(here, f"rule '{rule.name}' has two 'limit' clauses")
-        if r["count"] < 1:
+        count, count_at = r["count_located"][1][0], r["count_located"][0]
+        if count < 1:
             sink.error(here, "a limit must allow at least 1 event")
-        rule.limit = nodes.Limit(here, r["count"], r["window"], _expression(line, r["expr"]))
+        elif count > MAX_LIMIT:
+            # a count no window could ever hold is a typo; unchecked, deciding raised OverflowError
+            sink.error(line.location(count_at, len(str(count))), f"a limit may allow at most {MAX_LIMIT:_} events")
+        rule.limit = nodes.Limit(here, count, r["window"], _expression(line, r["expr"]))
         rule.clause_order.append(rule.limit)
         return
     fast = _fast_effect(line, word)

@@ -109,6 +109,8 @@ def test_every_load_time_error_is_reported_in_one_run(tmp_path: Path) -> None:
     ("default deny\ndefault allow\n", "a second 'default'"),
     ("default deny\nrule r:\n  when later\n  allow\ndefine later = true\n", "used before its 'define'"),
     ("default deny\nrule default:\n  allow\n", "reserved"),
+    # a count no window can hold: it used to load, and then every decision raised OverflowError
+    ("default deny\nrule r:\n  limit 99999999999999999999 per minute by sender\n  drop\n", "at most 1_000_000_000"),
 ])
 def test_more_load_time_checks(body: str, fragment: str) -> None:
     with pytest.raises(PolicyError, match=re.escape(fragment)):
@@ -229,6 +231,11 @@ def test_limit_sliding_window_is_exact() -> None:
     assert outcomes == ["allow", "allow", "allow", "drop", "allow", "allow", "drop"]
     other = Event.message("c@acme.example", "b@acme.example")
     assert policy.decide(other, now=0.7, limiter=limiter).decision == "allow"  # counted per sender
+
+
+def test_the_largest_limit_loads_and_decides() -> None:
+    policy = policy_of("default allow\nrule r:\n  limit 1000000000 per day by sender\n  drop\n")
+    assert policy.decide(Event.message("a@acme.example", "b@x.example")).decision == "allow"
 
 
 def test_directory_groups_and_attrs(tmp_path: Path) -> None:
