@@ -358,6 +358,15 @@ def test_address_and_time_caches_never_answer_for_another_protocol_or_time(monke
     assert [t.isoformat() for t in got] == ["2026-11-24T10:00:00+00:00"] * 3 + ["2026-11-24T10:00:01+00:00"]
 
 
+def test_rfc3339_lower_case_t_and_z_are_accepted() -> None:
+    """RFC 3339 section 5.6: 'T' and 'Z' may alternatively be lower case (they were an invalid event)."""
+    for text in ("2026-11-24t10:00:00z", "2026-11-24T10:00:00z", "2026-11-24t11:00:00.5+01:00"):
+        event = Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "time": text})
+        assert event.time.isoformat().startswith("2026-11-24T10:00:00"), text
+    with pytest.raises(EventError, match="^field 'time'"):
+        Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "time": "tomorrow"})
+
+
 def test_protocol_is_inferred_from_sip_addresses() -> None:
     assert Event.from_json({"kind": "call", "from": "sip:a@b.example", "to": "sip:c@d.example"}).protocol == "sip"
     assert Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example"}).protocol == "xmpp"
