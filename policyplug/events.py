@@ -18,6 +18,8 @@ PROTOCOLS = ("xmpp", "sip")
 _KINDS = frozenset(EVENT_KINDS)
 _last_time: tuple[str, datetime] | None = None
 _new_event = object.__new__
+# the keywords of Event.message(...) etc.: every member of the event JSON but kind, from and to
+KEYWORD_FIELDS = ("body", "subject", "type", "size", "payload", "headers", "client", "time", "protocol")
 _ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
 
 
@@ -179,6 +181,10 @@ class Event:
     def _of_kind(cls, kind: str, sender: str, recipient: str, fields: dict[str, Any]) -> Event:
         data: dict[str, Any] = {"kind": kind, "from": sender, "to": recipient}
         for key, value in fields.items():
+            if key not in KEYWORD_FIELDS:
+                # from_json ignores unknown members (adapters may send more); a keyword is a typo
+                raise TypeError(f"Event.{kind}() got an unexpected keyword argument {key!r} "
+                                f"(event fields: {', '.join(KEYWORD_FIELDS)})")
             if key == "time" and isinstance(value, datetime):
                 value = value.isoformat()
             data[key] = value

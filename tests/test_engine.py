@@ -290,6 +290,16 @@ def test_event_constructor_per_kind(kind: str) -> None:
     assert event.to_json()["from"] == "Alice@acme.example/r"
 
 
+def test_event_constructors_refuse_unknown_keywords() -> None:
+    """cli.md: each constructor takes 'any other event field as keywords'; a misspelt one was ignored,
+    so Event.message(..., bdy="x") decided on an empty body."""
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'bdy'"):
+        Event.message("a@acme.example", "b@x.example", bdy="x")
+    event = Event.call("a@acme.example", "b@x.example", body="b", subject="s", type="t", size=1, payload=["p"],
+                       headers={"h": "v"}, client={"ip": "10.0.0.1"}, time="2026-11-24T10:00:00Z", protocol="xmpp")
+    assert (event.kind, event.body, event.size, event.headers) == ("call", "b", 1, {"h": "v"})
+
+
 @pytest.mark.parametrize("data, field", [
     ({"from": "a@b.example", "to": "c@d.example"}, "kind"),
     ({"kind": "mesage", "from": "a@b.example", "to": "c@d.example"}, "kind"),
