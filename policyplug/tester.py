@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import nodes
+from .addresses import AddressError, parse_address
 from .cel.check import parse_expression
 from .cel.errors import CelEvaluationError
 from .cel.reference import interpret
@@ -190,7 +191,7 @@ def check_expectation(expect: nodes.Expectation, decision: Decision) -> list[str
     problems = []
     if decision.decision != expect.decision:
         problems.append(f"expected {expect.decision}, decided {decision.decision}")
-    if expect.redirect_to is not None and decision.redirect_to != expect.redirect_to:
+    if expect.redirect_to is not None and not same_address(decision.redirect_to, expect.redirect_to):
         problems.append(f'expected redirect to "{expect.redirect_to}", got {decision.redirect_to!r}')
     if expect.by is not None:
         decided_by = decision.rule or "default"
@@ -199,7 +200,7 @@ def check_expectation(expect: nodes.Expectation, decision: Decision) -> list[str
     if expect.reason is not None and decision.reason != expect.reason:
         problems.append(f'expected reason "{expect.reason}", got {decision.reason!r}')
     for address in expect.copy_to:
-        if address not in decision.copy_to:
+        if not any(same_address(copy, address) for copy in decision.copy_to):
             problems.append(f'expected copy to "{address}", copies: {decision.copy_to}')
     if expect.route_via is not None and decision.route_via != expect.route_via:
         problems.append(f'expected route via "{expect.route_via}", got {decision.route_via!r}')
@@ -210,6 +211,20 @@ def check_expectation(expect: nodes.Expectation, decision: Decision) -> list[str
         if text not in decision.disclaimers:
             problems.append(f'expected disclaimer "{text}", disclaimers: {decision.disclaimers}')
     return problems
+
+
+def same_address(decided: str | None, expected: str) -> bool:
+    """`expect redirect to` / `copy to`: the same address however it is spelt (the engine's
+    normalisation: `Archive@ACME.example` is `archive@acme.example`), as written otherwise."""
+    if decided is None:
+        return False
+    if decided == expected:
+        return True
+    try:
+        a, b = parse_address(decided), parse_address(expected)
+    except AddressError:
+        return False
+    return (a.protocol, a.address, a.resource) == (b.protocol, b.address, b.resource)
 
 
 def run_tests(policy: Policy) -> list[TestOutcome]:

@@ -469,6 +469,23 @@ def test_a_test_that_cannot_run_says_why_in_its_one_line() -> None:
                     "not an RFC 3339 time: 'never'")
 
 
+def test_expected_copy_and_redirect_addresses_compare_as_addresses(tmp_path: Path) -> None:
+    """`expect copy to "archive@acme.example"` holds for a rule's `copy to "Archive@ACME.example"`: the
+    same address (it failed, comparing spellings); another address still fails."""
+    path = tmp_path / "p.policy"
+    path.write_text(HEAD + 'default deny\nrule r:\n  when body == "r"\n  redirect to "Desk@ACME.example"\n'
+                    'rule c:\n  allow\n  copy to "Archive@ACME.Example"\n  copy to "sip:Rec@acme.example"\n'
+                    'test redirected:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+                    '  expect redirect to "desk@acme.example"\n'
+                    'test copied:\n  message from "a@acme.example" to "b@x.example"\n'
+                    '  expect allow copy to "archive@acme.example" copy to "sip:rec@ACME.example"\n'
+                    'test other_copy:\n  message from "a@acme.example" to "b@x.example"\n'
+                    '  expect allow copy to "rec@acme.example"\n')
+    result = run_cli("test", str(path))
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "2 passed, 1 failed" and len(lines) == 2 and "other_copy" in lines[0], result.stdout
+
+
 def test_check_on_a_folder_and_exit_codes(tmp_path: Path) -> None:
     (tmp_path / "a.policy").write_text(HEAD + "default allow\n")
     (tmp_path / "sub").mkdir()
