@@ -220,6 +220,20 @@ def test_non_bool_condition_is_an_error() -> None:
     assert decision.decision == "deny" and "not a bool" in decision.errors[0]["message"]
 
 
+def test_cel_type_names_are_known() -> None:
+    """Conditions are CEL as cel-python reads it: `type(x) == string` and the other type denotations
+    were refused as "unknown name 'string'"."""
+    policy = policy_of('default deny\nrule r:\n  when type(kind) == string && type(size) == int && type(payload) == list &&\n'
+                       '    type(headers) == map && type(client.secure) == bool && type(1u) == uint &&\n'
+                       '    type(1.5) == double && type(b"x") == bytes && type(null) == null_type\n  allow\n'
+                       'rule s:\n  when type(size) == string || type == "chat"\n  drop\n')
+    decision = policy.decide(Event.message("a@acme.example", "b@x.example", type="chat"))
+    assert (decision.rule, decision.errors) == ("r", [])
+    assert policy.decide(Event.message("a@acme.example", "b@x.example", body="x")).rule == "r"
+    with pytest.raises(PolicyError, match="unknown name 'strin'"):
+        policy_of("default deny\nrule r:\n  when type(kind) == strin\n  allow\n")
+
+
 def test_limit_sliding_window_is_exact() -> None:
     policy = policy_of('default allow\nrule flood:\n  limit 3 per second by sender\n  drop\n')
     event = Event.message("a@acme.example", "b@acme.example")

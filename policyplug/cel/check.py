@@ -28,6 +28,8 @@ METHODS = ("contains", "startsWith", "endsWith", "matches", "lowerAscii", "upper
            "exists_one", "map", "filter", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
            "getDayOfWeek", "getDayOfMonth", "getDayOfYear", "getMonth", "getFullYear", "getDate")
 MACROS = ("exists", "all", "exists_one", "map", "filter")
+# CEL's type denotations (`type(x) == string`); `type` itself names the event's type field here
+TYPE_NAMES = ("int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type")
 MAX_CEL_LENGTH = 64 * 1024
 _name = RULE_NAMES.get
 _Tree = lark.Tree
@@ -141,6 +143,8 @@ class NameChecker:
                 return lark.Tree("primary", [lark.Tree("paren_expr", [self.defines[name]], tree.meta)], tree.meta)
             if name in EVENT_VARIABLES or name in self.lists:
                 self.names_used.add(name)
+                return tree
+            if name in TYPE_NAMES:
                 return tree
             if name in self.later_defines:
                 self._error(token, f"'{name}' is used before its 'define'")

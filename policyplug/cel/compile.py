@@ -29,6 +29,7 @@ from celpy.celparser import tree_dump
 from celpy.evaluation import CELEvalError, Evaluator
 
 from . import runtime as rt
+from .check import TYPE_NAMES
 from .errors import CelEvaluationError
 from .fastparse import RULE_NAMES, rule_name
 from .reference import _env, interpret
@@ -540,6 +541,8 @@ class _Gen:
         if name in self.constants:
             value = self.constants[name]
             return replace(self.literal(value), type=("list", "string"))
+        if name in TYPE_NAMES:
+            raise Unsupported(f"the type name '{name}'")  # as type() itself: cel-python's interpreter decides
         if name in rt.FUNCTIONS:
             raise Unsupported(f"'{name}' names a function, not a value")
         return self.fail("err", f"undeclared reference to '{name}'")
