@@ -44,7 +44,10 @@ def parse_time(value: str, field: str = "time") -> datetime:
         raise _field_error(field, f"not an RFC 3339 time: {value[:60]!r}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is after the last UTC time Python can hold
+        raise _field_error(field, f"out of range: {value[:60]!r}") from None
 
 
 class Event:

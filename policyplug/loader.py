@@ -379,7 +379,7 @@ class Loader:
 
     def _check_test(self, test: nodes.Test, rule_locations: dict[str, Location]) -> None:
         if test.event is not None and test.event.kind in nodes.EVENT_KINDS:  # an unknown kind is reported already
-            problem = test_event_problem(test.event)
+            problem = test_event_problem(test.event, test.repeat)
             if problem is not None:
                 self.sink.error(problem[0], f"test '{test.name}': {problem[1]}")
         expect = test.expect

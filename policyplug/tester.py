@@ -127,7 +127,7 @@ EVENT_FIELDS = ("kind", "from", "to", "body", "time", "protocol", "client", "hea
 CLIENT_FIELDS = ("ip", "port", "secure")
 
 
-def test_event_problem(spec: nodes.TestEvent) -> tuple[Location, str] | None:
+def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location, str] | None:
     """Why a test's event is not a valid event, and where (the field's string, or the `with` map);
     None when it is valid. The loader reports it, so a broken test is found by `check`, never
     only when it runs."""
@@ -147,7 +147,12 @@ def test_event_problem(spec: nodes.TestEvent) -> tuple[Location, str] | None:
                         f"{did_you_mean(unknown[0].removeprefix('client.'), CLIENT_FIELDS if '.' in unknown[0] else EVENT_FIELDS)}"
                         f" (fields: {', '.join(EVENT_FIELDS)}; client: {', '.join(CLIENT_FIELDS)})")
         data = build_event_json(spec)
-        Event.from_json(data)
+        event = Event.from_json(data)
+        try:
+            event.time + timedelta(milliseconds=repeat - 1)
+        except OverflowError:
+            return (where["time"] or with_location or spec.location,
+                    f"invalid event: 'repeat {repeat}' runs past the last time there is")
     except EventError as exc:
         message = str(exc)
         location = with_location if message.startswith("with:") else None
@@ -176,6 +181,10 @@ def run_test(policy: Policy, test: nodes.Test) -> TestOutcome:
         event = Event.from_json(data)
     except EventError as exc:
         return TestOutcome(test, False, [f"invalid test event: {exc}"])
+    try:
+        start + timedelta(milliseconds=test.repeat - 1)
+    except OverflowError:  # the loader reports it; a test built by hand gets it here
+        return TestOutcome(test, False, [f"invalid test event: 'repeat {test.repeat}' runs past the last time there is"])
     limiter = MemoryLimiter()  # fresh state: no counter carries over from another test
     decision: Decision | None = None
     for i in range(test.repeat):

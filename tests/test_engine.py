@@ -138,6 +138,18 @@ def test_invalid_test_events_are_load_time_errors_at_the_field(fields: str, line
     assert diagnostic.message.startswith("test 't': ") and fragment in diagnostic.message
 
 
+def test_a_repeat_past_the_last_time_is_a_load_time_error() -> None:
+    """repeat N adds 1 ms per event: past year 9999 that raised OverflowError in 'policyplug test'."""
+    with pytest.raises(PolicyError) as caught:
+        policy_of('default deny\ntest t:\n  message from "a@acme.example" to "b@x.example" at "9999-12-31T23:59:59.999Z"\n'
+                  '  repeat 3\n  expect deny\n')
+    [diagnostic] = caught.value.diagnostics
+    assert (diagnostic.location.line, diagnostic.location.column) == (5, 53)
+    assert "'repeat 3' runs past the last time there is" in diagnostic.message
+    assert policy_of('default deny\ntest t:\n  message from "a@acme.example" to "b@x.example" at "9999-12-31T23:59:59.997Z"\n'
+                     '  repeat 3\n  expect deny\n').tests
+
+
 def test_invalid_test_addresses_point_at_the_address() -> None:
     with pytest.raises(PolicyError) as caught:
         policy_of('default deny\ntest t:\n  message from "a@acme.example"\n    to "b@@x.example"\n  expect allow\n')
@@ -389,6 +401,17 @@ def test_rfc3339_lower_case_t_and_z_are_accepted() -> None:
         assert event.time.isoformat().startswith("2026-11-24T10:00:00"), text
     with pytest.raises(EventError, match="^field 'time'"):
         Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "time": "tomorrow"})
+
+
+@pytest.mark.parametrize("text", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+def test_time_beyond_what_utc_can_hold_is_an_invalid_event_not_a_crash(text: str, tmp_path: Path) -> None:
+    """Converting these to UTC raised OverflowError: eval died with a traceback (exit 1, not 2)."""
+    with pytest.raises(EventError, match="^field 'time': out of range"):
+        Event.from_json({"kind": "message", "from": "a@b.example", "to": "c@d.example", "time": text})
+    result = run_cli("eval", str(ACME), stdin=json.dumps({"kind": "message", "from": "a@b.example",
+                                                          "to": "c@d.example", "time": text}))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"invalid event: field 'time': out of range: '{text}'\n"
 
 
 def test_protocol_is_inferred_from_sip_addresses() -> None:
