@@ -123,6 +123,8 @@ class Loader:
             text = read_source(path, self.sink, location, "included file" if stack else "policy file")
             if text is None:
                 return []
+        elif text.startswith("\ufeff"):
+            text = text[1:]  # load_policy(text=...) of a file read as text: its byte-order mark, as read_source drops it
         if path is not None:
             self.files.append(path)
         self.hash_parts.append((display, text.encode("utf-8")))

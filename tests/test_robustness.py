@@ -51,6 +51,13 @@ def test_nul_in_a_file_path_is_a_diagnostic(tmp_path: Path, statement: str, what
     assert "the path contains a NUL character" in str(caught.value)
 
 
+def test_byte_order_mark_is_ignored_in_policy_text_too() -> None:
+    """docs/language.md: 'a byte-order mark is ignored'. It was for files, but load_policy(text=...) of
+    a file read with open() (which keeps it) said "expected a statement ..., found '\ufeff'"."""
+    policy = load_policy(text='\ufeffpolicy "p"\ndefault allow\n')
+    assert policy.name == "p"
+
+
 def test_empty_file_is_a_diagnostic() -> None:
     assert "no 'default' statement" in outcome("") or "empty" in outcome("")
 
