@@ -36,12 +36,13 @@ def parse_time(value: str, field: str = "time") -> datetime:
     if not isinstance(value, str):
         raise _field_error(field, f"expected an RFC 3339 string, got {type(value).__name__}")
     text = value.strip()
-    if "t" in text or "z" in text:
-        text = text.upper()  # RFC 3339 5.6: "T" and "Z" may be lower case; fromisoformat wants them upper
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise _field_error(field, f"not an RFC 3339 time: {value[:60]!r}") from None
+        try:  # RFC 3339 5.6: "T" and "Z" may be lower case; fromisoformat wants them upper
+            parsed = datetime.fromisoformat(text.upper())
+        except ValueError:
+            raise _field_error(field, f"not an RFC 3339 time: {value[:60]!r}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     try:

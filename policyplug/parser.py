@@ -393,7 +393,8 @@ def _parse_clause(rule: nodes.Rule, line: LogicalLine, sink: DiagnosticSink) -> 
             sink.error(here, "a limit must allow at least 1 event")
         elif count > MAX_LIMIT:
             # a count no window could ever hold is a typo; unchecked, deciding raised OverflowError
-            sink.error(line.location(count_at, len(str(count))), f"a limit may allow at most {MAX_LIMIT:_} events")
+            sink.error(line.location(count_at, max(1, r["count_located"][2] - count_at)),
+                       f"a limit may allow at most {MAX_LIMIT:,} events")
         rule.limit = nodes.Limit(here, count, r["window"], _expression(line, r["expr"]))
         rule.clause_order.append(rule.limit)
         return

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import nodes
-from .addresses import AddressError, parse_address
+from .addresses import Address, AddressError, parse_address
 from .cel.check import parse_expression
 from .cel.errors import CelEvaluationError
 from .cel.reference import interpret
@@ -110,14 +110,15 @@ def _with_map(expression: nodes.Expression) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()}
 
 
-def build_event_json(spec: nodes.TestEvent) -> dict[str, Any]:
+def build_event_json(spec: nodes.TestEvent, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The event JSON of a test; `extra` is its `with` map when the caller has evaluated it already."""
     data: dict[str, Any] = {"kind": spec.kind, "from": spec.sender, "to": spec.recipient}
     if spec.body is not None:
         data["body"] = spec.body
     if spec.at is not None:
         data["time"] = spec.at
     if spec.with_map is not None:
-        data = _deep_merge(data, _with_map(spec.with_map))
+        data = _deep_merge(data, _with_map(spec.with_map) if extra is None else extra)
     return data
 
 
@@ -134,6 +135,7 @@ def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location
     where = {"from": spec.sender_location, "to": spec.recipient_location, "body": spec.body_location,
              "time": spec.at_location}
     with_location = spec.with_map.location if spec.with_map is not None else None
+    extra: dict[str, Any] | None = None
     try:
         if spec.with_map is not None:
             extra = _with_map(spec.with_map)
@@ -146,7 +148,7 @@ def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location
                         f"'with' sets '{unknown[0]}', which is not an event field"
                         f"{did_you_mean(unknown[0].removeprefix('client.'), CLIENT_FIELDS if '.' in unknown[0] else EVENT_FIELDS)}"
                         f" (fields: {', '.join(EVENT_FIELDS)}; client: {', '.join(CLIENT_FIELDS)})")
-        data = build_event_json(spec)
+        data = build_event_json(spec, extra)
         event = Event.from_json(data)
         try:
             event.time + timedelta(milliseconds=repeat - 1)
@@ -158,17 +160,10 @@ def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location
         location = with_location if message.startswith("with:") else None
         if location is None:
             named = message.split("'", 2)[1] if message.startswith("field '") else ""
-            set_by_with = spec.with_map is not None and named.split(".")[0] in _with_keys(spec.with_map)
+            set_by_with = extra is not None and named.split(".")[0] in extra
             location = with_location if set_by_with else where.get(named)
         return location or spec.location, f"invalid event: {message}"
     return None
-
-
-def _with_keys(expression: nodes.Expression) -> set[str]:
-    try:
-        return set(_with_map(expression))
-    except EventError:
-        return set()
 
 
 def run_test(policy: Policy, test: nodes.Test) -> TestOutcome:
@@ -233,7 +228,24 @@ def same_address(decided: str | None, expected: str) -> bool:
         a, b = parse_address(decided), parse_address(expected)
     except AddressError:
         return False
-    return (a.protocol, a.address, a.resource) == (b.protocol, b.address, b.resource)
+    return ((a.protocol, a.scheme, a.address, a.resource, _sip_rest(a))
+            == (b.protocol, b.scheme, b.address, b.resource, _sip_rest(b)))
+
+
+def _sip_rest(address: Address) -> str:
+    """What a SIP URI's `address` leaves out and a redirect or copy still goes by: the port,
+    uri-parameters and headers after the host (`:5080;transport=tls`), lower-cased."""
+    if address.protocol != "sip":
+        return ""
+    text = address.raw.strip()
+    if text.endswith(">") and "<" in text:
+        text = text[text.rindex("<") + 1:-1]
+    text, _, headers = text.partition("?")
+    host = text.partition(":")[2].rpartition("@")[2] if ":" in text else text.rpartition("@")[2]
+    if host.startswith("[") and "]" in host:
+        host = host[host.index("]") + 1:]
+    cut = min((i for i in (host.find(":"), host.find(";")) if i >= 0), default=len(host))
+    return (host[cut:] + ("?" + headers if headers else "")).lower()
 
 
 def run_tests(policy: Policy) -> list[TestOutcome]:

@@ -110,7 +110,7 @@ def test_every_load_time_error_is_reported_in_one_run(tmp_path: Path) -> None:
     ("default deny\nrule r:\n  when later\n  allow\ndefine later = true\n", "used before its 'define'"),
     ("default deny\nrule default:\n  allow\n", "reserved"),
     # a count no window can hold: it used to load, and then every decision raised OverflowError
-    ("default deny\nrule r:\n  limit 99999999999999999999 per minute by sender\n  drop\n", "at most 1_000_000_000"),
+    ("default deny\nrule r:\n  limit 99999999999999999999 per minute by sender\n  drop\n", "at most 1,000,000,000"),
 ])
 def test_more_load_time_checks(body: str, fragment: str) -> None:
     with pytest.raises(PolicyError, match=re.escape(fragment)):
@@ -521,6 +521,30 @@ def test_expected_copy_and_redirect_addresses_compare_as_addresses(tmp_path: Pat
     result = run_cli("test", str(path))
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "2 passed, 1 failed" and len(lines) == 2 and "other_copy" in lines[0], result.stdout
+
+
+def test_expected_sip_redirects_and_copies_keep_scheme_port_and_parameters(tmp_path: Path) -> None:
+    """Comparing addresses after normalisation must not make a test pass when a SIP redirect or copy
+    goes over another scheme, to another port or with other parameters."""
+    path = tmp_path / "p.policy"
+    path.write_text(HEAD + 'default deny\nrule r:\n  when body == "r"\n'
+                    '  redirect to "sips:Desk@ACME.example:5061;transport=tls"\n'
+                    'rule c:\n  allow\n  copy to "sip:rec@acme.example:5090"\n'
+                    'test same_uri_other_case:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+                    '  expect redirect to "sips:desk@acme.example:5061;transport=TLS"\n'
+                    'test plain_sip:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+                    '  expect redirect to "sips:desk@acme.example"\n'
+                    'test other_scheme:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+                    '  expect redirect to "sip:desk@acme.example:5061;transport=tls"\n'
+                    'test other_port:\n  message from "a@acme.example" to "b@x.example"\n'
+                    '  expect allow copy to "sip:rec@acme.example:5080"\n'
+                    'test same_port:\n  message from "a@acme.example" to "b@x.example"\n'
+                    '  expect allow copy to "sip:REC@acme.example:5090"\n')
+    result = run_cli("test", str(path))
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "2 passed, 3 failed", result.stdout
+    failed = " ".join(lines[:-1])
+    assert all(name in failed for name in ("plain_sip", "other_scheme", "other_port")), result.stdout
 
 
 def test_check_on_a_folder_and_exit_codes(tmp_path: Path) -> None:
