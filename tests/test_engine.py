@@ -506,45 +506,48 @@ def test_a_test_that_cannot_run_says_why_in_its_one_line() -> None:
                     "not an RFC 3339 time: 'never'")
 
 
+def policy_test_lines(tmp_path: Path, text: str) -> list[str]:
+    """`policyplug test` of a policy made of HEAD + text: its output lines."""
+    path = tmp_path / "p.policy"
+    path.write_text(HEAD + text)
+    return run_cli("test", str(path)).stdout.strip().splitlines()
+
+
 def test_expected_copy_and_redirect_addresses_compare_as_addresses(tmp_path: Path) -> None:
     """`expect copy to "archive@acme.example"` holds for a rule's `copy to "Archive@ACME.example"`: the
     same address (it failed, comparing spellings); another address still fails."""
-    path = tmp_path / "p.policy"
-    path.write_text(HEAD + 'default deny\nrule r:\n  when body == "r"\n  redirect to "Desk@ACME.example"\n'
-                    'rule c:\n  allow\n  copy to "Archive@ACME.Example"\n  copy to "sip:Rec@acme.example"\n'
-                    'test redirected:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
-                    '  expect redirect to "desk@acme.example"\n'
-                    'test copied:\n  message from "a@acme.example" to "b@x.example"\n'
-                    '  expect allow copy to "archive@acme.example" copy to "sip:rec@ACME.example"\n'
-                    'test other_copy:\n  message from "a@acme.example" to "b@x.example"\n'
-                    '  expect allow copy to "rec@acme.example"\n')
-    result = run_cli("test", str(path))
-    lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "2 passed, 1 failed" and len(lines) == 2 and "other_copy" in lines[0], result.stdout
+    lines = policy_test_lines(tmp_path, (
+        'default deny\nrule r:\n  when body == "r"\n  redirect to "Desk@ACME.example"\n'
+        'rule c:\n  allow\n  copy to "Archive@ACME.Example"\n  copy to "sip:Rec@acme.example"\n'
+        'test redirected:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+        '  expect redirect to "desk@acme.example"\n'
+        'test copied:\n  message from "a@acme.example" to "b@x.example"\n'
+        '  expect allow copy to "archive@acme.example" copy to "sip:rec@ACME.example"\n'
+        'test other_copy:\n  message from "a@acme.example" to "b@x.example"\n'
+        '  expect allow copy to "rec@acme.example"\n'))
+    assert lines[-1] == "2 passed, 1 failed" and len(lines) == 2 and "other_copy" in lines[0], lines
 
 
 def test_expected_sip_redirects_and_copies_keep_scheme_port_and_parameters(tmp_path: Path) -> None:
     """Comparing addresses after normalisation must not make a test pass when a SIP redirect or copy
     goes over another scheme, to another port or with other parameters."""
-    path = tmp_path / "p.policy"
-    path.write_text(HEAD + 'default deny\nrule r:\n  when body == "r"\n'
-                    '  redirect to "sips:Desk@ACME.example:5061;transport=tls"\n'
-                    'rule c:\n  allow\n  copy to "sip:rec@acme.example:5090"\n'
-                    'test same_uri_other_case:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
-                    '  expect redirect to "sips:desk@acme.example:5061;transport=TLS"\n'
-                    'test plain_sip:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
-                    '  expect redirect to "sips:desk@acme.example"\n'
-                    'test other_scheme:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
-                    '  expect redirect to "sip:desk@acme.example:5061;transport=tls"\n'
-                    'test other_port:\n  message from "a@acme.example" to "b@x.example"\n'
-                    '  expect allow copy to "sip:rec@acme.example:5080"\n'
-                    'test same_port:\n  message from "a@acme.example" to "b@x.example"\n'
-                    '  expect allow copy to "sip:REC@acme.example:5090"\n')
-    result = run_cli("test", str(path))
-    lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "2 passed, 3 failed", result.stdout
+    lines = policy_test_lines(tmp_path, (
+        'default deny\nrule r:\n  when body == "r"\n'
+        '  redirect to "sips:Desk@ACME.example:5061;transport=tls"\n'
+        'rule c:\n  allow\n  copy to "sip:rec@acme.example:5090"\n'
+        'test same_uri_other_case:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+        '  expect redirect to "sips:desk@acme.example:5061;transport=TLS"\n'
+        'test plain_sip:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+        '  expect redirect to "sips:desk@acme.example"\n'
+        'test other_scheme:\n  message from "a@acme.example" to "b@x.example" body "r"\n'
+        '  expect redirect to "sip:desk@acme.example:5061;transport=tls"\n'
+        'test other_port:\n  message from "a@acme.example" to "b@x.example"\n'
+        '  expect allow copy to "sip:rec@acme.example:5080"\n'
+        'test same_port:\n  message from "a@acme.example" to "b@x.example"\n'
+        '  expect allow copy to "sip:REC@acme.example:5090"\n'))
+    assert lines[-1] == "2 passed, 3 failed", lines
     failed = " ".join(lines[:-1])
-    assert all(name in failed for name in ("plain_sip", "other_scheme", "other_port")), result.stdout
+    assert all(name in failed for name in ("plain_sip", "other_scheme", "other_port")), lines
 
 
 def test_check_on_a_folder_and_exit_codes(tmp_path: Path) -> None:
