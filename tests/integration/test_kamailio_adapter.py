@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -415,6 +416,40 @@ def test_malformed_requests_get_a_clear_error_or_a_decision(world: World, raw: b
     assert response is not None and response.status == expected, response and response.first_line
     if expected in (400, 416):
         assert response.header("Warning") or response.first_line
+
+
+def test_a_burst_of_requests_waits_in_the_socket_and_every_one_is_answered(world: World) -> None:
+    """A request decided in Python takes longer than a native route's, so a burst queues in the UDP
+    socket. kamailio.cfg's `maxbuffer` lets that queue grow to what the OS allows: with Kamailio's
+    default (its socket at 512 KiB) part of a burst of 1,500 was dropped by the kernel and answered
+    only if the sender retransmitted; here each gets its 403 once, with no retransmission."""
+    count = 1500
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)  # the answers must not be lost here
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.5)
+        port = sock.getsockname()[1]
+        answered: dict[str, int] = {}
+
+        def collect() -> None:
+            deadline = time.monotonic() + 30
+            while len(answered) < count and time.monotonic() < deadline:
+                try:
+                    response = SipMessage.parse(sock.recv(65536))
+                except TimeoutError:
+                    continue
+                answered[response.header("Call-ID") or ""] = response.status
+
+        collector = threading.Thread(target=collect)
+        collector.start()
+        for i in range(count):
+            sock.sendto(bad_request(body=f"burst {i}: a secret".encode()).replace(b"LOCALPORT", str(port).encode()),
+                        ("127.0.0.1", world.server.port))
+        collector.join()
+    rmem_max = Path("/proc/sys/net/core/rmem_max").read_text().strip()
+    assert len(answered) == count, (f"{count - len(answered)} of {count} requests of the burst got no answer "
+                                    f"(net.core.rmem_max is {rmem_max}: Kamailio's socket may grow to twice that)")
+    assert set(answered.values()) == {403}
 
 
 def test_one_megabyte_body_over_tcp_does_not_hurt_a_worker(world: World) -> None:
