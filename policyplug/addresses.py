@@ -132,8 +132,9 @@ def _parse_jid(raw: str) -> Address:
 _NAME_ADDR = re.compile(r"^\s*(?:\"(?:[^\"\\]|\\.)*\"|[^<\"]*)?\s*<([^>]*)>")
 
 
-@lru_cache(maxsize=65536)
-def _parse_sip(raw: str) -> Address:
+def _split_sip(raw: str) -> tuple[str, str, str, str, str]:
+    """A SIP URI (or name-addr) in its parts: (scheme, userinfo, "@" or "", host[:port][;uri-parameters],
+    "?headers" or "")."""
     text = raw.strip()
     match = _NAME_ADDR.match(text)
     if match:  # '"Alice" <sip:alice@acme.example>;tag=1' -> the URI inside the brackets
@@ -145,10 +146,28 @@ def _parse_sip(raw: str) -> Address:
             scheme, rest = "sip", text  # a bare user@host given with protocol "sip"
         else:
             raise AddressError(f"not a SIP URI: {raw[:80]!r}")
-    rest = rest.split("?", 1)[0]  # headers
+    rest, question, headers = rest.partition("?")
     userinfo, at, hostport = rest.rpartition("@")
     if not at:
         userinfo, hostport = "", rest
+    return scheme, userinfo, at, hostport, question + headers
+
+
+def sip_uri_suffix(raw: str) -> str:
+    """What a SIP URI says after its host and `Address.address` leaves out: the port, the
+    ;uri-parameters and the ?headers, lower-cased ("" when there are none)."""
+    _scheme, _userinfo, _at, hostport, headers = _split_sip(raw)
+    hostport, semicolon, parameters = hostport.partition(";")
+    if hostport.startswith("["):
+        port = hostport[hostport.find("]") + 1:] if "]" in hostport else ""
+    else:
+        port = ":" + hostport.rsplit(":", 1)[1] if hostport.count(":") == 1 else ""
+    return (port + semicolon + parameters + headers).lower()
+
+
+@lru_cache(maxsize=65536)
+def _parse_sip(raw: str) -> Address:
+    scheme, userinfo, at, hostport, _headers = _split_sip(raw)
     hostport = hostport.split(";", 1)[0]  # uri-parameters
     user = userinfo.split(";", 1)[0].split(":", 1)[0]  # user-params (telephone-subscriber) and password
     try:

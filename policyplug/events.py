@@ -18,8 +18,12 @@ PROTOCOLS = ("xmpp", "sip")
 _KINDS = frozenset(EVENT_KINDS)
 _last_time: tuple[str, datetime] | None = None
 _new_event = object.__new__
-# the keywords of Event.message(...) etc.: every member of the event JSON but kind, from and to
-KEYWORD_FIELDS = ("body", "subject", "type", "size", "payload", "headers", "client", "time", "protocol")
+# the members of the event JSON (cli.md) and of its client; the keywords of Event.message(...) etc.
+# are every member but kind, from and to
+EVENT_FIELDS = ("kind", "from", "to", "body", "time", "protocol", "client", "headers", "payload", "type", "subject",
+                "size")
+CLIENT_FIELDS = ("ip", "port", "secure")
+KEYWORD_FIELDS = EVENT_FIELDS[3:]
 _ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
 
 

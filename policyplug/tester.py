@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from . import nodes
-from .addresses import Address, AddressError, parse_address
+from .addresses import AddressError, parse_address, sip_uri_suffix
 from .cel.check import parse_expression
 from .cel.errors import CelEvaluationError
 from .cel.reference import interpret
 from .decision import Decision
 from .diagnostics import DiagnosticSink, Location, did_you_mean
-from .events import Event, EventError, parse_time
+from .events import CLIENT_FIELDS, EVENT_FIELDS, Event, EventError, parse_time
 from .limits import MemoryLimiter
 from .runtime import Policy
 
@@ -122,10 +122,13 @@ def build_event_json(spec: nodes.TestEvent, extra: dict[str, Any] | None = None)
     return data
 
 
-# What `with` may set: the members of the event JSON (cli.md), and the members of its client.
-EVENT_FIELDS = ("kind", "from", "to", "body", "time", "protocol", "client", "headers", "payload", "type", "subject",
-                "size")
-CLIENT_FIELDS = ("ip", "port", "secure")
+def repeat_problem(start: datetime, repeat: int) -> str | None:
+    """Why `repeat` events 1 ms apart from `start` cannot be made (past the last time there is), or None."""
+    try:
+        start + timedelta(milliseconds=repeat - 1)
+    except OverflowError:
+        return f"'repeat {repeat}' runs past the last time there is"
+    return None
 
 
 def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location, str] | None:
@@ -148,13 +151,10 @@ def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location
                         f"'with' sets '{unknown[0]}', which is not an event field"
                         f"{did_you_mean(unknown[0].removeprefix('client.'), CLIENT_FIELDS if '.' in unknown[0] else EVENT_FIELDS)}"
                         f" (fields: {', '.join(EVENT_FIELDS)}; client: {', '.join(CLIENT_FIELDS)})")
-        data = build_event_json(spec, extra)
-        event = Event.from_json(data)
-        try:
-            event.time + timedelta(milliseconds=repeat - 1)
-        except OverflowError:
-            return (where["time"] or with_location or spec.location,
-                    f"invalid event: 'repeat {repeat}' runs past the last time there is")
+        event = Event.from_json(build_event_json(spec, extra))
+        problem = repeat_problem(event.time, repeat)
+        if problem is not None:
+            return where["time"] or with_location or spec.location, f"invalid event: {problem}"
     except EventError as exc:
         message = str(exc)
         location = with_location if message.startswith("with:") else None
@@ -176,10 +176,9 @@ def run_test(policy: Policy, test: nodes.Test) -> TestOutcome:
         event = Event.from_json(data)
     except EventError as exc:
         return TestOutcome(test, False, [f"invalid test event: {exc}"])
-    try:
-        start + timedelta(milliseconds=test.repeat - 1)
-    except OverflowError:  # the loader reports it; a test built by hand gets it here
-        return TestOutcome(test, False, [f"invalid test event: 'repeat {test.repeat}' runs past the last time there is"])
+    problem = repeat_problem(start, test.repeat)
+    if problem is not None:  # the loader reports it; a test built by hand gets it here
+        return TestOutcome(test, False, [f"invalid test event: {problem}"])
     limiter = MemoryLimiter()  # fresh state: no counter carries over from another test
     decision: Decision | None = None
     for i in range(test.repeat):
@@ -228,24 +227,9 @@ def same_address(decided: str | None, expected: str) -> bool:
         a, b = parse_address(decided), parse_address(expected)
     except AddressError:
         return False
-    return ((a.protocol, a.scheme, a.address, a.resource, _sip_rest(a))
-            == (b.protocol, b.scheme, b.address, b.resource, _sip_rest(b)))
-
-
-def _sip_rest(address: Address) -> str:
-    """What a SIP URI's `address` leaves out and a redirect or copy still goes by: the port,
-    uri-parameters and headers after the host (`:5080;transport=tls`), lower-cased."""
-    if address.protocol != "sip":
-        return ""
-    text = address.raw.strip()
-    if text.endswith(">") and "<" in text:
-        text = text[text.rindex("<") + 1:-1]
-    text, _, headers = text.partition("?")
-    host = text.partition(":")[2].rpartition("@")[2] if ":" in text else text.rpartition("@")[2]
-    if host.startswith("[") and "]" in host:
-        host = host[host.index("]") + 1:]
-    cut = min((i for i in (host.find(":"), host.find(";")) if i >= 0), default=len(host))
-    return (host[cut:] + ("?" + headers if headers else "")).lower()
+    # a SIP redirect or copy also goes by its port, parameters and headers (`:5061;transport=tls`)
+    return ((a.protocol, a.scheme, a.address, a.resource) == (b.protocol, b.scheme, b.address, b.resource)
+            and (a.protocol != "sip" or sip_uri_suffix(a.raw) == sip_uri_suffix(b.raw)))
 
 
 def run_tests(policy: Policy) -> list[TestOutcome]:
