@@ -151,6 +151,20 @@ def test_cel_python_tree_dump_bug_is_replicated() -> None:
     assert compiled is True and reference is True
 
 
+def test_a_logic_node_that_can_escape_is_not_short_circuited_past() -> None:
+    """`_&&_` of two errors formats both, and one made at `{}.dept` cannot be printed: cel-python
+    evaluates both sides of `||` and the IndexError escapes even after `true` (found by the
+    differential test; the compiled code short-circuited to true)."""
+    for text in ['true || ((0 && {}.dept) && ("" == headers.dept))',
+                 'true && (true) || (0) && ((({}).dept).matches("^a")) && ("" + "" == headers.dept)',
+                 'false && ((0 && {}.dept) && ("" == headers.dept))']:
+        compiled, reference, _ = both(text)
+        assert compiled is ERROR and reference is ERROR, text
+    for text in ["true || (0 && {}.dept)", "(0 && {}.dept) && false"]:  # one error: absorbed, no escape
+        compiled, reference, _ = both(text)
+        assert compiled == reference and type(compiled) is bool, text
+
+
 def test_typical_conditions_compile_to_plain_python() -> None:
     for text, fragment in [('direction == "outbound"', "_act['direction'] == 'outbound'"),
                            ("recipient.domain in partners", "in _set"),

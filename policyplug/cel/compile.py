@@ -433,7 +433,12 @@ class _Gen:
             self.splice(bbuf, 1)
             self.emit(f"{result} = {combine}", 1)
         holds = a.holds_err or b.holds_err or not both_bool
-        ex = Ex(result, "bool" if both_bool else "dyn", err=False, fatal=a.fatal or b.fatal, atomic=True,
+        # _land/_lor format both operands into a "no matching overload" error, and repr() of an error
+        # that cel-python cannot tree_dump raises IndexError there (runtime.Err.bad_repr): so this
+        # node can escape too, and a `||` or `&&` above it must not short-circuit past it. Only in
+        # expressions with an empty list or map literal (maybe_bad): no cost anywhere else.
+        escapes = self.maybe_bad and combine.startswith(("_lor(", "_land("))
+        ex = Ex(result, "bool" if both_bool else "dyn", err=False, fatal=a.fatal or b.fatal or escapes, atomic=True,
                 holds_err=holds)
         return self.finish(ex, capture)
 
