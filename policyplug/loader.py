@@ -109,6 +109,9 @@ class Loader:
     def __init__(self) -> None:
         self.sink = DiagnosticSink()
         self.files: list[Path] = []
+        # What the revision is made of: each file's role and bytes, in reading order. Not its path:
+        # one text must give one revision wherever it is loaded from (a relative or an absolute path,
+        # text=, the Kamailio workers' snapshot copy); the paths that matter are inside the texts.
         self.hash_parts: list[tuple[str, bytes]] = []
         self.trees: list[nodes.PolicyFile] = []
         self.parsed: dict[str, lark.Tree] = {}  # CEL text -> parse tree, for repeated conditions
@@ -127,7 +130,7 @@ class Loader:
             text = text[1:]  # load_policy(text=...) of a file read as text: its byte-order mark, as read_source drops it
         if path is not None:
             self.files.append(path)
-        self.hash_parts.append((display, text.encode("utf-8")))
+        self.hash_parts.append(("policy", text.encode("utf-8")))
         tree = parse_text(text, display, self.sink)
         self.trees.append(tree)
         base = path.parent if path is not None else base_dir
@@ -261,8 +264,8 @@ class Loader:
         sink.raise_if_failed()
         assert default is not None and policy_name is not None
         digest = hashlib.sha256()
-        for name, data in self.hash_parts:
-            digest.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big") + data)
+        for role, data in self.hash_parts:
+            digest.update(role.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big") + data)
         return PolicyModel(
             name=policy_name, path=path, base_dir=(path.parent if path else (base_dir or Path.cwd())),
             local_domains=frozenset(local_domains), lists=lists, directory=directory, default=default,
@@ -290,7 +293,7 @@ class Loader:
                 lists[statement.name] = ()
                 return
             self.files.append(path)
-            self.hash_parts.append((str(path), text.encode("utf-8")))
+            self.hash_parts.append(("list", text.encode("utf-8")))
             for raw in text.splitlines():
                 entry = raw.split("#", 1)[0].strip()
                 if entry:
@@ -307,7 +310,7 @@ class Loader:
         if text is None:
             return
         self.files.append(path)
-        self.hash_parts.append((str(path), text.encode("utf-8")))
+        self.hash_parts.append(("directory", text.encode("utf-8")))
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

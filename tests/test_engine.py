@@ -284,6 +284,26 @@ def test_include_and_list_file(tmp_path: Path) -> None:
     assert len(policy.files) == 2
 
 
+def test_revision_is_the_texts_not_the_path_they_were_loaded_by(tmp_path: Path, monkeypatch) -> None:
+    """cli.md: `policy_revision` identifies the exact policy text loaded. The same bytes loaded by a
+    relative path, an absolute one, from a copy elsewhere (Kamailio's workers load a snapshot copy)
+    or as text= give one revision; a change to the policy or to a file it reads gives another."""
+    text = HEAD + 'list partners = file "lists.txt"\ndefault deny\ninclude "partner.rules"\n'
+    for folder in (tmp_path / "a", tmp_path / "b" / "copy"):
+        folder.mkdir(parents=True)
+        (folder / "lists.txt").write_text("partner.example\n")
+        (folder / "partner.rules").write_text("rule partner:\n  when recipient.domain in partners\n  allow\n")
+        (folder / "p.policy").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    revisions = {load_policy("a/p.policy").revision, load_policy(str(tmp_path / "a" / "p.policy")).revision,
+                 load_policy(tmp_path / "b" / "copy" / "p.policy").revision,
+                 load_policy(text=text, base_dir=tmp_path / "a").revision}
+    assert len(revisions) == 1
+    (tmp_path / "b" / "copy" / "lists.txt").write_text("partner.example\nother.example\n")
+    assert load_policy(tmp_path / "b" / "copy" / "p.policy").revision not in revisions
+    assert load_policy(text=text + "# a comment\n", base_dir=tmp_path / "a").revision not in revisions
+
+
 def test_index_gives_the_same_decisions_as_walking_every_rule() -> None:
     text = HEAD + 'list p = ["p1.example", "p2.example"]\ndefault deny\n' + "".join(
         f'rule r{i}:\n  when {cond}\n  {effect}\n' for i, (cond, effect) in enumerate([

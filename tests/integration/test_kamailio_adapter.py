@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from policyplug import load_policy
 from policyplug.audit.verify import verify
 from tests.servers import require_binary
 from tests.servers.kamailio import KamailioServer
@@ -488,6 +490,13 @@ def test_policy_file_change_is_picked_up_and_an_invalid_one_is_refused(world: Wo
                 break
             time.sleep(0.2)
         assert warning == '399 kamailio.test "secrets stay inside"'
+        # the workers load a snapshot copy of the files: their records name the revision the timer published
+        published = re.findall(r"revision (sha256:[0-9a-f]+) published to the workers", server.log_text())[-1]
+        marker = uuid.uuid4().hex
+        world["alice"].request("MESSAGE", "sip:bob@acme.example", body="a secret", call_id=marker)
+        (record,) = [r for r in world.audit_records(until=lambda rs: any(
+            r["event"]["headers"].get("call-id") == marker for r in rs)) if r["event"]["headers"].get("call-id") == marker]
+        assert record["policy_revision"] == published == load_policy(server.policy).revision
         # an invalid policy: the one in force stays, in every worker, and the log says why
         server.policy.write_text(original.replace("rule internal:", "rule internal:\n  when recipent.user == 1"))
         time.sleep(2.5)
