@@ -20,13 +20,24 @@ import lark
 
 from . import nodes
 from .addresses import AddressError, normalise_domain, normalise_list_entry, parse_address
-from .cel.check import EVENT_VARIABLES, check_expression
+from .cel.check import CEL_RESERVED_WORDS, EVENT_VARIABLES, TYPE_NAMES, check_expression
 from .diagnostics import DiagnosticSink, Location, did_you_mean
 from .parser import parse_text
 from .tester import test_event_problem
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_INCLUDE_DEPTH = 32
+
+
+def name_problem(name: str) -> str | None:
+    """Why NAME cannot name a list or define (a condition would never see it as one), or None."""
+    if name in EVENT_VARIABLES:
+        return f"'{name}' is a built-in name"
+    if name in CEL_RESERVED_WORDS:
+        return f"'{name}' is a reserved word of CEL"
+    if name in TYPE_NAMES:
+        return f"'{name}' is a CEL type name"
+    return None
 
 
 @dataclass
@@ -212,8 +223,8 @@ class Loader:
             elif isinstance(statement, nodes.Define):
                 name = statement.name
                 loc = statement.name_location or statement.location
-                if name in EVENT_VARIABLES:
-                    sink.error(loc, f"'{name}' is a built-in name and cannot be redefined")
+                if (problem := name_problem(name)) is not None:
+                    sink.error(loc, f"{problem} and cannot name a define")
                 elif name in defines or name in lists:
                     sink.error(loc, f"'{name}' is already defined")
                 pending_defines.pop(name, None)
@@ -279,8 +290,8 @@ class Loader:
                       list_locations: dict[str, Location], defines: dict[str, Any]) -> None:
         sink = self.sink
         loc = statement.name_location or statement.location
-        if statement.name in EVENT_VARIABLES:
-            sink.error(loc, f"'{statement.name}' is a built-in name and cannot name a list")
+        if (problem := name_problem(statement.name)) is not None:
+            sink.error(loc, f"{problem} and cannot name a list")
             return
         if statement.name in lists or statement.name in defines:
             sink.error(loc, f"'{statement.name}' is already defined")

@@ -80,6 +80,23 @@ def test_columns_count_a_tab_as_one_character_and_tabs_in_strings_stay_tabs() ->
     assert (decision.rule, decision.reason) == ("r", "x\ty")
 
 
+@pytest.mark.parametrize("name, why", [
+    ("body", "is a built-in name"), ("true", "is a reserved word of CEL"), ("null", "is a reserved word of CEL"),
+    ("in", "is a reserved word of CEL"), ("while", "is a reserved word of CEL"), ("string", "is a CEL type name"),
+])
+@pytest.mark.parametrize("statement", ['list {} = ["hi"]', 'define {} = body == "hi"'])
+def test_a_name_no_condition_could_read_cannot_name_a_list_or_define(name: str, why: str, statement: str) -> None:
+    """`list true = [..]` loaded, and `body in true` then read the literal (a TypeError, the rule
+    never matched): such names are refused at the name, with the reason."""
+    text = HEAD + statement.format(name) + "\ndefault allow\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy(text=text)
+    (diagnostic,) = caught.value.diagnostics
+    kind = statement.split()[0]
+    assert diagnostic.message == f"'{name}' {why} and cannot name a {kind}"
+    assert (diagnostic.location.line, diagnostic.location.column) == (3, len(kind) + 2)
+
+
 def test_every_load_time_error_is_reported_in_one_run(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     text = (HEAD + 'list partners = file "missing.txt"\n'      # 1 unreadable list file
