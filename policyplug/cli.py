@@ -25,6 +25,10 @@ def _print_diagnostics(error: PolicyError) -> None:
         print(diagnostic.format(), file=sys.stderr)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     files = policy_files(args.paths)
     if not files:
@@ -32,6 +36,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     failed = 0
     errors = 0
+    warnings = 0
     for path in files:
         try:
             policy = load_policy(path)
@@ -40,6 +45,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             failed += 1
             errors += len(exc.diagnostics)
             continue
+        for warning in policy.warnings:  # the policy loads; what it may not mean is said all the same
+            print(warning.format(), file=sys.stderr)
+        warnings += len(policy.warnings)
         if args.explain_compile:
             fallbacks = policy.fallbacks()
             compiled = sum(len(r.conditions) for r in policy.rules) - len(fallbacks)
@@ -47,9 +55,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             for rule, text, why in fallbacks:
                 print(f"  rule {rule}: {text}  ({why})")
         elif not args.quiet:
-            print(f"{path}: ok (policy '{policy.name}', {len(policy.rules)} rules, {len(policy.tests)} tests)")
+            noted = f", {_plural(len(policy.warnings), 'warning')}" if policy.warnings else ""
+            print(f"{path}: ok (policy '{policy.name}', {len(policy.rules)} rules, {len(policy.tests)} tests{noted})")
     if len(files) > 1 or failed:
-        print(f"{len(files) - failed} valid, {failed} invalid ({errors} errors)", file=sys.stderr if failed else sys.stdout)
+        noted = f", {_plural(warnings, 'warning')}" if warnings else ""
+        print(f"{len(files) - failed} valid, {failed} invalid ({errors} errors{noted})",
+              file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
 
 

@@ -61,18 +61,25 @@ class DiagnosticSink:
 
     sources: dict[str, list[str]] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    # Problems that do not stop the load (the policy means something, perhaps not what was meant)
+    warnings: list[Diagnostic] = field(default_factory=list)
 
     def add_source(self, file: str, text: str) -> None:
         self.sources[file] = text.splitlines()
 
     def error(self, location: Location, message: str) -> None:
+        self.diagnostics.append(Diagnostic(location, message, "error", self._source_line(location)))
+
+    def warning(self, location: Location, message: str) -> None:
+        self.warnings.append(Diagnostic(location, message, "warning", self._source_line(location)))
+
+    def _source_line(self, location: Location) -> str | None:
         lines = self.sources.get(location.file)
-        source_line = None
         if lines is not None and 1 <= location.line <= len(lines):
             source_line = lines[location.line - 1]
-            if len(source_line) > 300:  # keep a huge one-line file from flooding the terminal
-                source_line = None
-        self.diagnostics.append(Diagnostic(location, message, "error", source_line))
+            if len(source_line) <= 300:  # keep a huge one-line file from flooding the terminal
+                return source_line
+        return None
 
     @property
     def failed(self) -> bool:

@@ -21,7 +21,7 @@ import lark
 from . import nodes
 from .addresses import AddressError, normalise_domain, normalise_list_entry, parse_address
 from .cel.check import CEL_RESERVED_WORDS, EVENT_VARIABLES, TYPE_NAMES, check_expression
-from .diagnostics import DiagnosticSink, Location, did_you_mean
+from .diagnostics import Diagnostic, DiagnosticSink, Location, did_you_mean
 from .parser import parse_text
 from .tester import test_event_problem
 
@@ -66,6 +66,7 @@ class PolicyModel:
     revision: str
     reads: frozenset[str]
     trees: list[nodes.PolicyFile]
+    warnings: list[Diagnostic] = field(default_factory=list)
 
 
 def read_source(path: Path, sink: DiagnosticSink, location: Location | None = None,
@@ -282,6 +283,7 @@ class Loader:
             local_domains=frozenset(local_domains), lists=lists, directory=directory, default=default,
             on_error_deny=on_error_deny, rules=rules, tests=tests, files=self.files,
             revision="sha256:" + digest.hexdigest(), reads=frozenset(reads) & frozenset(EVENT_VARIABLES), trees=self.trees,
+            warnings=sorted(sink.warnings, key=lambda d: (d.location.file, d.location.line, d.location.column)),
         )
 
     # -- pieces ------------------------------------------------------------------------------------

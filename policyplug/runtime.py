@@ -23,6 +23,7 @@ from typing import Any
 
 from .cel.errors import CelEvaluationError
 from .decision import Decision, TraceStep
+from .diagnostics import Diagnostic
 from .events import Event
 from .index import RuleIndex
 from .limits import Limiter, MemoryLimiter
@@ -437,6 +438,11 @@ class Policy:
         (kind, from, to) until the next reload): no limits, no body/time/client reads."""
         address_only = {"kind", "protocol", "direction", "sender", "recipient"}
         return self.reads <= address_only and all(r.limit is None for r in self.rules)
+
+    @property
+    def warnings(self) -> list[Diagnostic]:
+        """Diagnostics that did not stop the load (e.g. a constant regex RE2 rejects), each located."""
+        return list(self.model.warnings) if self.model is not None else []
 
     def fallbacks(self) -> list[tuple[str, str, str | None]]:
         """(rule, condition, why) for every condition run by the reference interpreter."""

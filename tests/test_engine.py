@@ -597,6 +597,27 @@ def test_check_on_a_folder_and_exit_codes(tmp_path: Path) -> None:
     assert run_cli("check", str(tmp_path / "a.policy")).returncode == 0
 
 
+def test_a_constant_pattern_re2_rejects_loads_with_a_located_warning(tmp_path: Path) -> None:
+    """rule-language.md makes a bad regex a run-time error (the rule does not match), so the policy
+    loads; but `check` says where the pattern is, and RE2's own unlocated log line stays away."""
+    path = tmp_path / "p.policy"
+    path.write_text(HEAD + 'define card = body.matches("(?:[0-9]")\ndefault allow\n'
+                    'rule dlp:\n  when card || body.matches(r"[a") || body.matches("a+")\n  deny "card"\n')
+    policy = load_policy(path)
+    assert [(w.location.line, w.location.column, w.severity) for w in policy.warnings] == \
+        [(3, 28, "warning"), (6, 29, "warning")]
+    decision = policy.decide(Event.message("a@acme.example", "b@acme.example", body="1234"))
+    assert decision.decision == "allow" and decision.errors  # fails open, as the spec says, and says why
+    result = run_cli("check", str(path))
+    assert result.returncode == 0
+    assert result.stdout.strip().endswith("(policy 't', 1 rules, 0 tests, 2 warnings)")
+    assert f"{path}:3:28: warning: RE2 rejects this pattern (missing ): (?:[0-9])" in result.stderr
+    assert '    3 | define card = body.matches("(?:[0-9]")\n      |                            ^^^^^^^^^^' \
+        in result.stderr
+    assert f"{path}:6:29: warning: RE2 rejects this pattern (missing ]: [a)" in result.stderr
+    assert "re2.cc" not in result.stderr and "absl" not in result.stderr
+
+
 def test_fmt_rewrites_keeps_comments_and_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "p.policy"
     path.write_text('# head\npolicy  "t"   # name\n\n\n\ndefault deny\n# about r\n   rule r:\n        when direction == "internal" &&\n'

@@ -219,7 +219,7 @@ class FakeKSR(types.ModuleType):
     def err(self, text: str) -> None:
         self.logged.append(text)
 
-    info = err
+    info = warn = err
 
 
 @pytest.fixture

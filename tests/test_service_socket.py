@@ -132,6 +132,14 @@ def test_reload_on_file_change_and_sighup_keeps_old_policy_when_invalid(service)
     assert client.ask(outside)["decision"]["decision"] == "allow"
     reload = client.ask({"id": 4, "op": "reload"})["reload"]
     assert reload["ok"] is False and "nope" in reload["diagnostics"]
+    # a policy with a warning loads, and the answer and the log say where the problem is
+    policy.write_text(POLICY + 'rule dlp:\n  when body.matches("[0-9")\n  deny\n')
+    reload = client.ask({"id": 5, "op": "reload"})["reload"]
+    assert reload["ok"] is True and f"{policy}:" in reload["warnings"]
+    assert "warning: RE2 rejects this pattern (missing ]: [0-9)" in reload["warnings"]
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=30)[0]
+    assert "warning: RE2 rejects this pattern" in log and "re2.cc" not in log
 
 
 def test_unwritable_audit_log_is_reported_and_decisions_go_on(tmp_path: Path) -> None:

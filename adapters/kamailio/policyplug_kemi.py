@@ -284,6 +284,12 @@ class PolicyplugKamailio:
             self.policy = load_policy(self.policy_path, limiter=self.limiter)
         self._mtimes = self._file_times(self.policy)
         log("info", f"policy {self.policy.name!r} revision {self.policy.revision} loaded from {self.policy_path}")
+        self._log_warnings(self.policy)
+
+    @staticmethod
+    def _log_warnings(policy: Any) -> None:
+        for warning in policy.warnings:
+            log("warn", warning.format())
 
     def _shared_snapshot(self) -> tuple[int, str] | None:
         try:
@@ -314,6 +320,7 @@ class PolicyplugKamailio:
         KSR.htable.sht_seti(STATE_TABLE, "generation", self.generation)
         log("info", f"policy {policy.name!r} revision {policy.revision} published to the workers "
                     f"(generation {self.generation})")
+        self._log_warnings(policy)
 
     def _snapshot(self, policy: Any, generation: int) -> Path:
         """Copy the policy and every file it read, keeping their relative places."""

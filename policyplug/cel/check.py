@@ -7,15 +7,19 @@ names so that both the compiler and the reference interpreter see one self-conta
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
+import celpy
 import lark
+import re2
 from celpy.celparser import CELParseError, CELParser
 
 from ..diagnostics import DiagnosticSink, Location, did_you_mean
 from ..nodes import Expression
 from . import fastparse
 from .fastparse import RULE_NAMES, rule_name
+from .runtime import compile_regex
 
 # What a condition can see (rule-language.md, "What a condition can see").
 EVENT_VARIABLES = ("kind", "protocol", "direction", "sender", "recipient", "body", "subject", "type", "size",
@@ -36,6 +40,8 @@ CEL_RESERVED_WORDS = ("true", "false", "null", "in", "as", "break", "const", "co
                       "function", "if", "import", "let", "loop", "package", "namespace", "return", "var",
                       "void", "while")
 MAX_CEL_LENGTH = 64 * 1024
+# a string literal with no escapes, prefixes or triple quotes: its value is its inside
+SIMPLE_STRING = re.compile(r'"[^"\\\n\r]*"|\'[^\'\\\n\r]*\'')
 _name = RULE_NAMES.get
 _Tree = lark.Tree
 _CHECKED = frozenset(("primary", "ident_arg", "member_dot", "member_dot_arg"))  # nodes NameChecker looks at
@@ -100,6 +106,30 @@ def _token_of(tree: lark.Tree) -> lark.Token | None:
     return None
 
 
+def _string_literal(tree: lark.Tree) -> lark.Token | None:
+    """The token when `tree` is an expression that is just a string literal."""
+    node = tree
+    while isinstance(node, lark.Tree) and len(node.children) == 1 and rule_name(node.data) != "literal":
+        node = node.children[0]
+    if isinstance(node, lark.Tree) and rule_name(node.data) == "literal" and len(node.children) == 1:
+        token = node.children[0]
+        if isinstance(token, lark.Token) and token.type in ("STRING_LIT", "MLSTRING_LIT"):
+            return token
+    return None
+
+
+def _string_value(token: lark.Token) -> str | None:
+    """A string literal's value, escapes and prefixes decoded as cel-python decodes them."""
+    text = str(token)
+    if SIMPLE_STRING.fullmatch(text):
+        return text[1:-1]
+    try:
+        value = celpy.Environment().program(_cel_parser().parse(text)).evaluate({})
+    except Exception:  # noqa: BLE001 - not decodable here: the run-time error will say it
+        return None
+    return str(value) if isinstance(value, str) else None
+
+
 def _ident_name(tree: lark.Tree) -> str | None:
     """The name when `tree` is an expression that is just an identifier (a macro's variable)."""
     node = tree
@@ -133,6 +163,21 @@ class NameChecker:
     def _error(self, token: lark.Token, message: str) -> None:
         self.sink.error(_file_location(self.expr, token.line, token.column, len(str(token))), message)
 
+    def _check_pattern(self, argument: lark.Tree) -> None:
+        """A constant `matches` pattern RE2 rejects: the spec makes it a run-time error (the rule
+        does not match), so the load goes on, but says where it is (RE2 would only say what)."""
+        token = _string_literal(argument)
+        pattern = _string_value(token) if token is not None else None
+        if token is None or pattern is None:
+            return
+        regex = compile_regex(pattern)
+        if isinstance(regex, re2.error):
+            reason = regex.args[0].decode("utf-8", "replace") if regex.args and isinstance(regex.args[0], bytes) \
+                else str(regex)
+            self.sink.warning(_file_location(self.expr, token.line, token.column, len(str(token))),
+                              f"RE2 rejects this pattern ({reason}): the condition raises 'match error' "
+                              "at every evaluation, so its rule never matches")
+
     def _visit(self, tree: lark.Tree, bound: frozenset[str]) -> lark.Tree:
         data = _name(tree.data, tree.data)
         if data not in _CHECKED:
@@ -160,6 +205,10 @@ class NameChecker:
             token = _token_of(tree)
             if token is not None and str(token) not in FUNCTIONS:
                 self._error(token, f"unknown function '{token}'{did_you_mean(str(token), FUNCTIONS)}")
+            elif token is not None and str(token) == "matches":
+                args = tree.children[-1].children if isinstance(tree.children[-1], lark.Tree) else []
+                if len(args) == 2:
+                    self._check_pattern(args[1])
         if data == "member_dot":
             target, token = tree.children[0], tree.children[1]
             base = _ident_name(target)
@@ -171,6 +220,9 @@ class NameChecker:
             method = str(token)
             if method not in METHODS:
                 self._error(token, f"unknown method '{method}'{did_you_mean(method, METHODS)}")
+            elif method == "matches" and len(tree.children) > 2 and isinstance(tree.children[2], lark.Tree) \
+                    and len(tree.children[2].children) == 1:
+                self._check_pattern(tree.children[2].children[0])
             elif method in MACROS and len(tree.children) > 2 and isinstance(tree.children[2], lark.Tree):
                 args = tree.children[2].children
                 variable = _ident_name(args[0]) if args else None

@@ -29,7 +29,7 @@ from celpy.celparser import tree_dump
 from celpy.evaluation import CELEvalError, Evaluator
 
 from . import runtime as rt
-from .check import TYPE_NAMES
+from .check import SIMPLE_STRING, TYPE_NAMES
 from .errors import CelEvaluationError
 from .fastparse import RULE_NAMES, rule_name
 from .reference import _env, interpret
@@ -133,7 +133,6 @@ def _field_type(rec: Type, name: str) -> Type | None:
     return None
 
 
-_SIMPLE_STRING = re.compile(r'"[^"\\\n\r]*"|\'[^\'\\\n\r]*\'')
 _SIMPLE_INT = re.compile(r"0|[1-9][0-9]{0,17}")  # below 2**63: no range check needed
 
 
@@ -141,7 +140,7 @@ def _simple_literal(token: Any) -> Any:
     """The value of a plain literal token, as folding it with cel-python gives it (None: fold it so)."""
     kind = token.type
     text = str(token)
-    if kind == "STRING_LIT" and _SIMPLE_STRING.fullmatch(text):  # no escapes, prefixes or triple quotes
+    if kind == "STRING_LIT" and SIMPLE_STRING.fullmatch(text):  # no escapes, prefixes or triple quotes
         return text[1:-1]
     if kind == "INT_LIT" and _SIMPLE_INT.fullmatch(text):
         return int(text)

@@ -648,14 +648,18 @@ def sconcat(a: str, b: str) -> RawStr:
 _regex_cache: dict[str, Any] = {}
 _regex_lock = threading.Lock()
 _REGEX_CACHE_MAX = 1024
+# RE2 writes a bad pattern's error to stderr itself (with an absl banner): the load reports it with
+# its file and line instead, and the condition's error names it at run time
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
 
 
 def compile_regex(pattern: str) -> Any:
-    """re2 pattern object, or the re2.error it raised (cached: RE2 prints compile errors to stderr)."""
+    """re2 pattern object, or the re2.error it raised (cached: a bad pattern is not compiled again)."""
     found = _regex_cache.get(pattern)
     if found is None:
         try:
-            found = re2.compile(pattern)
+            found = re2.compile(pattern, _RE2_OPTIONS)
         except re2.error as exc:
             found = exc
         with _regex_lock:

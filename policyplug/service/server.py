@@ -33,6 +33,7 @@ class DecisionService:
                  freeze_gc: bool = False):
         self.policy_path = Path(policy_path)
         self.policy: Policy = load_policy(self.policy_path)  # an invalid policy at start-up is fatal
+        self._log_warnings(self.policy)
         self.freeze_gc = freeze_gc
         if freeze_gc:
             self._settle_memory()
@@ -108,6 +109,11 @@ class DecisionService:
     def changed(self) -> bool:
         return self._file_times() != self._mtimes
 
+    @staticmethod
+    def _log_warnings(policy: Policy) -> None:
+        for warning in policy.warnings:
+            log.warning("%s", warning.format())
+
     def reload(self, reason: str = "request") -> dict[str, Any]:
         """Compile the policy anew and swap it in if valid; the old one stays otherwise."""
         try:
@@ -138,13 +144,17 @@ class DecisionService:
             self.metrics.reloaded("ok")
             self.metrics.policy_loaded(new_policy)
         log.info("reload (%s): %s -> %s", reason, old, new_policy.revision)
+        self._log_warnings(new_policy)
         notice = {"revision": new_policy.revision, "cacheable": self.cacheable}
         for listener in list(self.reload_listeners):
             try:
                 listener(notice)
             except Exception:  # one client's trouble must not stop the others hearing of it
                 log.exception("reload listener")
-        return {"ok": True, "revision": new_policy.revision, "previous": old}
+        answer: dict[str, Any] = {"ok": True, "revision": new_policy.revision, "previous": old}
+        if new_policy.warnings:
+            answer["warnings"] = "\n".join(w.format() for w in new_policy.warnings)
+        return answer
 
     @property
     def cacheable(self) -> bool:

@@ -479,7 +479,9 @@ def test_policy_file_change_is_picked_up_and_an_invalid_one_is_refused(world: Wo
     server = world.server
     original = server.policy.read_text()
     try:
-        server.policy.write_text(policy_text(world.sbc, reason="secrets stay inside"))
+        # with a pattern RE2 rejects: the policy loads (a run-time error), and the log says where it is
+        server.policy.write_text(policy_text(world.sbc, reason="secrets stay inside")
+                                 + 'rule never_matches:\n  when body.matches("(?:[0-9]")\n  tag "unreachable"\n')
         os.utime(server.policy)
         deadline = time.monotonic() + 10
         warning = None
@@ -497,6 +499,7 @@ def test_policy_file_change_is_picked_up_and_an_invalid_one_is_refused(world: Wo
         (record,) = [r for r in world.audit_records(until=lambda rs: any(
             r["event"]["headers"].get("call-id") == marker for r in rs)) if r["event"]["headers"].get("call-id") == marker]
         assert record["policy_revision"] == published == load_policy(server.policy).revision
+        assert "warning: RE2 rejects this pattern (missing ): (?:[0-9])" in server.log_text()
         # an invalid policy: the one in force stays, in every worker, and the log says why
         server.policy.write_text(original.replace("rule internal:", "rule internal:\n  when recipent.user == 1"))
         time.sleep(2.5)
