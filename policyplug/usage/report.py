@@ -1,6 +1,7 @@
 """Usage reports: the tables a compliance officer asks for, as text, CSV or a self-contained HTML page.
 
-Tables: traffic by direction and outcome; top external domains; top denied rules; busiest users.
+Tables: traffic by direction and outcome; top external domains; top denied rules; busiest users;
+traffic by tag (the rules' `tag "LABEL"`s).
 The HTML page has inline SVG bar charts (no scripts, no fonts, no network) so it can be mailed
 or archived as one file.
 """
@@ -34,6 +35,7 @@ def _range(since: str | None, until: str | None) -> tuple[str, list[str]]:
 
 
 def build_tables(db_path: str | Path, since: str | None = None, until: str | None = None, top: int = 10) -> list[Table]:
+    """The report's tables for hours in [since, until); `top` rows in the top-N tables."""
     if not Path(db_path).exists():
         raise FileNotFoundError(f"no usage store at {db_path}")
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
@@ -54,6 +56,12 @@ def build_tables(db_path: str | Path, since: str | None = None, until: str | Non
         users = db.execute(
             f"SELECT user, SUM(count), SUM(CASE WHEN direction != 'internal' THEN count ELSE 0 END) "
             f"FROM user_messages{where} GROUP BY user ORDER BY 2 DESC, 1 LIMIT ?", [*params, top]).fetchall()
+        # opened read-only, a store written before tags were counted has no tag_traffic: an empty table then
+        has_tags = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tag_traffic'").fetchone()
+        # not limited by --top: tags are literals in the policy, so there are few of them
+        tags = db.execute(
+            f"SELECT tag, direction, decision, SUM(count) FROM tag_traffic{where} GROUP BY tag, direction, decision "
+            "ORDER BY tag, direction, decision", params).fetchall() if has_tags else []
     finally:
         db.close()
     return [
@@ -61,6 +69,7 @@ def build_tables(db_path: str | Path, since: str | None = None, until: str | Non
         Table("Top external domains", ["domain", "events", "refused"], domains),
         Table("Top denied rules", ["rule", "decision", "events"], denied),
         Table("Busiest users (messages)", ["user", "messages", "external"], users),
+        Table("Traffic by tag", ["tag", "direction", "decision", "events"], tags),
     ]
 
 
@@ -90,7 +99,7 @@ def render_csv(tables: list[Table]) -> str:
     return buffer.getvalue()
 
 
-COLOURS = ("#2b6cb0", "#c53030", "#2f855a", "#b7791f")
+COLOURS = ("#2b6cb0", "#c53030", "#2f855a", "#b7791f", "#6b46c1")  # one per table, in order
 
 
 def _bar_chart(table: Table, colour: str) -> str:
@@ -115,7 +124,9 @@ def _bar_chart(table: Table, colour: str) -> str:
 
 def render_html(tables: list[Table], title: str = "policyplug usage report", period: str = "") -> str:
     sections = []
-    for table, colour in zip(tables, COLOURS, strict=False):
+    # colours repeat rather than zip() dropping the sections beyond the last colour
+    for i, table in enumerate(tables):
+        colour = COLOURS[i % len(COLOURS)]
         head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in table.rows)
         sections.append(f"<section><h2>{html.escape(table.title)}</h2>{_bar_chart(table, colour)}"

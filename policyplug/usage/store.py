@@ -1,9 +1,10 @@
 """The usage store: decisions counted into SQLite for `policyplug report`.
 
 Counts are kept per hour, kind, direction, decision, deciding rule, sender domain and recipient
-domain, plus per-user message counts. `count` only adds to an in-memory tally; the tally is
-written in one transaction every `flush_interval` seconds (or 5,000 distinct rows), so a
-decision costs a dictionary update, not a disk write.
+domain, plus per-user message counts, plus per-tag counts (table `tag_traffic`: a decision counts
+once under each of its `tag "LABEL"`s, and not at all there without one). `count` only adds to an
+in-memory tally; the tally is written in one transaction every `flush_interval` seconds (or 5,000
+distinct rows), so a decision costs a dictionary update, not a disk write.
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ CREATE TABLE IF NOT EXISTS user_messages (
     PRIMARY KEY (hour, user, direction)
 );
 CREATE INDEX IF NOT EXISTS traffic_hour ON traffic (hour);
+-- added after the first two: IF NOT EXISTS makes a store written by an older version gain it on open
+CREATE TABLE IF NOT EXISTS tag_traffic (
+    hour TEXT NOT NULL, tag TEXT NOT NULL, kind TEXT NOT NULL, direction TEXT NOT NULL, decision TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (hour, tag, kind, direction, decision)
+);
 """
 
 
 class UsageStore:
-    def __init__(self, path: str | Path, flush_interval: float = 1.0):
+    def __init__(self, path: str | Path, flush_interval: float = 1.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_interval = flush_interval
@@ -41,6 +48,7 @@ class UsageStore:
         self._db.executescript(SCHEMA)
         self._traffic: Counter[tuple[str, ...]] = Counter()
         self._users: Counter[tuple[str, str, str]] = Counter()
+        self._tags: Counter[tuple[str, str, str, str, str]] = Counter()
         self._lock = threading.Lock()
         self._last_flush = time.monotonic()
         self.errors = 0
@@ -50,8 +58,14 @@ class UsageStore:
         hour = event.time.strftime("%Y-%m-%dT%H:00Z")
         key = (hour, event.kind, direction, decision.decision, decision.rule or "default",
                event.sender.domain, event.recipient.domain)
+        # _tags, not .tags: the property makes a list for every decision without any; the engine
+        # leaves None or a shared tuple without repeats, dict.fromkeys guards hand-built decisions
+        tags = decision._tags
         with self._lock:
             self._traffic[key] += 1
+            if tags:
+                for tag in dict.fromkeys(tags):
+                    self._tags[(hour, tag, event.kind, direction, decision.decision)] += 1
             if event.kind in ("message", "groupchat") and event.sender.user:
                 self._users[(hour, event.sender.address, direction)] += 1
             due = time.monotonic() - self._last_flush >= self.flush_interval or len(self._traffic) > 5000
@@ -62,8 +76,9 @@ class UsageStore:
         with self._lock:
             traffic, self._traffic = self._traffic, Counter()
             users, self._users = self._users, Counter()
+            tags, self._tags = self._tags, Counter()
             self._last_flush = time.monotonic()
-        if not traffic and not users:
+        if not traffic and not users and not tags:
             return
         try:
             with self._db:
@@ -73,6 +88,9 @@ class UsageStore:
                 self._db.executemany(
                     "INSERT INTO user_messages VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count",
                     [(*key, n) for key, n in users.items()])
+                self._db.executemany(
+                    "INSERT INTO tag_traffic VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count",
+                    [(*key, n) for key, n in tags.items()])
         except sqlite3.Error as exc:
             # a full disk must not stop decisions: the batch is lost, counted and logged
             self.errors += 1
