@@ -165,11 +165,13 @@ _FAST_EVENT = _fast_event_matches()
 
 
 def should_audit(level: str, decision: Any) -> bool:
-    """`denied` (default): refusals and drops, and every decision a rule marked `audit`."""
-    if level == "none":
-        return False
+    """`denied` (default): refusals and drops, and every decision a rule marked `audit`; `all`:
+    every decision; `none`: only those a rule marked `audit` (rule-language.md: the clause writes
+    the decision "even where the audit level would not"; no --audit-log means no records at all)."""
     if level == "all":
         return True
+    if level == "none":
+        return decision.audit
     return decision.audit or decision.decision in ("deny", "drop")
 
 

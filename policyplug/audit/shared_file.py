@@ -617,14 +617,14 @@ class AuditSpool(RecordSink):
         self._ring_tried = False
         self._overflowing = False  # records go to the spool file until the chainer has taken all
         self._total = self._seq = self._chained = 0  # the ring: bytes and frames written, bytes chained
-        # should_audit, decided once: (skip all, keep all); otherwise refusals and `audit` rules
+        # should_audit's levels, decided once: `audit` rules always; refusals unless `none`; `all` everything
         self._none, self._all = level == "none", level == "all"
         _SPOOLS.add(self)
 
     def submit(self, event: Any, decision: Any) -> bool:
         """RecordSink.submit in one step (this is on the path of every audited request): the audit
         level as should_audit has it, the line made, stored before the decision is enforced."""
-        if self._none or not (self._all or decision.audit or decision.decision in _REFUSALS):
+        if not (self._all or decision.audit or (decision.decision in _REFUSALS and not self._none)):
             return False
         try:
             line = self.encoder.line(event, decision)
