@@ -28,6 +28,23 @@ MAX_LIMIT = 1_000_000_000  # `limit N`: at most this N (it must fit every limite
 # -- shared tokens -----------------------------------------------------------------------------
 
 STRING = pp.QuotedString('"', esc_char="\\", unquote_results=True, convert_whitespace_escapes=True)
+_KNOWN_ESCAPES = '"\\nt'  # the contract's three, and tab
+
+
+def _check_escapes(text: str, loc: int, tokens: pp.ParseResults) -> None:
+    """Refuse an escape the language does not define: pyparsing would drop its backslash (`"a\\qb"`
+    read as "aqb", `"C:\\files"` as "C:files"), so the text would mean something other than it shows."""
+    i = loc + 1
+    while i < len(text) and text[i] != '"':
+        if text[i] == "\\":
+            if i + 1 < len(text) and text[i + 1] not in _KNOWN_ESCAPES:
+                raise pp.ParseFatalException(text, i, f"unknown escape '\\{text[i + 1]}' in a string "
+                                                      "(escapes: \\\" \\\\ \\n \\t; a backslash itself is \\\\)")
+            i += 1
+        i += 1
+
+
+STRING.add_parse_action(_check_escapes)
 STRING.set_name('a "quoted string"')
 NAME = pp.Regex(r"[A-Za-z_][A-Za-z0-9_]*").set_name("a name")
 INTEGER = pp.Regex(r"[0-9]+").set_name("a whole number").set_parse_action(lambda t: int(t[0]))
@@ -229,6 +246,9 @@ def _fast_block_head(line: LogicalLine, word: str) -> tuple[str, int, int] | Non
 def _parse(grammar: pp.ParserElement, line: LogicalLine, sink: DiagnosticSink, what: str) -> pp.ParseResults | None:
     try:
         return grammar.parse_string(line.text, parse_all=True)
+    except pp.ParseFatalException as exc:  # a located problem inside a token (_check_escapes)
+        sink.error(line.location(exc.loc, 2), exc.msg)
+        return None
     except pp.ParseException as exc:
         found = line.text[exc.loc:exc.loc + 12].split("\n")[0].split(" ")[0]
         found_text = f", found '{found}'" if found else ", found end of line"
@@ -436,6 +456,9 @@ def _parse_test_body(test: nodes.Test, lines: list[LogicalLine], sink: Diagnosti
 
     try:
         r = G_TEST_BODY.parse_string(joined, parse_all=True)
+    except pp.ParseFatalException as exc:  # a located problem inside a token (_check_escapes)
+        sink.error(locate(exc.loc, 2), exc.msg)
+        return
     except pp.ParseException as exc:
         found = joined[exc.loc:exc.loc + 12].split()[0] if joined[exc.loc:].strip() else ""
         expected = exc.msg.removeprefix("Expected ").split(", found")[0]

@@ -97,6 +97,21 @@ def test_a_name_no_condition_could_read_cannot_name_a_list_or_define(name: str, 
     assert (diagnostic.location.line, diagnostic.location.column) == (3, len(kind) + 2)
 
 
+def test_string_escapes_the_language_defines_and_an_unknown_one_is_an_error() -> None:
+    """rule-language.md: strings have \\", \\\\ and \\n escapes (policyplug adds \\t). Any other escape
+    used to lose its backslash silently ("C:\\files" became "C:files"); it is refused at its place."""
+    policy = policy_of('default deny "a \\"quoted\\" C:\\\\files\\nnext\\tcol"\n')
+    assert policy.decide(Event.message("a@acme.example", "b@x.example")).reason == 'a "quoted" C:\\files\nnext\tcol'
+    for line, column in (('default deny "C:\\files"\n', 17), ('default allow\nrule r:\n  allow\n  tag "a\\qb"\n', 9),
+                         ('default allow\ntest t:\n  message from "a@acme.example" to "b@x.example" body "\\d"\n'
+                          '  expect allow\n', 56)):
+        with pytest.raises(PolicyError) as caught:
+            policy_of(line)
+        (diagnostic,) = [d for d in caught.value.diagnostics if "unknown escape '\\" in d.message]
+        assert "a backslash itself is \\\\" in diagnostic.message
+        assert diagnostic.location.column == column, diagnostic.format()
+
+
 def test_every_load_time_error_is_reported_in_one_run(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     text = (HEAD + 'list partners = file "missing.txt"\n'      # 1 unreadable list file
