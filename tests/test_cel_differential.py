@@ -324,6 +324,58 @@ def test_values_of_every_sort_agree_with_reference(text: str, activations: list[
     check_agreement(text, activations)
 
 
+# Typed arithmetic whose value decides the outcome. In cel("B", 4) only a few percent of conditions
+# compile to an int/uint/double operation, and an error elsewhere or an untaken branch usually hides
+# its value: five int helpers replaced by ones returning a constant went unnoticed in 600 examples
+# there, and this strategy caught them at once (83 of 1,000).
+INT_LEAVES = ["size", "client.port", "sender.attrs.level", "0", "1", "2", "-3", "7", "100", "-1",
+              "9223372036854775807", "-9223372036854775808", "-9223372036854775807", "4611686018427387904",
+              "3037000500", "(size - 9223372036854775807 - 1)", "int(sender.attrs.ratio)", "body.size()",
+              "payload.size()", "time.getHours()", "int(body)"]
+UINT_LEAVES = ["0u", "1u", "7u", "18446744073709551615u", "9223372036854775808u", "uint(size)", "uint(client.port)",
+               "uint(sender.attrs.level)"]
+DOUBLE_LEAVES = ["0.0", "-0.0", "1.5", "1e308", "-2.5", "double(size)", "sender.attrs.ratio", "double(body)",
+                 "double(client.port)"]
+
+
+def arithmetic(leaf: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.recursive(leaf, lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "%"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        inner.map(lambda x: f"-{x}"),
+        st.tuples(st.sampled_from(["sender.local", "size > 5", "sender.attrs.flag"]), inner, inner)
+        .map(lambda t: f"({t[0]} ? {t[1]} : {t[2]})")), max_leaves=6)
+
+
+_NUMBER = st.one_of(*(arithmetic(st.sampled_from(leaves)) for leaves in (INT_LEAVES, UINT_LEAVES, DOUBLE_LEAVES)),
+                    arithmetic(st.sampled_from(INT_LEAVES + UINT_LEAVES + DOUBLE_LEAVES)))
+# one division or remainder, its exact value shown: truncation toward zero and the remainder's sign
+# only show with a negative operand and an inexact quotient, which the recursive strategy rarely meets
+# (meets: Hypothesis favours size 0 and port 0, so negative dividends are built to be negative)
+_DIVIDENDS = ["(-size - 7)", "(-client.port - 5)", "(0 - sender.attrs.level)", "(size + 5)", "-9223372036854775807"]
+_DIVISORS = ["2", "-2", "3", "-3", "7", "(size + 2)", "(-client.port - 3)", "sender.attrs.level", "-1"]
+_DIVISION = st.one_of(
+    st.tuples(st.sampled_from(_DIVIDENDS), st.sampled_from(["/", "%"]), st.sampled_from(_DIVISORS)),
+    st.tuples(st.sampled_from(INT_LEAVES), st.sampled_from(["/", "%"]), st.sampled_from(INT_LEAVES)),
+    st.tuples(st.sampled_from(UINT_LEAVES), st.sampled_from(["/", "%"]), st.sampled_from(UINT_LEAVES)),
+    st.tuples(st.sampled_from(DOUBLE_LEAVES), st.just("/"), st.sampled_from(DOUBLE_LEAVES)),
+).map(lambda t: f"string({t[0]} {t[1]} {t[2]})")
+ARITHMETIC = st.one_of(
+    _DIVISION,
+    st.tuples(_NUMBER, st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), _NUMBER).map(" ".join),
+    _NUMBER,
+    st.tuples(_NUMBER, st.sampled_from(["||", "&&"]), _NUMBER).map(lambda t: f"({t[0]} > 0) {t[1]} ({t[2]} < 0)"),
+    _NUMBER.map(lambda x: f"[{x}].map(v, v * 2)"),
+    _NUMBER.map(lambda x: f"string({x})"),
+)
+
+
+@DIFF_SETTINGS
+@given(text=ARITHMETIC, activations=st.lists(events(), min_size=1, max_size=3))
+def test_arithmetic_agrees_with_reference(text: str, activations: list[dict]) -> None:
+    STATS["evaluations"] += len(activations)
+    check_agreement(text, activations)
+
+
 @st.composite
 def policy_conditions(draw: Any) -> str:
     """What `when` lines look like: a few conditions joined by && and ||, some negated."""
