@@ -66,40 +66,38 @@ def verify(paths: list[str], allow_partial: bool = False) -> VerifyResult:
         return result
     for file_index, path in enumerate(files):
         result.files.append(str(path))
-        data = path.read_bytes()
-        lines = data.split(b"\n")
-        ends_with_newline = data.endswith(b"\n")
-        if ends_with_newline:
-            lines = lines[:-1]
-        for number, line in enumerate(lines, start=1):
-            where = f"{path}:{number}"
-            last_line = number == len(lines)
-            try:
-                record = orjson.loads(line)
-                stored = record["hash"]
-                prev = record["prev"]
-                seq = int(record["seq"])
-            except (ValueError, KeyError, TypeError):
-                if last_line and not ends_with_newline and file_index == len(files) - 1:
-                    result.truncated_tail = f"{where}: last line is incomplete (a crash before it was written whole)"
+        last_file = file_index == len(files) - 1
+        with path.open("rb") as log:  # line by line: a log that was never rotated can be gigabytes
+            for number, raw in enumerate(log, start=1):
+                where = f"{path}:{number}"
+                complete = raw.endswith(b"\n")  # only a file's last line can lack its newline
+                try:
+                    record = orjson.loads(raw[:-1] if complete else raw)
+                    stored = record["hash"]
+                    prev = record["prev"]
+                    seq = int(record["seq"])
+                except (ValueError, KeyError, TypeError):
+                    if not complete and last_file:
+                        result.truncated_tail = f"{where}: last line is incomplete (a crash before it was written whole)"
+                        return result
+                    result.problem = f"{where}: not a valid audit record (altered or corrupted)"
                     return result
-                result.problem = f"{where}: not a valid audit record (altered or corrupted)"
-                return result
-            rid = record.get("id", "?")
-            if record_hash(record) != stored:
-                result.problem = f"{where}: record {rid} was altered (its hash does not match its content)"
-                return result
-            if previous is None and prev != GENESIS:
-                if not allow_partial:
-                    result.problem = (f"{where}: record {rid} (seq {seq}) is not the start of the chain: earlier "
-                                      "records were removed, or give the older rotated files too (or --partial)")
+                rid = record.get("id", "?")
+                if record_hash(record) != stored:
+                    result.problem = f"{where}: record {rid} was altered (its hash does not match its content)"
                     return result
-                result.files[-1] += f" (chain taken from seq {seq})"
-            elif previous is not None and prev != previous:
-                missing = "removed or reordered" if previous_seq is not None and seq != previous_seq + 1 else "reordered"
-                result.problem = (f"{where}: record {rid} (seq {seq}) does not follow the record before it "
-                                  f"(seq {previous_seq}): records were {missing}")
-                return result
-            previous, previous_seq = stored, seq
-            result.records += 1
+                if previous is None and prev != GENESIS:
+                    if not allow_partial:
+                        result.problem = (f"{where}: record {rid} (seq {seq}) is not the start of the chain: earlier "
+                                          "records were removed, or give the older rotated files too (or --partial)")
+                        return result
+                    result.files[-1] += f" (chain taken from seq {seq})"
+                elif previous is not None and prev != previous:
+                    missing = "removed or reordered" if previous_seq is not None and seq != previous_seq + 1 \
+                        else "reordered"
+                    result.problem = (f"{where}: record {rid} (seq {seq}) does not follow the record before it "
+                                      f"(seq {previous_seq}): records were {missing}")
+                    return result
+                previous, previous_seq = stored, seq
+                result.records += 1
     return result

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -373,6 +374,24 @@ def test_audit_log_is_one_intact_chain(world: World) -> None:
     assert result.records == len(records) > 10
     assert {r["node"] for r in records} == {"kamailio-test"}
     assert all("body" not in r["event"] for r in records), "bodies stay out of the audit log by default"
+
+
+def test_usage_report_from_the_kamailio_audit_log(world: World) -> None:
+    """The adapter keeps no usage store; `policyplug report --audit-log` counts its records (this
+    Kamailio audits every decision), and the tables add up to the log."""
+    marker = uuid.uuid4().hex
+    world["alice"].request("MESSAGE", "sip:bob@acme.example", body="reported", call_id=marker)
+    records = world.audit_records(until=lambda rs: any(r["event"]["headers"].get("call-id") == marker for r in rs))
+    result = subprocess.run([sys.executable, "-m", "policyplug", "report", "--audit-log", str(world.server.audit_log),
+                             "--policy", str(world.server.policy), "--format", "csv"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(",") for line in result.stdout.splitlines()]
+    by_direction = [row for row in rows if row[0] == "Traffic by direction and outcome"]
+    assert sum(int(row[-1]) for row in by_direction) >= len(records) > 0  # the log may grow meanwhile
+    (mine,) = [r for r in records if r["event"]["headers"].get("call-id") == marker]
+    assert ("internal", mine["decision"]["decision"]) in {(row[1], row[2]) for row in by_direction}
+    assert "decisions that were not audited are not counted" in result.stderr
 
 
 # -- bad input -----------------------------------------------------------------------------------
