@@ -15,15 +15,12 @@ from policyplug import Event, load_policy
 from policyplug.audit import AuditWriter
 from policyplug.cli import main
 from policyplug.usage.store import UsageStore
+from tests.test_usage import POLICY_TEXT as USAGE_POLICY_TEXT
 
-# local domains, tags (mark_external tags without deciding), several kinds; `kind == ...` so that
-# presence, subscribe and call traffic is decided too
-POLICY_TEXT = ('policy "r"\nlocal domains ["acme.example", "acme.test"]\ndefault deny "no"\n'
-               'rule mark_external:\n  when direction != "internal"\n  tag "external"\n'
-               'rule internal:\n  when direction == "internal"\n  allow\n'
-               'rule partners:\n  when recipient.domain == "partner.example" || sender.domain == "partner.example"\n'
-               '  allow\n  tag "partner"\n'
-               'rule spam:\n  when sender.domain == "spam.example"\n  drop\n  tag "spam"\n')
+# test_usage's policy (tags without deciding, several kinds) with a second local domain
+POLICY_TEXT = USAGE_POLICY_TEXT.replace('policy "u"\nlocal domains ["acme.example"]',
+                                        'policy "r"\nlocal domains ["acme.example", "acme.test"]')
+assert POLICY_TEXT != USAGE_POLICY_TEXT
 POLICY = load_policy(text=POLICY_TEXT)
 
 # (kind, from, to, time, how many): three hours, four kinds, all four directions, a SIP address the
