@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import celpy
 import lark
 import re2
 from celpy.celparser import CELParseError, CELParser
@@ -19,6 +18,7 @@ from ..diagnostics import DiagnosticSink, Location, did_you_mean
 from ..nodes import Expression
 from . import fastparse
 from .fastparse import RULE_NAMES, rule_name
+from .reference import _env
 from .runtime import compile_regex
 
 # What a condition can see (rule-language.md, "What a condition can see").
@@ -118,13 +118,14 @@ def _string_literal(tree: lark.Tree) -> lark.Token | None:
     return None
 
 
-def _string_value(token: lark.Token) -> str | None:
-    """A string literal's value, escapes and prefixes decoded as cel-python decodes them."""
+def _string_value(token: lark.Token, literal: lark.Tree) -> str | None:
+    """A string literal's value, escapes and prefixes decoded as cel-python decodes them (`literal`
+    is its expression, evaluated as it stands: it is not parsed again)."""
     text = str(token)
     if SIMPLE_STRING.fullmatch(text):
         return text[1:-1]
     try:
-        value = celpy.Environment().program(_cel_parser().parse(text)).evaluate({})
+        value = _env().program(literal).evaluate({})
     except Exception:  # noqa: BLE001 - not decodable here: the run-time error will say it
         return None
     return str(value) if isinstance(value, str) else None
@@ -167,7 +168,7 @@ class NameChecker:
         """A constant `matches` pattern RE2 rejects: the spec makes it a run-time error (the rule
         does not match), so the load goes on, but says where it is (RE2 would only say what)."""
         token = _string_literal(argument)
-        pattern = _string_value(token) if token is not None else None
+        pattern = _string_value(token, argument) if token is not None else None
         if token is None or pattern is None:
             return
         regex = compile_regex(pattern)
