@@ -30,6 +30,9 @@ class VerifyResult:
         return self.problem is None
 
 
+ROTATION = re.compile(r"\.(\d+)$")  # audit.jsonl.3: a rotated file, its number
+
+
 def expand(paths: list[str]) -> list[Path]:
     """Each path as given; a directory or a base file name with rotations -> oldest first."""
     out: list[Path] = []
@@ -40,7 +43,7 @@ def expand(paths: list[str]) -> list[Path]:
             for base in bases:
                 out.extend(_rotations(path / base))
         else:
-            out.extend(_rotations(path) if not re.search(r"\.\d+$", path.name) else [path])
+            out.extend(_rotations(path) if not ROTATION.search(path.name) else [path])
     return out
 
 

@@ -9,7 +9,6 @@ Logs are read a line at a time (they can be gigabytes); each chain is checked wi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +16,13 @@ from typing import Any
 
 import orjson
 
-from ..audit.verify import VerifyResult, expand, verify
+from ..audit.verify import ROTATION, VerifyResult, expand, verify
 from ..decision import DECISIONS, Decision
 from ..events import Event
 from .store import UsageStore
 
 PROGRESS_EVERY = 100_000  # records between progress lines on stderr
 SKIPS_SHOWN = 10  # skipped lines named one by one; the rest are only counted
-_ROTATION = re.compile(r"\.(\d+)$")  # audit.jsonl.3: the suffix verify.expand treats as a rotation
 
 
 @dataclass
@@ -56,7 +54,7 @@ def chains(paths: list[str]) -> list[list[Path]]:
         if not found:
             raise FileNotFoundError(f"no audit log at {raw}")
         for path in found:
-            match = _ROTATION.search(path.name)
+            match = ROTATION.search(path.name)
             base = path.with_name(path.name[:match.start()]) if match else path
             by_base.setdefault(base.resolve(), {})[path.resolve()] = (path, int(match.group(1)) if match else 0)
     # .3 before .2 before .1 before the base: the order the chain was written in
@@ -67,7 +65,7 @@ def chains(paths: list[str]) -> list[list[Path]]:
 def _verify_chain(files: list[Path]) -> VerifyResult:
     # verify() expands a base name to all its rotations itself; chains() already added them, so
     # passing them too would check them twice (and find the chain "reordered")
-    current = [p for p in files if not _ROTATION.search(p.name)]
+    current = [p for p in files if not ROTATION.search(p.name)]
     return verify([str(p) for p in current] if current else [str(p) for p in files])
 
 
