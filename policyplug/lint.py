@@ -32,6 +32,7 @@ LOCKOUT_KINDS = (
 _QUOTED = re.compile(r"\"([^\"\\]*)\"|'([^'\\]*)'")
 _DOMAIN = re.compile(r"^(?:[a-z0-9-]+\.)+[a-z0-9-]+$")
 # VirtualHost "x" / Component "y" ["module"] at the start of a line of prosody.cfg.lua
+_PROSODY_INCLUDE = re.compile(r"""^\s*Include\s*\(?\s*["']([^"']+)["']""")
 _PROSODY_HOST = re.compile(r"""^\s*(VirtualHost|Component)\s*\(?\s*["']([^"']+)["']""")
 
 
@@ -123,13 +124,19 @@ def subdomain_warnings(policy: Policy) -> list[Diagnostic]:
     return found
 
 
-def prosody_hosts(config: Path) -> list[tuple[str, Location]]:
-    """The VirtualHost and Component names of a Prosody configuration, with where they are."""
+def prosody_hosts(config: Path, _depth: int = 0) -> list[tuple[str, Location]]:
+    """The VirtualHost and Component names of a Prosody configuration and the files it Includes
+    (relative to its folder, as Prosody reads them), with where they are."""
     hosts = []
     for number, line in enumerate(config.read_text(encoding="utf-8").splitlines(), 1):
         match = _PROSODY_HOST.match(line)
         if match:
             hosts.append((match.group(2), Location(str(config), number, match.start(2) + 1, len(match.group(2)))))
+        elif (included := _PROSODY_INCLUDE.match(line)) and _depth < 8:
+            for path in sorted(config.parent.glob(included.group(1))) if "*" in included.group(1) else \
+                    [config.parent / included.group(1)]:
+                if path.is_file():
+                    hosts += prosody_hosts(path, _depth + 1)
     return hosts
 
 

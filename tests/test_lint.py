@@ -100,3 +100,10 @@ def test_semantics_points_at_both_adapters_enforcement() -> None:
     text = (ROOT / "docs" / "semantics.md").read_text()
     assert "not written yet" not in text
     assert "kamailio.md#enforcement" in text and "## Enforcement" in (ROOT / "docs" / "kamailio.md").read_text()
+
+
+def test_hosts_of_included_files_are_read(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "muc.cfg.lua").write_text('Component "rooms.example.com" "muc"\n')
+    (tmp_path / "main.cfg.lua").write_text('Include "conf.d/*.cfg.lua"\nVirtualHost "example.com"\n')
+    assert [h for h, _ in prosody_hosts(tmp_path / "main.cfg.lua")] == ["rooms.example.com", "example.com"]
