@@ -17,7 +17,7 @@ from .tester import policy_files, run_tests, uncovered_rules
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
 COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands",
-                   "policyplug.usage.commands")
+                   "policyplug.usage.commands", "policyplug.starter")
 
 
 def _print_diagnostics(error: PolicyError) -> None:

@@ -121,12 +121,19 @@ def test_no_document_installs_into_the_system_python_or_from_an_index() -> None:
 
 
 @pytest.fixture(scope="session")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """One sandbox, and one fresh virtual environment made by the README's quick start, per session."""
-    root = tmp_path_factory.mktemp("doc-sandbox")
-    box = Sandbox(root, root / "venv", ports={5060: free_port("127.0.0.1", socket.SOCK_DGRAM), 5347: free_port(),
-                                              9464: free_port()})
-    box.extra.append(("/etc/prosody/prosody.cfg.lua", str(root / "prosody" / "prosody.cfg.lua")))
+def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the documents' install commands make the environment: one per session, made by the
+    first of them to run, and installed into again by the others (as a reader following two
+    documents on one machine would)."""
+    return tmp_path_factory.mktemp("doc-venv") / "venv"
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, fresh_venv: Path) -> Iterator[Sandbox]:
+    """A machine of its own for each document followed (its /etc, /run, /var, ports)."""
+    box = Sandbox(tmp_path / "machine", fresh_venv, ports={5060: free_port("127.0.0.1", socket.SOCK_DGRAM),
+                                                           5347: free_port(), 9464: free_port()})
+    box.extra.append(("/etc/prosody/prosody.cfg.lua", str(box.root / "prosody" / "prosody.cfg.lua")))
     yield box
     for name in ("policyplug", "kamailio"):
         box.stop(name)
