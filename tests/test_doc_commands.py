@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from policyplug import load_policy
+from policyplug.lint import lint_policy
 from policyplug.tester import run_tests
 from tests.docs_harness import (
     HANDLED,
@@ -81,8 +82,11 @@ def test_data_blocks_parse(block: Block) -> None:
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.marker is None and b.language == "policy"],
                          ids=lambda b: b.name)
 def test_policy_blocks_load_and_pass_their_tests(block: Block) -> None:
-    outcomes = run_tests(load_policy(text=block.text))
+    policy = load_policy(text=block.text)
+    outcomes = run_tests(policy)
     assert all(o.passed for o in outcomes), "\n".join(o.describe() for o in outcomes if not o.passed)
+    # a policy an operator copies from these documents locks no one out (issue 19.3)
+    assert lint_policy(policy) == [], "\n".join(d.format() for d in lint_policy(policy))
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.marker is None and b.language == "python"],
