@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "prosody.md", ROOT / "docs" / "kamailio.md",
+DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "prosody.md", ROOT / "docs" / "kamailio.md", ROOT / "examples" / "README.md",
              ROOT / "docs" / "service.md", *sorted((ROOT / "examples").glob("*/README*"))]
 HANDLED = {"sh", "bash", "shell", "lua", "toml", "json", "policy", "python"}
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)[^\n]*$")
@@ -197,9 +197,12 @@ class Sandbox:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        # the shims first; then the system's programs, not this test's own environment
-        system_path = [p for p in env.get("PATH", "").split(":") if p and not p.startswith(str(Path(sys.prefix)))]
-        env["PATH"] = ":".join([str(self.bin), *system_path])
+        # the shims first; then the system's programs, but not this test's own environment nor any
+        # other folder with a policyplug in it; the fresh environment's last, as if activated (the
+        # README's walkthrough runs bare `policyplug` and `pytest`), so `python3` is the system's
+        system_path = [p for p in env.get("PATH", "").split(":")
+                       if p and not p.startswith(str(Path(sys.prefix))) and not (Path(p) / "policyplug").exists()]
+        env["PATH"] = ":".join([str(self.bin), *system_path, str(self.venv / "bin")])
         env["DOCTEST_SANDBOX"] = str(self.root)
         env["DOCTEST_KAMAILIO"] = "/usr/sbin/kamailio"
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"

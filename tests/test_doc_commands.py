@@ -24,6 +24,7 @@ from policyplug import load_policy
 from policyplug.lint import lint_policy
 from policyplug.tester import run_tests
 from tests.docs_harness import (
+    DOCUMENTS,
     HANDLED,
     ROOT,
     Block,
@@ -166,8 +167,13 @@ def test_readme_quick_start_and_walkthrough(sandbox: Sandbox) -> None:
 
 @pytest.mark.slow
 def test_examples_readmes(sandbox: Sandbox) -> None:
-    for path in sorted((ROOT / "examples").glob("*/README*")):
+    if not (sandbox.venv / "bin" / "policyplug").exists():  # they begin where the README's quick start ends
+        test_readme_quick_start_and_walkthrough(sandbox)
+    examples = [path for path in DOCUMENTS if path.is_relative_to(ROOT / "examples")]
+    assert ROOT / "examples" / "README.md" in examples
+    for path in examples:
         run_blocks(sandbox, path, "examples")
+    assert any(b.language == "sh" and b.marker is None for path in examples for b in blocks(path))
 
 
 def _install_ran(box: Sandbox) -> list[str]:
