@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
@@ -95,6 +96,26 @@ def test_policy_blocks_load_and_pass_their_tests(block: Block) -> None:
 def test_python_blocks_run(block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # their paths are the repository's
     exec(compile(block.text, block.name, "exec"), {})
+
+
+LUA_BLOCKS = [b for b in BLOCKS if b.marker is None and b.language == "lua"]
+MODULE = ROOT / "adapters" / "prosody" / "mod_policyplug.lua"
+
+
+@pytest.mark.parametrize("block", LUA_BLOCKS, ids=lambda b: b.name)
+def test_lua_blocks_are_prosody_configuration_the_module_reads(block: Block, tmp_path: Path) -> None:
+    """Each Prosody snippet compiles as Lua (Prosody's configuration is Lua), and every
+    policyplug_* option it sets is one mod_policyplug reads (an option renamed in the module fails
+    here); test_prosody_from_the_documents_enforces_the_starter_policy runs prosody.md's in Prosody."""
+    lua = require_binary("luac5.4", "luac")
+    path = tmp_path / "snippet.cfg.lua"
+    path.write_text(block.text)
+    result = subprocess.run([lua, "-p", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, f"{block.name}: {result.stderr}"
+    read = set(re.findall(r'get_option\w*\("(policyplug_\w+)"', MODULE.read_text()))
+    assert read, "the module reads no policyplug_* option?"
+    used = set(re.findall(r"\b(policyplug_\w+)\s*=", block.text))
+    assert used <= read, f"{block.name}: options the module does not read: {sorted(used - read)}"
 
 
 def test_ci_runs_the_readmes_commands() -> None:
