@@ -145,8 +145,12 @@ def server_host_warnings(policy: Policy, prosody_config: Path) -> list[Diagnosti
     model = policy.model
     if model is None:
         return []
+    try:
+        hosts = prosody_hosts(prosody_config)
+    except (OSError, UnicodeDecodeError) as exc:  # said, not raised: the policy itself was checked
+        return [_warning(Location(str(prosody_config), 1, 1), f"cannot read the Prosody configuration: {exc}")]
     found = []
-    for host, where in prosody_hosts(prosody_config):
+    for host, where in hosts:
         try:
             domain = normalise_domain(host)
         except Exception:

@@ -107,3 +107,14 @@ def test_hosts_of_included_files_are_read(tmp_path: Path) -> None:
     (tmp_path / "conf.d" / "muc.cfg.lua").write_text('Component "rooms.example.com" "muc"\n')
     (tmp_path / "main.cfg.lua").write_text('Include "conf.d/*.cfg.lua"\nVirtualHost "example.com"\n')
     assert [h for h, _ in prosody_hosts(tmp_path / "main.cfg.lua")] == ["rooms.example.com", "example.com"]
+
+
+def test_an_unreadable_prosody_configuration_is_said_not_raised(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ok.policy"
+    path.write_text(LOCKED.replace('default deny "no"', "default allow"))
+    (tmp_path / "binary.cfg.lua").write_bytes(b"\xff\xfe VirtualHost")
+    for config in (tmp_path / "missing.cfg.lua", tmp_path / "binary.cfg.lua"):
+        assert main(["check", str(path), "--prosody-config", str(config)]) == 0
+        err = capsys.readouterr().err
+        assert f"{config}:1:1: warning: cannot read the Prosody configuration" in err
