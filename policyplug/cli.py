@@ -17,7 +17,7 @@ from .tester import policy_files, run_tests, uncovered_rules
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
 COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands",
-                   "policyplug.usage.commands")
+                   "policyplug.usage.commands", "policyplug.starter")
 
 
 def _print_diagnostics(error: PolicyError) -> None:
@@ -48,6 +48,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for warning in policy.warnings:  # the policy loads; what it may not mean is said all the same
             print(warning.format(), file=sys.stderr)
         warnings += len(policy.warnings)
+        warnings += _print_lint(policy, args)
         if args.explain_compile:
             fallbacks = policy.fallbacks()
             compiled = sum(len(r.conditions) for r in policy.rules) - len(fallbacks)
@@ -62,6 +63,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{len(files) - failed} valid, {failed} invalid ({errors} errors{noted})",
               file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
+
+
+def _print_lint(policy, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from .lint import lint_policy  # operator pitfalls: lockouts, components outside local domains
+    found = lint_policy(policy, getattr(args, "prosody_config", None))
+    for warning in found:
+        print(warning.format(), file=sys.stderr)
+    return len(found)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -190,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-compile", action="store_true",
                    help="list conditions that run on cel-python's interpreter instead of compiled Python")
     p.add_argument("-q", "--quiet", action="store_true", help="print only diagnostics")
+    p.add_argument("--prosody-config", type=Path, metavar="FILE",
+                   help="warn about the hosts and components of this prosody.cfg.lua that are not local domains")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("test", help="run the test blocks of policies")

@@ -2,10 +2,13 @@
 -- (tests/integration/test_prosody_example.py starts Prosody with this very file, Included, with
 -- only ports, paths and TLS overridden for the test.)
 --
--- Start the decision service beside it (examples/systemd/policyplug.service does this):
---   policyplug serve /etc/policyplug/site.policy --socket /run/policyplug/policyplug.sock \
---       --component policy.example.com --secret "$POLICYPLUG_COMPONENT_SECRET" --server 127.0.0.1:5347
--- Prosody's user must be able to open the socket (mode 0660): e.g. `adduser prosody policyplug`.
+-- Start the decision service beside it: examples/systemd/policyplug.service runs
+--   /opt/policyplug/.venv/bin/policyplug serve /etc/policyplug/site.policy --socket /run/policyplug/policyplug.sock \
+--       --component policy.example.com --server 127.0.0.1:5347 --audit-log ... --usage-db ...
+-- with the component secret in its environment (POLICYPLUG_COMPONENT_SECRET, from an environment
+-- file: never on a command line, where `ps` shows it), and the socket (mode 0660) in Prosody's
+-- group, so Prosody can open it. Every host and component below must be in the policy's
+-- `local domains` (`policyplug check --prosody-config` this file says which are not).
 
 admins = { }
 plugin_paths = { "/opt/policyplug/adapters/prosody" }   -- where mod_policyplug.lua lives
