@@ -852,6 +852,20 @@ def generate(tree: lark.Tree, constants: Mapping[str, Any]) -> tuple[str, dict[s
     return "\n".join(lines) + "\n", {**_RUNTIME_GLOBALS, **gen.globals}
 
 
+def may_raise(tree: lark.Tree, constants: Mapping[str, Any], maybe_bad: bool = True) -> bool:
+    """Can evaluating `tree` raise an error that `&&` and `||` do not absorb (Raised, PyErr, Defer:
+    a macro over a non-list, an error in a map() body...), as the compiled matchers see it? What the
+    compiler does not cover counts as yes. `maybe_bad`: the whole condition holds `[]` or `{}`
+    (see _Gen.dump_fails). The rule index trusts a false guard only beside operands that cannot."""
+    gen = _Gen(constants, EVENT_ACCESS)
+    gen.level = 1
+    gen.maybe_bad = maybe_bad
+    try:
+        return gen.compile(tree, {}).fatal
+    except (Unsupported, RecursionError, MemoryError):
+        return True
+
+
 def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> CompiledExpression:
     """Compile a CEL parse tree; what the compiler does not cover runs on the reference interpreter."""
     reference = interpret(tree, constants)
