@@ -156,9 +156,9 @@ _NAME_ADDR = re.compile(r'\s*(?:"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00\x0a\x0
 # what an addr-spec (a URI outside brackets) cannot hold: RFC 3261 escapes all of these
 _URI_FORBIDDEN = re.compile(r'[\x00-\x20\x7f<>"]')
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# characters a SIP user keeps escaped in its normal form: decoded, they would split it again
-# (';' user parameters, ':' password, '?' headers, '%' an escape)
-_USER_RESCAPE = str.maketrans({"%": "%25", ";": "%3b", ":": "%3a", "?": "%3f"})
+# characters that, decoded from an escape, would split a SIP user again when its normal form is read
+# (';' user parameters, ':' password, '?' headers, '%' an escape): such a user has no normal form
+_USER_SPLITTERS = frozenset("%;:?")
 
 
 def _split_sip(raw: str) -> tuple[str, str, str, str, str]:
@@ -201,8 +201,8 @@ def sip_uri_suffix(raw: str) -> str:
 
 def _sip_user(userinfo: str) -> str:
     """The user of a SIP userinfo in its normal form: user parameters (telephone-subscriber) and
-    password dropped, escapes decoded, lower-cased, and the few characters that would split it
-    again (`%;:?`) escaped, so that the form is read back as itself."""
+    password dropped, escapes decoded, lower-cased. An escape that decodes to `%`, `;`, `:` or `?`
+    is an error: decoded, the user would read back as another one (the form must be a fixpoint)."""
     user = userinfo.split(";", 1)[0].split(":", 1)[0]
     if "%" in user:
         if _BAD_ESCAPE.search(user):
@@ -213,13 +213,15 @@ def _sip_user(userinfo: str) -> str:
             raise AddressError(f"bad escape in SIP user {userinfo[:80]!r}") from None
         if "\x00" in user:
             raise AddressError("NUL character in SIP user")
+        if not _USER_SPLITTERS.isdisjoint(user):
+            raise AddressError(f"escaped '%', ';', ':' or '?' in SIP user {userinfo[:80]!r}")
     if not (user.isascii() and user.isprintable()) or " " in user:
         for c in user:
             if c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn"):
                 raise AddressError(f"whitespace, control or format character U+{ord(c):04X} in SIP user")
     if any(c in '<>"' for c in user):
         raise AddressError(f"bad character in SIP user {userinfo[:80]!r}")
-    return user.lower().translate(_USER_RESCAPE)
+    return user.lower()
 
 
 @lru_cache(maxsize=65536)

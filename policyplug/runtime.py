@@ -183,6 +183,7 @@ class Policy:
             "sender": sender[0], "recipient": recipient[0],
             "body": event.body, "subject": event.subject, "type": event.type, "size": event.size,
             "payload": event.payload, "headers": event.headers, "client": event.client, "time": event.time,
+            "content_complete": event.content_complete,
         }
         event._activation_cache = (self, sender, recipient, direction, activation)
         return activation

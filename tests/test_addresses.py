@@ -174,8 +174,6 @@ def test_sip_uris_never_yield_an_address_the_proxy_does_not_route_to(raw: str) -
 @pytest.mark.parametrize(("raw", "address"), [
     ('"<sip:alice@acme.example>" <sip:eve@evil.example>;tag=1', "eve@evil.example"),
     ("Alice Smith <sip:eve@evil.example>", "eve@evil.example"),
-    ("sip:a%3bx@evil.example", "a%3bx@evil.example"),  # an escaped ';' is part of the user: kept escaped
-    ("sip:a%2525@evil.example", "a%2525@evil.example"),
     ("sip:alice%40mail.example@evil.example", "alice@mail.example@evil.example"),
 ])
 def test_sip_name_addrs_and_escaped_users(raw: str, address: str) -> None:
@@ -188,7 +186,10 @@ def test_sip_name_addrs_and_escaped_users(raw: str, address: str) -> None:
                                  "sip:a%7f@evil.example", "sip:a%c2%85@evil.example", "sip:a%e2%80%8bb@evil.example",
                                  "sip:a%e2%80%aeb@evil.example", "sip:a%20b@evil.example", "sip:a%4@evil.example",
                                  "sip:a%zz@evil.example", "sip:a\x01b@evil.example", "sip:bob@evil%2eexample",
-                                 "xmpp:a%00b@evil.example"])
+                                 "xmpp:a%00b@evil.example",
+                                 # decoded, these would split the user when its normal form is read again
+                                 "sip:a%3bx@evil.example", "sip:a%3Ax@evil.example", "sip:a%3fx@evil.example",
+                                 "sip:a%25@evil.example"])
 def test_sip_users_with_nul_controls_or_bad_escapes_are_errors(raw: str) -> None:
     with pytest.raises(AddressError):
         parse_address(raw)

@@ -44,7 +44,7 @@ CLIENT: Type = ("rec", (("ip", "string"), ("port", "int"), ("secure", "bool")))
 EVENT_SCHEMA: dict[str, Type] = {
     "kind": "string", "protocol": "string", "direction": "string", "type": "string", "body": "string",
     "subject": "string", "size": "int", "sender": PARTY, "recipient": PARTY, "payload": ("list", "string"),
-    "headers": ("map", "string", "string"), "client": CLIENT, "time": "timestamp",
+    "headers": ("map", "string", "string"), "client": CLIENT, "time": "timestamp", "content_complete": "bool",
 }
 MACROS = ("exists", "all", "exists_one", "map", "filter")
 UNSUPPORTED_MACROS = ("reduce", "min")  # cel-python extensions
