@@ -19,17 +19,14 @@ import re
 from bisect import bisect_right
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lark
 
 from .cel.compile import has_empty_literal, may_raise
 from .cel.fastparse import rule_name
+from .compiled import CompiledRule
 from .nodes import EVENT_KINDS
-
-if TYPE_CHECKING:
-    from .loader import PolicyModel
-    from .runtime import CompiledRule, Policy
 
 # The fields an index may be built on, most selective first. Group fields are lists: a rule
 # guarded by `"g" in sender.groups` is found through each of the sender's groups.
@@ -339,9 +336,11 @@ DIRECTIONS = ("internal", "outbound", "inbound", "transit")
 PARTY_FIELDS = {"address", "domain", "groups"}
 
 
-def build_selector(policy: Policy, model: PolicyModel) -> RuleIndex | None:
-    """The rule index of a policy; None when no rule has a guard (every rule is a candidate)."""
-    all_guards = [guards_of(checked.when, model.lists) for checked in model.rules]
+def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any]],
+                lists: dict[str, tuple[str, ...]]) -> RuleIndex | None:
+    """The rule index of compiled `rules` (in file order), given each rule's `when` parse trees and
+    the policy's lists; None when no rule has a guard (every rule is a candidate)."""
+    all_guards = [guards_of(when, lists) for when in when_trees]
     if not any(all_guards):
         return None
     plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}
@@ -349,7 +348,7 @@ def build_selector(policy: Policy, model: PolicyModel) -> RuleIndex | None:
                                                    for side in ("sender", "recipient")}
     # per rule, once: the kinds and directions it can match, and the field it is indexed by
     placed = []
-    for rule, guards in zip(policy.rules, all_guards, strict=True):
+    for rule, guards in zip(rules, all_guards, strict=True):
         kinds = EVENT_KINDS if rule.kinds is None else [k for k in EVENT_KINDS if k in rule.kinds]
         if "kind" in guards:  # `kind == "call"` restricts like `on call`
             kinds = [k for k in kinds if k in guards["kind"]]
@@ -377,5 +376,5 @@ def build_selector(policy: Policy, model: PolicyModel) -> RuleIndex | None:
                 side_values[party][key].update(table)
             plans[kind][direction] = (tuple(unguarded), lookups)
     frozen = {side: {f: frozenset(v) for f, v in fields.items()} for side, fields in side_values.items()}
-    sizes = {rule: guards["size"] for rule, guards in zip(policy.rules, all_guards, strict=True) if "size" in guards}
+    sizes = {rule: guards["size"] for rule, guards in zip(rules, all_guards, strict=True) if "size" in guards}
     return RuleIndex(plans, frozen, sizes)  # type: ignore[arg-type]
