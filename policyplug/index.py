@@ -197,20 +197,30 @@ def _conjunct_paths(tree: Any) -> list[tuple[Any, list[Any]]]:
     """The conjuncts of a `&&` chain, each with the other operands of every `&&` above it."""
     tree = _strip(tree)
     if isinstance(tree, lark.Tree) and rule_name(tree.data) == "conditionaland" and len(tree.children) == 2:
-        left, right = tree.children
+        left, right = _strip(tree.children[0]), _strip(tree.children[1])
         return ([(c, above + [right]) for c, above in _conjunct_paths(left)]
                 + [(c, above + [left]) for c, above in _conjunct_paths(right)])
     return [(tree, [])]
 
 
-def _operand_may_raise(tree: Any, lists: dict[str, tuple[str, ...]], maybe_bad: bool, memo: dict[int, bool]) -> bool:
-    """May this operand of a `&&` raise past it (see guards_of)? Memoised per subtree in `memo`."""
+def _operand_may_raise(tree: Any, when: Any, lists: dict[str, tuple[str, ...]], guards: dict[int, Any],
+                       memo: dict[Any, bool]) -> bool:
+    """May this operand of a `&&` in `when` raise past it (see guards_of)? Its conjuncts that are
+    guards cannot (typed comparisons with literals); the others are asked of the compiler.
+    `guards`: conjunct id -> its guard or None; `memo` is per `when`."""
+    if guards.get(id(tree)) is not None:
+        return False  # a guard itself (the usual operand)
     found = memo.get(id(tree))
     if found is None:
         leaves = [c for c, _ in _conjunct_paths(tree)]
-        # a `&&` of two non-bools formats both into its error, and that can raise where cel-python
-        # cannot print a tree (`[]` or `{}` in the condition; see cel.runtime.Err)
-        found = (maybe_bad and len(leaves) > 1) or any(may_raise(leaf, lists, maybe_bad) for leaf in leaves)
+        others = [leaf for leaf in leaves if guards.get(id(leaf)) is None]
+        found = False
+        if others or len(leaves) > 1:
+            if "bad" not in memo:
+                memo["bad"] = has_empty_literal(when)
+            # a `&&` of two non-bools formats both into its error, and that can raise where
+            # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.runtime.Err)
+            found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, lists, memo["bad"]) for leaf in others)
         memo[id(tree)] = found
     return found
 
@@ -232,14 +242,15 @@ def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> d
     guards: dict[str, frozenset[str]] = {}
     for when in when_trees:
         only_guards = True
-        maybe_bad = has_empty_literal(when)
-        raises: dict[int, bool] = {}
-        for conjunct, beside in _conjunct_paths(when):
-            guard = _guard(conjunct, lists)
+        paths = _conjunct_paths(when)
+        found = {id(conjunct): _guard(conjunct, lists) for conjunct, _ in paths}
+        memo: dict[Any, bool] = {}
+        for conjunct, beside in paths:
+            guard = found[id(conjunct)]
             if guard is None:
                 only_guards = False
                 continue
-            if any(_operand_may_raise(tree, lists, maybe_bad, raises) for tree in beside):
+            if any(_operand_may_raise(tree, when, lists, found, memo) for tree in beside):
                 only_guards = False  # a false guard would not hide that error: no skipping on it
                 continue
             field, values = guard

@@ -1,5 +1,5 @@
 """The package's modules import one another without a cycle (function-level and TYPE_CHECKING
-imports included): the stages import forwards only (docs/compiler.md)."""
+imports included): the stages import forwards only."""
 
 from __future__ import annotations
 
