@@ -121,7 +121,10 @@ from policyplug.events import EventError  # noqa: E402
 
 @pytest.mark.parametrize("raw", ["x@evil.example\u3002", "x@evil.example\uff0e", "x@evil.example\uff61",
                                  "sip:x@evil.example\u3002", "x@evil\u3002example", "x@EVIL\uff0eEXAMPLE",
-                                 "x@evil.example.", "sip:x@evil\uff61example.", "xmpp:x@evil.example%E3%80%82"])
+                                 "x@evil.example.", "sip:x@evil\uff61example.", "xmpp:x@evil.example%E3%80%82",
+                                 # UTS 46 also drops the soft hyphen and maps full-width and compatibility letters
+                                 "x@ev\u00adil.example", "x@\uff45vil.example", "x@\U0001d41evil.example",
+                                 "x@\u24d4vil\u3002example\uff0e", "x@evil.example\u3000"])
 def test_dot_likes_and_one_trailing_dot_give_the_domain_itself(raw: str) -> None:
     parsed = parse_address(raw)
     assert parsed.domain == "evil.example" and parsed.address == "x@evil.example"
