@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import unquote
@@ -53,10 +54,24 @@ class Address:
         object.__setattr__(self, "key", f"{self.address}\x00{self.resource}")
 
 
+# The characters UTS 46 maps to '.' (label separators): IDNA's own mapping applies them, this set
+# only lets list entries spelled with them be recognised as domains (a test derives it from idna).
+DOT_LIKES = "\u3002\uff0e\uff61"
+
+
 def normalise_domain(text: str) -> str:
-    """Lower-case, UTS 46 / IDNA2008 mapping to Unicode labels; IP literals kept."""
+    """Lower-case, UTS 46 / IDNA2008 mapping to Unicode labels; IP literals kept.
+
+    Total and idempotent: UTS 46 maps first (case, width, the dot-likes of DOT_LIKES), then one
+    trailing dot (a fully qualified name) is dropped; an empty label anywhere (`a..b`, a second
+    trailing dot, a leading dot) is an error, never a near miss of the domain it resembles."""
     domain = text.strip()
-    if domain.endswith(".") and len(domain) > 1:
+    if domain and not domain.isascii():
+        try:
+            domain = idna.uts46_remap(domain, std3_rules=False, transitional=False)
+        except (idna.IDNAError, UnicodeError, ValueError) as exc:
+            raise AddressError(f"bad domain {domain[:80]!r}: {exc}") from None
+    if domain.endswith("."):
         domain = domain[:-1]
     if not domain:
         raise AddressError("empty domain")
@@ -74,6 +89,8 @@ def normalise_domain(text: str) -> str:
         return domain
     except ValueError:
         pass
+    if "" in domain.split("."):
+        raise AddressError(f"empty label in domain {text.strip()[:80]!r}")
     try:
         ascii_form = idna.encode(domain, uts46=True, transitional=False)
         return idna.decode(ascii_form)
@@ -111,6 +128,8 @@ def _parse_jid(raw: str) -> Address:
     text = raw.strip()
     if text.lower().startswith("xmpp:"):
         text = unquote(text[5:].split("?", 1)[0])
+        if "\x00" in text:
+            raise AddressError("NUL character in address")
     if not text:
         raise AddressError("empty address")
     # RFC 7622 §3.1: the resource starts at the first '/', the localpart ends at the first '@' before it.
@@ -129,16 +148,31 @@ def _parse_jid(raw: str) -> Address:
     return Address("xmpp", "xmpp", f"{user}@{domain}" if user else domain, user, domain, resource, raw)
 
 
-_NAME_ADDR = re.compile(r"^\s*(?:\"(?:[^\"\\]|\\.)*\"|[^<\"]*)?\s*<([^>]*)>")
+# RFC 3261 name-addr: [display-name] "<" addr-spec ">" and header parameters. The display name
+# is a quoted string or tokens (no ':', '@', ';', '<'...), so `sip:eve@evil.example;x=<sip:...>`
+# is not taken for a display name with the URI in brackets behind it.
+_NAME_ADDR = re.compile(r'\s*(?:"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00\x0a\x0d])*"'
+                        r"|[A-Za-z0-9\-.!%*_+`'~ \t\u0080-\U0010ffff]*)\s*<([^<>\"]*)>\s*(?:;[^<>\"]*)?")
+# what an addr-spec (a URI outside brackets) cannot hold: RFC 3261 escapes all of these
+_URI_FORBIDDEN = re.compile(r'[\x00-\x20\x7f<>"]')
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# characters that, decoded from an escape, would split a SIP user again when its normal form is read
+# (';' user parameters, ':' password, '?' headers, '%' an escape): such a user has no normal form
+_USER_SPLITTERS = frozenset("%;:?")
 
 
 def _split_sip(raw: str) -> tuple[str, str, str, str, str]:
     """A SIP URI (or name-addr) in its parts: (scheme, userinfo, "@" or "", host[:port][;uri-parameters],
-    "?headers" or "")."""
+    "?headers" or ""). Raises AddressError for text that is neither (a URI with '<', '>', '"',
+    whitespace or control characters outside a name-addr's brackets, or a name-addr with trailing text)."""
     text = raw.strip()
-    match = _NAME_ADDR.match(text)
-    if match:  # '"Alice" <sip:alice@acme.example>;tag=1' -> the URI inside the brackets
-        text = match.group(1).strip()
+    if "<" in text or ">" in text or '"' in text:
+        match = _NAME_ADDR.fullmatch(text)
+        if match is None:
+            raise AddressError(f"not a SIP URI or name-addr: {raw[:80]!r}")
+        text = match.group(1).strip()  # '"Alice" <sip:alice@acme.example>;tag=1' -> the URI in the brackets
+    if _URI_FORBIDDEN.search(text):
+        raise AddressError(f"bad character in SIP URI {raw[:80]!r}")
     scheme, colon, rest = text.partition(":")
     scheme = scheme.lower()
     if not colon or scheme not in ("sip", "sips"):
@@ -165,15 +199,39 @@ def sip_uri_suffix(raw: str) -> str:
     return (port + semicolon + parameters + headers).lower()
 
 
+def _sip_user(userinfo: str) -> str:
+    """The user of a SIP userinfo in its normal form: user parameters (telephone-subscriber) and
+    password dropped, escapes decoded, lower-cased. An escape that decodes to `%`, `;`, `:` or `?`
+    is an error: decoded, the user would read back as another one (the form must be a fixpoint)."""
+    user = userinfo.split(";", 1)[0].split(":", 1)[0]
+    if "%" in user:
+        if _BAD_ESCAPE.search(user):
+            raise AddressError(f"bad escape in SIP user {userinfo[:80]!r}")
+        try:
+            user = unquote(user, errors="strict")
+        except UnicodeDecodeError:
+            raise AddressError(f"bad escape in SIP user {userinfo[:80]!r}") from None
+        if "\x00" in user:
+            raise AddressError("NUL character in SIP user")
+        if not _USER_SPLITTERS.isdisjoint(user):
+            raise AddressError(f"escaped '%', ';', ':' or '?' in SIP user {userinfo[:80]!r}")
+    if not (user.isascii() and user.isprintable()) or " " in user:
+        for c in user:
+            if c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+                raise AddressError(f"whitespace, control or format character U+{ord(c):04X} in SIP user")
+    if any(c in '<>"' for c in user):
+        raise AddressError(f"bad character in SIP user {userinfo[:80]!r}")
+    return user.lower()
+
+
 @lru_cache(maxsize=65536)
 def _parse_sip(raw: str) -> Address:
     scheme, userinfo, at, hostport, _headers = _split_sip(raw)
-    hostport = hostport.split(";", 1)[0]  # uri-parameters
-    user = userinfo.split(";", 1)[0].split(":", 1)[0]  # user-params (telephone-subscriber) and password
-    try:
-        user = unquote(user, errors="strict")
-    except UnicodeDecodeError:
-        raise AddressError(f"bad escape in SIP user {userinfo[:80]!r}") from None
+    hostport, _semicolon, parameters = hostport.partition(";")
+    if parameters and any(p.split("=", 1)[0].strip().lower() == "maddr" for p in parameters.split(";")):
+        # RFC 3261 19.1.1: a proxy sends the request to the maddr host, not to the host the rules see
+        raise AddressError(f"maddr parameter in SIP URI {raw[:80]!r}: it routes to another host")
+    user = _sip_user(userinfo)
     if at and not user:
         raise AddressError("empty user before '@'")
     if hostport.startswith("["):
@@ -183,12 +241,10 @@ def _parse_sip(raw: str) -> Address:
         port = hostport.rsplit(":", 1)[1] if hostport.count(":") == 1 else ""
         if port and not port.isdigit():
             raise AddressError(f"bad port in SIP URI {raw[:80]!r}")
-    host = unquote(host)
     if not host:
         raise AddressError(f"no host in SIP URI {raw[:80]!r}")
-    if any(c.isspace() or c in "<>\"" for c in user + host):
-        raise AddressError(f"bad character in SIP URI {raw[:80]!r}")
-    user = user.lower()
+    if "%" in host:  # RFC 3261 hosts have no escapes; a proxy would not decode them either
+        raise AddressError(f"escape in SIP host {raw[:80]!r}")
     _check_length(user, "SIP user")
     _check_length(host, "SIP host")
     domain = normalise_domain(host)
@@ -235,7 +291,7 @@ def normalise_list_entry(text: str) -> str:
     try:
         if entry.lower().startswith(("sip:", "sips:")) or "@" in entry:
             return parse_address(entry).address
-        if "." in entry and " " not in entry:
+        if ("." in entry or any(dot in entry for dot in DOT_LIKES)) and " " not in entry:
             return normalise_domain(entry)
     except AddressError:
         return entry

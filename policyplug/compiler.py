@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .cel.compile import compile_expression, compile_rules
-from .index import build_selector
+from .compiled import CompiledCondition, CompiledLimit, CompiledRule
+from .index import build_index
 from .limits import Limiter, MemoryLimiter
 from .loader import PolicyModel, load_model
-from .runtime import CompiledCondition, CompiledLimit, CompiledRule, Policy
+from .runtime import Policy
 
 
 class LazyCondition:
@@ -106,7 +107,7 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
         lists=model.lists, tests=model.tests, limiter=limiter if limiter is not None else MemoryLimiter(),
         model=model,
     )
-    policy._index = build_selector(policy, model) if use_index else None
+    policy._index = build_index(rules, [checked.when for checked in model.rules], model.lists) if use_index else None
     return policy
 
 

@@ -21,7 +21,7 @@ _new_event = object.__new__
 # the members of the event JSON (cli.md) and of its client; the keywords of Event.message(...) etc.
 # are every member but kind, from and to
 EVENT_FIELDS = ("kind", "from", "to", "body", "time", "protocol", "client", "headers", "payload", "type", "subject",
-                "size")
+                "size", "content_complete")
 CLIENT_FIELDS = ("ip", "port", "secure")
 KEYWORD_FIELDS = EVENT_FIELDS[3:]
 _ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
@@ -59,12 +59,12 @@ class Event:
     """One event to decide on. Build with Event.message(...) etc. or Event.from_json(...)."""
 
     __slots__ = ("kind", "protocol", "sender", "recipient", "body", "subject", "type", "size", "payload",
-                 "headers", "client", "time", "_activation_cache")
+                 "headers", "client", "time", "content_complete", "_activation_cache")
 
     def __init__(self, kind: str, sender: Address, recipient: Address, *, protocol: str, body: str = "",
                  subject: str = "", type: str = "", size: int | None = None, payload: list[str] | None = None,
                  headers: dict[str, str] | None = None, client: dict[str, Any] | None = None,
-                 time: datetime | None = None):
+                 time: datetime | None = None, content_complete: bool = True):
         self.kind = kind
         self.protocol = protocol
         self.sender = sender
@@ -77,6 +77,9 @@ class Event:
         self.headers = headers if headers is not None else {}
         self.client = client if client is not None else {"ip": "", "port": 0, "secure": False}
         self.time = time if time is not None else datetime.now(UTC)
+        # False when the adapter could not extract the content (body, subject) fully and was told
+        # to ask anyway (docs/language.md): rules may refuse what they could not read
+        self.content_complete = content_complete
         # what the last policy to look at this event derived from it (runtime.Policy: its parties,
         # direction, activation dict); set to None to have it derived again
         self._activation_cache: tuple[Any, ...] | None = None
@@ -160,13 +163,18 @@ class Event:
                 else _parse_time_cached(time_value)
         if size is None:
             size = len(body) if body.isascii() else len(body.encode("utf-8", "surrogatepass"))
+        complete = get("content_complete", True)
+        if complete is not True and complete is not False:
+            if complete is not None:  # null is the default, like the other optional members
+                raise _field_error("content_complete", f"expected true or false, got {complete!r}")
+            complete = True
         return cls.from_members(kind, protocol, sender, recipient, body, subject, stanza_type, size, payload, headers,
-                                client, when)
+                                client, when, complete)
 
     @classmethod
     def from_members(cls, kind: str, protocol: str, sender: Address, recipient: Address, body: str, subject: str,
                      type: str, size: int, payload: list[str], headers: dict[str, str], client: dict[str, Any],
-                     time: datetime) -> Event:
+                     time: datetime, content_complete: bool = True) -> Event:
         """An Event of members already checked and in their final form (from_json's, an adapter's):
         its slots set directly, without __init__'s keyword call and defaults (a fifth of from_json's time)."""
         event = _new_event(cls)
@@ -182,6 +190,7 @@ class Event:
         event.headers = headers
         event.client = client
         event.time = time
+        event.content_complete = content_complete
         event._activation_cache = None
         return event
 
@@ -237,12 +246,16 @@ class Event:
     # -- output ---------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The event JSON; `content_complete` only when false (true is its default)."""
+        data = {
             "kind": self.kind, "from": self.sender.raw, "to": self.recipient.raw, "body": self.body,
             "time": self.time.isoformat().replace("+00:00", "Z"), "protocol": self.protocol,
             "client": dict(self.client), "headers": dict(self.headers), "payload": list(self.payload),
             "type": self.type, "subject": self.subject, "size": self.size,
         }
+        if self.content_complete is not True:
+            data["content_complete"] = False
+        return data
 
     def __repr__(self) -> str:
         return f"Event({self.kind} from {self.sender.raw!r} to {self.recipient.raw!r})"

@@ -19,16 +19,14 @@ import re
 from bisect import bisect_right
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lark
 
+from .cel.compile import has_empty_literal, may_raise
 from .cel.fastparse import rule_name
+from .compiled import CompiledRule
 from .nodes import EVENT_KINDS
-
-if TYPE_CHECKING:
-    from .loader import PolicyModel
-    from .runtime import CompiledRule, Policy
 
 # The fields an index may be built on, most selective first. Group fields are lists: a rule
 # guarded by `"g" in sender.groups` is found through each of the sender's groups.
@@ -161,64 +159,112 @@ def _size_interval(operation: str, lhs: Any, rhs: Any) -> tuple[float, float] | 
             "relation_ge": (bound, inf), "relation_eq": (bound, bound + 1)}[operation]
 
 
+def _guard(conjunct: Any, lists: dict[str, tuple[str, ...]]) -> tuple[str, Any] | None:
+    """(field, allowed values) when `conjunct` is a guard: "direction" for the local flags, "size"
+    with an interval [lo, hi) for comparisons of `size` with an int; None for anything else."""
+    directions = _local_directions(conjunct)
+    if directions is not None:
+        return "direction", directions
+    if not (isinstance(conjunct, lark.Tree) and len(conjunct.children) == 2 and rule_name(conjunct.data) == "relation"):
+        return None
+    operator, rhs = conjunct.children
+    if not isinstance(operator, lark.Tree) or not operator.children:
+        return None
+    lhs = operator.children[0]
+    operation = rule_name(operator.data)
+    interval = _size_interval(operation, lhs, rhs)
+    if interval is not None:
+        return "size", interval
+    field, values = None, None
+    if operation == "relation_eq":
+        field, literal = _field_path(lhs), _string_literal(rhs)
+        if field is None:
+            field, literal = _field_path(rhs), _string_literal(lhs)
+        values = frozenset([literal]) if literal is not None else None
+    elif operation == "relation_in":
+        field, values = _field_path(lhs), _string_set(rhs, lists)
+        if field is None:
+            # "literal" in sender.groups: the rule needs that group
+            group_field, literal = _field_path(rhs), _string_literal(lhs)
+            if group_field in MULTI_VALUED and literal is not None:
+                field, values = group_field, frozenset([literal])
+        elif field in MULTI_VALUED:
+            field = None  # `groups in LIST` is a list-in-list test, not a guard
+    return (field, values) if field is not None and values is not None else None
+
+
+def _conjunct_paths(tree: Any) -> list[tuple[Any, list[Any]]]:
+    """The conjuncts of a `&&` chain, each with the other operands of every `&&` above it."""
+    tree = _strip(tree)
+    if isinstance(tree, lark.Tree) and rule_name(tree.data) == "conditionaland" and len(tree.children) == 2:
+        left, right = _strip(tree.children[0]), _strip(tree.children[1])
+        return ([(c, above + [right]) for c, above in _conjunct_paths(left)]
+                + [(c, above + [left]) for c, above in _conjunct_paths(right)])
+    return [(tree, [])]
+
+
+def _operand_may_raise(tree: Any, when: Any, lists: dict[str, tuple[str, ...]], guards: dict[int, Any],
+                       memo: dict[Any, bool]) -> bool:
+    """May this operand of a `&&` in `when` raise past it (see guards_of)? Its conjuncts that are
+    guards cannot (typed comparisons with literals); the others are asked of the compiler.
+    `guards`: conjunct id -> its guard or None; `memo` is per `when`."""
+    if guards.get(id(tree)) is not None:
+        return False  # a guard itself (the usual operand)
+    found = memo.get(id(tree))
+    if found is None:
+        leaves = [c for c, _ in _conjunct_paths(tree)]
+        others = [leaf for leaf in leaves if guards.get(id(leaf)) is None]
+        found = False
+        if others or len(leaves) > 1:
+            if "bad" not in memo:
+                memo["bad"] = has_empty_literal(when)
+            # a `&&` of two non-bools formats both into its error, and that can raise where
+            # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.runtime.Err)
+            found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, lists, memo["bad"]) for leaf in others)
+        memo[id(tree)] = found
+    return found
+
+
 def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
     """Every (field -> allowed values) implied by a rule's `when` clauses.
 
     `sender.local` and `recipient.local` (or their negation) restrict the direction; comparisons
-    of `size` with an int give "size" -> the interval [lo, hi) of sizes allowed. A rule's
-    conditions run one after the other, and an error in one is reported even if a later one
-    is false: so a later `when` is looked at only while every `when` before it is made of
-    guards alone (comparisons that cannot fail)."""
+    of `size` with an int give "size" -> the interval [lo, hi) of sizes allowed.
+
+    Exact by construction: a rule may be skipped only where its conditions are false *without an
+    error* for the event. A false guard makes each `&&` above it false, absorbing an error of
+    the other operand, but only an error CEL absorbs: cel-python evaluates both operands, and
+    some errors are raised past `&&` (a macro over a non-list, an error in a map() body; the
+    compiler marks them `fatal`, cel.compile.may_raise). So a guard counts only when no other
+    operand of a `&&` above it may raise so. A rule's conditions run one after the other, and an
+    error in one is reported even if a later one is false: so a later `when` is looked at only
+    while every `when` before it is made of guards alone (comparisons that cannot fail)."""
     guards: dict[str, frozenset[str]] = {}
     for when in when_trees:
         only_guards = True
-        for conjunct in _conjuncts(when):
-            directions = _local_directions(conjunct)
-            if directions is not None:
-                guards["direction"] = guards["direction"] & directions if "direction" in guards else directions
-                continue
-            if not (isinstance(conjunct, lark.Tree) and len(conjunct.children) == 2
-                    and rule_name(conjunct.data) == "relation"):
+        paths = _conjunct_paths(when)
+        found = {id(conjunct): _guard(conjunct, lists) for conjunct, _ in paths}
+        memo: dict[Any, bool] = {}
+        for conjunct, beside in paths:
+            guard = found[id(conjunct)]
+            if guard is None:
                 only_guards = False
                 continue
-            operator, rhs = conjunct.children
-            if not isinstance(operator, lark.Tree) or not operator.children:
-                only_guards = False
+            if any(_operand_may_raise(tree, when, lists, found, memo) for tree in beside):
+                only_guards = False  # a false guard would not hide that error: no skipping on it
                 continue
-            lhs = operator.children[0]
-            values: frozenset[str] | None = None
-            field = None
-            operation = rule_name(operator.data)
-            interval = _size_interval(operation, lhs, rhs)
-            if interval is not None:
+            field, values = guard
+            if field == "size":
                 if "size" in guards:
-                    (lo, hi), (lo2, hi2) = guards["size"], interval
-                    interval = (max(lo, lo2), min(hi, hi2))
-                guards["size"] = interval  # type: ignore[assignment]
+                    (lo, hi), (lo2, hi2) = guards["size"], values
+                    values = (max(lo, lo2), min(hi, hi2))
+                guards["size"] = values
                 only_guards = False  # `size` of an event built by hand might not be an int
-                continue
-            if operation == "relation_eq":
-                field, literal = _field_path(lhs), _string_literal(rhs)
-                if field is None:
-                    field, literal = _field_path(rhs), _string_literal(lhs)
-                values = frozenset([literal]) if literal is not None else None
-            elif operation == "relation_in":
-                field, values = _field_path(lhs), _string_set(rhs, lists)
-                if field is None:
-                    # "literal" in sender.groups: the rule needs that group
-                    group_field, literal = _field_path(rhs), _string_literal(lhs)
-                    if group_field in MULTI_VALUED and literal is not None:
-                        field, values = group_field, frozenset([literal])
-                elif field in MULTI_VALUED:
-                    field = None  # `groups in LIST` is a list-in-list test, not a guard
-            if field is not None and values is not None:
+            elif field in guards and field not in MULTI_VALUED:
                 # two guards on one field: both must hold (for groups: either one is enough to index by)
-                if field in guards and field not in MULTI_VALUED:
-                    guards[field] = guards[field] & values
-                else:
-                    guards.setdefault(field, values)
+                guards[field] = guards[field] & values
             else:
-                only_guards = False
+                guards.setdefault(field, values)
         if not only_guards:
             break
     return guards
@@ -301,9 +347,11 @@ DIRECTIONS = ("internal", "outbound", "inbound", "transit")
 PARTY_FIELDS = {"address", "domain", "groups"}
 
 
-def build_selector(policy: Policy, model: PolicyModel) -> RuleIndex | None:
-    """The rule index of a policy; None when no rule has a guard (every rule is a candidate)."""
-    all_guards = [guards_of(checked.when, model.lists) for checked in model.rules]
+def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any]],
+                lists: dict[str, tuple[str, ...]]) -> RuleIndex | None:
+    """The rule index of compiled `rules` (in file order), given each rule's `when` parse trees and
+    the policy's lists; None when no rule has a guard (every rule is a candidate)."""
+    all_guards = [guards_of(when, lists) for when in when_trees]
     if not any(all_guards):
         return None
     plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}
@@ -311,7 +359,7 @@ def build_selector(policy: Policy, model: PolicyModel) -> RuleIndex | None:
                                                    for side in ("sender", "recipient")}
     # per rule, once: the kinds and directions it can match, and the field it is indexed by
     placed = []
-    for rule, guards in zip(policy.rules, all_guards, strict=True):
+    for rule, guards in zip(rules, all_guards, strict=True):
         kinds = EVENT_KINDS if rule.kinds is None else [k for k in EVENT_KINDS if k in rule.kinds]
         if "kind" in guards:  # `kind == "call"` restricts like `on call`
             kinds = [k for k in kinds if k in guards["kind"]]
@@ -339,5 +387,5 @@ def build_selector(policy: Policy, model: PolicyModel) -> RuleIndex | None:
                 side_values[party][key].update(table)
             plans[kind][direction] = (tuple(unguarded), lookups)
     frozen = {side: {f: frozenset(v) for f, v in fields.items()} for side, fields in side_values.items()}
-    sizes = {rule: guards["size"] for rule, guards in zip(policy.rules, all_guards, strict=True) if "size" in guards}
+    sizes = {rule: guards["size"] for rule, guards in zip(rules, all_guards, strict=True) if "size" in guards}
     return RuleIndex(plans, frozen, sizes)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from .addresses import AddressError, normalise_domain, normalise_list_entry, par
 from .cel.check import CEL_RESERVED_WORDS, EVENT_VARIABLES, TYPE_NAMES, check_expression
 from .diagnostics import Diagnostic, DiagnosticSink, Location, did_you_mean
 from .parser import parse_text
-from .tester import test_event_problem
+from .testevents import test_event_problem
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_INCLUDE_DEPTH = 32

@@ -14,14 +14,14 @@ makes its rule not match (or, with `on error deny`, denies), and is recorded.
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
 from .cel.errors import CelEvaluationError
+from .compiled import CompiledRule
 from .decision import Decision, TraceStep
 from .diagnostics import Diagnostic
 from .events import Event
@@ -31,54 +31,6 @@ from .nodes import EVENT_KINDS
 
 EVALUATION_ERROR_REASON = "policy evaluation error"
 PARTY_CACHE_LIMIT = 65536
-
-Condition = Callable[[dict[str, Any]], Any]
-
-
-@dataclass(slots=True)
-class CompiledCondition:
-    evaluate: Condition
-    expected: bool  # True for `when`, False for `unless`
-    text: str
-    fallback: bool = False
-    fallback_reason: str | None = None
-
-
-@dataclass(slots=True)
-class CompiledLimit:
-    key: Condition
-    count: int
-    seconds: float
-    text: str
-    # `by sender`, `by recipient.domain`...: the key read straight off a party (party, field), so
-    # decide() counts without building the activation; None for any other key expression
-    party_key: tuple[str, str] | None = None
-
-
-@dataclass(slots=True, eq=False)
-class CompiledRule:
-    name: str
-    index: int  # position in the file: first-match order
-    kinds: frozenset[str] | None
-    conditions: tuple[CompiledCondition, ...]
-    limit: CompiledLimit | None
-    effect: str | None  # allow | deny | drop | redirect, or None for a non-terminal rule
-    reason: str | None = None
-    redirect_to: str | None = None
-    route_via: str | None = None
-    copy_to: tuple[str, ...] = ()
-    disclaimers: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-    audit: bool = False
-    has_obligations: bool = False
-    location: Any = None
-    # All conditions fused into one function (event, sender, recipient, direction) -> True/False,
-    # None for "look closer" (policyplug.cel.compile.compile_rules); None when not compiled.
-    match: Callable[..., Any] | None = None
-    python_source: str | None = None
-    obligations_alone: Any = None  # Obligations of this rule alone (set by the Policy)
-    outcome: tuple[Any, ...] = ()  # (effect, name, reason, redirect_to, route_via) (set by the Policy)
-
 
 class Obligations:
     """The obligations of the rules matched so far, in order and without repeats. Immutable and
@@ -116,7 +68,6 @@ _new_decision = object.__new__
 _DIRECTION = {(True, True): "internal", (True, False): "outbound", (False, True): "inbound",
               (False, False): "transit"}
 _SIG_BITS = 40  # sender signature number << _SIG_BITS | recipient signature number: a selection key
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 SELECTION_CACHE_LIMIT = 65536
 
 # A party entry: (party dict, local, sender signature << _SIG_BITS, recipient signature)
@@ -183,6 +134,7 @@ class Policy:
             "sender": sender[0], "recipient": recipient[0],
             "body": event.body, "subject": event.subject, "type": event.type, "size": event.size,
             "payload": event.payload, "headers": event.headers, "client": event.client, "time": event.time,
+            "content_complete": event.content_complete,
         }
         event._activation_cache = (self, sender, recipient, direction, activation)
         return activation
@@ -286,11 +238,7 @@ class Policy:
             # Some candidates have `size` guards: which of them stay depends on the bucket, cut by
             # the bounds of all size guards, that the size falls in (see RuleIndex). The last slot
             # holds them all, for a size that is not an int64 (no size guard is trusted then).
-            size = event.size
-            if type(size) is int and _INT64_MIN <= size <= _INT64_MAX:
-                bucket = bisect_right(self._index.size_points, size)  # type: ignore[union-attr]
-            else:
-                bucket = -1
+            bucket = self._index.size_bucket(event.size)  # type: ignore[union-attr]
             by_bucket = found
             found = by_bucket[bucket]
             if found is None:

@@ -667,3 +667,45 @@ def test_pytest_plugin_reports_invalid_policy_as_collection_error(pytester: pyte
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*invalid policy*", "*unknown name 'nope'*"])
+
+
+# -- content_complete (issue 15): the adapter says whether it extracted the content fully ----------
+
+def test_content_complete_defaults_true_is_visible_to_rules_and_round_trips() -> None:
+    from policyplug import load_policy
+    from policyplug.events import EVENT_FIELDS, EventError
+    policy = load_policy(text='policy "c"\nlocal domains ["acme.example"]\ndefault allow\n'
+                              'rule incomplete:\n  when !content_complete && direction == "outbound"\n'
+                              '  deny "content not fully read"\n'
+                              'test refused:\n  message from "a@acme.example" to "b@x.example"'
+                              ' with {"content_complete": false}\n  expect deny by incomplete\n')
+    base = {"kind": "message", "from": "a@acme.example", "to": "b@x.example"}
+    full, null, partial = (Event.from_json(base), Event.from_json({**base, "content_complete": None}),
+                           Event.from_json({**base, "content_complete": False}))
+    assert full.content_complete is True and null.content_complete is True and partial.content_complete is False
+    assert "content_complete" in EVENT_FIELDS
+    assert policy.decide(full).decision == "allow" and policy.decide(partial).decision == "deny"
+    partial._activation_cache = None
+    assert policy.decide(partial, explain=True).decision == "deny"  # the unfused path sees it too
+    assert policy.activation(partial)["content_complete"] is False
+    assert "content_complete" not in full.to_json()
+    assert Event.from_json(partial.to_json()).content_complete is False
+    assert Event.message("a@acme.example", "b@x.example", content_complete=False).content_complete is False
+    for bad in ("no", 0, 1, [], {}):
+        with pytest.raises(EventError, match="field 'content_complete'"):
+            Event.from_json({**base, "content_complete": bad})
+    from policyplug.tester import run_test
+    assert all(run_test(policy, test).passed for test in policy.tests)
+    assert not policy.cacheable  # the decision depends on more than kind and addresses
+
+
+def test_audit_record_carries_content_complete_only_when_false() -> None:
+    import json
+
+    from policyplug.audit.log import encode_event, event_record
+    base = {"kind": "message", "from": "a@acme.example", "to": "b@x.example", "time": "2026-01-01T00:00:00Z"}
+    for complete in (True, False):
+        event = Event.from_json({**base, "content_complete": complete})
+        for bodies in (True, False):
+            assert json.loads(encode_event(event, bodies)) == event_record(event, bodies)
+            assert ("content_complete" in json.loads(encode_event(event, bodies))) is (not complete)

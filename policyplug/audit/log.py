@@ -110,6 +110,8 @@ def encode_event(event: Any, include_bodies: bool) -> bytes:
     if include_bodies:
         members["body"] = event.body
         members["subject"] = event.subject
+    if event.content_complete is not True:  # as Event.to_json: only when false
+        members["content_complete"] = False
     return orjson.dumps(members, option=_SORTED | orjson.OPT_UTC_Z)
 
 

@@ -23,7 +23,7 @@ from .runtime import compile_regex
 
 # What a condition can see (rule-language.md, "What a condition can see").
 EVENT_VARIABLES = ("kind", "protocol", "direction", "sender", "recipient", "body", "subject", "type", "size",
-                   "payload", "headers", "client", "time")
+                   "payload", "headers", "client", "time", "content_complete")
 PARTY_FIELDS = ("address", "user", "domain", "resource", "local", "groups", "attrs")
 FIELDS_OF = {"sender": PARTY_FIELDS, "recipient": PARTY_FIELDS, "client": ("ip", "port", "secure")}
 FUNCTIONS = ("has", "size", "int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration", "type",

@@ -44,7 +44,7 @@ CLIENT: Type = ("rec", (("ip", "string"), ("port", "int"), ("secure", "bool")))
 EVENT_SCHEMA: dict[str, Type] = {
     "kind": "string", "protocol": "string", "direction": "string", "type": "string", "body": "string",
     "subject": "string", "size": "int", "sender": PARTY, "recipient": PARTY, "payload": ("list", "string"),
-    "headers": ("map", "string", "string"), "client": CLIENT, "time": "timestamp",
+    "headers": ("map", "string", "string"), "client": CLIENT, "time": "timestamp", "content_complete": "bool",
 }
 MACROS = ("exists", "all", "exists_one", "map", "filter")
 UNSUPPORTED_MACROS = ("reduce", "min")  # cel-python extensions
@@ -850,6 +850,20 @@ def generate(tree: lark.Tree, constants: Mapping[str, Any]) -> tuple[str, dict[s
     result = ex.code if ex.type in _PLAIN_TYPES else f"_plain({ex.code})"
     lines = ["def _cel(_act):"] + ["    " * level + text for level, text in gen.lines] + [f"    return {result}"]
     return "\n".join(lines) + "\n", {**_RUNTIME_GLOBALS, **gen.globals}
+
+
+def may_raise(tree: lark.Tree, constants: Mapping[str, Any], maybe_bad: bool = True) -> bool:
+    """Can evaluating `tree` raise an error that `&&` and `||` do not absorb (Raised, PyErr, Defer:
+    a macro over a non-list, an error in a map() body...), as the compiled matchers see it? What the
+    compiler does not cover counts as yes. `maybe_bad`: the whole condition holds `[]` or `{}`
+    (see _Gen.dump_fails). The rule index trusts a false guard only beside operands that cannot."""
+    gen = _Gen(constants, EVENT_ACCESS)
+    gen.level = 1
+    gen.maybe_bad = maybe_bad
+    try:
+        return gen.compile(tree, {}).fatal
+    except (Unsupported, RecursionError, MemoryError):
+        return True
 
 
 def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> CompiledExpression:
