@@ -1,4 +1,4 @@
-"""The multi-process audit log (policyplug/audit/shared_file.py), used by Kamailio's forked workers."""
+"""The multi-process audit log (policyplug/audit/multiprocess_log/), used by Kamailio's forked workers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import multiprocessing
 from pathlib import Path
 
 from policyplug import Event, load_policy
-from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer
+from policyplug.audit.multiprocess_log import AuditSpool, SharedAuditLog, SpoolChainer
 from policyplug.audit.verify import verify
 
 POLICY = """\
@@ -213,9 +213,8 @@ def test_encoded_lines_are_byte_for_byte_canonical_build_records() -> None:
     from datetime import UTC, datetime
 
     from policyplug.audit.log import build_record, canonical
-    from policyplug.audit.shared_file import _FAST, RecordEncoder
+    from policyplug.audit.record import RecordEncoder
 
-    assert _FAST, "the fast encoding is in use (its import-time check passed)"
     policy = load_policy(text=RICH_POLICY)
     events = _sample_events()
     decisions = [policy.decide(event) for event in events]
@@ -304,8 +303,8 @@ def test_forked_workers_draw_their_own_ids_and_spool_files(tmp_path: Path) -> No
     assert len(set(ids)) == 153
 
 
-def test_offsets_survive_a_torn_slot_and_an_older_offsets_json(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import OFFSETS_SLOT
+def test_offsets_survive_a_torn_slot(tmp_path: Path) -> None:
+    from policyplug.audit.multiprocess_log import OFFSETS_SLOT
 
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
     _spooler(str(spool), 0, 4)
@@ -323,15 +322,6 @@ def test_offsets_survive_a_torn_slot_and_an_older_offsets_json(tmp_path: Path) -
     # chaining and saving) and known by their ids at the end of the log: nothing lost, nothing twice
     assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 2
     assert verify([str(log)]).intact and verify([str(log)]).records == 9
-
-    # a spool left by a version that kept offsets.json: continued from there, then migrated
-    spool2, log2 = tmp_path / "spool2", tmp_path / "audit2.jsonl"
-    _spooler(str(spool2), 0, 2)
-    path = next(spool2.glob("*.jsonl"))
-    (spool2 / "offsets.json").write_text(json.dumps({str(path.stat().st_ino): path.stat().st_size}))
-    _spooler(str(spool2), 0, 1)
-    assert SpoolChainer(spool2, SharedAuditLog(log2, level="all")).run_once() == 1
-    assert not (spool2 / "offsets.json").exists() and (spool2 / "offsets").exists()
 
 
 def test_the_offsets_are_written_only_when_they_change(tmp_path: Path) -> None:
@@ -397,7 +387,7 @@ def _check_chain(log: Path, workers: int, each: int) -> None:
 
 
 def test_ring_records_of_many_workers_are_chained_in_order_across_laps_and_overflows(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import SpoolRing
+    from policyplug.audit.multiprocess_log import SpoolRing
 
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
     context = multiprocessing.get_context("fork")
@@ -455,7 +445,7 @@ def test_a_torn_or_half_stored_frame_is_not_read_until_complete(tmp_path: Path) 
     path = spool / f"{os.getpid()}.ring"
     data = bytearray(path.read_bytes())
     # the third frame: its record bytes changed as if the store had not reached them yet
-    from policyplug.audit.shared_file import RING_HEADER, SpoolRing
+    from policyplug.audit.multiprocess_log import RING_HEADER, SpoolRing
     ring = SpoolRing.open(path)
     assert ring is not None
     records = ring.frames()[0]
@@ -514,7 +504,7 @@ def test_a_ring_reopened_by_the_same_process_goes_on_after_its_last_frame(tmp_pa
 
 
 def test_the_ring_position_survives_a_torn_slot(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import SpoolRing
+    from policyplug.audit.multiprocess_log import SpoolRing
 
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
     _ring_spooler(str(spool), 0, 3, 8192)
@@ -564,7 +554,7 @@ def test_a_ring_frame_that_is_not_a_record_is_kept_out_of_the_chain_and_counted(
 
 
 def test_the_ring_read_keyed_for_the_chainer_gives_the_records_frames_gives(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import SpoolRing
+    from policyplug.audit.multiprocess_log import SpoolRing
 
     spool = tmp_path / "spool"
     _ring_spooler(str(spool), 0, 30, 8192)  # several laps of an 8 KiB ring: WRAP frames on the way

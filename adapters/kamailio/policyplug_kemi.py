@@ -81,7 +81,7 @@ from sip_event import (  # noqa: E402
 
 from policyplug import Event, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, event_address  # noqa: E402
-from policyplug.audit.shared_file import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
+from policyplug.audit.multiprocess_log import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
