@@ -317,12 +317,8 @@ class AuditWriter:
         self.stats: dict[str, Any] = {"written": 0, "dropped": 0, "errors": 0, "syncs": 0, "last_error": None}
         self.sealer = None
         if seal_key is not None:
-            from .seal import DEFAULT_INTERVAL, Sealer
-            heads = None
-            if syslog:
-                from .syslog import HeadSender
-                heads = HeadSender(syslog, hostname=self.node)
-            self.sealer = Sealer(seal_key, seal_interval or DEFAULT_INTERVAL, heads=heads)
+            from .seal import Sealer
+            self.sealer = Sealer.from_options(seal_key, seal_interval, syslog, hostname=self.node)
             self.stats["seal"] = self.sealer.stats
         self._log = ChainedLog(self.path, node=self.node, max_bytes=max_bytes, flush_interval=flush_interval,
                                stats=self.stats, sealer=self.sealer)

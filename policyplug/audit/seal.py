@@ -189,7 +189,19 @@ class Sealer:
         self.unsealed = 0  # records appended since the last seal
         self.last = None  # monotonic time of the last seal (None: none yet by this writer)
         self.checked = False
+        self.sealed_seq: int | None = None  # seq of the last seal this sealer wrote
         self.stats = {"seals": 0, "seal_index": self.key.index, "last_seal": None}
+
+    @classmethod
+    def from_options(cls, key_path: str | Path, interval: float | None = None, syslog: str | None = None,
+                     hostname: str | None = None) -> Sealer:
+        """A sealer as `serve --audit-seal-key --audit-seal-interval --audit-syslog` (or the Kamailio
+        adapter's `audit_seal_key`, `audit_seal_interval`, `audit_syslog`) asks for."""
+        heads = None
+        if syslog:
+            from .syslog import HeadSender
+            heads = HeadSender(syslog, hostname=hostname)
+        return cls(key_path, interval or DEFAULT_INTERVAL, heads=heads)
 
     def check_log(self, files: list[Path]) -> None:
         """Once, before the first seal: compare the key file with the last seal in the log."""
@@ -228,6 +240,7 @@ class Sealer:
         self.key.advance()
         self.unsealed = 0
         self.last = now
+        self.sealed_seq = seq
         self.stats["seals"] += 1
         self.stats["seal_index"] = self.key.index
         self.stats["last_seal"] = time

@@ -67,27 +67,31 @@ class SharedAuditLog(RecordSink):
             lines, prev, seq = chain(parts, self._prev.encode(), self._seq)
             self._write(fd, stat, b"".join(lines), prev, seq)
             self.stats["written"] += len(parts)
-            if self.sealer is not None:
-                self.sealer.unsealed += len(parts)
             if self.max_bytes is not None and self._known is not None and self._known[1] >= self.max_bytes:
                 self._rotate()
         finally:
             self._unlock()
 
     def seal_if_due(self, force: bool = False) -> bool:
-        """Seal the chain if this process seals and the interval is up (or `force`, at shutdown) and
-        records came since the last seal: the seal record, fsync, then the key advances (seal.py)."""
+        """Seal the chain if this process seals, the interval is up (or `force`) and records came
+        since this process's last seal (written by any process: the chain head says): the seal
+        record, fsync, then the key advances (seal.py). Called by Kamailio's timer process."""
         sealer = self.sealer
         if sealer is None:
             return False
         now = time.monotonic()
-        if not sealer.checked:
-            sealer.check_log([self.path, self.path.with_name(self.path.name + ".1")])
-        if not (sealer.due(now) or (force and sealer.unsealed)):
+        if sealer.last is None and not force:
+            sealer.last = now  # the first interval starts now
+            return False
+        if not force and now - sealer.last < sealer.interval:
             return False
         try:
             fd, stat = self._lock()
             try:
+                if self._seq == 0 or self._seq == sealer.sealed_seq:
+                    return False  # nothing new to seal
+                if not sealer.checked:
+                    sealer.check_log([self.path, self.path.with_name(self.path.name + ".1")])
                 when = now_iso()
                 parts = sealer.seal_parts(prev=self._prev, seq=self._seq + 1, time=when, node=self.node)
                 lines, prev, seq = chain([parts], self._prev.encode(), self._seq)
