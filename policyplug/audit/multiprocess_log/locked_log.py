@@ -81,7 +81,12 @@ class SharedAuditLog(RecordSink):
             return False
         now = time.monotonic()
         if sealer.last is None and not force:
-            sealer.last = now  # the first interval starts now
+            sealer.last = now  # the first interval starts now; a torn tail is cut (under the lock) at start
+            try:
+                self._lock()
+                self._unlock()
+            except Exception as exc:
+                self.failed(exc)
             return False
         if not force and now - sealer.last < sealer.interval:
             return False
