@@ -281,3 +281,44 @@ def test_a_bad_verification_key_is_a_clear_error(tmp_path: Path, text: str) -> N
     _write(log, 1, background=False).close()
     result = verify_cli(log, text)
     assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_tail_cut_with_its_last_seals_is_found_against_the_heads_a_real_rsyslog_holds(tmp_path: Path) -> None:
+    """Cutting the end of the log together with its last seals leaves a log that verifies with the
+    key: only the chain heads held off the host show it (docs/audit.md)."""
+    from policyplug.audit.syslog import read_heads
+    from tests.audit_attacks import copy_log, files_of
+    from tests.servers.rsyslog import RsyslogServer
+
+    verification_key = keygen(tmp_path / "keys")
+    with RsyslogServer(tmp_path / "rsyslog") as collector:
+        service = Service(tmp_path, "--audit-syslog", f"127.0.0.1:{collector.port}")
+        _run_bursts(service, 4)
+        service.stop()
+        seals = [r for _, records in read(service.log) for r in records if is_seal(r)]
+        deadline = time.monotonic() + 10
+        while len(read_heads(collector.output)) < len(seals) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    heads = read_heads(collector.output)
+    assert len(heads) == len(seals) >= 4, "every seal's head reached the collector"
+    assert "policyplug" in collector.output.read_text() and " audit-head " in collector.output.read_text()
+    intact = verify_cli(service.log, verification_key, "--heads", str(collector.output))
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert f"{len(heads)} chain heads held off the host match the log" in intact.stdout
+
+    # the attacker cuts the log after an earlier seal: the last seals go with the records they sealed
+    cut = copy_log(service.log, tmp_path / "cut")
+    lines = [(path, line) for path in files_of(cut) for line in path.read_bytes().splitlines(keepends=True)]
+    keep = [n for n, (_, line) in enumerate(lines) if b'"kind":"seal"' in line][-3] + 1
+    for path in files_of(cut):
+        kept = b"".join(line for p, line in lines[:keep] if p == path)
+        if kept:
+            path.write_bytes(kept)
+        else:
+            path.unlink()  # a newer file cut whole (verify finds the rotated files without it)
+    alone = verify_cli(cut, verification_key)
+    assert alone.returncode == 0 and "no record follows the last seal" in alone.stdout, \
+        "in the file alone a tail cut at a seal cannot be seen"
+    against = verify_cli(cut, verification_key, "--heads", str(collector.output))
+    assert against.returncode == 1 and "cut off together with its last seals" in against.stderr, \
+        against.stdout + against.stderr

@@ -94,12 +94,13 @@ class HeadSender:
 
 def read_heads(path: str | Path) -> list[dict[str, Any]]:
     """The heads a collector wrote to a file, one message a line in any layout that keeps the message
-    (rsyslog's default, RFC 5424 or `%msg%`): each line with our MSGID and a JSON object after it."""
+    (rsyslog's default, RFC 5424 or `%msg%`): the JSON object of each line that has one (after our
+    MSGID where the line shows it), with `log`, `seq` and `hash`."""
     heads = []
     with Path(path).open("rb") as lines:
         for line in lines:
-            at = line.find(MSGID.encode())
-            brace = line.find(b"{", at) if at >= 0 else -1
+            at = line.find(MSGID.encode())  # after the header; a collector writing only the message has none
+            brace = line.find(b"{", max(at, 0))
             if brace < 0:
                 continue
             try:
