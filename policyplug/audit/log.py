@@ -40,6 +40,7 @@ from .record import (  # noqa: F401 - the names other writers and tests take fro
     build_record,
     canonical,
     chain,
+    decision_head,
     encode_decision,
     encode_event,
     event_record,
@@ -217,8 +218,7 @@ class ChainedLog:
                 # wait behind a whole batch
                 if start:
                     _yield()
-                parts = [(b"".join((b'{"decision":', decision, b',"event":', event, b',"id":"',
-                                    ids[32 * index:32 * index + 32], b'"', node, policy)), tail)
+                parts = [(decision_head(decision, event, ids[32 * index:32 * index + 32], node, policy), tail)
                          for index, (event, decision, policy) in enumerate(items[start:start + YIELD_EVERY], start)]
                 self._append_lines(*chain(parts, self._prev.encode(), self._seq))
             if self.sealer is not None:

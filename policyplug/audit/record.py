@@ -143,12 +143,8 @@ def record_body(*, decision: bytes, event: bytes, record_id: str, node: str, pol
                 prev: str, seq: int, time: str) -> bytes:
     """The canonical JSON of a record without `hash`, from serialised parts, as `chain` hashes it."""
     head = decision_head(decision, event, record_id.encode(), node_part(node), policy_part(policy, revision))
-    return splice(head, tail_part(orjson.dumps(time)), prev.encode(), seq)
-
-
-def splice(head: bytes, tail: bytes, prev: bytes, seq: int) -> bytes:
-    """An unchained record with its chain fields put in: the bytes its `hash` is the SHA-256 of."""
-    return b"".join((head, b',"prev":"', prev, b'","seq":', b"%d" % seq, tail))
+    (line,), _prev, _seq = chain([(head, tail_part(orjson.dumps(time)))], prev.encode(), seq - 1)
+    return b"{" + line[len(b'{"hash":"') + 64 + len(b'",'):-1]  # the line without its hash member
 
 
 def chain(parts: Iterable[tuple[bytes, bytes]], prev: bytes, seq: int) -> tuple[list[bytes], bytes, int]:
@@ -197,7 +193,7 @@ class RecordEncoder:
         self.node = node
         self.include_bodies = include_bodies
         self.node_part = node_part(node)
-        # Decision.shape() -> ('{"decision":...,"event":', '","node":...,"policy_revision":...')
+        # Decision.shape() -> (the decision's canonical JSON, its policy members)
         self._decisions: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
         self._ids = b""  # a pool of random hex ids, drawn from by draw_id
         self._next_id = 0
@@ -209,14 +205,13 @@ class RecordEncoder:
         parts = self._decisions.get(shape) if shape is not None else None
         if parts is None:
             encoded, policy, revision = encode_decision(decision)
-            parts = (b'{"decision":' + encoded + b',"event":', b'"' + self.node_part + policy_part(policy, revision))
+            parts = (encoded, policy_part(policy, revision))
             if shape is not None:
                 if len(self._decisions) >= DECISION_CACHE_SIZE:
                     self._decisions.clear()
                 self._decisions[shape] = parts
-        start, middle = parts
         rid = self.draw_id() if record_id is None else record_id.encode()
-        return (b"".join((start, encode_event(event, self.include_bodies), b',"id":"', rid, middle)),
+        return (decision_head(parts[0], encode_event(event, self.include_bodies), rid, self.node_part, parts[1]),
                 TIME_KEY + orjson.dumps(time or datetime.now(UTC)) + VERSION_PART)
 
     def line(self, event: Any, decision: Any, *, record_id: str | None = None, time: datetime | None = None,
