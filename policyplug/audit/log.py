@@ -169,7 +169,8 @@ class ChainedLog:
         self.node = node
         self.max_bytes = max_bytes
         self.flush_interval = flush_interval
-        self.stats = stats if stats is not None else {"written": 0, "errors": 0, "syncs": 0, "last_error": None}
+        self.stats: dict[str, Any] = stats if stats is not None else {"written": 0, "errors": 0, "syncs": 0,
+                                                                        "last_error": None}
         self.sealer = sealer  # seal.Sealer, or None: not sealed
         self._file: Any = None
         self._prev, self._seq = GENESIS, 0

@@ -151,7 +151,7 @@ def chain(parts: Iterable[tuple[bytes, bytes]], prev: bytes, seq: int) -> tuple[
     """Chain unchained records, each given as (head, tail) (see the module docstring), after the
     record whose hash is `prev` (hex, as bytes) and number is `seq`: their lines (with `hash` first and
     a newline), and the new chain head (hash, seq). The one chaining function of every writer."""
-    lines = []
+    lines: list[bytes] = []
     add, join, sha256 = lines.append, b"".join, hashlib.sha256
     for head, tail in parts:
         seq += 1

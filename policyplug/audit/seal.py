@@ -187,10 +187,10 @@ class Sealer:
         self.interval = float(interval)
         self.heads = heads
         self.unsealed = 0  # records appended since the last seal
-        self.last = None  # monotonic time of the last seal (None: none yet by this writer)
+        self.last: float | None = None  # monotonic time of the last seal (None: none yet by this writer)
         self.checked = False
         self.sealed_seq: int | None = None  # seq of the last seal this sealer wrote
-        self.stats = {"seals": 0, "seal_index": self.key.index, "last_seal": None}
+        self.stats: dict[str, Any] = {"seals": 0, "seal_index": self.key.index, "last_seal": None}
 
     @classmethod
     def from_options(cls, key_path: str | Path, interval: float | None = None, syslog: str | None = None,

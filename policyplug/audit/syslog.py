@@ -53,7 +53,7 @@ class HeadSender:
         self.target = target
         self.family, self.kind, self.address = parse_target(target)
         self.hostname = (hostname or socket.gethostname() or "-").replace(" ", "_")[:255]
-        self.stats = {"sent": 0, "errors": 0, "last_error": None}
+        self.stats: dict[str, Any] = {"sent": 0, "errors": 0, "last_error": None}
         self._sock: socket.socket | None = None
 
     def message(self, head: dict[str, Any]) -> bytes:

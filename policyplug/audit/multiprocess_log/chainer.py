@@ -116,9 +116,8 @@ class SpoolChainer:
             if ring.overflow() != overflow:
                 ring.set_overflow(*overflow)
         for path in finished:  # fully chained and nobody writes it any more
-            ring = self._rings.pop(path.name, None)
-            if ring is not None:
-                ring.close()
+            if path.name in self._rings:
+                self._rings.pop(path.name).close()
             try:
                 os.unlink(path)
             except FileNotFoundError:
