@@ -155,7 +155,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(self.sock),
              "--audit-log", str(self.log), "--audit-level", "all", "--audit-max-bytes", "6000",
-             "--audit-seal-key", str(self.key), "--audit-seal-interval", "0.25", *extra],
+             "--audit-seal-key", str(self.key), "--audit-seal-interval", "0.25", *extra],  # an option in extra wins
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = ""
         assert self.proc.stdout is not None
@@ -322,3 +322,35 @@ def test_a_tail_cut_with_its_last_seals_is_found_against_the_heads_a_real_rsyslo
     against = verify_cli(cut, verification_key, "--heads", str(collector.output))
     assert against.returncode == 1 and "cut off together with its last seals" in against.stderr, \
         against.stdout + against.stderr
+
+
+def test_heads_of_every_batch_find_a_cut_of_unsealed_records(tmp_path: Path) -> None:
+    """With --audit-syslog-batches the collector holds the head after each batch: cutting records that
+    no seal covers yet (the writer killed before sealing them) is found too."""
+    from policyplug.audit.syslog import read_heads
+    from tests.audit_attacks import copy_log, files_of
+    from tests.servers.rsyslog import RsyslogServer
+
+    keygen(tmp_path / "keys")
+    with RsyslogServer(tmp_path / "rsyslog") as collector:
+        service = Service(tmp_path, "--audit-syslog", f"127.0.0.1:{collector.port}", "--audit-syslog-batches",
+                          "--audit-seal-interval", "30", "--audit-max-bytes", "1000000")
+        service.decide(5)
+        time.sleep(0.3)
+        service.decide(5)
+        time.sleep(0.3)
+        service.stop(signal.SIGKILL)  # no seal at all yet: every record is after the last seal
+        records = [r for _, rs in read(service.log) for r in rs]
+        deadline = time.monotonic() + 10
+        while not any(h["seq"] == records[-1]["seq"] for h in read_heads(collector.output)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+    heads = read_heads(collector.output)
+    assert heads and max(h["seq"] for h in heads) == len(records) == 10
+    assert verify_cli(service.log, None, "--heads", str(collector.output)).returncode == 0
+    cut = copy_log(service.log, tmp_path / "cut")
+    (path,) = files_of(cut)
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:7]))
+    assert verify_cli(cut).returncode == 0, "the chain alone does not show a cut tail"
+    against = verify_cli(cut, None, "--heads", str(collector.output))
+    assert against.returncode == 1 and "ends at seq 7" in against.stderr, against.stderr

@@ -229,7 +229,8 @@ class PolicyplugKamailio:
             if config.get("audit_seal_key"):  # the timer process seals (sync_audit); docs/audit.md
                 from policyplug.audit.seal import Sealer
                 sealer = Sealer.from_options(config["audit_seal_key"], config.get("audit_seal_interval"),
-                                             config.get("audit_syslog"), hostname=node)
+                                             config.get("audit_syslog"), hostname=node,
+                                             syslog_batches=bool(config.get("audit_syslog_batches", False)))
             shared_log = SharedAuditLog(audit_path, level=level, include_bodies=bodies, node=node,
                                         max_bytes=config.get("audit_max_bytes"), sealer=sealer)
             self.sealed_log = shared_log if sealer is not None else None

@@ -224,6 +224,7 @@ class ChainedLog:
                 self._append_lines(*chain(parts, self._prev.encode(), self._seq))
             if self.sealer is not None:
                 self.sealer.unsealed += len(items)
+                self.sealer.batch_written(seq=self._seq, hash_=self._prev, log_path=self.path, node=self.node)
             self.sync_if_due()
             if self.max_bytes is not None and self._file.tell() >= self.max_bytes:
                 self._rotate()
@@ -302,7 +303,7 @@ class AuditWriter:
     def __init__(self, path: str | Path, *, level: str = "denied", include_bodies: bool = False,
                  node: str | None = None, max_bytes: int | None = None, flush_interval: float = 0.2,
                  background: bool = True, queue_size: int = 100_000, seal_key: str | Path | None = None,
-                 seal_interval: float | None = None, syslog: str | None = None):
+                 seal_interval: float | None = None, syslog: str | None = None, syslog_batches: bool = False):
         if level not in LEVELS:
             raise ValueError(f"audit level must be one of {', '.join(LEVELS)}")
         if seal_key is not None and "{pid}" in str(path):
@@ -319,7 +320,8 @@ class AuditWriter:
         self.sealer = None
         if seal_key is not None:
             from .seal import Sealer
-            self.sealer = Sealer.from_options(seal_key, seal_interval, syslog, hostname=self.node)
+            self.sealer = Sealer.from_options(seal_key, seal_interval, syslog, hostname=self.node,
+                                              syslog_batches=syslog_batches)
             self.stats["seal"] = self.sealer.stats
         self._log = ChainedLog(self.path, node=self.node, max_bytes=max_bytes, flush_interval=flush_interval,
                                stats=self.stats, sealer=self.sealer)

@@ -180,12 +180,15 @@ class Sealer:
 
     `heads` (optional) is told every seal (syslog.HeadSender: the chain head off the host)."""
 
-    def __init__(self, key_path: str | Path, interval: float = DEFAULT_INTERVAL, heads: Any = None):
+    def __init__(self, key_path: str | Path, interval: float = DEFAULT_INTERVAL, heads: Any = None,
+                 head_batches: bool = False):
         if interval <= 0:
             raise ValueError("the seal interval must be positive")
         self.key = SealKey.load(key_path)
         self.interval = float(interval)
         self.heads = heads
+        self.head_batches = head_batches and heads is not None  # also a head after every batch of records
+        self._head_sent = -1
         self.unsealed = 0  # records appended since the last seal
         self.last: float | None = None  # monotonic time of the last seal (None: none yet by this writer)
         self.checked = False
@@ -194,14 +197,14 @@ class Sealer:
 
     @classmethod
     def from_options(cls, key_path: str | Path, interval: float | None = None, syslog: str | None = None,
-                     hostname: str | None = None) -> Sealer:
+                     hostname: str | None = None, syslog_batches: bool = False) -> Sealer:
         """A sealer as `serve --audit-seal-key --audit-seal-interval --audit-syslog` (or the Kamailio
         adapter's `audit_seal_key`, `audit_seal_interval`, `audit_syslog`) asks for."""
         heads = None
         if syslog:
             from .syslog import HeadSender
             heads = HeadSender(syslog, hostname=hostname)
-        return cls(key_path, interval or DEFAULT_INTERVAL, heads=heads)
+        return cls(key_path, interval or DEFAULT_INTERVAL, heads=heads, head_batches=syslog_batches)
 
     def check_log(self, files: list[Path]) -> None:
         """Once, before the first seal: compare the key file with the last seal in the log."""
@@ -246,4 +249,14 @@ class Sealer:
         self.stats["last_seal"] = time
         if self.heads is not None:
             self.heads.send({"log": str(log_path.resolve()), "node": node, "seq": seq, "hash": hash_, "index": index,
-                             "time": time})
+                             "kind": "seal", "time": time})
+            self._head_sent = seq
+
+    def batch_written(self, *, seq: int, hash_: str, log_path: Path, node: str) -> None:
+        """With `head_batches`: the chain head after a batch of records, off the host at once (a cut
+        of the tail is then seen to the batch, not only to the last seal)."""
+        if self.head_batches and seq != self._head_sent:
+            from .record import now_iso
+            self.heads.send({"log": str(log_path.resolve()), "node": node, "seq": seq, "hash": hash_,
+                             "kind": "batch", "time": now_iso()})
+            self._head_sent = seq
