@@ -354,3 +354,19 @@ def test_heads_of_every_batch_find_a_cut_of_unsealed_records(tmp_path: Path) -> 
     assert verify_cli(cut).returncode == 0, "the chain alone does not show a cut tail"
     against = verify_cli(cut, None, "--heads", str(collector.output))
     assert against.returncode == 1 and "ends at seq 7" in against.stderr, against.stderr
+
+
+def test_a_crash_between_a_seal_and_the_key_advancing_is_not_a_gap(tmp_path: Path) -> None:
+    """The seal was written and synced, the key file not replaced yet: the next writer finds that
+    seal at the end of the log and advances the key first, so no interval is sealed twice."""
+    verification_key = keygen(tmp_path / "k")
+    key_file, log = tmp_path / "k" / "seal.key", tmp_path / "audit.jsonl"
+    _write(log, 3, background=False, seal_key=key_file).close()  # closing seals: interval 0
+    before_close = SealKey.load(key_file)
+    before_close.index, before_close.key = 0, parse_verification_key(verification_key)
+    before_close.save()  # as if the writer died right after writing seal 0
+    _write(log, 2, background=False, seal_key=key_file).close()
+    seals = [r["mark"]["index"] for _, records in read(log) for r in records if is_seal(r)]
+    assert seals == [0, 1]
+    result = verify_cli(log, verification_key)
+    assert result.returncode == 0 and "intervals 0–1 without gap" in result.stdout, result.stdout + result.stderr
