@@ -57,6 +57,13 @@ def test_keygen_and_the_key_advancing_leaves_no_old_key_on_disk(tmp_path: Path) 
     assert again.index == 1 and again.key != k0
     assert os.listdir(tmp_path / "keys") == ["seal.key"], "no temporary or old key file is left"
     assert k0.hex() not in key_file.read_text()
+    # a crash while the key was replaced left a temporary file holding the next key: the sealer removes it
+    stale = tmp_path / "keys" / ".seal.key.4242.tmp"
+    stale.write_text(key_file.read_text())
+    from policyplug.audit.seal import Sealer
+    sealer = Sealer(key_file, 1.0)
+    assert stale.exists(), "read lazily, by the process that seals"
+    assert sealer.key.index == 1 and not stale.exists()
 
 
 def _write(log: Path, count: int, **options: object) -> AuditWriter:

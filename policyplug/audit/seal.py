@@ -184,7 +184,11 @@ class Sealer:
                  head_batches: bool = False):
         if interval <= 0:
             raise ValueError("the seal interval must be positive")
-        self.key = SealKey.load(key_path)
+        self.key_path = Path(key_path)
+        checked = SealKey.load(key_path)  # a bad key file is an error at start; the key is read again where
+        self.key_id, index = checked.id, checked.index  # it is used (Kamailio's workers never hold it)
+        del checked
+        self._key: SealKey | None = None
         self.interval = float(interval)
         self.heads = heads
         self.head_batches = head_batches and heads is not None  # also a head after every batch of records
@@ -193,7 +197,18 @@ class Sealer:
         self.last: float | None = None  # monotonic time of the last seal (None: none yet by this writer)
         self.checked = False
         self.sealed_seq: int | None = None  # seq of the last seal this sealer wrote
-        self.stats: dict[str, Any] = {"seals": 0, "seal_index": self.key.index, "last_seal": None}
+        self.stats: dict[str, Any] = {"seals": 0, "seal_index": index, "last_seal": None}
+
+    @property
+    def key(self) -> SealKey:
+        """The key file, read by the process that seals when it first needs it. A temporary file a
+        crash left behind while the key was being replaced holds a key that will be old soon: gone."""
+        if self._key is None:
+            for stale in self.key_path.parent.glob(f".{self.key_path.name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            self._key = SealKey.load(self.key_path)
+        return self._key
 
     @classmethod
     def from_options(cls, key_path: str | Path, interval: float | None = None, syslog: str | None = None,
