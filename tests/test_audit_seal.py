@@ -199,6 +199,7 @@ def _run_bursts(service: Service, bursts: int) -> None:
         time.sleep(0.35)  # more than an interval: each burst gets its seal
 
 
+@pytest.mark.slow
 def test_untouched_sealed_log_verifies_across_rotation_and_a_crash_repaired_tail(tmp_path: Path) -> None:
     verification_key = keygen(tmp_path / "keys")
     service = Service(tmp_path)
@@ -220,6 +221,7 @@ def test_untouched_sealed_log_verifies_across_rotation_and_a_crash_repaired_tail
     assert SealKey.load(service.key).index == chain.last_seal["index"] + 1, "the key advanced past its last seal"
 
 
+@pytest.mark.slow
 def test_attacks_on_a_log_written_by_serve_are_found_with_the_key(tmp_path: Path) -> None:
     verification_key = keygen(tmp_path / "keys")
     service = Service(tmp_path)
@@ -249,6 +251,7 @@ def test_records_after_the_last_seal_are_reported_unsealed(tmp_path: Path) -> No
     assert f"{unsealed} records follow the last seal, not sealed yet" in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_a_rolled_back_key_file_is_found(tmp_path: Path) -> None:
     verification_key = keygen(tmp_path / "keys")
     service = Service(tmp_path)
@@ -290,6 +293,7 @@ def test_a_bad_verification_key_is_a_clear_error(tmp_path: Path, text: str) -> N
     assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_tail_cut_with_its_last_seals_is_found_against_the_heads_a_real_rsyslog_holds(tmp_path: Path) -> None:
     """Cutting the end of the log together with its last seals leaves a log that verifies with the
     key: only the chain heads held off the host show it (docs/audit.md)."""
@@ -331,6 +335,7 @@ def test_a_tail_cut_with_its_last_seals_is_found_against_the_heads_a_real_rsyslo
         against.stdout + against.stderr
 
 
+@pytest.mark.slow
 def test_heads_of_every_batch_find_a_cut_of_unsealed_records(tmp_path: Path) -> None:
     """With --audit-syslog-batches the collector holds the head after each batch: cutting records that
     no seal covers yet (the writer killed before sealing them) is found too."""
