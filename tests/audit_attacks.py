@@ -58,7 +58,9 @@ def sealed_decisions(files: list[tuple[Path, list[dict[str, Any]]]]) -> list[tup
     return [(f, r) for f, r, rec in flat[:last_seal] if "decision" in rec]
 
 
-def reseal_with(files: list[tuple[Path, list[dict[str, Any]]]], key: SealKey, *, key_id: str | None = None) -> None:
+def reseal_with(
+    files: list[tuple[Path, list[dict[str, Any]]]], key: SealKey, *, key_id: str | None = None
+) -> None:
     """After a rewrite: drop the seals from the first sealed decision on and seal the end again with `key`
     (the attacker's own new key, or the current key file they stole), then recompute the chain."""
     write(files)
@@ -66,8 +68,12 @@ def reseal_with(files: list[tuple[Path, list[dict[str, Any]]]], key: SealKey, *,
     last = [r for _, records in files for r in records][-1]
     records = files[-1][1]
     when = last["time"]
-    mark = {"index": key.index, "key": key_id or key.id, "kind": "seal",
-            "mac": seal_mac(key.key, key.index, last["seq"] + 1, last["hash"], when)}
+    mark = {
+        "index": key.index,
+        "key": key_id or key.id,
+        "kind": "seal",
+        "mac": seal_mac(key.key, key.index, last["seq"] + 1, last["hash"], when),
+    }
     records.append({"id": "f" * 32, "mark": mark, "node": last["node"], "time": when, "v": 1})
     write(files)
 
@@ -98,8 +104,10 @@ def assert_attacks_found(log: Path, verification_key: str, key_file: Path, work:
         assert result.returncode == 1, f"{copy.parent.name}: not found\n{result.stdout}{result.stderr}"
         assert "TAMPERED" in result.stderr and any(n in result.stderr for n in needles), result.stderr
         unkeyed = verify([str(copy)])  # the chain itself was recomputed: without the key it looks intact
-        found.append(f"{copy.parent.name}: {result.stderr.splitlines()[0]} (without --key: "
-                     f"{'intact' if unkeyed.intact else unkeyed.problem})")
+        found.append(
+            f"{copy.parent.name}: {result.stderr.splitlines()[0]} (without --key: "
+            f"{'intact' if unkeyed.intact else unkeyed.problem})"
+        )
 
     # 1. a sealed decision rewritten (deny -> allow, another sender), every hash recomputed
     copy, files = attacked("rewritten")
@@ -146,6 +154,8 @@ def assert_attacks_found(log: Path, verification_key: str, key_file: Path, work:
     f, r = sealed_decisions(files)[0]
     files[f][1][r]["decision"]["decision"] = "allow"
     drop_seals(files)
-    reseal_with(files, SealKey(work / "forged2.key", bytes(range(32)), 0, "x"), key_id=SealKey.load(key_file).id)
+    reseal_with(
+        files, SealKey(work / "forged2.key", bytes(range(32)), 0, "x"), key_id=SealKey.load(key_file).id
+    )
     expect_failure(copy, "does not match the chain", "missing")
     return found

@@ -22,20 +22,24 @@ from policyplug.audit.multiprocess_log import SharedAuditLog
 from policyplug.audit.seal import SealKey, parse_verification_key
 from tests.audit_attacks import assert_attacks_found, is_seal, read, verify_cli
 
-POLICY_TEXT = '''policy "sealed"
+POLICY_TEXT = """policy "sealed"
 local domains ["acme.example"]
 default deny "no"
 
 rule internal:
   when direction == "internal"
   allow
-'''
+"""
 POLICY = load_policy(text=POLICY_TEXT)
 
 
 def keygen(folder: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "policyplug", "audit", "keygen", str(folder)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "audit", "keygen", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1, "keygen prints the verification key, one line, on stdout"
@@ -47,8 +51,14 @@ def test_keygen_and_the_key_advancing_leaves_no_old_key_on_disk(tmp_path: Path) 
     verification_key = keygen(tmp_path / "keys")
     key_file = tmp_path / "keys" / "seal.key"
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-    assert subprocess.run([sys.executable, "-m", "policyplug", "audit", "keygen", str(tmp_path / "keys")],
-                          capture_output=True, timeout=60).returncode == 1, "an existing key is not overwritten"
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "policyplug", "audit", "keygen", str(tmp_path / "keys")],
+            capture_output=True,
+            timeout=60,
+        ).returncode
+        == 1
+    ), "an existing key is not overwritten"
     k0 = parse_verification_key(verification_key)
     key = SealKey.load(key_file)
     assert (key.key, key.index) == (k0, 0)
@@ -61,6 +71,7 @@ def test_keygen_and_the_key_advancing_leaves_no_old_key_on_disk(tmp_path: Path) 
     stale = tmp_path / "keys" / ".seal.key.4242.tmp"
     stale.write_text(key_file.read_text())
     from policyplug.audit.seal import Sealer
+
     sealer = Sealer(key_file, 1.0)
     assert stale.exists(), "read lazily, by the process that seals"
     assert sealer.key.index == 1 and not stale.exists()
@@ -92,6 +103,7 @@ def test_a_torn_tail_is_cut_at_start_with_a_repair_record_and_verifies(tmp_path:
     repair = [json.loads(line) for line in log.read_text().splitlines()][5]
     assert repair["mark"]["kind"] == "repair" and repair["mark"]["bytes"] == 57
     import hashlib
+
     assert repair["mark"]["sha256"] == hashlib.sha256(torn).hexdigest()
 
 
@@ -160,10 +172,30 @@ class Service:
         policy = workdir / "sealed.policy"
         policy.write_text(POLICY_TEXT)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(self.sock),
-             "--audit-log", str(self.log), "--audit-level", "all", "--audit-max-bytes", "6000",
-             "--audit-seal-key", str(self.key), "--audit-seal-interval", "0.25", *extra],  # an option in extra wins
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "policyplug",
+                "serve",
+                str(policy),
+                "--socket",
+                str(self.sock),
+                "--audit-log",
+                str(self.log),
+                "--audit-level",
+                "all",
+                "--audit-max-bytes",
+                "6000",
+                "--audit-seal-key",
+                str(self.key),
+                "--audit-seal-interval",
+                "0.25",
+                *extra,
+            ],  # an option in extra wins
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.output = ""
         assert self.proc.stdout is not None
         while True:  # until it says it listens (a socket file left by a killed service is no sign)
@@ -177,9 +209,13 @@ class Service:
         self.client.connect(str(self.sock))
 
     def decide(self, count: int, sender: str = "eve@evil.example") -> None:
-        requests = b"".join(json.dumps({"id": i, "event": {"kind": "message", "from": sender,
-                                                            "to": f"u{i}@acme.example"}}).encode() + b"\n"
-                            for i in range(count))
+        requests = b"".join(
+            json.dumps(
+                {"id": i, "event": {"kind": "message", "from": sender, "to": f"u{i}@acme.example"}}
+            ).encode()
+            + b"\n"
+            for i in range(count)
+        )
         self.client.sendall(requests)
         received = b""
         while received.count(b"\n") < count:
@@ -218,7 +254,9 @@ def test_untouched_sealed_log_verifies_across_rotation_and_a_crash_repaired_tail
     keyed = verify([str(service.log)], key=parse_verification_key(verification_key))
     chain = keyed.chains[0]
     assert chain.seals >= 7 and chain.first_seal_index == 0 and chain.repairs
-    assert SealKey.load(service.key).index == chain.last_seal["index"] + 1, "the key advanced past its last seal"
+    assert SealKey.load(service.key).index == chain.last_seal["index"] + 1, (
+        "the key advanced past its last seal"
+    )
 
 
 @pytest.mark.slow
@@ -278,10 +316,24 @@ def test_serve_refuses_a_sealed_log_per_process(tmp_path: Path) -> None:
     keygen(tmp_path / "keys")
     policy = tmp_path / "p.policy"
     policy.write_text(POLICY_TEXT)
-    result = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket",
-                             str(tmp_path / "s.sock"), "--audit-log", str(tmp_path / "audit.{pid}.jsonl"),
-                             "--audit-seal-key", str(tmp_path / "keys" / "seal.key")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(tmp_path / "s.sock"),
+            "--audit-log",
+            str(tmp_path / "audit.{pid}.jsonl"),
+            "--audit-seal-key",
+            str(tmp_path / "keys" / "seal.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "{pid}" in result.stderr
 
 
@@ -294,7 +346,9 @@ def test_a_bad_verification_key_is_a_clear_error(tmp_path: Path, text: str) -> N
 
 
 @pytest.mark.slow
-def test_a_tail_cut_with_its_last_seals_is_found_against_the_heads_a_real_rsyslog_holds(tmp_path: Path) -> None:
+def test_a_tail_cut_with_its_last_seals_is_found_against_the_heads_a_real_rsyslog_holds(
+    tmp_path: Path,
+) -> None:
     """Cutting the end of the log together with its last seals leaves a log that verifies with the
     key: only the chain heads held off the host show it (docs/audit.md)."""
     from policyplug.audit.syslog import read_heads
@@ -328,11 +382,13 @@ def test_a_tail_cut_with_its_last_seals_is_found_against_the_heads_a_real_rsyslo
         else:
             path.unlink()  # a newer file cut whole (verify finds the rotated files without it)
     alone = verify_cli(cut, verification_key)
-    assert alone.returncode == 0 and "no record follows the last seal" in alone.stdout, \
+    assert alone.returncode == 0 and "no record follows the last seal" in alone.stdout, (
         "in the file alone a tail cut at a seal cannot be seen"
+    )
     against = verify_cli(cut, verification_key, "--heads", str(collector.output))
-    assert against.returncode == 1 and "cut off together with its last seals" in against.stderr, \
+    assert against.returncode == 1 and "cut off together with its last seals" in against.stderr, (
         against.stdout + against.stderr
+    )
 
 
 @pytest.mark.slow
@@ -345,8 +401,16 @@ def test_heads_of_every_batch_find_a_cut_of_unsealed_records(tmp_path: Path) -> 
 
     keygen(tmp_path / "keys")
     with RsyslogServer(tmp_path / "rsyslog") as collector:
-        service = Service(tmp_path, "--audit-syslog", f"127.0.0.1:{collector.port}", "--audit-syslog-batches",
-                          "--audit-seal-interval", "30", "--audit-max-bytes", "1000000")
+        service = Service(
+            tmp_path,
+            "--audit-syslog",
+            f"127.0.0.1:{collector.port}",
+            "--audit-syslog-batches",
+            "--audit-seal-interval",
+            "30",
+            "--audit-max-bytes",
+            "1000000",
+        )
         service.decide(5)
         time.sleep(0.3)
         service.decide(5)
@@ -354,8 +418,10 @@ def test_heads_of_every_batch_find_a_cut_of_unsealed_records(tmp_path: Path) -> 
         service.stop(signal.SIGKILL)  # no seal at all yet: every record is after the last seal
         records = [r for _, rs in read(service.log) for r in rs]
         deadline = time.monotonic() + 10
-        while not any(h["seq"] == records[-1]["seq"] for h in read_heads(collector.output)) \
-                and time.monotonic() < deadline:
+        while (
+            not any(h["seq"] == records[-1]["seq"] for h in read_heads(collector.output))
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
     heads = read_heads(collector.output)
     assert heads and max(h["seq"] for h in heads) == len(records) == 10
@@ -381,4 +447,6 @@ def test_a_crash_between_a_seal_and_the_key_advancing_is_not_a_gap(tmp_path: Pat
     seals = [r["mark"]["index"] for _, records in read(log) for r in records if is_seal(r)]
     assert seals == [0, 1]
     result = verify_cli(log, verification_key)
-    assert result.returncode == 0 and "intervals 0–1 without gap" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "intervals 0–1 without gap" in result.stdout, (
+        result.stdout + result.stderr
+    )

@@ -145,8 +145,11 @@ def cut_torn_tail(path: Path) -> dict[str, Any] | None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    log.warning("audit log %s: cut a torn last line (%d bytes) left by a crash; a repair record says so",
-                path, size - keep)
+    log.warning(
+        "audit log %s: cut a torn last line (%d bytes) left by a crash; a repair record says so",
+        path,
+        size - keep,
+    )
     return {"bytes": size - keep, "kind": "repair", "offset": keep, "sha256": digest.hexdigest()}
 
 
@@ -163,14 +166,23 @@ class ChainedLog:
     the file (disk freed, permissions fixed).
     """
 
-    def __init__(self, path: Path, *, node: str, max_bytes: int | None = None, flush_interval: float = 0.2,
-                 stats: dict[str, Any] | None = None, sealer: Any = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        node: str,
+        max_bytes: int | None = None,
+        flush_interval: float = 0.2,
+        stats: dict[str, Any] | None = None,
+        sealer: Any = None,
+    ):
         self.path = path
         self.node = node
         self.max_bytes = max_bytes
         self.flush_interval = flush_interval
-        self.stats: dict[str, Any] = stats if stats is not None else {"written": 0, "errors": 0, "syncs": 0,
-                                                                        "last_error": None}
+        self.stats: dict[str, Any] = (
+            stats if stats is not None else {"written": 0, "errors": 0, "syncs": 0, "last_error": None}
+        )
         self.sealer = sealer  # seal.Sealer, or None: not sealed
         self._file: Any = None
         self._prev, self._seq = GENESIS, 0
@@ -200,8 +212,9 @@ class ChainedLog:
 
     def _append_marks(self, marks: list[dict[str, Any]]) -> None:
         when = now_iso()
-        lines, prev, seq = chain([mark_parts(m, node=self.node, time=when) for m in marks],
-                                 self._prev.encode(), self._seq)
+        lines, prev, seq = chain(
+            [mark_parts(m, node=self.node, time=when) for m in marks], self._prev.encode(), self._seq
+        )
         self._file.write(b"".join(lines))
         self._file.flush()
         self._seq, self._prev = seq, prev.decode()
@@ -219,8 +232,12 @@ class ChainedLog:
                 # wait behind a whole batch
                 if start:
                     _yield()
-                parts = [(decision_head(decision, event, ids[32 * index:32 * index + 32], node, policy), tail)
-                         for index, (event, decision, policy) in enumerate(items[start:start + YIELD_EVERY], start)]
+                parts = [
+                    (decision_head(decision, event, ids[32 * index : 32 * index + 32], node, policy), tail)
+                    for index, (event, decision, policy) in enumerate(
+                        items[start : start + YIELD_EVERY], start
+                    )
+                ]
                 self._append_lines(*chain(parts, self._prev.encode(), self._seq))
             if self.sealer is not None:
                 self.sealer.unsealed += len(items)
@@ -300,15 +317,29 @@ class ChainedLog:
 class AuditWriter:
     """Queue audited decisions and append them to a hash-chained JSON Lines file (a writer thread)."""
 
-    def __init__(self, path: str | Path, *, level: str = "denied", include_bodies: bool = False,
-                 node: str | None = None, max_bytes: int | None = None, flush_interval: float = 0.2,
-                 background: bool = True, queue_size: int = 100_000, seal_key: str | Path | None = None,
-                 seal_interval: float | None = None, syslog: str | None = None, syslog_batches: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        level: str = "denied",
+        include_bodies: bool = False,
+        node: str | None = None,
+        max_bytes: int | None = None,
+        flush_interval: float = 0.2,
+        background: bool = True,
+        queue_size: int = 100_000,
+        seal_key: str | Path | None = None,
+        seal_interval: float | None = None,
+        syslog: str | None = None,
+        syslog_batches: bool = False,
+    ):
         if level not in LEVELS:
             raise ValueError(f"audit level must be one of {', '.join(LEVELS)}")
         if seal_key is not None and "{pid}" in str(path):
-            raise ValueError("a sealed audit log is one chain: a path with {pid} (a chain per process) cannot be "
-                             "sealed with one key")
+            raise ValueError(
+                "a sealed audit log is one chain: a path with {pid} (a chain per process) cannot be "
+                "sealed with one key"
+            )
         self.path = Path(str(path).replace("{pid}", str(os.getpid())))
         self.level = level
         self.include_bodies = include_bodies
@@ -320,11 +351,19 @@ class AuditWriter:
         self.sealer = None
         if seal_key is not None:
             from .seal import Sealer
-            self.sealer = Sealer.from_options(seal_key, seal_interval, syslog, hostname=self.node,
-                                              syslog_batches=syslog_batches)
+
+            self.sealer = Sealer.from_options(
+                seal_key, seal_interval, syslog, hostname=self.node, syslog_batches=syslog_batches
+            )
             self.stats["seal"] = self.sealer.stats
-        self._log = ChainedLog(self.path, node=self.node, max_bytes=max_bytes, flush_interval=flush_interval,
-                               stats=self.stats, sealer=self.sealer)
+        self._log = ChainedLog(
+            self.path,
+            node=self.node,
+            max_bytes=max_bytes,
+            flush_interval=flush_interval,
+            stats=self.stats,
+            sealer=self.sealer,
+        )
         self._pending: deque[QueuedRecord] = deque()
         self._queue_size = queue_size
         self._policy_parts: dict[tuple[str, str], bytes] = {}
@@ -361,7 +400,9 @@ class AuditWriter:
             part = self._policy_parts.get((policy, revision))
             if part is None:
                 part = self._policy_part(policy, revision)
-            pending.append((encode_event(event, self.include_bodies), decision_bytes, part))  # atomic under the GIL
+            pending.append(
+                (encode_event(event, self.include_bodies), decision_bytes, part)
+            )  # atomic under the GIL
         except Exception as exc:
             self._failed(exc)
 

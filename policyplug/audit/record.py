@@ -50,8 +50,15 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def build_record(event: Any, decision: Any, *, node: str, include_bodies: bool, record_id: str | None = None,
-                 time: str | None = None) -> dict[str, Any]:
+def build_record(
+    event: Any,
+    decision: Any,
+    *,
+    node: str,
+    include_bodies: bool,
+    record_id: str | None = None,
+    time: str | None = None,
+) -> dict[str, Any]:
     """An audit record (docs/audit.md) without its chain fields (`seq`, `prev`, `hash`).
 
     `record_id` defaults to a random 128-bit hex id, `time` to now (ISO 8601, UTC).
@@ -59,10 +66,14 @@ def build_record(event: Any, decision: Any, *, node: str, include_bodies: bool, 
     event_json = event_record(event, include_bodies)
     decision_json = decision.to_json()
     return {
-        "v": FORMAT_VERSION, "id": record_id or uuid.uuid4().hex,
-        "time": time or now_iso(), "node": node,
-        "policy": decision_json.pop("policy"), "policy_revision": decision_json.pop("policy_revision"),
-        "event": event_json, "decision": decision_json,
+        "v": FORMAT_VERSION,
+        "id": record_id or uuid.uuid4().hex,
+        "time": time or now_iso(),
+        "node": node,
+        "policy": decision_json.pop("policy"),
+        "policy_revision": decision_json.pop("policy_revision"),
+        "event": event_json,
+        "decision": decision_json,
     }
 
 
@@ -80,9 +91,16 @@ def encode_event(event: Any, include_bodies: bool) -> bytes:
     (3x cheaper than Event.to_json + dumps: no intermediate copies, orjson formats the time).
     tests/test_audit.py holds it equal to `event_record` for every kind of event."""
     members = {
-        "kind": event.kind, "from": event.sender.raw, "to": event.recipient.raw, "time": event.time,
-        "protocol": event.protocol, "client": event.client, "headers": event.headers, "payload": event.payload,
-        "type": event.type, "size": event.size,
+        "kind": event.kind,
+        "from": event.sender.raw,
+        "to": event.recipient.raw,
+        "time": event.time,
+        "protocol": event.protocol,
+        "client": event.client,
+        "headers": event.headers,
+        "payload": event.payload,
+        "type": event.type,
+        "size": event.size,
     }
     if include_bodies:
         members["body"] = event.body
@@ -131,7 +149,9 @@ def decision_head(decision: bytes, event: bytes, record_id: bytes, node: bytes, 
     """The head of an unchained decision record (up to its top-level time), from serialised parts:
     `decision`, `event` canonical JSON; `record_id` the hex id; `node` and `policy` from `node_part`
     and `policy_part`."""
-    return b"".join((b'{"decision":', decision, b',"event":', event, b',"id":"', record_id, b'"', node, policy))
+    return b"".join(
+        (b'{"decision":', decision, b',"event":', event, b',"id":"', record_id, b'"', node, policy)
+    )
 
 
 def tail_part(time: bytes) -> bytes:
@@ -139,12 +159,22 @@ def tail_part(time: bytes) -> bytes:
     return TIME_KEY + time + VERSION_PART
 
 
-def record_body(*, decision: bytes, event: bytes, record_id: str, node: str, policy: str, revision: str,
-                prev: str, seq: int, time: str) -> bytes:
+def record_body(
+    *,
+    decision: bytes,
+    event: bytes,
+    record_id: str,
+    node: str,
+    policy: str,
+    revision: str,
+    prev: str,
+    seq: int,
+    time: str,
+) -> bytes:
     """The canonical JSON of a record without `hash`, from serialised parts, as `chain` hashes it."""
     head = decision_head(decision, event, record_id.encode(), node_part(node), policy_part(policy, revision))
     (line,), _prev, _seq = chain([(head, tail_part(orjson.dumps(time)))], prev.encode(), seq - 1)
-    return b"{" + line[len(b'{"hash":"') + 64 + len(b'",'):-1]  # the line without its hash member
+    return b"{" + line[len(b'{"hash":"') + 64 + len(b'",') : -1]  # the line without its hash member
 
 
 def chain(parts: Iterable[tuple[bytes, bytes]], prev: bytes, seq: int) -> tuple[list[bytes], bytes, int]:
@@ -170,7 +200,9 @@ def cut_parts(body: bytes) -> tuple[bytes, bytes]:
     return body[:cut], body[cut:]
 
 
-def mark_parts(mark: dict[str, Any], *, node: str, time: str, record_id: str | None = None) -> tuple[bytes, bytes]:
+def mark_parts(
+    mark: dict[str, Any], *, node: str, time: str, record_id: str | None = None
+) -> tuple[bytes, bytes]:
     """(head, tail) of a mark record: what the log says about itself (`mark["kind"]` in MARK_KINDS)."""
     head = canonical({"id": record_id or os.urandom(16).hex(), "mark": mark, "node": node})[:-1]
     return head, tail_part(orjson.dumps(time))
@@ -198,8 +230,9 @@ class RecordEncoder:
         self._ids = b""  # a pool of random hex ids, drawn from by draw_id
         self._next_id = 0
 
-    def parts(self, event: Any, decision: Any, *, record_id: str | None = None,
-              time: datetime | None = None) -> tuple[bytes, bytes]:
+    def parts(
+        self, event: Any, decision: Any, *, record_id: str | None = None, time: datetime | None = None
+    ) -> tuple[bytes, bytes]:
         """(head, tail) of the record of `decision` on `event`; `time` defaults to now (UTC)."""
         shape = decision.shape()  # None: not cached (an evaluation error, lists set by hand)
         parts = self._decisions.get(shape) if shape is not None else None
@@ -211,11 +244,20 @@ class RecordEncoder:
                     self._decisions.clear()
                 self._decisions[shape] = parts
         rid = self.draw_id() if record_id is None else record_id.encode()
-        return (decision_head(parts[0], encode_event(event, self.include_bodies), rid, self.node_part, parts[1]),
-                TIME_KEY + orjson.dumps(time or datetime.now(UTC)) + VERSION_PART)
+        return (
+            decision_head(parts[0], encode_event(event, self.include_bodies), rid, self.node_part, parts[1]),
+            TIME_KEY + orjson.dumps(time or datetime.now(UTC)) + VERSION_PART,
+        )
 
-    def line(self, event: Any, decision: Any, *, record_id: str | None = None, time: datetime | None = None,
-             end: bytes = b"") -> bytes:
+    def line(
+        self,
+        event: Any,
+        decision: Any,
+        *,
+        record_id: str | None = None,
+        time: datetime | None = None,
+        end: bytes = b"",
+    ) -> bytes:
         """canonical(build_record(event, decision, ...)) + `end`; `time` defaults to now (UTC)."""
         head, tail = self.parts(event, decision, record_id=record_id, time=time)
         return head + tail + end
@@ -229,7 +271,7 @@ class RecordEncoder:
         if start >= len(self._ids):
             self._ids, start = os.urandom(16 * ID_POOL).hex().encode(), 0
         self._next_id = start + 32
-        return self._ids[start:start + 32]
+        return self._ids[start : start + 32]
 
     def after_fork(self) -> None:
         """A forked child must not hand out the ids left in its parent's pool."""

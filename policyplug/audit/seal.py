@@ -60,7 +60,9 @@ def key_id(k0: bytes) -> str:
 
 
 def seal_mac(key: bytes, index: int, seq: int, prev: str, time: str) -> str:
-    return _hmac(_hmac(key, _MAC), b"policyplug-seal-1|%d|%d|%s|%s" % (index, seq, prev.encode(), time.encode())).hex()
+    return _hmac(
+        _hmac(key, _MAC), b"policyplug-seal-1|%d|%d|%s|%s" % (index, seq, prev.encode(), time.encode())
+    ).hex()
 
 
 def parse_verification_key(text: str) -> bytes:
@@ -68,7 +70,7 @@ def parse_verification_key(text: str) -> bytes:
     if not text.startswith(VERIFICATION_PREFIX):
         raise ValueError(f"not a policyplug verification key (it starts {VERIFICATION_PREFIX}...)")
     try:
-        k0 = bytes.fromhex(text[len(VERIFICATION_PREFIX):])
+        k0 = bytes.fromhex(text[len(VERIFICATION_PREFIX) :])
     except ValueError:
         raise ValueError("the verification key is not hex after its prefix") from None
     if len(k0) != 32:
@@ -82,8 +84,10 @@ def keygen(directory: str | Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / KEY_FILE
     if path.exists():
-        raise FileExistsError(f"{path} exists: a new key would make the logs sealed with it unverifiable "
-                              "with their verification key; move it away first")
+        raise FileExistsError(
+            f"{path} exists: a new key would make the logs sealed with it unverifiable "
+            "with their verification key; move it away first"
+        )
     k0 = os.urandom(32)
     SealKey(path, k0, 0, key_id(k0)).save()
     return VERIFICATION_PREFIX + k0.hex()
@@ -123,7 +127,10 @@ class SealKey:
     def save(self) -> None:
         """Replace the key file atomically and durably: a crash leaves the old key or the new one,
         and once this returns the old one is not in the folder any more."""
-        body = orjson.dumps({"format": KEY_FORMAT, "id": self.id, "index": self.index, "key": self.key.hex()}) + b"\n"
+        body = (
+            orjson.dumps({"format": KEY_FORMAT, "id": self.id, "index": self.index, "key": self.key.hex()})
+            + b"\n"
+        )
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -165,7 +172,7 @@ def last_seal(paths: list[Path], limit: int = 1 << 30) -> dict[str, Any] | None:
                     start = buffer.rfind(b"\n", 0, at) + 1
                     stop = buffer.find(b"\n", at)
                     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                        mark = orjson.loads(buffer[start:stop if stop >= 0 else len(buffer)])["mark"]
+                        mark = orjson.loads(buffer[start : stop if stop >= 0 else len(buffer)])["mark"]
                         if mark["kind"] == "seal":
                             return dict(mark)
                     at = buffer.rfind(needle, first, start)
@@ -180,8 +187,13 @@ class Sealer:
 
     `heads` (optional) is told every seal (syslog.HeadSender: the chain head off the host)."""
 
-    def __init__(self, key_path: str | Path, interval: float = DEFAULT_INTERVAL, heads: Any = None,
-                 head_batches: bool = False):
+    def __init__(
+        self,
+        key_path: str | Path,
+        interval: float = DEFAULT_INTERVAL,
+        heads: Any = None,
+        head_batches: bool = False,
+    ):
         if interval <= 0:
             raise ValueError("the seal interval must be positive")
         self.key_path = Path(key_path)
@@ -211,13 +223,20 @@ class Sealer:
         return self._key
 
     @classmethod
-    def from_options(cls, key_path: str | Path, interval: float | None = None, syslog: str | None = None,
-                     hostname: str | None = None, syslog_batches: bool = False) -> Sealer:
+    def from_options(
+        cls,
+        key_path: str | Path,
+        interval: float | None = None,
+        syslog: str | None = None,
+        hostname: str | None = None,
+        syslog_batches: bool = False,
+    ) -> Sealer:
         """A sealer as `serve --audit-seal-key --audit-seal-interval --audit-syslog` (or the Kamailio
         adapter's `audit_seal_key`, `audit_seal_interval`, `audit_syslog`) asks for."""
         heads = None
         if syslog:
             from .syslog import HeadSender
+
             heads = HeadSender(syslog, hostname=hostname)
         return cls(key_path, interval or DEFAULT_INTERVAL, heads=heads, head_batches=syslog_batches)
 
@@ -230,13 +249,19 @@ class Sealer:
         index = int(mark.get("index", -1))
         if index == self.key.index:
             # the seal was written and synced, the key file was not replaced yet (a crash in between)
-            log.warning("audit seal %d is in the log but the key was not advanced (a crash after it): advancing now",
-                        index)
+            log.warning(
+                "audit seal %d is in the log but the key was not advanced (a crash after it): advancing now",
+                index,
+            )
             self.key.advance()
         elif index > self.key.index:
-            log.error("audit seal key %s is at index %d but the log holds seal %d: the key file was rolled back to "
-                      "an older copy; sealing on with it (audit verify --key reports it)", self.key.path,
-                      self.key.index, index)
+            log.error(
+                "audit seal key %s is at index %d but the log holds seal %d: the key file was rolled back to "
+                "an older copy; sealing on with it (audit verify --key reports it)",
+                self.key.path,
+                self.key.index,
+                index,
+            )
 
     def due(self, now: float) -> bool:
         if not self.unsealed:
@@ -248,8 +273,12 @@ class Sealer:
 
     def seal_parts(self, *, prev: str, seq: int, time: str, node: str) -> tuple[bytes, bytes]:
         """(head, tail) of seal record number `seq` following the record whose hash is `prev`."""
-        mark = {"index": self.key.index, "key": self.key.id, "kind": "seal",
-                "mac": seal_mac(self.key.key, self.key.index, seq, prev, time)}
+        mark = {
+            "index": self.key.index,
+            "key": self.key.id,
+            "kind": "seal",
+            "mac": seal_mac(self.key.key, self.key.index, seq, prev, time),
+        }
         return mark_parts(mark, node=node, time=time)
 
     def sealed(self, now: float, *, seq: int, hash_: str, time: str, log_path: Path, node: str) -> None:
@@ -263,8 +292,17 @@ class Sealer:
         self.stats["seal_index"] = self.key.index
         self.stats["last_seal"] = time
         if self.heads is not None:
-            self.heads.send({"log": str(log_path.resolve()), "node": node, "seq": seq, "hash": hash_, "index": index,
-                             "kind": "seal", "time": time})
+            self.heads.send(
+                {
+                    "log": str(log_path.resolve()),
+                    "node": node,
+                    "seq": seq,
+                    "hash": hash_,
+                    "index": index,
+                    "kind": "seal",
+                    "time": time,
+                }
+            )
             self._head_sent = seq
 
     def batch_written(self, *, seq: int, hash_: str, log_path: Path, node: str) -> None:
@@ -272,6 +310,15 @@ class Sealer:
         of the tail is then seen to the batch, not only to the last seal)."""
         if self.head_batches and seq != self._head_sent:
             from .record import now_iso
-            self.heads.send({"log": str(log_path.resolve()), "node": node, "seq": seq, "hash": hash_,
-                             "kind": "batch", "time": now_iso()})
+
+            self.heads.send(
+                {
+                    "log": str(log_path.resolve()),
+                    "node": node,
+                    "seq": seq,
+                    "hash": hash_,
+                    "kind": "batch",
+                    "time": now_iso(),
+                }
+            )
             self._head_sent = seq

@@ -31,9 +31,9 @@ SEVERITY_NOTICE = 5
 def parse_target(target: str) -> tuple[int, int, Any]:
     """(family, type, address) of a syslog target."""
     if target.startswith("tcp://"):
-        kind, rest = socket.SOCK_STREAM, target[len("tcp://"):]
+        kind, rest = socket.SOCK_STREAM, target[len("tcp://") :]
     elif target.startswith("udp://"):
-        kind, rest = socket.SOCK_DGRAM, target[len("udp://"):]
+        kind, rest = socket.SOCK_DGRAM, target[len("udp://") :]
     elif "/" in target:
         return socket.AF_UNIX, socket.SOCK_DGRAM, target
     else:
@@ -59,8 +59,10 @@ class HeadSender:
     def message(self, head: dict[str, Any]) -> bytes:
         pri = FACILITY_AUTHPRIV * 8 + SEVERITY_NOTICE
         stamp = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-        return (f"<{pri}>1 {stamp} {self.hostname} {APP_NAME} {os.getpid()} {MSGID} - ".encode()
-                + orjson.dumps(head, option=orjson.OPT_SORT_KEYS))
+        return (
+            f"<{pri}>1 {stamp} {self.hostname} {APP_NAME} {os.getpid()} {MSGID} - ".encode()
+            + orjson.dumps(head, option=orjson.OPT_SORT_KEYS)
+        )
 
     def send(self, head: dict[str, Any]) -> bool:
         data = self.message(head)
@@ -105,9 +107,16 @@ def read_heads(path: str | Path) -> list[dict[str, Any]]:
                 continue
             try:
                 head = orjson.loads(line[brace:].rstrip(b"\r\n"))
-                heads.append({"log": str(head["log"]), "seq": int(head["seq"]), "hash": str(head["hash"]),
-                              "index": int(head.get("index", -1)), "time": str(head.get("time", "")),
-                              "node": str(head.get("node", ""))})
+                heads.append(
+                    {
+                        "log": str(head["log"]),
+                        "seq": int(head["seq"]),
+                        "hash": str(head["hash"]),
+                        "index": int(head.get("index", -1)),
+                        "time": str(head.get("time", "")),
+                        "node": str(head.get("node", "")),
+                    }
+                )
             except (ValueError, KeyError, TypeError):
                 continue
     return heads

@@ -94,7 +94,7 @@ def expand_chains(paths: list[str]) -> list[list[Path]]:
             found = _rotations(path) if not ROTATION.search(path.name) else [path]
         for file in found:
             match = ROTATION.search(file.name)
-            base = file.with_name(file.name[:match.start()]) if match else file
+            base = file.with_name(file.name[: match.start()]) if match else file
             chain = chains.setdefault(base, [])
             if file not in chain:
                 chain.append(file)
@@ -104,7 +104,7 @@ def expand_chains(paths: list[str]) -> list[list[Path]]:
 def _rotations(base: Path) -> list[Path]:
     rotated = []
     for p in base.parent.glob(base.name + ".*"):
-        suffix = p.name[len(base.name) + 1:]
+        suffix = p.name[len(base.name) + 1 :]
         if suffix.isdigit():
             rotated.append((int(suffix), p))
     files = [p for _, p in sorted(rotated, reverse=True)]
@@ -113,8 +113,12 @@ def _rotations(base: Path) -> list[Path]:
     return files
 
 
-def verify(paths: list[str], allow_partial: bool = False, key: bytes | None = None,
-           heads: list[dict[str, Any]] | None = None) -> VerifyResult:
+def verify(
+    paths: list[str],
+    allow_partial: bool = False,
+    key: bytes | None = None,
+    heads: list[dict[str, Any]] | None = None,
+) -> VerifyResult:
     """Check every chain of `paths`; with `key` (k_0, seal.parse_verification_key) their seals,
     with `heads` (syslog.read_heads) against the heads a collector holds."""
     result = VerifyResult(keyed=key is not None)
@@ -155,8 +159,9 @@ class _Keys:
 MAX_SEAL_INDEX = 1 << 32  # far beyond any real log (one seal a second for 136 years): refuse to walk further
 
 
-def _check_chain(name: str, files: list[Path], allow_partial: bool, k0: bytes | None,
-                 heads: list[dict[str, Any]] | None) -> ChainResult:
+def _check_chain(
+    name: str, files: list[Path], allow_partial: bool, k0: bytes | None, heads: list[dict[str, Any]] | None
+) -> ChainResult:
     result = ChainResult(name)
     previous = None  # hash of the previous record; None before the first
     previous_seq = None
@@ -187,7 +192,9 @@ def _check_chain(name: str, files: list[Path], allow_partial: bool, k0: bytes | 
                     seq = int(record["seq"])
                 except (ValueError, KeyError, TypeError):
                     if not complete and last_file:
-                        result.truncated_tail = f"{where}: last line is incomplete (a crash before it was written whole)"
+                        result.truncated_tail = (
+                            f"{where}: last line is incomplete (a crash before it was written whole)"
+                        )
                         break
                     return fail(f"{where}: not a valid audit record (altered or corrupted)")
                 rid = record.get("id", "?")
@@ -195,14 +202,21 @@ def _check_chain(name: str, files: list[Path], allow_partial: bool, k0: bytes | 
                     return fail(f"{where}: record {rid} was altered (its hash does not match its content)")
                 if previous is None and prev != GENESIS:
                     if not allow_partial:
-                        return fail(f"{where}: record {rid} (seq {seq}) is not the start of the chain: earlier "
-                                    "records were removed, or give the older rotated files too (or --partial)")
+                        return fail(
+                            f"{where}: record {rid} (seq {seq}) is not the start of the chain: earlier "
+                            "records were removed, or give the older rotated files too (or --partial)"
+                        )
                     result.files[-1] += f" (chain taken from seq {seq})"
                 elif previous is not None and prev != previous:
-                    missing = "removed or reordered" if previous_seq is not None and seq != previous_seq + 1 \
+                    missing = (
+                        "removed or reordered"
+                        if previous_seq is not None and seq != previous_seq + 1
                         else "reordered"
-                    return fail(f"{where}: record {rid} (seq {seq}) does not follow the record before it "
-                                f"(seq {previous_seq}): records were {missing}")
+                    )
+                    return fail(
+                        f"{where}: record {rid} (seq {seq}) does not follow the record before it "
+                        f"(seq {previous_seq}): records were {missing}"
+                    )
                 if first_seq is None:
                     first_seq = seq
                     from_genesis = prev == GENESIS
@@ -210,48 +224,70 @@ def _check_chain(name: str, files: list[Path], allow_partial: bool, k0: bytes | 
                 if head is not None:
                     result.heads_checked += 1
                     if head["hash"] != stored:
-                        return fail(f"{where}: record {rid} (seq {seq}) is not the record the collector received "
-                                    f"at {head['time']} (hash {head['hash'][:16]}…): the log was rewritten")
+                        return fail(
+                            f"{where}: record {rid} (seq {seq}) is not the record the collector received "
+                            f"at {head['time']} (hash {head['hash'][:16]}…): the log was rewritten"
+                        )
                 mark = record.get("mark")
                 if type(mark) is dict and mark.get("kind") == "repair":
-                    result.repairs.append(f"{where}: crash repair: {mark.get('bytes')} bytes of a torn last line "
-                                          f"cut at offset {mark.get('offset')} (sha256 {str(mark.get('sha256'))[:16]}…)")
+                    result.repairs.append(
+                        f"{where}: crash repair: {mark.get('bytes')} bytes of a torn last line "
+                        f"cut at offset {mark.get('offset')} (sha256 {str(mark.get('sha256'))[:16]}…)"
+                    )
                 elif type(mark) is dict and mark.get("kind") == "seal" and keys is not None:
                     try:
                         index, mac = int(mark["index"]), str(mark["mac"])
                     except (KeyError, TypeError, ValueError):
                         return fail(f"{where}: seal {rid} (seq {seq}) is malformed")
-                    covered = (f"records seq {result.last_seal['seq'] + 1}–{seq - 1}" if result.last_seal
-                               else f"records up to seq {seq - 1}")
+                    covered = (
+                        f"records seq {result.last_seal['seq'] + 1}–{seq - 1}"
+                        if result.last_seal
+                        else f"records up to seq {seq - 1}"
+                    )
                     if mark.get("key") != our_id:
-                        return fail(f"{where}: seal {rid} (seq {seq}) was not made with this verification key "
-                                    f"(key id {mark.get('key')!s:.16}, expected {our_id}): a forged seal, or a log "
-                                    "sealed with another key")
+                        return fail(
+                            f"{where}: seal {rid} (seq {seq}) was not made with this verification key "
+                            f"(key id {mark.get('key')!s:.16}, expected {our_id}): a forged seal, or a log "
+                            "sealed with another key"
+                        )
                     if last_index is not None and index <= last_index:
-                        return fail(f"{where}: seal {rid} (seq {seq}) has interval {index}, after interval "
-                                    f"{last_index}: the sealing key was rolled back to an older copy (or seals "
-                                    "were copied)")
+                        return fail(
+                            f"{where}: seal {rid} (seq {seq}) has interval {index}, after interval "
+                            f"{last_index}: the sealing key was rolled back to an older copy (or seals "
+                            "were copied)"
+                        )
                     if last_index is not None and index != last_index + 1:
-                        return fail(f"{where}: seal {rid} (seq {seq}) has interval {index} after interval "
-                                    f"{last_index}: the seals of intervals {last_index + 1}–{index - 1} are "
-                                    f"missing, so {covered} were rewritten or removed and sealed again with a "
-                                    "later key")
+                        return fail(
+                            f"{where}: seal {rid} (seq {seq}) has interval {index} after interval "
+                            f"{last_index}: the seals of intervals {last_index + 1}–{index - 1} are "
+                            f"missing, so {covered} were rewritten or removed and sealed again with a "
+                            "later key"
+                        )
                     if not 0 <= index < MAX_SEAL_INDEX:
                         return fail(f"{where}: seal {rid} (seq {seq}) has an impossible interval {index}")
                     if seal_mac(keys.get(index), index, seq, prev, str(record.get("time"))) != mac:
-                        return fail(f"{where}: seal {rid} (seq {seq}, interval {index}) does not match the chain "
-                                    f"before it: {covered} were altered, removed or reordered (hashes recomputed), "
-                                    "or the seal was forged")
+                        return fail(
+                            f"{where}: seal {rid} (seq {seq}, interval {index}) does not match the chain "
+                            f"before it: {covered} were altered, removed or reordered (hashes recomputed), "
+                            "or the seal was forged"
+                        )
                     if result.first_seal_index is None:
                         result.first_seal_index = index
                         if index != 0 and from_genesis:
-                            return fail(f"{where}: the first seal {rid} (seq {seq}) has interval {index}, not 0: the "
-                                        f"seals of intervals 0–{index - 1} are missing, so {covered} were rewritten "
-                                        "or removed and sealed again with a later key (or the key sealed another log "
-                                        "before: make one key per log)")
+                            return fail(
+                                f"{where}: the first seal {rid} (seq {seq}) has interval {index}, not 0: the "
+                                f"seals of intervals 0–{index - 1} are missing, so {covered} were rewritten "
+                                "or removed and sealed again with a later key (or the key sealed another log "
+                                "before: make one key per log)"
+                            )
                     last_index = index
                     result.seals += 1
-                    result.last_seal = {"where": where, "seq": seq, "index": index, "time": record.get("time")}
+                    result.last_seal = {
+                        "where": where,
+                        "seq": seq,
+                        "index": index,
+                        "time": record.get("time"),
+                    }
                     since_seal, unsealed = [], 0
                 elif type(mark) is dict and mark.get("kind") == "seal":
                     result.seals += 1
@@ -272,9 +308,13 @@ def _check_chain(name: str, files: list[Path], allow_partial: bool, k0: bytes | 
     if heads:
         newest = max(heads, key=lambda h: h["seq"])
         if previous_seq is None or newest["seq"] > previous_seq:
-            return fail(f"{name}: the log ends at seq {previous_seq or 0}, but the collector holds a chain head "
-                        f"at seq {newest['seq']} (sealed at {newest['time']}): the end of the log was cut off "
-                        "together with its last seals")
+            return fail(
+                f"{name}: the log ends at seq {previous_seq or 0}, but the collector holds a chain head "
+                f"at seq {newest['seq']} (sealed at {newest['time']}): the end of the log was cut off "
+                "together with its last seals"
+            )
         if first_seq is not None and not any(h["seq"] >= first_seq for h in heads):
-            return fail(f"{name}: none of the collector's heads is in the log: not the log the collector knows")
+            return fail(
+                f"{name}: none of the collector's heads is in the log: not the log the collector knows"
+            )
     return result

@@ -35,8 +35,12 @@ pytestmark = pytest.mark.slow
 
 
 def keygen(folder: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "policyplug", "audit", "keygen", str(folder)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "audit", "keygen", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -51,11 +55,13 @@ def send_messages(server: KamailioServer, count: int) -> set[str]:
             call_id = uuid.uuid4().hex
             call_ids.add(call_id)
             body = f"message {i}"
-            request = (f"MESSAGE sip:bob@acme.example SIP/2.0\r\n"
-                       f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\nMax-Forwards: 70\r\n"
-                       f"From: <sip:alice@acme.example>;tag={i}\r\nTo: <sip:bob@acme.example>\r\n"
-                       f"Call-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\n"
-                       f"Content-Length: {len(body)}\r\n\r\n{body}")
+            request = (
+                f"MESSAGE sip:bob@acme.example SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\nMax-Forwards: 70\r\n"
+                f"From: <sip:alice@acme.example>;tag={i}\r\nTo: <sip:bob@acme.example>\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n{body}"
+            )
             sock.sendto(request.encode(), ("127.0.0.1", server.port))
     return call_ids
 
@@ -68,7 +74,9 @@ def wait_sealed(server: KamailioServer, call_ids: set[str], timeout: float = 15.
             records = [r for _, rs in read(server.audit_log) for r in rs] if server.audit_log.exists() else []
         except ValueError:  # a torn line not cut yet
             records = []
-        ours = [r["seq"] for r in records if "event" in r and r["event"]["headers"].get("call-id") in call_ids]
+        ours = [
+            r["seq"] for r in records if "event" in r and r["event"]["headers"].get("call-id") in call_ids
+        ]
         if len(ours) == len(call_ids) and any(is_seal(r) and r["seq"] > max(ours) for r in records):
             return
         time.sleep(0.1)
@@ -76,8 +84,17 @@ def wait_sealed(server: KamailioServer, call_ids: set[str], timeout: float = 15.
 
 
 def start(workdir: Path, key: Path, **extra: object) -> KamailioServer:
-    server = KamailioServer(workdir, POLICY, children=2, extra_config={
-        "audit_seal_key": str(key), "audit_seal_interval": 0.3, "audit_max_bytes": 8000, **extra})
+    server = KamailioServer(
+        workdir,
+        POLICY,
+        children=2,
+        extra_config={
+            "audit_seal_key": str(key),
+            "audit_seal_interval": 0.3,
+            "audit_max_bytes": 8000,
+            **extra,
+        },
+    )
     server.start()
     return server
 
@@ -104,8 +121,9 @@ def test_attacks_on_a_log_written_by_kamailio_are_found_with_the_key(tmp_path: P
             time.sleep(0.1)
     assert len(read_heads(collector.output)) == seals >= 4, "each seal's head reached the collector"
     with_heads = verify_cli(server.audit_log, verification_key, "--heads", str(collector.output))
-    assert with_heads.returncode == 0 and f"{seals} chain heads held off the host match" in with_heads.stdout, \
-        with_heads.stdout + with_heads.stderr
+    assert (
+        with_heads.returncode == 0 and f"{seals} chain heads held off the host match" in with_heads.stdout
+    ), with_heads.stdout + with_heads.stderr
     cut = copy_log(server.audit_log, tmp_path / "cut")  # the last file cut off, its seals with it
     files_of(cut)[-1].unlink()
     assert verify_cli(cut, verification_key, "--heads", str(collector.output)).returncode == 1

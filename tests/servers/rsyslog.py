@@ -38,14 +38,19 @@ input(type="imudp" address="127.0.0.1" port="{self.port}")
         self.stop()
 
     def start(self, timeout: float = 15.0) -> None:
-        self.proc = subprocess.Popen([self.binary, "-n", "-f", str(self.config), "-i", str(self.workdir / "rsyslogd.pid")],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [self.binary, "-n", "-f", str(self.config), "-i", str(self.workdir / "rsyslogd.pid")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         # ready when a probe message comes out in the file
         deadline = time.monotonic() + timeout
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"rsyslogd exited: {self.proc.communicate()[0].decode(errors='replace')}")
+                    raise RuntimeError(
+                        f"rsyslogd exited: {self.proc.communicate()[0].decode(errors='replace')}"
+                    )
                 probe.sendto(b"<13>1 - - probe - - - ready", ("127.0.0.1", self.port))
                 time.sleep(0.2)
                 if self.output.exists() and b"ready" in self.output.read_bytes():

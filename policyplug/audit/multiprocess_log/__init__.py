@@ -32,5 +32,13 @@ from .locked_log import SharedAuditLog
 from .ring import RING_BYTES, RING_HEADER, SpoolRing
 from .spool import AuditSpool
 
-__all__ = ["OFFSETS_SLOT", "RING_BYTES", "RING_HEADER", "AuditSpool", "SharedAuditLog", "SpoolChainer", "SpoolRing",
-           "after_fork"]
+__all__ = [
+    "OFFSETS_SLOT",
+    "RING_BYTES",
+    "RING_HEADER",
+    "AuditSpool",
+    "SharedAuditLog",
+    "SpoolChainer",
+    "SpoolRing",
+    "after_fork",
+]

@@ -18,7 +18,7 @@ from .ring import SpoolRing
 log = logging.getLogger("policyplug.audit")
 
 OFFSETS_SLOT = 1 << 20  # bytes per slot of the offsets file (two slots; sparse)
-READ_CHUNK = 1 << 20     # a spool file is read this much at a time
+READ_CHUNK = 1 << 20  # a spool file is read this much at a time
 
 
 class SpoolChainer:
@@ -73,7 +73,11 @@ class SpoolChainer:
                 key = str(stat.st_ino)
                 seen.add(key)
                 start = offsets.get(key, 0)
-                data = os.pread(fd, min(stat.st_size - start, READ_CHUNK), start) if stat.st_size > start else b""
+                data = (
+                    os.pread(fd, min(stat.st_size - start, READ_CHUNK), start)
+                    if stat.st_size > start
+                    else b""
+                )
                 if len(data) == READ_CHUNK and b"\n" not in data:  # one very long line: all of it
                     data = os.pread(fd, stat.st_size - start, start)
             finally:
@@ -84,7 +88,7 @@ class SpoolChainer:
             for line in lines:
                 cut = line.rfind(b',"time":"')
                 if cut > 0:
-                    batch.append((line[cut + 9:line.find(b'"', cut + 9)], line, cut))
+                    batch.append((line[cut + 9 : line.find(b'"', cut + 9)], line, cut))
                 elif line.strip():  # not a record: kept out of the chain, and said
                     self.log.failed(ValueError(f"{path.name}: not an audit record: {line[:80]!r}"))
             offsets[key] = end = start + done
@@ -112,7 +116,7 @@ class SpoolChainer:
         for ring, total, seq in rings:  # chained: the worker may store over them
             if total != ring.chained():
                 ring.set_position(total, seq)
-            overflow = spooled.get(ring.path.name[:-len(".ring")] + ".jsonl", (0, 0))
+            overflow = spooled.get(ring.path.name[: -len(".ring")] + ".jsonl", (0, 0))
             if ring.overflow() != overflow:
                 ring.set_overflow(*overflow)
         for path in finished:  # fully chained and nobody writes it any more
@@ -148,12 +152,16 @@ class SpoolChainer:
             if record_id not in chained:
                 kept.append(item)
         if len(kept) < len(batch):
-            log.warning("audit chainer: %d spooled records were in the log already (chained before a crash, "
-                        "not chained again)", len(batch) - len(kept))
+            log.warning(
+                "audit chainer: %d spooled records were in the log already (chained before a crash, "
+                "not chained again)",
+                len(batch) - len(kept),
+            )
         return kept
 
-    def _read_rings(self, names: list[str], batch: list[tuple[bytes, bytes, int]],
-                    finished: list[Path]) -> list[tuple[SpoolRing, int, int]]:
+    def _read_rings(
+        self, names: list[str], batch: list[tuple[bytes, bytes, int]], finished: list[Path]
+    ) -> list[tuple[SpoolRing, int, int]]:
         """Add the new records of every ring (of the folder's `names`) to `batch`; (ring, bytes,
         seq) after them."""
         found: list[tuple[SpoolRing, int, int]] = []
@@ -225,7 +233,11 @@ class SpoolChainer:
     def _save_offsets(self) -> None:
         assert self._offsets is not None
         body = orjson.dumps(self._offsets)
-        header = b"ppoffsets1 %d %d %s\n" % (self._generation + 1, len(body), hashlib.sha256(body).hexdigest().encode())
+        header = b"ppoffsets1 %d %d %s\n" % (
+            self._generation + 1,
+            len(body),
+            hashlib.sha256(body).hexdigest().encode(),
+        )
         if len(header) + len(body) > OFFSETS_SLOT:
             raise ValueError(f"{len(self._offsets)} spool files: too many to keep their offsets")
         if self._offsets_fd is None:

@@ -23,8 +23,16 @@ HEAD_BYTES = 160
 class SharedAuditLog(RecordSink):
     """Synchronous, multi-process, hash-chained JSON Lines audit log."""
 
-    def __init__(self, path: str | Path, *, level: str = "denied", include_bodies: bool = False,
-                 node: str | None = None, max_bytes: int | None = None, sealer: Any = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        level: str = "denied",
+        include_bodies: bool = False,
+        node: str | None = None,
+        max_bytes: int | None = None,
+        sealer: Any = None,
+    ):
         check_level(level)
         self.path = self.where = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
@@ -133,8 +141,11 @@ class SharedAuditLog(RecordSink):
                     self._prev, self._seq = chain_head(self.path)
                     if repair is not None:
                         stat = os.fstat(fd)
-                        lines, prev, seq = chain([mark_parts(repair, node=self.node, time=now_iso())],
-                                                 self._prev.encode(), self._seq)
+                        lines, prev, seq = chain(
+                            [mark_parts(repair, node=self.node, time=now_iso())],
+                            self._prev.encode(),
+                            self._seq,
+                        )
                         self._write(fd, stat, lines[0], prev, seq)
                         stat = os.fstat(fd)
                         self.stats["repairs"] = self.stats.get("repairs", 0) + 1
@@ -176,7 +187,7 @@ class SharedAuditLog(RecordSink):
         finally:
             os.close(fd)
         ids: set[str] = set()
-        for line in tail.split(b"\n")[-count - 1:]:
+        for line in tail.split(b"\n")[-count - 1 :]:
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 ids.add(orjson.loads(line)["id"])
         return ids

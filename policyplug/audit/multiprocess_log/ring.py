@@ -71,7 +71,7 @@ class SpoolRing:
                 os.write(fd, header)
                 zeros = bytes(1 << 20)
                 for start in range(0, size, len(zeros)):
-                    os.write(fd, zeros[:min(len(zeros), size - start)])
+                    os.write(fd, zeros[: min(len(zeros), size - start)])
             finally:
                 os.close(fd)
             os.replace(temporary, path)  # complete before the chainer can see it
@@ -86,10 +86,17 @@ class SpoolRing:
         try:
             head = os.pread(fd, 16, 0)
             size = struct.unpack_from("<Q", head, 8)[0] if len(head) == 16 else 0
-            if head[:8] != RING_MAGIC or size < 4096 or size % 8 or os.fstat(fd).st_size != RING_HEADER + size:
+            if (
+                head[:8] != RING_MAGIC
+                or size < 4096
+                or size % 8
+                or os.fstat(fd).st_size != RING_HEADER + size
+            ):
                 os.close(fd)
                 return None
-            mapping = mmap.mmap(fd, RING_HEADER + size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            mapping = mmap.mmap(
+                fd, RING_HEADER + size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -108,15 +115,23 @@ class SpoolRing:
         best = None
         for at in _SLOTS_AT:
             generation, chained, seq, crc = _SLOT.unpack_from(self.map, at)
-            if zlib.crc32(_SLOT_HEAD.pack(generation, chained, seq)) == crc and (best is None or generation > best[0]):
+            if zlib.crc32(_SLOT_HEAD.pack(generation, chained, seq)) == crc and (
+                best is None or generation > best[0]
+            ):
                 best = (generation, chained, seq)
         return best
 
     def set_position(self, chained: int, seq: int) -> None:
         current = self.position()
         generation = (current[0] if current else 0) + 1
-        _SLOT.pack_into(self.map, _SLOTS_AT[generation % 2], generation, chained, seq,
-                        zlib.crc32(_SLOT_HEAD.pack(generation, chained, seq)))
+        _SLOT.pack_into(
+            self.map,
+            _SLOTS_AT[generation % 2],
+            generation,
+            chained,
+            seq,
+            zlib.crc32(_SLOT_HEAD.pack(generation, chained, seq)),
+        )
 
     def chained(self) -> int | None:
         position = self.position()
@@ -131,8 +146,9 @@ class SpoolRing:
 
     # -- reading (the chainer) -----------------------------------------------------------------------
 
-    def frames(self, into: list[Any] | None = None,
-               bad: list[bytes] | None = None) -> tuple[list[Any], int, int]:
+    def frames(
+        self, into: list[Any] | None = None, bad: list[bytes] | None = None
+    ) -> tuple[list[Any], int, int]:
         """The complete records after the chained ones: (records, byte count, seq) after them.
 
         With `into` (the chainer), each record is added to that list as it is found, keyed for
@@ -160,21 +176,21 @@ class SpoolRing:
                 if frame_seq != seq:
                     break  # not written yet (an older lap's frame)
                 if length == WRAP:
-                    if crc32(view[start + 4:start + 16]) != crc:
+                    if crc32(view[start + 4 : start + 16]) != crc:
                         break
                     total += room
                     at = 0
                     seq += 1
                     continue
-                if length > room - 16 or crc32(view[start + 4:start + 16 + length]) != crc:
+                if length > room - 16 or crc32(view[start + 4 : start + 16 + length]) != crc:
                     break  # being written
-                record = data[start + 16:start + 16 + length]
+                record = data[start + 16 : start + 16 + length]
                 if into is None:
                     add(record)
                 else:
                     cut = record.rfind(b',"time":"')
                     if cut > 0:
-                        add((record[cut + 9:cut + 41], record, cut))
+                        add((record[cut + 9 : cut + 41], record, cut))
                     elif bad is not None:
                         bad.append(record)
                 length = (23 + length) & ~7  # the frame's size

@@ -64,4 +64,3 @@ class RecordSink:
         self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
         self.stats["last_error_at"] = time.time()
         log.error("audit %s: %s", self.where, self.stats["last_error"])
-

@@ -34,8 +34,15 @@ class AuditSpool(RecordSink):
     """Worker side: one unchained canonical record per audited decision, stored into the worker's
     ring (`ring_bytes` > 0) or, when there is none or it is full, appended to its spool file."""
 
-    def __init__(self, spool_dir: str | Path, *, level: str = "denied", include_bodies: bool = False,
-                 node: str | None = None, ring_bytes: int = 0):
+    def __init__(
+        self,
+        spool_dir: str | Path,
+        *,
+        level: str = "denied",
+        include_bodies: bool = False,
+        node: str | None = None,
+        ring_bytes: int = 0,
+    ):
         check_level(level)
         if ring_bytes and (ring_bytes < 4096 or ring_bytes % 4096):
             raise ValueError(f"the ring size must be 0 or a multiple of 4096 bytes, not {ring_bytes}")
@@ -113,7 +120,7 @@ class AuditSpool(RecordSink):
             total += pad
             at = 0
         at += RING_HEADER
-        data[at + 16:at + 16 + length] = line  # the record first, then the frame head naming it
+        data[at + 16 : at + 16 + length] = line  # the record first, then the frame head naming it
         FRAME.pack_into(data, at, zlib.crc32(line, zlib.crc32(FRAME_HEAD.pack(length, seq))), length, seq)
         self._total, self._seq = total + need, seq + 1
         return True
