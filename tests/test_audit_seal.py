@@ -450,3 +450,23 @@ def test_a_crash_between_a_seal_and_the_key_advancing_is_not_a_gap(tmp_path: Pat
     assert result.returncode == 0 and "intervals 0–1 without gap" in result.stdout, (
         result.stdout + result.stderr
     )
+
+
+def test_a_report_from_a_sealed_log_with_a_repair_counts_the_decisions_and_skips_nothing(tmp_path: Path) -> None:
+    """Seal and repair records are the log's own: `report --audit-log` counts decisions only, quietly."""
+    keygen(tmp_path / "k")
+    log, policy = tmp_path / "audit.jsonl", tmp_path / "sealed.policy"
+    policy.write_text(POLICY_TEXT)
+    _write(log, 3, background=False, seal_key=tmp_path / "k" / "seal.key").close()
+    with log.open("ab") as f:
+        f.write(b'{"hash":"ab')
+    _write(log, 2, background=False, seal_key=tmp_path / "k" / "seal.key").close()
+    marks = [r for _, records in read(log) for r in records if "mark" in r]
+    assert [m["mark"]["kind"] for m in marks] == ["seal", "repair", "seal"]
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--audit-log", str(log), "--policy", str(policy)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped" not in result.stdout + result.stderr and "from 5 audit records" in result.stdout, result.stdout
+    assert "outbound   deny           5" in result.stdout
