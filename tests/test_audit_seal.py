@@ -452,7 +452,9 @@ def test_a_crash_between_a_seal_and_the_key_advancing_is_not_a_gap(tmp_path: Pat
     )
 
 
-def test_a_report_from_a_sealed_log_with_a_repair_counts_the_decisions_and_skips_nothing(tmp_path: Path) -> None:
+def test_a_report_from_a_sealed_log_with_a_repair_counts_the_decisions_and_skips_nothing(
+    tmp_path: Path,
+) -> None:
     """Seal and repair records are the log's own: `report --audit-log` counts decisions only, quietly."""
     keygen(tmp_path / "k")
     log, policy = tmp_path / "audit.jsonl", tmp_path / "sealed.policy"
@@ -465,8 +467,12 @@ def test_a_report_from_a_sealed_log_with_a_repair_counts_the_decisions_and_skips
     assert [m["mark"]["kind"] for m in marks] == ["seal", "repair", "seal"]
     result = subprocess.run(
         [sys.executable, "-m", "policyplug", "report", "--audit-log", str(log), "--policy", str(policy)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "skipped" not in result.stdout + result.stderr and "from 5 audit records" in result.stdout, result.stdout
+    assert "skipped" not in result.stdout + result.stderr and "from 5 audit records" in result.stdout, (
+        result.stdout
+    )
     assert "outbound   deny           5" in result.stdout
