@@ -476,3 +476,38 @@ def test_a_report_from_a_sealed_log_with_a_repair_counts_the_decisions_and_skips
         result.stdout
     )
     assert "outbound   deny           5" in result.stdout
+
+
+SHARED_BEFORE_FORK: SharedAuditLog
+
+
+def _direct_worker(count: int) -> None:
+    event = Event.message("w@acme.example", "x@partner.example")
+    for _ in range(count):
+        assert SHARED_BEFORE_FORK.submit(event, POLICY.decide(event))
+
+
+def test_forked_workers_writing_the_multi_process_log_directly_are_sealed_by_one_process(
+    tmp_path: Path,
+) -> None:
+    """Kamailio with `audit_spool = false`: each worker chains and writes under the lock, the timer
+    process (here the parent) seals what any of them wrote."""
+    global SHARED_BEFORE_FORK
+    from policyplug.audit.seal import Sealer
+
+    verification_key = keygen(tmp_path / "k")
+    log = tmp_path / "audit.jsonl"
+    SHARED_BEFORE_FORK = SharedAuditLog(log, level="all", sealer=Sealer(tmp_path / "k" / "seal.key", 0.01))
+    context = multiprocessing.get_context("fork")
+    for _round in range(3):
+        children = [context.Process(target=_direct_worker, args=(5,)) for _ in range(2)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(30)
+            assert child.exitcode == 0
+        assert SHARED_BEFORE_FORK.seal_if_due(force=True)
+        assert not SHARED_BEFORE_FORK.seal_if_due(force=True), "nothing new to seal"
+    result = verify_cli(log, verification_key)
+    assert result.returncode == 0 and "3 seals, intervals 0–2" in result.stdout, result.stdout + result.stderr
+    assert "no record follows the last seal" in result.stdout
