@@ -249,6 +249,8 @@ def test_encoded_lines_are_byte_for_byte_canonical_build_records() -> None:
                         )
                     )
                     assert encoder.line(event, decision, record_id="ab" * 16, time=when) == expected
+                    head, tail = encoder.parts(event, decision, record_id="ab" * 16, time=when)
+                    assert head + tail == expected and tail.startswith(b',"time":')
                     assert (
                         encoder.line(event, decision, record_id="ab" * 16, time=when, end=b"\n")
                         == expected + b"\n"

@@ -230,10 +230,8 @@ class RecordEncoder:
         self._ids = b""  # a pool of random hex ids, drawn from by draw_id
         self._next_id = 0
 
-    def parts(
-        self, event: Any, decision: Any, *, record_id: str | None = None, time: datetime | None = None
-    ) -> tuple[bytes, bytes]:
-        """(head, tail) of the record of `decision` on `event`; `time` defaults to now (UTC)."""
+    def decision_parts(self, decision: Any) -> tuple[bytes, bytes]:
+        """(the decision's canonical JSON, its policy members), remembered by Decision.shape()."""
         shape = decision.shape()  # None: not cached (an evaluation error, lists set by hand)
         parts = self._decisions.get(shape) if shape is not None else None
         if parts is None:
@@ -243,10 +241,17 @@ class RecordEncoder:
                 if len(self._decisions) >= DECISION_CACHE_SIZE:
                     self._decisions.clear()
                 self._decisions[shape] = parts
+        return parts
+
+    def parts(
+        self, event: Any, decision: Any, *, record_id: str | None = None, time: datetime | None = None
+    ) -> tuple[bytes, bytes]:
+        """(head, tail) of the record of `decision` on `event`; `time` defaults to now (UTC)."""
+        encoded, policy = self.decision_parts(decision)
         rid = self.draw_id() if record_id is None else record_id.encode()
         return (
-            decision_head(parts[0], encode_event(event, self.include_bodies), rid, self.node_part, parts[1]),
-            TIME_KEY + orjson.dumps(time or datetime.now(UTC)) + VERSION_PART,
+            decision_head(encoded, encode_event(event, self.include_bodies), rid, self.node_part, policy),
+            tail_part(orjson.dumps(time or datetime.now(UTC))),
         )
 
     def line(
@@ -258,9 +263,16 @@ class RecordEncoder:
         time: datetime | None = None,
         end: bytes = b"",
     ) -> bytes:
-        """canonical(build_record(event, decision, ...)) + `end`; `time` defaults to now (UTC)."""
-        head, tail = self.parts(event, decision, record_id=record_id, time=time)
-        return head + tail + end
+        """canonical(build_record(event, decision, ...)) + `end`; `time` defaults to now (UTC).
+
+        The head of `decision_head` and the tail of `tail_part` in one join: this is on the path of
+        every audited request of a Kamailio worker (tests hold it equal to `parts`)."""
+        encoded, policy = self.decision_parts(decision)
+        rid = self.draw_id() if record_id is None else record_id.encode()
+        return b"".join((
+            b'{"decision":', encoded, b',"event":', encode_event(event, self.include_bodies), b',"id":"', rid, b'"',
+            self.node_part, policy, TIME_KEY, orjson.dumps(time or datetime.now(UTC)), VERSION_PART, end,
+        ))  # fmt: skip
 
     def new_id(self) -> str:
         """A random 128-bit id in hex, as build_record makes."""
