@@ -14,7 +14,10 @@ One run prints:
     virtual CPUs stop for up to tens of ms now and then) from one of the service;
   - component: decisions/s and latency of decision IQs sent by a slixmpp client through a real Prosody
     (skipped with a note when prosody is not installed),
-with the audit log at level `all`, on the bundled example policy.
+with the audit log at level `all`, on the bundled example policy;
+  - sealing (docs/audit.md): the audit writer's cost per record in-process, unsealed and sealed, and the
+    closed-loop and open-loop socket runs with `--audit-seal-key` beside the same runs without it, in
+    the same run (the service CPU per decision of the two tells the sealing cost per record).
 
 "On one core": the service runs pinned to one CPU (sched_setaffinity before exec, so every thread of
 it, the audit writer included, shares that CPU) and this client to another one, so the client does not
@@ -36,6 +39,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,13 +108,19 @@ def baseline(count: int, cpu: int) -> tuple[float, float]:
     return count / elapsed, elapsed / count * 1e6
 
 
-def start_service(workdir: Path, cpu: int, *extra: str, audit_dir: Path | None = None) -> subprocess.Popen[str]:
+def start_service(workdir: Path, cpu: int, *extra: str, audit_dir: Path | None = None,
+                  seal_interval: float | None = None) -> subprocess.Popen[str]:
     sock = workdir / "pp.sock"
     if sock.exists():
         sock.unlink()
     audit_log = (audit_dir or workdir) / "audit.jsonl"
     if audit_log.exists():
         audit_log.unlink()
+    if seal_interval is not None:  # a fresh key for a fresh log
+        keys = Path(tempfile.mkdtemp(dir=workdir))
+        from policyplug.audit.seal import keygen
+        keygen(keys)
+        extra = (*extra, "--audit-seal-key", str(keys / "seal.key"), "--audit-seal-interval", str(seal_interval))
     proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(POLICY), "--socket", str(sock),
                              "--audit-log", str(audit_log), "--audit-level", "all", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -399,17 +409,70 @@ class collector_quiet:
         gc.unfreeze()
 
 
+def writer_costs(count: int, seal_interval: float, rate: float) -> None:
+    """The audit writer's own cost (ChainedLog, in this process, no service around it, fsyncs of the
+    records left out): per record without a sealer and with one (which only counts records between
+    seals), alternating, and per seal (the seal record, the log's fsync, the key file written,
+    fsynced and renamed, the folder fsynced). Sealing's cost per record at `rate` records/s is the
+    per-record difference plus one seal's cost over rate x interval records."""
+    from policyplug.audit.log import ChainedLog
+    from policyplug.audit.record import encode_decision, encode_event, policy_part
+    from policyplug.audit.seal import Sealer, keygen
+
+    policy = load_policy(POLICY)
+    items = []
+    for i in range(256):
+        event = Event.from_json(EVENTS[i % len(EVENTS)])
+        decision, name, revision = encode_decision(policy.decide(event))
+        items.append((encode_event(event, False), decision, policy_part(name, revision)))
+    batch = 100  # what a 5 ms batch holds at 20,000 records/s
+    per_record: dict[str, list[float]] = {"unsealed": [], "sealed": []}
+    seal_ms: list[float] = []
+    seal_cpu_ms: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(6):
+            label = ("unsealed", "sealed")[run % 2]
+            folder = Path(tmp) / str(run)
+            sealer = None
+            if label == "sealed":
+                keygen(folder / "k")
+                sealer = Sealer(folder / "k" / "seal.key", interval=1e9)
+            chained = ChainedLog(folder / "audit.jsonl", node="bench", flush_interval=1e9, sealer=sealer)
+            chained.sync_if_due = lambda force=False: None  # type: ignore[method-assign]  # the writer's own work
+            started = time.process_time()
+            for k in range(0, count, batch):
+                chained.append([items[(k + j) % 256] for j in range(batch)])
+            per_record[label].append((time.process_time() - started) / count * 1e6)
+            if sealer is not None:
+                for _ in range(20):
+                    chained.append(items[:1])
+                    started, cpu_started = time.perf_counter(), time.process_time()
+                    chained.seal_if_due(force=True)
+                    seal_ms.append((time.perf_counter() - started) * 1000)
+                    seal_cpu_ms.append((time.process_time() - cpu_started) * 1000)
+            chained.close()
+    unsealed, sealed = statistics.median(per_record["unsealed"]), statistics.median(per_record["sealed"])
+    one_seal = statistics.median(seal_cpu_ms)
+    amortised = one_seal * 1000 / (rate * seal_interval)
+    print(f"writer    in-process, per record (CPU, median of 3): unsealed {unsealed:.3f} µs, sealed {sealed:.3f} µs "
+          f"({sealed - unsealed:+.3f}); one seal: {one_seal:.3f} ms CPU, {statistics.median(seal_ms):.2f} ms wall "
+          f"(median of 60; wall max {max(seal_ms):.2f} ms: three fsyncs the writer thread waits for, without the GIL)")
+    print(f"sealing   cost per record at {rate:,.0f} records/s, a seal every {seal_interval:g} s: "
+          f"{max(sealed - unsealed, 0):.3f} + {amortised:.3f} = {max(sealed - unsealed, 0) + amortised:.3f} µs "
+          f"(goal: at most 1 µs; the service's default interval is 60 s)")
+
+
 def judge_open_loop(args: argparse.Namespace, workdir: Path, audit_dir: Path, service_cpu: int,
-                    client_cpu: int) -> bool | None:
+                    client_cpu: int, seal_interval: float | None = None) -> bool | None:
     """Open-loop attempts with the audit log in `audit_dir`; the verdict on the goal (None: not judged)."""
-    where = filesystem(audit_dir)
+    where = filesystem(audit_dir) + (f", sealed every {seal_interval:g} s" if seal_interval else "")
     print(f"audit log in {audit_dir} ({where}), fsynced every 200 ms")
     # The goal is judged on the first open-loop run during which the host did not stop the service's
     # CPU for more than HOST_STOP_LIMIT_MS (a stopped CPU answers nothing, whatever runs on it; stops of
     # 2-3 ms are this machine's everyday jitter, 10-150 ms ones happen at busy times); every attempt is printed.
     verdict = None
     for attempt in range(1, args.attempts + 1):
-        proc = start_service(workdir, service_cpu, audit_dir=audit_dir)
+        proc = start_service(workdir, service_cpu, audit_dir=audit_dir, seal_interval=seal_interval)
         try:
             cpu_before = cpu_seconds(proc.pid)
             probe = stall_probe(service_cpu, args.duration + args.warmup + 3)  # past the last answer
@@ -432,7 +495,8 @@ def judge_open_loop(args: argparse.Namespace, workdir: Path, audit_dir: Path, se
               f"{result['p99_from_send']:.3f} ms; service CPU stopped by the host: longest "
               f"{stalls['max_ms']:.1f} ms, {stalls['over_5ms']} times > 5 ms, {stalls['stopped_ms']:.0f} ms in all; "
               f"the client's CPU: longest {client_stalls['max_ms']:.1f} ms, {client_stalls['stopped_ms']:.0f} ms in all; "
-              f"audit: {audit_stats.get('written', 0):,} records, {audit_stats.get('syncs', 0)} fsyncs)")
+              f"audit: {audit_stats.get('written', 0):,} records, {audit_stats.get('syncs', 0)} fsyncs"
+              + (f", {audit_stats['seal']['seals']} seals" if audit_stats.get("seal") else "") + ")")
         clear = clear_of_stops(result["spans"], stalls["stops"] + client_stalls["stops"])
         if clear:
             print(f"          requests not in flight while the host stopped either CPU for > 1 ms: "
@@ -467,6 +531,12 @@ def main() -> int:
     parser.add_argument("--audit-dir", type=Path, default=None,
                         help="directory for the audit log (default: a temporary directory on this machine's disk); "
                              "/dev/shm takes the disk's flushes out of the run")
+    parser.add_argument("--seal-interval", type=float, default=0.25,
+                        help="--audit-seal-interval of the sealed runs (s; the service's default is 60)")
+    parser.add_argument("--seal-rounds", type=int, default=2,
+                        help="closed-loop runs of each kind (unsealed, sealed), alternating")
+    parser.add_argument("--writer-records", type=int, default=200_000,
+                        help="records of the in-process audit writer measurement")
     args = parser.parse_args()
     service_cpu, client_cpu = cpus()
     dedicate(client_cpu)
@@ -476,27 +546,41 @@ def main() -> int:
         workdir = Path(tmp)
         rate, per = baseline(args.requests, service_cpu)
         print(f"baseline  in-process decide (incl. event parsing):   {rate:>9,.0f} decisions/s  {per:6.2f} µs each")
+        writer_costs(args.writer_records, args.seal_interval, args.rate)
         for window in (int(w) for w in args.windows.split(",") if w.strip()):
-            with tempfile.TemporaryDirectory(dir=args.audit_dir) as audit_tmp:
-                proc = start_service(workdir, service_cpu, audit_dir=Path(audit_tmp))
-                try:
-                    cpu_before = cpu_seconds(proc.pid)
-                    with collector_quiet():
-                        rate, latencies = bench_closed(workdir, args.requests, window)
-                    cpu = (cpu_seconds(proc.pid) - cpu_before) / args.requests * 1e6
-                finally:
-                    stop_service(proc)
-            print(f"socket    closed loop, {window:>3} in flight:              {rate:>9,.0f} decisions/s  "
-                  f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms  "
-                  f"(service CPU {cpu:.1f} µs/decision)")
+            cpu_of: dict[str, list[float]] = {"unsealed": [], "sealed": []}
+            for _round in range(args.seal_rounds):  # alternating, so that both see the same load on the host
+                for label, interval in (("unsealed", None), ("sealed", args.seal_interval)):
+                    with tempfile.TemporaryDirectory(dir=args.audit_dir) as audit_tmp:
+                        proc = start_service(workdir, service_cpu, audit_dir=Path(audit_tmp), seal_interval=interval)
+                        try:
+                            cpu_before = cpu_seconds(proc.pid)
+                            with collector_quiet():
+                                rate, latencies = bench_closed(workdir, args.requests, window)
+                            cpu = (cpu_seconds(proc.pid) - cpu_before) / args.requests * 1e6
+                        finally:
+                            stop_service(proc)
+                        # seals in the log, the one written at the stop included
+                        seals = sum(path.read_bytes().count(b'"kind":"seal"')
+                                    for path in Path(audit_tmp).glob("audit.jsonl*")) if interval else None
+                    cpu_of[label].append(cpu)
+                    print(f"socket    closed loop, {window:>3} in flight, {label:>8}:    {rate:>9,.0f} decisions/s  "
+                          f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms  "
+                          f"(service CPU {cpu:.1f} µs/decision" + (f", {seals} seals in the log" if seals is not None else "")
+                          + ")")
+            sealed, unsealed = statistics.median(cpu_of["sealed"]), statistics.median(cpu_of["unsealed"])
+            print(f"sealing   closed loop, {window:>3} in flight: service CPU median sealed {sealed:.2f} - unsealed "
+                  f"{unsealed:.2f} = {sealed - unsealed:+.2f} µs/decision (every decision is a record; noise of this "
+                  f"shared machine included)")
         # On this machine each fsync of the virtual disk stops both virtual CPUs for 2-4 ms when they are busy
         # (docs/benchmarks.md): the goal is judged with the log on the disk and, to tell the service from
         # the disk, on tmpfs (fsync is still called, and returns at once)
         locations = [args.audit_dir] if args.audit_dir is not None else [None] + (
             [Path("/dev/shm")] if Path("/dev/shm").is_dir() else [])
         for location in locations:
-            with tempfile.TemporaryDirectory(dir=location) as audit_tmp:
-                judge_open_loop(args, workdir, Path(audit_tmp), service_cpu, client_cpu)
+            for interval in (None, args.seal_interval):
+                with tempfile.TemporaryDirectory(dir=location) as audit_tmp:
+                    judge_open_loop(args, workdir, Path(audit_tmp), service_cpu, client_cpu, seal_interval=interval)
         if not args.no_component:
             component = bench_component(workdir, args.iq_requests, args.iq_window, service_cpu)
             if isinstance(component, str):

@@ -16,9 +16,11 @@ import pytest
 from policyplug import Event, load_policy
 from policyplug.audit import AuditWriter, verify
 
-POLICY = load_policy(text='policy "audit-test"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
-                          'rule internal:\n  when direction == "internal"\n  allow\n'
-                          'rule noted:\n  when direction == "inbound"\n  audit\n  allow\n')
+POLICY = load_policy(
+    text='policy "audit-test"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
+    'rule internal:\n  when direction == "internal"\n  allow\n'
+    'rule noted:\n  when direction == "inbound"\n  audit\n  allow\n'
+)
 
 
 def write_records(path: Path, count: int, **options) -> AuditWriter:  # type: ignore[no-untyped-def]
@@ -60,8 +62,11 @@ def test_bodies_only_when_asked(tmp_path: Path) -> None:
 
 def test_levels(tmp_path: Path) -> None:
     denied = AuditWriter(tmp_path / "d.jsonl")  # default: denied, drops, and `audit` rules
-    for sender, recipient in [("a@acme.example", "b@acme.example"), ("a@x.example", "b@acme.example"),
-                              ("a@acme.example", "b@x.example")]:
+    for sender, recipient in [
+        ("a@acme.example", "b@acme.example"),
+        ("a@x.example", "b@acme.example"),
+        ("a@acme.example", "b@x.example"),
+    ]:
         event = Event.message(sender, recipient)
         denied.submit(event, POLICY.decide(event))
     denied.close()
@@ -83,25 +88,33 @@ def test_levels(tmp_path: Path) -> None:
     assert [json.loads(line)["decision"]["rule"] for line in lines_of(tmp_path / "n.jsonl")] == ["noted"]
 
 
-
 def test_the_services_submit_path_keeps_levels_order_and_counts_drops(tmp_path: Path) -> None:
     """submit_encoded (the decision service's path) queues inline; levels apply as in submit, and a full
     queue counts a drop instead of blocking the decision."""
     from policyplug.audit.log import encode_decision
+
     denied = AuditWriter(tmp_path / "d.jsonl")
-    for sender, recipient in [("a@acme.example", "b@acme.example"), ("a@x.example", "b@acme.example"),
-                              ("a@acme.example", "b@x.example")]:
+    for sender, recipient in [
+        ("a@acme.example", "b@acme.example"),
+        ("a@x.example", "b@acme.example"),
+        ("a@acme.example", "b@x.example"),
+    ]:
         event = Event.message(sender, recipient)
         decision = POLICY.decide(event)
         denied.submit_encoded(event, decision, encode_decision(decision))
     denied.close()
-    assert [json.loads(line)["decision"]["rule"] for line in lines_of(tmp_path / "d.jsonl")] == ["noted", None]
+    assert [json.loads(line)["decision"]["rule"] for line in lines_of(tmp_path / "d.jsonl")] == [
+        "noted",
+        None,
+    ]
 
     full = AuditWriter(tmp_path / "f.jsonl", level="all", queue_size=3)
+
     def submit(i: int) -> None:
         event = Event.message(f"user{i}@acme.example", "x@partner.example")
         decision = POLICY.decide(event)
         full.submit_encoded(event, decision, encode_decision(decision))
+
     submit(0)  # starts the writer thread
     with full._lock:  # the writer takes what is queued, then waits here to write it: the queue fills up
         time.sleep(0.05)
@@ -113,13 +126,17 @@ def test_the_services_submit_path_keeps_levels_order_and_counts_drops(tmp_path: 
     assert senders == [f"user{i}@acme.example" for i in range(4)]
     assert verify([str(tmp_path / "f.jsonl")]).intact
 
-@pytest.mark.parametrize("tamper, message", [
-    (lambda lines: lines.__setitem__(2, lines[2].replace('"deny"', '"allow"')), "was altered"),
-    (lambda lines: lines.__delitem__(3), "removed or reordered"),
-    (lambda lines: lines.insert(1, lines.pop(4)), "does not follow"),
-    (lambda lines: lines.__delitem__(0), "not the start of the chain"),
-    (lambda lines: lines.__setitem__(1, "{garbage"), "not a valid audit record"),
-])
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda lines: lines.__setitem__(2, lines[2].replace('"deny"', '"allow"')), "was altered"),
+        (lambda lines: lines.__delitem__(3), "removed or reordered"),
+        (lambda lines: lines.insert(1, lines.pop(4)), "does not follow"),
+        (lambda lines: lines.__delitem__(0), "not the start of the chain"),
+        (lambda lines: lines.__setitem__(1, "{garbage"), "not a valid audit record"),
+    ],
+)
 def test_tampering_is_detected(tmp_path: Path, tamper, message: str) -> None:  # type: ignore[no-untyped-def]
     log = tmp_path / "audit.jsonl"
     write_records(log, 6)
@@ -128,8 +145,12 @@ def test_tampering_is_detected(tmp_path: Path, tamper, message: str) -> None:  #
     log.write_text("\n".join(lines) + "\n")
     result = verify([str(log)])
     assert not result.intact and message in result.problem
-    cli = subprocess.run([sys.executable, "-m", "policyplug", "audit", "verify", str(log)],
-                         capture_output=True, text=True, timeout=60)
+    cli = subprocess.run(
+        [sys.executable, "-m", "policyplug", "audit", "verify", str(log)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 1 and "TAMPERED" in cli.stderr and str(log) in cli.stderr
 
 
@@ -195,10 +216,21 @@ def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
 def sample_events() -> list[Event]:
     demo = Path(__file__).resolve().parent.parent / "policyplug" / "demo" / "events"
     events = [Event.from_json(json.loads(p.read_text())) for p in sorted(demo.glob("*.json"))]
-    events.append(Event.from_json({
-        "kind": "message", "from": "Zoë@acme.example/phone", "to": "x@partner.example", "body": "bonjour \u2603",
-        "subject": "s", "time": "2026-11-24T10:00:00.250001+02:00", "headers": {"X-B": "2", "X-A": "1"},
-        "payload": ["urn:xmpp:receipts"], "client": {"ip": "192.0.2.1", "port": 5222, "secure": True}}))
+    events.append(
+        Event.from_json(
+            {
+                "kind": "message",
+                "from": "Zoë@acme.example/phone",
+                "to": "x@partner.example",
+                "body": "bonjour \u2603",
+                "subject": "s",
+                "time": "2026-11-24T10:00:00.250001+02:00",
+                "headers": {"X-B": "2", "X-A": "1"},
+                "payload": ["urn:xmpp:receipts"],
+                "client": {"ip": "192.0.2.1", "port": 5222, "secure": True},
+            }
+        )
+    )
     events.append(Event.message("a@acme.example", "b@acme.example"))  # default time: now, with microseconds
     assert len(events) > 3
     return events
@@ -207,6 +239,7 @@ def sample_events() -> list[Event]:
 @pytest.mark.parametrize("include_bodies", [False, True])
 def test_fast_event_encoding_is_the_canonical_event_json(include_bodies: bool) -> None:
     from policyplug.audit.log import canonical, encode_event, event_record
+
     for event in sample_events():
         assert encode_event(event, include_bodies) == canonical(event_record(event, include_bodies)), event
 
@@ -219,18 +252,44 @@ def test_decision_serialisations_are_remembered_only_for_what_they_say() -> None
 
     def fresh(decision: Decision) -> tuple[bytes, str, str]:
         as_json = decision.to_json()
-        return canonical({k: v for k, v in as_json.items() if k not in ("policy", "policy_revision")}), \
-            as_json["policy"], as_json["policy_revision"]
+        return (
+            canonical({k: v for k, v in as_json.items() if k not in ("policy", "policy_revision")}),
+            as_json["policy"],
+            as_json["policy_revision"],
+        )
 
     decisions = [POLICY.decide(event) for event in sample_events()] * 2
-    base: dict[str, object] = dict(decision="allow", rule="r", reason=None, redirect_to=None, route_via=None,
-                                copy_to=None, disclaimers=None, tags=None, audit=False, policy="p", policy_revision="1")
-    changes = [("decision", "deny"), ("rule", None), ("reason", "why"), ("redirect_to", "x@acme.example"),
-               ("route_via", "sip:sbc"), ("copy_to", ("c@acme.example",)), ("disclaimers", ("d",)), ("tags", ("t",)),
-               ("tags", ("t", "u")), ("audit", True), ("policy", "q"), ("policy_revision", "2")]
+    base: dict[str, object] = dict(
+        decision="allow",
+        rule="r",
+        reason=None,
+        redirect_to=None,
+        route_via=None,
+        copy_to=None,
+        disclaimers=None,
+        tags=None,
+        audit=False,
+        policy="p",
+        policy_revision="1",
+    )
+    changes = [
+        ("decision", "deny"),
+        ("rule", None),
+        ("reason", "why"),
+        ("redirect_to", "x@acme.example"),
+        ("route_via", "sip:sbc"),
+        ("copy_to", ("c@acme.example",)),
+        ("disclaimers", ("d",)),
+        ("tags", ("t",)),
+        ("tags", ("t", "u")),
+        ("audit", True),
+        ("policy", "q"),
+        ("policy_revision", "2"),
+    ]
     variants = [Decision(**base)] + [Decision(**{**base, member: value}) for member, value in changes]
-    with_errors = Decision("deny", "r", "why", errors=[{"rule": "r", "message": "boom"}], policy="p",
-                           policy_revision="1")
+    with_errors = Decision(
+        "deny", "r", "why", errors=[{"rule": "r", "message": "boom"}], policy="p", policy_revision="1"
+    )
     for decision in decisions + variants + [with_errors, with_errors]:
         assert encode_decision(decision) == fresh(decision), decision
     assert with_errors.shape() is None and any(d.shape() is not None for d in decisions)
@@ -241,6 +300,7 @@ def test_decision_serialisations_are_remembered_only_for_what_they_say() -> None
 def test_written_records_are_canonical_build_records(tmp_path: Path, include_bodies: bool) -> None:
     """The writer puts records together from serialised parts: byte for byte canonical(build_record())."""
     from policyplug.audit.log import build_record, canonical, record_body, record_hash
+
     log = tmp_path / "audit.jsonl"
     writer = AuditWriter(log, level="all", node="node-ü", include_bodies=include_bodies, background=False)
     events = sample_events()
@@ -252,15 +312,31 @@ def test_written_records_are_canonical_build_records(tmp_path: Path, include_bod
     assert len(raw_lines) == len(events)
     for raw, event, decision in zip(raw_lines, events, decisions, strict=True):
         record = json.loads(raw)
-        expected = build_record(event, decision, node="node-ü", include_bodies=include_bodies,
-                                record_id=record["id"], time=record["time"])
+        expected = build_record(
+            event,
+            decision,
+            node="node-ü",
+            include_bodies=include_bodies,
+            record_id=record["id"],
+            time=record["time"],
+        )
         expected.update(seq=record["seq"], prev=record["prev"])
         body = canonical(expected)
         assert raw == b'{"hash":"' + record["hash"].encode() + b'",' + body[1:]
         assert record_hash(record) == record["hash"]
-        assert record_body(decision=canonical(expected["decision"]), event=canonical(expected["event"]),
-                           record_id=record["id"], node="node-ü", policy=record["policy"],
-                           revision=record["policy_revision"], prev=record["prev"], seq=record["seq"],
-                           time=record["time"]) == body
+        assert (
+            record_body(
+                decision=canonical(expected["decision"]),
+                event=canonical(expected["event"]),
+                record_id=record["id"],
+                node="node-ü",
+                policy=record["policy"],
+                revision=record["policy_revision"],
+                prev=record["prev"],
+                seq=record["seq"],
+                time=record["time"],
+            )
+            == body
+        )
         assert ("body" in record["event"]) == include_bodies
     assert verify([str(log)]).intact

@@ -81,7 +81,7 @@ from sip_event import (  # noqa: E402
 
 from policyplug import Event, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, event_address  # noqa: E402
-from policyplug.audit.shared_file import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
+from policyplug.audit.multiprocess_log import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
@@ -220,14 +220,22 @@ class PolicyplugKamailio:
         audit_path = config.get("audit_log")
         self.audit: Any = None
         self.chainer: SpoolChainer | None = None
+        self.sealed_log: SharedAuditLog | None = None
         if audit_path:
             level = config.get("audit_level", "denied")
             bodies = bool(config.get("audit_bodies", False))
             node = config.get("node")
+            sealer = None
+            if config.get("audit_seal_key"):  # the timer process seals (sync_audit); docs/audit.md
+                from policyplug.audit.seal import Sealer
+                sealer = Sealer.from_options(config["audit_seal_key"], config.get("audit_seal_interval"),
+                                             config.get("audit_syslog"), hostname=node,
+                                             syslog_batches=bool(config.get("audit_syslog_batches", False)))
             shared_log = SharedAuditLog(audit_path, level=level, include_bodies=bodies, node=node,
-                                        max_bytes=config.get("audit_max_bytes"))
+                                        max_bytes=config.get("audit_max_bytes"), sealer=sealer)
+            self.sealed_log = shared_log if sealer is not None else None
             if config.get("audit_spool", True):
-                # workers spool, the timer process chains (policyplug/audit/shared_file.py)
+                # workers spool, the timer process chains (policyplug/audit/multiprocess_log/)
                 spool = Path(config.get("audit_spool_dir", f"{audit_path}.spool"))
                 self.audit = AuditSpool(spool, level=level, include_bodies=bodies, node=node,
                                         ring_bytes=int(config.get("audit_ring_bytes", RING_BYTES)))
@@ -542,6 +550,8 @@ class PolicyplugKamailio:
             self.chainer.run_once()
         elif self.audit is not None:
             self.audit.sync()
+        if self.sealed_log is not None:
+            self.sealed_log.seal_if_due()
         return 1
 
 

@@ -10,9 +10,11 @@ queue (bounded; a full queue counts a drop) and a writer thread takes the whole 
 milliseconds, builds the records, chains them, appends them and fsyncs at least every
 `flush_interval` seconds and on close. The decision thread does as little as it can: the decision
 JSON it serialises for its answer is the same bytes that go into the record (`encode_decision`),
-and the record's canonical JSON is put together from already-serialised parts (`record_body`), byte
-for byte what `canonical(build_record(...))` gives. A failing disk is counted and reported in
-`stats`, and decisions go on.
+and the record is put together from already-serialised parts and chained by record.py's `chain`
+(the one chaining function of every writer), byte for byte what `canonical(build_record(...))`
+gives. A failing disk is counted and reported in `stats`, and decisions go on. On start a torn last
+line (a crash in the middle of a write) is cut and a `repair` record says what was cut; with a
+sealing key (seal.py) the writer seals the chain every interval.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,46 +32,37 @@ from typing import Any
 
 import orjson
 
+from .record import (  # noqa: F401 - the names other writers and tests take from here (docs/audit.md)
+    _ENCODED_DECISIONS,
+    ENCODED_DECISIONS_LIMIT,
+    FORMAT_VERSION,
+    GENESIS,
+    build_record,
+    canonical,
+    chain,
+    decision_head,
+    encode_decision,
+    encode_event,
+    event_record,
+    mark_parts,
+    now_iso,
+    policy_part,
+    record_body,
+    record_hash,
+    tail_part,
+)
+
 log = logging.getLogger("policyplug.audit")
 
 LEVELS = ("all", "denied", "none")
-GENESIS = "0" * 64
-FORMAT_VERSION = 1
 # seconds between hand-overs to the writer: 5 ms batches cost less CPU than 2 ms ones (fewer GIL hand-offs
 # and thread wake-ups) and hold the GIL ~0.5 ms at 20,000 records/s, well inside a 2 ms p99
 BATCH_INTERVAL = 0.005
-_SORTED = orjson.OPT_SORT_KEYS
 # The writer gives up the GIL and the CPU every YIELD_EVERY records (~150 µs of work): on a busy core
 # the deciding thread runs in between instead of waiting for the batch to end (or for the 5 ms GIL
 # switch interval). os.sched_yield releases the GIL around the system call.
 YIELD_EVERY = 32
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
-
-
-def canonical(record: dict[str, Any]) -> bytes:
-    """The bytes that are hashed: sorted keys, no spaces, UTF-8 (orjson: 7x faster than json here)."""
-    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-
-
-def record_hash(record: dict[str, Any]) -> str:
-    body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256(canonical(body)).hexdigest()
-
-
-def build_record(event: Any, decision: Any, *, node: str, include_bodies: bool, record_id: str | None = None,
-                 time: str | None = None) -> dict[str, Any]:
-    """An audit record (docs/audit.md) without its chain fields (`seq`, `prev`, `hash`).
-
-    `record_id` defaults to a random 128-bit hex id, `time` to now (ISO 8601, UTC).
-    """
-    event_json = event_record(event, include_bodies)
-    decision_json = decision.to_json()
-    return {
-        "v": FORMAT_VERSION, "id": record_id or uuid.uuid4().hex,
-        "time": time or datetime.now(UTC).isoformat(), "node": node,
-        "policy": decision_json.pop("policy"), "policy_revision": decision_json.pop("policy_revision"),
-        "event": event_json, "decision": decision_json,
-    }
 
 
 def shift_rotations(path: Path) -> None:
@@ -81,89 +73,6 @@ def shift_rotations(path: Path) -> None:
     for i in range(index, 1, -1):
         os.replace(path.with_name(f"{path.name}.{i - 1}"), path.with_name(f"{path.name}.{i}"))
     os.replace(path, path.with_name(f"{path.name}.1"))
-
-
-def event_record(event: Any, include_bodies: bool) -> dict[str, Any]:
-    """The event as recorded: its JSON, without body and subject unless bodies are kept."""
-    event_json = event.to_json()
-    if not include_bodies:
-        event_json.pop("body", None)
-        event_json.pop("subject", None)
-    return event_json
-
-
-_EVENT_KEYS = frozenset(("kind", "from", "to", "body", "time", "protocol", "client", "headers", "payload", "type",
-                         "subject", "size"))
-
-
-def encode_event(event: Any, include_bodies: bool) -> bytes:
-    """Canonical JSON of `event_record(event, include_bodies)`, built from the event's attributes
-    (3x cheaper than Event.to_json + dumps: no intermediate copies, orjson formats the time). Falls
-    back to Event.to_json if that ever gains or loses a member (checked once, at import)."""
-    if not _FAST_EVENT:
-        return orjson.dumps(event_record(event, include_bodies), option=_SORTED)
-    members = {
-        "kind": event.kind, "from": event.sender.raw, "to": event.recipient.raw, "time": event.time,
-        "protocol": event.protocol, "client": event.client, "headers": event.headers, "payload": event.payload,
-        "type": event.type, "size": event.size,
-    }
-    if include_bodies:
-        members["body"] = event.body
-        members["subject"] = event.subject
-    if event.content_complete is not True:  # as Event.to_json: only when false
-        members["content_complete"] = False
-    return orjson.dumps(members, option=_SORTED | orjson.OPT_UTC_Z)
-
-
-def _fast_event_matches() -> bool:
-    from ..events import Event  # late: the event module must not depend on the audit log
-    try:
-        return set(Event.message("a@b.example", "c@d.example").to_json()) == _EVENT_KEYS
-    except Exception:  # pragma: no cover - whatever changed, the slow path is right
-        return False
-
-
-def encode_decision(decision: Any) -> tuple[bytes, str, str]:
-    """(canonical JSON of the decision without its policy fields, policy name, policy revision).
-
-    The bytes are the record's `decision` member; a transport may answer with them too (see
-    `policyplug.service.socket_transport`), so a decision is serialised once.
-    """
-    shape = decision.shape()
-    if shape is not None:
-        encoded = _ENCODED_DECISIONS.get(shape)
-        if encoded is not None:
-            return encoded
-    decision_json = decision.to_json()
-    policy = decision_json.pop("policy")
-    revision = decision_json.pop("policy_revision")
-    encoded = orjson.dumps(decision_json, option=_SORTED), policy, revision
-    if shape is not None:
-        if len(_ENCODED_DECISIONS) >= ENCODED_DECISIONS_LIMIT:
-            _ENCODED_DECISIONS.clear()
-        _ENCODED_DECISIONS[shape] = encoded
-    return encoded
-
-
-# A policy makes few distinct decisions (one per rule and obligation set): their serialisations,
-# by Decision.shape(), so the service does not serialise the same answer 20,000 times a second.
-ENCODED_DECISIONS_LIMIT = 4096
-_ENCODED_DECISIONS: dict[tuple[Any, ...], tuple[bytes, str, str]] = {}
-
-
-def record_body(*, decision: bytes, event: bytes, record_id: str, node: str, policy: str, revision: str,
-                prev: str, seq: int, time: str) -> bytes:
-    """The canonical JSON of a record without `hash`, from serialised parts (`decision` and `event`
-    canonical, i.e. orjson with sorted keys): the members in sorted key order, as `canonical` does."""
-    return b"".join((
-        b'{"decision":', decision, b',"event":', event, b',"id":', orjson.dumps(record_id),
-        b',"node":', orjson.dumps(node), policy_part(policy, revision), b',"prev":', orjson.dumps(prev),
-        b',"seq":', str(seq).encode(), b',"time":', orjson.dumps(time), b',"v":', str(FORMAT_VERSION).encode(),
-        b"}",
-    ))
-
-
-_FAST_EVENT = _fast_event_matches()
 
 
 def should_audit(level: str, decision: Any) -> bool:
@@ -196,9 +105,52 @@ def last_record(path: Path) -> tuple[str, int]:
     return GENESIS, 0
 
 
-def policy_part(policy: str, revision: str) -> bytes:
-    """The record's `policy` and `policy_revision` members, serialised (between `node` and `prev`)."""
-    return b',"policy":' + orjson.dumps(policy) + b',"policy_revision":' + orjson.dumps(revision)
+def chain_head(path: Path) -> tuple[str, int]:
+    """Where a writer continues the chain: the last record of `path`, or of `path.1` when `path` is new."""
+    prev, seq = last_record(path)
+    if prev == GENESIS:
+        rotated = path.with_name(path.name + ".1")
+        if rotated.exists():
+            prev, seq = last_record(rotated)
+    return prev, seq
+
+
+def cut_torn_tail(path: Path) -> dict[str, Any] | None:
+    """Cut what follows the last newline of `path` (a line a crash left half written) and return the
+    `repair` mark that records it (docs/audit.md): the length and SHA-256 of the bytes cut. The file
+    is fsynced after the cut, so the repair record that follows is never appended to torn bytes."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return None
+        position, keep = size, 0
+        while position > 0:  # back to the last newline (a torn line is short, but read in steps)
+            step = min(position, 1 << 16)
+            position -= step
+            newline = os.pread(fd, step, position).rfind(b"\n")
+            if newline >= 0:
+                keep = position + newline + 1
+                break
+        digest = hashlib.sha256()
+        at = keep
+        while at < size:
+            chunk = os.pread(fd, min(1 << 20, size - at), at)
+            digest.update(chunk)
+            at += len(chunk)
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.warning(
+        "audit log %s: cut a torn last line (%d bytes) left by a crash; a repair record says so",
+        path,
+        size - keep,
+    )
+    return {"bytes": size - keep, "kind": "repair", "offset": keep, "sha256": digest.hexdigest()}
 
 
 # What the writer queues per record: (event, decision, policy part), each already serialised canonically
@@ -207,66 +159,89 @@ QueuedRecord = tuple[bytes, bytes, bytes]
 
 
 class ChainedLog:
-    """The file side of an audit log: chains queued records, appends them, fsyncs, rotates.
+    """The file side of an audit log: chains queued records, appends them, fsyncs, rotates, seals.
 
     Used by one writer at a time (the thread of `AuditWriter`). Errors are counted in `stats` and
     logged, never raised: a failing disk must not stop the caller, and the next batch tries to reopen
     the file (disk freed, permissions fixed).
     """
 
-    def __init__(self, path: Path, *, node: str, max_bytes: int | None = None, flush_interval: float = 0.2,
-                 stats: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        node: str,
+        max_bytes: int | None = None,
+        flush_interval: float = 0.2,
+        stats: dict[str, Any] | None = None,
+        sealer: Any = None,
+    ):
         self.path = path
         self.node = node
         self.max_bytes = max_bytes
         self.flush_interval = flush_interval
-        self.stats = stats if stats is not None else {"written": 0, "errors": 0, "syncs": 0, "last_error": None}
+        self.stats: dict[str, Any] = (
+            stats if stats is not None else {"written": 0, "errors": 0, "syncs": 0, "last_error": None}
+        )
+        self.sealer = sealer  # seal.Sealer, or None: not sealed
         self._file: Any = None
         self._prev, self._seq = GENESIS, 0
         self._last_sync = time.monotonic()
         self._opened = False
+        self._node_part = b',"node":' + orjson.dumps(node)
+
+    def open(self) -> None:
+        """Open now (cutting a torn tail, checking the seal key); errors are counted, and retried later."""
+        try:
+            if not self._opened:
+                self._open()
+        except Exception as exc:
+            self.failed(exc)
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._prev, self._seq = last_record(self.path)
-        if self._prev == GENESIS:
-            rotated = self.path.with_name(self.path.name + ".1")
-            if rotated.exists():
-                self._prev, self._seq = last_record(rotated)
+        repair = cut_torn_tail(self.path)
+        self._prev, self._seq = chain_head(self.path)
         self._file = self.path.open("ab")
         self._opened = True
+        if repair is not None:
+            self._append_marks([repair])
+            self.stats["repairs"] = self.stats.get("repairs", 0) + 1
+        if self.sealer is not None and not self.sealer.checked:
+            self.sealer.check_log([self.path, self.path.with_name(self.path.name + ".1")])
+
+    def _append_marks(self, marks: list[dict[str, Any]]) -> None:
+        when = now_iso()
+        lines, prev, seq = chain(
+            [mark_parts(m, node=self.node, time=when) for m in marks], self._prev.encode(), self._seq
+        )
+        self._file.write(b"".join(lines))
+        self._file.flush()
+        self._seq, self._prev = seq, prev.decode()
 
     def append(self, items: list[QueuedRecord]) -> None:
         try:
             if not self._opened:
                 self._open()
             # one time and one batch of random ids per batch: "time" is when the record was written
-            now = orjson.dumps(datetime.now(UTC).isoformat())
+            tail = tail_part(orjson.dumps(datetime.now(UTC).isoformat()))
             ids = os.urandom(16 * len(items)).hex().encode()
-            node = b',"node":' + orjson.dumps(self.node)
-            tail = b',"time":' + now + b',"v":' + str(FORMAT_VERSION).encode() + b"}"
-            prev = self._prev.encode()
-            seq = self._seq
-            sha256 = hashlib.sha256
-            lines = []
-            for index, (event, decision, policy) in enumerate(items):
-                seq += 1
-                # record_body(), inlined: the members in sorted key order, as canonical() puts them
-                body = b"".join((
-                    b'{"decision":', decision,
-                    b',"event":', event,
-                    b',"id":"', ids[32 * index:32 * index + 32], b'"', node, policy,
-                    b',"prev":"', prev, b'","seq":', str(seq).encode(), tail,
-                ))
-                prev = sha256(body).hexdigest().encode()
-                # the line is the hashed body with "hash" put first: one serialisation per record
-                lines.append(b'{"hash":"' + prev + b'",' + body[1:] + b"\n")
-                if len(lines) == YIELD_EVERY:
-                    self._append_lines(lines, seq, prev)
-                    lines = []
-                    _yield()  # let a waiting decision in: it must not wait behind a whole batch
-            if lines:
-                self._append_lines(lines, seq, prev)
+            node = self._node_part
+            for start in range(0, len(items), YIELD_EVERY):
+                # at most YIELD_EVERY a write, the CPU given up in between: a waiting decision must not
+                # wait behind a whole batch
+                if start:
+                    _yield()
+                parts = [
+                    (decision_head(decision, event, ids[32 * index : 32 * index + 32], node, policy), tail)
+                    for index, (event, decision, policy) in enumerate(
+                        items[start : start + YIELD_EVERY], start
+                    )
+                ]
+                self._append_lines(*chain(parts, self._prev.encode(), self._seq))
+            if self.sealer is not None:
+                self.sealer.unsealed += len(items)
+                self.sealer.batch_written(seq=self._seq, hash_=self._prev, log_path=self.path, node=self.node)
             self.sync_if_due()
             if self.max_bytes is not None and self._file.tell() >= self.max_bytes:
                 self._rotate()
@@ -274,7 +249,7 @@ class ChainedLog:
             self.failed(exc)
             self._opened = False  # try to reopen next time
 
-    def _append_lines(self, lines: list[bytes], seq: int, prev: bytes) -> None:
+    def _append_lines(self, lines: list[bytes], prev: bytes, seq: int) -> None:
         """Append chained lines, YIELD_EVERY at most per write: one write() of a whole batch could spend
         milliseconds in the kernel filling new page-cache pages (seen on this project's VM, whose kernel
         does not preempt kernel code) while a decision at the same priority waited for it. The chain
@@ -283,6 +258,30 @@ class ChainedLog:
         self._file.flush()
         self._seq, self._prev = seq, prev.decode()
         self.stats["written"] += len(lines)
+
+    def seal_if_due(self, force: bool = False) -> None:
+        """Seal the chain when the interval is up (or `force`, on close) and records came since the
+        last seal: the seal record, fsync, then the key advances (seal.py)."""
+        sealer = self.sealer
+        if sealer is None or not self._opened:
+            return
+        now = time.monotonic()
+        if not (sealer.due(now) or (force and sealer.unsealed)):
+            return
+        try:
+            when = now_iso()
+            seq = self._seq + 1
+            parts = sealer.seal_parts(prev=self._prev, seq=seq, time=when, node=self.node)
+            lines, prev, seq = chain([parts], self._prev.encode(), self._seq)
+            self._file.write(lines[0])
+            self._file.flush()
+            self._seq, self._prev = seq, prev.decode()
+            os.fsync(self._file.fileno())
+            self.stats["syncs"] += 1
+            self._last_sync = now
+            sealer.sealed(now, seq=seq, hash_=self._prev, time=when, log_path=self.path, node=self.node)
+        except Exception as exc:
+            self.failed(exc)
 
     def sync_if_due(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -308,6 +307,7 @@ class ChainedLog:
 
     def close(self) -> None:
         if self._file is not None:
+            self.seal_if_due(force=True)
             self.sync_if_due(force=True)
             self._file.close()
             self._file = None
@@ -317,11 +317,29 @@ class ChainedLog:
 class AuditWriter:
     """Queue audited decisions and append them to a hash-chained JSON Lines file (a writer thread)."""
 
-    def __init__(self, path: str | Path, *, level: str = "denied", include_bodies: bool = False,
-                 node: str | None = None, max_bytes: int | None = None, flush_interval: float = 0.2,
-                 background: bool = True, queue_size: int = 100_000):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        level: str = "denied",
+        include_bodies: bool = False,
+        node: str | None = None,
+        max_bytes: int | None = None,
+        flush_interval: float = 0.2,
+        background: bool = True,
+        queue_size: int = 100_000,
+        seal_key: str | Path | None = None,
+        seal_interval: float | None = None,
+        syslog: str | None = None,
+        syslog_batches: bool = False,
+    ):
         if level not in LEVELS:
             raise ValueError(f"audit level must be one of {', '.join(LEVELS)}")
+        if seal_key is not None and "{pid}" in str(path):
+            raise ValueError(
+                "a sealed audit log is one chain: a path with {pid} (a chain per process) cannot be "
+                "sealed with one key"
+            )
         self.path = Path(str(path).replace("{pid}", str(os.getpid())))
         self.level = level
         self.include_bodies = include_bodies
@@ -330,8 +348,22 @@ class AuditWriter:
         self.flush_interval = flush_interval
         self.background = background
         self.stats: dict[str, Any] = {"written": 0, "dropped": 0, "errors": 0, "syncs": 0, "last_error": None}
-        self._log = ChainedLog(self.path, node=self.node, max_bytes=max_bytes, flush_interval=flush_interval,
-                               stats=self.stats)
+        self.sealer = None
+        if seal_key is not None:
+            from .seal import Sealer
+
+            self.sealer = Sealer.from_options(
+                seal_key, seal_interval, syslog, hostname=self.node, syslog_batches=syslog_batches
+            )
+            self.stats["seal"] = self.sealer.stats
+        self._log = ChainedLog(
+            self.path,
+            node=self.node,
+            max_bytes=max_bytes,
+            flush_interval=flush_interval,
+            stats=self.stats,
+            sealer=self.sealer,
+        )
         self._pending: deque[QueuedRecord] = deque()
         self._queue_size = queue_size
         self._policy_parts: dict[tuple[str, str], bytes] = {}
@@ -339,6 +371,8 @@ class AuditWriter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        if "{pid}" not in str(path) and self.path.exists():
+            self._log.open()  # a torn tail is repaired at start, not at the first record
 
     # -- the caller's side: cheap, never raises --------------------------------------------------
 
@@ -366,7 +400,9 @@ class AuditWriter:
             part = self._policy_parts.get((policy, revision))
             if part is None:
                 part = self._policy_part(policy, revision)
-            pending.append((encode_event(event, self.include_bodies), decision_bytes, part))  # atomic under the GIL
+            pending.append(
+                (encode_event(event, self.include_bodies), decision_bytes, part)
+            )  # atomic under the GIL
         except Exception as exc:
             self._failed(exc)
 
@@ -415,6 +451,7 @@ class AuditWriter:
             with self._lock:
                 if batch:
                     self._log.append(batch)
+                self._log.seal_if_due()
                 self._log.sync_if_due(force=stopping)
             if stopping and not self._pending:
                 return

@@ -29,8 +29,21 @@ async def run(args: argparse.Namespace) -> int:
 
     audit = None
     if args.audit_log:
-        audit = AuditWriter(args.audit_log, level=args.audit_level, include_bodies=args.audit_bodies,
-                            max_bytes=args.audit_max_bytes)
+        try:
+            audit = AuditWriter(args.audit_log, level=args.audit_level, include_bodies=args.audit_bodies,
+                                max_bytes=args.audit_max_bytes, seal_key=args.audit_seal_key,
+                                seal_interval=args.audit_seal_interval, syslog=args.audit_syslog,
+                                syslog_batches=args.audit_syslog_batches)
+        except ValueError as exc:
+            print(f"policyplug serve: {exc}", file=sys.stderr)
+            return 1
+    elif args.audit_seal_key or args.audit_syslog:
+        print("policyplug serve: --audit-seal-key and --audit-syslog need --audit-log", file=sys.stderr)
+        return 1
+    if args.audit_syslog and not args.audit_seal_key:
+        print("policyplug serve: --audit-syslog sends the heads of a sealed log: give --audit-seal-key too",
+              file=sys.stderr)
+        return 1
     usage = None
     if args.usage_db:
         from ..usage.store import UsageStore
@@ -112,6 +125,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-level", choices=("denied", "all", "none"), default="denied")
     p.add_argument("--audit-bodies", action="store_true", help="keep message bodies in audit records")
     p.add_argument("--audit-max-bytes", type=int, default=None, help="rotate the audit log at this size")
+    p.add_argument("--audit-seal-key", metavar="DIR/seal.key",
+                   help="seal the audit log with this key (made by `policyplug audit keygen DIR`; docs/audit.md)")
+    p.add_argument("--audit-seal-interval", type=float, default=None, metavar="SECONDS",
+                   help="seconds between seals, each advancing the key (default 60)")
+    p.add_argument("--audit-syslog", metavar="TARGET",
+                   help="send each seal's chain head to syslog (RFC 5424): HOST:PORT (UDP), tcp://HOST:PORT or a "
+                        "Unix socket path")
+    p.add_argument("--audit-syslog-batches", action="store_true",
+                   help="with --audit-syslog: also send the chain head after every batch of records (at most every "
+                        "5 ms), not only each seal's")
     p.add_argument("--usage-db", metavar="PATH", help="SQLite usage store for `policyplug report`")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-address", default="127.0.0.1", help="address for metrics (default loopback)")

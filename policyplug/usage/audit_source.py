@@ -110,6 +110,8 @@ def _count_file(path: Path, policy: Any, store: UsageStore, reading: AuditReadin
         for number, line in enumerate(lines, start=1):
             try:
                 record = orjson.loads(line)
+                if "mark" in record and "event" not in record:
+                    continue  # what the log says about itself (a seal, a crash repair): no decision
                 event_json = record["event"]
                 # without its time an event would be counted at the hour the report runs
                 if type(event_json) is not dict or "time" not in event_json:

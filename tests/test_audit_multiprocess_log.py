@@ -1,4 +1,4 @@
-"""The multi-process audit log (policyplug/audit/shared_file.py), used by Kamailio's forked workers."""
+"""The multi-process audit log (policyplug/audit/multiprocess_log/), used by Kamailio's forked workers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import multiprocessing
 from pathlib import Path
 
 from policyplug import Event, load_policy
-from policyplug.audit.shared_file import AuditSpool, SharedAuditLog, SpoolChainer
+from policyplug.audit.multiprocess_log import AuditSpool, SharedAuditLog, SpoolChainer
 from policyplug.audit.verify import verify
 
 POLICY = """\
@@ -33,7 +33,9 @@ def _writer(path: str, worker: int, count: int, max_bytes: int | None) -> None:
 
 def _run_workers(path: Path, workers: int, count: int, max_bytes: int | None = None) -> None:
     context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_writer, args=(str(path), w, count, max_bytes)) for w in range(workers)]
+    processes = [
+        context.Process(target=_writer, args=(str(path), w, count, max_bytes)) for w in range(workers)
+    ]
     for process in processes:
         process.start()
     for process in processes:
@@ -109,6 +111,7 @@ def test_level_denied_skips_allowed_decisions(tmp_path: Path) -> None:
 
 # -- the spool: workers append unchained lines, one chainer moves them into the log ---------------
 
+
 def _spooler(spool: str, worker: int, count: int) -> None:
     policy = load_policy(text=POLICY)
     audit = AuditSpool(spool, level="all", node=f"worker-{worker}")
@@ -163,7 +166,7 @@ def test_a_torn_last_line_waits_for_its_end(tmp_path: Path) -> None:
     chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
     assert chainer.run_once() == 2
     with path.open("ab") as f:
-        f.write(whole[last_line_start + 20:])
+        f.write(whole[last_line_start + 20 :])
     assert chainer.run_once() == 1
     assert verify([str(log)]).records == 3
 
@@ -202,10 +205,19 @@ def _sample_events() -> list[Event]:
         Event.message("alice@acme.example", "bob@acme.example", body="please copy this ü", subject="s"),
         Event.message("eve@evil.example", "bob@acme.example", body="x"),
         Event.message("z@err.example", "bob@acme.example", body="not a number"),
-        Event.from_json({"kind": "message", "from": "sip:Zoë@acme.example", "to": "sip:x@acme.example",
-                         "body": "b", "time": "2026-11-24T10:00:00+02:00", "headers": {"X-B": "2", "Via": "v"},
-                         "payload": ["text/plain"], "client": {"ip": "192.0.2.1", "port": 5060, "secure": True},
-                         "size": 321}),
+        Event.from_json(
+            {
+                "kind": "message",
+                "from": "sip:Zoë@acme.example",
+                "to": "sip:x@acme.example",
+                "body": "b",
+                "time": "2026-11-24T10:00:00+02:00",
+                "headers": {"X-B": "2", "Via": "v"},
+                "payload": ["text/plain"],
+                "client": {"ip": "192.0.2.1", "port": 5060, "secure": True},
+                "size": 321,
+            }
+        ),
     ]
 
 
@@ -213,9 +225,8 @@ def test_encoded_lines_are_byte_for_byte_canonical_build_records() -> None:
     from datetime import UTC, datetime
 
     from policyplug.audit.log import build_record, canonical
-    from policyplug.audit.shared_file import _FAST, RecordEncoder
+    from policyplug.audit.record import RecordEncoder
 
-    assert _FAST, "the fast encoding is in use (its import-time check passed)"
     policy = load_policy(text=RICH_POLICY)
     events = _sample_events()
     decisions = [policy.decide(event) for event in events]
@@ -227,15 +238,30 @@ def test_encoded_lines_are_byte_for_byte_canonical_build_records() -> None:
         for _round in range(2):  # the second time from the decision cache
             for event, decision in zip(events, decisions, strict=True):
                 for when in times:
-                    expected = canonical(build_record(event, decision, node="node-ü", include_bodies=bodies,
-                                                      record_id="ab" * 16, time=when.isoformat()))
+                    expected = canonical(
+                        build_record(
+                            event,
+                            decision,
+                            node="node-ü",
+                            include_bodies=bodies,
+                            record_id="ab" * 16,
+                            time=when.isoformat(),
+                        )
+                    )
                     assert encoder.line(event, decision, record_id="ab" * 16, time=when) == expected
-                    assert encoder.line(event, decision, record_id="ab" * 16, time=when, end=b"\n") == expected + b"\n"
+                    head, tail = encoder.parts(event, decision, record_id="ab" * 16, time=when)
+                    assert head + tail == expected and tail.startswith(b',"time":')
+                    assert (
+                        encoder.line(event, decision, record_id="ab" * 16, time=when, end=b"\n")
+                        == expected + b"\n"
+                    )
         made = json.loads(encoder.line(events[0], decisions[0]))
         assert len(made["id"]) == 32 and int(made["id"], 16) >= 0 and made["time"].endswith("+00:00")
 
 
-def test_spooled_lines_chain_into_a_log_that_verifies_with_the_records_build_record_makes(tmp_path: Path) -> None:
+def test_spooled_lines_chain_into_a_log_that_verifies_with_the_records_build_record_makes(
+    tmp_path: Path,
+) -> None:
     from policyplug.audit.log import build_record, canonical
 
     policy = load_policy(text=RICH_POLICY)
@@ -251,15 +277,21 @@ def test_spooled_lines_chain_into_a_log_that_verifies_with_the_records_build_rec
     raw_lines = log.read_bytes().splitlines()
     for raw, event, decision in zip(raw_lines, events, decisions, strict=True):
         record = json.loads(raw)
-        expected = build_record(event, decision, node="n1", include_bodies=True, record_id=record["id"],
-                                time=record["time"])
+        expected = build_record(
+            event, decision, node="n1", include_bodies=True, record_id=record["id"], time=record["time"]
+        )
         expected.update(seq=record["seq"], prev=record["prev"])
         assert raw == b'{"hash":"' + record["hash"].encode() + b'",' + canonical(expected)[1:]
     assert len({json.loads(raw)["id"] for raw in raw_lines}) == len(events)
     import subprocess
     import sys
-    cli = subprocess.run([sys.executable, "-m", "policyplug", "audit", "verify", str(log)],
-                         capture_output=True, text=True, timeout=60)
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "policyplug", "audit", "verify", str(log)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 0 and f"intact: {len(events)} records" in cli.stdout, cli.stdout + cli.stderr
 
 
@@ -270,8 +302,9 @@ def test_the_audit_level_is_what_should_audit_says(tmp_path: Path) -> None:
     decisions = [policy.decide(event) for event in _sample_events()]
     for level in ("all", "denied", "none"):
         audit = AuditSpool(tmp_path / level, level=level)
-        assert [audit.submit(e, d) for e, d in zip(_sample_events(), decisions, strict=True)] == \
-            [should_audit(level, d) for d in decisions]
+        assert [audit.submit(e, d) for e, d in zip(_sample_events(), decisions, strict=True)] == [
+            should_audit(level, d) for d in decisions
+        ]
 
 
 def _child_ids(spool: str, count: int) -> None:
@@ -304,8 +337,8 @@ def test_forked_workers_draw_their_own_ids_and_spool_files(tmp_path: Path) -> No
     assert len(set(ids)) == 153
 
 
-def test_offsets_survive_a_torn_slot_and_an_older_offsets_json(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import OFFSETS_SLOT
+def test_offsets_survive_a_torn_slot(tmp_path: Path) -> None:
+    from policyplug.audit.multiprocess_log import OFFSETS_SLOT
 
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
     _spooler(str(spool), 0, 4)
@@ -323,15 +356,6 @@ def test_offsets_survive_a_torn_slot_and_an_older_offsets_json(tmp_path: Path) -
     # chaining and saving) and known by their ids at the end of the log: nothing lost, nothing twice
     assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 2
     assert verify([str(log)]).intact and verify([str(log)]).records == 9
-
-    # a spool left by a version that kept offsets.json: continued from there, then migrated
-    spool2, log2 = tmp_path / "spool2", tmp_path / "audit2.jsonl"
-    _spooler(str(spool2), 0, 2)
-    path = next(spool2.glob("*.jsonl"))
-    (spool2 / "offsets.json").write_text(json.dumps({str(path.stat().st_ino): path.stat().st_size}))
-    _spooler(str(spool2), 0, 1)
-    assert SpoolChainer(spool2, SharedAuditLog(log2, level="all")).run_once() == 1
-    assert not (spool2 / "offsets.json").exists() and (spool2 / "offsets").exists()
 
 
 def test_the_offsets_are_written_only_when_they_change(tmp_path: Path) -> None:
@@ -358,6 +382,7 @@ def test_a_line_that_is_not_a_record_is_kept_out_of_the_chain_and_counted(tmp_pa
 
 
 # -- the ring: each worker's spool reused in place (mmap), spool files when it is full -------------
+
 
 def _ring_spooler(spool: str, worker: int, count: int, ring_bytes: int, pause_every: int = 0) -> None:
     import time
@@ -397,7 +422,7 @@ def _check_chain(log: Path, workers: int, each: int) -> None:
 
 
 def test_ring_records_of_many_workers_are_chained_in_order_across_laps_and_overflows(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import SpoolRing
+    from policyplug.audit.multiprocess_log import SpoolRing
 
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
     context = multiprocessing.get_context("fork")
@@ -405,8 +430,9 @@ def test_ring_records_of_many_workers_are_chained_in_order_across_laps_and_overf
     workers = [context.Process(target=_ring_spooler, args=(str(spool), w, 400, 8192, 7)) for w in range(4)]
     assert _chain_while_workers_run(spool, log, workers) == 1600
     _check_chain(log, 4, 400)
-    assert list(spool.glob("*.ring")) == [] and list(spool.glob("*.jsonl")) == [], \
+    assert list(spool.glob("*.ring")) == [] and list(spool.glob("*.jsonl")) == [], (
         "rings and spool files of finished workers are removed"
+    )
     # and the ring was used (not only the files): a live writer's ring shows its position
     _ring_spooler(str(spool), 9, 5, 8192)
     ring = SpoolRing.open(next(spool.glob("*.ring")))
@@ -414,7 +440,9 @@ def test_ring_records_of_many_workers_are_chained_in_order_across_laps_and_overf
     ring.close()
 
 
-def test_a_full_ring_overflows_to_the_spool_file_and_is_used_again_once_both_are_chained(tmp_path: Path) -> None:
+def test_a_full_ring_overflows_to_the_spool_file_and_is_used_again_once_both_are_chained(
+    tmp_path: Path,
+) -> None:
     import os
 
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
@@ -455,16 +483,17 @@ def test_a_torn_or_half_stored_frame_is_not_read_until_complete(tmp_path: Path) 
     path = spool / f"{os.getpid()}.ring"
     data = bytearray(path.read_bytes())
     # the third frame: its record bytes changed as if the store had not reached them yet
-    from policyplug.audit.shared_file import RING_HEADER, SpoolRing
+    from policyplug.audit.multiprocess_log import RING_HEADER, SpoolRing
+
     ring = SpoolRing.open(path)
     assert ring is not None
     records = ring.frames()[0]
     third = RING_HEADER + sum((16 + len(r) + 7) & ~7 for r in records[:2])
-    original = bytes(data[third + 40:third + 48])
-    ring.map[third + 40:third + 48] = b"\0" * 8
+    original = bytes(data[third + 40 : third + 48])
+    ring.map[third + 40 : third + 48] = b"\0" * 8
     chainer = SpoolChainer(spool, SharedAuditLog(log, level="all"))
     assert chainer.run_once() == 2, "the frame being written waits"
-    ring.map[third + 40:third + 48] = original
+    ring.map[third + 40 : third + 48] = original
     assert chainer.run_once() == 1
     ring.close()
     _check_chain(log, 1, 3)
@@ -514,7 +543,7 @@ def test_a_ring_reopened_by_the_same_process_goes_on_after_its_last_frame(tmp_pa
 
 
 def test_the_ring_position_survives_a_torn_slot(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import SpoolRing
+    from policyplug.audit.multiprocess_log import SpoolRing
 
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
     _ring_spooler(str(spool), 0, 3, 8192)
@@ -530,7 +559,6 @@ def test_the_ring_position_survives_a_torn_slot(tmp_path: Path) -> None:
     # saving) and known by their ids at the end of the log: nothing lost, nothing twice
     assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 0
     assert verify([str(log)]).intact and verify([str(log)]).records == 3
-
 
 
 def test_a_ring_left_half_made_by_a_dead_worker_is_removed(tmp_path: Path) -> None:
@@ -559,12 +587,14 @@ def test_a_ring_frame_that_is_not_a_record_is_kept_out_of_the_chain_and_counted(
     chainer = SpoolChainer(spool, shared)
     assert chainer.run_once() == 4, "the records around it are chained"
     assert shared.stats["errors"] == 1 and "not an audit record" in shared.stats["last_error"]
-    assert chainer.run_once() == 0 and shared.stats["errors"] == 1, "taken once: the ring's position moved past it"
+    assert chainer.run_once() == 0 and shared.stats["errors"] == 1, (
+        "taken once: the ring's position moved past it"
+    )
     _check_chain(log, 1, 4)
 
 
 def test_the_ring_read_keyed_for_the_chainer_gives_the_records_frames_gives(tmp_path: Path) -> None:
-    from policyplug.audit.shared_file import SpoolRing
+    from policyplug.audit.multiprocess_log import SpoolRing
 
     spool = tmp_path / "spool"
     _ring_spooler(str(spool), 0, 30, 8192)  # several laps of an 8 KiB ring: WRAP frames on the way
@@ -576,7 +606,7 @@ def test_the_ring_read_keyed_for_the_chainer_gives_the_records_frames_gives(tmp_
     assert ring.frames(batch, bad)[1:] == (total, seq) and bad == []
     assert [record for _, record, _ in batch] == records and records
     for key, record, cut in batch:
-        assert record[cut:cut + 9] == b',"time":"' and key.startswith(json.loads(record)["time"].encode())
+        assert record[cut : cut + 9] == b',"time":"' and key.startswith(json.loads(record)["time"].encode())
     ring.close()
 
 
@@ -613,14 +643,20 @@ def test_a_finished_spool_files_offset_goes_when_the_file_does(tmp_path: Path) -
     assert chainer.run_once() == 5
     assert not path.exists(), "chained, its worker gone: removed"
     assert chainer._offsets is not None and inode not in chainer._offsets
-    assert inode not in SpoolChainer(spool, SharedAuditLog(log, level="all"))._load_offsets(), "nor in the saved ones"
-    _spooler(str(spool), 1, 3)  # the next spool file (ext4 often gives it the freed inode): read from its start
+    assert inode not in SpoolChainer(spool, SharedAuditLog(log, level="all"))._load_offsets(), (
+        "nor in the saved ones"
+    )
+    _spooler(
+        str(spool), 1, 3
+    )  # the next spool file (ext4 often gives it the freed inode): read from its start
     assert chainer.run_once() == 3
     result = verify([str(log)])
     assert result.intact and len(log.read_text().splitlines()) == 8
 
 
-def test_a_chainer_killed_before_saving_its_positions_chains_nothing_twice(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_chainer_killed_before_saving_its_positions_chains_nothing_twice(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     """Killed after appending a batch and before saving how far it read (an fsync lies in between):
     at the next start the batch is read again, and its records, already at the end of the log, are
     dropped by their ids. Rings and spool files alike; later records are chained as usual."""
@@ -632,6 +668,7 @@ def test_a_chainer_killed_before_saving_its_positions_chains_nothing_twice(tmp_p
     spool, log = tmp_path / "spool", tmp_path / "audit.jsonl"
     _spooler(str(spool), 0, 6)  # a spool file (this process stays alive: the file stays)
     _ring_spooler(str(spool / "ring"), 1, 4, 8192)
+
     def killed(self: SharedAuditLog) -> None:
         raise Killed
 
@@ -643,7 +680,9 @@ def test_a_chainer_killed_before_saving_its_positions_chains_nothing_twice(tmp_p
                 SpoolChainer(spool_dir, SharedAuditLog(log, level="all")).run_once()
         in_log += count
         assert len(log.read_text().splitlines()) == in_log, "appended, positions not saved"
-        assert SpoolChainer(spool_dir, SharedAuditLog(log, level="all")).run_once() == 0, "the batch again: nothing new"
+        assert SpoolChainer(spool_dir, SharedAuditLog(log, level="all")).run_once() == 0, (
+            "the batch again: nothing new"
+        )
     _spooler(str(spool), 0, 3)
     assert SpoolChainer(spool, SharedAuditLog(log, level="all")).run_once() == 3
     result = verify([str(log)])
