@@ -37,13 +37,22 @@ async def run(args: argparse.Namespace) -> int:
         usage = UsageStore(args.usage_db)
     metrics = Metrics() if args.metrics_port is not None else None
     try:
-        service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics, freeze_gc=True)
+        from ..state import make_limiter
+        limiter = make_limiter(args.state, args.state_failure)
+    except ValueError as exc:
+        print(f"policyplug serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics, freeze_gc=True,
+                                  limiter=limiter)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1
     if metrics is not None:
         if audit is not None:
             metrics.watch_audit(audit)
+        if hasattr(limiter, "stats"):
+            metrics.watch_state(limiter)
         metrics.serve(args.metrics_port, args.metrics_address)
         log.info("metrics on http://%s:%d/metrics", args.metrics_address, args.metrics_port)
 
@@ -113,6 +122,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-bodies", action="store_true", help="keep message bodies in audit records")
     p.add_argument("--audit-max-bytes", type=int, default=None, help="rotate the audit log at this size")
     p.add_argument("--usage-db", metavar="PATH", help="SQLite usage store for `policyplug report`")
+    p.add_argument("--state", metavar="URL",
+                   help="keep `limit` windows in Redis, shared by every process and node using it: "
+                        "redis://HOST:PORT/DB, rediss://, unix://PATH?db=N or "
+                        "redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB (default: in this process)")
+    p.add_argument("--state-failure", choices=("open", "closed"), default="closed",
+                   help="when Redis is unreachable, a `limit` counts as exceeded (closed, the default) "
+                        "or not (open)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-address", default="127.0.0.1", help="address for metrics (default loopback)")
     p.add_argument("--watch-interval", type=float, default=1.0,

@@ -30,9 +30,12 @@ log = logging.getLogger("policyplug.service")
 
 class DecisionService:
     def __init__(self, policy_path: str | Path, *, audit: Any = None, usage: Any = None, metrics: Any = None,
-                 freeze_gc: bool = False):
+                 freeze_gc: bool = False, limiter: Any = None):
         self.policy_path = Path(policy_path)
-        self.policy: Policy = load_policy(self.policy_path)  # an invalid policy at start-up is fatal
+        # where `limit` windows live (policyplug.state: in-process, or Redis shared by every node);
+        # one limiter for every policy loaded, so a reload keeps the windows
+        self.limiter = limiter
+        self.policy: Policy = load_policy(self.policy_path, limiter=limiter)  # an invalid policy at start-up is fatal
         self._log_warnings(self.policy)
         self.freeze_gc = freeze_gc
         if freeze_gc:
@@ -117,7 +120,7 @@ class DecisionService:
     def reload(self, reason: str = "request") -> dict[str, Any]:
         """Compile the policy anew and swap it in if valid; the old one stays otherwise."""
         try:
-            new_policy = load_policy(self.policy_path)
+            new_policy = load_policy(self.policy_path, limiter=self.limiter)
         except PolicyError as exc:
             self.reloads["invalid"] += 1
             self.last_reload_error = exc.format()
@@ -184,6 +187,7 @@ class DecisionService:
             "decisions": dict(self.decisions), "evaluation_errors": self.evaluation_errors,
             "invalid_requests": self.invalid_requests, "reloads": dict(self.reloads),
             "last_reload_error": self.last_reload_error, "audit": audit_stats, "cacheable": self.cacheable,
+            "state": self.limiter.status() if hasattr(self.limiter, "status") else {"backend": "process"},
         }
 
     def close(self) -> None:

@@ -1,0 +1,176 @@
+"""Shared `limit` windows in Redis (`serve --state redis://...`, docs/scaling.md), against a real redis-server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from policyplug.limits import MemoryLimiter
+from policyplug.state.redis_limiter import RedisLimiter
+from tests.integration.scaling_helpers import Service
+from tests.servers.redis import RedisServer, redis_server_fixture  # noqa: F401  (fixture redis_server)
+
+LIMIT_POLICY = '''policy "shared"
+local domains ["acme.example"]
+default allow
+
+rule flood:
+  on message
+  limit 5 per minute by sender.address
+  deny "too many messages"
+'''
+
+PLAIN_POLICY = '''policy "plain"
+local domains ["acme.example"]
+default deny "no"
+
+rule internal:
+  when direction == "internal"
+  allow
+'''
+
+
+def message(sender: str, n: int, recipient: str = "bob@acme.example") -> dict:
+    # the event's time drives the window: events a millisecond apart, well inside one minute
+    return {"kind": "message", "from": sender, "to": recipient, "time": f"2026-12-01T10:00:{n // 1000:02d}.{n % 1000:03d}Z"}
+
+
+def command_calls(server: RedisServer) -> dict[str, int]:
+    stats = server.client().info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+def test_redis_windows_answer_as_in_process_windows(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """The same hits, in the same order: every answer equal to MemoryLimiter's (the reference)."""
+    server = redis_server()
+    shared = RedisLimiter(server.url)
+    local = MemoryLimiter()
+    rng = random.Random(21)
+    now = 1_000_000.0
+    for _ in range(600):
+        now += rng.choice((0.001, 0.5, 3.0, 7.0, 20.0))
+        key = rng.choice(("a", "b", "c\x00d", "é"))
+        window, limit = rng.choice(((10.0, 3), (60.0, 5), (1.0, 1)))
+        assert shared.hit(f"{window}{key}", now, window, limit) == local.hit(f"{window}{key}", now, window, limit)
+    assert shared.stats["errors"] == 0 and shared.stats["hits"] == 600
+
+
+def _hammer(url: str, start: multiprocessing.synchronize.Event, hits: int, queue: multiprocessing.Queue) -> None:
+    limiter = RedisLimiter(url)
+    start.wait()
+    allowed = sum(1 for i in range(hits) if not limiter.hit("one key", 5000.0 + i * 1e-6, 3600.0, 100))
+    queue.put((allowed, limiter.stats["errors"]))
+
+
+def test_windows_stay_exact_under_concurrent_clients(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """8 processes hit one window 60 times each at once: exactly `limit` hits are within it."""
+    server = redis_server()
+    context = multiprocessing.get_context("fork")
+    start, queue = context.Event(), context.Queue()
+    workers = [context.Process(target=_hammer, args=(server.url, start, 60, queue)) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    results = [queue.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    assert sum(errors for _, errors in results) == 0
+    assert sum(allowed for allowed, _ in results) == 100
+
+
+def test_two_services_enforce_one_limit_and_plain_decisions_never_touch_redis(  # type: ignore[no-untyped-def]
+        redis_server, tmp_path: Path) -> None:
+    server = redis_server()
+    limited = tmp_path / "shared.policy"
+    limited.write_text(LIMIT_POLICY)
+    plain = tmp_path / "plain.policy"
+    plain.write_text(PLAIN_POLICY)
+    services = [Service(tmp_path / f"node{i}", limited, "--state", server.url) for i in (1, 2)]
+    quiet = Service(tmp_path / "plain", plain, "--state", server.url)
+    try:
+        # a sender alternating between the two nodes gets the limit once, not twice
+        answers = [services[n % 2].decide(message("mallory@acme.example", n))["decision"]["decision"]
+                   for n in range(12)]
+        assert answers == ["allow"] * 5 + ["deny"] * 7
+        # another sender has a window of its own
+        assert services[1].decide(message("alice@acme.example", 20))["decision"]["decision"] == "allow"
+        for service in services:
+            state = service.status()["state"]
+            assert state["backend"] == "redis" and state["errors"] == 0 and state["hits"] > 0
+
+        server.client().config_resetstat()
+        before = command_calls(server)
+        answers = quiet.ask_many([{"event": message(f"u{n}@acme.example", n)} for n in range(200)])
+        assert {a["decision"]["decision"] for a in answers} == {"allow"}
+        calls = command_calls(server)
+        # only this test's own INFO calls: the 200 decisions without a `limit` sent Redis nothing
+        assert set(calls) - set(before) <= {"info"} and calls.get("info", 0) == before.get("info", 0) + 1
+        assert not {"evalsha", "eval", "zadd", "script|load"} & set(calls)
+    finally:
+        for service in (*services, quiet):
+            service.stop()
+
+
+@pytest.mark.parametrize("failure", ["closed", "open"])
+def test_unreachable_redis_applies_the_operators_choice_and_recovers(  # type: ignore[no-untyped-def]
+        redis_server, tmp_path: Path, failure: str) -> None:
+    server = redis_server()
+    policy = tmp_path / "shared.policy"
+    policy.write_text(LIMIT_POLICY)
+    service = Service(tmp_path / "node", policy, "--state", server.url, "--state-failure", failure)
+    try:
+        assert service.decide(message("carol@acme.example", 0))["decision"]["decision"] == "allow"
+        server.stop()
+        started = time.monotonic()
+        answers = service.ask_many([{"event": message("carol@acme.example", n)} for n in range(1, 51)])
+        took = time.monotonic() - started
+        expected = "deny" if failure == "closed" else "allow"
+        assert [a["decision"]["decision"] for a in answers] == [expected] * 50
+        # one failed attempt, then the fail mode answers at once until the retry interval passes
+        assert took < 5, took
+        state = service.status()["state"]
+        assert state["down"] and state["outages"] == 1 and state["errors"] >= 1
+        assert state[f"failed_{failure}"] == 50
+        assert "unreachable" in service.log_text() and f"limits fail {failure}" in service.log_text()
+
+        server.start()  # same port, empty: the service reconnects on its own
+        deadline = time.monotonic() + 10
+        while service.status()["state"]["down"]:
+            assert time.monotonic() < deadline, "the service did not reconnect"
+            service.decide(message("dave@acme.example", 0))
+            time.sleep(0.2)
+        state = service.status()["state"]
+        assert state["recoveries"] == 1
+        # windows count in Redis again: five allowed for a fresh sender, then denied
+        answers = [service.decide(message("erin@acme.example", n))["decision"]["decision"] for n in range(7)]
+        assert answers == ["allow"] * 5 + ["deny"] * 2
+        assert "reachable again" in service.log_text()
+    finally:
+        service.stop()
+
+
+def test_a_redis_restart_mid_load_loses_no_request(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = redis_server()
+    policy = tmp_path / "shared.policy"
+    policy.write_text(LIMIT_POLICY)
+    service = Service(tmp_path / "node", policy, "--state", server.url, "--state-failure", "open")
+    try:
+        answered = 0
+        for batch in range(30):
+            if batch == 10:
+                server.restart()
+            requests = [{"event": message(f"s{batch}-{n}@acme.example", n)} for n in range(50)]
+            answers = service.ask_many(requests)
+            assert all("decision" in a for a in answers), answers
+            answered += len(answers)
+        assert answered == 1500
+        assert service.proc.poll() is None
+        # the restart was absorbed by the retry on a new connection, or counted as a short outage
+        state = service.status()["state"]
+        assert state["hits"] + state["failed_open"] == 1500
+    finally:
+        service.stop()
