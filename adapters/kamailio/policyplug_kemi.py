@@ -83,6 +83,7 @@ from policyplug import Event, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, event_address  # noqa: E402
 from policyplug.audit.shared_file import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
+from policyplug.state import make_limiter  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
 COPY_MARK = COPY_HEADER.lower()
@@ -212,7 +213,10 @@ class PolicyplugKamailio:
     def __init__(self, config: dict[str, Any]):
         self.config = config
         self.policy_path = Path(config["policy"])
-        self.limiter = HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits"))
+        # `state = "redis://..."`: windows shared with every node and service using that Redis
+        # (docs/scaling.md); otherwise in this Kamailio's shared memory
+        self.limiter: Any = (make_limiter(config["state"], config.get("state_failure", "closed"))
+                             if config.get("state") else HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits")))
         self.server_name = config.get("server_name", "policyplug")
         self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
         self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))

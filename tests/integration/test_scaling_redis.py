@@ -174,3 +174,64 @@ def test_a_redis_restart_mid_load_loses_no_request(redis_server, tmp_path: Path)
         assert state["hits"] + state["failed_open"] == 1500
     finally:
         service.stop()
+
+
+KAMAILIO_POLICY = '''policy "shared"
+local domains ["acme.example"]
+default deny "not permitted"
+
+rule flood:
+  on message
+  limit 5 per minute by sender.address
+  deny "too many messages"
+
+rule to_partner:
+  on message
+  when recipient.domain == "partner.example"
+  allow
+'''
+
+
+def test_two_services_and_a_two_worker_kamailio_enforce_one_limit(  # type: ignore[no-untyped-def]
+        redis_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender who alternates between two decision services and a Kamailio (two workers, each its
+    own Python) gets the limit once: all three count in one Redis window."""
+    from tests.servers.kamailio import KamailioServer
+    from tests.sip_agent import SipAgent
+
+    server = redis_server()
+    policy = tmp_path / "shared.policy"
+    policy.write_text(KAMAILIO_POLICY)
+    partner = SipAgent("dave", "partner.example", ("127.0.0.1", 9))
+    kamailio = KamailioServer(tmp_path / "kamailio", KAMAILIO_POLICY, children=2,
+                              routes={"partner.example": f"sip:127.0.0.1:{partner.port}"},
+                              extra_config={"state": server.url, "state_failure": "closed"})
+    if Path("/usr/lib/python3.11/ssl.py").exists():
+        # Kamailio embeds Debian's libpython; where `python3` on PATH is another build of the same
+        # version (pyenv), the embedded interpreter takes that build's standard library, whose
+        # compiled modules (_ssl, which redis-py imports) do not link with Debian's libpython
+        monkeypatch.setenv("PYTHONHOME", "/usr")
+    kamailio.start()
+    monkeypatch.delenv("PYTHONHOME", raising=False)
+    services = [Service(tmp_path / f"node{i}", policy, "--state", server.url) for i in (1, 2)]
+    mallory = SipAgent("mallory", "acme.example", ("127.0.0.1", kamailio.port))
+    partner.proxy = ("127.0.0.1", kamailio.port)
+    try:
+        outcomes = []
+        for n in range(15):
+            if n % 3 == 0:
+                response = mallory.request("MESSAGE", "sip:dave@partner.example", body=f"hello {n}")
+                assert response is not None, f"no answer from Kamailio to message {n}"
+                outcomes.append({200: "allow", 403: "deny"}[response.status])
+            else:
+                answer = services[n % 3 - 1].decide(
+                    {"kind": "message", "from": "mallory@acme.example", "to": "dave@partner.example"})
+                outcomes.append(answer["decision"]["decision"])
+        assert outcomes == ["allow"] * 5 + ["deny"] * 10, outcomes
+        assert not kamailio.python_errors(), kamailio.python_errors()
+    finally:
+        mallory.close()
+        partner.close()
+        for service in services:
+            service.stop()
+        kamailio.stop()
