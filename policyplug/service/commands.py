@@ -33,8 +33,8 @@ async def run(args: argparse.Namespace) -> int:
                             max_bytes=args.audit_max_bytes)
     usage = None
     if args.usage_db:
-        from ..usage.store import UsageStore
-        usage = UsageStore(args.usage_db)
+        from ..usage.store import open_usage_store
+        usage = open_usage_store(args.usage_db)  # a SQLite file, or postgresql://... shared by every node
     metrics = Metrics() if args.metrics_port is not None else None
     try:
         from ..state import make_limiter
@@ -121,7 +121,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-level", choices=("denied", "all", "none"), default="denied")
     p.add_argument("--audit-bodies", action="store_true", help="keep message bodies in audit records")
     p.add_argument("--audit-max-bytes", type=int, default=None, help="rotate the audit log at this size")
-    p.add_argument("--usage-db", metavar="PATH", help="SQLite usage store for `policyplug report`")
+    p.add_argument("--usage-db", metavar="PATH", help="usage store for `policyplug report`: a SQLite file, or postgresql://... "
+                                                                "shared by every node (password: PGPASSWORD or ~/.pgpass)")
     p.add_argument("--state", metavar="URL",
                    help="keep `limit` windows in Redis, shared by every process and node using it: "
                         "redis://HOST:PORT/DB, rediss://, unix://PATH?db=N or "

@@ -188,6 +188,7 @@ class DecisionService:
             "invalid_requests": self.invalid_requests, "reloads": dict(self.reloads),
             "last_reload_error": self.last_reload_error, "audit": audit_stats, "cacheable": self.cacheable,
             "state": self.limiter.status() if hasattr(self.limiter, "status") else {"backend": "process"},
+            "usage": self.usage.status() if hasattr(self.usage, "status") else None,
         }
 
     def close(self) -> None:

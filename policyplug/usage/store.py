@@ -80,6 +80,11 @@ class UsageStore:
             self._last_flush = time.monotonic()
         if not traffic and not users and not tags:
             return
+        self._write(traffic, users, tags)
+
+    def _write(self, traffic: Counter[tuple[str, ...]], users: Counter[tuple[str, str, str]],
+               tags: Counter[tuple[str, str, str, str, str]]) -> None:
+        """Add one batch of counts to the database (a backend's own; policyplug.usage.postgres_store)."""
         try:
             with self._db:
                 self._db.executemany(
@@ -102,3 +107,16 @@ class UsageStore:
             self.flush()
         finally:
             self._db.close()
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_usage_store(target: str | Path, flush_interval: float = 1.0) -> UsageStore:
+    """The usage store `--usage-db` names: a SQLite file, or a PostgreSQL URL (shared by every node,
+    docs/scaling.md)."""
+    if is_postgres_url(target):
+        from .postgres_store import PostgresUsageStore
+        return PostgresUsageStore(str(target), flush_interval=flush_interval)
+    return UsageStore(target, flush_interval=flush_interval)
