@@ -42,9 +42,22 @@ async def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"policyplug serve: {exc}", file=sys.stderr)
         return 2
+    directory = None
+    if args.directory_ldap:
+        from ..directory_ldap import DirectoryConfigError, DirectorySource, LdapConfig
+        try:
+            directory = DirectorySource(LdapConfig.load(args.directory_ldap))
+        except DirectoryConfigError as exc:
+            print(f"policyplug serve: --directory-ldap {exc}", file=sys.stderr)
+            return 2
+        # the first snapshot is required: groups an ethical wall relies on must not be missing at start
+        if not directory.refresh():
+            print(f"policyplug serve: --directory-ldap {args.directory_ldap}: could not read the directory: "
+                  f"{directory.stats['last_error']}", file=sys.stderr)
+            return 1
     try:
         service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics, freeze_gc=True,
-                                  limiter=limiter)
+                                  limiter=limiter, directory_source=directory)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1
@@ -53,6 +66,8 @@ async def run(args: argparse.Namespace) -> int:
             metrics.watch_audit(audit)
         if hasattr(limiter, "stats"):
             metrics.watch_state(limiter)
+        if directory is not None:
+            metrics.watch_directory(directory)
         metrics.serve(args.metrics_port, args.metrics_address)
         log.info("metrics on http://%s:%d/metrics", args.metrics_address, args.metrics_port)
 
@@ -74,6 +89,8 @@ async def run(args: argparse.Namespace) -> int:
         secret = args.secret or os.environ.get("POLICYPLUG_COMPONENT_SECRET", "")
         component = PolicyComponent(service, args.component, secret, host or "127.0.0.1", int(port))
         component.connect(host or "127.0.0.1", int(port))
+    if directory is not None:
+        directory.start(lambda: loop.call_soon_threadsafe(service.apply_directory))
     watcher = loop.create_task(service.watch(args.watch_interval)) if args.watch_interval > 0 else None
     print(f"policyplug serve: policy '{service.policy.name}' ({service.policy.revision[:19]}…)"
           + (f", socket {args.socket}" if args.socket else "")
@@ -130,6 +147,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state-failure", choices=("open", "closed"), default="closed",
                    help="when Redis is unreachable, a `limit` counts as exceeded (closed, the default) "
                         "or not (open)")
+    p.add_argument("--directory-ldap", metavar="CONFIG.toml",
+                   help="users, groups and attributes from LDAP / Active Directory, overlaid on the policy's "
+                        "directory and refreshed on an interval and on reload (docs/scaling.md)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-address", default="127.0.0.1", help="address for metrics (default loopback)")
     p.add_argument("--watch-interval", type=float, default=1.0,

@@ -42,6 +42,14 @@ class Metrics:
                            registry=self.registry)
         state_down.set_function(lambda: 1 if limiter.down else 0)
 
+    def watch_directory(self, source: Any) -> None:
+        """Export the LDAP directory source's health (policyplug.directory_ldap)."""
+        failures = Gauge("policyplug_directory_refresh_failures", "Directory refreshes that failed (the last "
+                         "good snapshot stayed in force)", registry=self.registry)
+        failures.set_function(lambda: source.stats["failures"])
+        users = Gauge("policyplug_directory_users", "Users in the directory snapshot in force", registry=self.registry)
+        users.set_function(lambda: source.stats["users"])
+
     def observe(self, decision: Any, seconds: float) -> None:
         self.decisions.labels(decision.decision, decision.rule or "default").inc()
         self.latency.observe(seconds)
