@@ -199,8 +199,16 @@ class LdapDirectory:
 
     def _search(self, connection: Any, base: str, search_filter: str, attributes: list[str]) -> Any:
         from ldap3 import SUBTREE
-        return connection.extend.standard.paged_search(
+        yield from connection.extend.standard.paged_search(
             base, search_filter, SUBTREE, attributes=attributes, paged_size=self.config.page_size, generator=True)
+        # ldap3 ends a search cut short by the server's size or time limit quietly: part of a
+        # directory must never pass for the whole of it (a user missing from a group is a wall with a gap)
+        result = connection.result or {}
+        if result.get("result") in (3, 4):  # timeLimitExceeded, sizeLimitExceeded
+            raise RuntimeError(f"search of '{base}' cut short by the server ({result.get('description')}): "
+                               "lift the size and time limits for the bind DN (slapd: limits dn.exact=... "
+                               "size=unlimited time=unlimited; Active Directory pages at MaxPageSize, which "
+                               "paged searches follow)")
 
     def load(self) -> tuple[Snapshot, dict[str, int]]:
         """The directory as a snapshot, and what it holds (users, groups)."""

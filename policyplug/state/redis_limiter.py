@@ -108,7 +108,7 @@ class RedisLimiter:
         self.timeout = timeout
         self.retry_interval = retry_interval
         self._client = client
-        self._script: Any = None
+        self._sha: str | None = None  # the script's SHA1 once loaded
         self._pid = os.getpid()
         self._down_until = 0.0
         self._lock = threading.Lock()
@@ -124,10 +124,20 @@ class RedisLimiter:
         if self._client is None or self._pid != os.getpid():
             self._client = connect(self.url, self.timeout)
             self._pid = os.getpid()
-            self._script = None
-        if self._script is None:
-            self._script = self._client.register_script(HIT_SCRIPT)
-        return self._script
+        return self._client
+
+    def _run_script(self, client: Any, *args: Any) -> Any:
+        """EVALSHA, loading the script first where Redis does not have it (first use, or a Redis
+        that restarted or failed over): redis-py's Script object does the same with ~30 µs more
+        Python per call."""
+        from redis.exceptions import NoScriptError
+        if self._sha is not None:
+            try:
+                return client.evalsha(self._sha, 1, *args)
+            except NoScriptError:
+                pass
+        self._sha = client.script_load(HIT_SCRIPT)
+        return client.evalsha(self._sha, 1, *args)
 
     def key_for(self, key: str) -> str:
         # fixed length whatever the key's value (an address, a body...): no huge or odd Redis keys
@@ -139,8 +149,8 @@ class RedisLimiter:
         member = f"{now!r}:{secrets.token_hex(8)}"
         ttl_ms = int(window * 1000) + 1000
         try:
-            script = self._redis()
-            count = script(keys=[self.key_for(key)], args=[repr(now), repr(now - window), limit, ttl_ms, member])
+            count = self._run_script(self._redis(), self.key_for(key), repr(now), repr(now - window), limit, ttl_ms,
+                                     member)
         except Exception as exc:  # redis.RedisError, OSError: any failure is an outage, never a crash
             return self._outage(exc)
         if self.down:

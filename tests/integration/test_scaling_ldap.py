@@ -123,6 +123,15 @@ def test_group_change_reaches_decisions_within_one_refresh_and_outages_keep_the_
         service.stop()
 
 
+def test_a_search_cut_short_by_a_size_limit_is_a_failure_not_a_smaller_directory(  # type: ignore[no-untyped-def]
+        ldap_server, tmp_path: Path) -> None:
+    server = ldap_server(size_limit=3, unlimited_service=False)
+    populate(server)  # five users
+    source = DirectorySource(LdapConfig.load(server.config_toml(tmp_path / "ldap.toml")))
+    assert not source.refresh() and source.snapshot is None
+    assert "cut short" in source.stats["last_error"] and source.stats["failures"] == 1
+
+
 def test_config_errors_name_the_file_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     for text, message in (('url = "ldap://127.0.0.1:1"\n', "field 'users_base' is missing"),

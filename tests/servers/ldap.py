@@ -50,7 +50,8 @@ userPassword: {SERVICE_PASSWORD}
 
 
 class LdapServer:
-    def __init__(self, workdir: Path, port: int | None = None, memberof: bool = True):
+    def __init__(self, workdir: Path, port: int | None = None, memberof: bool = True, size_limit: int = 500,
+                 unlimited_service: bool = True):
         self.slapd = require_binary("slapd", "/usr/sbin/slapd")
         self.slapadd = require_binary("slapadd", "/usr/sbin/slapadd")
         self.workdir = workdir
@@ -67,9 +68,12 @@ class LdapServer:
             f"pidfile {workdir}/slapd.pid\nargsfile {workdir}/slapd.args\n"
             "access to attrs=userPassword by anonymous auth by * none\n"
             "access to * by users read by * none\n"
+            f"sizelimit {size_limit}\n"
             f"database mdb\nmaxsize 2147483648\nsuffix \"{SUFFIX}\"\nrootdn \"{ROOT_DN}\"\n"
             f"rootpw {ROOT_PASSWORD}\ndirectory {self.db}\nindex objectClass eq\nindex member eq\n"
-            f"{overlay_db}")
+            f"{overlay_db}"
+            # slapd's default size limit (500) would cut a directory short; policyplug's account reads it all
+            + (f'limits dn.exact="{SERVICE_DN}" size=unlimited time=unlimited\n' if unlimited_service else ""))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "slapd.log"
         self._loaded = False
