@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -235,3 +237,30 @@ def test_two_services_and_a_two_worker_kamailio_enforce_one_limit(  # type: igno
         for service in services:
             service.stop()
         kamailio.stop()
+
+
+def test_sentinel_url_finds_the_master(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`--state redis+sentinel://SENTINEL/SERVICE/DB`: the windows live in the master the Sentinel names."""
+    from tests.servers.redis import SentinelServer
+
+    master = redis_server()
+    sentinel = SentinelServer(tmp_path / "sentinel", master)
+    sentinel.start()
+    try:
+        policy = tmp_path / "shared.policy"
+        policy.write_text(LIMIT_POLICY)
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/policyplug/0"
+        services = [Service(tmp_path / f"node{i}", policy, "--state", url) for i in (1, 2)]
+        try:
+            answers = [services[n % 2].decide(message("mallory@acme.example", n))["decision"]["decision"]
+                       for n in range(8)]
+            assert answers == ["allow"] * 5 + ["deny"] * 3
+            assert any(k.startswith(b"policyplug:limit:") for k in master.client().keys("*"))
+        finally:
+            for service in services:
+                service.stop()
+    finally:
+        sentinel.stop()
+    bad = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(tmp_path / "x.sock"),
+                          "--state", "redis+sentinel://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "SERVICE" in bad.stderr and "Traceback" not in bad.stderr

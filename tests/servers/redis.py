@@ -94,3 +94,29 @@ def redis_server_fixture(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]
     yield make
     for server in started:
         server.stop()
+
+
+class SentinelServer(RedisServer):
+    """A Redis Sentinel (redis-server --sentinel) watching `master` as service `name`."""
+
+    def __init__(self, workdir: Path, master: RedisServer, name: str = "policyplug"):
+        super().__init__(workdir)
+        self.master = master
+        self.name = name
+
+    def start(self, timeout: float = 15.0) -> None:
+        conf = self.workdir / "sentinel.conf"  # Sentinel rewrites its file: one of its own
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\nlogfile {self.log}\n"
+                        f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
+                        f"sentinel down-after-milliseconds {self.name} 1000\n")
+        self.proc = subprocess.Popen([self.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis sentinel exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis sentinel did not answer within {timeout}s")
