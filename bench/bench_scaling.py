@@ -12,13 +12,16 @@ Rows are interleaved (A B C D A B C D ...) and the best of --rounds is printed, 
 on this shared machine hurt every row alike.
 
     python3 bench/bench_scaling.py [--requests 20000] [--rounds 3] [--users 50000] [--groups 5000]
+                                   [--baseline /work/main] [--skip-ldap]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,13 +82,14 @@ def throughput(sock_path: Path, lines: list[bytes], window: int = 64) -> float:
         return len(lines) / (time.perf_counter() - started)
 
 
-def start(workdir: Path, policy_text: str, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start(workdir: Path, policy_text: str, *extra: str, code: Path = ROOT) -> tuple[subprocess.Popen[bytes], Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     policy = workdir / "bench.policy"
     policy.write_text(policy_text)
     sock = workdir / "pp.sock"
     proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
-                             "--watch-interval", "0", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--watch-interval", "0", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(code)))
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -94,33 +98,36 @@ def start(workdir: Path, policy_text: str, *extra: str) -> tuple[subprocess.Pope
     return proc, sock
 
 
-def bench_decisions(tmp: Path, count: int, rounds: int) -> None:
+def bench_decisions(tmp: Path, count: int, rounds: int, baseline: Path | None) -> None:
     redis = RedisServer(tmp / "redis")
     redis.start()
-    rows = {
-        "limit rule, windows in process": (LIMITED, ()),
-        "limit rule, windows in Redis (--state)": (LIMITED, ("--state", redis.url)),
-        "no limit rule": (PLAIN, ()),
-        "no limit rule, --state redis (unused)": (PLAIN, ("--state", redis.url)),
+    rows: dict[str, tuple[str, tuple[str, ...], Path]] = {
+        "limit rule, windows in process": (LIMITED, (), ROOT),
+        "limit rule, windows in Redis (--state)": (LIMITED, ("--state", redis.url), ROOT),
+        "no limit rule": (PLAIN, (), ROOT),
+        "no limit rule, --state redis (unused)": (PLAIN, ("--state", redis.url), ROOT),
     }
-    services = {name: start(tmp / f"svc{i}", text, *extra) for i, (name, (text, extra)) in enumerate(rows.items())}
+    if baseline is not None:  # the same policy on the code before this work: must be the same
+        rows[f"no limit rule, {baseline}"] = (PLAIN, (), baseline)
+    services = {name: start(tmp / f"svc{i}", text, *extra, code=code)
+                for i, (name, (text, extra, code)) in enumerate(rows.items())}
     lines = requests(count)
-    best: dict[str, float] = {}
+    rates: dict[str, list[float]] = {name: [] for name in rows}
     try:
         for _, sock in services.values():
             throughput(sock, lines[:2000])  # warm up: caches, Redis script load
         for _ in range(rounds):
             for name, (_, sock) in services.items():
-                best[name] = max(best.get(name, 0.0), throughput(sock, lines))
+                rates[name].append(throughput(sock, lines))
         calls = redis.client().info("commandstats")
     finally:
         for proc, _ in services.values():
             proc.terminate()
             proc.wait(timeout=30)
         redis.stop()
-    print(f"decisions/s through the socket, {count} requests, 64 in flight, best of {rounds}:")
-    for name, rate in best.items():
-        print(f"  {name:42s} {rate:10,.0f}")
+    print(f"decisions/s through the socket, {count} requests, 64 in flight, best and median of {rounds}:")
+    for name in rows:
+        print(f"  {name:42s} {max(rates[name]):10,.0f} {statistics.median(rates[name]):10,.0f}")
     evals = sum(int(v["calls"]) for k, v in calls.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
     # the `--state` row with a limit rule made them all; the row without a limit rule added none
     print(f"  Redis script calls: {evals:,} (decisions with a limit on Redis: {rounds * count + 2000:,})")
@@ -185,10 +192,11 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=50000)
     parser.add_argument("--groups", type=int, default=5000)
     parser.add_argument("--skip-ldap", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. /work/main) for a row without limit")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="policyplug-bench-scaling-") as folder:
         tmp = Path(folder)
-        bench_decisions(tmp, args.requests, args.rounds)
+        bench_decisions(tmp, args.requests, args.rounds, args.baseline)
         if not args.skip_ldap:
             bench_ldap(tmp, args.users, args.groups)
     return 0

@@ -153,10 +153,11 @@ class LdapConfig:
 
 
 def _dn_key(dn: str) -> str:
-    """One spelling per DN for matching `member` values to entries: case and spaces around
-    separators do not matter in LDAP (RFC 4514 attribute types and these values are case-insensitive
-    in every schema used for groups and users here)."""
-    return ",".join(part.strip() for part in dn.lower().split(","))
+    """One spelling per DN for matching `member` values to entries: case and a space after a
+    separator do not matter (attribute types, and the values of the naming attributes that users
+    and groups have in the usual schemas, compare case-insensitively)."""
+    key = dn.lower()
+    return key.replace(", ", ",").replace(" ,", ",") if " " in key else key
 
 
 def _values(attributes: dict[str, Any], name: str) -> list[str]:
