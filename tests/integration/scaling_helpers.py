@@ -12,27 +12,22 @@ from pathlib import Path
 from typing import Any
 
 
-class Service:
-    """One `policyplug serve POLICY --socket ... EXTRA...` subprocess, with a client on its socket."""
+class Connection:
+    """One client connection to a service's socket, pipelining requests."""
 
-    def __init__(self, workdir: Path, policy: Path, *extra: str):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.sock = workdir / "pp.sock"
-        self.log = workdir / "serve.log"
-        self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket",
-                                      str(self.sock), "--watch-interval", "0", *extra],
-                                     stdout=self._log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not self.sock.exists():
-            assert self.proc.poll() is None, self.log_text()
-            assert time.monotonic() < deadline, "service did not start: " + self.log_text()
-            time.sleep(0.05)
+    def __init__(self, sock: Path, log: Any = None):
         self.client = socket.socket(socket.AF_UNIX)
         self.client.settimeout(30)
-        self.client.connect(str(self.sock))
+        self.client.connect(str(sock))
         self.buffer = b""
         self.next_id = 0
+        self._log = log or (lambda: "")
+
+    def log_text(self) -> str:
+        return self._log()
+
+    def close(self) -> None:
+        self.client.close()
 
     def ask_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send requests pipelined; their answers, in order."""
@@ -54,6 +49,32 @@ class Service:
             answers[answer["id"]] = answer
         return [answers[i] for i in ids]
 
+
+class Service:
+    """One `policyplug serve POLICY --socket ... EXTRA...` subprocess, with a client on its socket."""
+
+    def __init__(self, workdir: Path, policy: Path, *extra: str):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.sock = workdir / "pp.sock"
+        self.log = workdir / "serve.log"
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket",
+                                      str(self.sock), "--watch-interval", "0", *extra],
+                                     stdout=self._log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not self.sock.exists():
+            assert self.proc.poll() is None, self.log_text()
+            assert time.monotonic() < deadline, "service did not start: " + self.log_text()
+            time.sleep(0.05)
+        self.connection = self.connect()
+
+    def connect(self) -> Connection:
+        """Another client connection to this service."""
+        return Connection(self.sock, self.log_text)
+
+    def ask_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.connection.ask_many(requests)
+
     def decide(self, event: dict[str, Any]) -> dict[str, Any]:
         return self.ask_many([{"event": event}])[0]
 
@@ -68,7 +89,7 @@ class Service:
 
     def stop(self) -> None:
         try:
-            self.client.close()
+            self.connection.close()
         finally:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)

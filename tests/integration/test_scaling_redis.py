@@ -13,7 +13,7 @@ import pytest
 
 from policyplug.limits import MemoryLimiter
 from policyplug.state.redis_limiter import RedisLimiter
-from tests.integration.scaling_helpers import Service
+from tests.integration.scaling_helpers import Connection, Service
 from tests.servers.redis import RedisServer, redis_server_fixture  # noqa: F401  (fixture redis_server)
 
 LIMIT_POLICY = '''policy "shared"
@@ -264,3 +264,37 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path: Path) -> None:  #
     bad = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(tmp_path / "x.sock"),
                           "--state", "redis+sentinel://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "SERVICE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_many_clients_on_several_services_get_one_exact_limit(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Three services, four clients each, all sending for one sender at once: exactly `limit` allowed."""
+    import threading
+
+    server = redis_server()
+    policy = tmp_path / "shared.policy"
+    policy.write_text(LIMIT_POLICY.replace("limit 5 per minute", "limit 37 per minute"))
+    services = [Service(tmp_path / f"node{i}", policy, "--state", server.url) for i in range(3)]
+    clients = [services[n % 3].connect() for n in range(12)]
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(clients))
+
+    def run(client: Connection, n: int) -> None:
+        start.wait()
+        answers = client.ask_many([{"event": message("mallory@acme.example", n * 20 + i)} for i in range(20)])
+        with lock:
+            outcomes.extend(a["decision"]["decision"] for a in answers)
+
+    threads = [threading.Thread(target=run, args=(c, n)) for n, c in enumerate(clients)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(outcomes) == 240
+        assert outcomes.count("allow") == 37 and outcomes.count("deny") == 203
+    finally:
+        for client in clients:
+            client.close()
+        for service in services:
+            service.stop()
