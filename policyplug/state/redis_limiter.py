@@ -11,7 +11,9 @@ Only a `limit` clause that is reached calls Redis (one round trip); decisions wi
 do. When Redis cannot be reached, the operator's `failure` mode answers (`closed`: the limit
 counts as exceeded, so the rule applies; `open`: it does not), the outage is logged once and
 counted, and for `retry_interval` seconds no further attempt is made (so an outage costs each
-decision nothing, not a connect timeout); then the next hit reconnects. A command whose
+decision nothing, not a connect timeout); then the next hit tries again. The pause doubles with
+each failed try, up to `max_retry_interval`, so a Redis that does not answer at all (packets
+dropped: each try waits for the timeout) stalls the deciding thread for a small share of the time. A command whose
 connection broke (a Redis restart) is retried once on a new connection with the same member,
 which ZADD stores once, so a retry never counts an event twice.
 """
@@ -98,7 +100,8 @@ class RedisLimiter:
     """policyplug.limits.Limiter over Redis sorted sets (see the module's docstring)."""
 
     def __init__(self, url: str, *, failure: str = "closed", prefix: str = "policyplug:limit:",
-                 timeout: float = 0.25, retry_interval: float = 1.0, client: Any = None):
+                 timeout: float = 0.25, retry_interval: float = 1.0, max_retry_interval: float = 8.0,
+                 client: Any = None):
         if failure not in ("open", "closed"):
             raise ValueError(f"state failure mode must be 'open' or 'closed', not {failure!r}")
         connect(url, timeout) if client is None else None  # a bad URL is an error at start, not per hit
@@ -107,6 +110,8 @@ class RedisLimiter:
         self.prefix = prefix
         self.timeout = timeout
         self.retry_interval = retry_interval
+        self.max_retry_interval = max_retry_interval
+        self._pause = retry_interval  # the current pause between tries during an outage
         self._client = client
         self._sha: str | None = None  # the script's SHA1 once loaded
         self._pid = os.getpid()
@@ -157,6 +162,7 @@ class RedisLimiter:
             with self._lock:
                 self.down = False
                 self._down_until = 0.0
+                self._pause = self.retry_interval
                 self.stats["recoveries"] += 1
             log.warning("state: Redis %s reachable again; limits are shared again", self._safe_url())
         self.stats["hits"] += 1
@@ -166,8 +172,10 @@ class RedisLimiter:
         with self._lock:
             self.stats["errors"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
-            self._down_until = time.monotonic() + self.retry_interval
             first = not self.down
+            if not first:
+                self._pause = min(self._pause * 2, self.max_retry_interval)
+            self._down_until = time.monotonic() + self._pause
             if first:
                 self.down = True
                 self.stats["outages"] += 1

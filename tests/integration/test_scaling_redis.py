@@ -298,3 +298,36 @@ def test_many_clients_on_several_services_get_one_exact_limit(redis_server, tmp_
             client.close()
         for service in services:
             service.stop()
+
+
+def test_a_hung_redis_costs_a_bounded_share_of_the_time(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A Redis that accepts but never answers (stopped with SIGSTOP: every try waits for the timeout)
+    stalls decisions only on the spaced-out tries, and is used again once it answers."""
+    import signal
+
+    server = redis_server()
+    policy = tmp_path / "shared.policy"
+    policy.write_text(LIMIT_POLICY)
+    service = Service(tmp_path / "node", policy, "--state", server.url, "--state-failure", "open")
+    try:
+        assert service.decide(message("frank@acme.example", 0))["decision"]["decision"] == "allow"
+        server.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        answered = 0
+        while time.monotonic() - started < 4:
+            answers = service.ask_many([{"event": message(f"g{answered + n}@acme.example", 1)} for n in range(20)])
+            answered += sum(1 for a in answers if a["decision"]["decision"] == "allow")
+        state = service.status()["state"]
+        # tries at about 0 s, 1 s and 3 s, each up to two timeouts (0.25 s and one retry)
+        assert state["errors"] <= 4, state
+        assert answered > 200, answered
+        server.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while service.status()["state"]["down"]:
+            assert time.monotonic() < deadline, "the service did not use Redis again"
+            service.decide(message("henry@acme.example", 0))
+            time.sleep(0.2)
+    finally:
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGCONT)
+        service.stop()
