@@ -7,7 +7,9 @@ so nodes writing the same rows at once lose no count; rows go in a fixed order s
 nodes' transactions take their row locks in the same order and cannot deadlock.
 
 Writing happens on a thread of its own: a slow or unreachable PostgreSQL never holds up a
-decision. A batch that cannot be written stays in memory and is retried with the next one (up to
+decision. (Where no thread can run between requests, in a Kamailio worker, `background=False`
+writes in the deciding thread, at most once a second, and during an outage tries again only after
+a pause that doubles up to a minute.) A batch that cannot be written stays in memory and is retried with the next one (up to
 MAX_PENDING_ROWS rows; beyond that the oldest counts are dropped, counted and logged), and the
 connection is opened again. The schema is migrated on open, under an advisory lock so nodes
 starting together migrate once; table `policyplug_schema` records each version applied.
@@ -92,14 +94,14 @@ def migrate(db: Any) -> int:
     return current
 
 
-def _connect(url: str, **options: Any) -> Any:
+def _connect(url: str, connect_timeout: int = 5, **options: Any) -> Any:
     import psycopg
     # the password: in the URL, or (kept out of the process list) PGPASSWORD / ~/.pgpass as libpq reads them
-    return psycopg.connect(url, connect_timeout=5, application_name="policyplug", **options)
+    return psycopg.connect(url, connect_timeout=connect_timeout, application_name="policyplug", **options)
 
 
 class PostgresUsageStore(UsageStore):
-    def __init__(self, url: str, flush_interval: float = 1.0) -> None:  # noqa: D107 (no SQLite file: own setup)
+    def __init__(self, url: str, flush_interval: float = 1.0, background: bool = True) -> None:
         self.url = url
         self.path = safe_url(url)  # what the base class's messages name
         self.flush_interval = flush_interval
@@ -119,13 +121,25 @@ class PostgresUsageStore(UsageStore):
         migrate(self._db)
         self._wake = threading.Event()
         self._closing = False
-        self._writer = threading.Thread(target=self._run, name="policyplug-usage-postgres", daemon=True)
-        self._writer.start()
+        self._retry_at = 0.0  # background=False: no try before this (monotonic) during an outage
+        self._pause = 1.0
+        self._writer: threading.Thread | None = None
+        if background:
+            self._writer = threading.Thread(target=self._run, name="policyplug-usage-postgres", daemon=True)
+            self._writer.start()
 
     def flush(self) -> None:
-        """Hand the tally to the writer thread (never waits for PostgreSQL)."""
+        """Hand the tally to the writer thread (never waits for PostgreSQL); without one, write now."""
         self._last_flush = time.monotonic()
-        self._wake.set()
+        if self._writer is not None:
+            self._wake.set()
+        elif not self.down or time.monotonic() >= self._retry_at:
+            self._drain()
+            if self.down:
+                self._retry_at = time.monotonic() + self._pause
+                self._pause = min(self._pause * 2, 60.0)
+            else:
+                self._pause = 1.0
 
     def _run(self) -> None:
         while not self._closing:
@@ -153,7 +167,8 @@ class PostgresUsageStore(UsageStore):
         for _attempt in range(3):
             try:
                 if self._db is None or self._db.closed:
-                    self._db = _connect(self.url, autocommit=True)
+                    # inline (background=False), a connect attempt holds up a decision: shorter
+                    self._db = _connect(self.url, 5 if self._writer is not None else 1, autocommit=True)
                 with self._db.transaction(), self._db.cursor() as cursor:
                     # sorted: every node locks rows in one order, so concurrent batches never deadlock
                     cursor.executemany(UPSERT_TRAFFIC, [(*k, n) for k, n in sorted(traffic.items())])
@@ -201,7 +216,8 @@ class PostgresUsageStore(UsageStore):
     def close(self) -> None:
         self._closing = True
         self._wake.set()
-        self._writer.join(timeout=30)
+        if self._writer is not None:
+            self._writer.join(timeout=30)
         self._drain()
         if any(self._pending):
             log.error("usage store %s: closing with %d rows not written (%s)", self.path,

@@ -175,3 +175,41 @@ def test_postgres_outage_keeps_counts_and_writes_them_when_back(  # type: ignore
     finally:
         node.stop()
     assert total(server) == 600
+
+
+def test_kamailio_workers_count_usage_into_postgres_at_any_audit_level(  # type: ignore[no-untyped-def]
+        postgres_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Kamailio (audit level `none`) counts every decision into PostgreSQL (issue 19.11). A worker
+    writes its tally with its first decision a second after the last write (it runs Python only
+    while handling a request): one worker here, so the eleventh message writes all eleven."""
+    from tests.servers.kamailio import KamailioServer
+    from tests.sip_agent import SipAgent
+
+    server = postgres_server()
+    policy_text = ('policy "k"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
+                   'rule partners:\n  when recipient.domain == "partner.example"\n  allow\n')
+    partner = SipAgent("dave", "partner.example", ("127.0.0.1", 9))
+    kamailio = KamailioServer(tmp_path / "kamailio", policy_text, children=1, audit_level="none",
+                              routes={"partner.example": f"sip:127.0.0.1:{partner.port}"},
+                              extra_config={"usage_db": server.url})
+    if Path("/usr/lib/python3.11/ssl.py").exists():  # see test_scaling_redis: Kamailio's embedded stdlib
+        monkeypatch.setenv("PYTHONHOME", "/usr")
+    kamailio.start()
+    monkeypatch.delenv("PYTHONHOME", raising=False)
+    alice = SipAgent("alice", "acme.example", ("127.0.0.1", kamailio.port))
+    partner.proxy = ("127.0.0.1", kamailio.port)
+    try:
+        statuses = [alice.request("MESSAGE", "sip:dave@partner.example", body=f"hi {n}") for n in range(6)]
+        statuses += [alice.request("MESSAGE", "sip:eve@elsewhere.example", body="refused") for _ in range(4)]
+        assert [r.status if r else None for r in statuses] == [200] * 6 + [403] * 4
+        time.sleep(1.2)
+        last = alice.request("MESSAGE", "sip:dave@partner.example", body="the one that writes")
+        assert last is not None and last.status == 200
+        assert total(server) == 11
+        assert not kamailio.python_errors(), kamailio.python_errors()
+    finally:
+        alice.close()
+        partner.close()
+        kamailio.stop()
+    text = report(server.url)
+    assert "alice@acme.example" in text and "partner.example" in text and "elsewhere.example" in text
