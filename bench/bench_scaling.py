@@ -82,6 +82,13 @@ def throughput(sock_path: Path, lines: list[bytes], window: int = 64) -> float:
         return len(lines) / (time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc): unlike wall time, not inflated by
+    other jobs waiting for the same cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start(workdir: Path, policy_text: str, *extra: str, code: Path = ROOT) -> tuple[subprocess.Popen[bytes], Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     policy = workdir / "bench.policy"
@@ -113,21 +120,29 @@ def bench_decisions(tmp: Path, count: int, rounds: int, baseline: Path | None) -
                 for i, (name, (text, extra, code)) in enumerate(rows.items())}
     lines = requests(count)
     rates: dict[str, list[float]] = {name: [] for name in rows}
+    cpu: dict[str, list[float]] = {name: [] for name in rows}  # service CPU µs per decision
+    redis_cpu: dict[str, float] = {name: 0.0 for name in rows}
     try:
         for _, sock in services.values():
             throughput(sock, lines[:2000])  # warm up: caches, Redis script load
         for _ in range(rounds):
             for name, (_, sock) in services.items():
+                pid = services[name][0].pid
+                before, redis_before = cpu_seconds(pid), cpu_seconds(redis.proc.pid)
                 rates[name].append(throughput(sock, lines))
+                cpu[name].append((cpu_seconds(pid) - before) / count * 1e6)
+                redis_cpu[name] += (cpu_seconds(redis.proc.pid) - redis_before) / count * 1e6 / rounds
         calls = redis.client().info("commandstats")
     finally:
         for proc, _ in services.values():
             proc.terminate()
             proc.wait(timeout=30)
         redis.stop()
-    print(f"decisions/s through the socket, {count} requests, 64 in flight, best and median of {rounds}:")
+    print(f"through the socket, {count} requests, 64 in flight, {rounds} rounds: decisions/s (best, median), "
+          "CPU µs per decision (service, median; Redis, mean)")
     for name in rows:
-        print(f"  {name:42s} {max(rates[name]):10,.0f} {statistics.median(rates[name]):10,.0f}")
+        print(f"  {name:42s} {max(rates[name]):10,.0f} {statistics.median(rates[name]):10,.0f}"
+              f" {statistics.median(cpu[name]):8.1f} {redis_cpu[name]:8.1f}")
     evals = sum(int(v["calls"]) for k, v in calls.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
     # the `--state` row with a limit rule made them all; the row without a limit rule added none
     print(f"  Redis script calls: {evals:,} (decisions with a limit on Redis: {rounds * count + 2000:,})")
