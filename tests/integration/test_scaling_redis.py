@@ -123,7 +123,10 @@ def test_unreachable_redis_applies_the_operators_choice_and_recovers(  # type: i
     server = redis_server()
     policy = tmp_path / "shared.policy"
     policy.write_text(LIMIT_POLICY)
-    service = Service(tmp_path / "node", policy, "--state", server.url, "--state-failure", failure)
+    from tests.servers import free_port
+    metrics_port = free_port()
+    service = Service(tmp_path / "node", policy, "--state", server.url, "--state-failure", failure,
+                      "--metrics-port", str(metrics_port))
     try:
         assert service.decide(message("carol@acme.example", 0))["decision"]["decision"] == "allow"
         server.stop()
@@ -138,6 +141,11 @@ def test_unreachable_redis_applies_the_operators_choice_and_recovers(  # type: i
         assert state["down"] and state["outages"] == 1 and state["errors"] >= 1
         assert state[f"failed_{failure}"] == 50
         assert "unreachable" in service.log_text() and f"limits fail {failure}" in service.log_text()
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+        assert "policyplug_state_down 1.0" in metrics
+        assert f'policyplug_state_failed_limits{{mode="{failure}"}} 50.0' in metrics
 
         server.start()  # same port, empty: the service reconnects on its own
         deadline = time.monotonic() + 10
