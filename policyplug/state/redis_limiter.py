@@ -152,6 +152,7 @@ class RedisLimiter:
             # one more try on a new connection (a Redis that restarted closed the old one); the
             # event's member is the same, so a command that did arrive is not counted twice
             conn.disconnect()
+            conn.connect()  # connect() itself: a Sentinel connection asks where the master is now
             conn.send_command(*args)
             return conn.read_response()
 
@@ -172,9 +173,19 @@ class RedisLimiter:
         except ResponseError:
             # e.g. READONLY from a master that became a replica: connect anew (Sentinel finds the
             # new master) on the next try
-            if self._conn is not None:
-                self._conn.disconnect()
+            self._drop_connection()
             raise
+
+    def _drop_connection(self) -> None:
+        """Forget this process's connection; the next command takes a new one from the pool, whose
+        connect (for Sentinel: after asking where the master is) comes first."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.disconnect()
+                self._client.connection_pool.release(conn)
+            except Exception:  # a broken connection may fail to close: it is dropped all the same
+                pass
 
     def key_for(self, key: str) -> str:
         # fixed length whatever the key's value (an address, a body...): no huge or odd Redis keys
@@ -189,6 +200,8 @@ class RedisLimiter:
             with self._conn_lock:  # one connection: one command at a time, whatever thread decides
                 count = self._run_script(self.key_for(key), repr(now), repr(now - window), limit, ttl_ms, member)
         except Exception as exc:  # redis.RedisError, OSError: any failure is an outage, never a crash
+            with self._conn_lock:
+                self._drop_connection()
             return self._outage(exc)
         if self.down:
             with self._lock:

@@ -339,3 +339,44 @@ def test_a_hung_redis_costs_a_bounded_share_of_the_time(redis_server, tmp_path: 
         if server.proc is not None:
             server.proc.send_signal(signal.SIGCONT)
         service.stop()
+
+
+def test_sentinel_failover_moves_the_windows_to_the_new_master(redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The master dies; the Sentinel promotes the replica; the service finds it and counts there."""
+    from tests.servers.redis import SentinelServer
+
+    master = redis_server()
+    replica = redis_server(extra=["--replicaof", "127.0.0.1", str(master.port)])
+    sentinel = SentinelServer(tmp_path / "sentinel", master)
+    sentinel.start()
+    policy = tmp_path / "shared.policy"
+    policy.write_text(LIMIT_POLICY)
+    service = Service(tmp_path / "node", policy, "--state", f"redis+sentinel://127.0.0.1:{sentinel.port}/policyplug/0",
+                      "--state-failure", "open")
+    try:
+        assert [service.decide(message("ivan@acme.example", n))["decision"]["decision"] for n in range(3)] == \
+            ["allow"] * 3
+        deadline = time.monotonic() + 30
+        while not sentinel.client().execute_command("SENTINEL", "REPLICAS", "policyplug"):
+            assert time.monotonic() < deadline, "the Sentinel did not find the replica"
+            time.sleep(0.2)
+        master.stop()
+        deadline = time.monotonic() + 60
+        n = 3
+        while True:
+            answer = service.decide(message(f"judy{n}@acme.example", 0))
+            assert "decision" in answer
+            state = service.status()["state"]
+            if state["outages"] >= 1 and not state["down"] and replica.client().keys("policyplug:limit:*"):
+                role = replica.client().info("replication")["role"]
+                if role == "master":
+                    break
+            assert time.monotonic() < deadline, f"no failover seen: {state}"
+            n += 1
+            time.sleep(0.3)
+        # windows count in the new master: a fresh sender gets exactly the limit
+        answers = [service.decide(message("kim@acme.example", i))["decision"]["decision"] for i in range(7)]
+        assert answers == ["allow"] * 5 + ["deny"] * 2
+    finally:
+        service.stop()
+        sentinel.stop()

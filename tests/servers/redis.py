@@ -108,7 +108,8 @@ class SentinelServer(RedisServer):
         conf = self.workdir / "sentinel.conf"  # Sentinel rewrites its file: one of its own
         conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\nlogfile {self.log}\n"
                         f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
-                        f"sentinel down-after-milliseconds {self.name} 1000\n")
+                        f"sentinel down-after-milliseconds {self.name} 1000\n"
+                        f"sentinel failover-timeout {self.name} 5000\n")
         self.proc = subprocess.Popen([self.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + timeout
