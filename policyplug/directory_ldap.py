@@ -183,7 +183,7 @@ class LdapDirectory:
     def _connection(self) -> Any:
         import ssl
 
-        from ldap3 import FIRST, NONE, Connection, Server, ServerPool, Tls
+        from ldap3 import FIRST, NONE, Connection, Server, ServerPool, Tls  # type: ignore[import-untyped]
 
         config = self.config
         tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file) if config.ca_file else None
@@ -202,7 +202,7 @@ class LdapDirectory:
         return connection
 
     def _search(self, connection: Any, base: str, search_filter: str, attributes: list[str]) -> Any:
-        from ldap3 import SUBTREE
+        from ldap3 import SUBTREE  # type: ignore[import-untyped]
         yield from connection.extend.standard.paged_search(
             base, search_filter, SUBTREE, attributes=attributes, paged_size=self.config.page_size, generator=True)
         # ldap3 ends a search cut short by the server's size or time limit quietly: part of a
@@ -274,20 +274,19 @@ class LdapDirectory:
                     groups_of.setdefault(member, set()).add(name)
         snapshot: Snapshot = {}
         for key, (addresses, attrs, member_of) in users.items():
-            names = groups_of.get(key, set())
+            user_groups = groups_of.get(key, set())
             for group_dn in member_of:
-                group_key = _dn_key(group_dn)
-                name = group_names.get(group_key)
-                if name is None:  # a group outside groups_base: its RDN value (cn=Sales,... -> Sales)
-                    name = group_dn.split(",", 1)[0].partition("=")[2].strip()
-                if name:
-                    names.add(name)
+                group_name = group_names.get(_dn_key(group_dn))
+                if group_name is None:  # a group outside groups_base: its RDN value (cn=Sales,... -> Sales)
+                    group_name = group_dn.split(",", 1)[0].partition("=")[2].strip()
+                if group_name:
+                    user_groups.add(group_name)
             for address in addresses:
                 entry = snapshot.get(address)
                 if entry is None:
-                    snapshot[address] = {"groups": sorted(names), "attrs": dict(attrs)}
+                    snapshot[address] = {"groups": sorted(user_groups), "attrs": dict(attrs)}
                 else:  # two entries with one address: merged, as the JSON directory merges spellings
-                    entry["groups"] = sorted(set(entry["groups"]) | names)
+                    entry["groups"] = sorted(set(entry["groups"]) | user_groups)
                     entry["attrs"].update(attrs)
         return snapshot, {"users": len(users), "groups": len(group_names), "addresses": len(snapshot)}
 

@@ -103,7 +103,7 @@ def _connect(url: str, connect_timeout: int = 5, **options: Any) -> Any:
 class PostgresUsageStore(UsageStore):
     def __init__(self, url: str, flush_interval: float = 1.0, background: bool = True) -> None:
         self.url = url
-        self.path = safe_url(url)  # what the base class's messages name
+        self.path = safe_url(url)  # type: ignore[assignment]  # what the base class's messages name
         self.flush_interval = flush_interval
         self._traffic: Counter[tuple[str, ...]] = Counter()
         self._users: Counter[tuple[str, str, str]] = Counter()
