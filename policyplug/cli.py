@@ -18,6 +18,7 @@ from .tester import policy_files, run_tests, uncovered_rules
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
 COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands",
                    "policyplug.usage.commands")
+COMMAND_MODULES += ("policyplug.directory_ldap",)  # policyplug directory export (docs/scaling.md)
 
 
 def _print_diagnostics(error: PolicyError) -> None:

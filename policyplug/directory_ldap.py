@@ -396,3 +396,58 @@ class DirectorySource:
 
     def status(self) -> dict[str, Any]:
         return {"source": "ldap", "config": str(self.config.path), "revision": self.revision, **self.stats}
+
+
+# -- `policyplug directory export`: the snapshot as a `directory "FILE"` JSON file -------------------
+
+def export(config_path: str | Path, output: str | Path) -> dict[str, int]:
+    """Write the directory as JSON in the format of `directory "FILE"` (docs/language.md), replacing
+    `output` atomically (a reader sees the old file or the new one, never half of one). Raises
+    DirectoryConfigError for a bad config, and anything the read raises, leaving `output` alone."""
+    import json
+    import os
+    import tempfile
+
+    config = LdapConfig.load(config_path)
+    snapshot, counts = LdapDirectory(config).load()
+    data = {address: {"groups": entry["groups"], **{k: v for k, v in entry["attrs"].items() if k != "groups"}}
+            for address, entry in sorted(snapshot.items())}
+    output = Path(output)
+    fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(data, file, ensure_ascii=False, indent=1, sort_keys=True)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return counts
+
+
+def _cmd_export(args: Any) -> int:
+    import sys
+    try:
+        counts = export(args.config, args.output)
+    except DirectoryConfigError as exc:
+        print(f"policyplug directory export: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the directory could not be read: the old file stays
+        print(f"policyplug directory export: {args.config}: could not read the directory, {args.output} "
+              f"left as it was: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: {counts['addresses']} addresses, {counts['users']} users, {counts['groups']} groups")
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("directory", help="directory sources (LDAP, Active Directory)")
+    sub = p.add_subparsers(dest="directory_command", required=True)
+    e = sub.add_parser("export", help="write an LDAP directory as a `directory \"FILE\"` JSON file "
+                                      "(for deployments without `serve --directory-ldap`, e.g. Kamailio)")
+    e.add_argument("config", metavar="CONFIG.toml", help="the LDAP source, as for serve --directory-ldap")
+    e.add_argument("output", metavar="OUTPUT.json", help="replaced atomically; left alone when the read fails")
+    e.set_defaults(func=_cmd_export)

@@ -185,3 +185,55 @@ def test_a_failed_refresh_keeps_the_last_snapshot_unit() -> None:
     assert not source.refresh() and source.snapshot["a@acme.example"]["groups"] == ["g1"]
     assert source.stats["failures"] == 1 and "connection refused" in source.stats["last_error"]
     assert source.refresh() and source.snapshot["a@acme.example"]["groups"] == ["g3"]
+
+
+def test_export_feeds_a_json_directory_and_a_failed_export_keeps_the_file(  # type: ignore[no-untyped-def]
+        ldap_server, tmp_path: Path) -> None:
+    """`policyplug directory export` writes the `directory "FILE"` format; Kamailio (which runs no
+    refresher thread) follows the exported file like any policy file: a group change exported
+    reaches its decisions (docs/scaling.md)."""
+    from tests.servers.kamailio import KamailioServer
+    from tests.sip_agent import SipAgent
+
+    server = ldap_server()
+    dns = populate(server)
+    config = server.config_toml(tmp_path / "ldap.toml")
+    kamailio_dir = tmp_path / "kamailio"
+    kamailio_dir.mkdir()
+    users = kamailio_dir / "users.json"
+
+    def export() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "policyplug", "directory", "export", str(config), str(users)],
+                              capture_output=True, text=True, timeout=60)
+
+    first = export()
+    assert first.returncode == 0 and "5 addresses" in first.stdout, first.stderr
+    policy_text = WALL_POLICY.replace('default allow\n', 'default allow\ndirectory "users.json"\n')
+    from policyplug import Event, load_policy
+    policy = load_policy(text=policy_text, base_dir=kamailio_dir)
+    assert policy.decide(Event.message("alice@acme.example", "carol@acme.example")).decision == "deny"
+
+    partner = SipAgent("dave", "acme.example", ("127.0.0.1", 9))
+    kamailio = KamailioServer(kamailio_dir, policy_text, children=1)
+    kamailio.start()
+    alice = SipAgent("alice", "acme.example", ("127.0.0.1", kamailio.port))
+    partner.proxy = ("127.0.0.1", kamailio.port)
+    try:
+        assert partner.register().status == 200
+        assert alice.request("MESSAGE", "sip:dave@acme.example", body="hello").status == 200
+        conn = server.admin()
+        conn.modify(f"cn=trading,ou=groups,{SUFFIX}", {"member": [("MODIFY_ADD", [dns["dave"]])]})
+        assert export().returncode == 0
+        deadline = time.monotonic() + 10
+        while alice.request("MESSAGE", "sip:dave@acme.example", body="hello").status != 403:
+            assert time.monotonic() < deadline, "Kamailio did not follow the exported directory"
+            time.sleep(0.2)
+        server.stop()
+        before = users.read_bytes()
+        failed = export()
+        assert failed.returncode == 1 and "left as it was" in failed.stderr and "Traceback" not in failed.stderr
+        assert users.read_bytes() == before and not list(kamailio_dir.glob(".users.json.*"))
+    finally:
+        alice.close()
+        partner.close()
+        kamailio.stop()
