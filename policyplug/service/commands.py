@@ -34,7 +34,12 @@ async def run(args: argparse.Namespace) -> int:
     usage = None
     if args.usage_db:
         from ..usage.store import open_usage_store
-        usage = open_usage_store(args.usage_db)  # a SQLite file, or postgresql://... shared by every node
+        try:
+            usage = open_usage_store(args.usage_db)  # a SQLite file, or postgresql://... shared by every node
+        except Exception as exc:  # psycopg's, sqlite3's or OSError: a clear message, not a traceback
+            from ..usage.postgres_store import safe_url
+            print(f"policyplug serve: --usage-db {safe_url(str(args.usage_db))}: {exc}".strip(), file=sys.stderr)
+            return 1
     metrics = Metrics() if args.metrics_port is not None else None
     try:
         from ..state import make_limiter

@@ -144,6 +144,14 @@ def test_report_of_a_database_without_a_store_is_a_clear_error(postgres_server) 
                            f"postgresql://postgres:hunter2@127.0.0.1:{server.port + 1 if server.port < 65535 else 1}/x"],
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and "Traceback" not in gone.stderr and "hunter2" not in gone.stderr
+    policy = Path(server.workdir) / "u.policy"
+    policy.write_text(POLICY_TEXT)
+    serve = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket",
+                            str(Path(server.workdir) / "s.sock"), "--usage-db",
+                            f"postgresql://postgres:hunter2@127.0.0.1:{server.port + 1 if server.port < 65535 else 1}/x"],
+                           capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 1 and "--usage-db" in serve.stderr and "Traceback" not in serve.stderr
+    assert "hunter2" not in serve.stderr
 
 
 def test_postgres_outage_keeps_counts_and_writes_them_when_back(  # type: ignore[no-untyped-def]
