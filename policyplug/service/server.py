@@ -32,8 +32,8 @@ class DecisionService:
     def __init__(self, policy_path: str | Path, *, audit: Any = None, usage: Any = None, metrics: Any = None,
                  freeze_gc: bool = False, limiter: Any = None, directory_source: Any = None):
         self.policy_path = Path(policy_path)
-        # where `limit` windows live (policyplug.state: in-process, or Redis shared by every node);
-        # one limiter for every policy loaded, so a reload keeps the windows
+        # where `limit` windows live (policyplug.state): with --state one Redis limiter for every
+        # policy loaded; None: each loaded policy counts in its own memory, as before
         self.limiter = limiter
         self.policy: Policy = load_policy(self.policy_path, limiter=limiter)  # an invalid policy at start-up is fatal
         # users and groups from LDAP (policyplug.directory_ldap), overlaid on the policy's directory
@@ -170,6 +170,8 @@ class DecisionService:
         """A new directory snapshot arrived (policyplug.directory_ldap): decisions use it from now on."""
         if self.directory_source is not None:
             self.directory_source.apply(self.policy)
+            if self.freeze_gc:
+                self._settle_memory()  # a large snapshot is as many objects as the policy: out of gc's way too
 
     @property
     def cacheable(self) -> bool:
