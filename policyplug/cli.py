@@ -17,7 +17,8 @@ from .tester import policy_files, run_tests, uncovered_rules
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
 COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands",
-                   "policyplug.usage.commands", "policyplug.starter")
+                   "policyplug.usage.commands", "policyplug.starter",
+                   "policyplug.directory_ldap")  # directory export: docs/scaling.md
 
 
 def _print_diagnostics(error: PolicyError) -> None:

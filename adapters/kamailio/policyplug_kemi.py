@@ -83,6 +83,8 @@ from policyplug import Event, PolicyError, load_policy  # noqa: E402
 from policyplug.addresses import AddressError, event_address  # noqa: E402
 from policyplug.audit.multiprocess_log import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
+from policyplug.state import make_limiter  # noqa: E402
+from policyplug.usage.store import open_usage_store  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
 COPY_MARK = COPY_HEADER.lower()
@@ -212,7 +214,10 @@ class PolicyplugKamailio:
     def __init__(self, config: dict[str, Any]):
         self.config = config
         self.policy_path = Path(config["policy"])
-        self.limiter = HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits"))
+        # `state = "redis://..."`: windows shared with every node and service using that Redis
+        # (docs/scaling.md); otherwise in this Kamailio's shared memory
+        self.limiter: Any = (make_limiter(config["state"], config.get("state_failure", "closed"))
+                             if config.get("state") else HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits")))
         self.server_name = config.get("server_name", "policyplug")
         self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
         self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))
@@ -242,6 +247,12 @@ class PolicyplugKamailio:
                 self.chainer = SpoolChainer(spool, shared_log)
             else:
                 self.audit = shared_log
+        # usage counts for `policyplug report` at any audit level (docs/kamailio.md): every worker
+        # tallies its own decisions into the store (SQLite or PostgreSQL), opened after the fork
+        self.usage_db: str | None = config.get("usage_db")
+        self._usage: Any = None
+        self._usage_pid = 0
+        self._usage_retry = 0.0
         self.state_dir = Path(config.get("state_dir", "/var/lib/policyplug/kamailio"))
         # copies this server sends itself carry this token, so they are routed without a decision;
         # nobody outside can forge it, and every worker knows the same one, also after
@@ -443,6 +454,8 @@ class PolicyplugKamailio:
         kind, text, subject, size, payload, _headers = parts
         event = sip_event(kind, sender, recipient, text, subject, method, size, payload, headers, client())
         decision = self.policy.decide(event)
+        if self.usage_db:
+            self.count_usage(event, decision)
         if self.audit is not None and not self.audit.submit(event, decision) \
                 and self.audit.stats["errors"] != self._audit_errors:
             # a failing disk: said loudly in Kamailio's log (once per failure), decisions go on
@@ -543,6 +556,22 @@ class PolicyplugKamailio:
                    f"Content-Type: message/cpim\r\n")
         if KSR.tm.t_uac_send("MESSAGE", archive, self.self_uri, "", headers, cpim) < 0:
             log("err", f"copy to {archive} could not be sent (Call-ID {KSR.pv.get('$ci')})")
+
+    def count_usage(self, event: Any, decision: Any) -> None:
+        """Never fails the request: a store that cannot be opened is logged, and tried again 10 s later."""
+        if self._usage_pid != os.getpid():  # each worker its own store connection and tally
+            if time.monotonic() < self._usage_retry:
+                return
+            try:
+                # no background writer: Kamailio runs a worker's Python only while it handles a request
+                self._usage = open_usage_store(self.usage_db, background=False)
+            except Exception as exc:
+                self._usage_retry = time.monotonic() + 10
+                from policyplug.usage.postgres_store import safe_url
+                log("err", f"usage store {safe_url(self.usage_db)} not opened, decisions not counted: {exc}")
+                return
+            self._usage_pid = os.getpid()
+        self._usage.count(event, decision, self.policy.activation(event)["direction"])
 
     def sync_audit(self) -> int:
         """Timer process: chain what the workers spooled (or fsync the directly written log)."""

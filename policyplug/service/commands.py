@@ -46,17 +46,46 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     usage = None
     if args.usage_db:
-        from ..usage.store import UsageStore
-        usage = UsageStore(args.usage_db)
+        from ..usage.store import open_usage_store
+        try:
+            usage = open_usage_store(args.usage_db)  # a SQLite file, or postgresql://... shared by every node
+        except Exception as exc:  # psycopg's, sqlite3's or OSError: a clear message, not a traceback
+            from ..usage.postgres_store import safe_url
+            print(f"policyplug serve: --usage-db {safe_url(str(args.usage_db))}: {exc}".strip(), file=sys.stderr)
+            return 1
     metrics = Metrics() if args.metrics_port is not None else None
     try:
-        service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics, freeze_gc=True)
+        from ..state import make_limiter
+        limiter = make_limiter(args.state, args.state_failure)
+    except ValueError as exc:
+        print(f"policyplug serve: {exc}", file=sys.stderr)
+        return 2
+    directory = None
+    if args.directory_ldap:
+        from ..directory_ldap import DirectoryConfigError, DirectorySource, LdapConfig
+        try:
+            directory = DirectorySource(LdapConfig.load(args.directory_ldap))
+        except DirectoryConfigError as exc:
+            print(f"policyplug serve: --directory-ldap {exc}", file=sys.stderr)
+            return 2
+        # the first snapshot is required: groups an ethical wall relies on must not be missing at start
+        if not directory.refresh():
+            print(f"policyplug serve: --directory-ldap {args.directory_ldap}: could not read the directory: "
+                  f"{directory.stats['last_error']}", file=sys.stderr)
+            return 1
+    try:
+        service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics, freeze_gc=True,
+                                  limiter=limiter, directory_source=directory)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1
     if metrics is not None:
         if audit is not None:
             metrics.watch_audit(audit)
+        if hasattr(limiter, "stats"):
+            metrics.watch_state(limiter)
+        if directory is not None:
+            metrics.watch_directory(directory)
         metrics.serve(args.metrics_port, args.metrics_address)
         log.info("metrics on http://%s:%d/metrics", args.metrics_address, args.metrics_port)
 
@@ -78,6 +107,8 @@ async def run(args: argparse.Namespace) -> int:
         secret = args.secret or os.environ.get("POLICYPLUG_COMPONENT_SECRET", "")
         component = PolicyComponent(service, args.component, secret, host or "127.0.0.1", int(port))
         component.connect(host or "127.0.0.1", int(port))
+    if directory is not None:
+        directory.start(lambda: loop.call_soon_threadsafe(service.apply_directory))
     watcher = loop.create_task(service.watch(args.watch_interval)) if args.watch_interval > 0 else None
     print(f"policyplug serve: policy '{service.policy.name}' ({service.policy.revision[:19]}…)"
           + (f", socket {args.socket}" if args.socket else "")
@@ -135,7 +166,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-syslog-batches", action="store_true",
                    help="with --audit-syslog: also send the chain head after every batch of records (at most every "
                         "5 ms), not only each seal's")
-    p.add_argument("--usage-db", metavar="PATH", help="SQLite usage store for `policyplug report`")
+    p.add_argument("--usage-db", metavar="PATH", help="usage store for `policyplug report`: a SQLite file, or postgresql://... "
+                                                                "shared by every node (password: PGPASSWORD or ~/.pgpass)")
+    p.add_argument("--state", metavar="URL",
+                   help="keep `limit` windows in Redis, shared by every process and node using it: "
+                        "redis://HOST:PORT/DB, rediss://, unix://PATH?db=N or "
+                        "redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE/DB (default: in this process)")
+    p.add_argument("--state-failure", choices=("open", "closed"), default="closed",
+                   help="when Redis is unreachable, a `limit` counts as exceeded (closed, the default) "
+                        "or not (open)")
+    p.add_argument("--directory-ldap", metavar="CONFIG.toml",
+                   help="users, groups and attributes from LDAP / Active Directory, overlaid on the policy's "
+                        "directory and refreshed on an interval and on reload (docs/scaling.md)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-address", default="127.0.0.1", help="address for metrics (default loopback)")
     p.add_argument("--watch-interval", type=float, default=1.0,

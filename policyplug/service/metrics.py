@@ -29,6 +29,27 @@ class Metrics:
         self.audit_errors.set_function(lambda: audit.stats["errors"])
         self.audit_dropped.set_function(lambda: audit.stats["dropped"])
 
+    def watch_state(self, limiter: Any) -> None:
+        """Export the shared state's health (policyplug.state): failures and fail-mode answers."""
+        state_errors = Gauge("policyplug_state_errors", "Failed calls to the shared state (Redis) since start",
+                             registry=self.registry)
+        state_errors.set_function(lambda: limiter.stats["errors"])
+        state_failed = Gauge("policyplug_state_failed_limits", "`limit` clauses answered by --state-failure "
+                             "because the shared state was unreachable", ["mode"], registry=self.registry)
+        for mode in ("open", "closed"):
+            state_failed.labels(mode).set_function(lambda mode=mode: limiter.stats[f"failed_{mode}"])
+        state_down = Gauge("policyplug_state_down", "1 while the shared state is unreachable",
+                           registry=self.registry)
+        state_down.set_function(lambda: 1 if limiter.down else 0)
+
+    def watch_directory(self, source: Any) -> None:
+        """Export the LDAP directory source's health (policyplug.directory_ldap)."""
+        failures = Gauge("policyplug_directory_refresh_failures", "Directory refreshes that failed (the last "
+                         "good snapshot stayed in force)", registry=self.registry)
+        failures.set_function(lambda: source.stats["failures"])
+        users = Gauge("policyplug_directory_users", "Users in the directory snapshot in force", registry=self.registry)
+        users.set_function(lambda: source.stats["users"])
+
     def observe(self, decision: Any, seconds: float) -> None:
         self.decisions.labels(decision.decision, decision.rule or "default").inc()
         self.latency.observe(seconds)

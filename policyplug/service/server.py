@@ -30,9 +30,16 @@ log = logging.getLogger("policyplug.service")
 
 class DecisionService:
     def __init__(self, policy_path: str | Path, *, audit: Any = None, usage: Any = None, metrics: Any = None,
-                 freeze_gc: bool = False):
+                 freeze_gc: bool = False, limiter: Any = None, directory_source: Any = None):
         self.policy_path = Path(policy_path)
-        self.policy: Policy = load_policy(self.policy_path)  # an invalid policy at start-up is fatal
+        # where `limit` windows live (policyplug.state): with --state one Redis limiter for every
+        # policy loaded; None: each loaded policy counts in its own memory, as before
+        self.limiter = limiter
+        self.policy: Policy = load_policy(self.policy_path, limiter=limiter)  # an invalid policy at start-up is fatal
+        # users and groups from LDAP (policyplug.directory_ldap), overlaid on the policy's directory
+        self.directory_source = directory_source
+        if directory_source is not None:
+            directory_source.apply(self.policy)
         self._log_warnings(self.policy)
         self.freeze_gc = freeze_gc
         if freeze_gc:
@@ -117,7 +124,7 @@ class DecisionService:
     def reload(self, reason: str = "request") -> dict[str, Any]:
         """Compile the policy anew and swap it in if valid; the old one stays otherwise."""
         try:
-            new_policy = load_policy(self.policy_path)
+            new_policy = load_policy(self.policy_path, limiter=self.limiter)
         except PolicyError as exc:
             self.reloads["invalid"] += 1
             self.last_reload_error = exc.format()
@@ -134,6 +141,9 @@ class DecisionService:
                 self.metrics.reloaded("error")
             return {"ok": False, "revision": self.policy.revision, "diagnostics": str(exc)}
         old = self.policy.revision
+        if self.directory_source is not None:
+            self.directory_source.apply(new_policy)
+            self.directory_source.wake()  # and read the directory again, as the docs promise on reload
         self.policy = new_policy
         if self.freeze_gc:
             self._settle_memory()
@@ -156,12 +166,20 @@ class DecisionService:
             answer["warnings"] = "\n".join(w.format() for w in new_policy.warnings)
         return answer
 
+    def apply_directory(self) -> None:
+        """A new directory snapshot arrived (policyplug.directory_ldap): decisions use it from now on."""
+        if self.directory_source is not None:
+            self.directory_source.apply(self.policy)
+            if self.freeze_gc:
+                self._settle_memory()  # a large snapshot is as many objects as the policy: out of gc's way too
+
     @property
     def cacheable(self) -> bool:
         """May an adapter cache decisions per (kind, from, to) until the next reload? Only when the
         policy reads nothing else, and no decision must reach the usage store or an audit log at
         level `all` (a cached decision never reaches the service)."""
-        return (self.policy.cacheable and self.usage is None
+        # with a directory refreshed from LDAP, a cached decision could outlive a group change
+        return (self.policy.cacheable and self.usage is None and self.directory_source is None
                 and (self.audit is None or getattr(self.audit, "level", "all") != "all"))
 
     async def watch(self, interval: float = 1.0) -> None:
@@ -184,9 +202,14 @@ class DecisionService:
             "decisions": dict(self.decisions), "evaluation_errors": self.evaluation_errors,
             "invalid_requests": self.invalid_requests, "reloads": dict(self.reloads),
             "last_reload_error": self.last_reload_error, "audit": audit_stats, "cacheable": self.cacheable,
+            "state": self.limiter.status() if hasattr(self.limiter, "status") else {"backend": "process"},
+            "usage": self.usage.status() if hasattr(self.usage, "status") else None,
+            "directory": self.directory_source.status() if self.directory_source is not None else None,
         }
 
     def close(self) -> None:
+        if self.directory_source is not None:
+            self.directory_source.stop()
         if self.audit is not None:
             self.audit.close()
         if self.usage is not None:

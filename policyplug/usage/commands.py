@@ -12,7 +12,7 @@ from ..compiler import load_policy
 from ..diagnostics import PolicyError
 from .audit_source import count_audit_logs
 from .report import Table, build_tables, render_csv, render_html, render_text
-from .store import UsageStore
+from .store import UsageStore, is_postgres_url
 
 
 def _stderr(line: str) -> None:
@@ -47,7 +47,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.audit_log:
             tables, source = _from_audit_logs(args)
         else:
-            tables, source = build_tables(args.db, args.since, args.until, args.top), []
+            read = build_tables
+            if is_postgres_url(args.db):
+                from .postgres_store import build_tables as read  # the same tables from PostgreSQL
+            tables, source = read(args.db, args.since, args.until, args.top), []
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1
@@ -69,9 +72,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("report", help="usage reports from the usage store (SQLite) or from audit logs")
+    p = subparsers.add_parser("report", help="usage reports from the usage store (SQLite or PostgreSQL) or from audit logs")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--db", help="the usage store written by `policyplug serve --usage-db`")
+    source.add_argument("--db", help="the usage store written by `policyplug serve --usage-db`: a SQLite "
+                        "file or postgresql://... (password: PGPASSWORD or ~/.pgpass)")
     source.add_argument("--audit-log", nargs="+", metavar="LOG",
                         help="audit logs, any order: files, a base name with its rotations, or a folder "
                              "(only audited decisions are counted)")

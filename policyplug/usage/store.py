@@ -39,6 +39,25 @@ CREATE TABLE IF NOT EXISTS tag_traffic (
 """
 
 
+# Payloads that mark a bodiless message as a typing notification: XEP-0085 chat states, and SIP's
+# isComposing (RFC 3994), whose Content-Type the Kamailio adapter puts in `payload`
+CHAT_STATE_PAYLOADS = frozenset({"http://jabber.org/protocol/chatstates", "application/im-iscomposing+xml"})
+
+
+def traffic_kind(event: Any) -> str:
+    """The kind a decision is counted under (docs/reports.md): a message's error bounce
+    (`type` "error", e.g. a server's failed-delivery reply "from" the remote user) and a message
+    carrying only a chat state are counted apart from messages people wrote, as
+    `message-error` / `message-chatstate` (`groupchat-...` likewise), and not as a user's messages."""
+    kind = event.kind
+    if kind == "message" or kind == "groupchat":
+        if event.type == "error":
+            return kind + "-error"
+        if not event.body and not event.subject and not CHAT_STATE_PAYLOADS.isdisjoint(event.payload):
+            return kind + "-chatstate"
+    return kind
+
+
 class UsageStore:
     def __init__(self, path: str | Path, flush_interval: float = 1.0) -> None:
         self.path = Path(path)
@@ -56,7 +75,8 @@ class UsageStore:
 
     def count(self, event: Any, decision: Any, direction: str) -> None:
         hour = event.time.strftime("%Y-%m-%dT%H:00Z")
-        key = (hour, event.kind, direction, decision.decision, decision.rule or "default",
+        kind = traffic_kind(event)
+        key = (hour, kind, direction, decision.decision, decision.rule or "default",
                event.sender.domain, event.recipient.domain)
         # _tags, not .tags: the property makes a list for every decision without any; the engine
         # leaves None or a shared tuple without repeats, dict.fromkeys guards hand-built decisions
@@ -65,8 +85,8 @@ class UsageStore:
             self._traffic[key] += 1
             if tags:
                 for tag in dict.fromkeys(tags):
-                    self._tags[(hour, tag, event.kind, direction, decision.decision)] += 1
-            if event.kind in ("message", "groupchat") and event.sender.user:
+                    self._tags[(hour, tag, kind, direction, decision.decision)] += 1
+            if (kind == "message" or kind == "groupchat") and event.sender.user:
                 self._users[(hour, event.sender.address, direction)] += 1
             due = time.monotonic() - self._last_flush >= self.flush_interval or len(self._traffic) > 5000
         if due:
@@ -80,6 +100,11 @@ class UsageStore:
             self._last_flush = time.monotonic()
         if not traffic and not users and not tags:
             return
+        self._write(traffic, users, tags)
+
+    def _write(self, traffic: Counter[tuple[str, ...]], users: Counter[tuple[str, str, str]],
+               tags: Counter[tuple[str, str, str, str, str]]) -> None:
+        """Add one batch of counts to the database (a backend's own; policyplug.usage.postgres_store)."""
         try:
             with self._db:
                 self._db.executemany(
@@ -102,3 +127,16 @@ class UsageStore:
             self.flush()
         finally:
             self._db.close()
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_usage_store(target: str | Path, flush_interval: float = 1.0, background: bool = True) -> UsageStore:
+    """The usage store `--usage-db` names: a SQLite file, or a PostgreSQL URL (shared by every node,
+    docs/scaling.md). `background=False` where no thread runs between requests (a Kamailio worker)."""
+    if is_postgres_url(target):
+        from .postgres_store import PostgresUsageStore
+        return PostgresUsageStore(str(target), flush_interval=flush_interval, background=background)
+    return UsageStore(target, flush_interval=flush_interval)
