@@ -1,3 +1,4 @@
+-- luacheck: globals module prosody
 -- mod_policyplug: every message, presence, subscription, IQ, group chat message, room join and
 -- login is decided by the policyplug decision service, and the decision is enforced here.
 --
@@ -24,6 +25,12 @@
 --   policyplug_kinds = { "message", "presence", ... }  -- event kinds to check (default: all)
 --   policyplug_cache = true                        -- cache decisions per (kind, from, to) when the
 --                                                  -- service says the policy allows it (socket only)
+--   policyplug_unreadable_content = "refuse"       -- content the module cannot read in full (encrypted,
+--                                                  -- too deep, too large): "refuse" it, or "decide" on
+--                                                  -- what was read, with "content_complete": false
+--   policyplug_copy_body = "text"                  -- archive copies: "text" shows the original text in
+--                                                  -- the body and forwards the original; "forwarded":
+--                                                  -- only in <forwarded/>; "summary": no text at all
 
 local st = require "util.stanza";
 local jid_util = require "util.jid";
@@ -42,6 +49,8 @@ local fail_mode = module:get_option_string("policyplug_fail_mode", "closed");
 local kinds = module:get_option_set("policyplug_kinds", {
 	"message", "groupchat", "presence", "subscribe", "join", "call", "file", "login", "iq" });
 local use_cache = module:get_option_boolean("policyplug_cache", true);
+local unreadable_mode = module:get_option_string("policyplug_unreadable_content", "refuse");
+local copy_body = module:get_option_string("policyplug_copy_body", "text");
 local UNAVAILABLE_REASON = "policy service unavailable";
 local MAX_REQUEST = 1000000; -- the service refuses request lines over 1 MiB
 local BODY_KEPT = 150000;    -- what is left of a body that would make the request too long (x6 escaped < 1 MiB)
@@ -49,6 +58,16 @@ local BODY_KEPT = 150000;    -- what is left of a body that would make the reque
 if fail_mode ~= "open" and fail_mode ~= "closed" then
 	module:log("error", "policyplug_fail_mode must be \"closed\" or \"open\", not %q: using \"closed\"", fail_mode);
 	fail_mode = "closed";
+end
+if unreadable_mode ~= "refuse" and unreadable_mode ~= "decide" then
+	module:log("error", "policyplug_unreadable_content must be \"refuse\" or \"decide\", not %q: using \"refuse\"",
+		unreadable_mode);
+	unreadable_mode = "refuse";
+end
+if copy_body ~= "text" and copy_body ~= "forwarded" and copy_body ~= "summary" then
+	module:log("error", "policyplug_copy_body must be \"text\", \"forwarded\" or \"summary\", not %q: using \"text\"",
+		copy_body);
+	copy_body = "text";
 end
 
 local counters = { asked = 0, answered = 0, timeouts = 0, disconnected = 0, service_errors = 0,
@@ -75,6 +94,11 @@ end
 ------------------------------------------------------------------------------------------------
 
 local pending = {};               -- request id -> waiter
+-- Prosody is stopping: sessions close and send their last presences. The transport stays up until
+-- "server-cleanup" (after the sessions have closed), so those are decided as usual; what cannot be
+-- decided meanwhile is handled by the fail mode and logged once, not once per stanza.
+local stopping, undecided_while_stopping = false, 0;
+module:hook_global("server-stopping", function () stopping = true; end, 1000);
 
 -- The decision cache (socket transport only): decisions per (kind, from, to), used only while the
 -- service says the policy in force reads nothing else (`cacheable`, from the `watch` op and every
@@ -263,8 +287,13 @@ if socket_path then
 	function listeners.ondisconnect(_, err)
 		conn, buffer = nil, "";
 		reset_cache(nil, false); -- until the next connection says which policy is in force
-		module:log("warn", "decision service socket %s closed (%s); reconnecting", socket_path, tostring(err));
 		count("disconnected");
+		if stopping then
+			module:log("debug", "decision service socket %s closed (%s) while Prosody stops", socket_path, tostring(err));
+			fail_all("Prosody is stopping");
+			return;
+		end
+		module:log("warn", "decision service socket %s closed (%s); reconnecting", socket_path, tostring(err));
 		fail_all("decision service disconnected");
 		if not reconnect_timer then
 			reconnect_timer = module:add_timer(1, function () reconnect_timer = nil; connect(); end);
@@ -279,7 +308,7 @@ if socket_path then
 		local ok, err = sock:connect(socket_path);
 		if not ok then
 			sock:close();
-			if not reconnect_timer then
+			if not reconnect_timer and not stopping then
 				reconnect_timer = module:add_timer(1, function () reconnect_timer = nil; connect(); end);
 			end
 			return nil, err;
@@ -300,8 +329,12 @@ if socket_path then
 		return true;
 	end
 
-	module:hook_global("server-stopping", function () if conn then conn:close(); end end);
-	function module.unload() if conn then conn:close(); end end
+	-- after the sessions have closed (and their last stanzas were decided)
+	module:hook_global("server-cleanup", function ()
+		fail_all("Prosody is stopping");
+		if conn then conn:close(); end
+	end);
+	function module.unload() stopping = true; if conn then conn:close(); end end
 	connect();
 	module:log("info", "asking the decision service at %s, timeout %ss, fail mode %s", socket_path, timeout, fail_mode);
 else
@@ -394,28 +427,180 @@ local function payload_json(stanza)
 	return "[" .. table.concat(list, ",") .. "]";
 end
 
--- The event JSON of a stanza (cli.md), without `time` (the service's now is the same moment).
-local function event_json(origin, stanza, kind)
+------------------------------------------------------------------------------------------------
+-- Content: everything the recipient can be shown (docs/semantics.md, "What body and subject are").
+-- `body` is, in document order and joined by "\n": every <body> (every xml:lang), the text of an
+-- XHTML-IM <html>, out-of-band URLs and descriptions, presence <status>, invitation reasons, error
+-- texts, file names and descriptions, and the same of every forwarded message (XEP-0297: quoted,
+-- carbons, archive results), at any depth up to MAX_DEPTH; `subject` is every <subject>.
+-- What cannot be read (encrypted payloads, nesting deeper than MAX_DEPTH, more than MAX_ELEMENTS
+-- elements, a body cut to fit the request) makes the content incomplete, and
+-- policyplug_unreadable_content says what happens.
+------------------------------------------------------------------------------------------------
+
+local XHTML_IM, FORWARD, OOB = "http://jabber.org/protocol/xhtml-im", "urn:xmpp:forward:0", "jabber:x:oob";
+local MUC_USER, CONFERENCE = "http://jabber.org/protocol/muc#user", "jabber:x:conference";
+local ERROR_NS = "urn:ietf:params:xml:ns:xmpp-stanzas";
+local FILE_NS = { ["urn:xmpp:file:metadata:0"] = true, ["urn:xmpp:jingle:apps:file-transfer:5"] = true,
+	["urn:xmpp:jingle:apps:file-transfer:4"] = true, ["urn:xmpp:jingle:apps:file-transfer:3"] = true,
+	["http://jabber.org/protocol/si/profile/file-transfer"] = true };
+local ENCRYPTED = { -- element name .. " " .. namespace: payloads only the recipient's client can read
+	["encrypted eu.siacs.conversations.axolotl"] = "OMEMO", ["encrypted urn:xmpp:omemo:1"] = "OMEMO",
+	["encrypted urn:xmpp:omemo:2"] = "OMEMO", ["openpgp urn:xmpp:openpgp:0"] = "OpenPGP (XEP-0373)",
+	["x jabber:x:encrypted"] = "OpenPGP (XEP-0027)", ["encryption urn:xmpp:eme:0"] = "an end-to-end encryption",
+};
+local BLOCK = { p = true, div = true, br = true, li = true, blockquote = true, ul = true, ol = true, pre = true };
+local MAX_DEPTH = 8;        -- forwarded inside forwarded (or wrappers) deeper than this is not read
+local MAX_ELEMENTS = 5000;  -- elements walked per stanza (Prosody's own limits keep stanzas smaller)
+
+local function is_client_ns(ns) return ns == nil or ns == "jabber:client" or ns == "jabber:server"; end
+
+-- Reads one stanza: c.bodies, c.subjects (lists of texts), c.unreadable (why, or nil).
+local Content = {};
+Content.__index = Content;
+
+function Content:count()
+	self.budget = self.budget - 1;
+	if self.budget < 0 then self.unreadable = self.unreadable or "more than " .. MAX_ELEMENTS .. " elements"; end
+	return self.budget >= 0;
+end
+
+-- Every text node under el, in document order; XHTML adds line breaks around blocks and the
+-- alt/title a client shows in place of an image or on hover.
+function Content:text(el, out, xhtml)
+	for i = 1, #el do
+		local child = el[i];
+		if type(child) == "string" then
+			out[#out + 1] = child;
+		elseif self:count() then
+			local block = xhtml and BLOCK[child.name];
+			if block then out[#out + 1] = "\n"; end
+			if xhtml and child.attr.alt then out[#out + 1] = child.attr.alt; end
+			if xhtml and child.attr.title then out[#out + 1] = child.attr.title; end
+			self:text(child, out, xhtml);
+			if block then out[#out + 1] = "\n"; end
+		end
+	end
+	return out;
+end
+
+function Content:add(el, xhtml)
+	local text = table.concat(self:text(el, {}, xhtml));
+	if text ~= "" then self.bodies[#self.bodies + 1] = text; end
+end
+
+-- A message (or presence, or the payload of an IQ), and what it forwards.
+function Content:stanza(el, depth)
+	local tags = el.tags;
+	for i = 1, #tags do
+		local child = tags[i];
+		if not self:count() then return; end
+		local name, ns = child.name, child.attr.xmlns;
+		if is_client_ns(ns) then
+			if name == "body" or name == "status" then
+				self:add(child);
+				if name == "body" and (child:get_text() or ""):match("^%?OTR[:v,?]") then
+					self.unreadable = self.unreadable or "OTR-encrypted body";
+				end
+			elseif name == "subject" then
+				local text = table.concat(self:text(child, {}));
+				if text ~= "" then self.subjects[#self.subjects + 1] = text; end
+			elseif name == "error" then
+				local text = child:get_child("text", ERROR_NS);
+				if text then self:add(text); end
+			end
+		elseif name == "html" and ns == XHTML_IM then
+			self:add(child, true);
+		elseif name == "x" and ns == OOB then
+			for _, part in ipairs({ "url", "desc" }) do
+				local text = child:get_child(part);
+				if text then self:add(text); end
+			end
+		elseif name == "x" and ns == CONFERENCE then
+			if child.attr.reason and child.attr.reason ~= "" then self.bodies[#self.bodies + 1] = child.attr.reason; end
+		elseif name == "x" and ns == MUC_USER then
+			for _, what in ipairs(child.tags) do -- invite, decline: their reason is shown
+				local reason = what:get_child("reason");
+				if reason then self:add(reason); end
+			end
+		else
+			self:payload(child, depth);
+		end
+	end
+end
+
+-- Any other element: look inside for what a client shows (forwarded messages, files) or cannot
+-- be read (encrypted), down to MAX_DEPTH.
+function Content:payload(el, depth)
+	local name, ns = el.name, el.attr.xmlns or "";
+	local encrypted = ENCRYPTED[name .. " " .. ns];
+	if encrypted then
+		self.unreadable = self.unreadable or encrypted .. " content";
+		return;
+	end
+	if depth >= MAX_DEPTH then
+		if #el.tags > 0 or #el > 0 then self.unreadable = self.unreadable or "nested deeper than " .. MAX_DEPTH; end
+		return;
+	end
+	if name == "forwarded" and ns == FORWARD then
+		for _, inner in ipairs(el.tags) do
+			if inner.name == "message" and self:count() then self:stanza(inner, depth + 1); end
+		end
+		return;
+	end
+	if name == "file" and FILE_NS[ns] then
+		for _, part in ipairs({ "name", "desc" }) do
+			local text = el:get_child(part);
+			if text then self:add(text); end
+		end
+	end
+	for _, child in ipairs(el.tags) do
+		if not self:count() then return; end
+		self:payload(child, depth + 1);
+	end
+end
+
+-- body text, subject text (or nil), why the content is incomplete (or nil)
+local function content_of(stanza)
+	local tags = stanza.tags;
+	local only = #tags == 1 and tags[1];
+	if only and only.name == "body" and is_client_ns(only.attr.xmlns) and #only.tags == 0 then
+		-- the usual message: one plain body
+		local text = only:get_text();
+		if not text:match("^%?OTR[:v,?]") then return text; end
+	end
+	local c = setmetatable({ bodies = {}, subjects = {}, budget = MAX_ELEMENTS }, Content);
+	c:stanza(stanza, 0);
+	local body = #c.bodies > 0 and table.concat(c.bodies, "\n") or nil;
+	local subject = #c.subjects > 0 and table.concat(c.subjects, "\n") or nil;
+	return body, subject, c.unreadable;
+end
+
+-- The event JSON of a stanza (cli.md), without `time` (the service's now is the same moment);
+-- body, subject and unreadable are content_of's.
+local function event_json(origin, stanza, kind, body, subject, unreadable)
 	local attr = stanza.attr;
 	local from = attr.from or origin.full_jid or origin.host or "";
 	local to = attr.to or jid_util.bare(from) or from; -- no 'to': addressed to the sender's own account
 	local conn = origin.conn;
 	local port = conn and conn.clientport and tonumber(conn:clientport()) or 0;
-	local body = stanza:get_child_text("body");
-	local subject = stanza:get_child_text("subject");
 	local head = '{"kind":"' .. kind .. '","from":' .. quote(from) .. ',"to":' .. quote(to)
 		.. ',"protocol":"xmpp","type":' .. quote(attr.type or "") .. ',"size":' .. #tostring(stanza)
 		.. ',"payload":' .. payload_json(stanza) .. ',"client":{"ip":' .. quote(origin.ip or "")
 		.. ',"port":' .. port .. ',"secure":' .. (origin.secure and "true" or "false") .. "}"
 		.. (subject and ',"subject":' .. quote(subject) or "");
-	if not body then return head .. "}"; end
-	local body_json = quote(body);
-	if #head + #body_json > MAX_REQUEST - 100 then
-		-- only a pathological body (256 KiB of characters JSON escapes as \u00XX) gets here; the
-		-- policy sees the start of it, and the true stanza size
-		body_json = quote((body:sub(1, BODY_KEPT):gsub("[\128-\255]+$", "")));
+	if body then
+		local body_json = quote(body);
+		if #head + #body_json > MAX_REQUEST - 100 then
+			-- only a pathological body (256 KiB of characters JSON escapes as \u00XX) gets here; the
+			-- policy sees the start of it, and the true stanza size
+			body_json = quote((body:sub(1, BODY_KEPT):gsub("[\128-\255]+$", "")));
+			unreadable = unreadable or "body longer than the request allows";
+		end
+		head = head .. ',"body":' .. body_json;
 	end
-	return head .. ',"body":' .. body_json .. "}";
+	if unreadable then head = head .. ',"content_complete":false'; end
+	return head .. "}";
 end
 
 ------------------------------------------------------------------------------------------------
@@ -449,27 +634,54 @@ local function refuse(origin, stanza, reason)
 end
 
 local function archive_copy(origin, stanza, address)
-	-- a short body first: clients that do not render XEP-0297 still show what this is
-	local original = st.clone(stanza);
+	-- the visible body says what this is and, unless the operator keeps texts out of copies, what
+	-- was written (plain clients show only the body); the original follows in XEP-0297 <forwarded/>
+	local original;
+	if copy_body == "summary" then
+		local attr = {};
+		for name, v in pairs(stanza.attr) do attr[name] = v; end
+		original = st.stanza(stanza.name, attr); -- who wrote to whom, when: no text at all
+	else
+		original = st.clone(stanza);
+	end
 	original.attr.from = original.attr.from or origin.full_jid;
 	original.attr.xmlns = "jabber:client";
+	local text = ("Copy of a %s from %s to %s (policyplug)"):format(stanza.name, tostring(original.attr.from),
+		tostring(stanza.attr.to));
+	if copy_body == "text" then
+		local body, subject = content_of(stanza);
+		if subject then text = text .. "\nSubject: " .. subject; end
+		if body then text = text .. "\n\n" .. body; end
+	end
 	local copy = st.message({ from = module.host, to = address, type = "normal", id = "policyplug-copy-" .. new_id() })
-		:text_tag("body", ("Copy of a %s from %s to %s (policyplug)"):format(stanza.name,
-			tostring(original.attr.from), tostring(stanza.attr.to)))
+		:text_tag("body", text)
 		:tag("forwarded", { xmlns = "urn:xmpp:forward:0" })
 			:tag("delay", { xmlns = "urn:xmpp:delay", stamp = datetime.datetime() }):up()
 			:add_child(original):up();
 	module:send(copy);
 end
 
+-- Every text a client may show gets the disclaimers: each <body> (every language) and the XHTML-IM body.
 local function add_disclaimers(stanza, disclaimers)
 	if stanza.name ~= "message" or #disclaimers == 0 then return; end
-	local body = stanza:get_child("body");
-	if not body then return; end
-	local text = body:get_text() or "";
-	for _, disclaimer in ipairs(disclaimers) do text = text .. "\n\n" .. tostring(disclaimer); end
-	for i = #body, 1, -1 do body[i] = nil; end -- replace the body's text node
-	body:text(text);
+	local suffix = {};
+	for _, disclaimer in ipairs(disclaimers) do suffix[#suffix + 1] = "\n\n" .. tostring(disclaimer); end
+	suffix = table.concat(suffix);
+	for _, child in ipairs(stanza.tags) do
+		if child.name == "body" and is_client_ns(child.attr.xmlns) then
+			local text = (child:get_text() or "") .. suffix;
+			for i = #child, 1, -1 do child[i] = nil; end -- replace the body's text (and any stray children)
+			child.tags = {};
+			child:text(text);
+		elseif child.name == "html" and child.attr.xmlns == XHTML_IM then
+			local xhtml_body = child:get_child("body", "http://www.w3.org/1999/xhtml");
+			if xhtml_body then
+				for _, disclaimer in ipairs(disclaimers) do
+					xhtml_body:tag("p"):text(tostring(disclaimer)):up();
+				end
+			end
+		end
+	end
 end
 
 -- Hand a stanza back to Prosody's ordinary processing, marked so this module lets it pass.
@@ -484,6 +696,16 @@ end
 
 -- The fail mode. Returns true when the stanza is to be delivered.
 local function fail(origin, stanza, kind, why)
+	if stopping then -- the sessions are closing: no bounces, one log line for all of them
+		count(fail_mode == "open" and "failed_open" or "failed_closed");
+		undecided_while_stopping = undecided_while_stopping + 1;
+		if undecided_while_stopping == 1 then
+			module:log("info", "Prosody is stopping: stanzas that cannot be decided now (first: %s from %s, %s) are %s"
+				.. " (fail mode %s), without a line each", kind, tostring(stanza.attr.from or origin.full_jid), why,
+				fail_mode == "open" and "delivered" or "refused", fail_mode);
+		end
+		return fail_mode == "open";
+	end
 	if fail_mode == "open" then
 		count("failed_open");
 		module:log("warn", "no decision for %s from %s (%s): fail open, delivering", kind,
@@ -590,6 +812,25 @@ local function check(event)
 		if not queue then return; end -- nothing waiting before it: straight through
 		kind = nil; -- not decided, but it must not overtake what is waiting
 	end
+	local body, subject, unreadable;
+	if kind then
+		body, subject, unreadable = content_of(stanza);
+		if unreadable and unreadable_mode == "refuse" then
+			-- not asked: the policy would decide on less than the recipient gets
+			count("unreadable_refused");
+			module:log("info", "refusing %s from %s: content the policy cannot read (%s)", kind,
+				tostring(stanza.attr.from or origin.full_jid), unreadable);
+			if not queue then
+				queue = { first = 1, last = 0 };
+				queues[origin] = queue;
+			end
+			queue.last = queue.last + 1;
+			queue[queue.last] = { origin = origin, stanza = stanza, kind = kind, done = true,
+				decision = { decision = "deny", reason = "content the policy cannot read: " .. unreadable } };
+			flush(origin);
+			return true;
+		end
+	end
 	local key, cached;
 	if kind and cache_revision then
 		local from = stanza.attr.from or origin.full_jid or origin.host or "";
@@ -600,7 +841,7 @@ local function check(event)
 			return; -- allowed before by this very policy, nothing waiting: straight through
 		end
 	end
-	local request = kind and not cached and event_json(origin, stanza, kind);
+	local request = kind and not cached and event_json(origin, stanza, kind, body, subject, unreadable);
 	if not queue then
 		queue = { first = 1, last = 0 };
 		queues[origin] = queue;
