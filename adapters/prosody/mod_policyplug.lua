@@ -98,7 +98,21 @@ local pending = {};               -- request id -> waiter
 -- "server-cleanup" (after the sessions have closed), so those are decided as usual; what cannot be
 -- decided meanwhile is handled by the fail mode and logged once, not once per stanza.
 local stopping, undecided_while_stopping = false, 0;
+local drained; -- while Prosody waits for the last decisions: called when none is pending
+local close_transport;            -- transport-specific, at "server-cleanup"
 module:hook_global("server-stopping", function () stopping = true; end, 1000);
+-- "server-cleanup" comes after mod_c2s has closed the sessions, in Prosody's main runner: wait
+-- (at most the timeout) for the decisions of their last stanzas, so they are enforced, not failed
+module:hook_global("server-cleanup", function ()
+	if next(pending) ~= nil and async.ready() then
+		local wait, done = async.waiter(1, true);
+		drained = done;
+		module:add_timer(timeout, done);
+		wait();
+		drained = nil;
+	end
+	if close_transport then close_transport(); end
+end);
 
 -- The decision cache (socket transport only): decisions per (kind, from, to), used only while the
 -- service says the policy in force reads nothing else (`cacheable`, from the `watch` op and every
@@ -130,6 +144,7 @@ local function settle(id, decision, err, fresh)
 	local waiter = pending[id];
 	if not waiter then return; end -- already settled (a late answer after a timeout)
 	pending[id] = nil;
+	if drained and next(pending) == nil then drained(); end
 	if fresh and cache_revision and type(waiter) == "table" and waiter.key then
 		remember(waiter.key, decision);
 	end
@@ -329,11 +344,10 @@ if socket_path then
 		return true;
 	end
 
-	-- after the sessions have closed (and their last stanzas were decided)
-	module:hook_global("server-cleanup", function ()
+	function close_transport() -- after the sessions have closed (and their last stanzas were decided)
 		fail_all("Prosody is stopping");
 		if conn then conn:close(); end
-	end);
+	end
 	function module.unload() stopping = true; if conn then conn:close(); end end
 	connect();
 	module:log("info", "asking the decision service at %s, timeout %ss, fail mode %s", socket_path, timeout, fail_mode);
