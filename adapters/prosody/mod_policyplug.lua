@@ -544,7 +544,7 @@ function Content:stanza(el, depth)
 end
 
 -- Any other element: look inside for what a client shows (forwarded messages, files) or cannot
--- be read (encrypted), down to MAX_DEPTH.
+-- be read (encrypted), down to MAX_DEPTH; a chain of forwarded messages deeper than that is unreadable.
 function Content:payload(el, depth)
 	local name, ns = el.name, el.attr.xmlns or "";
 	local encrypted = ENCRYPTED[name .. " " .. ns];
@@ -552,11 +552,11 @@ function Content:payload(el, depth)
 		self.unreadable = self.unreadable or encrypted .. " content";
 		return;
 	end
-	if depth >= MAX_DEPTH then
-		if #el.tags > 0 or #el > 0 then self.unreadable = self.unreadable or "nested deeper than " .. MAX_DEPTH; end
-		return;
-	end
 	if name == "forwarded" and ns == FORWARD then
+		if depth >= MAX_DEPTH then -- a chain of forwarded messages longer than is read
+			self.unreadable = self.unreadable or "nested deeper than " .. MAX_DEPTH;
+			return;
+		end
 		for _, inner in ipairs(el.tags) do
 			if inner.name == "message" and self:count() then self:stanza(inner, depth + 1); end
 		end
@@ -568,6 +568,7 @@ function Content:payload(el, depth)
 			if text then self:add(text); end
 		end
 	end
+	if depth >= MAX_DEPTH then return; end -- no client shows what is this deep in an unknown element
 	for _, child in ipairs(el.tags) do
 		if not self:count() then return; end
 		self:payload(child, depth + 1);
