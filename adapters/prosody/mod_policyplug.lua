@@ -444,8 +444,9 @@ end
 ------------------------------------------------------------------------------------------------
 -- Content: everything the recipient can be shown (docs/semantics.md, "What body and subject are").
 -- `body` is, in document order and joined by "\n": every <body> (every xml:lang), the text of an
--- XHTML-IM <html>, out-of-band URLs and descriptions, presence <status>, invitation reasons, error
--- texts, file names and descriptions, and the same of every forwarded message (XEP-0297: quoted,
+-- XHTML-IM <html>, out-of-band URLs and descriptions, presence <status>, invitation reasons,
+-- nicknames, reactions, data forms, error texts, file names and descriptions, and the same of
+-- every forwarded message (XEP-0297: quoted,
 -- carbons, archive results), at any depth up to MAX_DEPTH; `subject` is every <subject>.
 -- What cannot be read (encrypted payloads, nesting deeper than MAX_DEPTH, more than MAX_ELEMENTS
 -- elements, a body cut to fit the request) makes the content incomplete, and
@@ -463,7 +464,12 @@ local ENCRYPTED = { -- element name .. " " .. namespace: payloads only the recip
 	["encrypted urn:xmpp:omemo:2"] = "OMEMO", ["openpgp urn:xmpp:openpgp:0"] = "OpenPGP (XEP-0373)",
 	["x jabber:x:encrypted"] = "OpenPGP (XEP-0027)", ["encryption urn:xmpp:eme:0"] = "an end-to-end encryption",
 };
-local BLOCK = { p = true, div = true, br = true, li = true, blockquote = true, ul = true, ol = true, pre = true };
+local NICK, REACTIONS, DATA_FORM = "http://jabber.org/protocol/nick", "urn:xmpp:reactions:0", "jabber:x:data";
+-- how a client lays out a rich text: elements shown on lines of their own, attributes it shows
+local XHTML_LAYOUT = { block = { p = true, div = true, br = true, li = true, blockquote = true, ul = true, ol = true,
+	pre = true }, attrs = { "alt", "title" } };
+local FORM_LAYOUT = { block = { title = true, instructions = true, field = true, value = true, item = true,
+	reported = true }, attrs = { "label" } };
 local MAX_DEPTH = 8;        -- forwarded inside forwarded (or wrappers) deeper than this is not read
 local MAX_ELEMENTS = 5000;  -- elements walked per stanza (Prosody's own limits keep stanzas smaller)
 
@@ -479,27 +485,30 @@ function Content:count()
 	return self.budget >= 0;
 end
 
--- Every text node under el, in document order; XHTML adds line breaks around blocks and the
--- alt/title a client shows in place of an image or on hover.
-function Content:text(el, out, xhtml)
+-- Every text node under el, in document order; with a layout (XHTML-IM, data forms), line breaks
+-- around blocks and the attributes a client shows (an image's alt text, a field's label).
+function Content:text(el, out, layout)
 	for i = 1, #el do
 		local child = el[i];
 		if type(child) == "string" then
 			out[#out + 1] = child;
 		elseif self:count() then
-			local block = xhtml and BLOCK[child.name];
+			local block = layout and layout.block[child.name];
 			if block then out[#out + 1] = "\n"; end
-			if xhtml and child.attr.alt then out[#out + 1] = child.attr.alt; end
-			if xhtml and child.attr.title then out[#out + 1] = child.attr.title; end
-			self:text(child, out, xhtml);
+			if layout then
+				for _, attr in ipairs(layout.attrs) do
+					if child.attr[attr] then out[#out + 1] = child.attr[attr]; end
+				end
+			end
+			self:text(child, out, layout);
 			if block then out[#out + 1] = "\n"; end
 		end
 	end
 	return out;
 end
 
-function Content:add(el, xhtml)
-	local text = table.concat(self:text(el, {}, xhtml));
+function Content:add(el, layout)
+	local text = table.concat(self:text(el, {}, layout));
 	if text ~= "" then self.bodies[#self.bodies + 1] = text; end
 end
 
@@ -524,7 +533,11 @@ function Content:stanza(el, depth)
 				if text then self:add(text); end
 			end
 		elseif name == "html" and ns == XHTML_IM then
-			self:add(child, true);
+			self:add(child, XHTML_LAYOUT);
+		elseif name == "x" and ns == DATA_FORM then
+			self:add(child, FORM_LAYOUT);
+		elseif (name == "nick" and ns == NICK) or (name == "reactions" and ns == REACTIONS) then
+			self:add(child); -- a sender's nickname, reactions: shown beside the message
 		elseif name == "x" and ns == OOB then
 			for _, part in ipairs({ "url", "desc" }) do
 				local text = child:get_child(part);

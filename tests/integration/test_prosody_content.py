@@ -58,6 +58,11 @@ SMUGGLED = {
                                    "<file xmlns='urn:xmpp:file:metadata:0'><name>x.txt</name>"
                                    f"<desc>{CARD}</desc></file></file-sharing>",
     "body with child elements": "<body>card 4111<b xmlns='urn:x:y'/> 1111 1111 1111</body>",
+    "nickname (XEP-0172)": f"<body>hello</body><nick xmlns='http://jabber.org/protocol/nick'>{CARD}</nick>",
+    "reaction (XEP-0444)": f"<reactions xmlns='urn:xmpp:reactions:0' id='m1'><reaction>{CARD}</reaction></reactions>",
+    "data form value": "<body>a form</body><x xmlns='jabber:x:data' type='form'><title>t</title><field var='a'>"
+                       f"<value>{CARD}</value></field></x>",
+    "data form label": f"<body>a form</body><x xmlns='jabber:x:data' type='form'><field var='a' label='{CARD}'/></x>",
 }
 
 
