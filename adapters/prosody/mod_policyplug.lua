@@ -474,6 +474,11 @@ local MAX_DEPTH = 8;        -- forwarded inside forwarded (or wrappers) deeper t
 local MAX_ELEMENTS = 5000;  -- elements walked per stanza (Prosody's own limits keep stanzas smaller)
 
 local function is_client_ns(ns) return ns == nil or ns == "jabber:client" or ns == "jabber:server"; end
+-- payloads that carry no text (most messages have some): not walked when empty
+local TEXTLESS = { ["http://jabber.org/protocol/chatstates"] = true, ["urn:xmpp:receipts"] = true,
+	["urn:xmpp:chat-markers:0"] = true, ["urn:xmpp:sid:0"] = true, ["urn:xmpp:hints"] = true,
+	["urn:xmpp:delay"] = true, ["urn:xmpp:message-correct:0"] = true, ["urn:xmpp:fallback:0"] = true,
+	["urn:xmpp:reply:0"] = true, ["urn:xmpp:styling:0"] = true };
 
 -- Reads one stanza: c.bodies, c.subjects (lists of texts), c.unreadable (why, or nil).
 local Content = {};
@@ -519,7 +524,8 @@ function Content:stanza(el, depth)
 		local child = tags[i];
 		if not self:count() then return; end
 		local name, ns = child.name, child.attr.xmlns;
-		if is_client_ns(ns) then
+		if TEXTLESS[ns] and #child == 0 then -- luacheck: ignore 542 (empty, as they are: nothing to read)
+		elseif is_client_ns(ns) then
 			if name == "body" or name == "status" then
 				self:add(child);
 				if name == "body" and (child:get_text() or ""):match("^%?OTR[:v,?]") then
