@@ -609,6 +609,7 @@ local function content_of(stanza)
 	local subject = #c.subjects > 0 and table.concat(c.subjects, "\n") or nil;
 	return body, subject, c.unreadable;
 end
+module.content_of = content_of; -- for tests (tests/prosody_content_harness.lua)
 
 -- The event JSON of a stanza (cli.md), without `time` (the service's now is the same moment);
 -- body, subject and unreadable are content_of's.
