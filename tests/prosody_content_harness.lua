@@ -20,6 +20,10 @@ module.add_timer, module.hook, module.hook_global, module.log, module.send = noo
 prosody = { core_post_stanza = noop };
 
 local env = setmetatable({ module = module, prosody = prosody }, { __index = _G });
+local folder = arg[1]:match("^(.*)/") or ".";
+function module.require(_, lib) -- Prosody's module:require: LIB.lib.lua beside the module, in its environment
+	return assert(loadfile(folder .. "/" .. lib .. ".lib.lua", "t", env))();
+end
 local chunk = assert(loadfile(arg[1], "t", env));
 chunk();
 local content_of = assert(module.content_of, "mod_policyplug exports no content_of");

@@ -8,7 +8,7 @@
 -- Prosody's user must be able to open the socket (mode 0660): e.g. `adduser prosody policyplug`.
 
 admins = { }
-plugin_paths = { "/opt/policyplug/adapters/prosody" }   -- where mod_policyplug.lua lives
+plugin_paths = { "/opt/policyplug/adapters/prosody" }   -- where mod_policyplug.lua and its *.lib.lua live
 
 modules_enabled = {
 	"roster"; "saslauth"; "tls"; "dialback"; "disco"; "ping"; "posix";
