@@ -359,6 +359,7 @@ def bench_component(workdir: Path, count: int, window: int, service_cpu: int) ->
     service = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(POLICY), "--component",
                                 "policy.acme.example", "--secret", "s3cret", "--server",
                                 f"127.0.0.1:{server.component_port}", "--socket", str(workdir / "c.sock"),
+                                "--component-client", "bench@acme.example",  # asks as a user: allow it
                                 "--audit-log", str(workdir / "c-audit.jsonl"), "--audit-level", "all"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                preexec_fn=lambda: dedicate(service_cpu))

@@ -11,7 +11,7 @@
 -- `local domains` (`policyplug check --prosody-config` this file says which are not).
 
 admins = { }
-plugin_paths = { "/opt/policyplug/adapters/prosody" }   -- where mod_policyplug.lua lives
+plugin_paths = { "/opt/policyplug/adapters/prosody" }   -- where mod_policyplug.lua and its *.lib.lua live
 
 modules_enabled = {
 	"roster"; "saslauth"; "tls"; "dialback"; "disco"; "ping"; "posix";

@@ -105,8 +105,9 @@ async def run(args: argparse.Namespace) -> int:
         from .component import PolicyComponent
         host, _, port = args.server.rpartition(":")
         secret = args.secret or os.environ.get("POLICYPLUG_COMPONENT_SECRET", "")
-        component = PolicyComponent(service, args.component, secret, host or "127.0.0.1", int(port))
-        component.connect(host or "127.0.0.1", int(port))
+        component = PolicyComponent(service, args.component, secret, host or "127.0.0.1", int(port),
+                                    clients=args.component_client, admins=args.admin, metrics=metrics)
+        component.start()
     if directory is not None:
         directory.start(lambda: loop.call_soon_threadsafe(service.apply_directory))
     watcher = loop.create_task(service.watch(args.watch_interval)) if args.watch_interval > 0 else None
@@ -152,6 +153,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--component", metavar="JID", help="connect to an XMPP server as this component (XEP-0114)")
     p.add_argument("--secret", help="component secret (or env POLICYPLUG_COMPONENT_SECRET)")
     p.add_argument("--server", default="127.0.0.1:5347", metavar="HOST:PORT", help="the server's component port")
+    p.add_argument("--component-client", action="append", default=[], metavar="JID",
+                   help="a JID besides the component's parent domain that may ask for decisions (repeatable)")
+    p.add_argument("--admin", action="append", default=[], metavar="JID",
+                   help="a JID that may run the component's ad-hoc commands (repeatable; none: nobody)")
     p.add_argument("--audit-log", metavar="PATH", help="hash-chained audit log (JSON Lines)")
     p.add_argument("--audit-level", choices=("denied", "all", "none"), default="denied")
     p.add_argument("--audit-bodies", action="store_true", help="keep message bodies in audit records")

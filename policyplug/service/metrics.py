@@ -23,6 +23,13 @@ class Metrics:
                                   registry=self.registry)
         self.audit_dropped = Gauge("policyplug_audit_dropped", "Audit records dropped because the disk could "
                                    "not keep up", registry=self.registry)
+        self.refusals = Counter("policyplug_component_refused",
+                                "Requests to the XMPP component from JIDs not allowed to make them "
+                                "(request: decide | command)", ["request"], registry=self.registry)
+
+    def component_refused(self, request: str) -> None:
+        """A request the component answered `forbidden` (docs/service.md, who may ask)."""
+        self.refusals.labels(request).inc()
 
     def watch_audit(self, audit: Any) -> None:
         """Export the audit writer's failure counters (read when Prometheus scrapes)."""

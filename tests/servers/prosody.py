@@ -22,7 +22,8 @@ The `prosody_server` fixture (tests/integration/conftest.py imports it) is a fac
 
 s2s between two test servers: Prosody finds a remote domain by DNS (SRV `_xmpp-server._tcp`, else
 port 5269), through libunbound. `s2s_peers` gives the server's resolver a local SRV record pointing
-that domain at `localhost:PORT` (unbound's `local-data`, nothing touches /etc/hosts or real DNS), and
+that domain and every name under it (its components) at `localhost:PORT` (unbound's `local-zone`
+redirect and `local-data`, nothing touches /etc/hosts or real DNS), and
 enables dialback, which authenticates the servers to each other without certificates. libunbound
 takes one `local-data` option per context, so a server can have one peer (enough for the tests).
 This needs Prosody to resolve through libunbound: Debian `lua-unbound` (a Recommends of `prosody`,
@@ -113,8 +114,11 @@ class ProsodyServer:
         for domain, port in self.s2s_peers.items():
             modules.append("dialback")
             options["use_ipv6"] = False
+            # a `redirect` zone answers every name under the domain with the apex's records, so the
+            # SRV record reaches the peer's components (policy.DOMAIN, rooms.DOMAIN) too
             options["unbound"] = {"resolvconf": False, "hoststxt": False, "options": {
-                "local-data:": f"_xmpp-server._tcp.{domain}. 60 IN SRV 0 0 {port} localhost."}}
+                "local-zone:": f"{domain}. redirect",
+                "local-data:": f"{domain}. 60 IN SRV 0 0 {port} localhost."}}
         options.update(self.global_options)
         lines = [f"Include {_lua(str(self.include))}"] if self.include is not None else []
         lines += [f"{key} = {_lua(value)}" for key, value in options.items()]
