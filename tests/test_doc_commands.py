@@ -99,7 +99,7 @@ def test_python_blocks_run(block: Block, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 LUA_BLOCKS = [b for b in BLOCKS if b.marker is None and b.language == "lua"]
-MODULE = ROOT / "adapters" / "prosody" / "mod_policyplug.lua"
+MODULE_FILES = sorted((ROOT / "adapters" / "prosody").glob("*.lua"))  # mod_policyplug.lua and its *.lib.lua
 
 
 @pytest.mark.parametrize("block", LUA_BLOCKS, ids=lambda b: b.name)
@@ -112,7 +112,8 @@ def test_lua_blocks_are_prosody_configuration_the_module_reads(block: Block, tmp
     path.write_text(block.text)
     result = subprocess.run([lua, "-p", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, f"{block.name}: {result.stderr}"
-    read = set(re.findall(r'get_option\w*\("(policyplug_\w+)"', MODULE.read_text()))
+    read = {name for module in MODULE_FILES
+            for name in re.findall(r'get_option\w*\("(policyplug_\w+)"', module.read_text())}
     assert read, "the module reads no policyplug_* option?"
     used = set(re.findall(r"\b(policyplug_\w+)\s*=", block.text))
     assert used <= read, f"{block.name}: options the module does not read: {sorted(used - read)}"
