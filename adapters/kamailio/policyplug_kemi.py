@@ -69,11 +69,15 @@ CONFIG = _read_config(CONFIG_PATH)
 
 from htable_limiter import HtableLimiter  # noqa: E402  (needs the paths set above)
 from sip_event import (  # noqa: E402
+    Conflict,
+    Unreadable,
     all_headers_parsed,
+    body_text,
     client_of,
     event_parts,
     media_type,
     message_sections,
+    message_text,
     parse_headers,
     split_message,
     split_text,
@@ -94,6 +98,10 @@ METHODS = frozenset(("MESSAGE", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "RE
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
 FOLLOW_INTERVAL = 0.1  # seconds
+# what a MESSAGE whose text cannot be extracted with certainty gets (docs/kamailio.md, "The message text")
+UNREADABLE_CHOICES = ("refuse", "decide")
+# the event field that says so, when this policyplug's events have it
+CONTENT_COMPLETE = "content_complete" in getattr(Event, "__slots__", ())
 STATE_TABLE = "policyplug_state"  # htable: generation and path of the policy published to workers
 
 
@@ -217,6 +225,14 @@ class PolicyplugKamailio:
         self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
         self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))
         self.self_uri = config.get("self_uri")  # where copies are sent to be routed like any request
+        self.unreadable_content = config.get("unreadable_content", "refuse")
+        if self.unreadable_content not in UNREADABLE_CHOICES:
+            raise ValueError(f"{CONFIG_PATH}: unreadable_content must be one of {', '.join(UNREADABLE_CHOICES)}, "
+                             f"not {self.unreadable_content!r}")
+        if self.unreadable_content == "decide" and not CONTENT_COMPLETE:
+            log("warn", "unreadable_content = \"decide\": this policyplug's events have no content_complete field, "
+                        "so a MESSAGE whose text could not all be read is decided on what could be read, unmarked")
+        self.audit_bodies = bool(config.get("audit_bodies", False))
         audit_path = config.get("audit_log")
         self.audit: Any = None
         self.chainer: SpoolChainer | None = None
@@ -244,6 +260,8 @@ class PolicyplugKamailio:
         self._audit_errors = 0
         self._local: frozenset[str] = frozenset()
         self._local_of: Any = None  # the policy self._local was made for
+        self._reads_text = True
+        self._reads_text_of: Any = None  # the policy self._reads_text was found for
         self._domains: dict[str, str] = {}  # Request-URI -> its domain as Kamailio parses it ($rd)
         self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
@@ -404,12 +422,24 @@ class PolicyplugKamailio:
         return value is not None and secrets.compare_digest(value.strip(), self.copy_token) \
             and bool(KSR.is_myself_srcip())
 
+    def reads_text(self) -> bool:
+        """Does anything read a MESSAGE's text: the policy (body, subject) or the audit records
+        (audit_bodies)? If not, it is not extracted, and what cannot be extracted is no reason to
+        refuse. Found again only when the policy changes."""
+        if self._reads_text_of is not self.policy:
+            reads = getattr(self.policy, "reads", None)
+            self._reads_text = self.audit_bodies or reads is None or bool({"body", "subject"} & reads)
+            self._reads_text_of = self.policy
+        return self._reads_text
+
     def decide_and_enforce(self, method: str, raw: str | bytes, *, initial: bool) -> int:
-        section, body_text, size = message_sections(raw)
-        headers = parse_headers(section)
+        section, body, size = message_sections(raw)
+        repeated: dict[str, list[str]] = {}
+        headers = parse_headers(section, repeated)
+        all_headers = all_headers_parsed(section)
         # the copy header (any case): found among the parsed headers (or, past the first
         # MAX_HEADERS lines, in the text), then looked at closer (each KSR call costs)
-        if initial and (COPY_MARK in headers if all_headers_parsed(section) else has_copy_mark(raw)):
+        if initial and (COPY_MARK in headers if all_headers else has_copy_mark(raw)):
             ours = self._is_our_copy()
             KSR.hdr.remove(COPY_HEADER)  # the token never leaves; a forged one reaches nobody
             if ours:
@@ -425,15 +455,25 @@ class PolicyplugKamailio:
             return self.reply(416, "Unsupported URI Scheme", "only sip: and sips: addresses are decided")
         # the event of sip_event.event_json, made directly: its fields have the right types by
         # construction, Event.from_json's checks of untrusted JSON are not needed on this path
-        parts = event_parts(method, headers, body_text, size)
+        read_text = self.reads_text()
+        parts = event_parts(method, headers, body, size, repeated, all_headers=all_headers, read_text=read_text)
         if parts is None:
             return self.relay(method, to_uri) if initial else self.relay_in_dialog()
+        kind, text, subject, size, payload, _headers, problem = parts
+        if problem is not None:
+            if isinstance(problem, Conflict):  # the recipient might read it either way
+                return self.reply(400, "Bad Request", str(problem))
+            if self.unreadable_content == "refuse":
+                if problem.args and "Content-Encoding" in str(problem):
+                    KSR.hdr.append_to_reply("Accept-Encoding: identity\r\n")
+                return self.reply(415, "Unsupported Media Type", f"message text cannot be checked: {problem}")
         try:
             sender, recipient = event_address(from_uri, "sip"), event_address(to_uri, "sip")
         except AddressError as exc:
             return self.reply(400, "Bad Request", str(exc))
-        kind, text, subject, size, payload, _headers = parts
         event = sip_event(kind, sender, recipient, text, subject, method, size, payload, headers, client())
+        if problem is not None and CONTENT_COMPLETE:
+            event.content_complete = False  # type: ignore[attr-defined]
         decision = self.policy.decide(event)
         if self.audit is not None and not self.audit.submit(event, decision) \
                 and self.audit.stats["errors"] != self._audit_errors:
@@ -451,13 +491,25 @@ class PolicyplugKamailio:
             return 1
         if decision.disclaimers and method == "MESSAGE" \
                 and media_type(event.headers.get("content-type", "")) == "text/plain":
-            KSR.textops.set_body("\n\n".join([event.body, *decision.disclaimers]), "text/plain")
+            KSR.textops.set_body("\n\n".join([self.plain_text(event, headers, repeated, body, read_text),
+                                               *decision.disclaimers]), "text/plain")
         if verdict == "redirect" and decision.redirect_to:
             KSR.seturi(sip_uri(decision.redirect_to))
             to_uri = None  # the Request-URI is another now: its domain is asked for
         elif decision.route_via:
             KSR.setdsturi(sip_uri(decision.route_via))
         return self.relay(method, to_uri) if initial else self.relay_in_dialog()
+
+    @staticmethod
+    def plain_text(event: Event, headers: dict[str, str], repeated: dict[str, list[str]], body: str | bytes,
+                   read_text: bool) -> str:
+        """The text of a text/plain MESSAGE, for a disclaimer to follow (extracted now if it was not)."""
+        if read_text:
+            return event.body
+        try:
+            return message_text(headers, repeated, body)[0]
+        except (Unreadable, Conflict):
+            return body_text(body)
 
     # -- enforcement helpers ------------------------------------------------------------------------
 
