@@ -732,3 +732,47 @@ def test_unwritable_audit_spool_is_reported_and_decisions_go_on(tmp_path: Path) 
         alice.close()
         sbc.close()
         server.stop()
+
+
+# -- the benchmark's native-policy anchors (bench/kamailio-native-policy.cfg) ---------------------
+
+@pytest.mark.parametrize("permissions", [False, True], ids=["htable", "permissions"])
+def test_native_policy_anchor_decides_like_the_benchmark_policy(tmp_path: Path, permissions: bool) -> None:
+    """bench_kamailio.py compares the adapter with this cfg: it must do the policy's message work
+    (allowed, blocked, content and default cases, 403 with the reason), one acc record each,
+    through a real rsyslogd."""
+    from tests.servers.kamailio import NativePolicyKamailio
+
+    sink = SipAgent("sink", "bench.example", ("127.0.0.1", 9))
+    server = NativePolicyKamailio(tmp_path, f"sip:127.0.0.1:{sink.port}", permissions=permissions, children=2)
+    server.start()
+    alice = SipAgent("alice", "acme.example", ("127.0.0.1", server.port))
+    try:
+        cases = [  # (Request-URI, From, body, status, reason)
+            ("sip:bob@bench.example", None, "hello", 200, None),
+            ("sip:bob@BENCH.example", None, "hello", 200, None),
+            ("sip:bob@acme.example", "sip:eve@p1.example", "from a partner", 200, None),
+            ("sip:bob@eu.acme.example", None, "internal", 200, None),
+            ("sip:bob@spam3.example", None, "hi", 403, "domain is blocked"),
+            ("sip:bob@acme.example", "sip:x@spam7.example", "hi", 403, "domain is blocked"),
+            ("sip:bob@p4.example", None, "card 4111111111111111", 403, "card number"),
+            ("sip:bob@p0.example", "sip:user2@acme.example", "confidential plans", 403, "no confidential material"),
+            ("sip:bob@p0.example", "sip:user2@acme.example", "lunch?", 200, None),
+            ("sip:bob@acme.example", "sip:eve@nowhere.example", "hi", 403, "not permitted"),
+        ]
+        for ruri, from_uri, body, status, reason in cases:
+            response = alice.request("MESSAGE", ruri, body=body, from_uri=from_uri)
+            assert response is not None and response.status == status, (ruri, from_uri, body, response and response.first_line)
+            if reason:
+                assert response.header("Warning") == f'399 kamailio.test "{reason}"'
+        assert len([m for m in sink.received if m.method == "MESSAGE"]) == sum(1 for c in cases if c[3] == 200)
+        deadline = time.monotonic() + 3
+        while len(server.syslog.records()) < len(cases) + 1 and time.monotonic() < deadline:  # + the start-up ping
+            time.sleep(0.05)
+        records = server.syslog.records()
+        assert len(records) == len(cases) + 1, records[-3:]
+        assert "why=card number" in "\n".join(records)
+    finally:
+        alice.close()
+        sink.close()
+        server.stop()
