@@ -36,6 +36,7 @@ time (one SIPp each, on the other core), and prints each one's Kamailio CPU per 
 round: a slow spell of the host slows both.
 
     python3 bench/bench_kamailio.py --pair /path/to/older/checkout [--policy large|trivial] [--audit denied|none]
+    python3 bench/bench_kamailio.py --pair . --other-config 'audit_spool = false'   (two settings, one checkout)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from statistics import median
 
@@ -176,6 +178,8 @@ def pair(args: argparse.Namespace) -> int:
     """This checkout's adapter and another's, side by side on the same core (see the module doc)."""
     checkouts = {"this": ROOT, "other": Path(args.pair).resolve()}
     policy = large_policy(audited=args.audit != "none") if args.policy == "large" else TRIVIAL
+    # adapter settings for the other side only ("audit_spool = false"): compares settings in one checkout
+    other_config = tomllib.loads("\n".join(args.other_config))
     sink, sink_port = start_sink()
     servers: dict[str, KamailioServer] = {}
     try:
@@ -185,7 +189,8 @@ def pair(args: argparse.Namespace) -> int:
                 server = KamailioServer(Path(tmp) / name, policy, children=args.children, audit_level=args.audit,
                                         allocator="tlsf", shm_mb=512, cpus=KAMAILIO_CPU, debug=1,
                                         routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
-                                        extra_config={"python_path": [*site.getsitepackages(), str(root)]})
+                                        extra_config={"python_path": [*site.getsitepackages(), str(root)],
+                                                      **(other_config if name == "other" else {})})
                 server.start()
                 servers[name] = server
             per_message: dict[str, list[float]] = {name: [] for name in servers}
@@ -237,6 +242,8 @@ def main() -> int:
     parser.add_argument("--pair", metavar="CHECKOUT", help="compare with another checkout's adapter, side by side")
     parser.add_argument("--policy", choices=("large", "trivial"), default="large", help="with --pair")
     parser.add_argument("--audit", choices=("denied", "all", "none"), default="denied", help="with --pair")
+    parser.add_argument("--other-config", action="append", default=[], metavar="'KEY = VALUE'",
+                        help="with --pair: an adapter setting (TOML) for the other side only; --pair . compares settings")
     args = parser.parse_args()
     if args.pair:
         return pair(args)

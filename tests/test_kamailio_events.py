@@ -583,3 +583,55 @@ def test_fuzz_extraction_ends_in_text_or_a_reason_and_never_hides_what_email_rea
             payload = part.get_payload(decode=True) or b""
             if b"MARK" in payload:
                 assert "MARK" in text, (body, text)
+
+
+def test_cached_decisions_are_dropped_when_a_new_policy_is_loaded(load_kemi, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A cacheable policy's decisions are kept per worker; the snapshot the timer publishes
+    (a reload) replaces the policy, and no decision of the old one is given after it."""
+    from policyplug.addresses import event_address
+
+    fake = FakeKSR()
+    kemi = load_kemi(fake)
+    adapter = kemi.kamailio().adapter
+    deny = 'policy "old"\nlocal domains ["acme.example"]\nrule r:\n  when recipient.domain == "partner.example"\n' \
+           '  deny "old policy"\ndefault allow\n'
+    first = tmp_path / "first.policy"
+    first.write_text(deny)
+    adapter.policy = load_policy(first)
+    assert adapter.policy.cacheable
+    event = kemi.sip_event("message", event_address("sip:alice@acme.example", "sip"),
+                           event_address("sip:dave@partner.example", "sip"), "hi", "", "MESSAGE", 10, [], {},
+                           {"ip": "192.0.2.1", "port": 5060, "secure": False})
+    decided = adapter.decide(event)
+    assert decided.decision == "deny" and adapter.decide(event) is decided, "the second answer is the cached one"
+    # the timer process publishes generation 1; the worker follows it on its next request
+    second = tmp_path / "second.policy"
+    second.write_text(deny.replace('deny "old policy"', "allow"))
+    published = {"generation": 1, "snapshot": str(second)}
+    fake.htable = types.SimpleNamespace(sht_get=lambda table, key: published[key])
+    adapter._next_follow = 0.0
+    adapter._follow()
+    assert adapter.generation == 1
+    assert adapter.decide(event).decision == "allow", "a decision of the old policy was kept across the reload"
+    # a policy that is not cacheable (it reads the body) is asked every time
+    adapter.policy = load_policy(text='policy "b"\nlocal domains ["acme.example"]\nrule r:\n  when body == "hi"\n'
+                                      '  deny "no"\ndefault allow\n')
+    assert not adapter.policy.cacheable and adapter._decisions_of is not adapter.policy
+    assert adapter.decide(event).decision == "deny" and adapter._decisions is None
+
+
+def test_the_event_carries_every_header_only_when_something_reads_them(load_kemi) -> None:  # type: ignore[no-untyped-def]
+    kemi = load_kemi(FakeKSR())
+    adapter = kemi.kamailio().adapter
+    headers = {"via": "SIP/2.0/UDP 192.0.2.1", "call-id": "c1", "content-type": "text/plain"}
+    adapter.policy = load_policy(text='policy "p"\nlocal domains ["x"]\ndefault allow\n')
+    adapter.reads_text()
+    assert adapter.event_headers(headers) == {"call-id": "c1"}, "nobody reads them: the Call-ID alone"
+    adapter.policy = load_policy(text='policy "p"\nlocal domains ["x"]\nrule r:\n  when headers["via"] == "v"\n'
+                                      '  deny "v"\ndefault allow\n')
+    adapter.reads_text()
+    assert adapter.event_headers(headers) is headers, "the policy reads headers: every one"
+    adapter.audit_headers = "all"
+    adapter.policy = load_policy(text='policy "p"\nlocal domains ["x"]\ndefault allow\n')
+    adapter.reads_text()
+    assert adapter.event_headers(headers) is headers, "audit_headers = \"all\": every one"

@@ -57,15 +57,21 @@ def _header_end(raw: Any, crlf: Any, lf: Any) -> tuple[int, int]:
 
 def split_message(raw: bytes) -> tuple[str, bytes]:
     """The header section (without the request line, folded lines joined) and the body."""
-    end, body_at = _header_end(raw, b"\n\r\n", b"\n\n")
-    return _unfolded(raw[:end].decode("utf-8", errors="replace")), raw[body_at:]
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep or b"\n\n" in head or b"\n\r\n" in head or head.endswith(b"\n"):  # a bare LF first
+        end, body_at = _header_end(raw, b"\n\r\n", b"\n\n")
+        head, body = raw[:end], raw[body_at:]
+    return _unfolded(head.decode("utf-8", errors="replace")), body
 
 
 def split_text(raw: str) -> tuple[str, str]:
     """split_message of an ASCII request given as text (what Kamailio hands the script): the
     same header section, and the body as text, without encoding and decoding it again."""
-    end, body_at = _header_end(raw, "\n\r\n", "\n\n")
-    return _unfolded(raw[:end]), raw[body_at:]
+    head, sep, body = raw.partition("\r\n\r\n")
+    if not sep or "\n\n" in head or "\n\r\n" in head or head.endswith("\n"):  # a bare LF first
+        end, body_at = _header_end(raw, "\n\r\n", "\n\n")
+        head, body = raw[:end], raw[body_at:]
+    return _unfolded(head), body
 
 
 def _unfolded(text: str) -> str:
@@ -127,6 +133,9 @@ MAX_DEPTH = 8               # nested multipart / message/cpim levels
 MAX_PARTS = 64              # body parts in one request, at every level together
 MAX_BODY_BYTES = 1 << 20    # a larger MESSAGE body is not read
 BINARY_ENCODINGS = ("", "7bit", "8bit", "binary")
+# Content-Type values of ASCII text read as it is (no charset to apply), looked up before parsing
+PLAIN_TYPES = frozenset(("", "text/plain", "text/plain; charset=utf-8", "text/plain; charset=UTF-8",
+                         "text/plain;charset=utf-8", "text/plain;charset=UTF-8"))
 _TOKEN = r"[!#$%&'*+\-.^_`{|}~0-9A-Za-z]+"
 _MEDIA = re.compile(rf"\s*({_TOKEN})\s*/\s*({_TOKEN})\s*")
 _PARAM = re.compile(rf'\s*;\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|"((?:[^"\\\r\n]|\\.)*)")\s*')
@@ -360,6 +369,10 @@ def message_text(headers: dict[str, str], repeated: dict[str, list[str]], body: 
     a body whose text cannot be extracted with certainty (see the module's doc)."""
     if not all_headers:
         raise Unreadable(f"more than {MAX_HEADERS} header lines")
+    content_type = headers.get("content-type", "")
+    if content_type in PLAIN_TYPES and isinstance(body, str) and "content-type" not in repeated \
+            and "content-encoding" not in headers and "content-transfer-encoding" not in headers:
+        return body, []  # the common case: ASCII text/plain, read as it is
     content_type = _single(headers, repeated, "content-type", Conflict)
     _check_content_encoding(headers)
     transfer = _single(headers, repeated, "content-transfer-encoding", Conflict)
