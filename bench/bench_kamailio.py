@@ -188,6 +188,7 @@ def pair(args: argparse.Namespace) -> int:
                 kamailio_servers.KEMI_SCRIPT = root / "adapters" / "kamailio" / "policyplug_kemi.py"
                 server = KamailioServer(Path(tmp) / name, policy, children=args.children, audit_level=args.audit,
                                         allocator="tlsf", shm_mb=512, cpus=KAMAILIO_CPU, debug=1,
+                                        cfg=root / "adapters" / "kamailio" / "kamailio.cfg",  # each its own
                                         routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
                                         extra_config={"python_path": [*site.getsitepackages(), str(root)],
                                                       **(other_config if name == "other" else {})})

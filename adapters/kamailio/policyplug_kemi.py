@@ -264,7 +264,7 @@ class PolicyplugKamailio:
         self._audit_errors = 0
         self._local: frozenset[str] = frozenset()
         self._local_of: Any = None  # the policy self._local was made for
-        self._reads_text = True
+        self._reads_text = self._policy_reads_text = True
         self._all_headers = True
         self._reads_text_of: Any = None  # the policy self._reads_text was found for
         # decisions of a cacheable policy (runtime.Policy.cacheable: only kind and addresses
@@ -433,11 +433,12 @@ class PolicyplugKamailio:
 
     def reads_text(self) -> bool:
         """Does anything read a MESSAGE's text: the policy (body, subject) or the audit records
-        (audit_bodies)? If not, it is not extracted, and what cannot be extracted is no reason to
-        refuse. Found again only when the policy changes."""
+        (audit_bodies)? If not, it is not extracted; and what cannot be extracted is a reason to
+        refuse only when the policy reads it. Found again only when the policy changes."""
         if self._reads_text_of is not self.policy:
             reads = getattr(self.policy, "reads", None)
-            self._reads_text = self.audit_bodies or reads is None or bool({"body", "subject"} & reads)
+            self._policy_reads_text = reads is None or bool({"body", "subject"} & reads)
+            self._reads_text = self.audit_bodies or self._policy_reads_text
             self._all_headers = self.audit_headers == "all" or reads is None or "headers" in reads
             self._reads_text_of = self.policy
         return self._reads_text
@@ -495,6 +496,8 @@ class PolicyplugKamailio:
         if parts is None:
             return self.relay(method, to_uri) if initial else self.relay_in_dialog()
         kind, text, subject, size, payload, _headers, problem = parts
+        if problem is not None and not self._policy_reads_text:
+            problem = None  # only the audit record keeps the text: it keeps what could be read
         if problem is not None:
             if isinstance(problem, Conflict):  # the recipient might read it either way
                 return self.reply(400, "Bad Request", str(problem))
