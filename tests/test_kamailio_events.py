@@ -382,6 +382,8 @@ MULTIPART = ("--b1\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
     ("Content-Type: text/plain; charset=utf-16\r\n", f"card {CARD}".encode("utf-16")),
     ("Content-Type: text/plain; charset=iso-8859-1\r\n", f"caf\xe9 card {CARD}"),
     ("Content-Type: text/html\r\n", "<p>card 4111 <b>1111</b> 1111&#32;1111</p>"),
+    ("Content-Type: text/plain\r\n", f"card {CARD}".encode("utf-16")),          # a BOM a client sniffs
+    ("", f"card {CARD}".encode("utf-32")),
 ])
 def test_the_text_the_recipient_sees_is_the_text_the_policy_sees(extra: str, body: bytes | str) -> None:
     text, _subject, complete = text_of(extra, body)
@@ -428,6 +430,8 @@ def test_cpim_subjects_join_the_subject() -> None:
      b"--b\r\nContent-Type: text/plain\r\nContent-Type: image/png\r\n\r\ny\r\n--b--", "different"),
     ("Content-Type: multipart/mixed; boundary=b\r\n", b"--b\r\n\r\nx\r\n" * 70 + b"--b--", "body parts"),
     ("Content-Type: message/cpim\r\n", b"no header section", "empty line"),
+    ("Content-Type: text/plain\r\n", "card 4111".encode("utf-16-le"), "NUL bytes"),  # UTF-16, no mark
+    ("", b"card\x00 4111", "NUL bytes"),
 ])
 def test_what_cannot_be_read_with_certainty_is_said(extra: str, body: bytes, why: str) -> None:
     from sip_event import Unreadable

@@ -188,6 +188,21 @@ def _charset(params: dict[str, str]) -> str:
     return info.name
 
 
+def _decoded(data: bytes, charset: str) -> str:
+    """A text part's text. UTF-8 (declared or by default) that starts with a UTF-16 or UTF-32
+    byte order mark is read by the mark, as clients that sniff it show it; UTF-8 with NUL bytes
+    has an encoding in doubt (UTF-16 without a mark, to a client that guesses): Unreadable."""
+    if charset == "utf-8":
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return data.decode("utf-32" if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "utf-16",
+                               errors="replace")
+        if data.startswith(b"\x00\x00\xfe\xff"):
+            return data.decode("utf-32", errors="replace")
+        if b"\x00" in data:
+            raise Unreadable("NUL bytes in a text part")
+    return data.decode(charset, errors="replace")
+
+
 class _HtmlText(HTMLParser):
     """The text of an HTML part as a reader sees it: text nodes (character references resolved),
     line breaks for block elements, and the attribute texts a client shows (alt, title) or
@@ -289,7 +304,7 @@ class _Extraction:
         media, params = parse_content_type(content_type) if content_type.strip() else ("text/plain", {})
         data = _decode_transfer(data, transfer)
         if media.startswith("text/") or media == "application/xhtml+xml":
-            text = data.decode(_charset(params), errors="replace")
+            text = _decoded(data, _charset(params))
             if media in ("text/html", "application/xhtml+xml"):
                 text = html_text(text)
             self.texts.append(text)
@@ -371,7 +386,8 @@ def message_text(headers: dict[str, str], repeated: dict[str, list[str]], body: 
         raise Unreadable(f"more than {MAX_HEADERS} header lines")
     content_type = headers.get("content-type", "")
     if content_type in PLAIN_TYPES and isinstance(body, str) and "content-type" not in repeated \
-            and "content-encoding" not in headers and "content-transfer-encoding" not in headers:
+            and "content-encoding" not in headers and "content-transfer-encoding" not in headers \
+            and "\x00" not in body:
         return body, []  # the common case: ASCII text/plain, read as it is
     content_type = _single(headers, repeated, "content-type", Conflict)
     _check_content_encoding(headers)
@@ -379,7 +395,7 @@ def message_text(headers: dict[str, str], repeated: dict[str, list[str]], body: 
     if len(content_type) >= MAX_HEADER_VALUE:
         raise Unreadable("Content-Type too long")
     media = content_type.split(";", 1)[0].strip().lower()
-    if isinstance(body, str) and not transfer and (media in ("text/plain", "") and (
+    if isinstance(body, str) and not transfer and "\x00" not in body and (media in ("text/plain", "") and (
             ";" not in content_type or _charset(parse_content_type(content_type)[1]) == "utf-8")):
         return body, []  # the common case: ASCII text, read as it is
     data = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body

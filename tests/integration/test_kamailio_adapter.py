@@ -445,6 +445,16 @@ def test_text_smuggled_past_the_first_body_is_seen(world: World, name: str) -> N
     assert world["bob"].wait_for(lambda m: marker.encode() in m.body) is not None, "delivered as it was sent"
 
 
+def test_text_in_utf16_behind_a_byte_order_mark_is_read_and_nul_bytes_are_refused(world: World) -> None:
+    """A client that sniffs a byte order mark shows UTF-16 text under a plain `text/plain`; one
+    that guesses UTF-16 from NUL bytes may show text with no mark at all."""
+    marked = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="the secret".encode("utf-16"))
+    assert marked is not None and marked.status == 403, marked and marked.first_line
+    unmarked = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="the secret".encode("utf-16-le"))
+    assert unmarked is not None and unmarked.status == 415
+    assert "NUL bytes in a text part" in (unmarked.header("Warning") or "")
+
+
 def test_different_content_types_are_refused_as_malformed(world: World) -> None:
     response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="harmless", content_type="text/plain",
                                       extra="Content-Type: application/octet-stream\r\n")
