@@ -620,7 +620,7 @@ def test_cached_decisions_are_dropped_when_a_new_policy_is_loaded(load_kemi, tmp
     # a policy that is not cacheable (it reads the body) is asked every time
     adapter.policy = load_policy(text='policy "b"\nlocal domains ["acme.example"]\nrule r:\n  when body == "hi"\n'
                                       '  deny "no"\ndefault allow\n')
-    assert not adapter.policy.cacheable and adapter._decisions_of is not adapter.policy
+    assert not adapter.policy.cacheable and adapter._derived_of is not adapter.policy
     assert adapter.decide(event).decision == "deny" and adapter._decisions is None
 
 

@@ -264,13 +264,13 @@ class PolicyplugKamailio:
         self._audit_errors = 0
         self._local: frozenset[str] = frozenset()
         self._local_of: Any = None  # the policy self._local was made for
-        self._reads_text = self._policy_reads_text = True
-        self._all_headers = True
-        self._reads_text_of: Any = None  # the policy self._reads_text was found for
+        # derived from the policy in force by _refresh, again whenever it changes (a reload)
+        self._derived_of: Any = None
+        self._reads_text = self._policy_reads_text = self._all_headers = True
         # decisions of a cacheable policy (runtime.Policy.cacheable: only kind and addresses
-        # decide), by (kind, sender, recipient); dropped whenever the policy in force changes
+        # decide), by (kind, sender, recipient)
         self._decisions: dict[tuple[str, str, str], Any] | None = None
-        self._decisions_of: Any = None
+        self._decide: Any = None
         self._domains: dict[str, str] = {}  # Request-URI -> its domain as Kamailio parses it ($rd)
         self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
@@ -431,37 +431,49 @@ class PolicyplugKamailio:
         return value is not None and secrets.compare_digest(value.strip(), self.copy_token) \
             and bool(KSR.is_myself_srcip())
 
+    def _refresh(self) -> None:
+        """What the adapter derives from the policy in force: does anything read a MESSAGE's text
+        (the policy's body or subject, or audit_bodies; if not, it is not extracted, and what cannot
+        be extracted is a reason to refuse only when the policy reads it), does the event carry
+        every header, and how the policy is asked (its decisions cached when it is cacheable).
+        Nothing of an older policy is kept."""
+        policy = self.policy
+        reads = getattr(policy, "reads", None)
+        self._policy_reads_text = reads is None or bool({"body", "subject"} & reads)
+        self._reads_text = self.audit_bodies or self._policy_reads_text
+        self._all_headers = self.audit_headers == "all" or reads is None or "headers" in reads
+        if getattr(policy, "cacheable", False):
+            self._decisions, self._decide = {}, self._cached_decide
+        else:
+            self._decisions, self._decide = None, policy.decide
+        self._derived_of = policy
+
     def reads_text(self) -> bool:
-        """Does anything read a MESSAGE's text: the policy (body, subject) or the audit records
-        (audit_bodies)? If not, it is not extracted; and what cannot be extracted is a reason to
-        refuse only when the policy reads it. Found again only when the policy changes."""
-        if self._reads_text_of is not self.policy:
-            reads = getattr(self.policy, "reads", None)
-            self._policy_reads_text = reads is None or bool({"body", "subject"} & reads)
-            self._reads_text = self.audit_bodies or self._policy_reads_text
-            self._all_headers = self.audit_headers == "all" or reads is None or "headers" in reads
-            self._reads_text_of = self.policy
+        if self._derived_of is not self.policy:
+            self._refresh()
         return self._reads_text
 
     def event_headers(self, headers: dict[str, str]) -> dict[str, str]:
         """The event's `headers`: every header when the policy reads `headers` (or audit_headers =
         "all"), else only the Call-ID, which ties an audit record to Kamailio's logs and traces: the
-        rest would be encoded into every record for nobody (about 4 µs a message, docs/kamailio.md)."""
+        rest would be encoded into every record for nobody (about 3 µs a message, docs/kamailio.md)."""
+        if self._derived_of is not self.policy:
+            self._refresh()
         return headers if self._all_headers else {"call-id": headers.get("call-id", "")}
 
     def decide(self, event: Event) -> Any:
         """The policy's decision, from this worker's cache when the policy is cacheable."""
-        policy = self.policy
-        if self._decisions_of is not policy:  # a new policy (reload): nothing of the old one is kept
-            self._decisions = {} if getattr(policy, "cacheable", False) else None
-            self._decisions_of = policy
+        if self._derived_of is not self.policy:
+            self._refresh()
+        return self._decide(event)
+
+    def _cached_decide(self, event: Event) -> Any:
         decisions = self._decisions
-        if decisions is None:
-            return policy.decide(event)
+        assert decisions is not None
         key = (event.kind, event.sender.key, event.recipient.key)
         decision = decisions.get(key)
         if decision is None:
-            decision = policy.decide(event)
+            decision = self.policy.decide(event)
             if not decision.errors:
                 if len(decisions) >= DECISION_CACHE_SIZE:
                     decisions.clear()  # many distinct pairs: start afresh rather than grow
@@ -491,7 +503,9 @@ class PolicyplugKamailio:
             return self.reply(416, "Unsupported URI Scheme", "only sip: and sips: addresses are decided")
         # the event of sip_event.event_json, made directly: its fields have the right types by
         # construction, Event.from_json's checks of untrusted JSON are not needed on this path
-        read_text = self.reads_text()
+        if self._derived_of is not self.policy:
+            self._refresh()
+        read_text = self._reads_text
         parts = event_parts(method, headers, body, size, repeated, all_headers=all_headers, read_text=read_text)
         if parts is None:
             return self.relay(method, to_uri) if initial else self.relay_in_dialog()
@@ -509,11 +523,11 @@ class PolicyplugKamailio:
             sender, recipient = event_address(from_uri, "sip"), event_address(to_uri, "sip")
         except AddressError as exc:
             return self.reply(400, "Bad Request", str(exc))
-        event = sip_event(kind, sender, recipient, text, subject, method, size, payload, self.event_headers(headers),
-                          client())
+        event = sip_event(kind, sender, recipient, text, subject, method, size, payload,
+                          headers if self._all_headers else {"call-id": headers.get("call-id", "")}, client())
         if problem is not None and CONTENT_COMPLETE:
             event.content_complete = False  # type: ignore[attr-defined]
-        decision = self.decide(event)
+        decision = self._decide(event)
         if self.audit is not None and not self.audit.submit(event, decision) \
                 and self.audit.stats["errors"] != self._audit_errors:
             # a failing disk: said loudly in Kamailio's log (once per failure), decisions go on
