@@ -179,13 +179,25 @@ def _charset(params: dict[str, str]) -> str:
     name = params.get("charset", "utf-8").strip().lower()
     if name in ("utf-8", "utf8", "us-ascii", "ascii"):
         return "utf-8"
-    try:
-        info = codecs.lookup(name)
-    except LookupError:
-        raise Unreadable(f"unknown charset {name[:40]!r}") from None
-    if not getattr(info, "_is_text_encoding", True):  # rot13, base64_codec ...: not a charset
+    found = _CHARSETS.get(name, False)
+    if found is False:
+        # looked up once per name, unknown ones too (codecs tries an import for each): a flood of
+        # made-up charsets costs a dict lookup each, not a search of the file system
+        try:
+            info = codecs.lookup(name) if len(name) <= 40 else None
+        except LookupError:
+            info = None
+        # rot13, base64_codec ...: codecs, but not charsets
+        found = info.name if info is not None and getattr(info, "_is_text_encoding", True) else None
+        if len(_CHARSETS) >= 256:
+            _CHARSETS.clear()
+        _CHARSETS[name] = found
+    if found is None:
         raise Unreadable(f"unknown charset {name[:40]!r}")
-    return info.name
+    return found
+
+
+_CHARSETS: dict[str, str | None] = {}  # charset name -> Python codec, None for unknown
 
 
 def _decoded(data: bytes, charset: str) -> str:
