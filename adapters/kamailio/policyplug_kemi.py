@@ -525,8 +525,8 @@ class PolicyplugKamailio:
             return self.reply(400, "Bad Request", str(exc))
         event = sip_event(kind, sender, recipient, text, subject, method, size, payload,
                           headers if self._all_headers else {"call-id": headers.get("call-id", "")}, client())
-        if problem is not None and CONTENT_COMPLETE:
-            event.content_complete = False  # type: ignore[attr-defined]
+        if CONTENT_COMPLETE:  # set either way: Event.from_members leaves members it does not know unset
+            event.content_complete = problem is None  # type: ignore[attr-defined]
         decision = self._decide(event)
         if self.audit is not None and not self.audit.submit(event, decision) \
                 and self.audit.stats["errors"] != self._audit_errors:
