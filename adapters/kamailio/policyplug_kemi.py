@@ -69,11 +69,15 @@ CONFIG = _read_config(CONFIG_PATH)
 
 from htable_limiter import HtableLimiter  # noqa: E402  (needs the paths set above)
 from sip_event import (  # noqa: E402
+    Conflict,
+    Unreadable,
     all_headers_parsed,
+    body_text,
     client_of,
     event_parts,
     media_type,
     message_sections,
+    message_text,
     parse_headers,
     split_message,
     split_text,
@@ -96,6 +100,11 @@ METHODS = frozenset(("MESSAGE", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "RE
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
 FOLLOW_INTERVAL = 0.1  # seconds
+# what a MESSAGE whose text cannot be extracted with certainty gets (docs/kamailio.md, "The message text")
+UNREADABLE_CHOICES = ("refuse", "decide")
+# the event field that says so, when this policyplug's events have it
+CONTENT_COMPLETE = "content_complete" in getattr(Event, "__slots__", ())
+DECISION_CACHE_SIZE = 4096  # per worker
 STATE_TABLE = "policyplug_state"  # htable: generation and path of the policy published to workers
 
 
@@ -222,6 +231,17 @@ class PolicyplugKamailio:
         self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
         self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))
         self.self_uri = config.get("self_uri")  # where copies are sent to be routed like any request
+        self.unreadable_content = config.get("unreadable_content", "refuse")
+        if self.unreadable_content not in UNREADABLE_CHOICES:
+            raise ValueError(f"{CONFIG_PATH}: unreadable_content must be one of {', '.join(UNREADABLE_CHOICES)}, "
+                             f"not {self.unreadable_content!r}")
+        if self.unreadable_content == "decide" and not CONTENT_COMPLETE:
+            log("warn", "unreadable_content = \"decide\": this policyplug's events have no content_complete field, "
+                        "so a MESSAGE whose text could not all be read is decided on what could be read, unmarked")
+        self.audit_bodies = bool(config.get("audit_bodies", False))
+        self.audit_headers = config.get("audit_headers", "call-id")
+        if self.audit_headers not in ("call-id", "all"):
+            raise ValueError(f"{CONFIG_PATH}: audit_headers must be \"call-id\" or \"all\", not {self.audit_headers!r}")
         audit_path = config.get("audit_log")
         self.audit: Any = None
         self.chainer: SpoolChainer | None = None
@@ -263,6 +283,13 @@ class PolicyplugKamailio:
         self._audit_errors = 0
         self._local: frozenset[str] = frozenset()
         self._local_of: Any = None  # the policy self._local was made for
+        # derived from the policy in force by _refresh, again whenever it changes (a reload)
+        self._derived_of: Any = None
+        self._reads_text = self._policy_reads_text = self._all_headers = True
+        # decisions of a cacheable policy (runtime.Policy.cacheable: only kind and addresses
+        # decide), by (kind, sender, recipient)
+        self._decisions: dict[tuple[str, str, str], Any] | None = None
+        self._decide: Any = None
         self._domains: dict[str, str] = {}  # Request-URI -> its domain as Kamailio parses it ($rd)
         self._next_follow = 0.0
         self._mtimes: dict[Path, float] = {}
@@ -423,12 +450,63 @@ class PolicyplugKamailio:
         return value is not None and secrets.compare_digest(value.strip(), self.copy_token) \
             and bool(KSR.is_myself_srcip())
 
+    def _refresh(self) -> None:
+        """What the adapter derives from the policy in force: does anything read a MESSAGE's text
+        (the policy's body or subject, or audit_bodies; if not, it is not extracted, and what cannot
+        be extracted is a reason to refuse only when the policy reads it), does the event carry
+        every header, and how the policy is asked (its decisions cached when it is cacheable).
+        Nothing of an older policy is kept."""
+        policy = self.policy
+        reads = getattr(policy, "reads", None)
+        self._policy_reads_text = reads is None or bool({"body", "subject"} & reads)
+        self._reads_text = self.audit_bodies or self._policy_reads_text
+        self._all_headers = self.audit_headers == "all" or reads is None or "headers" in reads
+        if getattr(policy, "cacheable", False):
+            self._decisions, self._decide = {}, self._cached_decide
+        else:
+            self._decisions, self._decide = None, policy.decide
+        self._derived_of = policy
+
+    def reads_text(self) -> bool:
+        if self._derived_of is not self.policy:
+            self._refresh()
+        return self._reads_text
+
+    def event_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """The event's `headers`: every header when the policy reads `headers` (or audit_headers =
+        "all"), else only the Call-ID, which ties an audit record to Kamailio's logs and traces: the
+        rest would be encoded into every record for nobody (about 3 µs a message, docs/kamailio.md)."""
+        if self._derived_of is not self.policy:
+            self._refresh()
+        return headers if self._all_headers else {"call-id": headers.get("call-id", "")}
+
+    def decide(self, event: Event) -> Any:
+        """The policy's decision, from this worker's cache when the policy is cacheable."""
+        if self._derived_of is not self.policy:
+            self._refresh()
+        return self._decide(event)
+
+    def _cached_decide(self, event: Event) -> Any:
+        decisions = self._decisions
+        assert decisions is not None
+        key = (event.kind, event.sender.key, event.recipient.key)
+        decision = decisions.get(key)
+        if decision is None:
+            decision = self.policy.decide(event)
+            if not decision.errors:
+                if len(decisions) >= DECISION_CACHE_SIZE:
+                    decisions.clear()  # many distinct pairs: start afresh rather than grow
+                decisions[key] = decision
+        return decision
+
     def decide_and_enforce(self, method: str, raw: str | bytes, *, initial: bool) -> int:
-        section, body_text, size = message_sections(raw)
-        headers = parse_headers(section)
+        section, body, size = message_sections(raw)
+        repeated: dict[str, list[str]] = {}
+        headers = parse_headers(section, repeated)
+        all_headers = all_headers_parsed(section)
         # the copy header (any case): found among the parsed headers (or, past the first
         # MAX_HEADERS lines, in the text), then looked at closer (each KSR call costs)
-        if initial and (COPY_MARK in headers if all_headers_parsed(section) else has_copy_mark(raw)):
+        if initial and (COPY_MARK in headers if all_headers else has_copy_mark(raw)):
             ours = self._is_our_copy()
             KSR.hdr.remove(COPY_HEADER)  # the token never leaves; a forged one reaches nobody
             if ours:
@@ -444,16 +522,31 @@ class PolicyplugKamailio:
             return self.reply(416, "Unsupported URI Scheme", "only sip: and sips: addresses are decided")
         # the event of sip_event.event_json, made directly: its fields have the right types by
         # construction, Event.from_json's checks of untrusted JSON are not needed on this path
-        parts = event_parts(method, headers, body_text, size)
+        if self._derived_of is not self.policy:
+            self._refresh()
+        read_text = self._reads_text
+        parts = event_parts(method, headers, body, size, repeated, all_headers=all_headers, read_text=read_text)
         if parts is None:
             return self.relay(method, to_uri) if initial else self.relay_in_dialog()
+        kind, text, subject, size, payload, _headers, problem = parts
+        if problem is not None and not self._policy_reads_text:
+            problem = None  # only the audit record keeps the text: it keeps what could be read
+        if problem is not None:
+            if isinstance(problem, Conflict):  # the recipient might read it either way
+                return self.reply(400, "Bad Request", str(problem))
+            if self.unreadable_content == "refuse":
+                if problem.args and "Content-Encoding" in str(problem):
+                    KSR.hdr.append_to_reply("Accept-Encoding: identity\r\n")
+                return self.reply(415, "Unsupported Media Type", f"message text cannot be checked: {problem}")
         try:
             sender, recipient = event_address(from_uri, "sip"), event_address(to_uri, "sip")
         except AddressError as exc:
             return self.reply(400, "Bad Request", str(exc))
-        kind, text, subject, size, payload, _headers = parts
-        event = sip_event(kind, sender, recipient, text, subject, method, size, payload, headers, client())
-        decision = self.policy.decide(event)
+        event = sip_event(kind, sender, recipient, text, subject, method, size, payload,
+                          headers if self._all_headers else {"call-id": headers.get("call-id", "")}, client())
+        if CONTENT_COMPLETE:  # set either way: Event.from_members leaves members it does not know unset
+            event.content_complete = problem is None  # type: ignore[attr-defined]
+        decision = self._decide(event)
         if self.usage_db:
             self.count_usage(event, decision)
         if self.audit is not None and not self.audit.submit(event, decision) \
@@ -463,7 +556,7 @@ class PolicyplugKamailio:
             log("err", f"audit record not written ({self._audit_errors} so far): {self.audit.stats['last_error']}")
         verdict = decision.decision
         for address in decision.copy_to:
-            self.send_copy(event, address, raw)
+            self.send_copy(event, address, raw, headers.get("content-type", ""))
         if verdict == "deny":
             return self.reply(403, "Forbidden", decision.reason or "not permitted by policy")
         if verdict == "drop":
@@ -471,14 +564,26 @@ class PolicyplugKamailio:
             KSR.tm.t_release()  # kept on tm's wait timer: retransmissions are absorbed, not re-decided
             return 1
         if decision.disclaimers and method == "MESSAGE" \
-                and media_type(event.headers.get("content-type", "")) == "text/plain":
-            KSR.textops.set_body("\n\n".join([event.body, *decision.disclaimers]), "text/plain")
+                and media_type(headers.get("content-type", "")) == "text/plain":
+            KSR.textops.set_body("\n\n".join([self.plain_text(event, headers, repeated, body, read_text),
+                                               *decision.disclaimers]), "text/plain")
         if verdict == "redirect" and decision.redirect_to:
             KSR.seturi(sip_uri(decision.redirect_to))
             to_uri = None  # the Request-URI is another now: its domain is asked for
         elif decision.route_via:
             KSR.setdsturi(sip_uri(decision.route_via))
         return self.relay(method, to_uri) if initial else self.relay_in_dialog()
+
+    @staticmethod
+    def plain_text(event: Event, headers: dict[str, str], repeated: dict[str, list[str]], body: str | bytes,
+                   read_text: bool) -> str:
+        """The text of a text/plain MESSAGE, for a disclaimer to follow (extracted now if it was not)."""
+        if read_text:
+            return event.body
+        try:
+            return message_text(headers, repeated, body)[0]
+        except (Unreadable, Conflict):
+            return body_text(body)
 
     # -- enforcement helpers ------------------------------------------------------------------------
 
@@ -538,13 +643,13 @@ class PolicyplugKamailio:
             self._local, self._local_of = self.policy.local_domains | self.extra_local, self.policy
         return self._local
 
-    def send_copy(self, event: Event, address: str, raw: str | bytes) -> None:
+    def send_copy(self, event: Event, address: str, raw: str | bytes, content_type: str) -> None:
         """A MESSAGE to the archive carrying the original as message/cpim (RFC 3862), sent
         through this server so it is routed like any request (location lookup, routes)."""
         if not self.self_uri:
             log("err", f"copy to {address} skipped: `self_uri` is not set in the adapter's config")
             return
-        content_type = event.headers.get("content-type", "text/plain") or "text/plain"
+        content_type = content_type or "text/plain"
         original_body = request_body(raw)
         cpim = (f"From: <{event.sender.raw}>\r\nTo: <{event.recipient.raw}>\r\n"
                 f"DateTime: {event.time.isoformat()}\r\n\r\n"

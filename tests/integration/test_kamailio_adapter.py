@@ -394,6 +394,112 @@ def test_usage_report_from_the_kamailio_audit_log(world: World) -> None:
     assert "decisions that were not audited are not counted" in result.stderr
 
 
+# -- the message text: what the recipient can see is what the policy sees --------------------------
+
+def multipart(subtype: str, second: str) -> tuple[str, str]:
+    return (f"Content-Type: multipart/{subtype}; boundary=b1\r\n",
+            "--b1\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+            f"--b1\r\nContent-Type: text/plain\r\n\r\n{second}\r\n--b1--\r\n")
+
+
+SMUGGLED = {
+    "duplicate Content-Type": ("Content-Type: text/plain\r\nContent-Type: text/plain\r\n", "the {word} is 4111"),
+    "duplicate Content-Type, other case": ("Content-Type: text/plain\r\ncontent-TYPE:text/plain\r\n", "a {word}"),
+    "compact c:": ("c: text/plain\r\n", "the {word}"),
+    "folded Content-Type": ("Content-Type:\r\n multipart/mixed;\r\n\tboundary=b1\r\n", multipart("mixed", "{word}")[1]),
+    "multipart/mixed, second part": multipart("mixed", "the {word}"),
+    "multipart/alternative, second part": multipart("alternative", "the {word}"),
+    "message/cpim": ("Content-Type: message/cpim\r\n",
+                     "From: <im:alice@acme.example>\r\nTo: <im:bob@acme.example>\r\n\r\n"
+                     "Content-Type: text/plain\r\n\r\nthe {word}"),
+    "message/cpim in base64": ("Content-Type: message/cpim\r\n",
+                               "From: <im:alice@acme.example>\r\nSubject: {marker}\r\n\r\nContent-Type: text/plain\r\n"
+                               "Content-Transfer-Encoding: base64\r\n\r\n{b64}"),
+    "html": ("Content-Type: text/html\r\n", "<p>the s<b>ecr</b>&#101;t</p>"),
+}
+
+
+def smuggle(world: World, name: str, word: str) -> tuple[SipMessage | None, str]:
+    import base64
+
+    headers, body = SMUGGLED[name]
+    marker = uuid.uuid4().hex
+    text = body.format(word=word, b64=base64.b64encode(f"the {word}".encode()).decode(), marker=marker)
+    if marker not in text:
+        text += f" {marker}"
+    if name == "html" and word != "secret":
+        text = f"<p>the {word}</p> {marker}"
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body=text, content_type=None, extra=headers)
+    return response, marker
+
+
+@pytest.mark.parametrize("name", list(SMUGGLED))
+def test_text_smuggled_past_the_first_body_is_seen(world: World, name: str) -> None:
+    """issue 15.3: each form hides "secret" from a policy that reads only a plain body; the
+    recipient's client shows it. Refused now; the same form without the word is delivered."""
+    response, marker = smuggle(world, name, "secret")
+    assert response is not None and response.status == 403, (name, response and response.first_line)
+    assert world["bob"].wait_for(lambda m: marker.encode() in m.body, timeout=0.5) is None
+    response, marker = smuggle(world, name, "weather")
+    assert response is not None and response.status == 200, (name, response and response.first_line)
+    assert world["bob"].wait_for(lambda m: marker.encode() in m.body) is not None, "delivered as it was sent"
+
+
+def test_text_in_utf16_behind_a_byte_order_mark_is_read_and_nul_bytes_are_refused(world: World) -> None:
+    """A client that sniffs a byte order mark shows UTF-16 text under a plain `text/plain`; one
+    that guesses UTF-16 from NUL bytes may show text with no mark at all."""
+    marked = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="the secret".encode("utf-16"))
+    assert marked is not None and marked.status == 403, marked and marked.first_line
+    unmarked = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="the secret".encode("utf-16-le"))
+    assert unmarked is not None and unmarked.status == 415
+    assert "NUL bytes in a text part" in (unmarked.header("Warning") or "")
+
+
+def test_different_content_types_are_refused_as_malformed(world: World) -> None:
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body="harmless", content_type="text/plain",
+                                      extra="Content-Type: application/octet-stream\r\n")
+    assert response is not None and response.status == 400
+    assert "2 different content-type headers" in (response.header("Warning") or "")
+
+
+@pytest.mark.parametrize("headers, body", [
+    ("Content-Type: text/plain\r\nContent-Encoding: gzip\r\n", __import__("gzip").compress(b"the secret")),
+    ("Content-Type: text/plain; charset=x-martian\r\n", b"the secret"),
+    ("Content-Type: multipart/mixed; boundary=b1\r\n", b"--b1\r\n\r\nthe secret\r\n"),  # no closing delimiter
+])
+def test_unreadable_text_is_refused_by_default(world: World, headers: str, body: bytes) -> None:
+    response = world["alice"].request("MESSAGE", "sip:bob@acme.example", body=body, content_type=None, extra=headers)
+    assert response is not None and response.status == 415, response and response.first_line
+    assert "message text cannot be checked" in (response.header("Warning") or "")
+    if "gzip" in headers:
+        assert response.header("Accept-Encoding") == "identity"
+
+
+def test_unreadable_text_is_decided_when_the_operator_says_so(tmp_path: Path) -> None:
+    """unreadable_content = "decide": decided on what could be read (gzip: nothing), so the
+    policy's other rules decide it."""
+    import gzip
+
+    sbc = SipAgent("sbc", "sbc.example", ("127.0.0.1", 9))
+    server = KamailioServer(tmp_path, policy_text(sbc), children=1, extra_config={"unreadable_content": "decide"})
+    server.start()
+    proxy = ("127.0.0.1", server.port)
+    alice, bob = SipAgent("alice", "acme.example", proxy), SipAgent("bob", "acme.example", proxy)
+    try:
+        assert bob.register().status == 200
+        response = alice.request("MESSAGE", "sip:bob@acme.example", body=gzip.compress(b"the secret"),
+                                 content_type=None, extra="Content-Type: text/plain\r\nContent-Encoding: gzip\r\n")
+        assert response is not None and response.status == 200, "internal traffic is allowed by the policy"
+        partly = alice.request("MESSAGE", "sip:bob@acme.example", body=b"--b1\r\n\r\nthe secret\r\n", content_type=None,
+                               extra="Content-Type: multipart/mixed; boundary=b1\r\n")
+        assert partly is not None and partly.status == 403, "what could be read is decided on"
+        assert server.python_errors() == []
+    finally:
+        for agent in (alice, bob, sbc):
+            agent.close()
+        server.stop()
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 def raw_exchange(port: int, raw: bytes, timeout: float = 3.0) -> SipMessage | None:
@@ -635,4 +741,48 @@ def test_unwritable_audit_spool_is_reported_and_decisions_go_on(tmp_path: Path) 
     finally:
         alice.close()
         sbc.close()
+        server.stop()
+
+
+# -- the benchmark's native-policy anchors (bench/kamailio-native-policy.cfg) ---------------------
+
+@pytest.mark.parametrize("permissions", [False, True], ids=["htable", "permissions"])
+def test_native_policy_anchor_decides_like_the_benchmark_policy(tmp_path: Path, permissions: bool) -> None:
+    """bench_kamailio.py compares the adapter with this cfg: it must do the policy's message work
+    (allowed, blocked, content and default cases, 403 with the reason), one acc record each,
+    through a real rsyslogd."""
+    from tests.servers.kamailio import NativePolicyKamailio
+
+    sink = SipAgent("sink", "bench.example", ("127.0.0.1", 9))
+    server = NativePolicyKamailio(tmp_path, f"sip:127.0.0.1:{sink.port}", permissions=permissions, children=2)
+    server.start()
+    alice = SipAgent("alice", "acme.example", ("127.0.0.1", server.port))
+    try:
+        cases = [  # (Request-URI, From, body, status, reason)
+            ("sip:bob@bench.example", None, "hello", 200, None),
+            ("sip:bob@BENCH.example", None, "hello", 200, None),
+            ("sip:bob@acme.example", "sip:eve@p1.example", "from a partner", 200, None),
+            ("sip:bob@eu.acme.example", None, "internal", 200, None),
+            ("sip:bob@spam3.example", None, "hi", 403, "domain is blocked"),
+            ("sip:bob@acme.example", "sip:x@spam7.example", "hi", 403, "domain is blocked"),
+            ("sip:bob@p4.example", None, "card 4111111111111111", 403, "card number"),
+            ("sip:bob@p0.example", "sip:user2@acme.example", "confidential plans", 403, "no confidential material"),
+            ("sip:bob@p0.example", "sip:user2@acme.example", "lunch?", 200, None),
+            ("sip:bob@acme.example", "sip:eve@nowhere.example", "hi", 403, "not permitted"),
+        ]
+        for ruri, from_uri, body, status, reason in cases:
+            response = alice.request("MESSAGE", ruri, body=body, from_uri=from_uri)
+            assert response is not None and response.status == status, (ruri, from_uri, body, response and response.first_line)
+            if reason:
+                assert response.header("Warning") == f'399 kamailio.test "{reason}"'
+        assert len([m for m in sink.received if m.method == "MESSAGE"]) == sum(1 for c in cases if c[3] == 200)
+        deadline = time.monotonic() + 3
+        while len(server.syslog.records()) < len(cases) + 1 and time.monotonic() < deadline:  # + the start-up ping
+            time.sleep(0.05)
+        records = server.syslog.records()
+        assert len(records) == len(cases) + 1, records[-3:]
+        assert "why=card number" in "\n".join(records)
+    finally:
+        alice.close()
+        sink.close()
         server.stop()

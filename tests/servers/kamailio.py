@@ -169,3 +169,200 @@ class KamailioServer:
         its own errors as 'policyplug: internal error'; app_python3 logs uncaught ones)."""
         return [line for line in self.log_text().splitlines()
                 if "Unhandled exception" in line or "policyplug: internal error" in line]
+
+
+# -- the benchmark's native-policy anchors (bench/kamailio-native-policy.cfg) ---------------------
+
+NATIVE_POLICY_CFG = ROOT / "bench" / "kamailio-native-policy.cfg"
+BENCH_DOMAIN = "bench.example"  # where the benchmark's MESSAGEs go (bench/bench_kamailio.py BENCH_RULE)
+
+
+def benchmark_tables(n_rules: int = 200) -> dict[str, list[str]]:
+    """The message rules' tables of bench_engine.make_policy(n_rules), as a native cfg keeps them:
+    blocked domains, local domains, partners a local user may write to (plus the benchmark's
+    destination), partners that may write to local users, partners whose messages are checked
+    for card numbers, and senders whose messages are checked for "confidential"."""
+    tables: dict[str, list[str]] = {
+        "blocked": [f"spam{i}.example" for i in range(50)], "local": ["acme.example", "eu.acme.example"],
+        "partner": [BENCH_DOMAIN], "inbound": [], "cards": [], "watched": []}
+    for i in range(n_rules - 3):
+        pattern = i % 10
+        if pattern in (0, 5):
+            tables["partner"].append(f"p{i}.example")
+        elif pattern == 1:
+            tables["inbound"].append(f"p{i}.example")
+        elif pattern == 2:
+            tables["watched"].append(f"sip:user{i}@acme.example")
+        elif pattern == 4:
+            tables["cards"].append(f"p{i}.example")
+    return tables
+
+
+class Rsyslog:
+    """A real rsyslogd (Debian `rsyslog`) listening on a Unix socket WORKDIR/dev/log and writing
+    every record to WORKDIR/syslog.log; nothing of the host's syslog is touched."""
+
+    def __init__(self, workdir: Path):
+        self.binary = require_binary("rsyslogd", "/usr/sbin/rsyslogd")
+        self.workdir = Path(workdir)
+        self.dev = self.workdir / "dev"
+        self.socket = self.dev / "log"
+        self.output = self.workdir / "syslog.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, cpus: str | None = None) -> None:
+        self.dev.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "rsyslog-work").mkdir(exist_ok=True)
+        conf = self.workdir / "rsyslog.conf"
+        conf.write_text(
+            f'global(workDirectory="{self.workdir / "rsyslog-work"}")\n'
+            'module(load="imuxsock" SysSock.Use="off")\n'
+            f'input(type="imuxsock" Socket="{self.socket}" RateLimit.Interval="0")\n'
+            f'*.* action(type="omfile" file="{self.output}")\n')
+        command = [self.binary, "-n", "-f", str(conf), "-i", str(self.workdir / "rsyslogd.pid")]
+        if cpus is not None:
+            command = ["taskset", "-c", cpus, *command]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=(self.workdir / "rsyslogd.err").open("wb"),
+                                     start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"rsyslogd did not start: {(self.workdir / 'rsyslogd.err').read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def records(self, marker: str = "ACC:") -> list[str]:
+        return [line for line in (self.output.read_text(errors="replace") if self.output.exists() else "").splitlines()
+                if marker in line]
+
+
+# In a private mount namespace, /dev is a copy of the devices Kamailio needs plus the rsyslogd's
+# socket as /dev/log (libc's syslog() writes only there), so the host's /dev/log is not touched.
+_PRIVATE_DEV_LOG = """set -e
+mount --make-rprivate /
+dev="$1"; shift
+for name in null zero random urandom full; do : > "$dev/$name"; mount --bind "/dev/$name" "$dev/$name"; done
+mkdir -p "$dev/shm"; mount --bind /dev/shm "$dev/shm"
+mount --rbind "$dev" /dev
+exec "$@"
+"""
+
+
+class NativePolicyKamailio:
+    """Kamailio running bench/kamailio-native-policy.cfg (htable tables, or with `permissions`
+    True the permissions module's regex files), relaying what it allows to `next_hop`, its acc
+    records going to its own rsyslogd (self.syslog)."""
+
+    def __init__(self, workdir: Path, next_hop: str, *, permissions: bool = False, children: int = 4,
+                 allocator: str | None = None, shm_mb: int | None = None, cpus: str | None = None,
+                 tables: dict[str, list[str]] | None = None):
+        self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
+        require_binary("unshare")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port("127.0.0.1", socket.SOCK_DGRAM)
+        self.address = f"127.0.0.1:{self.port}"
+        self.next_hop = next_hop
+        self.permissions = permissions
+        self.children, self.allocator, self.shm_mb, self.cpus = children, allocator, shm_mb, cpus
+        self.tables = tables or benchmark_tables()
+        self.syslog = Rsyslog(self.workdir / "syslog")
+        self.log = self.workdir / "kamailio.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _write_tables(self) -> list[str]:
+        """The tables in the form the cfg reads; the -A defines naming them."""
+        if not self.permissions:
+            lines = [f"\t$sht({table}=>{key}) = 1;" for table, keys in self.tables.items() for key in keys]
+            (self.workdir / "native-policy-tables.cfg").write_text("\n".join(lines) + "\n")
+            return []
+
+        def uri(domain: str) -> str:
+            return '"^sip:[^@]*@' + re.escape(domain).replace('"', "") + '$"'
+        local = self.tables["local"]
+        files: dict[str, tuple[list[str], list[str]]] = {
+            # name: (allow lines, deny lines); no match in either is allowed, as allow_routing does
+            "blocked": ([], [f"{uri(d)} : ALL" for d in self.tables["blocked"]]
+                        + [f"ALL : {uri(d)}" for d in self.tables["blocked"]]),
+            "watched": ([], ['"^' + re.escape(a) + '$" : ALL' for a in self.tables["watched"]]),
+            "cards": ([], [f"ALL : {uri(d)}" for d in self.tables["cards"]]),
+            "policy": ([f"{uri(f)} : {uri(t)}" for f in local for t in [*self.tables["partner"], *local]]
+                       + [f"{uri(f)} : {uri(t)}" for f in self.tables["inbound"] for t in local], ["ALL : ALL"]),
+        }
+        defines = ["-A", "PERMISSIONS"]
+        for name, (allow, deny) in files.items():
+            base = self.workdir / name
+            base.with_suffix(".allow").write_text("\n".join(allow) + "\n")
+            base.with_suffix(".deny").write_text("\n".join(deny) + "\n")
+            defines += ["-A", f'PERM_{name.upper()}="{base}"']
+        return defines
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.syslog.start(self.cpus)
+        module_dir = next(iter(Path("/usr/lib").glob("*/kamailio/modules/tm.so"))).parent
+        cfg = self.workdir / NATIVE_POLICY_CFG.name  # beside its tables (import_file takes a literal path)
+        cfg.write_text(NATIVE_POLICY_CFG.read_text())
+        command = [self.binary, "-f", str(cfg), "-DD", "-w", str(self.workdir),
+                   "-A", f"LISTEN=udp:{self.address}", "-A", f"CHILDREN={self.children}",
+                   "-A", f'NEXT_HOP="{self.next_hop}"', "-A", f'MPATH="{module_dir}/"', *self._write_tables()]
+        if self.allocator:
+            command += ["-x", self.allocator]
+        if self.shm_mb:
+            command += ["-m", str(self.shm_mb)]
+        if self.cpus is not None:
+            command = ["taskset", "-c", self.cpus, *command]
+        command = ["unshare", "-m", "sh", "-c", _PRIVATE_DEV_LOG, "sh", str(self.syslog.dev), *command]
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.syslog.stop()
+                raise RuntimeError(f"kamailio exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            if self.ping():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"kamailio did not answer within {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def ping(self) -> bool:
+        """A MESSAGE from a blocked domain: refused with 403 by the policy route, relayed nowhere."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(0.3)
+            port = sock.getsockname()[1]
+            call_id = uuid.uuid4().hex
+            request = (f"MESSAGE sip:x@{BENCH_DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
+                       f"Max-Forwards: 70\r\nFrom: <sip:ping@spam0.example>;tag=1\r\nTo: <sip:x@{BENCH_DOMAIN}>\r\n"
+                       f"Call-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n")
+            try:
+                sock.sendto(request.encode(), ("127.0.0.1", self.port))
+                return sock.recv(4096).startswith(b"SIP/2.0 403")
+            except OSError:
+                return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log_file", None):
+            self._log_file.close()
+        self.syslog.stop()
+
+    def log_text(self) -> str:
+        """Kamailio's output and what it logged to syslog (everything but acc's records)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text + "\n".join(line for line in self.syslog.records("") if "ACC:" not in line)
