@@ -23,7 +23,7 @@ from typing import Any
 
 import lark
 
-from .cel.compile import has_empty_literal, may_raise
+from .cel.compile import RaiseCheck, has_empty_literal
 from .cel.fastparse import rule_name
 from .compiled import CompiledRule
 from .nodes import EVENT_KINDS
@@ -203,7 +203,7 @@ def _conjunct_paths(tree: Any) -> list[tuple[Any, list[Any]]]:
     return [(tree, [])]
 
 
-def _operand_may_raise(tree: Any, when: Any, lists: dict[str, tuple[str, ...]], guards: dict[int, Any],
+def _operand_may_raise(tree: Any, when: Any, may_raise: RaiseCheck, guards: dict[int, Any],
                        memo: dict[Any, bool]) -> bool:
     """May this operand of a `&&` in `when` raise past it (see guards_of)? Its conjuncts that are
     guards cannot (typed comparisons with literals); the others are asked of the compiler.
@@ -220,12 +220,13 @@ def _operand_may_raise(tree: Any, when: Any, lists: dict[str, tuple[str, ...]], 
                 memo["bad"] = has_empty_literal(when)
             # a `&&` of two non-bools formats both into its error, and that can raise where
             # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.runtime.Err)
-            found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, lists, memo["bad"]) for leaf in others)
+            found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, memo["bad"]) for leaf in others)
         memo[id(tree)] = found
     return found
 
 
-def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
+def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]],
+              may_raise: RaiseCheck | None = None) -> dict[str, frozenset[str]]:
     """Every (field -> allowed values) implied by a rule's `when` clauses.
 
     `sender.local` and `recipient.local` (or their negation) restrict the direction; comparisons
@@ -235,11 +236,12 @@ def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> d
     error* for the event. A false guard makes each `&&` above it false, absorbing an error of
     the other operand, but only an error CEL absorbs: cel-python evaluates both operands, and
     some errors are raised past `&&` (a macro over a non-list, an error in a map() body; the
-    compiler marks them `fatal`, cel.compile.may_raise). So a guard counts only when no other
+    compiler marks them `fatal`, cel.compile.RaiseCheck). So a guard counts only when no other
     operand of a `&&` above it may raise so. A rule's conditions run one after the other, and an
     error in one is reported even if a later one is false: so a later `when` is looked at only
     while every `when` before it is made of guards alone (comparisons that cannot fail)."""
     guards: dict[str, frozenset[str]] = {}
+    check = may_raise if may_raise is not None else RaiseCheck(lists)
     for when in when_trees:
         only_guards = True
         paths = _conjunct_paths(when)
@@ -250,7 +252,7 @@ def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> d
             if guard is None:
                 only_guards = False
                 continue
-            if any(_operand_may_raise(tree, when, lists, found, memo) for tree in beside):
+            if any(_operand_may_raise(tree, when, check, found, memo) for tree in beside):
                 only_guards = False  # a false guard would not hide that error: no skipping on it
                 continue
             field, values = guard
@@ -351,7 +353,8 @@ def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any
                 lists: dict[str, tuple[str, ...]]) -> RuleIndex | None:
     """The rule index of compiled `rules` (in file order), given each rule's `when` parse trees and
     the policy's lists; None when no rule has a guard (every rule is a candidate)."""
-    all_guards = [guards_of(when, lists) for when in when_trees]
+    check = RaiseCheck(lists)
+    all_guards = [guards_of(when, lists, check) for when in when_trees]
     if not any(all_guards):
         return None
     plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}
