@@ -7,7 +7,8 @@ allow two directions each), or `size > 1000000` (any comparison of `size` with a
 match events whose FIELD takes one of those values (whose groups contain it, whose size is in
 range). Skipping it otherwise is exact, not a heuristic: CEL's `&&` is false as soon as one side
 is false, even when another side errs, so a skipped rule would neither have matched nor recorded
-an error. Only the first `when` of a rule is read, and later ones only while the earlier are
+an error; a guard beside an operand that can raise past `&&` (cel.compile.RaiseCheck) is not
+used (guards_of). Only the first `when` of a rule is read, and later ones only while the earlier are
 made of such tests alone: conditions run one after the other, and an error in one is reported
 even if a later one is false. Candidates keep file order, so first-match semantics are unchanged
 (tests compare indexed and unindexed runs).
