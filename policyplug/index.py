@@ -17,7 +17,6 @@ even if a later one is false. Candidates keep file order, so first-match semanti
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
@@ -305,18 +304,14 @@ class RuleIndex:
 
     def candidates(self, kind: str, direction: str, sender: dict[str, Any], recipient: dict[str, Any],
                    size_bucket: int = -1) -> tuple[CompiledRule, ...]:
-        """Candidate rules; `size_bucket` -1 when the event's size is unknown (not an int64)."""
+        """Candidate rules; `size_bucket` is bisect_right(size_points, size) (Policy.decide works it
+        out inline, on the hot path), -1 when the event's size is unknown (not an int64)."""
         found = self._candidates(kind, direction, sender, recipient)
         if size_bucket < 0 or not self.sizes:
             return found
         points, sizes = self.size_points, self.sizes
         value = points[size_bucket - 1] if size_bucket > 0 else points[0] - 1  # any size in the bucket
         return tuple(r for r in found if r not in sizes or sizes[r][0] <= value < sizes[r][1])
-
-    def size_bucket(self, size: Any) -> int:
-        if type(size) is int and -INT64 <= size < INT64:
-            return bisect_right(self.size_points, size)
-        return -1
 
     def _candidates(self, kind: str, direction: str, sender: dict[str, Any],
                     recipient: dict[str, Any]) -> tuple[CompiledRule, ...]:
