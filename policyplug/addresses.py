@@ -90,7 +90,7 @@ def normalise_domain(text: str) -> str:
     except ValueError:
         pass
     if "" in domain.split("."):
-        raise AddressError(f"empty label in domain {text.strip()[:80]!r}")
+        raise AddressError(f"bad domain {text.strip()[:80]!r}: empty label")
     try:
         ascii_form = idna.encode(domain, uts46=True, transitional=False)
         return idna.decode(ascii_form)

@@ -7,7 +7,8 @@ allow two directions each), or `size > 1000000` (any comparison of `size` with a
 match events whose FIELD takes one of those values (whose groups contain it, whose size is in
 range). Skipping it otherwise is exact, not a heuristic: CEL's `&&` is false as soon as one side
 is false, even when another side errs, so a skipped rule would neither have matched nor recorded
-an error. Only the first `when` of a rule is read, and later ones only while the earlier are
+an error; a guard beside an operand that can raise past `&&` (cel.compile.RaiseCheck) is not
+used (guards_of). Only the first `when` of a rule is read, and later ones only while the earlier are
 made of such tests alone: conditions run one after the other, and an error in one is reported
 even if a later one is false. Candidates keep file order, so first-match semantics are unchanged
 (tests compare indexed and unindexed runs).
@@ -16,14 +17,13 @@ even if a later one is false. Candidates keep file order, so first-match semanti
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
 
 import lark
 
-from .cel.compile import has_empty_literal, may_raise
+from .cel.compile import RaiseCheck, has_empty_literal
 from .cel.fastparse import rule_name
 from .compiled import CompiledRule
 from .nodes import EVENT_KINDS
@@ -203,7 +203,7 @@ def _conjunct_paths(tree: Any) -> list[tuple[Any, list[Any]]]:
     return [(tree, [])]
 
 
-def _operand_may_raise(tree: Any, when: Any, lists: dict[str, tuple[str, ...]], guards: dict[int, Any],
+def _operand_may_raise(tree: Any, when: Any, may_raise: RaiseCheck, guards: dict[int, Any],
                        memo: dict[Any, bool]) -> bool:
     """May this operand of a `&&` in `when` raise past it (see guards_of)? Its conjuncts that are
     guards cannot (typed comparisons with literals); the others are asked of the compiler.
@@ -220,12 +220,13 @@ def _operand_may_raise(tree: Any, when: Any, lists: dict[str, tuple[str, ...]], 
                 memo["bad"] = has_empty_literal(when)
             # a `&&` of two non-bools formats both into its error, and that can raise where
             # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.runtime.Err)
-            found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, lists, memo["bad"]) for leaf in others)
+            found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, memo["bad"]) for leaf in others)
         memo[id(tree)] = found
     return found
 
 
-def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
+def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]],
+              may_raise: RaiseCheck | None = None) -> dict[str, frozenset[str]]:
     """Every (field -> allowed values) implied by a rule's `when` clauses.
 
     `sender.local` and `recipient.local` (or their negation) restrict the direction; comparisons
@@ -235,11 +236,12 @@ def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> d
     error* for the event. A false guard makes each `&&` above it false, absorbing an error of
     the other operand, but only an error CEL absorbs: cel-python evaluates both operands, and
     some errors are raised past `&&` (a macro over a non-list, an error in a map() body; the
-    compiler marks them `fatal`, cel.compile.may_raise). So a guard counts only when no other
+    compiler marks them `fatal`, cel.compile.RaiseCheck). So a guard counts only when no other
     operand of a `&&` above it may raise so. A rule's conditions run one after the other, and an
     error in one is reported even if a later one is false: so a later `when` is looked at only
     while every `when` before it is made of guards alone (comparisons that cannot fail)."""
     guards: dict[str, frozenset[str]] = {}
+    check = may_raise if may_raise is not None else RaiseCheck(lists)
     for when in when_trees:
         only_guards = True
         paths = _conjunct_paths(when)
@@ -250,7 +252,7 @@ def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]]) -> d
             if guard is None:
                 only_guards = False
                 continue
-            if any(_operand_may_raise(tree, when, lists, found, memo) for tree in beside):
+            if any(_operand_may_raise(tree, when, check, found, memo) for tree in beside):
                 only_guards = False  # a false guard would not hide that error: no skipping on it
                 continue
             field, values = guard
@@ -302,18 +304,14 @@ class RuleIndex:
 
     def candidates(self, kind: str, direction: str, sender: dict[str, Any], recipient: dict[str, Any],
                    size_bucket: int = -1) -> tuple[CompiledRule, ...]:
-        """Candidate rules; `size_bucket` -1 when the event's size is unknown (not an int64)."""
+        """Candidate rules; `size_bucket` is bisect_right(size_points, size) (Policy.decide works it
+        out inline, on the hot path), -1 when the event's size is unknown (not an int64)."""
         found = self._candidates(kind, direction, sender, recipient)
         if size_bucket < 0 or not self.sizes:
             return found
         points, sizes = self.size_points, self.sizes
         value = points[size_bucket - 1] if size_bucket > 0 else points[0] - 1  # any size in the bucket
         return tuple(r for r in found if r not in sizes or sizes[r][0] <= value < sizes[r][1])
-
-    def size_bucket(self, size: Any) -> int:
-        if type(size) is int and -INT64 <= size < INT64:
-            return bisect_right(self.size_points, size)
-        return -1
 
     def _candidates(self, kind: str, direction: str, sender: dict[str, Any],
                     recipient: dict[str, Any]) -> tuple[CompiledRule, ...]:
@@ -351,7 +349,8 @@ def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any
                 lists: dict[str, tuple[str, ...]]) -> RuleIndex | None:
     """The rule index of compiled `rules` (in file order), given each rule's `when` parse trees and
     the policy's lists; None when no rule has a guard (every rule is a candidate)."""
-    all_guards = [guards_of(when, lists) for when in when_trees]
+    check = RaiseCheck(lists)
+    all_guards = [guards_of(when, lists, check) for when in when_trees]
     if not any(all_guards):
         return None
     plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}

@@ -14,6 +14,7 @@ makes its rule not match (or, with `on error deny`, denies), and is recorded.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain, count
@@ -68,6 +69,7 @@ _new_decision = object.__new__
 _DIRECTION = {(True, True): "internal", (True, False): "outbound", (False, True): "inbound",
               (False, False): "transit"}
 _SIG_BITS = 40  # sender signature number << _SIG_BITS | recipient signature number: a selection key
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 SELECTION_CACHE_LIMIT = 65536
 
 # A party entry: (party dict, local, sender signature << _SIG_BITS, recipient signature)
@@ -238,7 +240,11 @@ class Policy:
             # Some candidates have `size` guards: which of them stay depends on the bucket, cut by
             # the bounds of all size guards, that the size falls in (see RuleIndex). The last slot
             # holds them all, for a size that is not an int64 (no size guard is trusted then).
-            bucket = self._index.size_bucket(event.size)  # type: ignore[union-attr]
+            size = event.size
+            if type(size) is int and _INT64_MIN <= size <= _INT64_MAX:
+                bucket = bisect_right(self._index.size_points, size)  # type: ignore[union-attr]
+            else:
+                bucket = -1
             by_bucket = found
             found = by_bucket[bucket]
             if found is None:

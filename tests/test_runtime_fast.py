@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from bisect import bisect_right
 from typing import Any
 
 import pytest
@@ -262,8 +263,14 @@ def test_size_guards_prune_by_bucket_and_stay_exact() -> None:
     event = Event.message("a@acme.example", "b@acme.example")
     event.size = 5
     sender, recipient, direction = policy._derived(event)
+    # the bucket of a size, as Policy.decide works it out (inline, on the hot path: the one copy)
     assert [r.name for r in index.candidates("message", direction, sender[0], recipient[0],
-                                             index.size_bucket(5))] == []
+                                             bisect_right(index.size_points, 5))] == []
     assert [r.name for r in index.candidates("message", direction, sender[0], recipient[0],
-                                             index.size_bucket(15))] == ["band", "exact"]
-    assert index.size_bucket("15") == -1 and index.size_bucket(2**63) == -1
+                                             bisect_right(index.size_points, 15))] == ["band", "exact"]
+    for size, bucket in ((5, 0), (15, 2), (2**63, -1), ("15", -1)):  # decide() fills the slot of its bucket
+        event = Event.message("a@acme.example", "b@acme.example")
+        event.size = size
+        policy.decide(event)
+        selections = [found for found in policy._selection["message"].values() if found.__class__ is list]
+        assert selections and all(found[bucket] is not None for found in selections), size

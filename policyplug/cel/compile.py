@@ -852,18 +852,24 @@ def generate(tree: lark.Tree, constants: Mapping[str, Any]) -> tuple[str, dict[s
     return "\n".join(lines) + "\n", {**_RUNTIME_GLOBALS, **gen.globals}
 
 
-def may_raise(tree: lark.Tree, constants: Mapping[str, Any], maybe_bad: bool = True) -> bool:
-    """Can evaluating `tree` raise an error that `&&` and `||` do not absorb (Raised, PyErr, Defer:
-    a macro over a non-list, an error in a map() body...), as the compiled matchers see it? What the
-    compiler does not cover counts as yes. `maybe_bad`: the whole condition holds `[]` or `{}`
-    (see _Gen.dump_fails). The rule index trusts a false guard only beside operands that cannot."""
-    gen = _Gen(constants, EVENT_ACCESS)
-    gen.level = 1
-    gen.maybe_bad = maybe_bad
-    try:
-        return gen.compile(tree, {}).fatal
-    except (Unsupported, RecursionError, MemoryError):
-        return True
+class RaiseCheck:
+    """Can evaluating a tree raise an error that `&&` and `||` do not absorb (Raised, PyErr, Defer:
+    a macro over a non-list, an error in a map() body...), as the compiled matchers see it? What
+    the compiler does not cover counts as yes. One per policy: the trees share a generator (and
+    its constant-folding activation). The rule index trusts a false guard only beside operands
+    that cannot (policyplug.index)."""
+
+    def __init__(self, constants: Mapping[str, Any]):
+        self.gen = _Gen(constants, EVENT_ACCESS)
+
+    def __call__(self, tree: lark.Tree, maybe_bad: bool = True) -> bool:
+        """`maybe_bad`: the whole condition holds `[]` or `{}` (see _Gen.dump_fails)."""
+        gen = self.gen
+        gen.lines, gen.level, gen.maybe_bad = [], 1, maybe_bad
+        try:
+            return gen.compile(tree, {}).fatal
+        except (Unsupported, RecursionError, MemoryError):
+            return True
 
 
 def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> CompiledExpression:
