@@ -88,7 +88,7 @@ from policyplug.addresses import AddressError, event_address  # noqa: E402
 from policyplug.audit.multiprocess_log import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
 from policyplug.loader import file_times  # noqa: E402
 from policyplug.state import make_limiter  # noqa: E402
-from policyplug.usage.store import open_usage_store  # noqa: E402
+from policyplug.usage.backends import open_usage_store  # noqa: E402
 
 COPY_HEADER = "X-Policyplug-Copy"
 COPY_MARK = COPY_HEADER.lower()

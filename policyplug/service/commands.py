@@ -46,7 +46,7 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     usage = None
     if args.usage_db:
-        from ..usage.store import open_usage_store
+        from ..usage.backends import open_usage_store
         try:
             usage = open_usage_store(args.usage_db)  # a SQLite file, or postgresql://... shared by every node
         except Exception as exc:  # psycopg's, sqlite3's or OSError: a clear message, not a traceback

@@ -11,8 +11,9 @@ from pathlib import Path
 from ..compiler import load_policy
 from ..diagnostics import PolicyError
 from .audit_source import count_audit_logs
+from .backends import is_postgres_url
 from .report import Table, build_tables, render_csv, render_html, render_text
-from .store import UsageStore, is_postgres_url
+from .store import UsageStore
 
 
 def _stderr(line: str) -> None:

@@ -127,16 +127,3 @@ class UsageStore:
             self.flush()
         finally:
             self._db.close()
-
-
-def is_postgres_url(target: str | Path) -> bool:
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
-
-
-def open_usage_store(target: str | Path, flush_interval: float = 1.0, background: bool = True) -> UsageStore:
-    """The usage store `--usage-db` names: a SQLite file, or a PostgreSQL URL (shared by every node,
-    docs/scaling.md). `background=False` where no thread runs between requests (a Kamailio worker)."""
-    if is_postgres_url(target):
-        from .postgres_store import PostgresUsageStore
-        return PostgresUsageStore(str(target), flush_interval=flush_interval, background=background)
-    return UsageStore(target, flush_interval=flush_interval)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from policyplug import Event, load_policy
+from policyplug.usage.backends import open_usage_store
 from policyplug.usage.postgres_store import SCHEMA_VERSION, PostgresUsageStore
-from policyplug.usage.store import UsageStore, open_usage_store
+from policyplug.usage.store import UsageStore
 from tests.integration.scaling_helpers import Service
 from tests.servers.postgres import PostgresServer, postgres_server_fixture  # noqa: F401  (fixture postgres_server)
 
