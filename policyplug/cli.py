@@ -39,7 +39,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     warnings = 0
     for path in files:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, allowed_paths=args.allow_path)
         except PolicyError as exc:
             _print_diagnostics(exc)
             failed += 1
@@ -74,7 +74,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for path in files:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, allowed_paths=args.allow_path)
         except PolicyError as exc:
             _print_diagnostics(exc)
             invalid = True
@@ -117,7 +117,7 @@ def _one_line(outcome) -> str:  # type: ignore[no-untyped-def]
 
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, allowed_paths=args.allow_path)
     except PolicyError as exc:
         _print_diagnostics(exc)
         return 1
@@ -180,6 +180,14 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return 1 if invalid else 0
 
 
+def add_allow_path(p: argparse.ArgumentParser) -> None:
+    """--allow-path DIR: a folder outside the policy's own that its includes, lists and directory may
+    lie in (docs/language.md, "Files a policy reads")."""
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="let includes, list files and the directory lie in DIR too (repeatable; "
+                        "default: only the policy's own folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="policyplug", description="A policy engine for XMPP and SIP servers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -190,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-compile", action="store_true",
                    help="list conditions that run on cel-python's interpreter instead of compiled Python")
     p.add_argument("-q", "--quiet", action="store_true", help="print only diagnostics")
+    add_allow_path(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("test", help="run the test blocks of policies")
@@ -198,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coverage", action="store_true", help="list rules that matched in no test")
     p.add_argument("--require-coverage", action="store_true",
                    help="with --coverage: exit 1 when a rule matched in no test")
+    add_allow_path(p)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("eval", help="decide one event given as JSON")
     p.add_argument("policy", metavar="POLICY")
     p.add_argument("--event", metavar="FILE", help="event JSON file ('-' or absent: standard input)")
     p.add_argument("--explain", action="store_true", help="print a trace of every rule on standard error")
+    add_allow_path(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("fmt", help="rewrite policies in canonical layout")
