@@ -284,3 +284,38 @@ def test_a_long_constant_condition_is_folded_in_linear_work(monkeypatch: pytest.
         if terms == 150:  # (at 600 the compiled code is too deep for Python and the interpreter decides)
             assert policy.decide(Event.message("a@x.example", "b@y.example")).rule == "r"
         assert started <= terms // 10, (terms, started)
+
+
+# -- exit statuses survive a closed pipe (issue 16) -------------------------------------------------
+
+def _run_into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI with its output read by something that stops after one line (`| head -1`)."""
+    proc = subprocess.Popen([sys.executable, "-m", "policyplug", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away; the rest of the output meets a closed pipe
+    stderr = proc.stderr.read()
+    proc.wait(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, first, stderr)
+
+
+def test_a_failing_suite_piped_into_head_still_fails(tmp_path: Path) -> None:
+    """`policyplug test failing.policy | head -1` exited 0 (`except BrokenPipeError: return 0`), so a CI
+    gate with pipefail passed a failing suite."""
+    path = tmp_path / "failing.policy"
+    path.write_text('policy "f"\ndefault deny\n' + "".join(
+        f'test t{i}:\n  message from "a@x.example" to "b@y.example"\n  expect allow\n' for i in range(3000)))
+    result = _run_into_closed_pipe(["test", str(path)])
+    assert result.stdout.startswith(b"FAIL ")
+    assert result.returncode == 1, result.stderr
+    assert b"BrokenPipeError" not in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_a_passing_command_piped_into_head_still_passes(tmp_path: Path) -> None:
+    path = tmp_path / "ok.policy"
+    path.write_text(HEAD + "".join(f"rule r{i}:\n  allow\n" for i in range(3)))
+    result = _run_into_closed_pipe(["check", *[str(path)] * 3000])
+    assert result.stdout.startswith(b"%s: ok" % str(path).encode())
+    assert result.returncode == 0, result.stderr
+    assert b"Traceback" not in result.stderr and b"Exception ignored" not in result.stderr
