@@ -31,7 +31,7 @@ from ..runtime import Policy
 
 log = logging.getLogger("policyplug.service")
 
-RELOAD_SWITCH_INTERVAL = 0.0005  # seconds; see DecisionService._load_in_thread
+RELOAD_SWITCH_INTERVAL = 0.0001  # seconds; see DecisionService._load_in_thread
 # Where the policy compiler's generated code lives (policyplug.cel.compile: compile() file names)
 GENERATED_FILES = frozenset({"<policy>", "<rule>", "<cel>"})
 
@@ -216,7 +216,7 @@ class DecisionService:
     def _load_in_thread(self) -> Policy | BaseException:
         """The load, in the reload thread. Python's GIL passes between threads every switch
         interval (5 ms by default): while the load runs, it is shortened so that a decision waiting
-        on the event loop gets the interpreter within half a millisecond."""
+        on the event loop gets the interpreter within a tenth of a millisecond."""
         previous = sys.getswitchinterval()
         sys.setswitchinterval(min(previous, RELOAD_SWITCH_INTERVAL))
         try:
