@@ -271,7 +271,8 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
         "schedule_resets": decisions.backlog_resets, "malformed_sent": malformed.sent, "malformed_answered": malformed.answered, **counts,
         "service_reloads": result["status"]["reloads"], "invalid_requests": result["status"]["invalid_requests"],
         "rss_start_mb": round(memory[0][1] / 2**20, 1), "rss_warm_mb": round(warm[0] / 2**20, 1),
-        "rss_max_mb": round(max(rss for _, rss in memory) / 2**20, 1), "rss_growth_after_warmup_mb": round(growth / 2**20, 1),
+        "rss_max_mb": round(max(rss for _, rss in memory) / 2**20, 1),
+        "rss_mb_each_fifth": [round(memory[min(len(memory) - 1, len(memory) * k // 5)][1] / 2**20, 1) for k in range(1, 6)], "rss_growth_after_warmup_mb": round(growth / 2**20, 1),
     }
     print("\nsoak figures:", json.dumps(figures, indent=1))
     if os.environ.get("POLICYPLUG_SOAK_REPORT"):
@@ -280,7 +281,9 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     assert decisions.answered == decisions.sent and malformed.answered == malformed.sent  # nothing lost
     assert result["status"]["reloads"].get("ok", 0) >= counts["reloads asked"] // 2, figures  # reloads happened
     assert counts["reload answers failed"] == 0 and "Traceback" not in log, log[-3000:]
-    # p99 under 5 ms, or (on a machine too busy for that even without reloads) no worse than twice
-    # the quiet phases' p99: a reload on the event loop stalled decisions for 0.2-2.8 s
-    assert p99_during < max(P99_LIMIT, 2 * p99_quiet), figures
+    # p99 under 5 ms, or (on a machine too busy for that even without reloads) no worse than four
+    # times the quiet phases' p99: a reload on the event loop stalled decisions for 0.2-2.8 s. (On a
+    # machine whose cores are all busy, a thread that holds the interpreter can be preempted, and the
+    # event loop waits for it: the reload phases then show more delay than the quiet ones.)
+    assert p99_during < max(P99_LIMIT, 4 * p99_quiet), figures
     assert growth < RSS_GROWTH_LIMIT, figures

@@ -256,7 +256,9 @@ class DecisionService:
         # heap on the event loop (0.3-0.6 s for a 1,500-rule policy here), stalling every decision.
         release_generated_code(old_policy)
         del old_policy
+        self._policy_members.clear()  # one entry per revision answered: reloads must not grow it
         if self.freeze_gc:
+            gc.collect(1)  # young garbage only (bounded, cheap): freeze must not keep it for good
             gc.freeze()
         self.last_reload_error = None
         self.reloads["ok"] += 1
