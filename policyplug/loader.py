@@ -217,11 +217,12 @@ class Loader:
         self.included: set[str] = set()
         self.texts: dict[str, str | None] = {}
 
-    def _read_once(self, path: Path, location: Location | None, what: str) -> tuple[str, str | None]:
+    def _read_once(self, path: Path, location: Location | None, what: str,
+                   confined: bool = True) -> tuple[str, str | None]:
         """(real path, text or None): each file read and reported at most once per load."""
         real = _real(path)
         if real not in self.texts:
-            self.texts[real] = read_source(path, self.sink, location, what, self.roots)
+            self.texts[real] = read_source(path, self.sink, location, what, self.roots if confined else None)
         return real, self.texts[real]
 
     # -- reading files and includes ------------------------------------------------------------
@@ -235,7 +236,9 @@ class Loader:
         sink = self.sink
         if text is None:
             assert path is not None
-            real, text = self._read_once(path, location, "included file" if stack else "policy file")
+            # the main file is the operator's choice, wherever it is; what it names is confined
+            real, text = self._read_once(path, location, "included file" if stack else "policy file",
+                                         confined=bool(stack))
             self.included.add(real)
             if text is None:
                 return []
@@ -301,7 +304,11 @@ class Loader:
     def load(self, path: Path | None, text: str | None, base_dir: Path | None) -> PolicyModel:
         display = str(path) if path is not None else "<text>"
         home = path.parent if path is not None else (base_dir or Path.cwd())
+        # the folder the main file is named in, and (when that name is a symlink, such as a
+        # `current.policy` pointing at a release) the folder it really lies in
         self.roots = [os.path.realpath(home), *self.allowed]
+        if path is not None and "\x00" not in str(path):
+            self.roots.append(os.path.dirname(os.path.realpath(path)))
         # Relative list/directory/include paths of text policies resolve against base_dir.
         statements = self.parse_file(path, text, display, None, (), base_dir)
         sink = self.sink

@@ -319,3 +319,17 @@ def test_a_passing_command_piped_into_head_still_passes(tmp_path: Path) -> None:
     assert result.stdout.startswith(b"%s: ok" % str(path).encode())
     assert result.returncode == 0, result.stderr
     assert b"Traceback" not in result.stderr and b"Exception ignored" not in result.stderr
+
+
+def test_a_symlinked_main_policy_reads_files_beside_its_name_and_its_target(tmp_path: Path) -> None:
+    """A deployment's `current.policy` symlink to a release folder: the main file is the operator's
+    choice, and both folders count as the policy's."""
+    (tmp_path / "release").mkdir()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "release" / "p.policy").write_text(HEAD + 'list a = file "a.txt"\ninclude "r.rules"\n')
+    (tmp_path / "release" / "r.rules").write_text("rule r:\n  allow\n")
+    (tmp_path / "etc" / "a.txt").write_text("a.example\n")
+    (tmp_path / "etc" / "r.rules").write_text("rule beside:\n  allow\n")
+    (tmp_path / "etc" / "current.policy").symlink_to(tmp_path / "release" / "p.policy")
+    policy = load_policy(tmp_path / "etc" / "current.policy")
+    assert policy.lists["a"] == ("a.example",) and [r.name for r in policy.rules] == ["beside"]
