@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .compiler import load_policy
 from .diagnostics import PolicyError
@@ -40,7 +42,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     warnings = 0
     for path in files:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, allowed_paths=args.allow_path)
         except PolicyError as exc:
             _print_diagnostics(exc)
             failed += 1
@@ -84,7 +86,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for path in files:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, allowed_paths=args.allow_path)
         except PolicyError as exc:
             _print_diagnostics(exc)
             invalid = True
@@ -127,7 +129,7 @@ def _one_line(outcome) -> str:  # type: ignore[no-untyped-def]
 
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, allowed_paths=args.allow_path)
     except PolicyError as exc:
         _print_diagnostics(exc)
         return 1
@@ -190,6 +192,14 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return 1 if invalid else 0
 
 
+def add_allow_path(p: argparse.ArgumentParser) -> None:
+    """--allow-path DIR: a folder outside the policy's own that its includes, lists and directory may
+    lie in (docs/language.md, "Files a policy reads")."""
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="let includes, list files and the directory lie in DIR too (repeatable; "
+                        "default: only the policy's own folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="policyplug", description="A policy engine for XMPP and SIP servers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -202,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print only diagnostics")
     p.add_argument("--prosody-config", type=Path, metavar="FILE",
                    help="warn about the hosts and components of this prosody.cfg.lua that are not local domains")
+    add_allow_path(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("test", help="run the test blocks of policies")
@@ -210,12 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coverage", action="store_true", help="list rules that matched in no test")
     p.add_argument("--require-coverage", action="store_true",
                    help="with --coverage: exit 1 when a rule matched in no test")
+    add_allow_path(p)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("eval", help="decide one event given as JSON")
     p.add_argument("policy", metavar="POLICY")
     p.add_argument("--event", metavar="FILE", help="event JSON file ('-' or absent: standard input)")
     p.add_argument("--explain", action="store_true", help="print a trace of every rule on standard error")
+    add_allow_path(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("fmt", help="rewrite policies in canonical layout")
@@ -234,15 +247,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ClosedPipeSafe:
+    """A text stream that outlives the reader going away (`policyplug test x.policy | head -1`).
+
+    On the first BrokenPipeError the stream's descriptor is pointed at /dev/null (what Python's
+    documentation recommends, so the final flush at exit fails no more) and the command runs on to
+    its end, so it exits with the status it would have had: a failing suite piped into `head`
+    must still fail a `set -o pipefail` gate (it exited 0)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return int(self._stream.write(text))
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def _silence(self) -> None:
+        self.broken = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ClosedPipeSafe(sys.stdout), _ClosedPipeSafe(sys.stderr)  # type: ignore[assignment]
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return 0
+        # a write that bypassed the text streams (their binary buffer): the command did not finish,
+        # so its status is unknown; fail rather than let a pipeline pass on a result nobody saw
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, streams[0].fileno())
+        os.close(devnull)
+        return 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

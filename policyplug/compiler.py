@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,12 +112,13 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
 
 
 def load_policy(path: str | Path | None = None, *, text: str | None = None, base_dir: str | Path | None = None,
-                limiter: Limiter | None = None) -> Policy:
+                limiter: Limiter | None = None, allowed_paths: Iterable[str | Path] = ()) -> Policy:
     """Load, check and compile a policy (a file path, or `text=` with `base_dir=` for relative paths).
 
+    Its includes, list files and directory must lie in its folder or in `allowed_paths` (docs/language.md).
     Raises PolicyError carrying every diagnostic when the policy is invalid."""
     with _collector_paused():
-        model = load_model(path, text=text, base_dir=base_dir)
+        model = load_model(path, text=text, base_dir=base_dir, allowed_paths=allowed_paths)
         return compile_policy(model, limiter=limiter)
 
 

@@ -8,9 +8,11 @@ whole model is valid or PolicyError carries every diagnostic.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from . import nodes
 from .addresses import AddressError, normalise_domain, normalise_list_entry, parse_address
 from .cel.check import CEL_RESERVED_WORDS, EVENT_VARIABLES, TYPE_NAMES, check_expression
 from .diagnostics import Diagnostic, DiagnosticSink, Location, did_you_mean
-from .parser import parse_text
+from .parser import TOP_LEVEL_KEYWORDS, parse_text
 from .testevents import test_event_problem
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -69,23 +71,102 @@ class PolicyModel:
     warnings: list[Diagnostic] = field(default_factory=list)
 
 
+class ReadProblem(Exception):
+    """Why a file the policy names was not read (the message names no content of it)."""
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def read_regular(path: Path, roots: Iterable[str] | None = None) -> bytes:
+    """The bytes of a regular file, at most MAX_FILE_BYTES, read once through one descriptor.
+
+    Opened non-blocking, so a FIFO cannot hang the load; the open descriptor is checked (fstat),
+    not the name, so a device (/dev/zero), FIFO or directory is refused whatever the name pointed
+    to when checked; the size is capped while reading, not by a stat() that a growing file or a
+    device's size 0 would pass. With `roots`, the file really opened must lie under one of them
+    (followed symlinks included). Raises ReadProblem."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ReadProblem("a symlink loop (too many levels of symbolic links)") from None
+        raise ReadProblem(exc.strerror or str(exc)) from None
+    except ValueError:  # a NUL in the name
+        raise ReadProblem("the path contains a NUL character") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                    else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                    else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+            raise ReadProblem(f"it is {kind}, not a regular file")
+        if roots is not None:
+            real = _opened_path(fd, path)
+            if not _under(real, roots):
+                raise ReadProblem(f"it is outside the policy's folder ({', '.join(roots)}); "
+                                  "allow its folder with --allow-path DIR (or load_policy(..., allowed_paths=[DIR]), "
+                                  "or POLICYPLUG_ALLOW_PATH)")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            try:
+                chunk = os.read(fd, min(1 << 20, MAX_FILE_BYTES + 1 - total))
+            except BlockingIOError:  # not for a regular file; never wait on anything else
+                raise ReadProblem("it would block") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise ReadProblem(f"it is more than the {MAX_FILE_BYTES} bytes allowed")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ReadProblem(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of an open file: its /proc link (no race with a renamed symlink), else realpath."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
 def read_source(path: Path, sink: DiagnosticSink, location: Location | None = None,
-                what: str = "policy file") -> str | None:
+                what: str = "policy file", roots: Iterable[str] | None = None) -> str | None:
     """Read a UTF-8 file; any failure becomes a diagnostic naming the file (and the line, for bad bytes)."""
     here = location or Location(str(path), 1, 1)
-    if "\x00" in str(path):  # the file system cannot name it (os.stat raises ValueError, not OSError)
-        sink.error(here, f"cannot read {what} {str(path)!r}: the path contains a NUL character")
-        return None
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            sink.error(here, f"{what} '{path}' is {size} bytes, more than the {MAX_FILE_BYTES} allowed")
-            return None
-        data = path.read_bytes()
-    except OSError as exc:
-        sink.error(here, f"cannot read {what} '{path}': {exc.strerror or exc}")
+        data = read_regular(path, roots)
+    except ReadProblem as exc:
+        sink.error(here, f"cannot read {what} {_shown(path)}: {exc}")
         return None
     return decode_source(data, str(path), sink, what)
+
+
+def _real(path: str | Path) -> str:
+    """os.path.realpath, for any name (one with a NUL stays as it is: opening it is refused)."""
+    return str(path) if "\x00" in str(path) else os.path.realpath(path)
+
+
+def _shown(path: Path) -> str:
+    text = str(path)
+    return repr(text) if "\x00" in text else f"'{text}'"
+
+
+def _not_a_policy(text: str, file: str, own: DiagnosticSink) -> bool:
+    """Does the file's first line that is neither blank nor a comment fail to parse, and not even
+    start with a statement's keyword? (A policy with a broken first rule still gets its diagnostics.)"""
+    first = next(((n, line) for n, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.lstrip().startswith("#")), None)
+    if first is None or first[1].split()[0].rstrip(":") in TOP_LEVEL_KEYWORDS:
+        return False
+    return any(d.location.file == file and d.location.line == first[0] for d in own.diagnostics)
 
 
 def file_times(paths: Iterable[Path]) -> dict[Path, float]:
@@ -118,7 +199,7 @@ def decode_source(data: bytes, file: str, sink: DiagnosticSink, what: str = "pol
 
 
 class Loader:
-    def __init__(self) -> None:
+    def __init__(self, allowed_paths: Iterable[str | Path] = ()) -> None:
         self.sink = DiagnosticSink()
         self.files: list[Path] = []
         # What the revision is made of: each file's role and bytes, in reading order. Not its path:
@@ -127,50 +208,91 @@ class Loader:
         self.hash_parts: list[tuple[str, bytes]] = []
         self.trees: list[nodes.PolicyFile] = []
         self.parsed: dict[str, lark.Tree] = {}  # CEL text -> parse tree, for repeated conditions
+        # Folders the policy's files must lie in: the main file's own (set by load) and the operator's.
+        self.allowed = [os.path.realpath(p) for p in allowed_paths]
+        self.roots: list[str] = []
+        # Every file is read at most once per load (by its real path): a second include of a file is
+        # a no-op and a list file named twice is read once, so a "diamond" of includes stays linear
+        # and a broken file is reported once.
+        self.included: set[str] = set()
+        self.texts: dict[str, str | None] = {}
+
+    def _read_once(self, path: Path, location: Location | None, what: str,
+                   confined: bool = True) -> tuple[str, str | None]:
+        """(real path, text or None): each file read and reported at most once per load."""
+        real = _real(path)
+        if real not in self.texts:
+            self.texts[real] = read_source(path, self.sink, location, what, self.roots if confined else None)
+        return real, self.texts[real]
 
     # -- reading files and includes ------------------------------------------------------------
 
     def parse_file(self, path: Path | None, text: str | None, display: str, location: Location | None,
-                   stack: tuple[Path, ...], base_dir: Path | None = None) -> list[tuple[nodes.Node, Path]]:
-        """Parse a file and the files it includes; statements come back in place, each with its directory."""
+                   stack: tuple[str, ...], base_dir: Path | None = None) -> list[tuple[nodes.Node, Path]]:
+        """Parse a file and the files it includes; statements come back in place, each with its directory.
+
+        `stack` holds the real paths of the files including this one (the main file first), so its
+        length is this file's include depth."""
+        sink = self.sink
         if text is None:
             assert path is not None
-            text = read_source(path, self.sink, location, "included file" if stack else "policy file")
+            # the main file is the operator's choice, wherever it is; what it names is confined
+            real, text = self._read_once(path, location, "included file" if stack else "policy file",
+                                         confined=bool(stack))
+            self.included.add(real)
             if text is None:
                 return []
-        elif text.startswith("\ufeff"):
-            text = text[1:]  # load_policy(text=...) of a file read as text: its byte-order mark, as read_source drops it
+        else:
+            real = _real(path) if path is not None else ""
+            if text.startswith("\ufeff"):
+                text = text[1:]  # load_policy(text=...) of a file read as text: its byte-order mark, as read_source drops it
         if path is not None:
             self.files.append(path)
         self.hash_parts.append(("policy", text.encode("utf-8")))
-        tree = parse_text(text, display, self.sink)
+        if stack:
+            # An included file that does not even start like a policy (the operator allowed a folder
+            # holding other files, or a typo named one) is refused at the include, quoting none of it.
+            own = DiagnosticSink()
+            tree = parse_text(text, display, own)
+            if _not_a_policy(text, display, own):
+                assert location is not None
+                sink.error(location, f"included file {_shown(path or Path(display))} is not a policy file "
+                                     "(its first statement is not one); its contents are not shown")
+                return []
+            sink.sources.update(own.sources)
+            sink.diagnostics.extend(own.diagnostics)
+            sink.warnings.extend(own.warnings)
+        else:
+            tree = parse_text(text, display, sink)
         self.trees.append(tree)
         base = path.parent if path is not None else base_dir
+        here = (*stack, real)
         out: list[tuple[nodes.Node, Path]] = []
         for statement in tree.statements:
             if isinstance(statement, nodes.Include):
-                if "\x00" in statement.path:  # resolve() would raise ValueError, not OSError
-                    self.sink.error(statement.location,
-                                    f"cannot read included file {statement.path!r}: the path contains a NUL character")
+                if "\x00" in statement.path:  # the file system cannot name it
+                    sink.error(statement.location,
+                               f"cannot read included file {statement.path!r}: the path contains a NUL character")
                     continue
                 target = (base or Path.cwd()) / statement.path if not Path(statement.path).is_absolute() \
                     else Path(statement.path)
-                resolved = target.resolve()
-                if resolved in stack or (path is not None and resolved == path.resolve()):
-                    self.sink.error(statement.location, f"'{statement.path}' includes itself (include cycle)")
+                resolved = _real(target)
+                if resolved in here:
+                    sink.error(statement.location, f"'{statement.path}' includes itself (include cycle)")
                     continue
-                if len(stack) >= MAX_INCLUDE_DEPTH:
-                    self.sink.error(statement.location, f"includes nest more than {MAX_INCLUDE_DEPTH} deep")
+                if resolved in self.included:
+                    continue  # read already by an earlier include: its statements are in place there
+                if len(here) > MAX_INCLUDE_DEPTH:
+                    sink.error(statement.location, f"includes nest more than {MAX_INCLUDE_DEPTH} deep")
                     continue
                 shown = str(target) if base is None else str(Path(display).parent / statement.path)
-                included = self.parse_file(target, None, shown, statement.location,
-                                           stack + ((path.resolve(),) if path else ()) + (resolved,))
+                included = self.parse_file(target, None, shown, statement.location, here)
                 for node, node_base in included:
                     if isinstance(node, (nodes.PolicyName, nodes.LocalDomains, nodes.Default, nodes.OnErrorDeny)):
                         keyword = {nodes.PolicyName: "policy", nodes.LocalDomains: "local domains",
                                    nodes.Default: "default", nodes.OnErrorDeny: "on error deny"}[type(node)]
-                        self.sink.error(node.location, f"'{keyword}' belongs in the main policy file, "
-                                                       "not in an included file")
+                        sink.error(node.location, f"'{keyword}' belongs in the main policy file, "
+                                                  "not in an included file")
                         continue
                     out.append((node, node_base))
                 continue
@@ -181,6 +303,12 @@ class Loader:
 
     def load(self, path: Path | None, text: str | None, base_dir: Path | None) -> PolicyModel:
         display = str(path) if path is not None else "<text>"
+        home = path.parent if path is not None else (base_dir or Path.cwd())
+        # the folder the main file is named in, and (when that name is a symlink, such as a
+        # `current.policy` pointing at a release) the folder it really lies in
+        self.roots = [os.path.realpath(home), *self.allowed]
+        if path is not None and "\x00" not in str(path):
+            self.roots.append(os.path.dirname(os.path.realpath(path)))
         # Relative list/directory/include paths of text policies resolve against base_dir.
         statements = self.parse_file(path, text, display, None, (), base_dir)
         sink = self.sink
@@ -301,11 +429,14 @@ class Loader:
         entries: list[str] = []
         if statement.path is not None:
             path = base / statement.path
-            text = read_source(path, sink, statement.location, "list file")
+            real = _real(path)
+            first_read = real not in self.texts
+            _, text = self._read_once(path, statement.location, "list file")
             if text is None:
                 lists[statement.name] = ()
                 return
-            self.files.append(path)
+            if first_read:
+                self.files.append(path)
             self.hash_parts.append(("list", text.encode("utf-8")))
             for raw in text.splitlines():
                 entry = raw.split("#", 1)[0].strip()
@@ -319,10 +450,12 @@ class Loader:
     def _read_directory(self, statement: nodes.DirectoryDecl, base: Path, directory: dict[str, dict[str, Any]]) -> None:
         sink = self.sink
         path = base / statement.path
-        text = read_source(path, sink, statement.location, "directory file")
+        first_read = _real(path) not in self.texts
+        _, text = self._read_once(path, statement.location, "directory file")
         if text is None:
             return
-        self.files.append(path)
+        if first_read:
+            self.files.append(path)
         self.hash_parts.append(("directory", text.encode("utf-8")))
         try:
             data = json.loads(text)
@@ -409,10 +542,18 @@ class Loader:
                             f"{did_you_mean(expect.by, list(rule_locations) + ['default'])}")
 
 
+def allowed_from_environment() -> list[str]:
+    """POLICYPLUG_ALLOW_PATH: more folders a policy's files may lie in (os.pathsep-separated)."""
+    return [p for p in os.environ.get("POLICYPLUG_ALLOW_PATH", "").split(os.pathsep) if p]
+
+
 def load_model(path: str | Path | None = None, *, text: str | None = None,
-               base_dir: str | Path | None = None) -> PolicyModel:
-    """Read and check a policy; raises PolicyError with every diagnostic."""
-    loader = Loader()
+               base_dir: str | Path | None = None, allowed_paths: Iterable[str | Path] = ()) -> PolicyModel:
+    """Read and check a policy; raises PolicyError with every diagnostic.
+
+    Includes, list files and the directory must lie in the policy's folder (the main file's, or
+    base_dir for text=), or in one of `allowed_paths` or POLICYPLUG_ALLOW_PATH's folders."""
+    loader = Loader([*allowed_paths, *allowed_from_environment()])
     if path is not None and text is None:
         return loader.load(Path(path), None, None)
     if text is None:

@@ -243,3 +243,68 @@ def test_old_store_without_tag_table(tmp_path: Path) -> None:
     assert by_title["Busiest users (messages)"] == [("alice@acme.example", 7, 7)]
     assert by_title["Traffic by tag"] == [("external", "outbound", "allow", 1), ("partner", "outbound", "allow", 1)]
     assert "Traffic by tag,partner,outbound,allow,1" in report(db, "--format", "csv").stdout
+
+
+# -- reports carry no attacks; the store's path is any path (issue 16) ---------------------------------
+
+ATTACKERS = ["=2+5@evil.example", "+sum(1;2)@evil.example", "-3+4@evil.example",
+             "sip:%1b[31m@evil.example", "sip:a%e2%80%aeb@evil.example"]
+OPEN_POLICY = load_policy(text='policy "open"\nlocal domains ["acme.example"]\ndefault allow\n')
+
+
+def fill_with_attackers(db: Path) -> None:
+    store = UsageStore(db)
+    for sender in ATTACKERS:
+        recipient = "sip:alice@acme.example" if sender.startswith("sip:") else "alice@acme.example"
+        for event in (Event.message(sender, recipient, time="2026-11-24T10:15:00Z"),
+                      Event.message(recipient, sender, time="2026-11-24T10:16:00Z")):
+            store.count(event, OPEN_POLICY.decide(event), OPEN_POLICY.activation(event)["direction"])
+    store.close()
+
+
+def test_report_cells_never_run_as_formulas_nor_carry_controls(tmp_path: Path) -> None:
+    """Remote senders `=2+5@evil.example`, `+sum(1;2)@...`, `-3+4@...` became CSV cells spreadsheets run
+    as formulas, and a SIP user part `%1b[31m` put a raw ESC into the text and CSV reports."""
+    import csv
+    import io
+    import re
+
+    from policyplug.usage.report import csv_cell, render_csv, render_html, render_text
+
+    assert [csv_cell(v) for v in ("@SUM(A1)", "\tx", "\r=1", 7, "ok")] == ["'@SUM(A1)", "\\x09x", "\\x0d=1", 7, "ok"]
+
+    db = tmp_path / "usage.db"
+    fill_with_attackers(db)
+    tables = build_tables(db)
+    users = [row[0] for row in next(t for t in tables if t.title.startswith("Busiest")).rows]
+    assert any("\x1b" in u for u in users) and any("=2+5" in u for u in users)  # the store keeps them as sent
+    controls = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+    csv_text = render_csv(tables)
+    cells = [cell for row in csv.reader(io.StringIO(csv_text)) for cell in row]
+    assert "'=2+5@evil.example" in cells and "'-3+4@evil.example" in cells and "'+sum(1;2)@evil.example" in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert "\\x1b[31m@evil.example" in cells and "a\\u202eb@evil.example" in cells
+    for rendered in (csv_text.replace("\r\n", "\n"), render_text(tables), render_html(tables)):
+        assert not controls.search(rendered.replace("\n", "")), repr(controls.search(rendered.replace("\n", "")))
+    assert "\\x1b[31m@evil.example" in render_text(tables) and "\\x1b[31m@evil.example" in render_html(tables)
+
+
+def test_report_reads_a_store_whatever_its_path(tmp_path: Path) -> None:
+    """`report --db 'u#x.db'` gave a traceback and created an empty file `u`: the path went into a
+    `file:` URI unescaped, `#x.db?mode=ro` became its fragment, and read-only mode was lost."""
+    for name in ("u#x.db", "a?mode=rwc.db", "100%.db", "sp ace.db"):
+        fill(tmp_path / name)
+        before = set(tmp_path.iterdir())
+        result = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", name, "--format", "csv"],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Top external domains,spam.example,4,4" in result.stdout
+        assert set(tmp_path.iterdir()) == before  # nothing created (no `u`, no journal)
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    for name, message in (("missing#x.db", "no usage store at missing#x.db"),
+                          ("notes.txt", "notes.txt is not a readable usage store")):
+        result = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", name],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "missing").exists() and (tmp_path / "notes.txt").read_text().startswith("not a database")

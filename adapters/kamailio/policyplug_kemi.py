@@ -325,7 +325,9 @@ class PolicyplugKamailio:
         snapshot = self._shared_snapshot()
         if snapshot is not None:  # `kamcmd app_python.reload` runs this file again in a worker
             self.generation, path = snapshot
-            self.policy = load_policy(path, limiter=self.limiter)
+            # a snapshot keeps the files' relative places under its own folder, which may be above the
+            # policy's (files from --allow-path / POLICYPLUG_ALLOW_PATH folders): it was checked when made
+            self.policy = load_policy(path, limiter=self.limiter, allowed_paths=[self.state_dir])
         else:
             self.policy = load_policy(self.policy_path, limiter=self.limiter)
         self._mtimes = self._file_times(self.policy)
@@ -394,7 +396,7 @@ class PolicyplugKamailio:
             return
         path = KSR.htable.sht_get(STATE_TABLE, "snapshot")
         try:
-            self.policy = load_policy(path, limiter=self.limiter)
+            self.policy = load_policy(path, limiter=self.limiter, allowed_paths=[self.state_dir])
         except (PolicyError, OSError) as exc:  # a snapshot was valid when made: say so loudly
             log("err", f"snapshot {path} did not load, keeping revision {self.policy.revision}: {exc}")
         self.generation = generation

@@ -178,6 +178,10 @@ EVENT_ACCESS = {name: f"_ev.{name}" for name in EVENT_SCHEMA} | {"sender": "_s",
 MATCHER_ARGS = "_ev, _s, _r, _d"
 
 
+FOLD_HEIGHT = 64  # the tallest constant subtree folded at once (see _Gen.fold)
+RULES_PER_COMPILE = 16  # rules' matchers compiled by one compile() call (see compile_rules)
+
+
 class _Gen:
     def __init__(self, constants: Mapping[str, Any], access: Mapping[str, str] = ACT_ACCESS):
         self.access = access
@@ -187,6 +191,7 @@ class _Gen:
         self.counter = itertools.count(1)
         self.globals: dict[str, Any] = {}
         self.const_ids: dict[int, bool] = {}
+        self.const_depth: dict[int, int] = {}  # height of each constant subtree (see fold)
         self.dump_memo: dict[int, bool] = {}
         self.force_atomic = 0
         self._folder_activation: Any = None
@@ -260,25 +265,36 @@ class _Gen:
     # ------------------------------------------------------------ constant folding
 
     def is_const(self, node: lark.Tree) -> bool:
-        """No variable below this node (memoized)."""
+        """No variable below this node (memoized; the heights of constant subtrees too)."""
         memo = self.const_ids
         result = memo.get(id(node))
         if result is None:
             result = _name(node.data, node.data) not in NOT_CONSTANT
+            height = 0
             if result:
                 for child in node.children:
-                    if isinstance(child, lark.Tree) and not self.is_const(child):
-                        result = False
-                        break
+                    if isinstance(child, lark.Tree):
+                        if not self.is_const(child):
+                            result = False
+                            break
+                        height = max(height, self.const_depth[id(child)])
             memo[id(node)] = result
+            self.const_depth[id(node)] = height + 1
         return result
 
     def fold(self, node: lark.Tree) -> Ex | None:
-        """Evaluate a variable-free sub-expression with cel-python now."""
+        """Evaluate a variable-free sub-expression with cel-python now.
+
+        Only subtrees up to FOLD_HEIGHT high: cel-python's evaluator recurses about 14 frames a level,
+        so a taller one (`1+1+...` 600 terms) ran into RecursionError, and was then tried again at
+        each level below, each attempt walking as deep as the stack allowed: quadratic, 5 s for 600
+        terms. Above the bound the operators are compiled as usual and their lower parts folded."""
         if rule_name(node.data) == "literal" and len(node.children) == 1:
             value = _simple_literal(node.children[0])
             if value is not None:
                 return self.literal(value)
+        if self.const_depth.get(id(node), 0) > FOLD_HEIGHT:
+            return None
         if self._folder_activation is None:
             self._folder_activation = _env().program(node, functions=rt.EXTRA_FUNCTIONS).new_activation()
         try:
@@ -952,8 +968,13 @@ def compile_rules(rules: list[list[tuple[lark.Tree, bool]]], constants: Mapping[
         reasons.append(why)
     namespace = {**_RUNTIME_GLOBALS, **gen.globals}
     try:
-        code = compile("\n".join(line for lines in sources for line in lines) + "\n", "<policy>", "exec")
-        exec(code, namespace)  # noqa: S102 - source generated above from the parse trees
+        # In chunks of rules, not one module: compile() holds the interpreter for its whole run (35 ms
+        # for 200 rules here), and the decision service loads a reload in a thread beside its event
+        # loop, whose decisions would wait that long.
+        for start in range(0, len(sources), RULES_PER_COMPILE):
+            chunk = sources[start:start + RULES_PER_COMPILE]
+            code = compile("\n".join(line for lines in chunk for line in lines) + "\n", "<policy>", "exec")
+            exec(code, namespace)  # noqa: S102 - source generated above from the parse trees
         broken: set[int] = set()
     except (RecursionError, SyntaxError, MemoryError):
         # A rule too big or too deep for Python's compiler: compile them one by one. A rule that

@@ -25,7 +25,7 @@ async def run(args: argparse.Namespace) -> int:
     from ..audit import AuditWriter
     from .metrics import Metrics
     from .server import DecisionService
-    from .socket_transport import SocketTransport
+    from .socket_transport import SocketPathError, SocketTransport
 
     audit = None
     if args.audit_log:
@@ -75,7 +75,8 @@ async def run(args: argparse.Namespace) -> int:
             return 1
     try:
         service = DecisionService(args.policy, audit=audit, usage=usage, metrics=metrics, freeze_gc=True,
-                                  limiter=limiter, directory_source=directory)
+                                  limiter=limiter, directory_source=directory,
+                                  allowed_paths=args.allow_path)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1
@@ -93,12 +94,25 @@ async def run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: service.reload("SIGHUP"))
+    # SIGHUP reloads off the event loop like every other reload (coalesced while one runs)
+    hup_reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(service.reload_async("SIGHUP"))
+        hup_reloads.add(task)
+        task.add_done_callback(hup_reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     transports = []
     if args.socket:
         socket_transport = SocketTransport(service, args.socket)
-        await socket_transport.start()
+        try:
+            await socket_transport.start()
+        except SocketPathError as exc:
+            print(f"policyplug serve: {exc}", file=sys.stderr)
+            service.close()
+            return 1
         transports.append(socket_transport)
     component = None
     if args.component:
@@ -190,4 +204,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="auto: uvloop when installed (less time per read and write), else asyncio")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="let the policy's includes, list files and directory lie in DIR too (repeatable)")
     p.set_defaults(func=cmd_serve)

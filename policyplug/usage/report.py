@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,28 @@ def _range(since: str | None, until: str | None) -> tuple[str, list[str]]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+class UsageStoreError(OSError):
+    """The usage store cannot be read (not a store, or damaged)."""
+
+
+def open_read_only(db_path: str | Path) -> sqlite3.Connection:
+    """Open an existing SQLite store read-only, whatever characters its path holds.
+
+    The path goes into a `file:` URI percent-encoded (Path.as_uri): pasted in raw, `u#x.db` lost
+    everything from `#` on (as a URI fragment, `?mode=ro` with it), so SQLite created and opened
+    `u` read-write."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no usage store at {db_path}")
+    try:
+        return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise UsageStoreError(f"cannot open the usage store {db_path}: {exc}") from None
+
+
 def build_tables(db_path: str | Path, since: str | None = None, until: str | None = None, top: int = 10) -> list[Table]:
     """The report's tables for hours in [since, until); `top` rows in the top-N tables."""
-    if not Path(db_path).exists():
-        raise FileNotFoundError(f"no usage store at {db_path}")
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = open_read_only(db_path)
     where, params = _range(since, until)
     and_where = (where + " AND ") if where else " WHERE "
     try:
@@ -62,6 +80,8 @@ def build_tables(db_path: str | Path, since: str | None = None, until: str | Non
         tags = db.execute(
             f"SELECT tag, direction, decision, SUM(count) FROM tag_traffic{where} GROUP BY tag, direction, decision "
             "ORDER BY tag, direction, decision", params).fetchall() if has_tags else []
+    except sqlite3.Error as exc:  # not a usage store (no tables), not a database, damaged
+        raise UsageStoreError(f"{db_path} is not a readable usage store: {exc}") from None
     finally:
         db.close()
     return [
@@ -73,11 +93,39 @@ def build_tables(db_path: str | Path, since: str | None = None, until: str | Non
     ]
 
 
+# Characters that change how a terminal, editor or browser shows the text around them: C0 and C1
+# controls and DEL (ESC starts terminal escape sequences), and the bidirectional overrides and
+# isolates (they reorder what is shown). Addresses come from remote senders (`%1b[31m` in a SIP
+# user part is a raw ESC once decoded), so every report shows them escaped, as \x1b or \u202e.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean(value: object) -> str:
+    """A cell as shown in any format: its control characters escaped."""
+    text = str(value)
+    return _CONTROLS.sub(_escape_control, text) if _CONTROLS.search(text) else text
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell that no spreadsheet runs as a formula (OWASP's CSV-injection rule): a text cell
+    starting with = + - @ tab or carriage return gets a leading apostrophe, which spreadsheets
+    show as text. Counts (ints) stay numbers."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = clean(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def render_text(tables: list[Table]) -> str:
     out = []
     for table in tables:
         out.append(table.title)
-        cells = [table.columns] + [[str(c) for c in row] for row in table.rows]
+        cells = [table.columns] + [[clean(c) for c in row] for row in table.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(table.columns))]
         for n, row in enumerate(cells):
             out.append("  " + "  ".join(c.rjust(w) if n and c.isdigit() else c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -95,7 +143,7 @@ def render_csv(tables: list[Table]) -> str:
     for table in tables:
         writer.writerow(["table", *table.columns])
         for row in table.rows:
-            writer.writerow([table.title, *row])
+            writer.writerow([table.title, *(csv_cell(c) for c in row)])
     return buffer.getvalue()
 
 
@@ -107,7 +155,7 @@ def _bar_chart(table: Table, colour: str) -> str:
     if not table.rows:
         return "<p>(nothing in this period)</p>"
     value_index = next(i for i, c in enumerate(table.columns) if c in ("events", "messages"))
-    labels = [" / ".join(str(v) for v in row[:value_index]) for row in table.rows]
+    labels = [" / ".join(clean(v) for v in row[:value_index]) for row in table.rows]
     values = [int(row[value_index]) for row in table.rows]
     peak = max(values) or 1
     height = 26 * len(values) + 10
@@ -128,7 +176,7 @@ def render_html(tables: list[Table], title: str = "policyplug usage report", per
     for i, table in enumerate(tables):
         colour = COLOURS[i % len(COLOURS)]
         head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in table.rows)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(clean(v))}</td>" for v in row) + "</tr>" for row in table.rows)
         sections.append(f"<section><h2>{html.escape(table.title)}</h2>{_bar_chart(table, colour)}"
                         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
