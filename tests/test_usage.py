@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from policyplug import Event, load_policy
 from policyplug.decision import Decision
+from policyplug.events import EventError
 from policyplug.service.server import DecisionService
 from policyplug.usage.report import COLOURS, build_tables
 from policyplug.usage.store import UsageStore
@@ -247,19 +250,27 @@ def test_old_store_without_tag_table(tmp_path: Path) -> None:
 
 # -- reports carry no attacks; the store's path is any path (issue 16) ---------------------------------
 
-ATTACKERS = ["=2+5@evil.example", "+sum(1;2)@evil.example", "-3+4@evil.example",
-             "sip:%1b[31m@evil.example", "sip:a%e2%80%aeb@evil.example"]
+ATTACKERS = ["=2+5@evil.example", "+sum(1;2)@evil.example", "-3+4@evil.example"]
+# A SIP user part that decodes to a terminal escape or a bidirectional override is an invalid event
+# (docs/addresses.md), so such users reach a store only from an older writer: they are put in directly.
+CONTROL_USERS = ["\x1b[31m@evil.example", "a\u202eb@evil.example"]
 OPEN_POLICY = load_policy(text='policy "open"\nlocal domains ["acme.example"]\ndefault allow\n')
 
 
 def fill_with_attackers(db: Path) -> None:
     store = UsageStore(db)
     for sender in ATTACKERS:
-        recipient = "sip:alice@acme.example" if sender.startswith("sip:") else "alice@acme.example"
+        recipient = "alice@acme.example"
         for event in (Event.message(sender, recipient, time="2026-11-24T10:15:00Z"),
                       Event.message(recipient, sender, time="2026-11-24T10:16:00Z")):
             store.count(event, OPEN_POLICY.decide(event), OPEN_POLICY.activation(event)["direction"])
     store.close()
+    for user in CONTROL_USERS:
+        with pytest.raises(EventError, match="control or format character"):
+            Event.message("sip:" + user.replace("\x1b", "%1b").replace("\u202e", "%e2%80%ae"), "sip:alice@acme.example")
+    with sqlite3.connect(db) as connection:
+        connection.executemany("INSERT INTO user_messages (hour, user, direction, count) VALUES (?, ?, ?, ?)",
+                               [("2026-11-24T10:00Z", user, "inbound", 1) for user in CONTROL_USERS])
 
 
 def test_report_cells_never_run_as_formulas_nor_carry_controls(tmp_path: Path) -> None:
