@@ -1,0 +1,290 @@
+"""A policy's first-match walk as z3 formulas (docs/semantics.md, step 3-5).
+
+Per rule i, over the symbolic event: `m[i]` the rule matches (its `on` includes the kind, every
+`when` is true, every `unless` false, and, for a rule with `limit`, a free flag says the window
+is exceeded: any state), `e[i]` a condition or the limit key raises, `s[i]` the walk stops here
+(a terminal rule matches, or an error under `on error deny`), `r[i]` the walk reaches rule i.
+The decision: the outcome code and deciding rule of the first stop (else the default), and one
+flag per obligation (copy to, disclaimer, tag, audit) collected on the way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lark
+import z3
+
+from ..addresses import AddressError, normalise_domain, parse_address
+from ..nodes import EVENT_KINDS
+from ..runtime import EVALUATION_ERROR_REASON, Policy
+from .symbolic import FALSE, TRUE, Context, Encoder, SymEvent, Unsupported, free_reads, zstr
+
+def string_literals(tree: Any) -> list[str]:
+    """The plain string literals (no escapes) in a condition's tree."""
+    out = []
+    if isinstance(tree, lark.Tree):
+        for child in tree.children:
+            if isinstance(child, lark.Token):
+                text = str(child)
+                if child.type == "STRING_LIT" and len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" \
+                        and "\\" not in text:
+                    out.append(text[1:-1])
+            else:
+                out.extend(string_literals(child))
+    return out
+
+
+def _is_normal_domain(text: str) -> bool:
+    try:
+        return normalise_domain(text) == text
+    except AddressError:
+        return False
+
+
+def _is_normal_address(text: str) -> bool:
+    try:
+        return any(parse_address(text, protocol).address == text for protocol in ("xmpp", "sip"))
+    except AddressError:
+        return False
+
+
+Item = tuple[str, str | None]  # ("copy_to", address) | ("disclaimer", text) | ("tag", label) | ("audit", None)
+
+
+@dataclass
+class Tables:
+    """Codes shared by every policy encoded over one event: outcomes and rule names."""
+
+    outcomes: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    names: dict[str | None, int] = field(default_factory=lambda: {None: 0})
+    overs: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+
+    def outcome(self, value: tuple[Any, ...]) -> int:
+        return self.outcomes.setdefault(value, len(self.outcomes))
+
+    def name(self, value: str | None) -> int:
+        return self.names.setdefault(value, len(self.names))
+
+    def outcome_of(self, code: int) -> tuple[Any, ...]:
+        return next(k for k, v in self.outcomes.items() if v == code)
+
+    def name_of(self, code: int) -> str | None:
+        return next(k for k, v in self.names.items() if v == code)
+
+
+@dataclass
+class RuleFormula:
+    name: str
+    index: int
+    line: int
+    terminal: bool
+    items: tuple[Item, ...]
+    reasons: list[str]
+    limit: Any  # CompiledLimit or None
+    over: Any  # z3 Bool or None
+    m: Any
+    e: Any
+    s: Any
+    r: Any
+    outcome: int
+    defs: list[Any]  # what defines m, e, s and the reach of the next rule
+
+
+def _items(rule: Any) -> tuple[Item, ...]:
+    out: list[Item] = [("copy_to", a) for a in rule.copy_to] + [("disclaimer", d) for d in rule.disclaimers] \
+        + [("tag", t) for t in rule.tags]
+    if rule.audit:
+        out.append(("audit", None))
+    return tuple(out)
+
+
+class PolicyFormula:
+    def __init__(self, policy: Policy, ev: SymEvent, tag: str, tables: Tables):
+        if policy.model is None:
+            raise ValueError("the policy was not loaded from text (no model to analyse)")
+        self.policy = policy
+        self.ev = ev
+        self.tag = tag
+        self.tables = tables
+        self.ctx = Context(ev, tag, policy.local_domains, dict(policy.lists), policy.directory)
+        self.encoder = Encoder(self.ctx)
+        self.defs: list[Any] = []
+        self.rules: list[RuleFormula] = []
+        self.oed = policy.on_error_deny
+        self.error_outcome = tables.outcome(("deny", EVALUATION_ERROR_REASON, None, None))
+        self.default_outcome = tables.outcome((policy.default_effect, policy.default_reason, None, None))
+        self._exclude_foreign_literals(policy)
+        reach: Any = TRUE
+        for i, (compiled, checked) in enumerate(zip(policy.rules, policy.model.rules, strict=True)):
+            formula = self._rule(i, compiled, checked, reach)
+            self.rules.append(formula)
+            reach = z3.Bool(f"{tag}r{i + 1}")
+            formula.defs.append(reach == z3.And(formula.r, z3.Not(formula.s)))
+            self.defs += formula.defs
+        self.reach_end = reach
+        out: Any = z3.IntVal(self.default_outcome)
+        name: Any = z3.IntVal(tables.name(None))
+        for rule in reversed(self.rules):
+            if rule.terminal:
+                stop_out = z3.If(rule.m, z3.IntVal(rule.outcome), z3.IntVal(self.error_outcome))
+            else:
+                stop_out = z3.IntVal(self.error_outcome)
+            out = z3.If(rule.s, stop_out, out)
+            name = z3.If(rule.s, z3.IntVal(tables.name(rule.name)), name)
+        self.out = z3.Int(f"{tag}out")
+        self.name = z3.Int(f"{tag}rule")
+        self.decision_defs = [self.out == out, self.name == name]
+        self.defs += self.decision_defs
+        self.items: dict[Item, Any] = {}
+        for rule in self.rules:
+            for item in rule.items:
+                self.items[item] = z3.Or(self.items.get(item, FALSE), z3.And(rule.r, rule.m))
+            if self.oed:
+                self.items[("audit", None)] = z3.Or(self.items.get(("audit", None), FALSE), z3.And(rule.r, rule.e))
+        self._suffix_out: dict[int, Any] = {}
+        self._suffix_items: dict[tuple[int, Item], Any] = {}
+        self._prefix_items: dict[tuple[int, Item], Any] = {}
+
+    def _exclude_foreign_literals(self, policy: Policy) -> None:
+        """Every string literal and list entry the policy holds that no normalised domain,
+        address or user can equal (docs/addresses.md) is excluded as such: `recipient.domain ==
+        "Partner.Example"` can then never hold. A fact about events, so it only narrows."""
+        texts: set[str] = {entry for entries in policy.lists.values() for entry in entries}
+        for checked in policy.model.rules:  # type: ignore[union-attr]
+            for tree in list(checked.when) + list(checked.unless):
+                texts.update(string_literals(tree))
+        for text in sorted(texts):
+            try:
+                literal = zstr(text)
+            except Unsupported:
+                continue
+            domain_ok = _is_normal_domain(text)
+            address_ok = domain_ok or _is_normal_address(text)
+            for party in self.ev.parties.values():
+                if not domain_ok:
+                    self.ev.constraints.append(party.domain != literal)
+                if not address_ok:
+                    self.ev.constraints.append(party.address != literal)
+                if text != text.lower() and any("A" <= c <= "Z" for c in text):
+                    self.ev.constraints.append(party.user != literal)
+
+    def _rule(self, i: int, compiled: Any, checked: Any, reach: Any) -> RuleFormula:
+        ev, enc = self.ev, self.encoder
+        enc.reasons = []
+        passed: Any = TRUE if compiled.kinds is None else z3.Or([ev.kind == EVENT_KINDS.index(k)
+                                                                 for k in sorted(compiled.kinds)])
+        err: Any = FALSE
+        trees = [(t, True) for t in checked.when] + [(t, False) for t in checked.unless]
+        for tree, expected in trees:
+            v = enc.condition(tree)
+            ok = v.t if expected else v.f
+            err = z3.Or(err, z3.And(passed, z3.Not(z3.Or(v.t, v.f))))
+            passed = z3.And(passed, ok)
+        over = None
+        if compiled.limit is not None:
+            key_err = self._limit_key_error(checked.limit_key)
+            err = z3.Or(err, z3.And(passed, key_err))
+            signature = (compiled.name, compiled.limit.count, compiled.limit.seconds, compiled.limit.text,
+                         tuple(repr(t) for t, _ in trees), self.ctx.fingerprint)
+            over = self.tables.overs.get(signature)
+            if over is None:
+                over = self.tables.overs[signature] = z3.Bool(f"{self.tag}over{i}")
+            passed = z3.And(passed, z3.Not(key_err), over)
+        m, e, s = z3.Bool(f"{self.tag}m{i}"), z3.Bool(f"{self.tag}e{i}"), z3.Bool(f"{self.tag}s{i}")
+        terminal = compiled.effect is not None
+        stop = z3.Or(z3.And(m, z3.BoolVal(terminal)), z3.And(e, z3.BoolVal(self.oed)))
+        defs = [m == passed, e == err, s == stop]
+        if i == 0:
+            r = z3.Bool(f"{self.tag}r0")
+            defs.append(r == TRUE)
+        else:
+            r = reach
+        outcome = self.tables.outcome((compiled.effect, compiled.reason, compiled.redirect_to, compiled.route_via)) \
+            if terminal else self.error_outcome
+        line = compiled.location.line if compiled.location is not None else 0
+        return RuleFormula(compiled.name, i, line, terminal, _items(compiled), list(dict.fromkeys(enc.reasons)),
+                           compiled.limit, over, m, e, s, r, outcome, defs)
+
+    def _limit_key_error(self, tree: Any) -> Any:
+        """Whether evaluating the limit key raises: a party (or one of its string fields) never
+        does; an expression the encoder reads exactly gives its error formula; else it may."""
+        if tree is None:
+            return FALSE
+        reads = free_reads(tree, frozenset(self.ctx.lists))
+        if reads <= {"sender", "recipient"}:
+            return FALSE
+        try:
+            v = self.encoder.encode(tree, {})
+        except Unsupported as exc:
+            self.encoder.reasons.append(f"limit key: {exc}")
+            return z3.FreshBool(f"{self.tag}keyerr")
+        if v.type == "bool":
+            return z3.Not(z3.Or(v.t, v.f))
+        return v.err
+
+    # -- what a rule's removal changes (analyze: redundant) -------------------------------------------
+
+    def suffix_out(self, k: int) -> Any:
+        """The outcome when the walk starts at rule k (k == len(rules): the default)."""
+        if k not in self._suffix_out:
+            for j in range(len(self.rules), k - 1, -1):
+                if j in self._suffix_out:
+                    continue
+                if j == len(self.rules):
+                    self._suffix_out[j] = z3.IntVal(self.default_outcome)
+                    continue
+                rule = self.rules[j]
+                stop_out = z3.If(rule.m, z3.IntVal(rule.outcome), z3.IntVal(self.error_outcome)) if rule.terminal \
+                    else z3.IntVal(self.error_outcome)
+                self._suffix_out[j] = z3.If(rule.s, stop_out, self._suffix_out[j + 1])
+        return self._suffix_out[k]
+
+    def suffix_item(self, k: int, item: Item) -> Any:
+        """Whether the walk started at rule k collects `item`."""
+        key = (k, item)
+        if key not in self._suffix_items:
+            for j in range(len(self.rules), k - 1, -1):
+                if (j, item) in self._suffix_items:
+                    continue
+                if j == len(self.rules):
+                    self._suffix_items[(j, item)] = FALSE
+                    continue
+                rule = self.rules[j]
+                here = z3.And(rule.m, TRUE) if item in rule.items else FALSE
+                if item == ("audit", None) and self.oed:
+                    here = z3.Or(here, rule.e)
+                self._suffix_items[(j, item)] = z3.Or(here, z3.And(z3.Not(rule.s), self._suffix_items[(j + 1, item)]))
+        return self._suffix_items[key]
+
+    def prefix_item(self, k: int, item: Item) -> Any:
+        """Whether the walk has collected `item` before rule k."""
+        key = (k, item)
+        if key not in self._prefix_items:
+            value: Any = FALSE
+            for j in range(k):
+                rule = self.rules[j]
+                if item in rule.items:
+                    value = z3.Or(value, z3.And(rule.r, rule.m))
+                if item == ("audit", None) and self.oed:
+                    value = z3.Or(value, z3.And(rule.r, rule.e))
+            self._prefix_items[key] = value
+        return self._prefix_items[key]
+
+    def removal_changes(self, i: int) -> Any:
+        """Events (reaching rule i) whose effect, reason, redirect, route or obligations change
+        when rule i is removed: the walk then goes on at rule i + 1 with what it has collected."""
+        parts = [self.suffix_out(i) != self.suffix_out(i + 1)]
+        for item in self.items:
+            parts.append(z3.And(z3.Not(self.prefix_item(i, item)),
+                                self.suffix_item(i, item) != self.suffix_item(i + 1, item)))
+        return z3.Or(parts)
+
+    def defs_upto(self, k: int) -> list[Any]:
+        """The definitions of rules 0..k (all a query about rule k's reach and match needs)."""
+        return [d for rule in self.rules[:k + 1] for d in rule.defs]
+
+    def fresh_limits(self) -> list[Any]:
+        """Assumptions: no limit window is exceeded (the state of a fresh engine)."""
+        return [z3.Not(r.over) for r in self.rules if r.over is not None]
