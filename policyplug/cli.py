@@ -17,7 +17,7 @@ from .tester import policy_files, run_tests, uncovered_rules
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
 COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands",
-                   "policyplug.usage.commands")
+                   "policyplug.usage.commands", "policyplug.analysis.commands")
 
 
 def _print_diagnostics(error: PolicyError) -> None:
@@ -57,6 +57,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         elif not args.quiet:
             noted = f", {_plural(len(policy.warnings), 'warning')}" if policy.warnings else ""
             print(f"{path}: ok (policy '{policy.name}', {len(policy.rules)} rules, {len(policy.tests)} tests{noted})")
+        if getattr(args, "strict", False):  # analysis findings fail the check (docs/analysis.md)
+            from .analysis.analyze import analyze
+
+            claims = analyze(policy, witnesses=False).claims
+            for finding in claims:
+                by = f" by {', '.join(finding.by or [])}" if finding.kind == "shadowed" else ""
+                print(f"{path}:{finding.line}: error: rule {finding.rule} is {finding.kind}{by}", file=sys.stderr)
+            if claims:
+                failed += 1
+                errors += len(claims)
     if len(files) > 1 or failed:
         noted = f", {_plural(warnings, 'warning')}" if warnings else ""
         print(f"{len(files) - failed} valid, {failed} invalid ({errors} errors{noted})",
@@ -190,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-compile", action="store_true",
                    help="list conditions that run on cel-python's interpreter instead of compiled Python")
     p.add_argument("-q", "--quiet", action="store_true", help="print only diagnostics")
+    p.add_argument("--strict", action="store_true",
+                   help="also fail on analyze findings: shadowed, unsatisfiable or redundant rules")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("test", help="run the test blocks of policies")

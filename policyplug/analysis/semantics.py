@@ -21,6 +21,7 @@ from ..nodes import EVENT_KINDS
 from ..runtime import EVALUATION_ERROR_REASON, Policy
 from .symbolic import FALSE, TRUE, Context, Encoder, SymEvent, Unsupported, free_reads, zstr
 
+
 def string_literals(tree: Any) -> list[str]:
     """The plain string literals (no escapes) in a condition's tree."""
     out = []

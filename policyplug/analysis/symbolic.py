@@ -175,7 +175,7 @@ class SymEvent:
         self.nice += [self.protocol == 0, self.body == zstr(""), self.subject == zstr(""), self.type == zstr(""),
                       self.client_ip == zstr("192.0.2.1"), self.client_port == 5222, self.size == 0,
                       self.time == 1_798_761_600_000_000]  # 2027-01-01T00:00:00Z
-        for p, party in self.parties.items():
+        for party in self.parties.values():
             self.shapes += [z3.InRe(party.domain, z3.Star(z3.Union(z3.Range("a", "z"), z3.Range("0", "9"),
                                                                     z3.Re(zstr("."))))),
                             z3.InRe(party.user, z3.Star(z3.Range("a", "z"))), party.resource == zstr("")]

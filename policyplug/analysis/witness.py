@@ -12,8 +12,8 @@ import z3
 from ..decision import Decision
 from ..events import Event, EventError
 from ..limits import MemoryLimiter
-from ..runtime import Policy
 from ..nodes import EVENT_KINDS
+from ..runtime import Policy
 from .symbolic import EPOCH, PARTIES, PROTOCOLS, SymEvent, pystr
 
 
