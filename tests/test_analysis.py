@@ -1,0 +1,237 @@
+"""policyplug analyze / diff / replay (docs/analysis.md): claims checked against the engine."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policyplug.analysis.analyze import analyze
+from policyplug.analysis.diff import diff
+from policyplug.audit.log import AuditWriter
+from policyplug.compiler import load_policy
+from policyplug.events import EVENT_KINDS, Event
+
+HEAD = '''policy "t"
+local domains ["acme.example"]
+list partners = ["partner.example", "other.example"]
+default deny "no"
+'''
+
+FINDINGS = HEAD + '''rule out_partner:
+  on message
+  when direction == "outbound" && recipient.domain in partners
+  allow
+rule out_partner_x:
+  on message
+  when direction == "outbound" && recipient.domain == "partner.example" && body.contains("x")
+  allow
+rule bad_case:
+  when recipient.domain == "Partner.Example"
+  deny "x"
+rule contra:
+  when direction == "inbound" && direction == "outbound"
+  allow
+rule tagger:
+  when sender.local
+  tag "local"
+rule flagged:
+  when body.matches("(?i)abc")
+  deny "x"
+rule internal:
+  when direction == "internal"
+  allow
+'''
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "policyplug", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_analyze_findings_are_what_the_engine_does() -> None:
+    policy = load_policy(text=FINDINGS)
+    result = analyze(policy)
+    kinds = {f.rule: f.kind for f in result.findings}
+    assert kinds == {"out_partner_x": "shadowed", "bad_case": "unsatisfiable", "contra": "unsatisfiable",
+                     "flagged": "unknown"}
+    shadowed = next(f for f in result.findings if f.rule == "out_partner_x")
+    assert shadowed.by == ["out_partner"]
+    assert shadowed.witness is not None
+    assert policy.decide(Event.from_json(shadowed.witness)).rule == "out_partner"
+    unsat = next(f for f in result.findings if f.rule == "bad_case")
+    assert "Partner.Example" in (unsat.reason or "") and "normal form" in (unsat.reason or "")
+    assert "regular expression" in (next(f for f in result.findings if f.rule == "flagged").reason or "")
+    # live rules have witnesses the engine decides by them
+    for rule in ("out_partner", "internal"):
+        assert policy.decide(Event.from_json(result.live[rule])).rule == rule
+    assert "local" in policy.decide(Event.from_json(result.live["tagger"])).tags
+
+
+def test_redundant_rule_changes_no_outcome() -> None:
+    text = HEAD + '''rule big:
+  on file
+  when size > 2000 && sender.local
+  deny "too large"
+rule bigger:
+  on file
+  when size > 1000
+  deny "too large"
+rule internal:
+  when direction == "internal"
+  allow
+'''
+    kinds = {f.rule: f.kind for f in analyze(load_policy(text=text)).findings}
+    assert kinds == {"big": "redundant"}
+
+
+def test_cli_analyze_exit_statuses_and_json(tmp_path: Path) -> None:
+    bad = run("analyze", write(tmp_path, "f.policy", FINDINGS), "--format", "json")
+    assert bad.returncode == 1, bad.stderr
+    data = json.loads(bad.stdout)
+    assert data["policy"] == "t"
+    shadowed = next(f for f in data["findings"] if f["kind"] == "shadowed")
+    assert set(shadowed) >= {"kind", "rule", "line", "by", "witness"} and shadowed["line"] == 9
+    unknown = next(f for f in data["findings"] if f["kind"] == "unknown")
+    assert unknown["reason"] and unknown["witness"] is None
+    clean = HEAD + 'rule internal:\n  when direction == "internal"\n  allow\n'
+    only_unknown = clean + 'rule r:\n  when body.matches("(?i)x")\n  deny "x"\n'
+    assert run("analyze", write(tmp_path, "c.policy", clean), "--format", "json").returncode == 0
+    assert run("analyze", write(tmp_path, "u.policy", only_unknown)).returncode == 0  # unknown alone: 0
+    assert run("analyze", write(tmp_path, "x.policy", "rule x:\n")).returncode == 2
+    strict = run("check", "--strict", str(tmp_path / "f.policy"))
+    assert strict.returncode == 1 and "shadowed" in strict.stderr
+    assert run("check", "--strict", str(tmp_path / "c.policy")).returncode == 0
+
+
+EQUIVALENT = HEAD.replace('["partner.example", "other.example"]', '["other.example", "Partner.example"]') + '''rule internal:
+  when kind != "nothing" && direction == "internal"
+  allow
+rule out_partner:
+  on message
+  when recipient.domain in partners && direction == "outbound"
+  allow
+'''
+ORIGINAL = HEAD + '''rule out_partner:
+  on message
+  when direction == "outbound" && recipient.domain in partners
+  allow
+rule internal:
+  when direction == "internal"
+  allow
+'''
+
+
+def test_diff_equivalent_and_mutated(tmp_path: Path) -> None:
+    old = load_policy(text=ORIGINAL)
+    assert diff(old, load_policy(text=EQUIVALENT)).same
+    mutated = load_policy(text=ORIGINAL.replace('"other.example"', '"else.example"'))
+    result = diff(old, mutated)
+    assert not result.same and result.changes
+    for change in result.changes:
+        event = change["witness"]
+        assert old.decide(Event.from_json(event)).to_json()["rule"] == change["old"]["rule"]
+        assert mutated.decide(Event.from_json(event)).to_json()["rule"] == change["new"]["rule"]
+    domains = {Event.from_json(c["witness"]).recipient.domain for c in result.changes}
+    assert domains & {"other.example", "else.example"}
+    a, b = write(tmp_path, "a.policy", ORIGINAL), write(tmp_path, "b.policy", EQUIVALENT)
+    same = run("diff", a, b, "--format", "json")
+    assert same.returncode == 0 and json.loads(same.stdout) == {"same": True, "changes": []}
+    m = write(tmp_path, "m.policy", ORIGINAL.replace('"other.example"', '"else.example"'))
+    changed = run("diff", a, m, "--format", "json")
+    assert changed.returncode == 1
+    data = json.loads(changed.stdout)
+    assert data["same"] is False and {"witness", "old", "new"} <= set(data["changes"][0])
+    assert run("diff", a, write(tmp_path, "bad.policy", "nonsense\n")).returncode == 2
+
+
+def test_replay_of_a_real_audit_log(tmp_path: Path) -> None:
+    """A log written by the AuditWriter as `serve` runs it, with a rotation; replayed under a
+    policy that refuses one partner."""
+    policy_path = write(tmp_path, "old.policy", ORIGINAL)
+    old = load_policy(policy_path)
+    log = tmp_path / "audit.jsonl"
+    writer = AuditWriter(log, level="all", include_bodies=True, node="test", max_bytes=4000, background=False)
+    events = [Event.message("alice@acme.example", f"bob@{d}", body="hi", time=None)
+              for d in ("partner.example", "other.example", "acme.example", "else.example")] * 5
+    for event in events:
+        writer.submit(event, old.decide(event))
+    writer.close()
+    files = sorted(tmp_path.glob("audit.jsonl*"))
+    assert len(files) > 1  # rotated
+    new_path = write(tmp_path, "new.policy", ORIGINAL.replace('"other.example"', '"else.example"'))
+    out = run("replay", new_path, str(log), "--format", "json")
+    assert out.returncode == 1, out.stderr
+    data = json.loads(out.stdout)
+    assert data["events"] == 20
+    assert data["changed"] == 10  # other.example now refused, else.example now allowed
+    assert data["hits"] == {"out_partner": 10, "internal": 5, "default": 5}
+    assert data["never_hit"] == []
+    assert {s["old"]["rule"] for s in data["samples"]} == {"out_partner", None}
+    same = run("replay", policy_path, str(log), "--format", "json")
+    assert same.returncode == 0 and json.loads(same.stdout)["changed"] == 0
+    assert run("replay", policy_path, str(tmp_path / "missing.jsonl")).returncode == 2
+
+
+# -- random policies: claims never contradicted by the engine ---------------------------------------
+
+ATOMS = ['direction == "outbound"', 'direction == "internal"', 'direction == "inbound"', 'direction != "transit"',
+         'recipient.domain == "partner.example"', 'recipient.domain in partners', 'sender.local',
+         'body.contains("secret")', 'body.startsWith("x")', 'size > 100', 'size <= 50', 'kind == "message"',
+         'sender.domain.endsWith(".example")', '"g" in sender.groups', 'sender.attrs.level >= 2',
+         'body.matches("[0-9]{4}")', 'recipient.user == "bob"']
+DOMAINS = ["acme.example", "partner.example", "other.example", "x.example"]
+
+
+def random_policy(rng: random.Random) -> str:
+    lines = [HEAD.rstrip("\n").replace('default deny "no"', rng.choice(['default deny "no"', "default allow"]))]
+    for i in range(rng.randint(3, 7)):
+        atoms = rng.sample(ATOMS, rng.randint(1, 3))
+        joiner = rng.choice([" && ", " || "])
+        cond = joiner.join(("!" if rng.random() < 0.2 else "") + f"({a})" for a in atoms)
+        lines += [f"rule r{i}:"]
+        if rng.random() < 0.4:
+            lines.append("  on " + ", ".join(rng.sample(["message", "file", "call", "presence"], 2)))
+        lines.append(f"  when {cond}")
+        lines.append(rng.choice(["  allow", '  deny "d"', '  tag "t"', "  drop", '  deny "e"\n  audit']))
+    return "\n".join(lines) + "\n"
+
+
+def random_events(rng: random.Random, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        out.append({"kind": rng.choice(EVENT_KINDS), "from": f"{rng.choice(['alice', 'bob'])}@{rng.choice(DOMAINS)}",
+                    "to": f"{rng.choice(['alice', 'bob'])}@{rng.choice(DOMAINS)}",
+                    "body": rng.choice(["", "secret", "x1234", "hello", "xsecret 5555"]),
+                    "size": rng.choice([0, 10, 60, 101, 5000]), "time": "2026-11-24T10:00:00Z"})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_random_policies_claims_hold(seed: int) -> None:
+    rng = random.Random(seed)
+    text = random_policy(rng)
+    policy = load_policy(text=text)
+    result = analyze(policy)
+    dead = {f.rule for f in result.findings if f.kind in ("shadowed", "unsatisfiable")}
+    events = random_events(rng, 300) + list(result.live.values()) + [f.witness for f in result.findings if f.witness]
+    for data in events:
+        decision = policy.decide(Event.from_json(data), explain=True)
+        matched = {step.rule for step in decision.trace or [] if step.matched}
+        assert not (matched & dead), (text, data, decision.to_json())
+    for rule, witness in result.live.items():
+        decision = policy.decide(Event.from_json(witness), explain=True)
+        assert rule in {step.rule for step in decision.trace or [] if step.matched}, (text, rule, witness)
+    # a policy against itself reordered nowhere: no change
+    assert diff(policy, load_policy(text=text)).same
