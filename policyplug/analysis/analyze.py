@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import lark
@@ -14,7 +15,7 @@ from ..addresses import AddressError, normalise_domain, parse_address
 from ..runtime import Policy
 from .semantics import PolicyFormula, RuleFormula, Tables
 from .symbolic import SymEvent
-from .witness import AnalysisBug, decide, event_json, public_event
+from .witness import AnalysisBug, decide, event_json, outcome_only, public_event, without_rule
 
 SOLVER_TIMEOUT_MS = 20_000
 
@@ -67,7 +68,7 @@ class Session:
         self.checks += 1
         solver = z3.Solver()
         solver.set("timeout", self.timeout_ms)
-        solver.add(*self.ev.constraints)
+        solver.add(self.ev.conjunction())
         solver.add(*formulas)
         result = solver.check()
         if result == z3.unknown:
@@ -75,12 +76,10 @@ class Session:
         return result, (solver.model() if result == z3.sat else None)
 
     def solve(self, formulas: list[Any], preferred: list[Any] = ()) -> tuple[z3.CheckSatResult, z3.ModelRef | None]:
-        """The answer for `formulas`; a model takes the plain values of SymEvent.nice (and
-        `preferred`, e.g. fresh limit windows) where they fit. Concrete values also spare the
-        solver most of its work, so they are tried first; an unsat answer is always the one
-        without them."""
-        for extra in ([*self.ev.nice, *preferred], [*self.ev.shapes, *preferred]):
-            result, model = self.check([*formulas, *extra])
+        """The answer for `formulas`, with `preferred` (e.g. fresh limit windows) if they fit; an
+        unsat answer is always the one without them."""
+        if preferred:
+            result, model = self.check([*formulas, *preferred])
             if result == z3.sat:
                 return result, model
         return self.check(list(formulas))
@@ -88,9 +87,10 @@ class Session:
     def models(self, formulas: list[Any], preferred: list[Any] = ()) -> Iterator[z3.ModelRef]:
         """Models of `formulas` for witnesses: the plain values of SymEvent.nice_groups taken
         group by group where they fit (z3's optimiser with soft constraints is far slower)."""
-        result, model = self.check([*formulas, *preferred, *self.ev.nice])
-        if model is not None:
-            yield model
+        result, model = self.solve(list(formulas), preferred)
+        if model is None:
+            return
+        yield model
         accepted = list(formulas)
         best = None
         for group in [list(preferred), *self.ev.nice_groups]:
@@ -150,6 +150,7 @@ class Analyzer:
         self.formula = PolicyFormula(policy, self.ev, "", self.tables)
         self.session = Session(self.ev, timeout_ms)
         self.witnesses = witnesses
+        self.dead: set[str] = set()
 
     def run(self) -> Analysis:
         findings: list[Finding] = []
@@ -159,6 +160,8 @@ class Analyzer:
             finding, witness = self.rule(rule, checked)
             if finding is not None:
                 findings.append(finding)
+                if finding.kind in ("shadowed", "unsatisfiable"):
+                    self.dead.add(rule.name)
             if witness is not None:
                 live[rule.name] = witness
         return Analysis(self.policy.name, findings, live)
@@ -172,42 +175,42 @@ class Analyzer:
     def rule(self, rule: RuleFormula, checked: Any) -> tuple[Finding | None, dict[str, Any] | None]:
         s = self.session
         oed = self.formula.oed
-        can_match, _ = s.solve([rule.m, *rule.defs])
-        if can_match == z3.unknown:
-            return self._gave_up(rule), None
-        can_err = s.solve([rule.e, *rule.defs])[0] if oed else z3.unsat
-        if can_match == z3.unsat and can_err == z3.unsat:
-            notes = normalisation_notes(checked)
-            reason = "; ".join(notes) if notes else "no event satisfies its on/when/unless"
-            return Finding("unsatisfiable", rule.name, rule.line, reason=reason), None
-        upto = self.formula.defs_upto(rule.index)
+        defs = self.formula.all_defs
         fresh = self._fresh(rule)
-        reached_model = None
-        shadowed = True
-        for trigger, possible in ((rule.m, can_match), (rule.e, can_err)):
-            if possible == z3.unsat:
-                continue
-            result, model = s.solve([trigger, rule.r, *upto], fresh)
-            if result == z3.unknown:
+        # Reached and matching, with every rule's definitions: a model is then also an event whose
+        # whole walk (and the walk without this rule) can be read off it.
+        upto = self.formula.defs_upto(rule.index)
+        reached, model = s.solve([rule.m, rule.r, *upto], fresh)
+        if reached == z3.unknown:
+            return self._gave_up(rule), None
+        if reached == z3.unsat:
+            reached_err = s.solve([rule.e, rule.r, *defs])[0] if oed else z3.unsat
+            if reached_err == z3.unknown:
                 return self._gave_up(rule), None
-            if result == z3.sat:
-                shadowed = False
-                if trigger is rule.m:
-                    reached_model = model
-        if shadowed:
-            by = self._covering(rule, can_match, can_err)
-            witness = self._shadow_witness(rule, by) if self.witnesses else None
-            return Finding("shadowed", rule.name, rule.line, by=by, witness=witness), None
-        changes = self.formula.removal_changes(rule.index)
-        result, _ = s.solve([rule.r, changes, *self.formula.defs])
-        if result == z3.unsat:
-            return Finding("redundant", rule.name, rule.line), None
-        if reached_model is None:  # it decides only by raising (on error deny): no match to show
+            if reached_err == z3.unsat:
+                can_match = s.solve([rule.m, *rule.defs])[0]
+                can_err = s.solve([rule.e, *rule.defs])[0] if oed else z3.unsat
+                if z3.unknown in (can_match, can_err):
+                    return self._gave_up(rule), None
+                if can_match == z3.unsat and can_err == z3.unsat:
+                    notes = normalisation_notes(checked)
+                    reason = "; ".join(notes) if notes else "no event satisfies its on/when/unless"
+                    return Finding("unsatisfiable", rule.name, rule.line, reason=reason), None
+                by = self._covering(rule, can_match, can_err)
+                witness = self._shadow_witness(rule, by) if self.witnesses else None
+                return Finding("shadowed", rule.name, rule.line, by=by, witness=witness), None
+        witness = self._live_witness(rule, model, upto, fresh) if model is not None else None
+        # Not redundant when the engine itself decides the witness otherwise without the rule;
+        # else the solver says whether any event changes.
+        if witness is None or outcome_only(decide(self.policy, witness).decision) == \
+                outcome_only(decide(without_rule(self.policy, rule.index), witness).decision):
+            changes = self.formula.removal_changes(rule.index)
+            result, _ = s.solve([rule.r, changes, *defs])
+            if result == z3.unsat:
+                return Finding("redundant", rule.name, rule.line), None
+        if model is None:  # it decides only by raising (on error deny): no match to show
             return (Finding("unknown", rule.name, rule.line, reason="; ".join(rule.reasons)) if rule.reasons
                     else None), None
-        if not (self.witnesses or rule.reasons):
-            return None, None
-        witness = self._live_witness(rule, reached_model, upto, fresh)
         if witness is None:
             reason = "; ".join(rule.reasons) if rule.reasons else \
                 "no event could be built that the engine decides by it"
@@ -215,28 +218,33 @@ class Analyzer:
         return None, witness
 
     def _covering(self, rule: RuleFormula, can_match: Any, can_err: Any) -> list[str]:
-        """The earlier rules that decide events this rule would match (or raise for)."""
+        """The earlier rules that catch every event this rule would match (or raise for): an
+        unsat core of "no earlier rule stops" (z3 minimises it), under assumptions in one solver."""
         triggers = [t for t, possible in ((rule.m, can_match), (rule.e, can_err)) if possible != z3.unsat]
-        out = []
-        for earlier in self.formula.rules[:rule.index]:
-            if not earlier.terminal and not self.formula.oed:
-                continue
-            for trigger in triggers:
-                # cheap first: do their conditions overlap at all?
-                if self.session.solve([trigger, earlier.s, *rule.defs, *earlier.defs])[0] == z3.unsat:
-                    continue
-                if self.session.solve([trigger, earlier.s, earlier.r, *self.formula.defs_upto(rule.index)])[0] \
-                        != z3.unsat:
-                    out.append(earlier.name)
-                    break
-        # the fewest of them that still catch every such event: drop one while the rest suffice
-        defs = self.formula.defs_upto(rule.index)
-        keep = list(out)
-        for name in reversed(out):
-            rest = [r.s for r in self.formula.rules[:rule.index] if r.name in keep and r.name != name]
-            if all(self.session.solve([t, *[z3.Not(x) for x in rest], *defs])[0] == z3.unsat for t in triggers):
-                keep.remove(name)
-        return keep
+        # rules found never to decide are left out: the first rule that stops an event decides it
+        earlier = [r for r in self.formula.rules[:rule.index] if (r.terminal or self.formula.oed)
+                   and r.name not in self.dead]
+        names: set[str] = set()
+        for trigger in triggers:
+            solver = z3.Solver()
+            solver.set("timeout", self.session.timeout_ms)
+            solver.set("core.minimize", True)
+            solver.add(self.ev.conjunction(), *self.formula.defs_upto(rule.index), trigger)
+            flags = {}
+            for r in self.formula.rules[:rule.index]:
+                if r in earlier:
+                    flag = z3.Bool(f"passes {r.name}")
+                    solver.add(flag == z3.Not(r.s))
+                    flags[str(flag)] = r.name
+                else:
+                    solver.add(z3.Not(r.s))  # a non-terminal rule never stops the walk
+            if solver.check(*[z3.Bool(f) for f in flags]) == z3.unsat:
+                names |= {flags[str(lit)] for lit in solver.unsat_core() if str(lit) in flags}
+            else:  # the solver could not say under assumptions: every rule that decides some such event
+                for r in earlier:
+                    if self.session.solve([trigger, r.s, r.r, *self.formula.defs_upto(rule.index)])[0] != z3.unsat:
+                        names.add(r.name)
+        return [r.name for r in earlier if r.name in names]
 
     def _fresh(self, rule: RuleFormula) -> list[Any]:
         return [z3.Not(r.over) for r in self.formula.rules if r.over is not None and r is not rule]
@@ -246,30 +254,32 @@ class Analyzer:
         """An event the engine decides by this rule (terminal) or whose obligations it adds."""
         exact = self._exact_up_to(rule)
         candidates = [first] if first is not None else []
-        for model in [*candidates, *self.session.models([rule.m, rule.r, *upto], fresh)]:
-            data = event_json(model, self.ev)
+        for model in chain(candidates, self.session.models([rule.m, rule.r, *upto], fresh)):
+            data, repaired = event_json(model, self.ev, repair=True)
             if data is None:
                 continue
             repeat = rule.limit.count + 1 if rule.limit is not None else 1
             decided = decide(self.policy, data, repeat)
             if rule.name in decided.matched and (not rule.terminal or decided.decision.rule == rule.name):
                 return public_event(data)
-            if exact:
+            if exact and not repaired:
                 raise AnalysisBug(f"rule {rule.name!r}: the solver's event {data} should be decided by it, the "
                                   f"engine decides {decided.decision.to_json()} (matched {decided.matched})")
         return None
 
     def _shadow_witness(self, rule: RuleFormula, by: list[str]) -> dict[str, Any] | None:
-        """An event the rule's conditions hold for, decided by an earlier rule."""
+        """An event the rule's conditions hold for, decided by an earlier rule (one of `by`, or
+        another earlier rule that catches it first)."""
         exact = self._exact_up_to(rule)
         for model in self.session.models([rule.m, *self.formula.defs_upto(rule.index)], self._fresh(rule)):
-            data = event_json(model, self.ev)
+            data, repaired = event_json(model, self.ev, repair=True)
             if data is None:
                 continue
             decided = decide(self.policy, data)
-            if rule.name not in decided.matched and decided.decision.rule in by:
+            earlier = {r.name for r in self.formula.rules[:rule.index]}
+            if rule.name not in decided.matched and decided.decision.rule in earlier:
                 return public_event(data)
-            if exact:
+            if exact and not repaired:
                 raise AnalysisBug(f"rule {rule.name!r} is shadowed by {by}, but the engine decides {data} as "
                                   f"{decided.decision.to_json()} (matched {decided.matched})")
         return None

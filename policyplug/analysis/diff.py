@@ -10,6 +10,7 @@ solver cannot say (`unknown`, never reported as the same).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import z3
@@ -48,7 +49,7 @@ def diff(old: Policy, new: Policy, *, timeout_ms: int = SOLVER_TIMEOUT_MS, max_c
     items = list(dict.fromkeys([*a.items, *b.items]))
     differ = z3.Or(a.out != b.out, a.name != b.name,
                    *[a.items.get(item, FALSE) != b.items.get(item, FALSE) for item in items])
-    base = [*a.defs, *b.defs, differ]
+    base = [*a.all_defs, *b.all_defs, differ]
     fresh = [*a.fresh_limits(), *b.fresh_limits()]
     exact = all(not r.reasons and r.limit is None for r in [*a.rules, *b.rules])
     result = Diff()
@@ -64,15 +65,15 @@ def diff(old: Policy, new: Policy, *, timeout_ms: int = SOLVER_TIMEOUT_MS, max_c
         code_a, code_b = model.eval(a.name).as_long(), model.eval(b.name).as_long()
         pair = [a.name == code_a, b.name == code_b]
         found = None
-        for candidate in [model, *session.models([*base, *blocked, *pair], fresh)]:
-            data = event_json(candidate, ev)
+        for candidate in chain([model], session.models([*base, *blocked, *pair], fresh)):
+            data, repaired = event_json(candidate, ev, repair=True)
             if data is None:
                 continue
             decided_a, decided_b = decide(old, data), decide(new, data)
             if outcome_key(decided_a.decision) != outcome_key(decided_b.decision):
                 found = (data, decided_a.decision, decided_b.decision)
                 break
-            if exact:
+            if exact and not repaired:
                 raise AnalysisBug(f"the policies should decide {data} differently; the engine decides both "
                                   f"{decided_a.decision.to_json()}")
         names = (tables.name_of(code_a), tables.name_of(code_b))

@@ -147,6 +147,8 @@ class PolicyFormula:
         self._suffix_out: dict[int, Any] = {}
         self._suffix_items: dict[tuple[int, Item], Any] = {}
         self._prefix_items: dict[tuple[int, Item], Any] = {}
+        self._upto: list[Any] = []
+        self._all: Any = None
 
     def _exclude_foreign_literals(self, policy: Policy) -> None:
         """Every string literal and list entry the policy holds that no normalised domain,
@@ -283,8 +285,22 @@ class PolicyFormula:
         return z3.Or(parts)
 
     def defs_upto(self, k: int) -> list[Any]:
-        """The definitions of rules 0..k (all a query about rule k's reach and match needs)."""
-        return [d for rule in self.rules[:k + 1] for d in rule.defs]
+        """The definitions of rules 0..k (all a query about rule k's reach and match needs), as
+        one formula built incrementally (adding thousands of assertions per query costs more
+        than solving it)."""
+        while len(self._upto) <= k:
+            rule = self.rules[len(self._upto)]
+            previous = self._upto[-1] if self._upto else TRUE
+            self._upto.append(z3.And(previous, *rule.defs))
+        return [self._upto[k]]
+
+    @property
+    def all_defs(self) -> list[Any]:
+        """Every rule's definitions and the decision's, as one formula."""
+        if self._all is None:
+            self._all = z3.And(*self.defs_upto(len(self.rules) - 1), *self.decision_defs) if self.rules \
+                else z3.And(*self.decision_defs)
+        return [self._all]
 
     def fresh_limits(self) -> list[Any]:
         """Assumptions: no limit window is exceeded (the state of a fresh engine)."""

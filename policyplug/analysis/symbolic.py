@@ -137,6 +137,7 @@ class SymEvent:
         self.payload: dict[str, Any] = {}  # string -> is in payload
         self.atoms: dict[str, tuple[Any, Any]] = {}
         self.constraints: list[Any] = []
+        self._conjunction: tuple[int, Any] | None = None
         self.nice: list[Any] = []
         c = self.constraints
         c.append(z3.And(self.kind >= 0, self.kind < len(EVENT_KINDS)))
@@ -179,6 +180,12 @@ class SymEvent:
             self.shapes += [z3.InRe(party.domain, z3.Star(z3.Union(z3.Range("a", "z"), z3.Range("0", "9"),
                                                                     z3.Re(zstr("."))))),
                             z3.InRe(party.user, z3.Star(z3.Range("a", "z"))), party.resource == zstr("")]
+
+    def conjunction(self) -> Any:
+        """All constraints as one formula (cached while none is added): one assertion per query."""
+        if self._conjunction is None or self._conjunction[0] != len(self.constraints):
+            self._conjunction = (len(self.constraints), z3.And(self.constraints))
+        return self._conjunction[1]
 
     def header(self, key: str) -> tuple[Any, Any]:
         if key not in self.headers:

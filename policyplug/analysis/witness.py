@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import z3
 
+from ..addresses import AddressError, event_address
 from ..decision import Decision
 from ..events import Event, EventError
 from ..limits import MemoryLimiter
@@ -43,16 +44,44 @@ def _raw_address(protocol: str, user: str, domain: str, resource: str) -> str | 
     return (f"{user}@" if user else "") + domain + (f"/{resource}" if resource else "")
 
 
-def event_json(model: z3.ModelRef, ev: SymEvent) -> dict[str, Any] | None:
-    """The event JSON the model describes, or None when no event normalises to exactly it."""
+def _party_raw(protocol: str, values: tuple[str, str, str, str], nice_user: str, nice_domain: str,
+               repair: bool) -> tuple[str | None, tuple[str, str, str, str], bool]:
+    """(raw address, the normalised fields it gives, repaired?): the model's values when an
+    address spells them exactly, else (with `repair`) plain values in place of those that cannot."""
+    address, user, domain, resource = values
+    tries = [(user, domain, resource, False)]
+    if repair:
+        tries += [(user, domain, "", True), (user, nice_domain, "", True), (nice_user, domain, "", True),
+                  (nice_user, nice_domain, "", True)]
+    for u, d, r, repaired in tries:
+        raw = _raw_address(protocol, u, d, r)
+        if raw is None:
+            continue
+        try:
+            parsed = event_address(raw, protocol)
+        except AddressError:
+            continue
+        got = (parsed.address, parsed.user, parsed.domain, parsed.resource)
+        if got == (f"{u}@{d}" if u else d, u, d, r):
+            return raw, got, repaired or got != values
+    return None, values, False
+
+
+def event_json(model: z3.ModelRef, ev: SymEvent, repair: bool = False) -> Any:
+    """The event JSON the model describes, or None when no event normalises to exactly it. With
+    `repair`: (event JSON or None, repaired?), where party values no address can spell are
+    replaced by plain ones (the engine's decision then says whether the event still serves)."""
     protocol = PROTOCOLS[_i(model, ev.protocol)]
-    parts = {}
+    raws = []
+    repaired = False
     for p in PARTIES:
         party = ev.parties[p]
-        parts[p] = (_s(model, party.address), _s(model, party.user), _s(model, party.domain), _s(model, party.resource))
-    raws = [_raw_address(protocol, user, domain, resource) for _a, user, domain, resource in parts.values()]
-    if None in raws:
-        return None
+        values = (_s(model, party.address), _s(model, party.user), _s(model, party.domain), _s(model, party.resource))
+        raw, _got, fixed = _party_raw(protocol, values, p[0], f"{p}.example", repair)
+        if raw is None:
+            return (None, False) if repair else None
+        repaired = repaired or fixed
+        raws.append(raw)
     micros = _i(model, ev.time)
     when = EPOCH + datetime.timedelta(microseconds=micros)
     data: dict[str, Any] = {
@@ -67,13 +96,10 @@ def event_json(model: z3.ModelRef, ev: SymEvent) -> dict[str, Any] | None:
     try:
         event = Event.from_json(data)
     except (EventError, ValueError):
-        return None
-    for p, address in (("sender", event.sender), ("recipient", event.recipient)):
-        if (address.address, address.user, address.domain, address.resource) != parts[p]:
-            return None
+        return (None, False) if repair else None
     if event.time != when:
-        return None
-    return data
+        return (None, False) if repair else None
+    return (data, repaired) if repair else data
 
 
 @dataclass
@@ -123,3 +149,21 @@ def public_event(data: dict[str, Any]) -> dict[str, Any]:
     if out.get("size") == len(body.encode("utf-8", "surrogatepass")):
         del out["size"]
     return out
+
+
+def without_rule(policy: Policy, index: int) -> Policy:
+    """The policy with rule `index` removed (unindexed, its own caches and limit state): the
+    engine's own answer to "what would this event get without that rule?"."""
+    from dataclasses import replace
+    from itertools import count
+
+    from ..runtime import Obligations
+
+    return replace(policy, rules=[r for r in policy.rules if r.index != index], limiter=MemoryLimiter(),
+                   _candidates={}, _index=None, _parties={}, _signatures={}, _selection={}, _numbers=count(),
+                   _no_obligations=Obligations())
+
+
+def outcome_only(decision: Decision) -> tuple[Any, ...]:
+    """What removing a rule must not change for it to be redundant: all but the deciding rule."""
+    return _key(decision)[:1] + _key(decision)[2:]
