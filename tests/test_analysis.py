@@ -235,3 +235,53 @@ def test_random_policies_claims_hold(seed: int) -> None:
         assert rule in {step.rule for step in decision.trace or [] if step.matched}, (text, rule, witness)
     # a policy against itself reordered nowhere: no change
     assert diff(policy, load_policy(text=text)).same
+
+
+DIRECTORY = {"alice@acme.example": {"groups": ["legal"], "level": 3},
+             "bob@acme.example": {"groups": ["sales"], "level": "high"},
+             "carol@acme.example": {"groups": ["legal", "sales"]}}
+WIDE = '''policy "p2"
+local domains ["acme.example"]
+directory "dir.json"
+on error deny
+default allow
+rule wall:
+  when "legal" in sender.groups && "sales" in recipient.groups
+  deny "ethical wall"
+rule wall_again:
+  when "legal" in sender.groups && recipient.address == "carol@acme.example"
+  deny "again"
+rule level:
+  when sender.attrs.level >= 2
+  tag "senior"
+rule header_rule:
+  on call
+  when headers["x-prio"] == "high"
+  allow
+rule payload_rule:
+  when "urn:xmpp:jingle:1" in payload && time.getHours() < 6
+  deny "night calls"
+rule flood:
+  when direction == "outbound"
+  limit 3 per minute by sender
+  deny "slow down"
+rule after:
+  when direction == "outbound"
+  allow
+'''
+
+
+def test_directory_errors_limits_headers_payload_time(tmp_path: Path) -> None:
+    """Groups and attributes come from the directory (a missing or mistyped attribute is an
+    error, which denies under `on error deny`); headers, payload, getHours and limit rules."""
+    (tmp_path / "dir.json").write_text(json.dumps(DIRECTORY), encoding="utf-8")
+    policy = load_policy(write(tmp_path, "p.policy", WIDE))
+    result = analyze(policy)
+    assert {f.rule: f.kind for f in result.findings} == {"wall_again": "shadowed", "after": "redundant"}
+    assert next(f for f in result.findings if f.rule == "wall_again").by == ["wall"]
+    for rule in ("wall", "level", "header_rule", "payload_rule"):
+        decision = policy.decide(Event.from_json(result.live[rule]), explain=True)
+        assert rule in {s.rule for s in decision.trace or [] if s.matched}
+    # only alice can reach header_rule: everyone else's level errs, and on error deny decides
+    assert Event.from_json(result.live["header_rule"]).sender.address == "alice@acme.example"
+    assert "flood" in result.live  # a limit rule is live: its witness is decided by it when repeated

@@ -56,7 +56,7 @@ def diff(old: Policy, new: Policy, *, timeout_ms: int = SOLVER_TIMEOUT_MS, max_c
     seen: set[tuple[Any, Any]] = set()
     blocked: list[Any] = []
     while len(result.changes) + len(result.unknown) < max_changes:
-        answer, model = session.solve([*base, *blocked], fresh)
+        answer, model = session.solve([*base, *blocked], [*fresh, *ev.nice])
         if answer == z3.unsat:
             break
         if answer == z3.unknown or model is None:

@@ -458,6 +458,8 @@ class Encoder:
             context[name] = to_celpy(value)
         try:
             return self._program(node).evaluate(context)
+        except CELEvalError as exc:  # CEL's own error, raised rather than returned: absorbable
+            return exc
         except Exception as exc:  # noqa: BLE001 - an error && and || do not absorb
             raise Unsupported(f"an evaluation error CEL's && and || do not absorb ({type(exc).__name__})") from None
 
