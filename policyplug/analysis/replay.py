@@ -29,12 +29,19 @@ SAMPLES_PER_CHANGE = 3
 MAX_SAMPLES = 100
 
 
+def _differs(recorded: Any, decided: tuple[str, ...] | None) -> bool:
+    """Two obligation lists differ as sets (the usual case, equal in order, costs one compare)."""
+    have = tuple(recorded) if recorded else ()
+    now = decided or ()
+    return have != now and set(have) != set(now)
+
+
 def _changed(old: dict[str, Any], new: Any) -> bool:
     """Reason, redirect, route or obligations (as sets) differ; effect and rule are compared first."""
-    return (old.get("reason") != new.reason or old.get("redirect_to") != new.redirect_to
-            or old.get("route_via") != new.route_via or set(old.get("copy_to") or ()) != set(new.copy_to)
-            or set(old.get("disclaimers") or ()) != set(new.disclaimers)
-            or set(old.get("tags") or ()) != set(new.tags))
+    get = old.get
+    return (get("reason") != new.reason or get("redirect_to") != new.redirect_to
+            or get("route_via") != new.route_via or _differs(get("tags"), new._tags)
+            or _differs(get("copy_to"), new._copy_to) or _differs(get("disclaimers"), new._disclaimers))
 
 
 @dataclass
