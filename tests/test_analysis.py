@@ -217,25 +217,87 @@ def random_events(rng: random.Random, n: int) -> list[dict]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", range(4))
-def test_random_policies_claims_hold(seed: int) -> None:
+def decisions_differ(a: object, b: object, data: dict) -> bool:
+    da, db = a.decide(Event.from_json(data)), b.decide(Event.from_json(data))  # type: ignore[attr-defined]
+    return (da.decision, da.rule, da.reason, set(da.tags), da.audit) != (db.decision, db.rule, db.reason,
+                                                                         set(db.tags), db.audit)
+
+
+def rewritten(text: str, rng: random.Random) -> str:
+    """The same policy spelt differently: `a && b` as `b && a`, list entries reordered and
+    re-cased, adjacent rules for disjoint kinds swapped."""
+    text = text.replace('["partner.example", "other.example"]', '["Other.Example", "partner.example"]')
+    out = []
+    for line in text.split("\n"):
+        if line.startswith("  when ") and " && " in line and " || " not in line:
+            atoms = line[len("  when "):].split(" && ")
+            line = "  when " + " && ".join(reversed(atoms))
+        out.append(line)
+    blocks = "\n".join(out).split("\nrule ")
+    head, rules = blocks[0], ["rule " + b for b in blocks[1:]]
+    for i in range(len(rules) - 1):
+        a, b = rules[i], rules[i + 1]
+        kinds_a = set(a.split("  on ")[1].split("\n")[0].split(", ")) if "  on " in a else None
+        kinds_b = set(b.split("  on ")[1].split("\n")[0].split(", ")) if "  on " in b else None
+        if kinds_a is not None and kinds_b is not None and not kinds_a & kinds_b and rng.random() < 0.7:
+            rules[i], rules[i + 1] = b, a
+    return "\n".join([head, *rules]).rstrip("\n") + "\n"
+
+
+def mutated(text: str, rng: random.Random) -> str:
+    choices = [("size > 100", "size > 99"), ('"partner.example"', '"else.example"'), ('"secret"', '"secrets"'),
+               ("allow", 'deny "m"'), ('deny "d"', "allow"), ('"internal"', '"transit"')]
+    present = [c for c in choices if c[0] in text]
+    old, new = rng.choice(present)
+    return text.replace(old, new, 1)
+
+
+def check_random_policy(seed: int) -> None:
     rng = random.Random(seed)
     text = random_policy(rng)
+    if rng.random() < 0.5:
+        text = text.replace('default', 'on error deny\ndefault', 1)
     policy = load_policy(text=text)
     result = analyze(policy)
     dead = {f.rule for f in result.findings if f.kind in ("shadowed", "unsatisfiable")}
+    redundant = {f.rule for f in result.findings if f.kind == "redundant"}
     events = random_events(rng, 300) + list(result.live.values()) + [f.witness for f in result.findings if f.witness]
+    other = load_policy(text=mutated(text, rng))
+    changes = diff(policy, other)
+    events += [c["witness"] for c in changes.changes]
     for data in events:
         decision = policy.decide(Event.from_json(data), explain=True)
         matched = {step.rule for step in decision.trace or [] if step.matched}
         assert not (matched & dead), (text, data, decision.to_json())
+    for rule in redundant:  # removing it changes no outcome of any of these events
+        from policyplug.analysis.witness import decide as engine_decide
+        from policyplug.analysis.witness import outcome_only, without_rule
+
+        index = next(r.index for r in policy.rules if r.name == rule)
+        smaller = without_rule(policy, index)
+        for data in events:
+            assert outcome_only(engine_decide(policy, data).decision) == \
+                outcome_only(engine_decide(smaller, data).decision), (text, rule, data)
     for rule, witness in result.live.items():
         decision = policy.decide(Event.from_json(witness), explain=True)
         assert rule in {step.rule for step in decision.trace or [] if step.matched}, (text, rule, witness)
-    # a policy against itself reordered nowhere: no change
-    assert diff(policy, load_policy(text=text)).same
+    # an equivalent spelling: no change; the mutation: found whenever some event shows it
+    assert diff(policy, load_policy(text=rewritten(text, rng))).same, (text, rewritten(text, rng))
+    if any(decisions_differ(policy, other, data) for data in events):
+        assert not changes.same, text
+    for change in changes.changes:
+        assert decisions_differ(policy, other, change["witness"])
 
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_policies_claims_hold(seed: int) -> None:
+    check_random_policy(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(2, 30))
+def test_random_policies_claims_hold_many(seed: int) -> None:
+    check_random_policy(seed)
 
 DIRECTORY = {"alice@acme.example": {"groups": ["legal"], "level": 3},
              "bob@acme.example": {"groups": ["sales"], "level": "high"},
