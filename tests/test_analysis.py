@@ -347,3 +347,21 @@ def test_directory_errors_limits_headers_payload_time(tmp_path: Path) -> None:
     # only alice can reach header_rule: everyone else's level errs, and on error deny decides
     assert Event.from_json(result.live["header_rule"]).sender.address == "alice@acme.example"
     assert "flood" in result.live  # a limit rule is live: its witness is decided by it when repeated
+
+
+def test_local_time_in_a_zone_is_modelled_over_its_offsets() -> None:
+    text = HEAD + '''rule office:
+  when time.getHours("Europe/Berlin") >= 8 && time.getHours("Europe/Berlin") < 18
+  allow
+rule office_again:
+  when time.getHours("Europe/Berlin") >= 9 && time.getHours("Europe/Berlin") < 17 && direction == "internal"
+  deny "never"
+rule impossible:
+  when time.getHours("+05:30") > 23
+  allow
+'''
+    policy = load_policy(text=text)
+    result = analyze(policy)
+    # one offset per zone and event (which one the calendar gives is not modelled)
+    assert {f.rule: f.kind for f in result.findings} == {"office_again": "shadowed", "impossible": "unsatisfiable"}
+    assert policy.decide(Event.from_json(result.live["office"])).rule == "office"

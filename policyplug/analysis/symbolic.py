@@ -136,6 +136,7 @@ class SymEvent:
         self.headers: dict[str, tuple[Any, Any]] = {}  # key -> (present, value)
         self.payload: dict[str, Any] = {}  # string -> is in payload
         self.atoms: dict[str, tuple[Any, Any]] = {}
+        self.zones: dict[str, Any] = {}
         self.constraints: list[Any] = []
         self._conjunction: tuple[int, Any] | None = None
         self.nice: list[Any] = []
@@ -186,6 +187,14 @@ class SymEvent:
         if self._conjunction is None or self._conjunction[0] != len(self.constraints):
             self._conjunction = (len(self.constraints), z3.And(self.constraints))
         return self._conjunction[1]
+
+    def zone_offset(self, zone: str, offsets: frozenset[int]) -> Any:
+        """The UTC offset (seconds) of `zone` at the event's time: one of the zone's offsets, the
+        same wherever the event's local time in that zone is read."""
+        if zone not in self.zones:
+            offset = self.zones[zone] = z3.Int(f"utcoffset({zone})")
+            self.constraints.append(z3.Or([offset == o for o in sorted(offsets)]))
+        return self.zones[zone]
 
     def header(self, key: str) -> tuple[Any, Any]:
         if key not in self.headers:
@@ -755,12 +764,22 @@ class Encoder:
         if name == "size" and not args:
             return self.size_of(target)
         if name in TIME_PARTS and target.type == "timestamp":
+            local = target.term
             if args:
-                zone = self.encode(args[0], scope)
-                if zone.type != "string" or not z3.is_string_value(z3.simplify(zone.term)) \
-                        or pystr(z3.simplify(zone.term)) not in ("UTC", "Etc/UTC"):
+                from .zones import zone_offsets
+
+                zone = _constant_string(as_string(self.encode(args[0], scope)))
+                offsets = zone_offsets(zone) if zone is not None else None
+                if offsets is None:
                     raise Unsupported(f"{name}() in a time zone")
-            return V("int", term=TIME_PARTS[name](target.term), err=target.err)
+                if offsets != {0}:
+                    # the zone's offset at that instant is one of those it ever used (not modelled
+                    # which): a superset of the real local times (policyplug.analysis.zones)
+                    offset = self.ev.zone_offset(zone, offsets)
+                    local = local + offset * 1_000_000
+                    self.reasons.append(f"{name}() in {zone}: modelled over the zone's UTC offsets, "
+                                        "not its calendar")
+            return V("int", term=TIME_PARTS[name](local), err=target.err)
         if name in ("startsWith", "endsWith", "contains", "matches"):
             return self.method(name, target, args, scope)
         if name == "lowerAscii" and target.type == "string" and not args:
