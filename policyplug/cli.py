@@ -63,7 +63,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             claims = analyze(policy, witnesses=False).claims
             for finding in claims:
                 by = f" by {', '.join(finding.by or [])}" if finding.kind == "shadowed" else ""
-                print(f"{path}:{finding.line}: error: rule {finding.rule} is {finding.kind}{by}", file=sys.stderr)
+                print(f"{finding.file or path}:{finding.line}: error: rule {finding.rule} is {finding.kind}{by}",
+                      file=sys.stderr)
             if claims:
                 failed += 1
                 errors += len(claims)

@@ -28,6 +28,7 @@ class Finding:
     by: list[str] | None = None
     reason: str | None = None
     witness: dict[str, Any] | None = None
+    file: str = ""  # the file the rule is in (an included file's own name)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "rule": self.rule, "line": self.line}
@@ -159,6 +160,7 @@ class Analyzer:
         for rule, checked in zip(self.formula.rules, checked_rules, strict=True):
             finding, witness = self.rule(rule, checked)
             if finding is not None:
+                finding.file = rule.file
                 findings.append(finding)
                 if finding.kind in ("shadowed", "unsatisfiable"):
                     self.dead.add(rule.name)

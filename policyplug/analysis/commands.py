@@ -39,7 +39,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for f in result.findings:
             extra = f" by {', '.join(f.by or [])}" if f.kind == "shadowed" else ""
             why = f": {f.reason}" if f.reason else ""
-            print(f"{args.policy}:{f.line}: rule {f.rule}: {f.kind}{extra}{why}")
+            print(f"{f.file or args.policy}:{f.line}: rule {f.rule}: {f.kind}{extra}{why}")
             if f.witness is not None:
                 print(f"    witness: {json.dumps(f.witness, ensure_ascii=False)}")
         print(f"{len(result.claims)} findings, {len(result.findings) - len(result.claims)} unknown")

@@ -80,6 +80,7 @@ class RuleFormula:
     name: str
     index: int
     line: int
+    file: str
     terminal: bool
     items: tuple[Item, ...]
     reasons: list[str]
@@ -207,7 +208,8 @@ class PolicyFormula:
         outcome = self.tables.outcome((compiled.effect, compiled.reason, compiled.redirect_to, compiled.route_via)) \
             if terminal else self.error_outcome
         line = compiled.location.line if compiled.location is not None else 0
-        return RuleFormula(compiled.name, i, line, terminal, _items(compiled), list(dict.fromkeys(enc.reasons)),
+        source = compiled.location.file if compiled.location is not None else ""
+        return RuleFormula(compiled.name, i, line, source, terminal, _items(compiled), list(dict.fromkeys(enc.reasons)),
                            compiled.limit, over, m, e, s, r, outcome, defs)
 
     def _limit_key_error(self, tree: Any) -> Any:
