@@ -365,3 +365,27 @@ rule impossible:
     # one offset per zone and event (which one the calendar gives is not modelled)
     assert {f.rule: f.kind for f in result.findings} == {"office_again": "shadowed", "impossible": "unsatisfiable"}
     assert policy.decide(Event.from_json(result.live["office"])).rule == "office"
+
+
+def test_word_boundaries_are_bounded_and_witnesses_confirmed() -> None:
+    """rules/data-loss-prevention.policy: patterns with \\b are modelled by an upper bound; every
+    rule is live, shown by an event the engine decides by it."""
+    policy = load_policy(Path(__file__).resolve().parent.parent / "rules" / "data-loss-prevention.policy")
+    result = analyze(policy)
+    assert result.findings == []
+    for rule in ("ibans_stay_inside", "card_numbers_stay_inside", "note_internal_card_numbers"):
+        decision = policy.decide(Event.from_json(result.live[rule]), explain=True)
+        assert rule in {s.rule for s in decision.trace or [] if s.matched}
+    # sixteen digits inside a word ("a0000000000000000b") are no card number to the \b pattern:
+    # a later rule for them is not shadowed, and must not be claimed so
+    text = Path(policy.path).read_text(encoding="utf-8").split("\ntest ")[0] + '''
+rule late_cards:
+  on message
+  when outbound && body.matches("[0-9]{16}")
+  deny "late"
+'''
+    late_policy = load_policy(text=text)
+    late = analyze(late_policy)
+    assert [f.kind for f in late.findings if f.rule == "late_cards"] in ([], ["unknown"])
+    assert late_policy.decide(Event.message("a@shop.example", "b@x.example", body="a0000000000000000b")).rule \
+        == "late_cards"

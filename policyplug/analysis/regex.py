@@ -4,8 +4,9 @@ CEL's `matches` is RE2's unanchored search on the text's UTF-8 form (policyplug.
 Translated here: literals and escapes, `.`, classes `[...]` with ranges and negation, `\\d \\w \\s`
 and their negations (ASCII, as RE2 has them), groups, `|`, `* + ? {n} {n,} {n,m}` (greedy or
 lazy: the same language), `^` at the very start and `$` at the very end. Anything else (flags,
-word boundaries, Unicode classes, anchors inside, backreferences...) raises Unsupported, and
-the condition becomes an opaque atom: `unknown` with the reason "regular expression ...".
+Unicode classes, anchors inside, backreferences...) raises Unsupported, and the condition becomes
+an opaque atom: `unknown` with the reason "regular expression ...". A word boundary (`\\b`, `\\B`)
+is dropped, which gives an upper bound of the language: a match implies membership in it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class _Parser:
     def __init__(self, pattern: str):
         self.p = pattern
         self.i = 0
+        self.approximate = False
 
     def fail(self, what: str) -> Unsupported:
         return Unsupported(f"regular expression {self.p!r}: {what}")
@@ -161,6 +163,11 @@ class _Parser:
             return _complement_ranges(_class_of(c.lower()))
         if c in _SIMPLE_ESCAPES:
             return _char(_SIMPLE_ESCAPES[c])
+        if c in "bB" and not in_class:
+            # a word boundary is no character: dropping it gives a language holding every real
+            # match (an upper bound); regex_formula then only lets a match imply it
+            self.approximate = True
+            return z3.Re(zstr(""))
         if not c.isalnum():
             return _char(c)
         raise self.fail(f"the escape \\{c}")
@@ -219,16 +226,25 @@ class _Parser:
         return union
 
 
-def regex_formula(pattern: str, text: Any) -> tuple[Any, Any]:
-    """(matches, is an error) for `text.matches(pattern)` with a constant pattern."""
+def regex_formula(pattern: str, text: Any) -> tuple[Any, Any, bool]:
+    """(matches, is an error, exact?) for `text.matches(pattern)` with a constant pattern. Not
+    exact (word boundaries): the formula is the language of an upper bound, which a match
+    implies, not the other way round."""
     compiled = compile_regex(pattern)
     if isinstance(compiled, re2.error):
-        return FALSE, z3.BoolVal(True)  # the condition raises 'match error' at every evaluation
+        return FALSE, z3.BoolVal(True), True  # the condition raises 'match error' at every evaluation
     if any(ord(c) > 0x2FFFF for c in pattern):
         raise Unsupported("regular expression with a character beyond the solver's alphabet")
-    regex, start, end = _Parser(pattern).parse()
+    parser = _Parser(pattern)
+    regex, start, end = parser.parse()
     full = z3.Concat(*([] if start else [_ANY]) + [regex] + ([] if end else [_ANY])) if not (start and end) \
         else regex
     # RE2 matches the UTF-8 form: a lone surrogate cannot be encoded, and the match raises
     surrogate = z3.InRe(text, z3.Concat(_ANY, z3.Range("\\u{d800}", "\\u{dfff}"), _ANY))
-    return z3.InRe(text, full), surrogate
+    return z3.InRe(text, full), surrogate, not parser.approximate
+
+
+def regex_core(pattern: str) -> Any:
+    """The pattern's own language, without the search's free text around it (a plain witness
+    for a pattern with word boundaries is a text that is exactly one match)."""
+    return _Parser(pattern).parse()[0]

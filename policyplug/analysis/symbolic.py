@@ -800,7 +800,18 @@ class Encoder:
             pattern = z3.simplify(arg.term)
             if not z3.is_string_value(pattern):
                 raise Unsupported("regular expression computed from the event")
-            value, failed = regex_formula(pystr(pattern), target.term)
+            value, failed, exact = regex_formula(pystr(pattern), target.term)
+            if not exact:
+                # a free "matches", allowed only inside the bound's language (same text, same answer)
+                key = f"matches\x00{pystr(pattern)}\x00{target.term.sexpr()}"
+                bound = value
+                value = self.ev.atom(key)[0]
+                self.ev.constraints.append(z3.Implies(value, bound))
+                from .regex import regex_core
+
+                self.ev.nice_groups.insert(0, [z3.Implies(value, z3.InRe(target.term, regex_core(pystr(pattern))))])
+                self.reasons.append(f"regular expression {pystr(pattern)!r}: word boundaries modelled by an "
+                                    "upper bound")
             err = z3.Or(target.err, arg.err, failed)
             return vbool(z3.And(z3.Not(err), value), z3.And(z3.Not(err), z3.Not(value)))
         elif _constant_string(arg) is not None:
