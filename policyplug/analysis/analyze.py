@@ -13,6 +13,7 @@ import z3
 
 from ..addresses import AddressError, normalise_domain, parse_address
 from ..runtime import Policy
+from .guards import disjoint, guards
 from .semantics import PolicyFormula, RuleFormula, Tables
 from .symbolic import SymEvent
 from .witness import AnalysisBug, decide, event_json, outcome_only, public_event, without_rule
@@ -152,6 +153,8 @@ class Analyzer:
         self.session = Session(self.ev, timeout_ms)
         self.witnesses = witnesses
         self.dead: set[str] = set()
+        self.guards = [guards(compiled.kinds, list(checked.when), dict(policy.lists))
+                       for compiled, checked in zip(policy.rules, policy.model.rules, strict=True)]  # type: ignore[union-attr]
 
     def run(self) -> Analysis:
         findings: list[Finding] = []
@@ -181,12 +184,15 @@ class Analyzer:
         fresh = self._fresh(rule)
         # Reached and matching, with every rule's definitions: a model is then also an event whose
         # whole walk (and the walk without this rule) can be read off it.
-        upto = self.formula.defs_upto(rule.index)
-        reached, model = s.solve([rule.m, rule.r, *upto], fresh)
+        # the walk up to this rule, leaving out the rules whose guards it can never meet
+        relevant = [r for r in self.formula.rules[:rule.index]
+                    if not disjoint(self.guards[rule.index], self.guards[r.index])]
+        upto = [z3.And(*[z3.Not(r.s) for r in relevant], *[d for r in [*relevant, rule] for d in r.defs])]
+        reached, model = s.solve([rule.m, *upto], fresh)
         if reached == z3.unknown:
             return self._gave_up(rule), None
         if reached == z3.unsat:
-            reached_err = s.solve([rule.e, rule.r, *defs])[0] if oed else z3.unsat
+            reached_err = s.solve([rule.e, *upto])[0] if oed else z3.unsat
             if reached_err == z3.unknown:
                 return self._gave_up(rule), None
             if reached_err == z3.unsat:
@@ -256,7 +262,7 @@ class Analyzer:
         """An event the engine decides by this rule (terminal) or whose obligations it adds."""
         exact = self._exact_up_to(rule)
         candidates = [first] if first is not None else []
-        for model in chain(candidates, self.session.models([rule.m, rule.r, *upto], fresh)):
+        for model in chain(candidates, self.session.models([rule.m, *upto], fresh)):
             data, repaired = event_json(model, self.ev, repair=True)
             if data is None:
                 continue
