@@ -17,9 +17,27 @@ import lark
 import z3
 
 from ..addresses import AddressError, normalise_domain, parse_address
+from ..cel.fastparse import rule_name
 from ..nodes import EVENT_KINDS
 from ..runtime import EVALUATION_ERROR_REASON, Policy
 from .symbolic import FALSE, TRUE, Context, Encoder, SymEvent, Unsupported, free_reads, zstr
+
+
+def _or(a: Any, b: Any) -> Any:
+    """a ∨ b without z3py's per-call checks (both are Bool expressions of the main context)."""
+    if z3.is_false(a):
+        return b
+    if z3.is_false(b):
+        return a
+    args = (z3.Ast * 2)(a.as_ast(), b.as_ast())
+    return z3.BoolRef(z3.z3core.Z3_mk_or(a.ctx_ref(), 2, args), a.ctx)
+
+
+def _and(a: Any, b: Any) -> Any:
+    if z3.is_false(a) or z3.is_false(b):
+        return FALSE
+    args = (z3.Ast * 2)(a.as_ast(), b.as_ast())
+    return z3.BoolRef(z3.z3core.Z3_mk_and(a.ctx_ref(), 2, args), a.ctx)
 
 
 def string_literals(tree: Any) -> list[str]:
@@ -34,6 +52,32 @@ def string_literals(tree: Any) -> list[str]:
                     out.append(text[1:-1])
             else:
                 out.extend(string_literals(child))
+    return out
+
+
+def _party_comparisons(tree: Any, lists: Any) -> set[tuple[str, str]]:
+    """(field, literal) for every `P.domain|address|user ==/!=/in` a literal, list literal or list."""
+    from .guards import _strings
+    from .symbolic import unwrap
+
+    out: set[tuple[str, str]] = set()
+    if not isinstance(tree, lark.Tree):
+        return out
+    if rule_name(tree.data) == "relation" and len(tree.children) == 2:
+        op_node, right = tree.children
+        if rule_name(op_node.data) in ("relation_eq", "relation_ne", "relation_in"):
+            left = op_node.children[0]
+            for a, b in ((left, right), (right, left)):
+                node = unwrap(a)
+                if isinstance(node, lark.Tree) and rule_name(node.data) == "member_dot" \
+                        and str(node.children[1]) in ("domain", "address", "user"):
+                    target = unwrap(node.children[0])
+                    if isinstance(target, lark.Tree) and rule_name(target.data) == "ident" \
+                            and str(target.children[0]) in ("sender", "recipient"):
+                        values = _strings(b, dict(lists))
+                        out |= {(str(node.children[1]), v) for v in values or ()}
+    for child in tree.children:
+        out |= _party_comparisons(child, lists)
     return out
 
 
@@ -92,6 +136,7 @@ class RuleFormula:
     r: Any
     outcome: int
     defs: list[Any]  # what defines m, e, s and the reach of the next rule
+    not_s: Any = None  # ¬s, built once
 
 
 def _items(rule: Any) -> tuple[Item, ...]:
@@ -155,24 +200,24 @@ class PolicyFormula:
         """Every string literal and list entry the policy holds that no normalised domain,
         address or user can equal (docs/addresses.md) is excluded as such: `recipient.domain ==
         "Partner.Example"` can then never hold. A fact about events, so it only narrows."""
-        texts: set[str] = {entry for entries in policy.lists.values() for entry in entries}
+        compared: set[tuple[str, str]] = set()  # (field, literal) compared by == / != / in
         for checked in policy.model.rules:  # type: ignore[union-attr]
             for tree in list(checked.when) + list(checked.unless):
-                texts.update(string_literals(tree))
-        for text in sorted(texts):
+                compared |= _party_comparisons(tree, policy.lists)
+        for field_name, text in sorted(compared):
             try:
                 literal = zstr(text)
             except Unsupported:
                 continue
-            domain_ok = _is_normal_domain(text)
-            address_ok = domain_ok or _is_normal_address(text)
-            for party in self.ev.parties.values():
-                if not domain_ok:
-                    self.ev.constraints.append(party.domain != literal)
-                if not address_ok:
-                    self.ev.constraints.append(party.address != literal)
-                if text != text.lower() and any("A" <= c <= "Z" for c in text):
-                    self.ev.constraints.append(party.user != literal)
+            if field_name == "domain":
+                excluded = not _is_normal_domain(text)
+            elif field_name == "address":
+                excluded = not (_is_normal_domain(text) or _is_normal_address(text))
+            else:
+                excluded = any("A" <= c <= "Z" for c in text)
+            if excluded:
+                for party in self.ev.parties.values():
+                    self.ev.constraints.append(getattr(party, field_name) != literal)
 
     def _rule(self, i: int, compiled: Any, checked: Any, reach: Any) -> RuleFormula:
         ev, enc = self.ev, self.encoder
@@ -210,7 +255,7 @@ class PolicyFormula:
         line = compiled.location.line if compiled.location is not None else 0
         source = compiled.location.file if compiled.location is not None else ""
         return RuleFormula(compiled.name, i, line, source, terminal, _items(compiled), list(dict.fromkeys(enc.reasons)),
-                           compiled.limit, over, m, e, s, r, outcome, defs)
+                           compiled.limit, over, m, e, s, r, outcome, defs, z3.Not(s))
 
     def _limit_key_error(self, tree: Any) -> Any:
         """Whether evaluating the limit key raises: a party (or one of its string fields) never
@@ -247,33 +292,39 @@ class PolicyFormula:
         return self._suffix_out[k]
 
     def suffix_item(self, k: int, item: Item) -> Any:
-        """Whether the walk started at rule k collects `item`."""
+        """Whether the walk started at rule k collects `item` (built once per item, back to front,
+        through z3's C API: thousands of rules times hundreds of items)."""
         key = (k, item)
         if key not in self._suffix_items:
+            audit_errors = item == ("audit", None) and self.oed
+            last = max((r.index for r in self.rules if item in r.items), default=-1)
             for j in range(len(self.rules), k - 1, -1):
                 if (j, item) in self._suffix_items:
                     continue
-                if j == len(self.rules):
-                    self._suffix_items[(j, item)] = FALSE
+                if j == len(self.rules) or (j > last and not audit_errors):
+                    self._suffix_items[(j, item)] = FALSE  # no rule from here on adds it
                     continue
                 rule = self.rules[j]
-                here = z3.And(rule.m, TRUE) if item in rule.items else FALSE
-                if item == ("audit", None) and self.oed:
-                    here = z3.Or(here, rule.e)
-                self._suffix_items[(j, item)] = z3.Or(here, z3.And(z3.Not(rule.s), self._suffix_items[(j + 1, item)]))
+                here = rule.m if item in rule.items else FALSE
+                if audit_errors:
+                    here = _or(here, rule.e)
+                self._suffix_items[(j, item)] = _or(here, _and(rule.not_s, self._suffix_items[(j + 1, item)]))
         return self._suffix_items[key]
 
     def prefix_item(self, k: int, item: Item) -> Any:
-        """Whether the walk has collected `item` before rule k."""
+        """Whether the walk has collected `item` before rule k (built front to back, once)."""
         key = (k, item)
         if key not in self._prefix_items:
-            value: Any = FALSE
-            for j in range(k):
+            audit_errors = item == ("audit", None) and self.oed
+            start = max((j for j in range(k + 1) if (j, item) in self._prefix_items), default=0)
+            value = self._prefix_items.get((start, item), FALSE)
+            for j in range(start, k):
                 rule = self.rules[j]
                 if item in rule.items:
-                    value = z3.Or(value, z3.And(rule.r, rule.m))
-                if item == ("audit", None) and self.oed:
-                    value = z3.Or(value, z3.And(rule.r, rule.e))
+                    value = _or(value, _and(rule.r, rule.m))
+                if audit_errors:
+                    value = _or(value, _and(rule.r, rule.e))
+                self._prefix_items[(j + 1, item)] = value
             self._prefix_items[key] = value
         return self._prefix_items[key]
 
