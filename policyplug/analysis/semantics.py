@@ -209,15 +209,16 @@ class PolicyFormula:
                 literal = zstr(text)
             except Unsupported:
                 continue
-            if field_name == "domain":
-                excluded = not _is_normal_domain(text)
-            elif field_name == "address":
-                excluded = not (_is_normal_domain(text) or _is_normal_address(text))
-            else:
-                excluded = any("A" <= c <= "Z" for c in text)
-            if excluded:
-                for party in self.ev.parties.values():
-                    self.ev.constraints.append(getattr(party, field_name) != literal)
+            fields = []
+            if field_name in ("domain", "address") and not _is_normal_domain(text):
+                fields.append("domain")  # an address without a user is its domain
+            if field_name == "address" and not (_is_normal_domain(text) or _is_normal_address(text)):
+                fields.append("address")
+            if field_name == "user" and any("A" <= c <= "Z" for c in text):
+                fields.append("user")
+            for party in self.ev.parties.values():
+                for name in fields:
+                    self.ev.constraints.append(getattr(party, name) != literal)
 
     def _rule(self, i: int, compiled: Any, checked: Any, reach: Any) -> RuleFormula:
         ev, enc = self.ev, self.encoder
