@@ -19,7 +19,7 @@ from .tester import policy_files, run_tests, uncovered_rules
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
 COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands",
-                   "policyplug.usage.commands", "policyplug.starter",
+                   "policyplug.usage.commands", "policyplug.starter", "policyplug.analysis.commands",
                    "policyplug.directory_ldap")  # directory export: docs/scaling.md
 
 
@@ -61,6 +61,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         elif not args.quiet:
             noted = f", {_plural(len(policy.warnings), 'warning')}" if policy.warnings else ""
             print(f"{path}: ok (policy '{policy.name}', {len(policy.rules)} rules, {len(policy.tests)} tests{noted})")
+        if getattr(args, "strict", False):  # analysis findings fail the check (docs/analysis.md)
+            from .analysis.analyze import analyze
+
+            claims = analyze(policy, witnesses=False).claims
+            for finding in claims:
+                by = f" by {', '.join(finding.by or [])}" if finding.kind == "shadowed" else ""
+                print(f"{finding.file or path}:{finding.line}: error: rule {finding.rule} is {finding.kind}{by}",
+                      file=sys.stderr)
+            if claims:
+                failed += 1
+                errors += len(claims)
     if len(files) > 1 or failed:
         noted = f", {_plural(warnings, 'warning')}" if warnings else ""
         print(f"{len(files) - failed} valid, {failed} invalid ({errors} errors{noted})",
@@ -213,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prosody-config", type=Path, metavar="FILE",
                    help="warn about the hosts and components of this prosody.cfg.lua that are not local domains")
     add_allow_path(p)
+    p.add_argument("--strict", action="store_true",
+                   help="also fail on analyze findings: shadowed, unsatisfiable or redundant rules")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("test", help="run the test blocks of policies")
