@@ -26,7 +26,7 @@ import lark
 from .cel.compile import RaiseCheck, has_empty_literal
 from .cel.fastparse import rule_name
 from .compiled import CompiledRule
-from .nodes import EVENT_KINDS
+from .schema import DIRECTIONS, EVENT_KINDS
 
 # The fields an index may be built on, most selective first. Group fields are lists: a rule
 # guarded by `"g" in sender.groups` is found through each of the sender's groups.
@@ -341,8 +341,8 @@ class RuleIndex:
         return tuple(dict.fromkeys(merged))
 
 
-DIRECTIONS = ("internal", "outbound", "inbound", "transit")
-PARTY_FIELDS = {"address", "domain", "groups"}
+# the party fields among INDEXED_FIELDS: a rule index keeps, per side, the values it has tables for
+INDEXED_PARTY_FIELDS = tuple(dict.fromkeys(f.partition(".")[2] for f in INDEXED_FIELDS if "." in f))
 
 
 def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any]],
@@ -354,7 +354,7 @@ def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any
     if not any(all_guards):
         return None
     plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}
-    side_values: dict[str, dict[str, set[str]]] = {side: {f: set() for f in PARTY_FIELDS}
+    side_values: dict[str, dict[str, set[str]]] = {side: {f: set() for f in INDEXED_PARTY_FIELDS}
                                                    for side in ("sender", "recipient")}
     # per rule, once: the kinds and directions it can match, and the field it is indexed by
     placed = []

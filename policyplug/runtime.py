@@ -28,7 +28,7 @@ from .diagnostics import Diagnostic
 from .events import Event
 from .index import RuleIndex
 from .limits import Limiter, MemoryLimiter
-from .nodes import EVENT_KINDS
+from .schema import EVENT_KINDS
 
 EVALUATION_ERROR_REASON = "policy evaluation error"
 PARTY_CACHE_LIMIT = 65536

@@ -16,16 +16,14 @@ from celpy.celparser import CELParseError, CELParser
 
 from ..diagnostics import DiagnosticSink, Location, did_you_mean
 from ..nodes import Expression
+from ..schema import FIELDS_OF, VARIABLES
 from . import fastparse
 from .fastparse import RULE_NAMES, rule_name
 from .reference import _env
 from .runtime import compile_regex
 
-# What a condition can see (rule-language.md, "What a condition can see").
-EVENT_VARIABLES = ("kind", "protocol", "direction", "sender", "recipient", "body", "subject", "type", "size",
-                   "payload", "headers", "client", "time", "content_complete")
-PARTY_FIELDS = ("address", "user", "domain", "resource", "local", "groups", "attrs")
-FIELDS_OF = {"sender": PARTY_FIELDS, "recipient": PARTY_FIELDS, "client": ("ip", "port", "secure")}
+# What a condition can see (docs/language.md, "What a condition can see"), from the event schema.
+EVENT_VARIABLES = tuple(VARIABLES)
 FUNCTIONS = ("has", "size", "int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration", "type",
              "dyn", "matches", "contains", "startsWith", "endsWith")
 METHODS = ("contains", "startsWith", "endsWith", "matches", "lowerAscii", "upperAscii", "size", "exists", "all",

@@ -28,6 +28,7 @@ import re2
 from celpy.celparser import tree_dump
 from celpy.evaluation import CELEvalError, Evaluator
 
+from ..schema import VARIABLES
 from . import runtime as rt
 from .check import SIMPLE_STRING, TYPE_NAMES
 from .errors import CelEvaluationError
@@ -38,14 +39,8 @@ Type = Any  # 'bool', 'int', ..., 'dyn', ('list', T), ('map', K, V), ('rec', ((f
 
 STRINGS = ("string", "rawstring")
 DOUBLES = ("double", "rawdouble")
-PARTY: Type = ("rec", (("address", "string"), ("user", "string"), ("domain", "string"), ("resource", "string"),
-                       ("local", "bool"), ("groups", ("list", "string")), ("attrs", ("map", "string", "dyn"))))
-CLIENT: Type = ("rec", (("ip", "string"), ("port", "int"), ("secure", "bool")))
-EVENT_SCHEMA: dict[str, Type] = {
-    "kind": "string", "protocol": "string", "direction": "string", "type": "string", "body": "string",
-    "subject": "string", "size": "int", "sender": PARTY, "recipient": PARTY, "payload": ("list", "string"),
-    "headers": ("map", "string", "string"), "client": CLIENT, "time": "timestamp", "content_complete": "bool",
-}
+# the static type of each variable a condition can see
+EVENT_SCHEMA: dict[str, Type] = VARIABLES
 MACROS = ("exists", "all", "exists_one", "map", "filter")
 UNSUPPORTED_MACROS = ("reduce", "min")  # cel-python extensions
 # frozensets, not tuples: node.data is a lark Token, and `in tuple` calls Token.__eq__ per item
