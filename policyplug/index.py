@@ -219,7 +219,7 @@ def _operand_may_raise(tree: Any, when: Any, may_raise: RaiseCheck, guards: dict
             if "bad" not in memo:
                 memo["bad"] = has_empty_literal(when)
             # a `&&` of two non-bools formats both into its error, and that can raise where
-            # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.runtime.Err)
+            # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.functions.Err)
             found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, memo["bad"]) for leaf in others)
         memo[id(tree)] = found
     return found

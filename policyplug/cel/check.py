@@ -19,8 +19,8 @@ from ..nodes import Expression
 from ..schema import FIELDS_OF, VARIABLES
 from . import fastparse
 from .fastparse import RULE_NAMES, rule_name
+from .functions import compile_regex
 from .reference import _env
-from .runtime import compile_regex
 
 # What a condition can see (docs/language.md, "What a condition can see"), from the event schema.
 EVENT_VARIABLES = tuple(VARIABLES)
