@@ -87,7 +87,7 @@ class Event:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Event:
-        """The event JSON of the spec -> Event; raises EventError naming the first bad field.
+        """The event JSON (docs/cli.md) -> Event; raises EventError naming the first bad field.
 
         Every service request comes through here, so each field is checked inline for its usual
         shape first (exact types, one dict lookup); anything else goes to the helper that accepts

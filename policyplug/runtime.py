@@ -8,7 +8,7 @@ of signatures, policyplug.index), then calls each candidate's function in file o
 collects obligations (shared, cached per sequence of matched rules). No activation dict is built
 unless needed: for an evaluation error, a non-bool condition, a `limit`, a condition run by the
 reference interpreter or an explained decision, the walk goes on in _walk, condition by
-condition, exactly as before. Evaluation never raises on event content: a failing condition
+condition. Evaluation never raises on event content: a failing condition
 makes its rule not match (or, with `on error deny`, denies), and is recorded.
 """
 

@@ -163,7 +163,7 @@ class NameChecker:
         self.sink.error(_file_location(self.expr, token.line, token.column, len(str(token))), message)
 
     def _check_pattern(self, argument: lark.Tree) -> None:
-        """A constant `matches` pattern RE2 rejects: the spec makes it a run-time error (the rule
+        """A constant `matches` pattern RE2 rejects: docs/language.md makes it a run-time error (the rule
         does not match), so the load goes on, but says where it is (RE2 would only say what)."""
         token = _string_literal(argument)
         pattern = _string_value(token, argument) if token is not None else None

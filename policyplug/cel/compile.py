@@ -875,7 +875,7 @@ class CompiledRuleConditions:
     The matcher returns True when every `when` is true and every `unless` false, False when one is
     not, and None when a condition gives a non-bool value; it raises on an error. The engine takes
     only True and False from it: anything else makes it evaluate that rule again condition by
-    condition (expressions are pure), which reports the error exactly as before. `matcher` is None
+    condition (expressions are pure), which reports the error as the reference interpreter would. `matcher` is None
     when a condition is left to the reference interpreter (`fallbacks` says which, and why)."""
     matcher: Callable[..., Any] | None
     fallbacks: list[str | None]  # per condition: None when compiled, else why not

@@ -196,7 +196,7 @@ def test_login_refused_by_policy(deployment: Deployment) -> None:
 
 def test_every_stanza_settles_in_order(deployment: Deployment) -> None:
     """Many stanzas in flight at once: each one is decided exactly once and delivered (or bounced)
-    in the order it was sent; no decision is lost (the old synchronous module lost one in ~1,000)."""
+    in the order it was sent; no decision is lost (a synchronous module loses about one in 1,000)."""
     count = 1500
 
     async def scenario() -> None:
