@@ -26,6 +26,10 @@ class Decision:
 
     __slots__ = ("decision", "rule", "reason", "redirect_to", "route_via", "_copy_to", "_disclaimers", "_tags",
                  "audit", "_errors", "policy", "policy_revision", "_trace")
+    # None or a tuple shared between decisions until first read (see below), then a list
+    _copy_to: list[str] | tuple[str, ...] | None
+    _disclaimers: list[str] | tuple[str, ...] | None
+    _tags: list[str] | tuple[str, ...] | None
 
     def __init__(self, decision: str, rule: str | None, reason: str | None = None, redirect_to: str | None = None,
                  route_via: str | None = None, copy_to: list[str] | None = None,
@@ -139,7 +143,7 @@ class Decision:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return self._fields() == other._fields()  # type: ignore[attr-defined]
+        return self._fields() == other._fields()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value: not hashable
 

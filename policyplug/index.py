@@ -370,10 +370,10 @@ def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any
         for direction in DIRECTIONS:
             unguarded: list[CompiledRule] = []
             tables: dict[str, dict[str, list[CompiledRule]]] = {}
-            for rule, kinds, directions, field, values in placed:
-                if kind not in kinds or direction not in directions:
+            for rule, rule_kinds, rule_directions, field, values in placed:
+                if kind not in rule_kinds or direction not in rule_directions:
                     continue
-                if field is None:
+                if field is None or values is None:  # values is None exactly when field is
                     unguarded.append(rule)
                     continue
                 table = tables.setdefault(field, {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import lark
 import re2
@@ -159,7 +160,8 @@ class NameChecker:
     def check(self, tree: lark.Tree) -> lark.Tree:
         return self._visit(tree, frozenset())
 
-    def _error(self, token: lark.Token, message: str) -> None:
+    def _error(self, token: Any, message: str) -> None:
+        """`token`: a lark.Token (lark types a tree's children as Token | Tree)."""
         self.sink.error(_file_location(self.expr, token.line, token.column, len(str(token))), message)
 
     def _check_pattern(self, argument: lark.Tree) -> None:

@@ -723,8 +723,8 @@ class LocalTime:
 
     __slots__ = ("tz", "last")
 
-    def __init__(self, tz: datetime.tzinfo):
-        self.tz = tz
+    def __init__(self, tz: datetime.tzinfo | None):
+        self.tz = tz  # None where cel-python's lookup finds no zone (astimezone then uses the host's)
         self.last: tuple[Any, Any] = (None, None)
 
     def __call__(self, t: datetime.datetime) -> datetime.datetime:
@@ -751,7 +751,7 @@ def day_of_year(local: datetime.datetime) -> int:
     return local.timetuple().tm_yday - 1
 
 
-def timezone_for(name: str | None) -> datetime.tzinfo:
+def timezone_for(name: str | None) -> datetime.tzinfo | None:
     """cel-python's own time zone lookup (pendulum names, '+HH:MM' offsets, '' or None = UTC)."""
     return ct.TimestampType.tz_parse(ct.StringType(name) if name is not None else None)
 
