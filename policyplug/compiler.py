@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import nodes
 from .cel.compile import compile_expression, compile_rules
 from .compiled import CompiledCondition, CompiledLimit, CompiledRule
 from .index import build_index
@@ -89,9 +90,9 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
             reason=effect.argument if effect and effect.kind == "deny" else None,
             redirect_to=effect.argument if effect and effect.kind == "redirect" else None,
             route_via=next((o.argument for o in obligations if o.kind == "route via"), None),
-            copy_to=tuple(o.argument for o in obligations if o.kind == "copy to"),
-            disclaimers=tuple(o.argument for o in obligations if o.kind == "disclaimer"),
-            tags=tuple(o.argument for o in obligations if o.kind == "tag"),
+            copy_to=_arguments(obligations, "copy to"),
+            disclaimers=_arguments(obligations, "disclaimer"),
+            tags=_arguments(obligations, "tag"),
             audit=any(o.kind == "audit" for o in obligations),
             location=node.location,
             match=code.matcher,
@@ -109,6 +110,11 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
     )
     policy._index = build_index(rules, [checked.when for checked in model.rules], model.lists) if use_index else None
     return policy
+
+
+def _arguments(obligations: Iterable[nodes.Obligation], kind: str) -> tuple[str, ...]:
+    """The arguments of the obligations of one kind, in order (these kinds always have one)."""
+    return tuple(o.argument for o in obligations if o.kind == kind and o.argument is not None)
 
 
 def load_policy(path: str | Path | None = None, *, text: str | None = None, base_dir: str | Path | None = None,

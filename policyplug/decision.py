@@ -21,11 +21,15 @@ class TraceStep:
 
 
 class Decision:
-    """One decision. Attributes as in the decision JSON (cli.md); `copy_to`, `disclaimers`, `tags`,
+    """One decision. Attributes as in the decision JSON (docs/cli.md); `copy_to`, `disclaimers`, `tags`,
     `errors` and `trace` are lists (created on first read when empty)."""
 
     __slots__ = ("decision", "rule", "reason", "redirect_to", "route_via", "_copy_to", "_disclaimers", "_tags",
                  "audit", "_errors", "policy", "policy_revision", "_trace")
+    # None or a tuple shared between decisions until first read (see below), then a list
+    _copy_to: list[str] | tuple[str, ...] | None
+    _disclaimers: list[str] | tuple[str, ...] | None
+    _tags: list[str] | tuple[str, ...] | None
 
     def __init__(self, decision: str, rule: str | None, reason: str | None = None, redirect_to: str | None = None,
                  route_via: str | None = None, copy_to: list[str] | None = None,
@@ -109,7 +113,7 @@ class Decision:
         return self.decision == "allow" or self.decision == "redirect"
 
     def to_json(self) -> dict[str, Any]:
-        """The decision JSON of the spec (cli.md), key for key."""
+        """The decision JSON (docs/cli.md), key for key."""
         copy_to, disclaimers, tags, errors = self._copy_to, self._disclaimers, self._tags, self._errors
         return {
             "decision": self.decision, "rule": self.rule, "reason": self.reason,
@@ -139,9 +143,9 @@ class Decision:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return self._fields() == other._fields()  # type: ignore[attr-defined]
+        return self._fields() == other._fields()
 
-    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value: not hashable
 
     def __repr__(self) -> str:
         names = ("decision", "rule", "reason", "redirect_to", "route_via", "copy_to", "disclaimers", "tags", "audit",

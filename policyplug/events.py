@@ -12,17 +12,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .addresses import Address, AddressError, event_address
-from .nodes import EVENT_KINDS
+from .schema import CLIENT_FIELDS as _CLIENT_TYPES
+from .schema import EVENT_KINDS, EVENT_MEMBERS, PROTOCOLS
 
-PROTOCOLS = ("xmpp", "sip")
 _KINDS = frozenset(EVENT_KINDS)
 _last_time: tuple[str, datetime] | None = None
 _new_event = object.__new__
-# the members of the event JSON (cli.md) and of its client; the keywords of Event.message(...) etc.
-# are every member but kind, from and to
-EVENT_FIELDS = ("kind", "from", "to", "body", "time", "protocol", "client", "headers", "payload", "type", "subject",
-                "size", "content_complete")
-CLIENT_FIELDS = ("ip", "port", "secure")
+# the members of the event JSON (docs/cli.md) and of its client (policyplug.schema); the keywords of
+# Event.message(...) etc. are every member but kind, from and to
+EVENT_FIELDS = EVENT_MEMBERS
+CLIENT_FIELDS = tuple(_CLIENT_TYPES)
 KEYWORD_FIELDS = EVENT_FIELDS[3:]
 _ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
 
@@ -88,7 +87,7 @@ class Event:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Event:
-        """The event JSON of the spec -> Event; raises EventError naming the first bad field.
+        """The event JSON (docs/cli.md) -> Event; raises EventError naming the first bad field.
 
         Every service request comes through here, so each field is checked inline for its usual
         shape first (exact types, one dict lookup); anything else goes to the helper that accepts

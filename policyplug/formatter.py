@@ -96,10 +96,10 @@ def format_text(text: str, file: str = "<text>") -> str:
         physical = line.text.split("\n")
         comments = list(line.comments) + [None] * (len(physical) - len(line.comments))
         out.append(_with_comment(indent + _fold_spaces(physical[0]), comments[0]))
-        for part, comment in zip(physical[1:], comments[1:], strict=True):
+        for part, trailing in zip(physical[1:], comments[1:], strict=True):
             folded = _fold_spaces(part)
-            if folded or comment:
-                out.append(_with_comment(indent + CONTINUATION + folded if folded else "", comment))
+            if folded or trailing:
+                out.append(_with_comment(indent + CONTINUATION + folded if folded else "", trailing))
         if top:
             in_block = block_head
             in_test = line.first_word == "test"

@@ -26,7 +26,7 @@ import lark
 from .cel.compile import RaiseCheck, has_empty_literal
 from .cel.fastparse import rule_name
 from .compiled import CompiledRule
-from .nodes import EVENT_KINDS
+from .schema import DIRECTIONS, EVENT_KINDS
 
 # The fields an index may be built on, most selective first. Group fields are lists: a rule
 # guarded by `"g" in sender.groups` is found through each of the sender's groups.
@@ -219,7 +219,7 @@ def _operand_may_raise(tree: Any, when: Any, may_raise: RaiseCheck, guards: dict
             if "bad" not in memo:
                 memo["bad"] = has_empty_literal(when)
             # a `&&` of two non-bools formats both into its error, and that can raise where
-            # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.runtime.Err)
+            # cel-python cannot print a tree (`[]` or `{}` in the condition; see cel.functions.Err)
             found = (memo["bad"] and len(leaves) > 1) or any(may_raise(leaf, memo["bad"]) for leaf in others)
         memo[id(tree)] = found
     return found
@@ -341,8 +341,8 @@ class RuleIndex:
         return tuple(dict.fromkeys(merged))
 
 
-DIRECTIONS = ("internal", "outbound", "inbound", "transit")
-PARTY_FIELDS = {"address", "domain", "groups"}
+# the party fields among INDEXED_FIELDS: a rule index keeps, per side, the values it has tables for
+INDEXED_PARTY_FIELDS = tuple(dict.fromkeys(f.partition(".")[2] for f in INDEXED_FIELDS if "." in f))
 
 
 def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any]],
@@ -354,7 +354,7 @@ def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any
     if not any(all_guards):
         return None
     plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}
-    side_values: dict[str, dict[str, set[str]]] = {side: {f: set() for f in PARTY_FIELDS}
+    side_values: dict[str, dict[str, set[str]]] = {side: {f: set() for f in INDEXED_PARTY_FIELDS}
                                                    for side in ("sender", "recipient")}
     # per rule, once: the kinds and directions it can match, and the field it is indexed by
     placed = []
@@ -370,10 +370,10 @@ def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any
         for direction in DIRECTIONS:
             unguarded: list[CompiledRule] = []
             tables: dict[str, dict[str, list[CompiledRule]]] = {}
-            for rule, kinds, directions, field, values in placed:
-                if kind not in kinds or direction not in directions:
+            for rule, rule_kinds, rule_directions, field, values in placed:
+                if kind not in rule_kinds or direction not in rule_directions:
                     continue
-                if field is None:
+                if field is None or values is None:  # values is None exactly when field is
                     unguarded.append(rule)
                     continue
                 table = tables.setdefault(field, {})

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .diagnostics import Location
+from .schema import EVENT_KINDS as EVENT_KINDS  # the kinds an `on` clause may name
 
-EVENT_KINDS = ("message", "groupchat", "presence", "subscribe", "join", "call", "file", "login", "iq")
 TERMINAL_EFFECTS = ("allow", "deny", "drop", "redirect")
 
 

@@ -52,7 +52,7 @@ REST = pp.Regex(r"(?s).+").set_name("a CEL expression")
 END = pp.StringEnd().set_name("end of line")
 
 
-def K(word: str) -> pp.Keyword:
+def K(word: str) -> pp.ParserElement:
     return pp.Keyword(word).set_name(f"'{word}'")
 
 
@@ -261,7 +261,8 @@ def _parse(grammar: pp.ParserElement, line: LogicalLine, sink: DiagnosticSink, w
 
 def _value(located: pp.ParseResults) -> str:
     """The text of a Located match ([start, [tokens], end])."""
-    return located[1][0]
+    text: str = located[1][0]
+    return text
 
 
 def _loc(line: LogicalLine, located: pp.ParseResults) -> Location:
@@ -363,7 +364,7 @@ def _parse_top_level(word: str, line: LogicalLine, sink: DiagnosticSink, is_on_e
         return nodes.Define(here, _value(r["name"]), _expression(line, r["expr"]), _loc(line, r["name"]))
     if word == "include":
         return nodes.Include(here, r["path"])
-    return nodes.Default(here, r["effect"], r.get("reason"))
+    return nodes.Default(here, r["effect"], r["reason"] if "reason" in r else None)
 
 
 def _parse_clause(rule: nodes.Rule, line: LogicalLine, sink: DiagnosticSink) -> None:
@@ -425,7 +426,7 @@ def _parse_clause(rule: nodes.Rule, line: LogicalLine, sink: DiagnosticSink) -> 
         r = _parse(CLAUSE_GRAMMARS[word], line, sink, f"'{word}' clause")
         if r is None:
             return
-        argument = r.get("argument")
+        argument = r["argument"] if "argument" in r else None
     if word in nodes.TERMINAL_EFFECTS:
         effect = nodes.Effect(here, word, argument)
         rule.effects.append(effect)
@@ -443,8 +444,8 @@ def _parse_test_body(test: nodes.Test, lines: list[LogicalLine], sink: Diagnosti
         return
     # A test is parsed as one stream of tokens: its fields may be spread over lines freely.
     first = lines[0]
-    offsets = []
-    pieces = []
+    offsets: list[int] = []
+    pieces: list[str] = []
     for line in lines:
         offsets.append(sum(len(p) + 1 for p in pieces))
         pieces.append(line.text)

@@ -8,7 +8,7 @@ of signatures, policyplug.index), then calls each candidate's function in file o
 collects obligations (shared, cached per sequence of matched rules). No activation dict is built
 unless needed: for an evaluation error, a non-bool condition, a `limit`, a condition run by the
 reference interpreter or an explained decision, the walk goes on in _walk, condition by
-condition, exactly as before. Evaluation never raises on event content: a failing condition
+condition. Evaluation never raises on event content: a failing condition
 makes its rule not match (or, with `on error deny`, denies), and is recorded.
 """
 
@@ -28,7 +28,7 @@ from .diagnostics import Diagnostic
 from .events import Event
 from .index import RuleIndex
 from .limits import Limiter, MemoryLimiter
-from .nodes import EVENT_KINDS
+from .schema import EVENT_KINDS
 
 EVALUATION_ERROR_REASON = "policy evaluation error"
 PARTY_CACHE_LIMIT = 65536
@@ -300,10 +300,11 @@ class Policy:
         """First match over `candidates`, condition by condition, with errors, limits and (explain) a trace."""
         activation = self.activation(event)
         errors: list[dict[str, str]] | None = None
-        trace: list[TraceStep] | None = [] if explain else None
+        steps: list[TraceStep] = []  # read only when explaining
+        trace = steps if explain else None
         for rule in candidates:
             if explain and rule.kinds is not None and event.kind not in rule.kinds:
-                trace.append(TraceStep(rule.name, False, f"on {', '.join(sorted(rule.kinds))}: not a {event.kind}"))
+                steps.append(TraceStep(rule.name, False, f"on {', '.join(sorted(rule.kinds))}: not a {event.kind}"))
                 continue
             error = None  # set when a condition fails with an evaluation error
             for condition in rule.conditions:
@@ -318,7 +319,7 @@ class Policy:
                         error = f"condition '{condition.text}' gave {type(value).__name__}, not a bool"
                     elif explain:
                         clause = "when" if condition.expected else "unless"
-                        trace.append(TraceStep(rule.name, False, f"{clause} {condition.text} is {str(value).lower()}"))
+                        steps.append(TraceStep(rule.name, False, f"{clause} {condition.text} is {str(value).lower()}"))
                     break
             else:
                 # on, when and unless hold: the limit clause, then the rule matches
@@ -326,12 +327,12 @@ class Policy:
                     over, error = self._over_limit(rule, activation, event, now, limiter)
                     if not over and error is None:
                         if explain:
-                            trace.append(TraceStep(rule.name, False, f"limit {rule.limit.count} per "
+                            steps.append(TraceStep(rule.name, False, f"limit {rule.limit.count} per "
                                                                      f"{rule.limit.seconds:g}s by {rule.limit.text} not exceeded"))
                         continue
                 if error is None:
                     if explain:
-                        trace.append(TraceStep(rule.name, True, "decides" if rule.effect else "matched (obligations added)"))
+                        steps.append(TraceStep(rule.name, True, "decides" if rule.effect else "matched (obligations added)"))
                     if rule.has_obligations:
                         obligations = (obligations or self._no_obligations).then(rule)
                     if rule.effect is None:
@@ -345,7 +346,7 @@ class Policy:
                 errors = []
             errors.append({"rule": rule.name, "message": error})
             if explain:
-                trace.append(TraceStep(rule.name, False, f"error: {error}"))
+                steps.append(TraceStep(rule.name, False, f"error: {error}"))
             if self.on_error_deny:
                 return self._decision("deny", rule.name, EVALUATION_ERROR_REASON, None, None, obligations,
                                       errors, trace, force_audit=True)

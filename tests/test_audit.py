@@ -73,7 +73,7 @@ def test_levels(tmp_path: Path) -> None:
     kinds = [json.loads(line)["decision"]["rule"] for line in lines_of(tmp_path / "d.jsonl")]
     assert kinds == ["noted", None]  # the audited allow, and the default deny; not the internal allow
     # `none`: no decision is written for the level's sake, but a rule's `audit` clause writes its
-    # decision "even where the audit level would not" (rule-language.md)
+    # decision "even where the audit level would not" (docs/language.md)
     none = AuditWriter(tmp_path / "n.jsonl", level="none")
     for sender, recipient in [("a@acme.example", "b@x.example"), ("a@acme.example", "b@acme.example")]:
         event = Event.message(sender, recipient)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celpy.celparser import CELParser
 
-from policyplug.cel import runtime as rt
+from policyplug.cel import functions as rt
 from policyplug.cel.compile import compile_expression
 from policyplug.cel.errors import CelEvaluationError
 from policyplug.cel.reference import interpret
@@ -231,8 +231,8 @@ def test_plain_literals_fold_as_cel_python_folds_them(text: str, monkeypatch: py
     from policyplug.cel import compile as compile_module
 
     literal = next(PARSER.parse(text).find_pred(lambda t: t.data == "literal"))
-    fast = compile_module._Gen({}).fold(literal)
+    fast = compile_module.CodeGenerator({}).fold(literal)
     monkeypatch.setattr(compile_module, "_simple_literal", lambda token: None)
-    slow = compile_module._Gen({}).fold(literal)
+    slow = compile_module.CodeGenerator({}).fold(literal)
     assert (fast.code, fast.type, type(fast.value), fast.value, fast.err, fast.const) == \
         (slow.code, slow.type, type(slow.value), slow.value, slow.err, slow.const)

@@ -19,7 +19,7 @@ from celpy.celparser import CELParser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policyplug.cel import runtime as rt
+from policyplug.cel import functions as rt
 from policyplug.cel.compile import compile_expression, compile_rules
 from policyplug.cel.errors import CelEvaluationError
 from policyplug.cel.reference import interpret

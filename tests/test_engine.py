@@ -98,8 +98,8 @@ def test_a_name_no_condition_could_read_cannot_name_a_list_or_define(name: str, 
 
 
 def test_string_escapes_the_language_defines_and_an_unknown_one_is_an_error() -> None:
-    """rule-language.md: strings have \\", \\\\ and \\n escapes (policyplug adds \\t). Any other escape
-    used to lose its backslash silently ("C:\\files" became "C:files"); it is refused at its place."""
+    """docs/language.md: strings have \\", \\\\ and \\n escapes (policyplug adds \\t). Any other escape
+    is refused at its place (it must not lose its backslash silently: "C:\\files" as "C:files")."""
     policy = policy_of('default deny "a \\"quoted\\" C:\\\\files\\nnext\\tcol"\n')
     assert policy.decide(Event.message("a@acme.example", "b@x.example")).reason == 'a "quoted" C:\\files\nnext\tcol'
     for line, column in (('default deny "C:\\files"\n', 17), ('default allow\nrule r:\n  allow\n  tag "a\\qb"\n', 9),
@@ -141,7 +141,7 @@ def test_every_load_time_error_is_reported_in_one_run(tmp_path: Path) -> None:
     ("default deny\ndefault allow\n", "a second 'default'"),
     ("default deny\nrule r:\n  when later\n  allow\ndefine later = true\n", "used before its 'define'"),
     ("default deny\nrule default:\n  allow\n", "reserved"),
-    # a count no window can hold: it used to load, and then every decision raised OverflowError
+    # a count no window can hold is refused at load (else every decision would raise OverflowError)
     ("default deny\nrule r:\n  limit 99999999999999999999 per minute by sender\n  drop\n", "at most 1,000,000,000"),
 ])
 def test_more_load_time_checks(body: str, fragment: str) -> None:
@@ -317,7 +317,7 @@ def test_include_and_list_file(tmp_path: Path) -> None:
 
 
 def test_revision_is_the_texts_not_the_path_they_were_loaded_by(tmp_path: Path, monkeypatch) -> None:
-    """cli.md: `policy_revision` identifies the exact policy text loaded. The same bytes loaded by a
+    """docs/cli.md: `policy_revision` identifies the exact policy text loaded. The same bytes loaded by a
     relative path, an absolute one, from a copy elsewhere (Kamailio's workers load a snapshot copy)
     or as text= give one revision; a change to the policy or to a file it reads gives another."""
     text = HEAD + 'list partners = file "lists.txt"\ndefault deny\ninclude "partner.rules"\n'
@@ -369,7 +369,7 @@ def test_event_constructor_per_kind(kind: str) -> None:
 
 
 def test_event_constructors_refuse_unknown_keywords() -> None:
-    """cli.md: each constructor takes 'any other event field as keywords'; a misspelt one was ignored,
+    """docs/cli.md: each constructor takes 'any other event field as keywords'; a misspelt one was ignored,
     so Event.message(..., bdy="x") decided on an empty body."""
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'bdy'"):
         Event.message("a@acme.example", "b@x.example", bdy="x")
@@ -613,7 +613,7 @@ def test_check_on_a_folder_and_exit_codes(tmp_path: Path) -> None:
 
 
 def test_a_constant_pattern_re2_rejects_loads_with_a_located_warning(tmp_path: Path) -> None:
-    """rule-language.md makes a bad regex a run-time error (the rule does not match), so the policy
+    """docs/language.md makes a bad regex a run-time error (the rule does not match), so the policy
     loads; but `check` says where the pattern is, and RE2's own unlocated log line stays away."""
     path = tmp_path / "p.policy"
     path.write_text(HEAD + 'define card = body.matches("(?:[0-9]")\ndefault allow\n'

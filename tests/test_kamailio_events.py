@@ -336,7 +336,7 @@ def test_ksr_functions_are_looked_up_once_and_a_missing_one_fails_when_called(lo
     assert kemi.pv_get("$ci") == "call-42"
     with pytest.raises(AttributeError, match="maxfwd"):
         kemi.process_maxfwd(10)
-    # a request meeting the missing module answers 500 and the worker goes on, as before
+    # a request meeting the missing module answers 500 and the worker goes on
     fake.pv = types.SimpleNamespace(get=lambda name: {"$mb": "MESSAGE sip:b@x SIP/2.0\r\n\r\n"}.get(name))
     kemi = load_kemi(fake)
     assert kemi.kamailio().ksr_request_route(None) == 1 and fake.replies == [(500, "Server Internal Error")]

@@ -146,7 +146,7 @@ from policyplug.loader import load_model  # noqa: E402
 GUARDS = ['direction == "{direction}"', 'recipient.domain == "{domain}"', "sender.domain in partners",
           '"staff" in sender.groups', "!sender.local", "recipient.local", "size > {number}",
           'kind == "{kind}"', 'sender.address == "{user}@{domain}"', '{number} <= size']
-# One per way a CEL condition can fail (cel.runtime: Err values that && absorbs, Raised errors of
+# One per way a CEL condition can fail (cel.functions: Err values that && absorbs, Raised errors of
 # map/filter bodies, PyErr of a macro over a non-list, Defer to the reference, the bad_repr of
 # `[]`/`{}`), and non-bool results; `level` and `tags` take every JSON type in the directory.
 FAILING = [

@@ -196,7 +196,7 @@ def test_limits_keyed_by_a_party_count_exactly_as_the_walk_does(key: str) -> Non
 
 
 def test_an_empty_limiter_passed_in_is_used_not_the_policys_own() -> None:
-    """A MemoryLimiter with no keys yet is falsy (it has a length): `limiter or self.limiter` once sent
+    """A MemoryLimiter with no keys yet is falsy (it has a length): `limiter or self.limiter` would send
     the first hit of every caller's limiter to the policy's own one."""
     for key in ("sender", "kind"):  # the party fast path and the walk
         policy = load_policy(text=HEAD + f"default allow\nrule flood:\n  limit 1 per minute by {key}\n  drop\n")

@@ -10,7 +10,7 @@ local BODY_KEPT = 150000;    -- what is left of a body that would make the reque
 -- The event JSON is written by hand: util.json is general and allocates a lot (and Prosody's
 -- garbage collector is tuned to collect often, so allocations are what costs). Strings are valid
 -- UTF-8 (Prosody's XML parser refuses anything else), so JSON only needs quotes, backslashes and
--- control characters escaped. Fields left out take the spec's defaults: `time` is now,
+-- control characters escaped. Fields left out take their defaults (docs/cli.md): `time` is now,
 -- `protocol` is xmpp (inferred from the addresses), `body`/`subject`/`type` are empty.
 local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" };
 local function escape_char(c) return escapes[c] or ("\\u%04x"):format(c:byte()); end
@@ -236,7 +236,7 @@ local function content_of(stanza)
 	return body, subject, c.unreadable;
 end
 
--- The event JSON of a stanza (cli.md), without `time` (the service's now is the same moment);
+-- The event JSON of a stanza (docs/cli.md), without `time` (the service's now is the same moment);
 -- body, subject and unreadable are content_of's.
 local function event_json(origin, stanza, kind, body, subject, unreadable)
 	local attr = stanza.attr;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import lark
 import re2
@@ -16,16 +17,14 @@ from celpy.celparser import CELParseError, CELParser
 
 from ..diagnostics import DiagnosticSink, Location, did_you_mean
 from ..nodes import Expression
+from ..schema import FIELDS_OF, VARIABLES
 from . import fastparse
 from .fastparse import RULE_NAMES, rule_name
+from .functions import compile_regex
 from .reference import _env
-from .runtime import compile_regex
 
-# What a condition can see (rule-language.md, "What a condition can see").
-EVENT_VARIABLES = ("kind", "protocol", "direction", "sender", "recipient", "body", "subject", "type", "size",
-                   "payload", "headers", "client", "time", "content_complete")
-PARTY_FIELDS = ("address", "user", "domain", "resource", "local", "groups", "attrs")
-FIELDS_OF = {"sender": PARTY_FIELDS, "recipient": PARTY_FIELDS, "client": ("ip", "port", "secure")}
+# What a condition can see (docs/language.md, "What a condition can see"), from the event schema.
+EVENT_VARIABLES = tuple(VARIABLES)
 FUNCTIONS = ("has", "size", "int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration", "type",
              "dyn", "matches", "contains", "startsWith", "endsWith")
 METHODS = ("contains", "startsWith", "endsWith", "matches", "lowerAscii", "upperAscii", "size", "exists", "all",
@@ -161,11 +160,12 @@ class NameChecker:
     def check(self, tree: lark.Tree) -> lark.Tree:
         return self._visit(tree, frozenset())
 
-    def _error(self, token: lark.Token, message: str) -> None:
+    def _error(self, token: Any, message: str) -> None:
+        """`token`: a lark.Token (lark types a tree's children as Token | Tree)."""
         self.sink.error(_file_location(self.expr, token.line, token.column, len(str(token))), message)
 
     def _check_pattern(self, argument: lark.Tree) -> None:
-        """A constant `matches` pattern RE2 rejects: the spec makes it a run-time error (the rule
+        """A constant `matches` pattern RE2 rejects: docs/language.md makes it a run-time error (the rule
         does not match), so the load goes on, but says where it is (RE2 would only say what)."""
         token = _string_literal(argument)
         pattern = _string_value(token, argument) if token is not None else None

@@ -6,7 +6,7 @@ function per rule that runs all its conditions on the Event and its parties (no 
 Where the static type of an operand is known (the event schema gives most of them:
 `direction` is a string, `sender.groups` a list of strings, `time` a timestamp) the compiler
 emits plain Python (`act["direction"] == "outbound"`, `x in frozenset(...)`); everywhere else it
-calls helpers in policyplug.cel.runtime that apply cel-python's own operators, so both evaluators
+calls helpers in policyplug.cel.functions that apply cel-python's own operators, so both evaluators
 agree on every value and on every error-versus-value outcome (see docs/compiler.md).
 
 Sub-expressions without variables are evaluated once at compile time by cel-python itself
@@ -28,7 +28,8 @@ import re2
 from celpy.celparser import tree_dump
 from celpy.evaluation import CELEvalError, Evaluator
 
-from . import runtime as rt
+from ..schema import VARIABLES
+from . import functions
 from .check import SIMPLE_STRING, TYPE_NAMES
 from .errors import CelEvaluationError
 from .fastparse import RULE_NAMES, rule_name
@@ -38,14 +39,8 @@ Type = Any  # 'bool', 'int', ..., 'dyn', ('list', T), ('map', K, V), ('rec', ((f
 
 STRINGS = ("string", "rawstring")
 DOUBLES = ("double", "rawdouble")
-PARTY: Type = ("rec", (("address", "string"), ("user", "string"), ("domain", "string"), ("resource", "string"),
-                       ("local", "bool"), ("groups", ("list", "string")), ("attrs", ("map", "string", "dyn"))))
-CLIENT: Type = ("rec", (("ip", "string"), ("port", "int"), ("secure", "bool")))
-EVENT_SCHEMA: dict[str, Type] = {
-    "kind": "string", "protocol": "string", "direction": "string", "type": "string", "body": "string",
-    "subject": "string", "size": "int", "sender": PARTY, "recipient": PARTY, "payload": ("list", "string"),
-    "headers": ("map", "string", "string"), "client": CLIENT, "time": "timestamp", "content_complete": "bool",
-}
+# the static type of each variable a condition can see
+EVENT_SCHEMA: dict[str, Type] = VARIABLES
 MACROS = ("exists", "all", "exists_one", "map", "filter")
 UNSUPPORTED_MACROS = ("reduce", "min")  # cel-python extensions
 # frozensets, not tuples: node.data is a lark Token, and `in tuple` calls Token.__eq__ per item
@@ -91,16 +86,17 @@ class CompiledExpression:
 
 
 @dataclass
-class Ex:
-    """A compiled sub-expression: Python expression text plus what is known about it."""
+class PyExpr:
+    """The Python expression text generated for one CEL sub-expression, with what the generator
+    knows about it: its static type, how it can fail, whether it is a constant."""
     code: str
     type: Type = "dyn"
-    err: bool = True        # evaluating it may raise rt.Err (an absorbable CEL error)
+    err: bool = True        # evaluating it may raise functions.Err (an absorbable CEL error)
     fatal: bool = False     # ... may raise Raised / PyErr / Defer (never absorbed)
     atomic: bool = False    # a name or literal: evaluating it twice costs nothing and cannot fail
     value: Any = None       # the value, for constants
     const: bool = False
-    holds_err: bool = False  # code may evaluate to an rt.Err instance (a captured error)
+    holds_err: bool = False  # code may evaluate to a functions.Err instance (a captured error)
 
 
 def _same(a: Type, b: Type, groups: tuple[tuple[str, ...], ...]) -> bool:
@@ -109,8 +105,8 @@ def _same(a: Type, b: Type, groups: tuple[tuple[str, ...], ...]) -> bool:
 
 def _type_of_value(value: Any) -> Type:
     t = type(value)
-    simple = {bool: "bool", rt.Uint: "uint", int: "int", rt.RawFloat: "rawdouble", float: "double",
-              rt.RawStr: "rawstring", str: "string", bytes: "bytes", type(None): "null",
+    simple = {bool: "bool", functions.Uint: "uint", int: "int", functions.RawFloat: "rawdouble", float: "double",
+              functions.RawStr: "rawstring", str: "string", bytes: "bytes", type(None): "null",
               ct.TimestampType: "timestamp", ct.DurationType: "duration"}
     if t in simple:
         return simple[t]
@@ -178,11 +174,14 @@ EVENT_ACCESS = {name: f"_ev.{name}" for name in EVENT_SCHEMA} | {"sender": "_s",
 MATCHER_ARGS = "_ev, _s, _r, _d"
 
 
-FOLD_HEIGHT = 64  # the tallest constant subtree folded at once (see _Gen.fold)
+FOLD_HEIGHT = 64  # the tallest constant subtree folded at once (see CodeGenerator.fold)
 RULES_PER_COMPILE = 16  # rules' matchers compiled by one compile() call (see compile_rules)
 
 
-class _Gen:
+class CodeGenerator:
+    """Generates the Python source of CEL parse trees: one `c_NODE` method per kind of parse node,
+    each returning the PyExpr of its node after emitting any statements it needs."""
+
     def __init__(self, constants: Mapping[str, Any], access: Mapping[str, str] = ACT_ACCESS):
         self.access = access
         self.constants = {name: list(entries) for name, entries in constants.items()}
@@ -218,32 +217,33 @@ class _Gen:
         for level, text in buf:
             self.lines.append((self.level + extra + level, text))
 
-    def glob(self, value: Any, prefix: str = "_k") -> str:
+    def bind_global(self, value: Any, prefix: str = "_k") -> str:
+        """A new name for `value` in the generated module's namespace."""
         name = self.tmp(prefix)
         self.globals[name] = value
         return name
 
-    def literal(self, value: Any) -> Ex:
+    def literal(self, value: Any) -> PyExpr:
         t = type(value)
         if t in (bool, int, str) or value is None or (t is float and value == value and abs(value) != float("inf")):
             code = repr(value)
         else:
-            code = self.glob(value)
-        return Ex(code, _type_of_value(value), err=False, atomic=True, value=value, const=True)
+            code = self.bind_global(value)
+        return PyExpr(code, _type_of_value(value), err=False, atomic=True, value=value, const=True)
 
-    def materialize(self, ex: Ex) -> Ex:
+    def materialize(self, ex: PyExpr) -> PyExpr:
         if ex.atomic:
             return ex
         name = self.tmp()
         self.emit(f"{name} = {ex.code}")
         return replace(ex, code=name, atomic=True)
 
-    def fail(self, kind: str, message: str, cls: type[BaseException] | None = None, bad: bool = False) -> Ex:
+    def fail(self, kind: str, message: str, cls: type[BaseException] | None = None, bad: bool = False) -> PyExpr:
         if kind == "err":
-            return Ex(f"_fail_err({message!r}, {bad})", "dyn", err=True)
+            return PyExpr(f"_fail_err({message!r}, {bad})", "dyn", err=True)
         if kind == "raised":
-            return Ex(f"_fail_raised({message!r}, {bad})", "dyn", err=False, fatal=True)
-        return Ex(f"_fail_py({message!r}, {self.glob(cls)})", "dyn", err=False, fatal=True)
+            return PyExpr(f"_fail_raised({message!r}, {bad})", "dyn", err=False, fatal=True)
+        return PyExpr(f"_fail_py({message!r}, {self.bind_global(cls)})", "dyn", err=False, fatal=True)
 
     def dump_fails(self, node: lark.Tree) -> bool:
         """Does cel-python's tree_dump() fail on this node (so repr() of its errors fails)?
@@ -282,7 +282,7 @@ class _Gen:
             self.const_depth[id(node)] = height + 1
         return result
 
-    def fold(self, node: lark.Tree) -> Ex | None:
+    def fold(self, node: lark.Tree) -> PyExpr | None:
         """Evaluate a variable-free sub-expression with cel-python now.
 
         Only subtrees up to FOLD_HEIGHT high: cel-python's evaluator recurses about 14 frames a level,
@@ -296,26 +296,26 @@ class _Gen:
         if self.const_depth.get(id(node), 0) > FOLD_HEIGHT:
             return None
         if self._folder_activation is None:
-            self._folder_activation = _env().program(node, functions=rt.EXTRA_FUNCTIONS).new_activation()
+            self._folder_activation = _env().program(node, functions=functions.EXTRA_FUNCTIONS).new_activation()
         try:
             value = Evaluator(ast=node, activation=self._folder_activation).visit(node)
         except CELEvalError as exc:
-            return self.fail("raised", str(exc.args[0]) if exc.args else "error", bad=rt.cel_repr_fails(exc))
+            return self.fail("raised", str(exc.args[0]) if exc.args else "error", bad=functions.cel_repr_fails(exc))
         except RecursionError:
             return None
         except Exception as exc:
             return self.fail("py", f"{type(exc).__name__}: {exc}", type(exc))
         if isinstance(value, CELEvalError):
-            return self.fail("err", str(value.args[0]) if value.args else "error", bad=rt.cel_repr_fails(value))
+            return self.fail("err", str(value.args[0]) if value.args else "error", bad=functions.cel_repr_fails(value))
         try:
-            plain = rt.from_cel(value)
-        except rt.Defer:
+            plain = functions.from_cel(value)
+        except functions.Defer:
             return None
         return self.literal(plain)
 
     # ------------------------------------------------------------ operands with cel-python's evaluation order
 
-    def operands(self, nodes: list[lark.Tree], scope: dict[str, tuple[str, Type]]) -> list[Ex]:
+    def operands(self, nodes: list[lark.Tree], scope: dict[str, tuple[str, Type]]) -> list[PyExpr]:
         """Compile operands that cel-python evaluates all of, left to right, before combining them.
 
         An absorbable error in one operand must not stop a later operand from raising a fatal
@@ -326,7 +326,7 @@ class _Gen:
                 ex = self.compile(node, scope)
             parts.append((buf, ex))
         capture = [ex.err and any(p[1].fatal for p in parts[i + 1:]) for i, (_, ex) in enumerate(parts)]
-        out: list[Ex] = []
+        out: list[PyExpr] = []
         if any(capture):
             for (buf, ex), cap in zip(parts, capture, strict=True):
                 if cap:
@@ -353,8 +353,8 @@ class _Gen:
             out = [self.materialize(o) for o in out]
         return out
 
-    def captured(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> Ex:
-        """Compile so that the result is a value or an rt.Err instance, never a raised Err."""
+    def captured(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> PyExpr:
+        """Compile so that the result is a value or an functions.Err instance, never a raised Err."""
         inner = _unwrap(node)
         with self.sub() as buf:
             # &&, || and ?: capture natively (keeps long chains from nesting try blocks)
@@ -376,7 +376,7 @@ class _Gen:
         self.emit(f"{name} = _e", 1)
         return replace(ex, code=name, atomic=True, err=False, holds_err=True)
 
-    def finish(self, ex: Ex, capture: bool) -> Ex:
+    def finish(self, ex: PyExpr, capture: bool) -> PyExpr:
         if ex.holds_err and not capture:
             self.emit(f"if type({ex.code}) is _Err: raise {ex.code}")
             return replace(ex, holds_err=False, err=True)
@@ -384,7 +384,7 @@ class _Gen:
 
     # ------------------------------------------------------------ dispatch
 
-    def compile(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> Ex:
+    def compile(self, node: lark.Tree, scope: dict[str, tuple[str, Type]]) -> PyExpr:
         data = _name(node.data, node.data)
         if data in PASSTHROUGH and len(node.children) == 1:
             return self.compile(node.children[0], scope)
@@ -415,15 +415,15 @@ class _Gen:
 
     # ------------------------------------------------------------ logic
 
-    def c_expr(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_expr(self, node: lark.Tree, scope: dict) -> PyExpr:
         return self.ternary(node, scope, capture=False)
 
-    def c_conditionalor(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_conditionalor(self, node: lark.Tree, scope: dict) -> PyExpr:
         return self.logic(node, scope, capture=False)
 
     c_conditionaland = c_conditionalor
 
-    def logic(self, node: lark.Tree, scope: dict, capture: bool) -> Ex:
+    def logic(self, node: lark.Tree, scope: dict, capture: bool) -> PyExpr:
         is_or = rule_name(node.data) == "conditionalor"
         decisive = "True" if is_or else "False"
         a = self.captured(node.children[0], scope)
@@ -432,7 +432,7 @@ class _Gen:
         both_bool = a.type == "bool" and b.type == "bool"
         pyop = "or" if is_or else "and"
         if both_bool and not a.holds_err and not b.holds_err and not b.fatal and not bbuf:
-            ex = Ex(f"({a.code} {pyop} {b.code})", "bool", err=False, fatal=a.fatal)
+            ex = PyExpr(f"({a.code} {pyop} {b.code})", "bool", err=False, fatal=a.fatal)
             return ex
         a = self.materialize(replace(a, atomic=False) if a.const else a)  # no `True is False` in the source
         result = self.tmp()
@@ -453,18 +453,18 @@ class _Gen:
         # node can escape too, and a `||` or `&&` above it must not short-circuit past it. Only in
         # expressions with an empty list or map literal (maybe_bad): no cost anywhere else.
         escapes = self.maybe_bad and combine.startswith(("_lor(", "_land("))
-        ex = Ex(result, "bool" if both_bool else "dyn", err=False, fatal=a.fatal or b.fatal or escapes, atomic=True,
+        ex = PyExpr(result, "bool" if both_bool else "dyn", err=False, fatal=a.fatal or b.fatal or escapes, atomic=True,
                 holds_err=holds)
         return self.finish(ex, capture)
 
-    def ternary(self, node: lark.Tree, scope: dict, capture: bool) -> Ex:
+    def ternary(self, node: lark.Tree, scope: dict, capture: bool) -> PyExpr:
         cond = self.captured(node.children[0], scope)
         with self.sub() as abuf:
             a = self.compile(node.children[1], scope)
         with self.sub() as bbuf:
             b = self.compile(node.children[2], scope)
         if cond.type == "bool" and not cond.holds_err and not a.fatal and not b.fatal and not abuf and not bbuf:
-            return Ex(f"({a.code} if {cond.code} else {b.code})", a.type if a.type == b.type else "dyn",
+            return PyExpr(f"({a.code} if {cond.code} else {b.code})", a.type if a.type == b.type else "dyn",
                       err=a.err or b.err, fatal=cond.fatal)
         cond = self.materialize(cond)
         result = self.tmp()
@@ -483,100 +483,100 @@ class _Gen:
                 self.emit(f"{result} = _pyerr_to_err(_e)", 2)
         if not (cond.type == "bool" and not cond.holds_err):
             self.emit(f"if type({cond.code}) is not bool: {result} = _ternary_err({self.dump_fails(node)})")
-        out = Ex(result, a.type if a.type == b.type else "dyn", err=False, fatal=cond.fatal or a.fatal or b.fatal,
+        out = PyExpr(result, a.type if a.type == b.type else "dyn", err=False, fatal=cond.fatal or a.fatal or b.fatal,
                  atomic=True, holds_err=True)
         return self.finish(out, capture)
 
     # ------------------------------------------------------------ operators
 
-    def c_relation(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_relation(self, node: lark.Tree, scope: dict) -> PyExpr:
         op_node, right = node.children
         name, pyop = REL_OPS[rule_name(op_node.data)]
         left, right_ex = self.operands([op_node.children[0], right], scope)
         fatal = left.fatal or right_ex.fatal
         err = left.err or right_ex.err
-        lt, rt_ = left.type, right_ex.type
+        left_type, right_type = left.type, right_ex.type
         if name == "_in_":
-            if lt in STRINGS:
+            if left_type in STRINGS:
                 if right_ex.const and isinstance(right_ex.value, list) and all(type(v) is str for v in right_ex.value):
-                    members = self.glob(frozenset(right_ex.value), "_set")
-                    return Ex(f"({left.code} in {members})", "bool", err=err, fatal=fatal)
-                if rt_ == ("list", "string") or (isinstance(rt_, tuple) and rt_[0] == "map" and rt_[1] == "string"):
-                    return Ex(f"({left.code} in {right_ex.code})", "bool", err=err, fatal=fatal)
-            return Ex(f"_g_in({left.code}, {right_ex.code})", "bool", err=True, fatal=True)
+                    members = self.bind_global(frozenset(right_ex.value), "_set")
+                    return PyExpr(f"({left.code} in {members})", "bool", err=err, fatal=fatal)
+                if right_type == ("list", "string") or (isinstance(right_type, tuple) and right_type[0] == "map" and right_type[1] == "string"):
+                    return PyExpr(f"({left.code} in {right_ex.code})", "bool", err=err, fatal=fatal)
+            return PyExpr(f"_g_in({left.code}, {right_ex.code})", "bool", err=True, fatal=True)
         groups = EQ_SAME if name in ("_==_", "_!=_") else ORDERED_SAME
-        if _same(lt, rt_, groups):
-            return Ex(f"({left.code} {pyop} {right_ex.code})", "bool", err=err, fatal=fatal)
-        return Ex(f"_g_rel({name!r}, {left.code}, {right_ex.code})", "bool", err=True, fatal=True)
+        if _same(left_type, right_type, groups):
+            return PyExpr(f"({left.code} {pyop} {right_ex.code})", "bool", err=err, fatal=fatal)
+        return PyExpr(f"_g_rel({name!r}, {left.code}, {right_ex.code})", "bool", err=True, fatal=True)
 
-    def c_addition(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_addition(self, node: lark.Tree, scope: dict) -> PyExpr:
         op_node, right = node.children
         add = rule_name(op_node.data) == "addition_add"
         a, b = self.operands([op_node.children[0], right], scope)
         fatal = a.fatal or b.fatal
         if a.type == b.type == "int":
-            return Ex(f"{'_iadd' if add else '_isub'}({a.code}, {b.code})", "int", fatal=fatal)
+            return PyExpr(f"{'_iadd' if add else '_isub'}({a.code}, {b.code})", "int", fatal=fatal)
         if a.type == b.type == "uint":
-            return Ex(f"{'_uadd' if add else '_usub'}({a.code}, {b.code})", "uint", fatal=fatal)
+            return PyExpr(f"{'_uadd' if add else '_usub'}({a.code}, {b.code})", "uint", fatal=fatal)
         if add and a.type in STRINGS and b.type in STRINGS:
-            return Ex(f"_sconcat({a.code}, {b.code})", "rawstring", err=a.err or b.err, fatal=fatal)
-        return Ex(f"_g_add({'_+_' if add else '_-_'!r}, {a.code}, {b.code})", "dyn", fatal=True)
+            return PyExpr(f"_sconcat({a.code}, {b.code})", "rawstring", err=a.err or b.err, fatal=fatal)
+        return PyExpr(f"_g_add({'_+_' if add else '_-_'!r}, {a.code}, {b.code})", "dyn", fatal=True)
 
-    def c_multiplication(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_multiplication(self, node: lark.Tree, scope: dict) -> PyExpr:
         op_node, right = node.children
         op = {"multiplication_mul": "mul", "multiplication_div": "div", "multiplication_mod": "mod"}[rule_name(op_node.data)]
         a, b = self.operands([op_node.children[0], right], scope)
         fatal = a.fatal or b.fatal
         if a.type == b.type == "int":
-            return Ex(f"_i{op}({a.code}, {b.code})", "int", fatal=fatal)
+            return PyExpr(f"_i{op}({a.code}, {b.code})", "int", fatal=fatal)
         if a.type == b.type == "uint":
-            return Ex(f"_u{op}({a.code}, {b.code})", "uint", fatal=fatal)
+            return PyExpr(f"_u{op}({a.code}, {b.code})", "uint", fatal=fatal)
         cel_op = {"mul": "_*_", "div": "_/_", "mod": "_%_"}[op]
-        return Ex(f"_g_mul({cel_op!r}, {a.code}, {b.code})", "dyn", fatal=True)
+        return PyExpr(f"_g_mul({cel_op!r}, {a.code}, {b.code})", "dyn", fatal=True)
 
-    def c_unary(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_unary(self, node: lark.Tree, scope: dict) -> PyExpr:
         op_node, operand = node.children
         (a,) = self.operands([operand], scope)
         if rule_name(op_node.data) == "unary_not":
             if a.type == "bool":
-                return Ex(f"(not {a.code})", "bool", err=a.err, fatal=a.fatal)
-            return Ex(f"_lnot({a.code})", "bool", fatal=a.fatal)
+                return PyExpr(f"(not {a.code})", "bool", err=a.err, fatal=a.fatal)
+            return PyExpr(f"_lnot({a.code})", "bool", fatal=a.fatal)
         if a.type == "int":
-            return Ex(f"_ineg({a.code})", "int", fatal=a.fatal)
-        return Ex(f"_g_unary('-_', {a.code})", "dyn", fatal=True)
+            return PyExpr(f"_ineg({a.code})", "int", fatal=a.fatal)
+        return PyExpr(f"_g_unary('-_', {a.code})", "dyn", fatal=True)
 
     # ------------------------------------------------------------ names, literals, aggregates
 
-    def c_literal(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_literal(self, node: lark.Tree, scope: dict) -> PyExpr:
         raise Unsupported("literal could not be evaluated")  # folding handles every literal
 
-    def c_ident(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_ident(self, node: lark.Tree, scope: dict) -> PyExpr:
         name = str(node.children[0])
         if name in scope:
             pyname, vtype = scope[name]
-            return Ex(pyname, vtype, err=False, atomic=True)
+            return PyExpr(pyname, vtype, err=False, atomic=True)
         if name in EVENT_SCHEMA:
             code = self.access[name]
-            return Ex(code, EVENT_SCHEMA[name], err=False, atomic=code.isidentifier())
+            return PyExpr(code, EVENT_SCHEMA[name], err=False, atomic=code.isidentifier())
         if name in self.constants:
             value = self.constants[name]
             return replace(self.literal(value), type=("list", "string"))
         if name in TYPE_NAMES:
             raise Unsupported(f"the type name '{name}'")  # as type() itself: cel-python's interpreter decides
-        if name in rt.FUNCTIONS:
+        if name in functions.FUNCTIONS:
             raise Unsupported(f"'{name}' names a function, not a value")
         return self.fail("err", f"undeclared reference to '{name}'")
 
-    def c_paren_expr(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_paren_expr(self, node: lark.Tree, scope: dict) -> PyExpr:
         return self.compile(node.children[0], scope)
 
-    def c_list_lit(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_list_lit(self, node: lark.Tree, scope: dict) -> PyExpr:
         items = self.operands(list(node.children[0].children), scope) if node.children else []
         elem = _common(i.type for i in items) if items else "dyn"
-        return Ex(f"[{', '.join(i.code for i in items)}]", ("list", elem), err=any(i.err for i in items),
+        return PyExpr(f"[{', '.join(i.code for i in items)}]", ("list", elem), err=any(i.err for i in items),
                   fatal=any(i.fatal for i in items))
 
-    def c_map_lit(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_map_lit(self, node: lark.Tree, scope: dict) -> PyExpr:
         if not node.children:
             return self.literal({})
         items = self.tmp()
@@ -599,11 +599,11 @@ class _Gen:
             if ex.fatal:
                 self.emit("except _PyErr as _e:")
                 self.emit("raise _map_item_error(_e)", 1)
-        return Ex(f"_make_map({items})", ("map", "dyn", "dyn"), err=True, fatal=True)
+        return PyExpr(f"_make_map({items})", ("map", "dyn", "dyn"), err=True, fatal=True)
 
     # ------------------------------------------------------------ members
 
-    def c_member_dot(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_member_dot(self, node: lark.Tree, scope: dict) -> PyExpr:
         target_node, name_token = node.children
         name = str(name_token)
         (target,) = self.operands([target_node], scope)
@@ -611,36 +611,36 @@ class _Gen:
         if isinstance(ttype, tuple) and ttype[0] == "rec":
             ftype = _field_type(ttype, name)
             if ftype is not None:  # the event schema guarantees the field
-                return Ex(f"{target.code}[{name!r}]", ftype, err=target.err, fatal=target.fatal)
+                return PyExpr(f"{target.code}[{name!r}]", ftype, err=target.err, fatal=target.fatal)
         if isinstance(ttype, tuple) and ttype[0] == "map":
-            return Ex(f"_mget({target.code}, {name!r})", ttype[2], fatal=target.fatal)
-        return Ex(f"_select({target.code}, {name!r})", "dyn", fatal=target.fatal)
+            return PyExpr(f"_mget({target.code}, {name!r})", ttype[2], fatal=target.fatal)
+        return PyExpr(f"_select({target.code}, {name!r})", "dyn", fatal=target.fatal)
 
-    def c_member_index(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_member_index(self, node: lark.Tree, scope: dict) -> PyExpr:
         target, index = self.operands(list(node.children), scope)
         fatal = target.fatal or index.fatal
         ttype = target.type
         if isinstance(ttype, tuple):
             if ttype[0] == "list" and index.type == "int":
-                return Ex(f"_lidx({target.code}, {index.code})", ttype[1], fatal=fatal)
+                return PyExpr(f"_lidx({target.code}, {index.code})", ttype[1], fatal=fatal)
             if ttype[0] == "map" and index.type in STRINGS:  # a str never equals a non-str key
-                return Ex(f"_mget({target.code}, {index.code})", ttype[2], fatal=fatal)
+                return PyExpr(f"_mget({target.code}, {index.code})", ttype[2], fatal=fatal)
             if ttype[0] == "rec" and index.const and type(index.value) is str:
                 ftype = _field_type(ttype, index.value)
-                return Ex(f"_mget({target.code}, {index.code})", ftype or "dyn", fatal=fatal)
-        return Ex(f"_g_index({target.code}, {index.code})", "dyn", fatal=True)
+                return PyExpr(f"_mget({target.code}, {index.code})", ftype or "dyn", fatal=fatal)
+        return PyExpr(f"_g_index({target.code}, {index.code})", "dyn", fatal=True)
 
-    def c_member_object(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_member_object(self, node: lark.Tree, scope: dict) -> PyExpr:
         raise Unsupported("message construction")
 
-    def c_dot_ident(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_dot_ident(self, node: lark.Tree, scope: dict) -> PyExpr:
         raise Unsupported("leading-dot name")
 
     c_dot_ident_arg = c_dot_ident
 
     # ------------------------------------------------------------ functions and methods
 
-    def c_ident_arg(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_ident_arg(self, node: lark.Tree, scope: dict) -> PyExpr:
         name = str(node.children[0])
         args = list(node.children[1].children) if len(node.children) > 1 else []
         if name == "has":
@@ -657,15 +657,15 @@ class _Gen:
         exs = self.operands(args, scope)
         fatal = any(e.fatal for e in exs)
         if name == "size" and len(exs) == 1 and self.sized(exs[0].type):
-            return Ex(f"len({exs[0].code})", "int", err=exs[0].err, fatal=fatal)
+            return PyExpr(f"len({exs[0].code})", "int", err=exs[0].err, fatal=fatal)
         call = ", ".join([repr(name)] + [e.code for e in exs])
-        return Ex(f"_g_call({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)
+        return PyExpr(f"_g_call({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)
 
     @staticmethod
     def sized(t: Type) -> bool:
         return t in STRINGS or t == "bytes" or (isinstance(t, tuple) and t[0] in ("list", "map", "rec"))
 
-    def has(self, arg: lark.Tree, scope: dict) -> Ex:
+    def has(self, arg: lark.Tree, scope: dict) -> PyExpr:
         inner = _unwrap(arg)
         if rule_name(inner.data) == "member_dot":
             with self.sub() as buf:
@@ -674,7 +674,7 @@ class _Gen:
                 self.splice(buf)
                 key = repr(str(inner.children[1]))
                 code = f"({key} in {target.code})" if target.type[0] == "rec" else f"_has_key({target.code}, {key})"
-                return Ex(code, "bool", err=False, fatal=target.fatal)
+                return PyExpr(code, "bool", err=False, fatal=target.fatal)
         with self.sub() as buf:
             ex = self.compile(arg, scope)
         if not ex.err and not ex.fatal and not buf:
@@ -691,9 +691,9 @@ class _Gen:
             self.emit(f"{result} = True", 1)
             self.emit("except _Err:")
             self.emit(f"{result} = False", 1)
-        return Ex(result, "bool", err=False, fatal=ex.fatal, atomic=True)
+        return PyExpr(result, "bool", err=False, fatal=ex.fatal, atomic=True)
 
-    def c_member_dot_arg(self, node: lark.Tree, scope: dict) -> Ex:
+    def c_member_dot_arg(self, node: lark.Tree, scope: dict) -> PyExpr:
         target_node, name_token = node.children[0], str(node.children[1])
         args = list(node.children[2].children) if len(node.children) > 2 else []
         if name_token in MACROS:
@@ -708,36 +708,36 @@ class _Gen:
         name = name_token
         if name in ("startsWith", "endsWith") and tt in STRINGS and len(rest) == 1 and rest[0].type in STRINGS:
             pymethod = "startswith" if name == "startsWith" else "endswith"
-            return Ex(f"{target.code}.{pymethod}({rest[0].code})", "bool", err=err, fatal=fatal)
+            return PyExpr(f"{target.code}.{pymethod}({rest[0].code})", "bool", err=err, fatal=fatal)
         if name == "contains" and tt == "string" and len(rest) == 1 and rest[0].type in STRINGS:
-            return Ex(f"({rest[0].code} in {target.code})", "bool", err=err, fatal=fatal)
+            return PyExpr(f"({rest[0].code} in {target.code})", "bool", err=err, fatal=fatal)
         if name == "matches" and tt in STRINGS and len(rest) == 1 and rest[0].type in STRINGS:
             if rest[0].const:
-                regex = rt.compile_regex(rest[0].value)  # constant pattern: compiled (or rejected) at load time
+                regex = functions.compile_regex(rest[0].value)  # constant pattern: compiled (or rejected) at load time
                 if isinstance(regex, re2.error):
-                    return Ex(f"_bad_regex_for({target.code})", "bool", fatal=fatal)
-                return Ex(f"{self.glob(rt.regex_tester(regex), '_re')}({target.code})", "bool", err=err, fatal=fatal)
-            return Ex(f"_matches({target.code}, {rest[0].code})", "bool", fatal=fatal)
+                    return PyExpr(f"_bad_regex_for({target.code})", "bool", fatal=fatal)
+                return PyExpr(f"{self.bind_global(functions.regex_tester(regex), '_re')}({target.code})", "bool", err=err, fatal=fatal)
+            return PyExpr(f"_matches({target.code}, {rest[0].code})", "bool", fatal=fatal)
         if name in ("lowerAscii", "upperAscii") and tt in STRINGS and not rest:
-            return Ex(f"_{'lower' if name == 'lowerAscii' else 'upper'}_ascii({target.code})", "string",
+            return PyExpr(f"_{'lower' if name == 'lowerAscii' else 'upper'}_ascii({target.code})", "string",
                       err=err, fatal=fatal)
         if name == "size" and not rest and self.sized(tt):
-            return Ex(f"len({target.code})", "int", err=err, fatal=fatal)
+            return PyExpr(f"len({target.code})", "int", err=err, fatal=fatal)
         if name in TIME_METHODS and tt == "timestamp" and len(rest) <= 1 and (not rest or (
                 rest[0].const and type(rest[0].value) is str)):
             try:
-                converter = rt.local_time_for(rest[0].value if rest else None)
+                converter = functions.local_time_for(rest[0].value if rest else None)
             except Exception:  # noqa: BLE001 - the generic call reports the same error at run time
                 converter = None
             if converter is not None:
-                local = self.glob(converter, "_loc")
-                return Ex(TIME_METHODS[name].format(f"{local}({target.code})"), "int", err=err, fatal=fatal)
+                local = self.bind_global(converter, "_loc")
+                return PyExpr(TIME_METHODS[name].format(f"{local}({target.code})"), "int", err=err, fatal=fatal)
         call = ", ".join([repr(name), target.code] + [e.code for e in rest])
-        return Ex(f"_g_method({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)
+        return PyExpr(f"_g_method({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)
 
     # ------------------------------------------------------------ macros
 
-    def macro(self, node: lark.Tree, name: str, target_node: lark.Tree, args: list, scope: dict) -> Ex:
+    def macro(self, node: lark.Tree, name: str, target_node: lark.Tree, args: list, scope: dict) -> PyExpr:
         if len(args) != 2:
             raise Unsupported(f"{name}() with {len(args)} arguments")
         idents = list(args[0].find_data("ident"))
@@ -792,7 +792,7 @@ class _Gen:
                 self.emit(f"{value} = _as_err(_e)", 2)
                 self.emit(f"{result} = {'_lor' if name == 'exists' else '_land'}({result}, {value})", 1)
                 holds = True
-            ex = Ex(result, "bool" if body.type == "bool" else "dyn", err=target.err, fatal=fatal or body.fatal,
+            ex = PyExpr(result, "bool" if body.type == "bool" else "dyn", err=target.err, fatal=fatal or body.fatal,
                     atomic=True, holds_err=holds)
             ex = self.finish(ex, capture=False)
             return replace(ex, err=ex.err or target.err)
@@ -812,60 +812,29 @@ class _Gen:
         fatal = fatal or body.fatal or body.err
         if name == "exists_one":
             self.emit(f"if {value}: {result} += 1", 1)
-            return Ex(f"({result} == 1)", "bool", err=target.err, fatal=fatal)
+            return PyExpr(f"({result} == 1)", "bool", err=target.err, fatal=fatal)
         if name == "map":
             self.emit(f"{result}.append({value})", 1)
-            return Ex(result, ("list", body.type), err=target.err, fatal=fatal, atomic=True)
+            return PyExpr(result, ("list", body.type), err=target.err, fatal=fatal, atomic=True)
         self.emit(f"if {value}: {result}.append({loop_var})", 1)
-        return Ex(result, ("list", elem), err=target.err, fatal=fatal, atomic=True)
+        return PyExpr(result, ("list", elem), err=target.err, fatal=fatal, atomic=True)
 
 
-def _fail_err(message: str, bad: bool = False) -> Any:
-    err = rt.Err(message)
-    err.bad_repr, err.settled = bad, True
-    raise err
-
-
-def _fail_raised(message: str, bad: bool = False) -> Any:
-    err = rt.Raised(message)
-    err.bad_repr = bad  # type: ignore[attr-defined]
-    raise err
-
-
-def _fail_py(message: str, cls: type[BaseException]) -> Any:
-    raise rt.PyErr(message, cls)
-
-
-def _bad_regex_for(text: Any) -> Any:
-    raise rt.bad_regex()
-
-
-_RUNTIME_GLOBALS: dict[str, Any] = {
-    "_Err": rt.Err, "_Raised": rt.Raised, "_PyErr": rt.PyErr, "_Defer": rt.Defer,
-    "_fail_err": _fail_err, "_fail_raised": _fail_raised, "_fail_py": _fail_py, "_bad_regex_for": _bad_regex_for,
-    "_as_err": rt.as_err, "_mark_bad_repr": rt.mark_bad_repr, "_raised": rt.raised, "_pyerr_to_err": rt.pyerr_to_err, "_ternary_err": rt.ternary_err,
-    "_g_rel": rt.g_rel, "_g_in": rt.g_in, "_g_add": rt.g_add, "_g_mul": rt.g_mul, "_g_unary": rt.g_unary,
-    "_g_index": rt.g_index, "_g_call": rt.g_call, "_g_method": rt.g_method, "_select": rt.select,
-    "_mget": rt.mget, "_has_key": rt.has_key, "_ErrVal": rt.ErrVal, "_map_item_error": rt.map_item_error, "_lidx": rt.lidx, "_make_map": rt.make_map, "_land": rt.land, "_lor": rt.lor,
-    "_lnot": rt.lnot, "_macro_iter": rt.macro_iter, "_chars": rt.chars, "_matches": rt.matches,
-    "_iadd": rt.iadd, "_isub": rt.isub, "_imul": rt.imul, "_idiv": rt.idiv, "_imod": rt.imod, "_ineg": rt.ineg,
-    "_uadd": rt.uadd, "_usub": rt.usub, "_umul": rt.umul, "_udiv": rt.udiv, "_umod": rt.umod,
-    "_sconcat": rt.sconcat, "_lower_ascii": rt.lower_ascii, "_upper_ascii": rt.upper_ascii,
-    "_day_of_year": rt.day_of_year, "_plain": rt.plain,
-}
+# The namespace generated code runs in: what the CEL functions module exports, each as `_NAME`.
+RUNTIME_NAMESPACE: dict[str, Any] = {f"_{name}": getattr(functions, name) for name in functions.exported}
 _PLAIN_TYPES = ("bool", "int", "string", "double", "null", "bytes")
 
 
 def generate(tree: lark.Tree, constants: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """Python source of `def _cel(_act)` for `tree`, and the globals it needs. Raises Unsupported."""
-    gen = _Gen(constants)
+    gen = CodeGenerator(constants)
     gen.level = 1
     gen.maybe_bad = has_empty_literal(tree)
     ex = gen.compile(tree, {})
     ex = gen.finish(ex, capture=False)
     result = ex.code if ex.type in _PLAIN_TYPES else f"_plain({ex.code})"
     lines = ["def _cel(_act):"] + ["    " * level + text for level, text in gen.lines] + [f"    return {result}"]
-    return "\n".join(lines) + "\n", {**_RUNTIME_GLOBALS, **gen.globals}
+    return "\n".join(lines) + "\n", {**RUNTIME_NAMESPACE, **gen.globals}
 
 
 class RaiseCheck:
@@ -876,10 +845,10 @@ class RaiseCheck:
     that cannot (policyplug.index)."""
 
     def __init__(self, constants: Mapping[str, Any]):
-        self.gen = _Gen(constants, EVENT_ACCESS)
+        self.gen = CodeGenerator(constants, EVENT_ACCESS)
 
     def __call__(self, tree: lark.Tree, maybe_bad: bool = True) -> bool:
-        """`maybe_bad`: the whole condition holds `[]` or `{}` (see _Gen.dump_fails)."""
+        """`maybe_bad`: the whole condition holds `[]` or `{}` (see CodeGenerator.dump_fails)."""
         gen = self.gen
         gen.lines, gen.level, gen.maybe_bad = [], 1, maybe_bad
         try:
@@ -906,8 +875,8 @@ def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> Compile
             return function(activation)
         except CelEvaluationError:
             raise
-        except Exception:  # rt.Defer, or an activation that does not match the event schema
-            rt.count_deferral()
+        except Exception:  # functions.Defer, or an activation that does not match the event schema
+            functions.count_deferral()
             return reference(activation)
 
     return CompiledExpression(evaluate, False, None, source)
@@ -922,14 +891,14 @@ class CompiledRuleConditions:
     The matcher returns True when every `when` is true and every `unless` false, False when one is
     not, and None when a condition gives a non-bool value; it raises on an error. The engine takes
     only True and False from it: anything else makes it evaluate that rule again condition by
-    condition (expressions are pure), which reports the error exactly as before. `matcher` is None
+    condition (expressions are pure), which reports the error as the reference interpreter would. `matcher` is None
     when a condition is left to the reference interpreter (`fallbacks` says which, and why)."""
     matcher: Callable[..., Any] | None
     fallbacks: list[str | None]  # per condition: None when compiled, else why not
     python_source: str | None
 
 
-def _matcher_lines(gen: _Gen, name: str, conditions: list[tuple[lark.Tree, bool]]) -> tuple[list[str], list[str | None]]:
+def _matcher_lines(gen: CodeGenerator, name: str, conditions: list[tuple[lark.Tree, bool]]) -> tuple[list[str], list[str | None]]:
     """Source lines of `def name(_ev, _s, _r, _d)` for one rule's conditions, and per-condition fallbacks."""
     body: list[tuple[int, str]] = []
     reasons: list[str | None] = []
@@ -959,14 +928,14 @@ def _matcher_lines(gen: _Gen, name: str, conditions: list[tuple[lark.Tree, bool]
 def compile_rules(rules: list[list[tuple[lark.Tree, bool]]], constants: Mapping[str, Any]) -> list[CompiledRuleConditions]:
     """Compile the conditions of every rule of a policy (in `when`, `unless` order) into one Python
     module, compiled and executed once: one matcher function per rule."""
-    gen = _Gen(constants, EVENT_ACCESS)
+    gen = CodeGenerator(constants, EVENT_ACCESS)
     sources: list[list[str]] = []
     reasons: list[list[str | None]] = []
     for i, conditions in enumerate(rules):
         lines, why = _matcher_lines(gen, f"_m{i}", conditions)
         sources.append(lines)
         reasons.append(why)
-    namespace = {**_RUNTIME_GLOBALS, **gen.globals}
+    namespace = {**RUNTIME_NAMESPACE, **gen.globals}
     try:
         # In chunks of rules, not one module: compile() holds the interpreter for its whole run (35 ms
         # for 200 rules here), and the decision service loads a reload in a thread beside its event

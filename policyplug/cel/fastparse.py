@@ -137,7 +137,7 @@ class _Parser:
     @staticmethod
     def _lex(text: str) -> list[tuple[str, str, int, int, int]]:
         """(kind, text, start, line, column) per token, ending with an 'end' token."""
-        out = []
+        out: list[tuple[str, str, int, int, int]] = []
         pos = 0
         line, line_start = 1, 0
         n = len(text)
@@ -146,7 +146,7 @@ class _Parser:
             m = match(text, pos)
             if m is None:
                 raise _GiveUp
-            kind = m.lastgroup
+            kind: str = m.lastgroup  # type: ignore[assignment]  # every alternative of _TOKEN is a named group
             end = m.end()
             if kind == "ws":
                 newlines = text.count("\n", pos, end)

@@ -16,7 +16,7 @@ import lark
 from celpy.evaluation import CELEvalError
 
 from .errors import CelEvaluationError
-from .runtime import EXTRA_FUNCTIONS
+from .functions import EXTRA_FUNCTIONS
 
 # Created at import: celpy.Environment() raises the interpreter's recursion limit (to 2500) as a
 # side effect, better done once, up front, than in the middle of a test or a request.

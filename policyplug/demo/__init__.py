@@ -1,4 +1,4 @@
-"""`policyplug demo`: a walkthrough on the bundled example policy (the spec's ACME policy).
+"""`policyplug demo`: a walkthrough on the bundled example policy (the ACME policy of docs/language.md).
 
 It loads the policy, runs its own tests, then decides real example events (event JSON files
 shipped beside it) and explains each decision. Everything is embedded in the package, so

@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from slixmpp import JID, ComponentXMPP
 from slixmpp.stanza import Iq
@@ -87,14 +87,14 @@ class DecideRequest(ElementBase):
     name = "decide"
     namespace = NS
     plugin_attrib = "policyplug_decide"
-    interfaces: set[str] = set()
+    interfaces: ClassVar[set[str]] = set()
 
 
 class DecisionAnswer(ElementBase):
     name = "decision"
     namespace = NS
     plugin_attrib = "policyplug_decision"
-    interfaces: set[str] = set()
+    interfaces: ClassVar[set[str]] = set()
 
 
 class PolicyComponent(ComponentXMPP):
@@ -125,10 +125,13 @@ class PolicyComponent(ComponentXMPP):
         self.register_plugin("xep_0050")
         # every command request (each step of a session too) passes the admin check first
         self.remove_handler("Ad-Hoc Execute")
-        self.register_handler(Callback("policyplug ad-hoc", StanzaPath("iq@type=set/command"), self._command))
-        self.register_handler(Callback("policyplug decide", StanzaPath("iq@type=get/policyplug_decide"), self._decide))
+        # (the handlers take an Iq: these paths match iq stanzas only, which slixmpp's types cannot say)
+        self.register_handler(Callback("policyplug ad-hoc", StanzaPath("iq@type=set/command"),
+                                       self._command))  # type: ignore[arg-type]
+        self.register_handler(Callback("policyplug decide", StanzaPath("iq@type=get/policyplug_decide"),
+                                       self._decide))  # type: ignore[arg-type]
         self.register_handler(Callback("policyplug decide (set)", StanzaPath("iq@type=set/policyplug_decide"),
-                                       self._decide))
+                                       self._decide))  # type: ignore[arg-type]
         self.add_event_handler("session_start", self._session_start)
         self.add_event_handler("disconnected", self._disconnected)
         if not self.clients:

@@ -44,7 +44,9 @@ class Metrics:
         state_failed = Gauge("policyplug_state_failed_limits", "`limit` clauses answered by --state-failure "
                              "because the shared state was unreachable", ["mode"], registry=self.registry)
         for mode in ("open", "closed"):
-            state_failed.labels(mode).set_function(lambda mode=mode: limiter.stats[f"failed_{mode}"])
+            def failed(key: str = f"failed_{mode}") -> float:
+                return float(limiter.stats[key])
+            state_failed.labels(mode).set_function(failed)
         state_down = Gauge("policyplug_state_down", "1 while the shared state is unreachable",
                            registry=self.registry)
         state_down.set_function(lambda: 1 if limiter.down else 0)

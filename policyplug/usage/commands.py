@@ -6,7 +6,9 @@ import argparse
 import math
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..compiler import load_policy
 from ..diagnostics import PolicyError
@@ -48,7 +50,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.audit_log:
             tables, source = _from_audit_logs(args)
         else:
-            read = build_tables
+            read: Callable[..., Any] = build_tables
             if is_postgres_url(args.db):
                 from .postgres_store import build_tables as read  # the same tables from PostgreSQL
             tables, source = read(args.db, args.since, args.until, args.top), []

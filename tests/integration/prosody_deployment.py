@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,17 @@ class Deployment:
                 if "\terror\t" in line or "traceback" in line.lower():
                     lines.append(line)
         return lines
+
+
+def running(workdir: Path, *, clean_logs: bool = True, **options: Any) -> Iterator[Deployment]:
+    """The body of every deployment fixture: a started Deployment (`options` as Deployment's),
+    stopped afterwards; with `clean_logs`, no Lua error or traceback may be left in either server's log."""
+    d = Deployment(workdir, **options)
+    d.start()
+    yield d
+    d.stop()
+    if clean_logs:
+        assert d.errors_in_logs() == []
 
 
 async def login(deployment: Deployment, *jids: str) -> list[TestClient]:

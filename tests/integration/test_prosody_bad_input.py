@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.prosody_deployment import Deployment, login, next_message
+from tests.integration.prosody_deployment import Deployment, login, next_message, running
 
 STREAM = ("<?xml version='1.0'?><stream:stream to='acme.example' xmlns='jabber:client' "
           "xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
@@ -67,10 +67,7 @@ class RawClient:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("prosody-bad-input"), transport="socket")
-    d.start()
-    yield d
-    d.stop()
+    yield from running(tmp_path_factory.mktemp("prosody-bad-input"), clean_logs=False, transport="socket")
 
 
 HUGE = 200_000  # under Prosody's default stanza size limit (256 KiB)

@@ -18,6 +18,7 @@ from tests.integration.prosody_deployment import (
     login,
     next_message,
     nothing_arrives,
+    running,
 )
 from tests.servers import service_status
 
@@ -40,11 +41,7 @@ BLOCK_ALICE_TO_BOB = '''rule blocked_pair:
 def cached(tmp_path: Path) -> Iterator[Deployment]:
     policy = tmp_path / "cache.policy"
     policy.write_text(ADDRESS_ONLY.format(extra=""))
-    d = Deployment(tmp_path / "deployment", transport="socket", policy=policy, timeout=10)
-    d.start()
-    yield d
-    d.stop()
-    assert d.errors_in_logs() == []
+    yield from running(tmp_path / "deployment", transport="socket", policy=policy, timeout=10)
 
 
 def wait_for_log(deployment: Deployment, text: str, count: int, timeout: float = 20) -> None:

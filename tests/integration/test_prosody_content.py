@@ -18,6 +18,7 @@ from tests.integration.prosody_deployment import (
     login,
     next_message,
     nothing_arrives,
+    running,
 )
 
 POLICY = Path(__file__).resolve().parent / "policies" / "prosody-content.policy"
@@ -68,22 +69,15 @@ SMUGGLED = {
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("prosody-content"), transport="socket", timeout=10, policy=POLICY)
-    d.start()
-    yield d
-    d.stop()
-    assert d.errors_in_logs() == []
+    yield from running(tmp_path_factory.mktemp("prosody-content"), transport="socket", timeout=10, policy=POLICY)
 
 
 @pytest.fixture(scope="module")
 def lenient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """policyplug_unreadable_content = "decide", and archive copies without any text."""
-    d = Deployment(tmp_path_factory.mktemp("prosody-content-decide"), transport="socket", timeout=10, policy=POLICY,
-                   extra_options={"policyplug_unreadable_content": "decide", "policyplug_copy_body": "summary"})
-    d.start()
-    yield d
-    d.stop()
-    assert d.errors_in_logs() == []
+    yield from running(tmp_path_factory.mktemp("prosody-content-decide"), transport="socket", timeout=10,
+                       policy=POLICY, extra_options={"policyplug_unreadable_content": "decide",
+                                                     "policyplug_copy_body": "summary"})
 
 
 def raw_message(to: str, inner: str, mtype: str = "chat", id_: str = "m") -> str:

@@ -17,6 +17,7 @@ from tests.integration.prosody_deployment import (
     login,
     next_message,
     nothing_arrives,
+    running,
 )
 from tests.xmpp_client import TestClient
 
@@ -25,12 +26,8 @@ UNAVAILABLE = ("policy-violation", "policy service unavailable")
 
 def deployment(tmp_path_factory: pytest.TempPathFactory, transport: str, fail_mode: str) -> Iterator[Deployment]:
     """A started deployment with a 1 s timeout; stopped afterwards, with clean logs."""
-    d = Deployment(tmp_path_factory.mktemp(f"fail-{fail_mode}-{transport}"), transport=transport,
-                   fail_mode=fail_mode, timeout=1)
-    d.start()
-    yield d
-    d.stop()
-    assert d.errors_in_logs() == []
+    yield from running(tmp_path_factory.mktemp(f"fail-{fail_mode}-{transport}"), transport=transport,
+                       fail_mode=fail_mode, timeout=1)
 
 
 @pytest.fixture(scope="module", params=["socket", "component"])

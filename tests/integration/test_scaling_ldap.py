@@ -12,7 +12,7 @@ import pytest
 
 from policyplug.directory_ldap import DirectoryConfigError, DirectorySource, LdapConfig, LdapDirectory
 from tests.integration.scaling_helpers import Service
-from tests.servers.ldap import SUFFIX, LdapServer, ldap_server_fixture  # noqa: F401  (fixture ldap_server)
+from tests.servers.ldap import SUFFIX, LdapServer
 
 WALL_POLICY = '''policy "wall"
 local domains ["acme.example"]

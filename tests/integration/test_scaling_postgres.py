@@ -16,7 +16,7 @@ from policyplug.usage.backends import open_usage_store
 from policyplug.usage.postgres_store import SCHEMA_VERSION, PostgresUsageStore
 from policyplug.usage.store import UsageStore
 from tests.integration.scaling_helpers import Service
-from tests.servers.postgres import PostgresServer, postgres_server_fixture  # noqa: F401  (fixture postgres_server)
+from tests.servers.postgres import PostgresServer
 
 POLICY_TEXT = ('policy "u"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
                'rule mark_external:\n  when direction != "internal"\n  tag "external"\n'

@@ -14,7 +14,7 @@ import pytest
 from policyplug.limits import MemoryLimiter
 from policyplug.state.redis_limiter import RedisLimiter
 from tests.integration.scaling_helpers import Connection, Service
-from tests.servers.redis import RedisServer, redis_server_fixture  # noqa: F401  (fixture redis_server)
+from tests.servers.redis import RedisServer
 
 LIMIT_POLICY = '''policy "shared"
 local domains ["acme.example"]

@@ -17,7 +17,7 @@ ProsodyServer(workdir, hosts=["acme.example"], components={jid: secret} (XEP-011
   .register(user, host, password)   prosodyctl with the same config
   .log_text()     Prosody's log so far;  .wait_for_component(logins_before)  after (re)starting a component
 
-The `prosody_server` fixture (tests/integration/conftest.py imports it) is a factory:
+The `prosody_server` fixture (offered by tests/integration/conftest.py) is a factory:
 `server = prosody_server(hosts=[...], ...)` returns a started server, stopped at teardown.
 
 s2s between two test servers: Prosody finds a remote domain by DNS (SRV `_xmpp-server._tcp`, else

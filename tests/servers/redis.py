@@ -1,6 +1,6 @@
 """A real redis-server on a free loopback port, in a temp dir, for integration tests.
 
-`redis_server` (fixture; import redis_server_fixture into a test module) starts one per test; `RedisServer.restart()` stops and starts it again on
+`redis_server` (fixture, offered by tests/integration/conftest.py) starts one per test; `RedisServer.restart()` stops and starts it again on
 the same port (a Redis restart mid-load), `stop()` takes it away (an outage).
 """
 

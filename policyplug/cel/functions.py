@@ -1,4 +1,7 @@
-"""Run-time support for CEL compiled to Python by policyplug.cel.compile.
+"""The functions and value types CEL compiled to Python by policyplug.cel.compile calls.
+
+`exported` names what generated code may call: the compiler puts each into the generated
+module's namespace with a leading underscore (`g_rel` as `_g_rel`), and nothing else.
 
 Value representation
 --------------------
@@ -720,8 +723,8 @@ class LocalTime:
 
     __slots__ = ("tz", "last")
 
-    def __init__(self, tz: datetime.tzinfo):
-        self.tz = tz
+    def __init__(self, tz: datetime.tzinfo | None):
+        self.tz = tz  # None where cel-python's lookup finds no zone (astimezone then uses the host's)
         self.last: tuple[Any, Any] = (None, None)
 
     def __call__(self, t: datetime.datetime) -> datetime.datetime:
@@ -748,6 +751,42 @@ def day_of_year(local: datetime.datetime) -> int:
     return local.timetuple().tm_yday - 1
 
 
-def timezone_for(name: str | None) -> datetime.tzinfo:
+def timezone_for(name: str | None) -> datetime.tzinfo | None:
     """cel-python's own time zone lookup (pendulum names, '+HH:MM' offsets, '' or None = UTC)."""
     return ct.TimestampType.tz_parse(ct.StringType(name) if name is not None else None)
+
+
+def fail_err(message: str, bad: bool = False) -> Any:
+    """Raise the CEL error value `message` (a failure the compiler found while compiling)."""
+    err = Err(message)
+    err.bad_repr, err.settled = bad, True
+    raise err
+
+
+def fail_raised(message: str, bad: bool = False) -> Any:
+    """Raise `message` as an error cel-python raises rather than returns (see Raised)."""
+    err = Raised(message)
+    err.bad_repr = bad  # type: ignore[attr-defined]
+    raise err
+
+
+def fail_py(message: str, cls: type[BaseException]) -> Any:
+    """Raise `message` as the Python exception `cls` would escape cel-python (see PyErr)."""
+    raise PyErr(message, cls)
+
+
+def bad_regex_for(text: Any) -> Any:
+    """The error of `matches` with a pattern that does not compile."""
+    raise bad_regex()
+
+
+# What generated code may call (as `_NAME`): the compiler's only way into this module.
+exported = (
+    "Err", "Raised", "PyErr", "Defer", "ErrVal",
+    "fail_err", "fail_raised", "fail_py", "bad_regex_for",
+    "as_err", "mark_bad_repr", "raised", "pyerr_to_err", "ternary_err",
+    "g_rel", "g_in", "g_add", "g_mul", "g_unary", "g_index", "g_call", "g_method", "select",
+    "mget", "has_key", "map_item_error", "lidx", "make_map", "land", "lor", "lnot", "macro_iter", "chars",
+    "matches", "iadd", "isub", "imul", "idiv", "imod", "ineg", "uadd", "usub", "umul", "udiv", "umod",
+    "sconcat", "lower_ascii", "upper_ascii", "day_of_year", "plain",
+)
