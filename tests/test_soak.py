@@ -245,7 +245,8 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
                              "--audit-log", str(tmp_path / "audit.jsonl"), "--usage-db", str(tmp_path / "usage.db"),
                              "--watch-interval", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT: every thread's stack
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
@@ -256,9 +257,9 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
             result = asyncio.run(soak(sock, policy, proc.pid, SECONDS))
         except Exception as exc:  # say what the service said
             alive = proc.poll() is None
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGABRT if alive else signal.SIGTERM)  # a stuck service shows where
             raise AssertionError(f"{exc!r}; service {'running' if alive else f'exited {proc.returncode}'}; "
-                                 f"its log:\n{proc.communicate(timeout=60)[0][-5000:]}") from exc
+                                 f"its log:\n{proc.communicate(timeout=60)[0][-12000:]}") from exc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
