@@ -1,6 +1,6 @@
 """RE2 patterns -> z3 regular expressions, for the part of RE2 whose meaning is plain.
 
-CEL's `matches` is RE2's unanchored search on the text's UTF-8 form (policyplug.cel.runtime).
+CEL's `matches` is RE2's unanchored search on the text's UTF-8 form (policyplug.cel.functions).
 Translated here: literals and escapes, `.`, classes `[...]` with ranges and negation, `\\d \\w \\s`
 and their negations (ASCII, as RE2 has them), groups, `|`, `* + ? {n} {n,} {n,m}` (greedy or
 lazy: the same language), `^` at the very start and `$` at the very end. Anything else (flags,
@@ -16,8 +16,8 @@ from typing import Any
 import re2
 import z3
 
-from ..cel.runtime import compile_regex
-from .symbolic import FALSE, Unsupported, zstr
+from ..cel.functions import compile_regex
+from .terms import FALSE, Unsupported, zstr
 
 _S = z3.StringSort()
 _ALL = z3.AllChar(z3.ReSort(_S))

@@ -32,14 +32,14 @@ from celpy.evaluation import CELEvalError
 
 from ..cel.check import EVENT_VARIABLES, TYPE_NAMES
 from ..cel.fastparse import rule_name
+from ..cel.functions import EXTRA_FUNCTIONS
 from ..cel.reference import _env, to_celpy
-from ..cel.runtime import EXTRA_FUNCTIONS
 from ..nodes import EVENT_KINDS
+from .terms import FALSE, TRUE, Unsupported, zstr
 
 PROTOCOLS = ("xmpp", "sip")
 DIRECTIONS = ("internal", "outbound", "inbound", "transit")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-Z3_MAX_CHAR = 0x2FFFF  # z3's string alphabet (its default 'unicode' encoding)
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 TIME_MIN = int((datetime.datetime(1, 1, 1, tzinfo=datetime.UTC) - EPOCH) / datetime.timedelta(microseconds=1))
 TIME_MAX = int((datetime.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.UTC) - EPOCH)
@@ -48,18 +48,10 @@ PASSTHROUGH = frozenset(("expr", "conditionalor", "conditionaland", "relation", 
                          "unary", "member", "primary", "paren_expr"))
 PARTIES = ("sender", "recipient")
 STRING_FIELDS = ("address", "user", "domain", "resource")
-TRUE, FALSE = z3.BoolVal(True), z3.BoolVal(False)
 
 
-class Unsupported(Exception):  # noqa: N818
-    """A construct the encoder does not model exactly; the message says which."""
 
 
-def zstr(text: str) -> z3.SeqRef:
-    """A z3 string constant for `text`, exactly (z3 reads `\\u{..}` escapes in its input)."""
-    if any(ord(c) > Z3_MAX_CHAR for c in text):
-        raise Unsupported("a character beyond the solver's alphabet (above U+2FFFF)")
-    return z3.StringVal(text.replace("\\", "\\u{5c}"))
 
 
 _ESCAPE = re.compile(r"\\u\{([0-9a-fA-F]+)\}")

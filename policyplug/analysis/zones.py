@@ -15,7 +15,7 @@ import zoneinfo
 from functools import lru_cache
 from pathlib import Path
 
-from ..cel.runtime import timezone_for
+from ..cel.functions import timezone_for
 
 _POSIX_OFFSET = re.compile(r"(?:<[^>]*>|[A-Za-z]{3,})([+-]?)(\d{1,3})(?::(\d{2}))?(?::(\d{2}))?")
 
