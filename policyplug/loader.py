@@ -512,7 +512,8 @@ class Loader:
                 tree, used = check_expression(expression, sink, lists=lists, defines=defines,
                                               later_defines=pending, define_reads=define_reads, parsed=self.parsed)
                 reads |= used
-                trees.append(tree)
+                if tree is not None:  # None: the sink holds the error, and the load fails with it
+                    trees.append(tree)
         if rule.limit is not None:
             tree, used = check_expression(rule.limit.key, sink, lists=lists, defines=defines,
                                           later_defines=pending, define_reads=define_reads, parsed=self.parsed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -77,7 +77,7 @@ class Session:
             self.last_reason = solver.reason_unknown()
         return result, (solver.model() if result == z3.sat else None)
 
-    def solve(self, formulas: list[Any], preferred: list[Any] = ()) -> tuple[z3.CheckSatResult, z3.ModelRef | None]:
+    def solve(self, formulas: list[Any], preferred: Sequence[Any] = ()) -> tuple[z3.CheckSatResult, z3.ModelRef | None]:
         """The answer for `formulas`, with `preferred` (e.g. fresh limit windows) if they fit; an
         unsat answer is always the one without them."""
         if preferred:
@@ -86,7 +86,7 @@ class Session:
                 return result, model
         return self.check(list(formulas))
 
-    def models(self, formulas: list[Any], preferred: list[Any] = ()) -> Iterator[z3.ModelRef]:
+    def models(self, formulas: list[Any], preferred: Sequence[Any] = ()) -> Iterator[z3.ModelRef]:
         """Models of `formulas` for witnesses: the plain values of SymEvent.nice_groups taken
         group by group where they fit (z3's optimiser with soft constraints is far slower)."""
         result, model = self.solve(list(formulas), preferred)

@@ -51,7 +51,7 @@ def _strings(tree: Any, lists: dict[str, tuple[str, ...]]) -> frozenset[str] | N
     if name == "literal" and len(node.children) == 1:
         token = node.children[0]
         text = str(token)
-        if token.type == "STRING_LIT" and len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" \
+        if isinstance(token, lark.Token) and token.type == "STRING_LIT" and len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" \
                 and "\\" not in text and not text.startswith(("'''", '"""')):
             return frozenset({text[1:-1]})
         return None

@@ -85,7 +85,7 @@ class _Parser:
 
     def sequence(self) -> Any:
         items = []
-        while self.peek() is not None and self.peek() not in "|)":
+        while (char := self.peek()) is not None and char not in "|)":
             items.append(self.repeat(self.atom()))
         if not items:
             return z3.Re(zstr(""))

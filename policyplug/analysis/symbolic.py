@@ -764,7 +764,7 @@ class Encoder:
                 offsets = zone_offsets(zone) if zone is not None else None
                 if offsets is None:
                     raise Unsupported(f"{name}() in a time zone")
-                if offsets != {0}:
+                if offsets != {0} and zone is not None:
                     # the zone's offset at that instant is one of those it ever used (not modelled
                     # which): a superset of the real local times (policyplug.analysis.zones)
                     offset = self.ev.zone_offset(zone, offsets)
