@@ -124,7 +124,7 @@ def invalid_events(draw: st.DrawFn) -> Line:
                                                                             max_size=3) | st.booleans())
     elif how == "bad-address":
         event = dict(base, **{draw(st.sampled_from(["from", "to"])): draw(st.sampled_from(
-            ["", "@", "a@", "@b", "a@b@c", "a\x00b@acme.example", "sip:", "x@" + "y" * 2000))})
+            ["", "@", "a@", "@b", "a@b@c", "a\x00b@acme.example", "sip:", "x@" + "y" * 2000]))})
     else:
         event = dict(base, kind=draw(st.text(max_size=10).filter(lambda k: k not in ("message", "presence", "call"))))
     return Line(json.dumps({"id": request_id, "event": event}).encode(), id=request_id, error="")
