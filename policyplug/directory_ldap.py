@@ -169,9 +169,18 @@ def _values(attributes: dict[str, Any], name: str) -> list[str]:
                 break
     if value is None:
         return []
-    if isinstance(value, list | tuple):
-        return [v if isinstance(v, str) else v.decode("utf-8", "replace") for v in value]
-    return [value if isinstance(value, str) else value.decode("utf-8", "replace")]
+    values = value if isinstance(value, list | tuple) else [value]
+    return [_text(v) for v in values if v is not None]
+
+
+def _text(value: Any) -> str:
+    """One attribute value as text, whatever type the directory (or ldap3's decoding of a schema it
+    was not given) made of it: bytes as UTF-8 (bad bytes replaced), anything else as its str()."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
 
 
 class LdapDirectory:

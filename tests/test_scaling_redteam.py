@@ -70,3 +70,18 @@ def test_a_limit_key_of_any_value_is_a_fixed_redis_key(value: str) -> None:
     key = limiter.key_for(f"rule\x00{value}")
     assert re.fullmatch(r"policyplug:limit:[0-9a-f]{32}", key), key
     assert key != limiter.key_for(f"rule\x00{value}x")
+
+
+def test_ldap_attribute_values_of_unexpected_types_are_text() -> None:
+    """A directory (or ldap3 without the schema) may give ints, datetimes, bytes that are not UTF-8,
+    None: each becomes text, and one odd value does not fail the whole refresh."""
+    import datetime
+
+    from policyplug.directory_ldap import _values
+
+    found = {"Level": 3, "when": [datetime.datetime(2026, 1, 1), None], "raw": b"\xff\xfeok", "many": [1, b"x", "y"]}
+    assert _values(found, "level") == ["3"]
+    assert _values(found, "when") == ["2026-01-01 00:00:00"]
+    assert _values(found, "raw") == ["\ufffd\ufffdok"]
+    assert _values(found, "many") == ["1", "x", "y"]
+    assert _values(found, "absent") == []
