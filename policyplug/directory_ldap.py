@@ -201,6 +201,9 @@ class LdapDirectory:
         connection = Connection(pool, user=config.bind_dn, password=config.password, read_only=True,
                                 receive_timeout=max(1, math.ceil(config.timeout)), raise_exceptions=True, auto_bind=False,
                                 return_empty_attributes=False,
+                                # ldap3 follows referrals by default, binding with our DN and password to
+                                # whatever server a referral names: never (a referral is skipped, and said so)
+                                auto_referrals=False,
                                 # no schema is read (get_info=NONE): checking names against it only
                                 # costs time (a third of a 50,000-user read)
                                 check_names=False)

@@ -85,3 +85,28 @@ def test_ldap_attribute_values_of_unexpected_types_are_text() -> None:
     assert _values(found, "raw") == ["\ufffd\ufffdok"]
     assert _values(found, "many") == ["1", "x", "y"]
     assert _values(found, "absent") == []
+
+
+def test_ldap_connections_never_follow_referrals(tmp_path: Path) -> None:
+    """A referral would make ldap3 bind with policyplug's DN and password to the server it names."""
+    from policyplug.directory_ldap import LdapConfig, LdapDirectory
+
+    config = tmp_path / "ldap.toml"
+    config.write_text('url = "ldap://127.0.0.1:1"\nusers_base = "dc=x"\n')
+    directory = LdapDirectory(LdapConfig.load(config))
+    import ldap3
+
+    seen = {}
+    original = ldap3.Connection.__init__
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(kwargs)
+        original(self, *args, **kwargs)
+
+    ldap3.Connection.__init__ = spy
+    try:
+        with pytest.raises(ldap3.core.exceptions.LDAPException):  # nothing listens on port 1
+            directory._connection()
+    finally:
+        ldap3.Connection.__init__ = original
+    assert seen.get("auto_referrals") is False, seen
