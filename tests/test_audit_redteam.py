@@ -114,3 +114,95 @@ def test_a_seal_with_a_junk_index_or_mac_fails_cleanly(tmp_path: Path) -> None:
         log.write_bytes(_chain([{"mark": {"kind": "note"}}, {"mark": mark}]))
         result, _ = _cli("--key", verification_key, str(log))
         assert result.returncode == 1 and "Traceback" not in result.stderr, (index, mac, result.stderr)
+
+
+# -- attacks by someone who holds the current key file and the logs (docs/audit.md) ---------------------
+
+def _sealed_log(tmp_path: Path, name: str, verification_key: str | None = None,
+                shared_key_file: Path | None = None) -> tuple[Path, str, Path]:
+    """A log of three sealed writer sessions (seals 0, 1, 2), the verification key and key file."""
+    from tests.test_audit_seal import _write
+
+    folder = tmp_path / f"k-{name}"
+    if verification_key is None:
+        verification_key = keygen(folder)
+        key_file = folder / "seal.key"
+    else:
+        assert shared_key_file is not None
+        key_file = shared_key_file
+    log = tmp_path / name / "audit.jsonl"
+    log.parent.mkdir()
+    for _ in range(3):
+        _write(log, 3, background=False, seal_key=key_file).close()
+    return log, verification_key, key_file
+
+
+def _verify(log: Path, key: str) -> subprocess.CompletedProcess[str]:
+    from tests.audit_attacks import verify_cli
+
+    return verify_cli(log, key)
+
+
+def test_splicing_records_between_two_logs_of_one_key_is_found(tmp_path: Path) -> None:
+    """Two logs sealed with one key (against the advice): records of the second put into the first
+    with the chain recomputed, and the seals kept. The spliced-in seal repeats or skips an interval."""
+    from tests.audit_attacks import read, write
+
+    first, key, key_file = _sealed_log(tmp_path, "a")
+    second, _, _ = _sealed_log(tmp_path, "b", key, key_file)  # the key went on: the second log's seals are 3, 4, 5
+    assert _verify(first, key).returncode == 0
+    assert "not 0" in _verify(second, key).stderr  # the second log alone is found: one key per log
+    files = read(first)
+    files[0][1][4:4] = read(second)[0][1][:4]  # a whole sealed session of the other log, seal included
+    write(files)
+    result = _verify(first, key)
+    assert result.returncode == 1 and "TAMPERED" in result.stderr, result.stdout
+
+
+def test_replaying_an_old_seal_at_the_end_is_found(tmp_path: Path) -> None:
+    """Records removed from the end and an earlier seal record copied there (its MAC is genuine)."""
+    from tests.audit_attacks import is_seal, read, write
+
+    log, key, _ = _sealed_log(tmp_path, "a")
+    files = read(log)
+    records = files[0][1]
+    first_seal = next(r for r in records if is_seal(r))
+    records[:] = [*records[:-5], dict(first_seal)]
+    write(files)
+    result = _verify(log, key)
+    assert result.returncode == 1 and "interval 0, after interval" in result.stderr, result.stderr
+
+
+def test_a_forged_repair_record_cannot_hide_a_removed_record(tmp_path: Path) -> None:
+    """A sealed decision replaced by a `repair` mark (as if a crash had torn it) with the chain
+    recomputed: the seal after it no longer matches."""
+    from tests.audit_attacks import read, write
+
+    log, key, _ = _sealed_log(tmp_path, "a")
+    files = read(log)
+    records = files[0][1]
+    victim = next(i for i, r in enumerate(records) if "decision" in r)
+    records[victim] = {"id": records[victim]["id"], "mark": {"bytes": 57, "kind": "repair", "offset": 0,
+                                                              "sha256": "0" * 64},
+                       "node": records[victim]["node"], "time": records[victim]["time"], "v": 1}
+    write(files)
+    result = _verify(log, key)
+    assert result.returncode == 1 and "does not match the chain before it" in result.stderr, result.stderr
+
+
+def test_altering_a_seal_or_repair_mark_is_found(tmp_path: Path) -> None:
+    from tests.audit_attacks import is_seal, read, write
+
+    log, key, _ = _sealed_log(tmp_path, "a")
+    for change in ("seal-time", "seal-key"):
+        files = read(log)
+        records = files[0][1]
+        seal = next(r for r in records if is_seal(r))
+        if change == "seal-time":  # a time warp: the seal said to be an hour earlier
+            seal["time"] = "2000-01-01T00:00:00+00:00"
+        else:
+            seal["mark"]["key"] = "0" * 16
+        write(files)
+        result = _verify(log, key)
+        assert result.returncode == 1, (change, result.stdout)
+        log, key, _ = _sealed_log(tmp_path, f"again-{change}")
