@@ -70,3 +70,15 @@ def test_the_secret_is_its_owners_only_and_no_file_is_group_writable(tmp_path: P
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     for path in tmp_path.iterdir():
         assert not stat.S_IMODE(path.stat().st_mode) & 0o022, path
+
+
+def test_check_reads_each_included_prosody_file_once(tmp_path: Path) -> None:
+    """Eight configuration files that each Include "*.cfg.lua": 8^8 reads (hours) before, 8 now."""
+    for i in range(8):
+        (tmp_path / f"h{i}.cfg.lua").write_text(f'Include "*.cfg.lua"\nVirtualHost "h{i}.acme.example"\n')
+    policy = tmp_path / "p.policy"
+    policy.write_text('policy "p"\nlocal domains ["acme.example"]\ndefault allow\n')
+    result = subprocess.run([sys.executable, "-m", "policyplug", "check", str(policy), "--prosody-config",
+                             str(tmp_path / "h0.cfg.lua")], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert all(output.count(f"'h{i}.acme.example'") == 1 for i in range(8)), output
