@@ -169,9 +169,18 @@ def _values(attributes: dict[str, Any], name: str) -> list[str]:
                 break
     if value is None:
         return []
-    if isinstance(value, list | tuple):
-        return [v if isinstance(v, str) else v.decode("utf-8", "replace") for v in value]
-    return [value if isinstance(value, str) else value.decode("utf-8", "replace")]
+    values = value if isinstance(value, list | tuple) else [value]
+    return [_text(v) for v in values if v is not None]
+
+
+def _text(value: Any) -> str:
+    """One attribute value as text, whatever type the directory (or ldap3's decoding of a schema it
+    was not given) made of it: bytes as UTF-8 (bad bytes replaced), anything else as its str()."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
 
 
 class LdapDirectory:
@@ -192,6 +201,9 @@ class LdapDirectory:
         connection = Connection(pool, user=config.bind_dn, password=config.password, read_only=True,
                                 receive_timeout=max(1, math.ceil(config.timeout)), raise_exceptions=True, auto_bind=False,
                                 return_empty_attributes=False,
+                                # ldap3 follows referrals by default, binding with our DN and password to
+                                # whatever server a referral names: never (a referral is skipped, and said so)
+                                auto_referrals=False,
                                 # no schema is read (get_info=NONE): checking names against it only
                                 # costs time (a third of a 50,000-user read)
                                 check_names=False)

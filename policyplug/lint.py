@@ -124,9 +124,16 @@ def subdomain_warnings(policy: Policy) -> list[Diagnostic]:
     return found
 
 
-def prosody_hosts(config: Path, _depth: int = 0) -> list[tuple[str, Location]]:
+def prosody_hosts(config: Path, _depth: int = 0, _seen: set[Path] | None = None) -> list[tuple[str, Location]]:
     """The VirtualHost and Component names of a Prosody configuration and the files it Includes
-    (relative to its folder, as Prosody reads them), with where they are."""
+    (relative to its folder, as Prosody reads them), with where they are. Each file is read once:
+    files that Include each other (or `*.cfg.lua` from inside that folder) would otherwise be read
+    again at every level, (files)^8 reads."""
+    seen = set() if _seen is None else _seen
+    resolved = config.resolve()
+    if resolved in seen:
+        return []
+    seen.add(resolved)
     hosts = []
     for number, line in enumerate(config.read_text(encoding="utf-8").splitlines(), 1):
         match = _PROSODY_HOST.match(line)
@@ -136,7 +143,7 @@ def prosody_hosts(config: Path, _depth: int = 0) -> list[tuple[str, Location]]:
             for path in sorted(config.parent.glob(included.group(1))) if "*" in included.group(1) else \
                     [config.parent / included.group(1)]:
                 if path.is_file():
-                    hosts += prosody_hosts(path, _depth + 1)
+                    hosts += prosody_hosts(path, _depth + 1, seen)
     return hosts
 
 

@@ -98,25 +98,29 @@ def read_heads(path: str | Path) -> list[dict[str, Any]]:
     """The heads a collector wrote to a file, one message a line in any layout that keeps the message
     (rsyslog's default, RFC 5424 or `%msg%`): the JSON object of each line that has one (after our
     MSGID where the line shows it), with `log`, `seq` and `hash`."""
+    from .verify import bounded_lines, open_regular
+
     heads = []
-    with Path(path).open("rb") as lines:
-        for line in lines:
-            at = line.find(MSGID.encode())  # after the header; a collector writing only the message has none
-            brace = line.find(b"{", max(at, 0))
-            if brace < 0:
-                continue
-            try:
-                head = orjson.loads(line[brace:].rstrip(b"\r\n"))
-                heads.append(
-                    {
-                        "log": str(head["log"]),
-                        "seq": int(head["seq"]),
-                        "hash": str(head["hash"]),
-                        "index": int(head.get("index", -1)),
-                        "time": str(head.get("time", "")),
-                        "node": str(head.get("node", "")),
-                    }
-                )
-            except (ValueError, KeyError, TypeError):
-                continue
+    # a collector's file is not trusted to be sane: a FIFO or device is refused, a line over 64 KiB skipped
+    for line in bounded_lines(open_regular(Path(path)), 64 << 10):
+        if line is None:
+            continue
+        at = line.find(MSGID.encode())  # after the header; a collector writing only the message has none
+        brace = line.find(b"{", max(at, 0))
+        if brace < 0:
+            continue
+        try:
+            head = orjson.loads(line[brace:].rstrip(b"\r\n"))
+            heads.append(
+                {
+                    "log": str(head["log"]),
+                    "seq": int(head["seq"]),
+                    "hash": str(head["hash"]),
+                    "index": int(head.get("index", -1)),
+                    "time": str(head.get("time", "")),
+                    "node": str(head.get("node", "")),
+                }
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
     return heads

@@ -15,7 +15,10 @@ the next one, its MAC over the chain head before it. With the chain heads a coll
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +160,41 @@ class _Keys:
 
 
 MAX_SEAL_INDEX = 1 << 32  # far beyond any real log (one seal a second for 136 years): refuse to walk further
+# The first seal of a --partial chain may be far along the key schedule; walking there costs ~10 µs a
+# step on a slow machine, so 4M steps (~8 years of 60 s intervals) is where it stops being an answer.
+MAX_KEY_WALK = 1 << 22
+# A record is one event of at most 1 MiB of request (the socket's limit) with its decision; JSON escapes can
+# make it six times longer. A longer line is not a record, and reading it whole would take any amount of
+# memory (a log replaced by a huge file without newlines).
+MAX_RECORD_LINE = 64 << 20
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file: a FIFO would block the
+    reader until someone writes, a device such as /dev/zero never ends. O_NONBLOCK makes the open of a
+    FIFO return at once, and fstat judges what was opened (no race with a rename)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def bounded_lines(fd: int, limit: int) -> Iterator[bytes | None]:
+    """The lines of an open file, each with its newline; None for a line longer than `limit` (its
+    bytes are skipped, never held whole)."""
+    with os.fdopen(fd, "rb") as file:
+        while True:
+            line = file.readline(limit + 1)
+            if not line:
+                return
+            if len(line) > limit and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):
+                    line = file.readline(1 << 20)
+                yield None
+                continue
+            yield line
 
 
 def _check_chain(
@@ -181,125 +219,138 @@ def _check_chain(
     for file_index, path in enumerate(files):
         result.files.append(str(path))
         last_file = file_index == len(files) - 1
-        with path.open("rb") as log:  # line by line: a log that was never rotated can be gigabytes
-            for number, raw in enumerate(log, start=1):
-                where = f"{path}:{number}"
-                complete = raw.endswith(b"\n")  # only a file's last line can lack its newline
-                try:
-                    record = orjson.loads(raw[:-1] if complete else raw)
-                    stored = record["hash"]
-                    prev = record["prev"]
-                    seq = int(record["seq"])
-                except (ValueError, KeyError, TypeError):
-                    if not complete and last_file:
-                        result.truncated_tail = (
-                            f"{where}: last line is incomplete (a crash before it was written whole)"
-                        )
-                        break
-                    return fail(f"{where}: not a valid audit record (altered or corrupted)")
-                rid = record.get("id", "?")
-                if record_hash(record) != stored:
-                    return fail(f"{where}: record {rid} was altered (its hash does not match its content)")
-                if previous is None and prev != GENESIS:
-                    if not allow_partial:
-                        return fail(
-                            f"{where}: record {rid} (seq {seq}) is not the start of the chain: earlier "
-                            "records were removed, or give the older rotated files too (or --partial)"
-                        )
-                    result.files[-1] += f" (chain taken from seq {seq})"
-                elif previous is not None and prev != previous:
-                    missing = (
-                        "removed or reordered"
-                        if previous_seq is not None and seq != previous_seq + 1
-                        else "reordered"
+        try:
+            fd = open_regular(path)
+        except (OSError, ValueError) as exc:
+            return fail(f"{path}: cannot be read as an audit log: {exc}")
+        # line by line, each bounded: a log that was never rotated can be gigabytes
+        for number, raw in enumerate(bounded_lines(fd, MAX_RECORD_LINE), start=1):
+            where = f"{path}:{number}"
+            if raw is None:
+                return fail(f"{where}: a line longer than {MAX_RECORD_LINE} bytes is not an audit record")
+            complete = raw.endswith(b"\n")  # only a file's last line can lack its newline
+            try:
+                record = orjson.loads(raw[:-1] if complete else raw)
+                stored = record["hash"]
+                prev = record["prev"]
+                seq = int(record["seq"])
+            except (ValueError, KeyError, TypeError):
+                if not complete and last_file:
+                    result.truncated_tail = (
+                        f"{where}: last line is incomplete (a crash before it was written whole)"
                     )
+                    break
+                return fail(f"{where}: not a valid audit record (altered or corrupted)")
+            rid = record.get("id", "?")
+            if record_hash(record) != stored:
+                return fail(f"{where}: record {rid} was altered (its hash does not match its content)")
+            if previous is None and prev != GENESIS:
+                if not allow_partial:
                     return fail(
-                        f"{where}: record {rid} (seq {seq}) does not follow the record before it "
-                        f"(seq {previous_seq}): records were {missing}"
+                        f"{where}: record {rid} (seq {seq}) is not the start of the chain: earlier "
+                        "records were removed, or give the older rotated files too (or --partial)"
                     )
-                if first_seq is None:
-                    first_seq = seq
-                    from_genesis = prev == GENESIS
-                head = wanted.get(seq)
-                if head is not None:
-                    result.heads_checked += 1
-                    if head["hash"] != stored:
-                        return fail(
-                            f"{where}: record {rid} (seq {seq}) is not the record the collector received "
-                            f"at {head['time']} (hash {head['hash'][:16]}…): the log was rewritten"
-                        )
-                mark = record.get("mark")
-                if type(mark) is dict and mark.get("kind") == "repair":
-                    result.repairs.append(
-                        f"{where}: crash repair: {mark.get('bytes')} bytes of a torn last line "
-                        f"cut at offset {mark.get('offset')} (sha256 {str(mark.get('sha256'))[:16]}…)"
+                result.files[-1] += f" (chain taken from seq {seq})"
+            elif previous is not None and prev != previous:
+                missing = (
+                    "removed or reordered"
+                    if previous_seq is not None and seq != previous_seq + 1
+                    else "reordered"
+                )
+                return fail(
+                    f"{where}: record {rid} (seq {seq}) does not follow the record before it "
+                    f"(seq {previous_seq}): records were {missing}"
+                )
+            if first_seq is None:
+                first_seq = seq
+                from_genesis = prev == GENESIS
+            head = wanted.get(seq)
+            if head is not None:
+                result.heads_checked += 1
+                if head["hash"] != stored:
+                    return fail(
+                        f"{where}: record {rid} (seq {seq}) is not the record the collector received "
+                        f"at {head['time']} (hash {head['hash'][:16]}…): the log was rewritten"
                     )
-                elif type(mark) is dict and mark.get("kind") == "seal" and keys is not None:
-                    try:
-                        index, mac = int(mark["index"]), str(mark["mac"])
-                    except (KeyError, TypeError, ValueError):
-                        return fail(f"{where}: seal {rid} (seq {seq}) is malformed")
-                    covered = (
-                        f"records seq {result.last_seal['seq'] + 1}–{seq - 1}"
-                        if result.last_seal
-                        else f"records up to seq {seq - 1}"
+            mark = record.get("mark")
+            if type(mark) is dict and mark.get("kind") == "repair":
+                result.repairs.append(
+                    f"{where}: crash repair: {mark.get('bytes')} bytes of a torn last line "
+                    f"cut at offset {mark.get('offset')} (sha256 {str(mark.get('sha256'))[:16]}…)"
+                )
+            elif type(mark) is dict and mark.get("kind") == "seal" and keys is not None:
+                try:
+                    index, mac = int(mark["index"]), str(mark["mac"])
+                except (KeyError, TypeError, ValueError):
+                    return fail(f"{where}: seal {rid} (seq {seq}) is malformed")
+                covered = (
+                    f"records seq {result.last_seal['seq'] + 1}–{seq - 1}"
+                    if result.last_seal
+                    else f"records up to seq {seq - 1}"
+                )
+                if mark.get("key") != our_id:
+                    return fail(
+                        f"{where}: seal {rid} (seq {seq}) was not made with this verification key "
+                        f"(key id {mark.get('key')!s:.16}, expected {our_id}): a forged seal, or a log "
+                        "sealed with another key"
                     )
-                    if mark.get("key") != our_id:
-                        return fail(
-                            f"{where}: seal {rid} (seq {seq}) was not made with this verification key "
-                            f"(key id {mark.get('key')!s:.16}, expected {our_id}): a forged seal, or a log "
-                            "sealed with another key"
-                        )
-                    if last_index is not None and index <= last_index:
-                        return fail(
-                            f"{where}: seal {rid} (seq {seq}) has interval {index}, after interval "
-                            f"{last_index}: the sealing key was rolled back to an older copy (or seals "
-                            "were copied)"
-                        )
-                    if last_index is not None and index != last_index + 1:
-                        return fail(
-                            f"{where}: seal {rid} (seq {seq}) has interval {index} after interval "
-                            f"{last_index}: the seals of intervals {last_index + 1}–{index - 1} are "
-                            f"missing, so {covered} were rewritten or removed and sealed again with a "
-                            "later key"
-                        )
-                    if not 0 <= index < MAX_SEAL_INDEX:
-                        return fail(f"{where}: seal {rid} (seq {seq}) has an impossible interval {index}")
-                    if seal_mac(keys.get(index), index, seq, prev, str(record.get("time"))) != mac:
-                        return fail(
-                            f"{where}: seal {rid} (seq {seq}, interval {index}) does not match the chain "
-                            f"before it: {covered} were altered, removed or reordered (hashes recomputed), "
-                            "or the seal was forged"
-                        )
-                    if result.first_seal_index is None:
-                        result.first_seal_index = index
-                        if index != 0 and from_genesis:
-                            return fail(
-                                f"{where}: the first seal {rid} (seq {seq}) has interval {index}, not 0: the "
-                                f"seals of intervals 0–{index - 1} are missing, so {covered} were rewritten "
-                                "or removed and sealed again with a later key (or the key sealed another log "
-                                "before: make one key per log)"
-                            )
-                    last_index = index
-                    result.seals += 1
-                    result.last_seal = {
-                        "where": where,
-                        "seq": seq,
-                        "index": index,
-                        "time": record.get("time"),
-                    }
-                    since_seal, unsealed = [], 0
-                elif type(mark) is dict and mark.get("kind") == "seal":
-                    result.seals += 1
+                if last_index is not None and index <= last_index:
+                    return fail(
+                        f"{where}: seal {rid} (seq {seq}) has interval {index}, after interval "
+                        f"{last_index}: the sealing key was rolled back to an older copy (or seals "
+                        "were copied)"
+                    )
+                if last_index is not None and index != last_index + 1:
+                    return fail(
+                        f"{where}: seal {rid} (seq {seq}) has interval {index} after interval "
+                        f"{last_index}: the seals of intervals {last_index + 1}–{index - 1} are "
+                        f"missing, so {covered} were rewritten or removed and sealed again with a "
+                        "later key"
+                    )
+                # before the MAC: it walks the key schedule up to `index`, ~10 µs a step here,
+                # so an index out of reach would take hours. Seal i follows seals 0..i-1: i < seq.
+                if not 0 <= index < min(MAX_SEAL_INDEX, seq):
+                    return fail(f"{where}: seal {rid} (seq {seq}) has an impossible interval {index}")
+                if index - keys.index > MAX_KEY_WALK:  # only the first seal of a --partial chain jumps
+                    return fail(
+                        f"{where}: seal {rid} (seq {seq}) has interval {index}, more than {MAX_KEY_WALK} key "
+                        "steps along: refused (verify the chain from its first file instead of --partial)"
+                    )
+                if result.first_seal_index is None and index != 0 and from_genesis:
+                    return fail(
+                        f"{where}: the first seal {rid} (seq {seq}) has interval {index}, not 0: the "
+                        f"seals of intervals 0–{index - 1} are missing, so {covered} were rewritten "
+                        "or removed and sealed again with a later key (or the key sealed another log "
+                        "before: make one key per log)"
+                    )
+                if seal_mac(keys.get(index), index, seq, prev, str(record.get("time"))) != mac:
+                    return fail(
+                        f"{where}: seal {rid} (seq {seq}, interval {index}) does not match the chain "
+                        f"before it: {covered} were altered, removed or reordered (hashes recomputed), "
+                        "or the seal was forged"
+                    )
+                if result.first_seal_index is None:
+                    result.first_seal_index = index
+                last_index = index
+                result.seals += 1
+                result.last_seal = {
+                    "where": where,
+                    "seq": seq,
+                    "index": index,
+                    "time": record.get("time"),
+                }
+                since_seal, unsealed = [], 0
+            elif type(mark) is dict and mark.get("kind") == "seal":
+                result.seals += 1
+            else:
+                unsealed += 1
+                when = str(record.get("time"))
+                if not since_seal:
+                    since_seal = [when, when]
                 else:
-                    unsealed += 1
-                    when = str(record.get("time"))
-                    if not since_seal:
-                        since_seal = [when, when]
-                    else:
-                        since_seal[1] = when
-                previous, previous_seq = stored, seq
-                result.records += 1
+                    since_seal[1] = when
+            previous, previous_seq = stored, seq
+            result.records += 1
     if keys is not None:
         result.unsealed = unsealed
         result.unsealed_span = (since_seal[0], since_seal[1]) if since_seal else None

@@ -11,10 +11,12 @@ than a fresh template.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -61,19 +63,37 @@ def _domain(text: str) -> str:
     return domain
 
 
+def _replace(path: Path, text: str, mode: int) -> None:
+    """Write `path` as a new file beside it, renamed over it: a symlink or a file someone else owns at
+    `path` is replaced, never written through (--dir may be a folder others can write in), and the
+    mode is set before the name appears (no umask, no moment of a looser mode)."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), mode)
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
 def write_files(server: str, domain: str, directory: Path, force: bool = False) -> list[Path]:
     """Write the starting files; returns what was written. Raises FileExistsError before writing
     anything when a file is there already and `force` is false."""
     planned = [(directory / name, render(template, domain), mode) for template, name, mode in FILES[server]]
     secret = directory / "secret.env" if server == "prosody" else None
-    existing = [path for path, _, _ in planned if path.exists()]
+    # lexists: a planted symlink (dangling or not) is there too; it is replaced, never written through
+    existing = [path for path, _, _ in planned if os.path.lexists(path)]
     if existing and not force:
         raise FileExistsError(", ".join(str(p) for p in existing))
+    if secret is not None and os.path.islink(secret):
+        raise FileExistsError(f"{secret} is a symbolic link: not written through; remove it")
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for path, text, mode in planned:
-        path.write_text(text, encoding="utf-8")
-        path.chmod(mode)
+        _replace(path, text, mode)
         written.append(path)
     if secret is not None and not secret.exists():  # a secret in use is never replaced
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

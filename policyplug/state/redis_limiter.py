@@ -30,6 +30,8 @@ import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from . import redact_url
+
 log = logging.getLogger("policyplug.state")
 
 # KEYS[1] the window; ARGV: now, horizon (now - window), limit, ttl in ms, this event's member
@@ -63,11 +65,11 @@ def _sentinel_client(url: str, timeout: float) -> Any:
     for item in netloc.split(","):
         host, _, port = item.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"--state {url}: sentinel address '{item}' is not HOST:PORT")
+            raise ValueError(f"--state {redact_url(url)}: sentinel address '{item}' is not HOST:PORT")
         hosts.append((host.strip("[]"), int(port)))
     path = [p for p in parts.path.split("/") if p]
     if not path:
-        raise ValueError(f"--state {url}: the Sentinel service (master) name is missing: "
+        raise ValueError(f"--state {redact_url(url)}: the Sentinel service (master) name is missing: "
                          "redis+sentinel://HOST:PORT/SERVICE/DB")
     db = int(path[1]) if len(path) > 1 else 0
     sentinel = Sentinel(hosts, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -87,7 +89,7 @@ def connect(url: str, timeout: float = 0.25) -> Any:
     if url.startswith("redis+sentinel://"):
         return _sentinel_client(url, timeout)
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"--state {url}: expected redis://HOST:PORT/DB, rediss://, unix:// or "
+        raise ValueError(f"--state {redact_url(url)}: expected redis://HOST:PORT/DB, rediss://, unix:// or "
                          "redis+sentinel://HOST:PORT,.../SERVICE/DB")
     options: dict[str, Any] = {}
     if os.environ.get("POLICYPLUG_REDIS_PASSWORD") and not urlsplit(url).password:
@@ -237,10 +239,7 @@ class RedisLimiter:
         return False
 
     def _safe_url(self) -> str:
-        parts = urlsplit(self.url)
-        if parts.password:
-            return self.url.replace(f":{parts.password}@", ":***@")
-        return self.url
+        return redact_url(self.url)
 
     def status(self) -> dict[str, Any]:
         return {"backend": "redis", "url": self._safe_url(), "failure": self.failure, "down": self.down,

@@ -21,11 +21,11 @@ Text columns use the "C" collation, so that ordering and comparisons are bytewis
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import urlsplit
 
 from .report import Table
 from .store import UsageStore
@@ -69,9 +69,10 @@ UPSERT_TAGS = ("INSERT INTO tag_traffic VALUES (%s, %s, %s, %s, %s, %s) ON CONFL
 
 
 def safe_url(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+    """The URL without its user and password, for logs and messages (also when it does not parse)."""
+    from ..state import redact_url
+
+    return redact_url(url)
 
 
 def migrate(db: Any) -> int:
@@ -97,7 +98,21 @@ def migrate(db: Any) -> int:
 def _connect(url: str, connect_timeout: int = 5, **options: Any) -> Any:
     import psycopg
     # the password: in the URL, or (kept out of the process list) PGPASSWORD / ~/.pgpass as libpq reads them
-    return psycopg.connect(url, connect_timeout=connect_timeout, application_name="policyplug", **options)
+    try:
+        return psycopg.connect(url, connect_timeout=connect_timeout, application_name="policyplug", **options)
+    except psycopg.Error as exc:
+        # libpq quotes a URI it cannot parse whole, password included: the same error, without it
+        text = str(exc)
+        if safe_url(url) != url:
+            text = text.replace(url, safe_url(url))
+            secret = url[len(safe_url(url).partition("***@")[0]):].rpartition("@")[0]
+            # libpq splits at the first `@`, so a password with an unescaped `@` shows up as a host name:
+            # hide every piece of the user information as well as the whole of it
+            for piece in sorted([secret, *re.split(r"[:@]", secret)], key=len, reverse=True):
+                if len(piece) >= 2:
+                    text = text.replace(piece, "***")
+            raise type(exc)(text) from None
+        raise
 
 
 class PostgresUsageStore(UsageStore):
