@@ -50,6 +50,11 @@ def handle_line(service: DecisionService, line: bytes, connection: Any = None) -
         service.invalid_requests += 1
         return _answer(None, error="a request must be a JSON object")
     request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str | int | float):
+        # an array or object as id could be nested deeper than the answer's serialiser goes (orjson
+        # reads 1,024 levels, writes 254): refused here, so every line still gets its one answer
+        service.invalid_requests += 1
+        return _answer(None, error="'id' must be a JSON scalar (string, number, boolean or null)")
     try:
         if "event" in request:
             # the decision arrives serialised (shared with its audit record): splice it in
