@@ -24,10 +24,10 @@ from precis_i18n import get_profile
 
 MAX_PART_OCTETS = 1023
 # Fast path: plain ASCII parts that PRECIS and IDNA leave as they are, apart from case.
-_SIMPLE_LOCAL = re.compile(r"^[A-Za-z0-9._+\-=!$%*?^`{|}~]+$")
+_SIMPLE_LOCAL = re.compile(r"^[A-Za-z0-9._+\-=!$%*?^`{|}~]+\Z")  # \Z: `$` also matches before a final newline
 _SIMPLE_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*"
                             r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$")
-_SIMPLE_RESOURCE = re.compile(r"^[\x21-\x7e ]+$")
+_SIMPLE_RESOURCE = re.compile(r"^[\x21-\x7e ]+\Z")
 _FORBIDDEN_LOCAL = set('"&\'/:<>@ ')
 _USERNAME = get_profile("UsernameCaseMapped")
 _OPAQUE = get_profile("OpaqueString")

@@ -35,7 +35,7 @@ INDEXED_FIELDS = ("recipient.address", "sender.address", "recipient.domain", "se
 MULTI_VALUED = frozenset({"sender.groups", "recipient.groups"})
 _PASS_THROUGH = {"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
                  "member", "primary", "paren_expr"}
-_PLAIN_STRING = re.compile(r'^(?:"([^"\\]*)"|\'([^\'\\]*)\')$')
+_PLAIN_STRING = re.compile(r'^(?:"([^"\\]*)"|\'([^\'\\]*)\')\Z')
 
 
 def _strip(tree: Any) -> Any:

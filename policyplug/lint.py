@@ -30,7 +30,7 @@ LOCKOUT_KINDS = (
     ("iq", "every IQ would be refused in Prosody (roster, service discovery, ping: clients fail to start)"),
 )
 _QUOTED = re.compile(r"\"([^\"\\]*)\"|'([^'\\]*)'")
-_DOMAIN = re.compile(r"^(?:[a-z0-9-]+\.)+[a-z0-9-]+$")
+_DOMAIN = re.compile(r"^(?:[a-z0-9-]+\.)+[a-z0-9-]+\Z")
 # VirtualHost "x" / Component "y" ["module"] at the start of a line of prosody.cfg.lua
 _PROSODY_INCLUDE = re.compile(r"""^\s*Include\s*\(?\s*["']([^"']+)["']""")
 _PROSODY_HOST = re.compile(r"""^\s*(VirtualHost|Component)\s*\(?\s*["']([^"']+)["']""")

@@ -309,3 +309,11 @@ def test_no_spelling_of_a_listed_domain_or_address_escapes_the_rule(blocking_pol
     local = "sip:alice@acme.example" if "sip" in raw.lower() else "alice@acme.example"
     data = {"kind": "message", "from": raw if as_sender else local, "to": local if as_sender else raw}
     assert _decided_or_invalid(blocking_policy, data) in ("deny", "invalid"), raw
+
+
+@pytest.mark.parametrize("raw", ["a\n@acme.example", "a@acme.example/res\nx", "a\n@acme.example/res"])
+def test_a_newline_before_the_end_of_a_part_is_no_plain_character(raw: str) -> None:
+    """`$` in a Python regex also matches before a final newline: the ASCII fast path took `a\\n`
+    for a plain localpart. Control characters are refused wherever they stand."""
+    with pytest.raises(AddressError):
+        parse_address(raw)

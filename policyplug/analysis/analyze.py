@@ -122,7 +122,7 @@ def _literals(tree: Any) -> list[str]:
     return out
 
 
-_ADDRESSY = re.compile(r"^[^\s]+[.@][^\s]+$")
+_ADDRESSY = re.compile(r"^[^\s]+[.@][^\s]+\Z")
 
 
 def normalisation_notes(checked: Any) -> list[str]:

@@ -29,7 +29,7 @@ FILES = {
                 ("prosody.cfg.lua", "prosody-policyplug.cfg.lua", 0o644)],
     "kamailio": [("kamailio.policy", "site.policy", 0o644), ("kamailio.toml", "kamailio.toml", 0o644)],
 }
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}\Z")
 
 NEXT_STEPS = {
     "prosody": """next:
