@@ -361,13 +361,15 @@ def test_sentinel_failover_moves_the_windows_to_the_new_master(redis_server, tmp
             assert time.monotonic() < deadline, "the Sentinel did not find the replica"
             time.sleep(0.2)
         master.stop()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         n = 3
         while True:
             answer = service.decide(message(f"judy{n}@acme.example", 0))
             assert "decision" in answer
             state = service.status()["state"]
-            if state["outages"] >= 1 and not state["down"] and replica.client().keys("policyplug:limit:*"):
+            # whether the client saw the master go (an outage counted) depends on when requests fell
+            # in the failover; what must hold is that windows end up counted in the promoted replica
+            if not state["down"] and replica.client().keys("policyplug:limit:*"):
                 role = replica.client().info("replication")["role"]
                 if role == "master":
                     break
