@@ -242,15 +242,19 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     policy = tmp_path / "soak.policy"
     policy.write_text(policy_text(0))
     sock = tmp_path / "soak.sock"
+    log_path = tmp_path / "service.log"
+    log_file = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
                              "--audit-log", str(tmp_path / "audit.jsonl"), "--usage-db", str(tmp_path / "usage.db"),
                              "--watch-interval", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # a file, not a pipe nobody reads for minutes: a full pipe blocks the
+                            # service's logging, and with it the event loop
+                            stdout=log_file, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT: every thread's stack
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "service did not start"
             time.sleep(0.05)
         try:
@@ -258,12 +262,15 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
         except Exception as exc:  # say what the service said
             alive = proc.poll() is None
             proc.send_signal(signal.SIGABRT if alive else signal.SIGTERM)  # a stuck service shows where
+            proc.wait(timeout=60)
             raise AssertionError(f"{exc!r}; service {'running' if alive else f'exited {proc.returncode}'}; "
-                                 f"its log:\n{proc.communicate(timeout=60)[0][-12000:]}") from exc
+                                 f"its log:\n{log_path.read_text()[-12000:]}") from exc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        log = proc.communicate(timeout=60)[0] if proc.stdout and not proc.stdout.closed else ""
+        proc.wait(timeout=60)
+        log_file.close()
+    log = log_path.read_text()
     decisions, malformed, counts, memory = (result["decisions"], result["malformed"], result["counts"],
                                             result["memory"])
     latencies = sorted(decisions.latencies)
