@@ -44,8 +44,10 @@ def bench_policy(n: int) -> None:
     mutated = load_policy(text=text.replace("size > ", "size > 1", 1))
     started = time.perf_counter()
     changed = diff(policy, mutated)
-    print(f"{n} rules: diff (one threshold changed) {time.perf_counter() - started:.1f} s  "
-          f"changes={len(changed.changes)} unknown={len(changed.unknown)}")
+    print(
+        f"{n} rules: diff (one threshold changed) {time.perf_counter() - started:.1f} s  "
+        f"changes={len(changed.changes)} unknown={len(changed.unknown)}"
+    )
 
 
 def bench_replay(count: int) -> None:
@@ -68,8 +70,10 @@ def bench_replay(count: int) -> None:
         started = time.perf_counter()
         result = replay(proposed, [str(log)], lambda line: print(f"  {line}", file=sys.stderr))
         elapsed = time.perf_counter() - started
-        print(f"replay: {result.events} events in {elapsed:.1f} s = {result.events / elapsed:,.0f} events/s, "
-              f"{result.changed} changed, {len(result.never_hit)} rules never hit")
+        print(
+            f"replay: {result.events} events in {elapsed:.1f} s = {result.events / elapsed:,.0f} events/s, "
+            f"{result.changed} changed, {len(result.never_hit)} rules never hit"
+        )
 
 
 def main() -> int:

@@ -64,34 +64,68 @@ def make_policy(n_rules: int, seed: int = 7) -> str:
         name = f"r{i}"
         partner = f"p{i}.example"
         if pattern in (0, 5):
-            out += [f"rule {name}:", "  on message", f'  when direction == "outbound" && recipient.domain == "{partner}" && size < 100000',
-                    "  allow", '  copy to "archive@acme.example"']
+            out += [
+                f"rule {name}:",
+                "  on message",
+                f'  when direction == "outbound" && recipient.domain == "{partner}" && size < 100000',
+                "  allow",
+                '  copy to "archive@acme.example"',
+            ]
         elif pattern == 1:
-            out += [f"rule {name}:", f'  when direction == "inbound" && sender.domain == "{partner}"',
-                    '  unless "quarantine" in recipient.groups', "  allow"]
+            out += [
+                f"rule {name}:",
+                f'  when direction == "inbound" && sender.domain == "{partner}"',
+                '  unless "quarantine" in recipient.groups',
+                "  allow",
+            ]
         elif pattern == 2:
-            out += [f"rule {name}:", "  on message, presence",
-                    f'  when sender.address == "user{i}@acme.example" && body.contains("confidential")',
-                    '  deny "no confidential material"']
+            out += [
+                f"rule {name}:",
+                "  on message, presence",
+                f'  when sender.address == "user{i}@acme.example" && body.contains("confidential")',
+                '  deny "no confidential material"',
+            ]
         elif pattern == 3:
-            out += [f"rule {name}:", "  on call", f'  when recipient.domain == "{partner}" && time.getHours() >= 6',
-                    "  allow", '  route via "sip:sbc.acme.example"']
+            out += [
+                f"rule {name}:",
+                "  on call",
+                f'  when recipient.domain == "{partner}" && time.getHours() >= 6',
+                "  allow",
+                '  route via "sip:sbc.acme.example"',
+            ]
         elif pattern == 4:
-            out += [f"rule {name}:", "  on message",
-                    f'  when direction == "outbound" && recipient.domain == "{partner}" && body.matches("[0-9]{{16}}")',
-                    '  deny "card number"']
+            out += [
+                f"rule {name}:",
+                "  on message",
+                f'  when direction == "outbound" && recipient.domain == "{partner}" && body.matches("[0-9]{{16}}")',
+                '  deny "card number"',
+            ]
         elif pattern == 6:
-            out += [f"rule {name}:", "  on file", f"  when size > {rng.randint(1, 50)}000000 && sender.local",
-                    '  deny "file too large"']
+            out += [
+                f"rule {name}:",
+                "  on file",
+                f"  when size > {rng.randint(1, 50)}000000 && sender.local",
+                '  deny "file too large"',
+            ]
         elif pattern == 7:
-            out += [f"rule {name}:", f'  when recipient.address == "user{i}@acme.example" && kind == "subscribe"',
-                    '  redirect to "assistant@acme.example"']
+            out += [
+                f"rule {name}:",
+                f'  when recipient.address == "user{i}@acme.example" && kind == "subscribe"',
+                '  redirect to "assistant@acme.example"',
+            ]
         elif pattern == 8:
-            out += [f"rule {name}:", f'  when "team{i}" in sender.groups && recipient.domain.endsWith(".example")',
-                    f'  tag "team{i}"']
+            out += [
+                f"rule {name}:",
+                f'  when "team{i}" in sender.groups && recipient.domain.endsWith(".example")',
+                f'  tag "team{i}"',
+            ]
         else:
-            out += [f"rule {name}:", "  on presence, subscribe",
-                    f'  when sender.domain == "{partner}" && type != "error"', "  allow"]
+            out += [
+                f"rule {name}:",
+                "  on presence, subscribe",
+                f'  when sender.domain == "{partner}" && type != "error"',
+                "  allow",
+            ]
         out.append("")
     out += ["rule internal:", '  when direction == "internal"', "  allow"]
     return "\n".join(out) + "\n"
@@ -104,18 +138,31 @@ def make_events(n_rules: int, count: int, seed: int = 11) -> list[dict[str, Any]
         kind = rng.choice(KINDS)
         i = rng.randrange(max(1, n_rules))
         local = f"user{rng.randrange(max(1, n_rules))}@acme.example"
-        foreign = f"x{rng.randrange(9)}@p{i}.example" if rng.random() < 0.8 else f"bot@spam{rng.randrange(60)}.example"
+        foreign = (
+            f"x{rng.randrange(9)}@p{i}.example"
+            if rng.random() < 0.8
+            else f"bot@spam{rng.randrange(60)}.example"
+        )
         sender, recipient = (local, foreign) if rng.random() < 0.6 else (foreign, local)
         if rng.random() < 0.1:
             recipient = f"user{rng.randrange(50)}@eu.acme.example"
         body = rng.choice(["hi", "see the confidential plan", "card 4111111111111111", "lunch at noon?", ""])
-        events.append({"kind": kind, "from": sender, "to": recipient, "body": body,
-                       "time": datetime(2026, 11, 24, rng.randrange(24), tzinfo=UTC).isoformat(),
-                       "type": "chat", "size": rng.randrange(200, 200_000)})
+        events.append(
+            {
+                "kind": kind,
+                "from": sender,
+                "to": recipient,
+                "body": body,
+                "time": datetime(2026, 11, 24, rng.randrange(24), tzinfo=UTC).isoformat(),
+                "type": "chat",
+                "size": rng.randrange(200, 200_000),
+            }
+        )
     return events
 
 
 # -- baselines: naive first-match over a CEL runtime ------------------------------------------------
+
 
 class NaiveFirstMatch:
     """First-match over every rule of the policy, conditions run by a CEL runtime."""
@@ -133,9 +180,11 @@ class NaiveFirstMatch:
     def _compile(self, text: str) -> Any:
         if self.runtime == "cel-python":
             import celpy
+
             env = celpy.Environment()
             return env.program(env.compile(text))
         import cel
+
         return cel.compile(text)
 
     def _activation(self, event: Event) -> Any:
@@ -144,10 +193,12 @@ class NaiveFirstMatch:
         if self.runtime == "cel-python":
             import celpy
             from celpy import celtypes
+
             converted = {k: celpy.json_to_cel(v) for k, v in plain.items() if k != "time"}
             converted["time"] = celtypes.TimestampType(plain["time"])
             return converted
         import cel
+
         return cel.Context(plain)
 
     def decide(self, event: Event) -> str | None:
@@ -159,7 +210,11 @@ class NaiveFirstMatch:
             ok = True
             for program, want in conditions:
                 try:
-                    value = program.evaluate(activation) if self.runtime == "cel-python" else program.execute(activation)
+                    value = (
+                        program.evaluate(activation)
+                        if self.runtime == "cel-python"
+                        else program.execute(activation)
+                    )
                 except Exception:
                     ok = False
                     break
@@ -187,8 +242,9 @@ def measure(decide: Any, events: list[Event], seconds: float, max_count: int) ->
     return times, n
 
 
-def measure_from_json(policy: Policy, raw: list[dict[str, Any]], seconds: float,
-                      max_count: int) -> tuple[list[float], int]:
+def measure_from_json(
+    policy: Policy, raw: list[dict[str, Any]], seconds: float, max_count: int
+) -> tuple[list[float], int]:
     """Per-decision times in µs of Event.from_json(request) + policy.decide(event)."""
     times: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -205,7 +261,9 @@ def measure_from_json(policy: Policy, raw: list[dict[str, Any]], seconds: float,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="20,200,2000")
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per baseline measurement")
@@ -214,6 +272,7 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     try:
         import cel  # noqa: F401
+
         have_rust = True
     except ImportError:
         have_rust = False
@@ -249,7 +308,9 @@ def main() -> int:
         # what an adapter pays per request: the Event from the request's JSON, then the decision
         raw = make_events(size, args.events)
         with_event_times, _ = measure_from_json(policy, raw, 20.0, min(args.engine_decisions, 100_000))
-        rows.append((size, load_s, engine_times, interp_times, rust_times, len(sample), disagree, with_event_times))
+        rows.append(
+            (size, load_s, engine_times, interp_times, rust_times, len(sample), disagree, with_event_times)
+        )
 
     def med(values: list[float]) -> float:
         return statistics.median(values) if values else float("nan")
@@ -259,21 +320,29 @@ def main() -> int:
 
     print()
     print("µs per decision (median / p99); speed-up = baseline median / engine median")
-    header = (f"{'rules':>6} | {'load s':>7} | {'(a) engine':>16} | {'(b) cel-python':>18} | {'x(b)':>7} | "
-              f"{'(c) Rust CEL':>16} | {'x(c)':>6} | {'agree':>9}")
+    header = (
+        f"{'rules':>6} | {'load s':>7} | {'(a) engine':>16} | {'(b) cel-python':>18} | {'x(b)':>7} | "
+        f"{'(c) Rust CEL':>16} | {'x(c)':>6} | {'agree':>9}"
+    )
     print(header)
     print("-" * len(header))
     for size, load_s, a, b, c, sampled, disagree, _ in rows:
-        print(f"{size:>6} | {load_s:>7.3f} | {med(a):>7.2f} / {p99(a):>6.2f} | {med(b):>8.1f} / {p99(b):>7.1f} | "
-              f"{med(b) / med(a):>7.0f} | {med(c):>7.1f} / {p99(c):>6.1f} | {med(c) / med(a):>6.0f} | "
-              f"{sampled - disagree:>4}/{sampled:<4}")
-    print("\n(a) with Event.from_json of the request included (µs, median / p99): "
-          + ", ".join(f"{r[0]} rules {med(r[7]):.2f} / {p99(r[7]):.2f}" for r in rows))
+        print(
+            f"{size:>6} | {load_s:>7.3f} | {med(a):>7.2f} / {p99(a):>6.2f} | {med(b):>8.1f} / {p99(b):>7.1f} | "
+            f"{med(b) / med(a):>7.0f} | {med(c):>7.1f} / {p99(c):>6.1f} | {med(c) / med(a):>6.0f} | "
+            f"{sampled - disagree:>4}/{sampled:<4}"
+        )
+    print(
+        "\n(a) with Event.from_json of the request included (µs, median / p99): "
+        + ", ".join(f"{r[0]} rules {med(r[7]):.2f} / {p99(r[7]):.2f}" for r in rows)
+    )
     by_size = {r[0]: med(r[2]) for r in rows}
     if 200 in by_size and 2000 in by_size:
         print(f"\n2,000 rules cost {by_size[2000] / by_size[200]:.2f}x what 200 rules cost per decision")
     ok = all(r[6] == 0 for r in rows)
-    print("all runtimes agree on every sampled decision" if ok else "DISAGREEMENT between runtimes (see above)")
+    print(
+        "all runtimes agree on every sampled decision" if ok else "DISAGREEMENT between runtimes (see above)"
+    )
     return 0 if ok else 1
 
 

@@ -85,7 +85,11 @@ def large_policy(audited: bool = True) -> str:
     """The 200-rule policy; without its `audit` clause when not `audited` (the clause writes a record
     at every audit level, `none` included, so leaving the records out means leaving the clause out)."""
     text = make_policy(200) + "\n" + BENCH_RULE
-    return text if audited else text.replace('when direction != "internal"\n  audit\n', 'when direction != "internal"\n', 1)
+    return (
+        text
+        if audited
+        else text.replace('when direction != "internal"\n  audit\n', 'when direction != "internal"\n', 1)
+    )
 
 
 def sipp_binary() -> str:
@@ -95,8 +99,8 @@ def sipp_binary() -> str:
     return path
 
 
-SIPP_CPU = "1"       # SIPp (load and sink) on one core,
-KAMAILIO_CPU = "0"   # Kamailio on the other: its throughput is what one core of it does
+SIPP_CPU = "1"  # SIPp (load and sink) on one core,
+KAMAILIO_CPU = "0"  # Kamailio on the other: its throughput is what one core of it does
 
 
 def kamailio_cpu_seconds(leader_pid: int) -> float:
@@ -130,9 +134,26 @@ def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 def start_sink() -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen(["taskset", "-c", SIPP_CPU, sipp_binary(), "-sf", str(SIPP_DIR / "message_uas.xml"), "-i", "127.0.0.1",
-                             "-p", str(port), "-nostdin", "-max_recv_loops", "10000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            SIPP_CPU,
+            sipp_binary(),
+            "-sf",
+            str(SIPP_DIR / "message_uas.xml"),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-nostdin",
+            "-max_recv_loops",
+            "10000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     time.sleep(0.5)
     return proc, port
 
@@ -140,25 +161,85 @@ def start_sink() -> tuple[subprocess.Popen[bytes], int]:
 def load(port: int, messages: int, in_flight: int) -> tuple[int, int, float]:
     """(successful, failed, seconds) for `messages` MESSAGEs with `in_flight` outstanding."""
     started = time.perf_counter()
-    result = subprocess.run(["taskset", "-c", SIPP_CPU, sipp_binary(), "-sf", str(SIPP_DIR / "message_uac.xml"), "-s", "bob",
-                             "-i", "127.0.0.1", "-p", "0", "-m", str(messages), "-r", "100000", "-rp", "1000",
-                             "-l", str(in_flight), "-nostdin", "-nd", "-timeout", "300s", "-recv_timeout", "5000",
-                             "-max_recv_loops", "10000", "-max_sched_loops", "10000", f"127.0.0.1:{port}"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            SIPP_CPU,
+            sipp_binary(),
+            "-sf",
+            str(SIPP_DIR / "message_uac.xml"),
+            "-s",
+            "bob",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "-m",
+            str(messages),
+            "-r",
+            "100000",
+            "-rp",
+            "1000",
+            "-l",
+            str(in_flight),
+            "-nostdin",
+            "-nd",
+            "-timeout",
+            "300s",
+            "-recv_timeout",
+            "5000",
+            "-max_recv_loops",
+            "10000",
+            "-max_sched_loops",
+            "10000",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     elapsed = time.perf_counter() - started
+
     def counter(name: str) -> int:
         found = re.findall(rf"{name}\s+\|\s+\d+\s+\|\s+(\d+)", result.stdout)
         return int(found[-1]) if found else 0
+
     return counter("Successful call"), counter("Failed call"), elapsed
 
 
 def start_native(workdir: Path, sink_port: int, children: int) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port("127.0.0.1")
     module_dir = next(iter(Path("/usr/lib").glob("*/kamailio/modules/tm.so"))).parent
-    proc = subprocess.Popen(["taskset", "-c", KAMAILIO_CPU, "kamailio", "-f", str(ROOT / "bench" / "kamailio-native.cfg"), "-DD", "-E", "-x", "tlsf", "-m", "512",
-                             "-w", str(workdir), "-A", f"LISTEN=udp:127.0.0.1:{port}", "-A", f"CHILDREN={children}",
-                             "-A", f'NEXT_HOP="sip:127.0.0.1:{sink_port}"', "-A", f'MPATH="{module_dir}/"'],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            KAMAILIO_CPU,
+            "kamailio",
+            "-f",
+            str(ROOT / "bench" / "kamailio-native.cfg"),
+            "-DD",
+            "-E",
+            "-x",
+            "tlsf",
+            "-m",
+            "512",
+            "-w",
+            str(workdir),
+            "-A",
+            f"LISTEN=udp:127.0.0.1:{port}",
+            "-A",
+            f"CHILDREN={children}",
+            "-A",
+            f'NEXT_HOP="sip:127.0.0.1:{sink_port}"',
+            "-A",
+            f'MPATH="{module_dir}/"',
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     time.sleep(1.5)
     if proc.poll() is not None:
         raise SystemExit("the native Kamailio did not start")
@@ -186,12 +267,22 @@ def pair(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="policyplug-bench-kamailio-pair-") as tmp:
             for name, root in checkouts.items():
                 kamailio_servers.KEMI_SCRIPT = root / "adapters" / "kamailio" / "policyplug_kemi.py"
-                server = KamailioServer(Path(tmp) / name, policy, children=args.children, audit_level=args.audit,
-                                        allocator="tlsf", shm_mb=512, cpus=KAMAILIO_CPU, debug=1,
-                                        cfg=root / "adapters" / "kamailio" / "kamailio.cfg",  # each its own
-                                        routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
-                                        extra_config={"python_path": [*site.getsitepackages(), str(root)],
-                                                      **(other_config if name == "other" else {})})
+                server = KamailioServer(
+                    Path(tmp) / name,
+                    policy,
+                    children=args.children,
+                    audit_level=args.audit,
+                    allocator="tlsf",
+                    shm_mb=512,
+                    cpus=KAMAILIO_CPU,
+                    debug=1,
+                    cfg=root / "adapters" / "kamailio" / "kamailio.cfg",  # each its own
+                    routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
+                    extra_config={
+                        "python_path": [*site.getsitepackages(), str(root)],
+                        **(other_config if name == "other" else {}),
+                    },
+                )
                 server.start()
                 servers[name] = server
             per_message: dict[str, list[float]] = {name: [] for name in servers}
@@ -203,21 +294,28 @@ def pair(args: argparse.Namespace) -> int:
                 ok, _failed, _seconds = load(server.port, messages, args.in_flight)
                 per_message[name].append((kamailio_cpu_seconds(server.proc.pid) - before) / max(ok, 1) * 1e6)
 
-            print(f"this checkout ({ROOT}) and the other ({checkouts['other']}), {args.policy} policy, audit level "
-                  f"{args.audit}: Kamailio CPU µs/msg, both loaded at once")
+            print(
+                f"this checkout ({ROOT}) and the other ({checkouts['other']}), {args.policy} policy, audit level "
+                f"{args.audit}: Kamailio CPU µs/msg, both loaded at once"
+            )
             for round_ in range(args.rounds + 1):  # round 0: warm-up
                 if round_:
                     time.sleep(args.settle)  # the last run's transactions gone (see SETTLE)
-                threads = [threading.Thread(target=run, args=(name, 2000 if round_ == 0 else args.messages))
-                           for name in servers]
+                threads = [
+                    threading.Thread(target=run, args=(name, 2000 if round_ == 0 else args.messages))
+                    for name in servers
+                ]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
                     thread.join()
                 if round_:
                     this, other = per_message["this"][-1], per_message["other"][-1]
-                    print(f"  round {round_}: this {this:.1f}, other {other:.1f}, this - other {this - other:+.1f} "
-                          f"({this / other - 1:+.1%})", flush=True)
+                    print(
+                        f"  round {round_}: this {this:.1f}, other {other:.1f}, this - other {this - other:+.1f} "
+                        f"({this / other - 1:+.1%})",
+                        flush=True,
+                    )
             rounds = list(zip(per_message["this"][1:], per_message["other"][1:], strict=True))
             mean = sum(this - other for this, other in rounds) / len(rounds)
             print(f"mean difference {mean:+.1f} µs/msg over {len(rounds)} rounds")
@@ -232,29 +330,53 @@ def pair(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--in-flight", type=int, default=100)
     parser.add_argument("--children", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds; each measures every configuration once, in turn (medians reported)")
-    parser.add_argument("--settle", type=float, default=SETTLE,
-                        help="seconds of rest before each measured run (default: past tm's 5 s wait timer)")
-    parser.add_argument("--pair", metavar="CHECKOUT", help="compare with another checkout's adapter, side by side")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds; each measures every configuration once, in turn (medians reported)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE,
+        help="seconds of rest before each measured run (default: past tm's 5 s wait timer)",
+    )
+    parser.add_argument(
+        "--pair", metavar="CHECKOUT", help="compare with another checkout's adapter, side by side"
+    )
     parser.add_argument("--policy", choices=("large", "trivial"), default="large", help="with --pair")
     parser.add_argument("--audit", choices=("denied", "all", "none"), default="denied", help="with --pair")
-    parser.add_argument("--other-config", action="append", default=[], metavar="'KEY = VALUE'",
-                        help="with --pair: an adapter setting (TOML) for the other side only; --pair . compares settings")
+    parser.add_argument(
+        "--other-config",
+        action="append",
+        default=[],
+        metavar="'KEY = VALUE'",
+        help="with --pair: an adapter setting (TOML) for the other side only; --pair . compares settings",
+    )
     args = parser.parse_args()
     if args.pair:
         return pair(args)
 
-    configurations = [("native route", None, ""), (HTABLE, "htable", ""), (PERMISSIONS, "permissions", ""),
-                      (ADAPTER, large_policy(), "denied"),
-                      ("adapter, trivial policy", TRIVIAL, "denied"), ("  (200 rules, audit off)", large_policy(audited=False), "none")]
+    configurations = [
+        ("native route", None, ""),
+        (HTABLE, "htable", ""),
+        (PERMISSIONS, "permissions", ""),
+        (ADAPTER, large_policy(), "denied"),
+        ("adapter, trivial policy", TRIVIAL, "denied"),
+        ("  (200 rules, audit off)", large_policy(audited=False), "none"),
+    ]
     # (msg/s, failed, CPU µs/msg with the syslog daemon's, Kamailio core busy, SIPp core busy, syslog µs/msg)
     # per round, by configuration
-    rounds: dict[str, list[tuple[float, int, float, float, float, float]]] = {name: [] for name, _p, _a in configurations}
+    rounds: dict[str, list[tuple[float, int, float, float, float, float]]] = {
+        name: [] for name, _p, _a in configurations
+    }
     audited: dict[str, int] = {}
     sink, sink_port = start_sink()
     natives: list[subprocess.Popen[bytes]] = []
@@ -276,17 +398,31 @@ def main() -> int:
                     natives.append(proc)
                     targets[name] = (port, proc.pid, 0)
                 elif policy in ("htable", "permissions"):
-                    anchor = NativePolicyKamailio(work / f"k{index}", f"sip:127.0.0.1:{sink_port}",
-                                                  permissions=policy == "permissions", children=args.children,
-                                                  allocator="tlsf", shm_mb=512, cpus=KAMAILIO_CPU)
+                    anchor = NativePolicyKamailio(
+                        work / f"k{index}",
+                        f"sip:127.0.0.1:{sink_port}",
+                        permissions=policy == "permissions",
+                        children=args.children,
+                        allocator="tlsf",
+                        shm_mb=512,
+                        cpus=KAMAILIO_CPU,
+                    )
                     anchor.start()
                     anchors[name] = anchor
                     assert anchor.proc is not None and anchor.syslog.proc is not None
                     targets[name] = (anchor.port, anchor.proc.pid, anchor.syslog.proc.pid)
                 else:
-                    server = KamailioServer(work / f"k{index}", policy, children=args.children, audit_level=audit_level,
-                                            allocator="tlsf", shm_mb=512, cpus=KAMAILIO_CPU,
-                                            routes={"bench.example": f"sip:127.0.0.1:{sink_port}"}, debug=1)
+                    server = KamailioServer(
+                        work / f"k{index}",
+                        policy,
+                        children=args.children,
+                        audit_level=audit_level,
+                        allocator="tlsf",
+                        shm_mb=512,
+                        cpus=KAMAILIO_CPU,
+                        routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
+                        debug=1,
+                    )
                     server.start()
                     servers[name] = server
                     assert server.proc is not None
@@ -303,13 +439,24 @@ def main() -> int:
                     syslog_cpu = (kamailio_cpu_seconds(syslog) - syslog_before) if syslog else 0.0
                     sipp_busy = busy_share(sipp_before, cpu_idle_ticks(SIPP_CPU))
                     rate = ok / seconds
-                    per_message, syslog_per_message = (cpu + syslog_cpu) / max(ok, 1) * 1e6, syslog_cpu / max(ok, 1) * 1e6
-                    rounds[name].append((rate, failed, per_message, cpu / seconds, sipp_busy, syslog_per_message))
-                    print(f"  round {round_}, {name.strip()}: {ok} ok, {failed} failed in {seconds:.2f} s = {rate:,.0f} "
-                          f"msg/s; CPU {per_message:.1f} µs/msg" + (f" ({syslog_per_message:.1f} in rsyslogd)" if syslog else "")
-                          + f", Kamailio's core busy {cpu / seconds:.0%}, SIPp's core busy {sipp_busy:.0%}", flush=True)
+                    per_message, syslog_per_message = (
+                        (cpu + syslog_cpu) / max(ok, 1) * 1e6,
+                        syslog_cpu / max(ok, 1) * 1e6,
+                    )
+                    rounds[name].append(
+                        (rate, failed, per_message, cpu / seconds, sipp_busy, syslog_per_message)
+                    )
+                    print(
+                        f"  round {round_}, {name.strip()}: {ok} ok, {failed} failed in {seconds:.2f} s = {rate:,.0f} "
+                        f"msg/s; CPU {per_message:.1f} µs/msg"
+                        + (f" ({syslog_per_message:.1f} in rsyslogd)" if syslog else "")
+                        + f", Kamailio's core busy {cpu / seconds:.0%}, SIPp's core busy {sipp_busy:.0%}",
+                        flush=True,
+                    )
             for name, server in servers.items():
-                audited[name] = len(server.audit_log.read_text().splitlines()) if server.audit_log.exists() else 0
+                audited[name] = (
+                    len(server.audit_log.read_text().splitlines()) if server.audit_log.exists() else 0
+                )
             for name, anchor in anchors.items():
                 audited[name] = len(anchor.syslog.records())
     finally:
@@ -323,30 +470,42 @@ def main() -> int:
 
     native = [r[0] for r in rounds["native route"]]
     print()
-    print(f"MESSAGE through Kamailio 5.6 (-x tlsf, {args.children} workers, pinned to CPU {KAMAILIO_CPU} with the "
-          f"syslog daemons; SIPp on CPU {SIPP_CPU}), {args.in_flight} in flight, {args.messages} per run, {args.rounds} "
-          f"rounds taking the configurations in turn, {args.settle:g} s of rest before each run; medians of the rounds. "
-          "CPU µs/msg is Kamailio's and its rsyslogd's (acc) together; 'vs htable' the median of each round's CPU "
-          "per message over the htable native policy's in the same round; msg/s beside it, 'kept' against the bare route")
-    print(f"{'configuration':<28} {'CPU µs/msg':>11} {'(syslog)':>9} {'vs htable':>10} {'msg/s':>10} {'kept':>6} "
-          f"{'failed':>7} {'core busy':>10} {'SIPp core':>10}  records")
+    print(
+        f"MESSAGE through Kamailio 5.6 (-x tlsf, {args.children} workers, pinned to CPU {KAMAILIO_CPU} with the "
+        f"syslog daemons; SIPp on CPU {SIPP_CPU}), {args.in_flight} in flight, {args.messages} per run, {args.rounds} "
+        f"rounds taking the configurations in turn, {args.settle:g} s of rest before each run; medians of the rounds. "
+        "CPU µs/msg is Kamailio's and its rsyslogd's (acc) together; 'vs htable' the median of each round's CPU "
+        "per message over the htable native policy's in the same round; msg/s beside it, 'kept' against the bare route"
+    )
+    print(
+        f"{'configuration':<28} {'CPU µs/msg':>11} {'(syslog)':>9} {'vs htable':>10} {'msg/s':>10} {'kept':>6} "
+        f"{'failed':>7} {'core busy':>10} {'SIPp core':>10}  records"
+    )
     htable = [r[2] for r in rounds[HTABLE]]
     versus: dict[str, list[float]] = {}
     for name, runs in rounds.items():
         versus[name] = [run[2] / base for run, base in zip(runs, htable, strict=True)]
         kept = median([run[0] / base for run, base in zip(runs, native, strict=True)])
-        print(f"{name:<28} {median([r[2] for r in runs]):>11.1f} {median([r[5] for r in runs]):>9.1f} "
-              f"{median(versus[name]):>9.2f}x {median([r[0] for r in runs]):>10,.0f} {kept:>6.0%} "
-              f"{sum(r[1] for r in runs):>7} {median([r[3] for r in runs]):>10.0%} {median([r[4] for r in runs]):>10.0%}"
-              f"  {audited.get(name, '')}")
+        print(
+            f"{name:<28} {median([r[2] for r in runs]):>11.1f} {median([r[5] for r in runs]):>9.1f} "
+            f"{median(versus[name]):>9.2f}x {median([r[0] for r in runs]):>10,.0f} {kept:>6.0%} "
+            f"{sum(r[1] for r in runs):>7} {median([r[3] for r in runs]):>10.0%} {median([r[4] for r in runs]):>10.0%}"
+            f"  {audited.get(name, '')}"
+        )
     ratio = versus[ADAPTER]
-    print(f"\ngoal: the adapter with 200 rules and an audit record per message costs at most {GOAL:.1f}x the htable "
-          f"native policy's CPU per message: {'met' if max(ratio) <= GOAL else 'NOT met'} (within it in "
-          f"{sum(r <= GOAL for r in ratio)} of {len(ratio)} rounds: " + ", ".join(f"{r:.2f}x" for r in ratio) + ")")
+    print(
+        f"\ngoal: the adapter with 200 rules and an audit record per message costs at most {GOAL:.1f}x the htable "
+        f"native policy's CPU per message: {'met' if max(ratio) <= GOAL else 'NOT met'} (within it in "
+        f"{sum(r <= GOAL for r in ratio)} of {len(ratio)} rounds: "
+        + ", ".join(f"{r:.2f}x" for r in ratio)
+        + ")"
+    )
     disturbance = host_disturbance([r[2] for r in rounds["native route"]])
     if disturbance:
-        print(f"warning: {disturbance}; the ratios of the rounds moved with the host's speed, so run it again "
-              "before trusting this verdict")
+        print(
+            f"warning: {disturbance}; the ratios of the rounds moved with the host's speed, so run it again "
+            "before trusting this verdict"
+        )
     return 0
 
 

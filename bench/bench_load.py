@@ -61,8 +61,10 @@ def timed(load: Callable[[], object], repeat: int) -> tuple[float, str]:
 
 def diamond(folder: Path, depth: int) -> Path:
     for i in range(depth):
-        (folder / f"inc{i}.rules").write_text(f'rule r{i}:\n  when sender.user == "u{i}"\n  deny\n'
-                                              f'include "inc{i + 1}.rules"\ninclude "inc{i + 1}.rules"\n')
+        (folder / f"inc{i}.rules").write_text(
+            f'rule r{i}:\n  when sender.user == "u{i}"\n  deny\n'
+            f'include "inc{i + 1}.rules"\ninclude "inc{i + 1}.rules"\n'
+        )
     (folder / f"inc{depth}.rules").write_text("rule leaf:\n  allow\n")
     (folder / "p.policy").write_text(HEAD + 'include "inc0.rules"\ninclude "inc0.rules"\n')
     return folder / "p.policy"
@@ -72,12 +74,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    rows = [("rules", rules, (2_500, 5_000, 10_000)),
-            ("list literal terms", list_terms, (2_500, 5_000, 10_000)),
-            ("|| terms", or_terms, (250, 500, 1_000)),
-            ("|| terms (refused: too deep)", or_terms, (1_250, 2_500)),
-            ("1+1+... terms", sum_terms, (150, 300, 600)),
-            ("1+1+... terms (refused: too deep)", sum_terms, (2_500, 5_000, 10_000))]
+    rows = [
+        ("rules", rules, (2_500, 5_000, 10_000)),
+        ("list literal terms", list_terms, (2_500, 5_000, 10_000)),
+        ("|| terms", or_terms, (250, 500, 1_000)),
+        ("|| terms (refused: too deep)", or_terms, (1_250, 2_500)),
+        ("1+1+... terms", sum_terms, (150, 300, 600)),
+        ("1+1+... terms (refused: too deep)", sum_terms, (2_500, 5_000, 10_000)),
+    ]
     print(f"{'row':36} {'N':>7} {'seconds':>9}  {'N/2 -> N':>8}  outcome")
     for name, make, sizes in rows:
         results = []
@@ -91,7 +95,9 @@ def main() -> None:
         for depth in (8, 17):
             path = diamond(Path(folder), depth)
             seconds, outcome = timed(lambda path=path: load_policy(path), args.repeat)
-            print(f"{'diamond includes, depth':36} {depth:>7} {seconds:>9.3f}  {'':>8}  {outcome}", flush=True)
+            print(
+                f"{'diamond includes, depth':36} {depth:>7} {seconds:>9.3f}  {'':>8}  {outcome}", flush=True
+            )
 
 
 if __name__ == "__main__":

@@ -43,19 +43,22 @@ TRIVIAL = 'policy "trivial"\nlocal domains ["acme.example"]\ndefault allow\n'
 
 def large_policy() -> str:
     # the benchmark policy of bench_engine (200 rules), for this server's domain
-    return make_policy(200).replace('local domains ["acme.example", "eu.acme.example"]',
-                                    'local domains ["acme.example"]')
+    return make_policy(200).replace(
+        'local domains ["acme.example", "eu.acme.example"]', 'local domains ["acme.example"]'
+    )
 
 
 @dataclass
 class Result:
-    rate: float = 0.0                                            # messages/s, `window` in flight
-    loaded: list[float] = field(default_factory=list)            # latencies (ms) in that run
-    unloaded: list[float] = field(default_factory=list)          # latencies (ms), one message at a time
-    cpu: dict[str, float] = field(default_factory=dict)          # CPU seconds per process, loaded run
+    rate: float = 0.0  # messages/s, `window` in flight
+    loaded: list[float] = field(default_factory=list)  # latencies (ms) in that run
+    unloaded: list[float] = field(default_factory=list)  # latencies (ms), one message at a time
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process, loaded run
 
 
-async def send_and_time(sender: TestClient, receiver: TestClient, count: int, window: int) -> tuple[float, list[float]]:
+async def send_and_time(
+    sender: TestClient, receiver: TestClient, count: int, window: int
+) -> tuple[float, list[float]]:
     """Send `count` messages, at most `window` unanswered; -> (messages/s, latencies in ms)."""
     latencies: list[float] = []
     in_flight = asyncio.Semaphore(window)
@@ -117,19 +120,39 @@ def wait_for_socket(server: ProsodyServer, sock: Path, timeout: float = 30) -> N
         time.sleep(0.1)
 
 
-def run_config(workdir: Path, policy: str | None, count: int, window: int, latency_count: int,
-               transport: str, module_options: dict[str, object] | None = None) -> Result:
+def run_config(
+    workdir: Path,
+    policy: str | None,
+    count: int,
+    window: int,
+    latency_count: int,
+    transport: str,
+    module_options: dict[str, object] | None = None,
+) -> Result:
     options = {}
     sock = workdir / "s.sock"
     if policy is not None:
-        where = {"policyplug_socket": str(sock)} if transport == "socket" else \
-            {"policyplug_component": "policy.acme.example"}
-        options = {"acme.example": {"modules_enabled": ["policyplug"], "policyplug_timeout": 5, **where,
-                                    **(module_options or {})}}
+        where = (
+            {"policyplug_socket": str(sock)}
+            if transport == "socket"
+            else {"policyplug_component": "policy.acme.example"}
+        )
+        options = {
+            "acme.example": {
+                "modules_enabled": ["policyplug"],
+                "policyplug_timeout": 5,
+                **where,
+                **(module_options or {}),
+            }
+        }
     # log level "info": Prosody logging every stanza (debug) would dominate what is measured
-    server = ProsodyServer(workdir, components={"policy.acme.example": "s3cret"},
-                           plugin_paths=[os.environ.get("POLICYPLUG_PROSODY_ADAPTER", str(ROOT / "adapters" / "prosody"))],
-                           host_options=options, log_level="info")
+    server = ProsodyServer(
+        workdir,
+        components={"policy.acme.example": "s3cret"},
+        plugin_paths=[os.environ.get("POLICYPLUG_PROSODY_ADAPTER", str(ROOT / "adapters" / "prosody"))],
+        host_options=options,
+        log_level="info",
+    )
     server.start()
     service = None
     try:
@@ -140,8 +163,14 @@ def run_config(workdir: Path, policy: str | None, count: int, window: int, laten
             policy_file.write_text(policy)
             command = [sys.executable, "-m", "policyplug", "serve", str(policy_file), "--socket", str(sock)]
             if transport == "component":
-                command += ["--component", "policy.acme.example", "--secret", "s3cret",
-                            "--server", f"127.0.0.1:{server.component_port}"]
+                command += [
+                    "--component",
+                    "policy.acme.example",
+                    "--secret",
+                    "s3cret",
+                    "--server",
+                    f"127.0.0.1:{server.component_port}",
+                ]
             service = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if transport == "component":
                 server.wait_for_component()
@@ -160,19 +189,28 @@ def run_config(workdir: Path, policy: str | None, count: int, window: int, laten
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=3000, help="messages in the throughput run")
     parser.add_argument("--window", type=int, default=50, help="messages in flight in the throughput run")
     parser.add_argument("--latency-messages", type=int, default=500, help="messages sent one at a time")
     parser.add_argument("--transport", choices=("socket", "component"), default="socket")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the configurations")
     args = parser.parse_args()
-    print(f"{args.messages} messages with {args.window} in flight, then {args.latency_messages} one at a time; "
-          f"transport {args.transport}", flush=True)
+    print(
+        f"{args.messages} messages with {args.window} in flight, then {args.latency_messages} one at a time; "
+        f"transport {args.transport}",
+        flush=True,
+    )
     # the trivial policy reads nothing: the module caches its decisions (socket transport); the
     # same policy with the cache off shows what the cache is worth
-    configs = (("without the module", None, None), ("module, trivial, no cache", TRIVIAL, {"policyplug_cache": False}),
-               ("module, trivial policy", TRIVIAL, None), ("module, 200-rule policy", large_policy(), None))
+    configs = (
+        ("without the module", None, None),
+        ("module, trivial, no cache", TRIVIAL, {"policyplug_cache": False}),
+        ("module, trivial policy", TRIVIAL, None),
+        ("module, 200-rule policy", large_policy(), None),
+    )
     runs: dict[str, list[Result]] = {label: [] for label, _, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         # rounds interleave the configurations, so a slow moment of the machine hits all of them
@@ -180,26 +218,46 @@ def main() -> int:
             for label, policy, module_options in configs:
                 workdir = Path(tmp) / f"{round_no}-{label.replace(' ', '-').replace(',', '')}"
                 workdir.mkdir()
-                result = run_config(workdir, policy, args.messages, args.window, args.latency_messages,
-                                    args.transport, module_options)
+                result = run_config(
+                    workdir,
+                    policy,
+                    args.messages,
+                    args.window,
+                    args.latency_messages,
+                    args.transport,
+                    module_options,
+                )
                 runs[label].append(result)
-                print(f"  round {round_no + 1}: {label:<26} {result.rate:>8,.0f} msg/s, "
-                      f"1-at-a-time median {statistics.median(result.unloaded):.3f} ms", flush=True)
+                print(
+                    f"  round {round_no + 1}: {label:<26} {result.rate:>8,.0f} msg/s, "
+                    f"1-at-a-time median {statistics.median(result.unloaded):.3f} ms",
+                    flush=True,
+                )
     rows = []
     for label, results in runs.items():
-        rows.append((label, statistics.median(r.rate for r in results),
-                     [x for r in results for x in r.loaded], [x for r in results for x in r.unloaded],
-                     {name: statistics.median(r.cpu[name] for r in results) for name in results[0].cpu}))
+        rows.append(
+            (
+                label,
+                statistics.median(r.rate for r in results),
+                [x for r in results for x in r.loaded],
+                [x for r in results for x in r.unloaded],
+                {name: statistics.median(r.cpu[name] for r in results) for name in results[0].cpu},
+            )
+        )
     base_rate, base_median = rows[0][1], statistics.median(rows[0][3])
     print(f"\nmedians over {args.rounds} rounds")
-    print(f"{'configuration':<26} {'msg/s':>8} {'kept':>6} {'loaded median':>14} {'p99':>7}   "
-          f"{'1-at-a-time median':>18} {'added':>7} {'p99':>7}   CPU s per 1000 msgs")
+    print(
+        f"{'configuration':<26} {'msg/s':>8} {'kept':>6} {'loaded median':>14} {'p99':>7}   "
+        f"{'1-at-a-time median':>18} {'added':>7} {'p99':>7}   CPU s per 1000 msgs"
+    )
     for label, rate, loaded, unloaded, cpu in rows:
         median = statistics.median(unloaded)
         cpu_text = ", ".join(f"{name} {seconds * 1000 / args.messages:.2f}" for name, seconds in cpu.items())
-        print(f"{label:<26} {rate:>8,.0f} {rate / base_rate:>6.0%} {statistics.median(loaded):>11.2f} ms "
-              f"{percentile(loaded, .99):>7.2f}   {median:>15.3f} ms {median - base_median:>+7.3f} "
-              f"{percentile(unloaded, .99):>7.2f}   {cpu_text}")
+        print(
+            f"{label:<26} {rate:>8,.0f} {rate / base_rate:>6.0%} {statistics.median(loaded):>11.2f} ms "
+            f"{percentile(loaded, 0.99):>7.2f}   {median:>15.3f} ms {median - base_median:>+7.3f} "
+            f"{percentile(unloaded, 0.99):>7.2f}   {cpu_text}"
+        )
     return 0
 
 

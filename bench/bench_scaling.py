@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from tests.servers.ldap import SERVICE_PASSWORD, SUFFIX, LdapServer  # noqa: E402
 from tests.servers.redis import RedisServer  # noqa: E402
 
-LIMITED = '''policy "bench-limit"
+LIMITED = """policy "bench-limit"
 local domains ["acme.example"]
 default allow
 
@@ -43,9 +43,9 @@ rule flood:
   on message
   limit 1000000 per minute by sender.address
   deny "too many messages"
-'''
+"""
 
-PLAIN = '''policy "bench-plain"
+PLAIN = """policy "bench-plain"
 local domains ["acme.example"]
 default allow
 
@@ -53,12 +53,17 @@ rule blocked:
   on message
   when recipient.domain == "evil.example"
   deny "blocked"
-'''
+"""
 
 
 def requests(count: int) -> list[bytes]:
-    return [(f'{{"id":{i},"event":{{"kind":"message","from":"u{i % 500}@acme.example",'
-             f'"to":"v{i % 97}@partner.example","body":"hello"}}}}\n').encode() for i in range(count)]
+    return [
+        (
+            f'{{"id":{i},"event":{{"kind":"message","from":"u{i % 500}@acme.example",'
+            f'"to":"v{i % 97}@partner.example","body":"hello"}}}}\n'
+        ).encode()
+        for i in range(count)
+    ]
 
 
 def throughput(sock_path: Path, lines: list[bytes], window: int = 64) -> float:
@@ -78,7 +83,7 @@ def throughput(sock_path: Path, lines: list[bytes], window: int = 64) -> float:
             buffer += chunk
             done = buffer.count(b"\n")
             answered += done
-            buffer = buffer[buffer.rfind(b"\n") + 1:]
+            buffer = buffer[buffer.rfind(b"\n") + 1 :]
         return len(lines) / (time.perf_counter() - started)
 
 
@@ -89,14 +94,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start(workdir: Path, policy_text: str, *extra: str, code: Path = ROOT) -> tuple[subprocess.Popen[bytes], Path]:
+def start(
+    workdir: Path, policy_text: str, *extra: str, code: Path = ROOT
+) -> tuple[subprocess.Popen[bytes], Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     policy = workdir / "bench.policy"
     policy.write_text(policy_text)
     sock = workdir / "pp.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
-                             "--watch-interval", "0", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=str(code)))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(sock),
+            "--watch-interval",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONPATH=str(code)),
+    )
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -116,8 +137,10 @@ def bench_decisions(tmp: Path, count: int, rounds: int, baseline: Path | None) -
     }
     if baseline is not None:  # the same policy on the code before this work: must be the same
         rows[f"no limit rule, {baseline}"] = (PLAIN, (), baseline)
-    services = {name: start(tmp / f"svc{i}", text, *extra, code=code)
-                for i, (name, (text, extra, code)) in enumerate(rows.items())}
+    services = {
+        name: start(tmp / f"svc{i}", text, *extra, code=code)
+        for i, (name, (text, extra, code)) in enumerate(rows.items())
+    }
     lines = requests(count)
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cpu: dict[str, list[float]] = {name: [] for name in rows}  # service CPU µs per decision
@@ -138,11 +161,15 @@ def bench_decisions(tmp: Path, count: int, rounds: int, baseline: Path | None) -
             proc.terminate()
             proc.wait(timeout=30)
         redis.stop()
-    print(f"through the socket, {count} requests, 64 in flight, {rounds} rounds: decisions/s (best, median), "
-          "CPU µs per decision (service, median; Redis, mean)")
+    print(
+        f"through the socket, {count} requests, 64 in flight, {rounds} rounds: decisions/s (best, median), "
+        "CPU µs per decision (service, median; Redis, mean)"
+    )
     for name in rows:
-        print(f"  {name:42s} {max(rates[name]):10,.0f} {statistics.median(rates[name]):10,.0f}"
-              f" {statistics.median(cpu[name]):8.1f} {redis_cpu[name]:8.1f}")
+        print(
+            f"  {name:42s} {max(rates[name]):10,.0f} {statistics.median(rates[name]):10,.0f}"
+            f" {statistics.median(cpu[name]):8.1f} {redis_cpu[name]:8.1f}"
+        )
     evals = sum(int(v["calls"]) for k, v in calls.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
     # the `--state` row with a limit rule made them all; the row without a limit rule added none
     print(f"  Redis script calls: {evals:,} (decisions with a limit on Redis: {rounds * count + 2000:,})")
@@ -153,14 +180,18 @@ def ldif(users: int, groups: int, per_user: int, rng: random.Random) -> str:
     members: list[list[str]] = [[] for _ in range(groups)]
     for u in range(users):
         dn = f"uid=user{u},ou=people,{SUFFIX}"
-        out.append(f"dn: {dn}\nobjectClass: inetOrgPerson\ncn: user{u}\nsn: user{u}\nuid: user{u}\n"
-                   f"mail: user{u}@acme.example\nemployeeType: level{u % 5}\ndepartmentNumber: {u % 40}\n")
+        out.append(
+            f"dn: {dn}\nobjectClass: inetOrgPerson\ncn: user{u}\nsn: user{u}\nuid: user{u}\n"
+            f"mail: user{u}@acme.example\nemployeeType: level{u % 5}\ndepartmentNumber: {u % 40}\n"
+        )
         for g in rng.sample(range(groups), per_user):
             members[g].append(dn)
     for g in range(groups):
         group_members = members[g] or [f"uid=user0,ou=people,{SUFFIX}"]
-        out.append(f"dn: cn=group{g},ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: group{g}\n"
-                   + "".join(f"member: {m}\n" for m in group_members))
+        out.append(
+            f"dn: cn=group{g},ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: group{g}\n"
+            + "".join(f"member: {m}\n" for m in group_members)
+        )
     return "\n".join(out) + "\n"
 
 
@@ -176,10 +207,12 @@ def bench_ldap(tmp: Path, users: int, groups: int) -> None:
         password = tmp / "ldap.password"
         password.write_text(SERVICE_PASSWORD)
         config_path = tmp / "ldap.toml"
-        config_path.write_text(f'url = "{server.url}"\nbind_dn = "cn=policyplug,{SUFFIX}"\n'
-                               f'password_file = "{password}"\nusers_base = "ou=people,{SUFFIX}"\n'
-                               f'groups_base = "ou=groups,{SUFFIX}"\ntimeout = 120\n'
-                               '[attributes]\nlevel = "employeeType"\ndepartment = "departmentNumber"\n')
+        config_path.write_text(
+            f'url = "{server.url}"\nbind_dn = "cn=policyplug,{SUFFIX}"\n'
+            f'password_file = "{password}"\nusers_base = "ou=people,{SUFFIX}"\n'
+            f'groups_base = "ou=groups,{SUFFIX}"\ntimeout = 120\n'
+            '[attributes]\nlevel = "employeeType"\ndepartment = "departmentNumber"\n'
+        )
         reader = LdapDirectory(LdapConfig.load(config_path))
         times = []
         for _ in range(2):
@@ -194,20 +227,26 @@ def bench_ldap(tmp: Path, users: int, groups: int) -> None:
         tracemalloc.stop()
     finally:
         server.stop()
-    print(f"LDAP directory: {counts['users']:,} users, {counts['groups']:,} groups (3 per user), slapd on loopback")
+    print(
+        f"LDAP directory: {counts['users']:,} users, {counts['groups']:,} groups (3 per user), slapd on loopback"
+    )
     print(f"  slapadd (setup only)                       {slapadd:8.1f} s")
     print(f"  read and build the snapshot                {min(times):8.2f} s (best of {len(times)})")
     print(f"  memory: snapshot held {held / 2**20:,.0f} MiB, peak while reading {peak / 2**20:,.0f} MiB")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=50000)
     parser.add_argument("--groups", type=int, default=5000)
     parser.add_argument("--skip-ldap", action="store_true")
-    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. /work/main) for a row without limit")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout (e.g. /work/main) for a row without limit"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="policyplug-bench-scaling-") as folder:
         tmp = Path(folder)

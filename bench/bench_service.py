@@ -108,8 +108,9 @@ def baseline(count: int, cpu: int) -> tuple[float, float]:
     return count / elapsed, elapsed / count * 1e6
 
 
-def start_service(workdir: Path, cpu: int, *extra: str, audit_dir: Path | None = None,
-                  seal_interval: float | None = None) -> subprocess.Popen[str]:
+def start_service(
+    workdir: Path, cpu: int, *extra: str, audit_dir: Path | None = None, seal_interval: float | None = None
+) -> subprocess.Popen[str]:
     sock = workdir / "pp.sock"
     if sock.exists():
         sock.unlink()
@@ -119,12 +120,35 @@ def start_service(workdir: Path, cpu: int, *extra: str, audit_dir: Path | None =
     if seal_interval is not None:  # a fresh key for a fresh log
         keys = Path(tempfile.mkdtemp(dir=workdir))
         from policyplug.audit.seal import keygen
+
         keygen(keys)
-        extra = (*extra, "--audit-seal-key", str(keys / "seal.key"), "--audit-seal-interval", str(seal_interval))
-    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(POLICY), "--socket", str(sock),
-                             "--audit-log", str(audit_log), "--audit-level", "all", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: dedicate(cpu))
+        extra = (
+            *extra,
+            "--audit-seal-key",
+            str(keys / "seal.key"),
+            "--audit-seal-interval",
+            str(seal_interval),
+        )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(POLICY),
+            "--socket",
+            str(sock),
+            "--audit-log",
+            str(audit_log),
+            "--audit-level",
+            "all",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: dedicate(cpu),
+    )
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -139,8 +163,11 @@ def filesystem(path: Path) -> str:
     resolved = str(path.resolve())
     for line in Path("/proc/mounts").read_text().splitlines():
         fields = line.split()
-        if len(fields) > 2 and (resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/")) \
-                and len(fields[1]) >= len(best):
+        if (
+            len(fields) > 2
+            and (resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/"))
+            and len(fields[1]) >= len(best)
+        ):
             best, kind = fields[1], f"{fields[2]} on {fields[0]}"
     return kind
 
@@ -238,8 +265,9 @@ def stall_probe(cpu: int, seconds: float) -> subprocess.Popen[str]:
     time and notes how late it wakes. Nothing in this machine may delay it, so a late wake-up means the
     virtual CPU itself was stopped by the host (seen here: 10-150 ms, several times a minute at busy
     times). Costs the service about 1% of its CPU."""
-    return subprocess.Popen([sys.executable, "-c", STALL_PROBE, str(cpu), str(seconds)], stdout=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", STALL_PROBE, str(cpu), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
 
 
 def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick: float) -> dict[str, float]:
@@ -324,27 +352,39 @@ def bench_open(workdir: Path, rate: float, duration: float, warmup: float, tick:
     latencies = [(answered - scheduled) * 1000 for scheduled, answered in spans]
     from_send = [(answered_at[i] - handed[i]) * 1000 for i in range(skip, total)]
     achieved = (len(latencies) - 1) / (last_answer - first_answer) if first_answer else 0.0
-    return {"offered": rate, "achieved": achieved, "count": len(latencies),
-            "p50": percentile(latencies, .5), "p90": percentile(latencies, .9), "p99": percentile(latencies, .99),
-            "p999": percentile(latencies, .999), "max": max(latencies), "send_lag_ms": max_send_lag * 1000,
-            "p99_from_send": percentile(from_send, .99), "spans": spans}
+    return {
+        "offered": rate,
+        "achieved": achieved,
+        "count": len(latencies),
+        "p50": percentile(latencies, 0.5),
+        "p90": percentile(latencies, 0.9),
+        "p99": percentile(latencies, 0.99),
+        "p999": percentile(latencies, 0.999),
+        "max": max(latencies),
+        "send_lag_ms": max_send_lag * 1000,
+        "p99_from_send": percentile(from_send, 0.99),
+        "spans": spans,
+    }
 
 
 def clear_of_stops(spans: list[tuple[float, float]], stops: list[tuple[float, float]]) -> list[float]:
     """Latencies (ms) of the requests that were not in flight while a probe saw its CPU stopped."""
     import bisect
+
     stops = sorted(stops)
     starts = [start for start, _ in stops]
     kept = []
     for scheduled, answered in spans:
         # a stop overlaps [scheduled, answered] if it starts before the answer and ends after the schedule
         index = bisect.bisect_left(starts, answered)
-        if not any(end > scheduled for _, end in stops[max(0, index - 8):index]):
+        if not any(end > scheduled for _, end in stops[max(0, index - 8) : index]):
             kept.append((answered - scheduled) * 1000)
     return kept
 
 
-def bench_component(workdir: Path, count: int, window: int, service_cpu: int) -> tuple[float, list[float]] | str:
+def bench_component(
+    workdir: Path, count: int, window: int, service_cpu: int
+) -> tuple[float, list[float]] | str:
     if not shutil.which("prosody"):
         return "prosody is not installed: component figures skipped"
     from slixmpp.xmlstream import ET
@@ -352,17 +392,39 @@ def bench_component(workdir: Path, count: int, window: int, service_cpu: int) ->
     from tests.servers.prosody import ProsodyServer
     from tests.xmpp_client import TestClient
 
-    server = ProsodyServer(workdir / "prosody", components={"policy.acme.example": "s3cret"},
-                           global_options={"limits": {"c2s": {"rate": "100mb/s"}}})
+    server = ProsodyServer(
+        workdir / "prosody",
+        components={"policy.acme.example": "s3cret"},
+        global_options={"limits": {"c2s": {"rate": "100mb/s"}}},
+    )
     server.start()  # inherits this client's CPU
     server.register("bench", "acme.example", "pw")
-    service = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(POLICY), "--component",
-                                "policy.acme.example", "--secret", "s3cret", "--server",
-                                f"127.0.0.1:{server.component_port}", "--socket", str(workdir / "c.sock"),
-                                "--component-client", "bench@acme.example",  # asks as a user: allow it
-                                "--audit-log", str(workdir / "c-audit.jsonl"), "--audit-level", "all"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               preexec_fn=lambda: dedicate(service_cpu))
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(POLICY),
+            "--component",
+            "policy.acme.example",
+            "--secret",
+            "s3cret",
+            "--server",
+            f"127.0.0.1:{server.component_port}",
+            "--socket",
+            str(workdir / "c.sock"),
+            "--component-client",
+            "bench@acme.example",  # asks as a user: allow it
+            "--audit-log",
+            str(workdir / "c-audit.jsonl"),
+            "--audit-level",
+            "all",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: dedicate(service_cpu),
+    )
     try:
         server.wait_for_component()
 
@@ -455,16 +517,26 @@ def writer_costs(count: int, seal_interval: float, rate: float) -> None:
     unsealed, sealed = statistics.median(per_record["unsealed"]), statistics.median(per_record["sealed"])
     one_seal = statistics.median(seal_cpu_ms)
     amortised = one_seal * 1000 / (rate * seal_interval)
-    print(f"writer    in-process, per record (CPU, median of 3): unsealed {unsealed:.3f} µs, sealed {sealed:.3f} µs "
-          f"({sealed - unsealed:+.3f}); one seal: {one_seal:.3f} ms CPU, {statistics.median(seal_ms):.2f} ms wall "
-          f"(median of 60; wall max {max(seal_ms):.2f} ms: three fsyncs the writer thread waits for, without the GIL)")
-    print(f"sealing   cost per record at {rate:,.0f} records/s, a seal every {seal_interval:g} s: "
-          f"{max(sealed - unsealed, 0):.3f} + {amortised:.3f} = {max(sealed - unsealed, 0) + amortised:.3f} µs "
-          f"(goal: at most 1 µs; the service's default interval is 60 s)")
+    print(
+        f"writer    in-process, per record (CPU, median of 3): unsealed {unsealed:.3f} µs, sealed {sealed:.3f} µs "
+        f"({sealed - unsealed:+.3f}); one seal: {one_seal:.3f} ms CPU, {statistics.median(seal_ms):.2f} ms wall "
+        f"(median of 60; wall max {max(seal_ms):.2f} ms: three fsyncs the writer thread waits for, without the GIL)"
+    )
+    print(
+        f"sealing   cost per record at {rate:,.0f} records/s, a seal every {seal_interval:g} s: "
+        f"{max(sealed - unsealed, 0):.3f} + {amortised:.3f} = {max(sealed - unsealed, 0) + amortised:.3f} µs "
+        f"(goal: at most 1 µs; the service's default interval is 60 s)"
+    )
 
 
-def judge_open_loop(args: argparse.Namespace, workdir: Path, audit_dir: Path, service_cpu: int,
-                    client_cpu: int, seal_interval: float | None = None) -> bool | None:
+def judge_open_loop(
+    args: argparse.Namespace,
+    workdir: Path,
+    audit_dir: Path,
+    service_cpu: int,
+    client_cpu: int,
+    seal_interval: float | None = None,
+) -> bool | None:
     """Open-loop attempts with the audit log in `audit_dir`; the verdict on the goal (None: not judged)."""
     where = filesystem(audit_dir) + (f", sealed every {seal_interval:g} s" if seal_interval else "")
     print(f"audit log in {audit_dir} ({where}), fsynced every 200 ms")
@@ -488,72 +560,122 @@ def judge_open_loop(args: argparse.Namespace, workdir: Path, audit_dir: Path, se
             stop_service(proc)
         met = result["achieved"] >= args.rate * 0.995 and result["p99"] < 2.0
         host_stopped = stalls["max_ms"] > HOST_STOP_LIMIT_MS
-        print(f"socket    open loop #{attempt}, offered {args.rate:,.0f}/s for {args.duration:g} s "
-              f"(+{args.warmup:g} s warm-up), a send every {args.tick * 1000:g} ms: {result['achieved']:>9,.0f} "
-              f"decisions/s  p50 {result['p50']:.3f} ms  p90 {result['p90']:.3f} ms  p99 {result['p99']:.3f} ms  "
-              f"p99.9 {result['p999']:.3f} ms  max {result['max']:.3f} ms  (service CPU {cpu:.1f} µs/decision; "
-              f"client send lag max {result['send_lag_ms']:.2f} ms; p99 from the actual send "
-              f"{result['p99_from_send']:.3f} ms; service CPU stopped by the host: longest "
-              f"{stalls['max_ms']:.1f} ms, {stalls['over_5ms']} times > 5 ms, {stalls['stopped_ms']:.0f} ms in all; "
-              f"the client's CPU: longest {client_stalls['max_ms']:.1f} ms, {client_stalls['stopped_ms']:.0f} ms in all; "
-              f"audit: {audit_stats.get('written', 0):,} records, {audit_stats.get('syncs', 0)} fsyncs"
-              + (f", {audit_stats['seal']['seals']} seals" if audit_stats.get("seal") else "") + ")")
+        print(
+            f"socket    open loop #{attempt}, offered {args.rate:,.0f}/s for {args.duration:g} s "
+            f"(+{args.warmup:g} s warm-up), a send every {args.tick * 1000:g} ms: {result['achieved']:>9,.0f} "
+            f"decisions/s  p50 {result['p50']:.3f} ms  p90 {result['p90']:.3f} ms  p99 {result['p99']:.3f} ms  "
+            f"p99.9 {result['p999']:.3f} ms  max {result['max']:.3f} ms  (service CPU {cpu:.1f} µs/decision; "
+            f"client send lag max {result['send_lag_ms']:.2f} ms; p99 from the actual send "
+            f"{result['p99_from_send']:.3f} ms; service CPU stopped by the host: longest "
+            f"{stalls['max_ms']:.1f} ms, {stalls['over_5ms']} times > 5 ms, {stalls['stopped_ms']:.0f} ms in all; "
+            f"the client's CPU: longest {client_stalls['max_ms']:.1f} ms, {client_stalls['stopped_ms']:.0f} ms in all; "
+            f"audit: {audit_stats.get('written', 0):,} records, {audit_stats.get('syncs', 0)} fsyncs"
+            + (f", {audit_stats['seal']['seals']} seals" if audit_stats.get("seal") else "")
+            + ")"
+        )
         clear = clear_of_stops(result["spans"], stalls["stops"] + client_stalls["stops"])
         if clear:
-            print(f"          requests not in flight while the host stopped either CPU for > 1 ms: "
-                  f"{len(clear) / len(result['spans']):.1%}, their p99 {percentile(clear, .99):.3f} ms, "
-                  f"max {max(clear):.3f} ms")
+            print(
+                f"          requests not in flight while the host stopped either CPU for > 1 ms: "
+                f"{len(clear) / len(result['spans']):.1%}, their p99 {percentile(clear, 0.99):.3f} ms, "
+                f"max {max(clear):.3f} ms"
+            )
         if not host_stopped:
             verdict = met
             break
-        print(f"          attempt {attempt} does not count: the host stopped the service's CPU "
-              f"for {stalls['max_ms']:.1f} ms")
+        print(
+            f"          attempt {attempt} does not count: the host stopped the service's CPU "
+            f"for {stalls['max_ms']:.1f} ms"
+        )
     # the answered rate, measured between the first and the last answer, jitters by ~0.3% around the offered one
-    print(f"goal      audit log on {where}: {args.rate:,.0f}/s offered, answered within 0.5% of it, p99 < 2 ms (open loop): "
-          + ("MET" if verdict else "NOT MET" if verdict is not None
-             else f"NOT JUDGED (the host stopped the service's CPU in all {args.attempts} attempts)"))
+    print(
+        f"goal      audit log on {where}: {args.rate:,.0f}/s offered, answered within 0.5% of it, p99 < 2 ms (open loop): "
+        + (
+            "MET"
+            if verdict
+            else "NOT MET"
+            if verdict is not None
+            else f"NOT JUDGED (the host stopped the service's CPU in all {args.attempts} attempts)"
+        )
+    )
     return verdict
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=50_000, help="requests per closed-loop run")
-    parser.add_argument("--windows", default="16,64", help="requests in flight, closed loop (comma-separated)")
-    parser.add_argument("--rate", type=float, default=20_000, help="offered rate of the open-loop run (per s)")
+    parser.add_argument(
+        "--windows", default="16,64", help="requests in flight, closed loop (comma-separated)"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=20_000, help="offered rate of the open-loop run (per s)"
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds of the open-loop run")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of the open-loop run not counted")
-    parser.add_argument("--tick", type=float, default=0.0002,
-                        help="open loop: shortest time between two sends (s); requests due meanwhile go together")
-    parser.add_argument("--attempts", type=int, default=3,
-                        help="open-loop runs at most, until one where the host did not stop the service's CPU")
+    parser.add_argument(
+        "--tick",
+        type=float,
+        default=0.0002,
+        help="open loop: shortest time between two sends (s); requests due meanwhile go together",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="open-loop runs at most, until one where the host did not stop the service's CPU",
+    )
     parser.add_argument("--iq-requests", type=int, default=3000)
     parser.add_argument("--iq-window", type=int, default=32)
     parser.add_argument("--no-component", action="store_true", help="skip the Prosody run")
-    parser.add_argument("--audit-dir", type=Path, default=None,
-                        help="directory for the audit log (default: a temporary directory on this machine's disk); "
-                             "/dev/shm takes the disk's flushes out of the run")
-    parser.add_argument("--seal-interval", type=float, default=0.25,
-                        help="--audit-seal-interval of the sealed runs (s; the service's default is 60)")
-    parser.add_argument("--seal-rounds", type=int, default=2,
-                        help="closed-loop runs of each kind (unsealed, sealed), alternating")
-    parser.add_argument("--writer-records", type=int, default=200_000,
-                        help="records of the in-process audit writer measurement")
+    parser.add_argument(
+        "--audit-dir",
+        type=Path,
+        default=None,
+        help="directory for the audit log (default: a temporary directory on this machine's disk); "
+        "/dev/shm takes the disk's flushes out of the run",
+    )
+    parser.add_argument(
+        "--seal-interval",
+        type=float,
+        default=0.25,
+        help="--audit-seal-interval of the sealed runs (s; the service's default is 60)",
+    )
+    parser.add_argument(
+        "--seal-rounds",
+        type=int,
+        default=2,
+        help="closed-loop runs of each kind (unsealed, sealed), alternating",
+    )
+    parser.add_argument(
+        "--writer-records",
+        type=int,
+        default=200_000,
+        help="records of the in-process audit writer measurement",
+    )
     args = parser.parse_args()
     service_cpu, client_cpu = cpus()
     dedicate(client_cpu)
-    print(f"service pinned to CPU {service_cpu}, benchmark client (and Prosody) to CPU {client_cpu}, both "
-          f"{scheduling()} (ahead of other jobs on this machine); audit level all")
+    print(
+        f"service pinned to CPU {service_cpu}, benchmark client (and Prosody) to CPU {client_cpu}, both "
+        f"{scheduling()} (ahead of other jobs on this machine); audit level all"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         rate, per = baseline(args.requests, service_cpu)
-        print(f"baseline  in-process decide (incl. event parsing):   {rate:>9,.0f} decisions/s  {per:6.2f} µs each")
+        print(
+            f"baseline  in-process decide (incl. event parsing):   {rate:>9,.0f} decisions/s  {per:6.2f} µs each"
+        )
         writer_costs(args.writer_records, args.seal_interval, args.rate)
         for window in (int(w) for w in args.windows.split(",") if w.strip()):
             cpu_of: dict[str, list[float]] = {"unsealed": [], "sealed": []}
             for _round in range(args.seal_rounds):  # alternating, so that both see the same load on the host
                 for label, interval in (("unsealed", None), ("sealed", args.seal_interval)):
                     with tempfile.TemporaryDirectory(dir=args.audit_dir) as audit_tmp:
-                        proc = start_service(workdir, service_cpu, audit_dir=Path(audit_tmp), seal_interval=interval)
+                        proc = start_service(
+                            workdir, service_cpu, audit_dir=Path(audit_tmp), seal_interval=interval
+                        )
                         try:
                             cpu_before = cpu_seconds(proc.pid)
                             with collector_quiet():
@@ -562,34 +684,52 @@ def main() -> int:
                         finally:
                             stop_service(proc)
                         # seals in the log, the one written at the stop included
-                        seals = sum(path.read_bytes().count(b'"kind":"seal"')
-                                    for path in Path(audit_tmp).glob("audit.jsonl*")) if interval else None
+                        seals = (
+                            sum(
+                                path.read_bytes().count(b'"kind":"seal"')
+                                for path in Path(audit_tmp).glob("audit.jsonl*")
+                            )
+                            if interval
+                            else None
+                        )
                     cpu_of[label].append(cpu)
-                    print(f"socket    closed loop, {window:>3} in flight, {label:>8}:    {rate:>9,.0f} decisions/s  "
-                          f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms  "
-                          f"(service CPU {cpu:.1f} µs/decision" + (f", {seals} seals in the log" if seals is not None else "")
-                          + ")")
+                    print(
+                        f"socket    closed loop, {window:>3} in flight, {label:>8}:    {rate:>9,.0f} decisions/s  "
+                        f"p50 {percentile(latencies, 0.5):.3f} ms  p99 {percentile(latencies, 0.99):.3f} ms  "
+                        f"(service CPU {cpu:.1f} µs/decision"
+                        + (f", {seals} seals in the log" if seals is not None else "")
+                        + ")"
+                    )
             sealed, unsealed = statistics.median(cpu_of["sealed"]), statistics.median(cpu_of["unsealed"])
-            print(f"sealing   closed loop, {window:>3} in flight: service CPU median sealed {sealed:.2f} - unsealed "
-                  f"{unsealed:.2f} = {sealed - unsealed:+.2f} µs/decision (every decision is a record; noise of this "
-                  f"shared machine included)")
+            print(
+                f"sealing   closed loop, {window:>3} in flight: service CPU median sealed {sealed:.2f} - unsealed "
+                f"{unsealed:.2f} = {sealed - unsealed:+.2f} µs/decision (every decision is a record; noise of this "
+                f"shared machine included)"
+            )
         # On this machine each fsync of the virtual disk stops both virtual CPUs for 2-4 ms when they are busy
         # (docs/benchmarks.md): the goal is judged with the log on the disk and, to tell the service from
         # the disk, on tmpfs (fsync is still called, and returns at once)
-        locations = [args.audit_dir] if args.audit_dir is not None else [None] + (
-            [Path("/dev/shm")] if Path("/dev/shm").is_dir() else [])
+        locations = (
+            [args.audit_dir]
+            if args.audit_dir is not None
+            else [None] + ([Path("/dev/shm")] if Path("/dev/shm").is_dir() else [])
+        )
         for location in locations:
             for interval in (None, args.seal_interval):
                 with tempfile.TemporaryDirectory(dir=location) as audit_tmp:
-                    judge_open_loop(args, workdir, Path(audit_tmp), service_cpu, client_cpu, seal_interval=interval)
+                    judge_open_loop(
+                        args, workdir, Path(audit_tmp), service_cpu, client_cpu, seal_interval=interval
+                    )
         if not args.no_component:
             component = bench_component(workdir, args.iq_requests, args.iq_window, service_cpu)
             if isinstance(component, str):
                 print(f"component {component}")
             else:
                 rate, latencies = component
-                print(f"component via Prosody, closed loop, {args.iq_window:>3} in flight: {rate:>9,.0f} decisions/s  "
-                      f"p50 {percentile(latencies, .5):.3f} ms  p99 {percentile(latencies, .99):.3f} ms")
+                print(
+                    f"component via Prosody, closed loop, {args.iq_window:>3} in flight: {rate:>9,.0f} decisions/s  "
+                    f"p50 {percentile(latencies, 0.5):.3f} ms  p99 {percentile(latencies, 0.99):.3f} ms"
+                )
     return 0
 
 

@@ -11,6 +11,15 @@ from .diagnostics import Diagnostic, PolicyError
 from .events import Event, EventError
 from .runtime import Policy
 
-__all__ = ["load_policy", "compile_policy", "Event", "EventError", "Decision", "TraceStep", "Policy",
-           "PolicyError", "Diagnostic"]
+__all__ = [
+    "load_policy",
+    "compile_policy",
+    "Event",
+    "EventError",
+    "Decision",
+    "TraceStep",
+    "Policy",
+    "PolicyError",
+    "Diagnostic",
+]
 __version__ = "0.1.0"

@@ -25,10 +25,12 @@ from precis_i18n import get_profile
 MAX_PART_OCTETS = 1023
 # Fast path: plain ASCII parts that PRECIS and IDNA leave as they are, apart from case.
 _SIMPLE_LOCAL = re.compile(r"^[A-Za-z0-9._+\-=!$%*?^`{|}~]+\Z")  # \Z: `$` also matches before a final newline
-_SIMPLE_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*"
-                            r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$")
+_SIMPLE_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$"
+)
 _SIMPLE_RESOURCE = re.compile(r"^[\x21-\x7e ]+\Z")
-_FORBIDDEN_LOCAL = set('"&\'/:<>@ ')
+_FORBIDDEN_LOCAL = set("\"&'/:<>@ ")
 _USERNAME = get_profile("UsernameCaseMapped")
 _OPAQUE = get_profile("OpaqueString")
 
@@ -151,8 +153,10 @@ def _parse_jid(raw: str) -> Address:
 # RFC 3261 name-addr: [display-name] "<" addr-spec ">" and header parameters. The display name
 # is a quoted string or tokens (no ':', '@', ';', '<'...), so `sip:eve@evil.example;x=<sip:...>`
 # is not taken for a display name with the URI in brackets behind it.
-_NAME_ADDR = re.compile(r'\s*(?:"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00\x0a\x0d])*"'
-                        r"|[A-Za-z0-9\-.!%*_+`'~ \t\u0080-\U0010ffff]*)\s*<([^<>\"]*)>\s*(?:;[^<>\"]*)?")
+_NAME_ADDR = re.compile(
+    r'\s*(?:"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00\x0a\x0d])*"'
+    r"|[A-Za-z0-9\-.!%*_+`'~ \t\u0080-\U0010ffff]*)\s*<([^<>\"]*)>\s*(?:;[^<>\"]*)?"
+)
 # what an addr-spec (a URI outside brackets) cannot hold: RFC 3261 escapes all of these
 _URI_FORBIDDEN = re.compile(r'[\x00-\x20\x7f<>"]')
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -193,7 +197,7 @@ def sip_uri_suffix(raw: str) -> str:
     _scheme, _userinfo, _at, hostport, headers = _split_sip(raw)
     hostport, semicolon, parameters = hostport.partition(";")
     if hostport.startswith("["):
-        port = hostport[hostport.find("]") + 1:] if "]" in hostport else ""
+        port = hostport[hostport.find("]") + 1 :] if "]" in hostport else ""
     else:
         port = ":" + hostport.rsplit(":", 1)[1] if hostport.count(":") == 1 else ""
     return (port + semicolon + parameters + headers).lower()
@@ -258,8 +262,10 @@ def parse_address(raw: str, protocol: str | None = None) -> Address:
     if "\x00" in raw:
         raise AddressError("NUL character in address")
     lowered = raw.lstrip()[:5].lower()
-    if protocol == "sip" or (protocol is None and (lowered.startswith("sip:") or lowered.startswith("sips:")
-                                                   or "<sip" in raw.lower())):
+    if protocol == "sip" or (
+        protocol is None
+        and (lowered.startswith("sip:") or lowered.startswith("sips:") or "<sip" in raw.lower())
+    ):
         return _parse_sip(raw)
     return _parse_jid(raw)
 
@@ -277,7 +283,9 @@ def event_address(raw: str, protocol: str) -> Address:
     cache = _EVENT_ADDRESSES[protocol]
     address = cache.get(raw)
     if address is None:
-        address = parse_address(raw, None if raw[:5].lower().startswith(("sip:", "sips:", "xmpp:")) else protocol)
+        address = parse_address(
+            raw, None if raw[:5].lower().startswith(("sip:", "sips:", "xmpp:")) else protocol
+        )
         if len(raw) <= ADDRESS_CACHE_TEXT:
             if len(cache) >= ADDRESS_CACHE_SIZE:
                 cache.clear()

@@ -18,9 +18,15 @@ from .events import Event, EventError
 from .tester import policy_files, run_tests, uncovered_rules
 
 # Sub-packages that add their own commands (each: add_commands(subparsers)).
-COMMAND_MODULES = ("policyplug.demo", "policyplug.service.commands", "policyplug.audit.commands",
-                   "policyplug.usage.commands", "policyplug.starter", "policyplug.analysis.commands",
-                   "policyplug.directory_ldap")  # directory export: docs/scaling.md
+COMMAND_MODULES = (
+    "policyplug.demo",
+    "policyplug.service.commands",
+    "policyplug.audit.commands",
+    "policyplug.usage.commands",
+    "policyplug.starter",
+    "policyplug.analysis.commands",
+    "policyplug.directory_ldap",
+)  # directory export: docs/scaling.md
 
 
 def _print_diagnostics(error: PolicyError) -> None:
@@ -60,27 +66,34 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  rule {rule}: {text}  ({why})")
         elif not args.quiet:
             noted = f", {_plural(len(policy.warnings), 'warning')}" if policy.warnings else ""
-            print(f"{path}: ok (policy '{policy.name}', {len(policy.rules)} rules, {len(policy.tests)} tests{noted})")
+            print(
+                f"{path}: ok (policy '{policy.name}', {len(policy.rules)} rules, {len(policy.tests)} tests{noted})"
+            )
         if getattr(args, "strict", False):  # analysis findings fail the check (docs/analysis.md)
             from .analysis.analyze import analyze
 
             claims = analyze(policy, witnesses=False).claims
             for finding in claims:
                 by = f" by {', '.join(finding.by or [])}" if finding.kind == "shadowed" else ""
-                print(f"{finding.file or path}:{finding.line}: error: rule {finding.rule} is {finding.kind}{by}",
-                      file=sys.stderr)
+                print(
+                    f"{finding.file or path}:{finding.line}: error: rule {finding.rule} is {finding.kind}{by}",
+                    file=sys.stderr,
+                )
             if claims:
                 failed += 1
                 errors += len(claims)
     if len(files) > 1 or failed:
         noted = f", {_plural(warnings, 'warning')}" if warnings else ""
-        print(f"{len(files) - failed} valid, {failed} invalid ({errors} errors{noted})",
-              file=sys.stderr if failed else sys.stdout)
+        print(
+            f"{len(files) - failed} valid, {failed} invalid ({errors} errors{noted})",
+            file=sys.stderr if failed else sys.stdout,
+        )
     return 1 if failed else 0
 
 
 def _print_lint(policy, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     from .lint import lint_policy  # operator pitfalls: lockouts, components outside local domains
+
     found = lint_policy(policy, getattr(args, "prosody_config", None))
     for warning in found:
         print(warning.format(), file=sys.stderr)
@@ -106,8 +119,10 @@ def cmd_test(args: argparse.Namespace) -> int:
         if args.coverage:
             missing = uncovered_rules(policy, outcomes)
             covered = len(policy.rules) - len(missing)
-            print(f"{path}: {covered}/{len(policy.rules)} rules matched in some test"
-                  + (f"; never: {', '.join(missing)}" if missing else ""))
+            print(
+                f"{path}: {covered}/{len(policy.rules)} rules matched in some test"
+                + (f"; never: {', '.join(missing)}" if missing else "")
+            )
             uncovered += len(missing)
         for outcome in outcomes:
             if outcome.passed:
@@ -116,8 +131,10 @@ def cmd_test(args: argparse.Namespace) -> int:
                     print(f"PASS {outcome.location} {outcome.name}")
             else:
                 failed += 1
-                print("FAIL " + (outcome.describe(with_trace=args.verbose) if args.verbose
-                                 else _one_line(outcome)))
+                print(
+                    "FAIL "
+                    + (outcome.describe(with_trace=args.verbose) if args.verbose else _one_line(outcome))
+                )
     elapsed = time.perf_counter() - started
     if args.verbose:
         print(f"# {len(files)} policy files in {elapsed:.2f}s", file=sys.stderr)
@@ -127,14 +144,19 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def _one_line(outcome) -> str:  # type: ignore[no-untyped-def]
     from .tester import describe_decision, describe_expectation
+
     expect = outcome.test.expect
     expected = describe_expectation(expect) if expect else "?"
     if outcome.decision is None:  # the test could not run: say why, not just "decided nothing"
-        return f"{outcome.location} {outcome.name}: expected {expected}; not run: {'; '.join(outcome.problems)}"
+        return (
+            f"{outcome.location} {outcome.name}: expected {expected}; not run: {'; '.join(outcome.problems)}"
+        )
     decided = describe_decision(outcome.decision)
     trace = ""
     if outcome.decision is not None and outcome.decision.trace:
-        trace = " | trace: " + ", ".join(f"{s.rule}={'match' if s.matched else 'no'}" for s in outcome.decision.trace)
+        trace = " | trace: " + ", ".join(
+            f"{s.rule}={'match' if s.matched else 'no'}" for s in outcome.decision.trace
+        )
     return f"{outcome.location} {outcome.name}: expected {expected}; decided {decided}{trace}"
 
 
@@ -165,8 +187,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     decision = policy.decide(event, explain=args.explain)
     print(json.dumps(decision.to_json(), ensure_ascii=False))
     if args.explain:
-        print(f"{event.kind} from {event.sender.address} to {event.recipient.address} "
-              f"({policy.activation(event)['direction']}):", file=sys.stderr)
+        print(
+            f"{event.kind} from {event.sender.address} to {event.recipient.address} "
+            f"({policy.activation(event)['direction']}):",
+            file=sys.stderr,
+        )
         print(decision.explain(), file=sys.stderr)
         for error in decision.errors:
             print(f"  error in {error['rule']}: {error['message']}", file=sys.stderr)
@@ -206,34 +231,54 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 def add_allow_path(p: argparse.ArgumentParser) -> None:
     """--allow-path DIR: a folder outside the policy's own that its includes, lists and directory may
     lie in (docs/language.md, "Files a policy reads")."""
-    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
-                   help="let includes, list files and the directory lie in DIR too (repeatable; "
-                        "default: only the policy's own folder)")
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="let includes, list files and the directory lie in DIR too (repeatable; "
+        "default: only the policy's own folder)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="policyplug", description="A policy engine for XMPP and SIP servers.")
+    parser = argparse.ArgumentParser(
+        prog="policyplug", description="A policy engine for XMPP and SIP servers."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("check", help="load policies and print every diagnostic")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--explain-compile", action="store_true",
-                   help="list conditions that run on cel-python's interpreter instead of compiled Python")
+    p.add_argument(
+        "--explain-compile",
+        action="store_true",
+        help="list conditions that run on cel-python's interpreter instead of compiled Python",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only diagnostics")
-    p.add_argument("--prosody-config", type=Path, metavar="FILE",
-                   help="warn about the hosts and components of this prosody.cfg.lua that are not local domains")
+    p.add_argument(
+        "--prosody-config",
+        type=Path,
+        metavar="FILE",
+        help="warn about the hosts and components of this prosody.cfg.lua that are not local domains",
+    )
     add_allow_path(p)
-    p.add_argument("--strict", action="store_true",
-                   help="also fail on analyze findings: shadowed, unsatisfiable or redundant rules")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail on analyze findings: shadowed, unsatisfiable or redundant rules",
+    )
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("test", help="run the test blocks of policies")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("-v", "--verbose", action="store_true", help="show passing tests and full traces")
     p.add_argument("--coverage", action="store_true", help="list rules that matched in no test")
-    p.add_argument("--require-coverage", action="store_true",
-                   help="with --coverage: exit 1 when a rule matched in no test")
+    p.add_argument(
+        "--require-coverage",
+        action="store_true",
+        help="with --coverage: exit 1 when a rule matched in no test",
+    )
     add_allow_path(p)
     p.set_defaults(func=cmd_test)
 

@@ -64,28 +64,43 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
     per_rule = []
     for checked in model.rules:
         node = checked.node
-        per_rule.append([(tree, True, expr.text) for tree, expr in zip(checked.when, node.when, strict=True)]
-                        + [(tree, False, expr.text) for tree, expr in zip(checked.unless, node.unless, strict=True)])
-    fused = compile_rules([[(tree, expected) for tree, expected, _ in conditions] for conditions in per_rule], constants)
+        per_rule.append(
+            [(tree, True, expr.text) for tree, expr in zip(checked.when, node.when, strict=True)]
+            + [(tree, False, expr.text) for tree, expr in zip(checked.unless, node.unless, strict=True)]
+        )
+    fused = compile_rules(
+        [[(tree, expected) for tree, expected, _ in conditions] for conditions in per_rule], constants
+    )
     rules: list[CompiledRule] = []
     for index, (checked, conditions, code) in enumerate(zip(model.rules, per_rule, fused, strict=True)):
         node = checked.node
         if code.matcher is not None:
-            compiled_conditions = tuple(CompiledCondition(LazyCondition(tree, constants), expected, text)
-                                        for tree, expected, text in conditions)
+            compiled_conditions = tuple(
+                CompiledCondition(LazyCondition(tree, constants), expected, text)
+                for tree, expected, text in conditions
+            )
         else:  # a condition falls back to cel-python (or the rule is too big for one function)
-            compiled_conditions = tuple(_condition(tree, text, expected, constants)
-                                        for tree, expected, text in conditions)
+            compiled_conditions = tuple(
+                _condition(tree, text, expected, constants) for tree, expected, text in conditions
+            )
         limit = None
         if node.limit is not None and checked.limit_key is not None:
             key = compile_expression(checked.limit_key, constants)
-            limit = CompiledLimit(key.evaluate, node.limit.count, node.limit.seconds, node.limit.key.text,
-                                  _party_key(node.limit.key.text))
+            limit = CompiledLimit(
+                key.evaluate,
+                node.limit.count,
+                node.limit.seconds,
+                node.limit.key.text,
+                _party_key(node.limit.key.text),
+            )
         effect = node.effect
         obligations = node.obligations
         rule = CompiledRule(
-            name=node.name, index=index, kinds=frozenset(node.kinds) if node.kinds is not None else None,
-            conditions=compiled_conditions, limit=limit,
+            name=node.name,
+            index=index,
+            kinds=frozenset(node.kinds) if node.kinds is not None else None,
+            conditions=compiled_conditions,
+            limit=limit,
             effect=effect.kind if effect else None,
             reason=effect.argument if effect and effect.kind == "deny" else None,
             redirect_to=effect.argument if effect and effect.kind == "redirect" else None,
@@ -101,14 +116,25 @@ def compile_policy(model: PolicyModel, *, limiter: Limiter | None = None, use_in
         rule.has_obligations = bool(rule.copy_to or rule.disclaimers or rule.tags or rule.audit)
         rules.append(rule)
     policy = Policy(
-        name=model.name, revision=model.revision, path=model.path, files=model.files, reads=model.reads,
-        rules=rules, default_effect=model.default.effect,
+        name=model.name,
+        revision=model.revision,
+        path=model.path,
+        files=model.files,
+        reads=model.reads,
+        rules=rules,
+        default_effect=model.default.effect,
         default_reason=model.default.reason if model.default.effect == "deny" else None,
-        on_error_deny=model.on_error_deny, local_domains=model.local_domains, directory=model.directory,
-        lists=model.lists, tests=model.tests, limiter=limiter if limiter is not None else MemoryLimiter(),
+        on_error_deny=model.on_error_deny,
+        local_domains=model.local_domains,
+        directory=model.directory,
+        lists=model.lists,
+        tests=model.tests,
+        limiter=limiter if limiter is not None else MemoryLimiter(),
         model=model,
     )
-    policy._index = build_index(rules, [checked.when for checked in model.rules], model.lists) if use_index else None
+    policy._index = (
+        build_index(rules, [checked.when for checked in model.rules], model.lists) if use_index else None
+    )
     return policy
 
 
@@ -117,8 +143,14 @@ def _arguments(obligations: Iterable[nodes.Obligation], kind: str) -> tuple[str,
     return tuple(o.argument for o in obligations if o.kind == kind and o.argument is not None)
 
 
-def load_policy(path: str | Path | None = None, *, text: str | None = None, base_dir: str | Path | None = None,
-                limiter: Limiter | None = None, allowed_paths: Iterable[str | Path] = ()) -> Policy:
+def load_policy(
+    path: str | Path | None = None,
+    *,
+    text: str | None = None,
+    base_dir: str | Path | None = None,
+    limiter: Limiter | None = None,
+    allowed_paths: Iterable[str | Path] = (),
+) -> Policy:
     """Load, check and compile a policy (a file path, or `text=` with `base_dir=` for relative paths).
 
     Its includes, list files and directory must lie in its folder or in `allowed_paths` (docs/language.md).

@@ -24,18 +24,42 @@ class Decision:
     """One decision. Attributes as in the decision JSON (docs/cli.md); `copy_to`, `disclaimers`, `tags`,
     `errors` and `trace` are lists (created on first read when empty)."""
 
-    __slots__ = ("decision", "rule", "reason", "redirect_to", "route_via", "_copy_to", "_disclaimers", "_tags",
-                 "audit", "_errors", "policy", "policy_revision", "_trace")
+    __slots__ = (
+        "decision",
+        "rule",
+        "reason",
+        "redirect_to",
+        "route_via",
+        "_copy_to",
+        "_disclaimers",
+        "_tags",
+        "audit",
+        "_errors",
+        "policy",
+        "policy_revision",
+        "_trace",
+    )
     # None or a tuple shared between decisions until first read (see below), then a list
     _copy_to: list[str] | tuple[str, ...] | None
     _disclaimers: list[str] | tuple[str, ...] | None
     _tags: list[str] | tuple[str, ...] | None
 
-    def __init__(self, decision: str, rule: str | None, reason: str | None = None, redirect_to: str | None = None,
-                 route_via: str | None = None, copy_to: list[str] | None = None,
-                 disclaimers: list[str] | None = None, tags: list[str] | None = None, audit: bool = False,
-                 errors: list[dict[str, str]] | None = None, policy: str = "", policy_revision: str = "",
-                 trace: list[TraceStep] | None = None):
+    def __init__(
+        self,
+        decision: str,
+        rule: str | None,
+        reason: str | None = None,
+        redirect_to: str | None = None,
+        route_via: str | None = None,
+        copy_to: list[str] | None = None,
+        disclaimers: list[str] | None = None,
+        tags: list[str] | None = None,
+        audit: bool = False,
+        errors: list[dict[str, str]] | None = None,
+        policy: str = "",
+        policy_revision: str = "",
+        trace: list[TraceStep] | None = None,
+    ):
         self.decision = decision
         self.rule = rule
         self.reason = reason
@@ -116,29 +140,64 @@ class Decision:
         """The decision JSON (docs/cli.md), key for key."""
         copy_to, disclaimers, tags, errors = self._copy_to, self._disclaimers, self._tags, self._errors
         return {
-            "decision": self.decision, "rule": self.rule, "reason": self.reason,
-            "redirect_to": self.redirect_to, "route_via": self.route_via,
-            "copy_to": list(copy_to) if copy_to else [], "disclaimers": list(disclaimers) if disclaimers else [],
-            "tags": list(tags) if tags else [], "audit": self.audit,
+            "decision": self.decision,
+            "rule": self.rule,
+            "reason": self.reason,
+            "redirect_to": self.redirect_to,
+            "route_via": self.route_via,
+            "copy_to": list(copy_to) if copy_to else [],
+            "disclaimers": list(disclaimers) if disclaimers else [],
+            "tags": list(tags) if tags else [],
+            "audit": self.audit,
             "errors": [dict(e) for e in errors] if errors else [],
-            "policy": self.policy, "policy_revision": self.policy_revision,
+            "policy": self.policy,
+            "policy_revision": self.policy_revision,
         }
 
     def shape(self) -> tuple[Any, ...] | None:
         """Everything to_json() gives, as a hashable key (decisions of the hot path share their
         obligation tuples), or None when a member is a list (errors, or obligations set by hand)."""
         copy_to, disclaimers, tags = self._copy_to, self._disclaimers, self._tags
-        if self._errors or (copy_to.__class__ is list) or (disclaimers.__class__ is list) or (tags.__class__ is list):
+        if (
+            self._errors
+            or (copy_to.__class__ is list)
+            or (disclaimers.__class__ is list)
+            or (tags.__class__ is list)
+        ):
             return None
-        return (self.decision, self.rule, self.reason, self.redirect_to, self.route_via, copy_to or (),
-                disclaimers or (), tags or (), self.audit, self.policy, self.policy_revision)
+        return (
+            self.decision,
+            self.rule,
+            self.reason,
+            self.redirect_to,
+            self.route_via,
+            copy_to or (),
+            disclaimers or (),
+            tags or (),
+            self.audit,
+            self.policy,
+            self.policy_revision,
+        )
 
     def _fields(self) -> tuple[Any, ...]:
         def as_list(value: Any) -> list[Any]:
             return list(value) if value else []
-        return (self.decision, self.rule, self.reason, self.redirect_to, self.route_via, as_list(self._copy_to),
-                as_list(self._disclaimers), as_list(self._tags), self.audit, as_list(self._errors), self.policy,
-                self.policy_revision, as_list(self._trace))
+
+        return (
+            self.decision,
+            self.rule,
+            self.reason,
+            self.redirect_to,
+            self.route_via,
+            as_list(self._copy_to),
+            as_list(self._disclaimers),
+            as_list(self._tags),
+            self.audit,
+            as_list(self._errors),
+            self.policy,
+            self.policy_revision,
+            as_list(self._trace),
+        )
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -148,8 +207,21 @@ class Decision:
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value: not hashable
 
     def __repr__(self) -> str:
-        names = ("decision", "rule", "reason", "redirect_to", "route_via", "copy_to", "disclaimers", "tags", "audit",
-                 "errors", "policy", "policy_revision", "trace")
+        names = (
+            "decision",
+            "rule",
+            "reason",
+            "redirect_to",
+            "route_via",
+            "copy_to",
+            "disclaimers",
+            "tags",
+            "audit",
+            "errors",
+            "policy",
+            "policy_revision",
+            "trace",
+        )
         return "Decision(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True)) + ")"
 
     def explain(self) -> str:

@@ -87,7 +87,9 @@ class DiagnosticSink:
 
     def raise_if_failed(self) -> None:
         if self.diagnostics:
-            ordered = sorted(self.diagnostics, key=lambda d: (d.location.file, d.location.line, d.location.column))
+            ordered = sorted(
+                self.diagnostics, key=lambda d: (d.location.file, d.location.line, d.location.column)
+            )
             raise PolicyError(ordered)
 
 

@@ -54,7 +54,9 @@ class LdapConfig:
     member_attributes: list[str] = field(default_factory=lambda: ["member", "uniqueMember"])
     member_of_attribute: str | None = None
     nested_groups: bool = True
-    attributes: dict[str, tuple[str, bool]] = field(default_factory=dict)  # attrs key -> (LDAP attribute, all values?)
+    attributes: dict[str, tuple[str, bool]] = field(
+        default_factory=dict
+    )  # attrs key -> (LDAP attribute, all values?)
     refresh_interval: float = 300.0
     timeout: float = 10.0
     page_size: int = 1000
@@ -72,14 +74,18 @@ class LdapConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise DirectoryConfigError(f"{path}: not valid TOML: {exc}") from None
 
-        def want(name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        def want(
+            name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False
+        ) -> Any:
             if name not in raw:
                 if required:
                     raise DirectoryConfigError(f"{path}: field '{name}' is missing")
                 return default
             value = raw[name]
             if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
-                raise DirectoryConfigError(f"{path}: field '{name}' has the wrong type ({type(value).__name__})")
+                raise DirectoryConfigError(
+                    f"{path}: field '{name}' has the wrong type ({type(value).__name__})"
+                )
             return value
 
         def strings(name: str, default: list[str]) -> list[str]:
@@ -89,27 +95,54 @@ class LdapConfig:
                 raise DirectoryConfigError(f"{path}: field '{name}' must be a string or a list of strings")
             return list(value)
 
-        known = {"url", "bind_dn", "password_file", "users_base", "users_filter", "address_attribute",
-                 "address_domain", "groups_base", "groups_filter", "group_name_attribute", "member_attribute",
-                 "member_of_attribute", "nested_groups", "attributes", "refresh_interval", "timeout",
-                 "page_size", "start_tls", "ca_file"}
+        known = {
+            "url",
+            "bind_dn",
+            "password_file",
+            "users_base",
+            "users_filter",
+            "address_attribute",
+            "address_domain",
+            "groups_base",
+            "groups_filter",
+            "group_name_attribute",
+            "member_attribute",
+            "member_of_attribute",
+            "nested_groups",
+            "attributes",
+            "refresh_interval",
+            "timeout",
+            "page_size",
+            "start_tls",
+            "ca_file",
+        }
         for name in raw:
             if name not in known:
-                raise DirectoryConfigError(f"{path}: unknown field '{name}' (known: {', '.join(sorted(known))})")
+                raise DirectoryConfigError(
+                    f"{path}: unknown field '{name}' (known: {', '.join(sorted(known))})"
+                )
         if "password" in raw:
             raise DirectoryConfigError(f"{path}: no 'password' field: name a password_file")
         urls = strings("url", [])
         for url in urls:
             if not url.startswith(("ldap://", "ldaps://", "ldapi://")):
-                raise DirectoryConfigError(f"{path}: field 'url': '{url}' is not ldap://, ldaps:// or ldapi://")
+                raise DirectoryConfigError(
+                    f"{path}: field 'url': '{url}' is not ldap://, ldaps:// or ldapi://"
+                )
         password = None
         password_file = want("password_file", str)
         if password_file:
-            file = (path.parent / password_file) if not Path(password_file).is_absolute() else Path(password_file)
+            file = (
+                (path.parent / password_file)
+                if not Path(password_file).is_absolute()
+                else Path(password_file)
+            )
             try:
                 password = file.read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
-                raise DirectoryConfigError(f"{path}: field 'password_file': {file}: {exc.strerror or exc}") from None
+                raise DirectoryConfigError(
+                    f"{path}: field 'password_file': {file}: {exc.strerror or exc}"
+                ) from None
         bind_dn = want("bind_dn", str)
         if bind_dn and password is None:
             raise DirectoryConfigError(f"{path}: field 'bind_dn' needs 'password_file'")
@@ -120,12 +153,19 @@ class LdapConfig:
             elif isinstance(spec, list) and len(spec) == 1 and isinstance(spec[0], str) and spec[0]:
                 attributes[key] = (spec[0], True)
             else:
-                raise DirectoryConfigError(f"{path}: attributes.{key} must be \"ldapAttribute\" (first value) "
-                                           "or [\"ldapAttribute\"] (every value, a list)")
+                raise DirectoryConfigError(
+                    f'{path}: attributes.{key} must be "ldapAttribute" (first value) '
+                    'or ["ldapAttribute"] (every value, a list)'
+                )
             if key == "groups":
-                raise DirectoryConfigError(f"{path}: attributes.groups: groups come from group entries or memberOf")
+                raise DirectoryConfigError(
+                    f"{path}: attributes.groups: groups come from group entries or memberOf"
+                )
         config = cls(
-            path=path, urls=urls, bind_dn=bind_dn, password=password,
+            path=path,
+            urls=urls,
+            bind_dn=bind_dn,
+            password=password,
             users_base=want("users_base", str, required=True),
             users_filter=want("users_filter", str, cls.users_filter),
             address_attributes=strings("address_attribute", ["mail"]),
@@ -198,15 +238,22 @@ class LdapDirectory:
         tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file) if config.ca_file else None
         servers = [Server(url, connect_timeout=config.timeout, get_info=NONE, tls=tls) for url in config.urls]
         pool = ServerPool(servers, FIRST, active=1, exhaust=True) if len(servers) > 1 else servers[0]
-        connection = Connection(pool, user=config.bind_dn, password=config.password, read_only=True,
-                                receive_timeout=max(1, math.ceil(config.timeout)), raise_exceptions=True, auto_bind=False,
-                                return_empty_attributes=False,
-                                # ldap3 follows referrals by default, binding with our DN and password to
-                                # whatever server a referral names: never (a referral is skipped, and said so)
-                                auto_referrals=False,
-                                # no schema is read (get_info=NONE): checking names against it only
-                                # costs time (a third of a 50,000-user read)
-                                check_names=False)
+        connection = Connection(
+            pool,
+            user=config.bind_dn,
+            password=config.password,
+            read_only=True,
+            receive_timeout=max(1, math.ceil(config.timeout)),
+            raise_exceptions=True,
+            auto_bind=False,
+            return_empty_attributes=False,
+            # ldap3 follows referrals by default, binding with our DN and password to
+            # whatever server a referral names: never (a referral is skipped, and said so)
+            auto_referrals=False,
+            # no schema is read (get_info=NONE): checking names against it only
+            # costs time (a third of a 50,000-user read)
+            check_names=False,
+        )
         connection.open()
         if config.start_tls:
             connection.start_tls()
@@ -215,16 +262,25 @@ class LdapDirectory:
 
     def _search(self, connection: Any, base: str, search_filter: str, attributes: list[str]) -> Any:
         from ldap3 import SUBTREE  # type: ignore[import-untyped]
+
         yield from connection.extend.standard.paged_search(
-            base, search_filter, SUBTREE, attributes=attributes, paged_size=self.config.page_size, generator=True)
+            base,
+            search_filter,
+            SUBTREE,
+            attributes=attributes,
+            paged_size=self.config.page_size,
+            generator=True,
+        )
         # ldap3 ends a search cut short by the server's size or time limit quietly: part of a
         # directory must never pass for the whole of it (a user missing from a group is a wall with a gap)
         result = connection.result or {}
         if result.get("result") in (3, 4):  # timeLimitExceeded, sizeLimitExceeded
-            raise RuntimeError(f"search of '{base}' cut short by the server ({result.get('description')}): "
-                               "lift the size and time limits for the bind DN (slapd: limits dn.exact=... "
-                               "size=unlimited time=unlimited; Active Directory pages at MaxPageSize, which "
-                               "paged searches follow)")
+            raise RuntimeError(
+                f"search of '{base}' cut short by the server ({result.get('description')}): "
+                "lift the size and time limits for the bind DN (slapd: limits dn.exact=... "
+                "size=unlimited time=unlimited; Active Directory pages at MaxPageSize, which "
+                "paged searches follow)"
+            )
 
     def load(self) -> tuple[Snapshot, dict[str, int]]:
         """The directory as a snapshot, and what it holds (users, groups)."""
@@ -234,8 +290,12 @@ class LdapDirectory:
             user_attributes = {*config.address_attributes, *(a for a, _ in config.attributes.values())}
             if config.member_of_attribute:
                 user_attributes.add(config.member_of_attribute)
-            users: dict[str, tuple[list[str], dict[str, Any], list[str]]] = {}  # DN key -> (addresses, attrs, memberOf)
-            for entry in self._search(connection, config.users_base, config.users_filter, sorted(user_attributes)):
+            users: dict[
+                str, tuple[list[str], dict[str, Any], list[str]]
+            ] = {}  # DN key -> (addresses, attrs, memberOf)
+            for entry in self._search(
+                connection, config.users_base, config.users_filter, sorted(user_attributes)
+            ):
                 if entry.get("type") != "searchResEntry":
                     continue
                 found = entry["attributes"]
@@ -273,15 +333,18 @@ class LdapDirectory:
                         continue
                     key = _dn_key(entry["dn"])
                     group_names[key] = names[0]
-                    members[key] = [_dn_key(m) for name in config.member_attributes
-                                    for m in _values(entry["attributes"], name)]
+                    members[key] = [
+                        _dn_key(m)
+                        for name in config.member_attributes
+                        for m in _values(entry["attributes"], name)
+                    ]
         finally:
             connection.unbind()
 
         groups_of: dict[str, set[str]] = {}  # user DN key -> group names
         for group, member_keys in members.items():
             name = group_names[group]
-            for member in (self._expand(group, members) if config.nested_groups else member_keys):
+            for member in self._expand(group, members) if config.nested_groups else member_keys:
                 if member in users:
                     groups_of.setdefault(member, set()).add(name)
         snapshot: Snapshot = {}
@@ -327,8 +390,16 @@ class DirectorySource:
         self.reader = reader or LdapDirectory(config)
         self.snapshot: Snapshot | None = None
         self.revision = 0  # bumped for every snapshot that differs from the one before
-        self.stats: dict[str, Any] = {"refreshes": 0, "failures": 0, "last_error": None, "last_success": None,
-                                      "load_seconds": None, "users": 0, "groups": 0, "addresses": 0}
+        self.stats: dict[str, Any] = {
+            "refreshes": 0,
+            "failures": 0,
+            "last_error": None,
+            "last_success": None,
+            "load_seconds": None,
+            "users": 0,
+            "groups": 0,
+            "addresses": 0,
+        }
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -344,8 +415,12 @@ class DirectorySource:
             except Exception as exc:  # ldap3's exceptions, OSError, anything: the old snapshot stays
                 self.stats["failures"] += 1
                 self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
-                log.error("directory %s: refresh failed, keeping the snapshot of %s: %s", self.config.path,
-                          self.stats["last_success"] or "never", self.stats["last_error"])
+                log.error(
+                    "directory %s: refresh failed, keeping the snapshot of %s: %s",
+                    self.config.path,
+                    self.stats["last_success"] or "never",
+                    self.stats["last_error"],
+                )
                 return False
             self.stats["refreshes"] += 1
             self.stats["load_seconds"] = round(time.monotonic() - started, 3)
@@ -355,8 +430,13 @@ class DirectorySource:
             if changed:
                 self.snapshot = snapshot
                 self.revision += 1
-                log.info("directory %s: %d users, %d groups (%.2f s)", self.config.path, counts["users"],
-                         counts["groups"], self.stats["load_seconds"])
+                log.info(
+                    "directory %s: %d users, %d groups (%.2f s)",
+                    self.config.path,
+                    counts["users"],
+                    counts["groups"],
+                    self.stats["load_seconds"],
+                )
             return changed
 
     def start(self, on_change: Any) -> None:
@@ -401,8 +481,10 @@ class DirectorySource:
             if extra is None:
                 merged[address] = entry
             else:
-                merged[address] = {"groups": list(dict.fromkeys([*entry["groups"], *extra["groups"]])),
-                                   "attrs": {**entry["attrs"], **extra["attrs"]}}
+                merged[address] = {
+                    "groups": list(dict.fromkeys([*entry["groups"], *extra["groups"]])),
+                    "attrs": {**entry["attrs"], **extra["attrs"]},
+                }
         policy.directory = merged
         policy._forget()  # parties and candidate selections were derived from the old directory
 
@@ -411,6 +493,7 @@ class DirectorySource:
 
 
 # -- `policyplug directory export`: the snapshot as a `directory "FILE"` JSON file -------------------
+
 
 def export(config_path: str | Path, output: str | Path) -> dict[str, int]:
     """Write the directory as JSON in the format of `directory "FILE"` (docs/language.md), replacing
@@ -422,8 +505,10 @@ def export(config_path: str | Path, output: str | Path) -> dict[str, int]:
 
     config = LdapConfig.load(config_path)
     snapshot, counts = LdapDirectory(config).load()
-    data = {address: {"groups": entry["groups"], **{k: v for k, v in entry["attrs"].items() if k != "groups"}}
-            for address, entry in sorted(snapshot.items())}
+    data = {
+        address: {"groups": entry["groups"], **{k: v for k, v in entry["attrs"].items() if k != "groups"}}
+        for address, entry in sorted(snapshot.items())
+    }
     output = Path(output)
     fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent or ".")
     try:
@@ -442,24 +527,35 @@ def export(config_path: str | Path, output: str | Path) -> dict[str, int]:
 
 def _cmd_export(args: Any) -> int:
     import sys
+
     try:
         counts = export(args.config, args.output)
     except DirectoryConfigError as exc:
         print(f"policyplug directory export: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the directory could not be read: the old file stays
-        print(f"policyplug directory export: {args.config}: could not read the directory, {args.output} "
-              f"left as it was: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"policyplug directory export: {args.config}: could not read the directory, {args.output} "
+            f"left as it was: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 1
-    print(f"{args.output}: {counts['addresses']} addresses, {counts['users']} users, {counts['groups']} groups")
+    print(
+        f"{args.output}: {counts['addresses']} addresses, {counts['users']} users, {counts['groups']} groups"
+    )
     return 0
 
 
 def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("directory", help="directory sources (LDAP, Active Directory)")
     sub = p.add_subparsers(dest="directory_command", required=True)
-    e = sub.add_parser("export", help="write an LDAP directory as a `directory \"FILE\"` JSON file "
-                                      "(for deployments without `serve --directory-ldap`, e.g. Kamailio)")
+    e = sub.add_parser(
+        "export",
+        help='write an LDAP directory as a `directory "FILE"` JSON file '
+        "(for deployments without `serve --directory-ldap`, e.g. Kamailio)",
+    )
     e.add_argument("config", metavar="CONFIG.toml", help="the LDAP source, as for serve --directory-ldap")
-    e.add_argument("output", metavar="OUTPUT.json", help="replaced atomically; left alone when the read fails")
+    e.add_argument(
+        "output", metavar="OUTPUT.json", help="replaced atomically; left alone when the read fails"
+    )
     e.set_defaults(func=_cmd_export)

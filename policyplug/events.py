@@ -23,7 +23,9 @@ _new_event = object.__new__
 EVENT_FIELDS = EVENT_MEMBERS
 CLIENT_FIELDS = tuple(_CLIENT_TYPES)
 KEYWORD_FIELDS = EVENT_FIELDS[3:]
-_ABSENT: Any = object()  # a member not given at all (null is not the same: it is refused where a list or object is due)
+_ABSENT: Any = (
+    object()
+)  # a member not given at all (null is not the same: it is refused where a list or object is due)
 
 
 class EventError(ValueError):
@@ -57,13 +59,40 @@ def parse_time(value: str, field: str = "time") -> datetime:
 class Event:
     """One event to decide on. Build with Event.message(...) etc. or Event.from_json(...)."""
 
-    __slots__ = ("kind", "protocol", "sender", "recipient", "body", "subject", "type", "size", "payload",
-                 "headers", "client", "time", "content_complete", "_activation_cache")
+    __slots__ = (
+        "kind",
+        "protocol",
+        "sender",
+        "recipient",
+        "body",
+        "subject",
+        "type",
+        "size",
+        "payload",
+        "headers",
+        "client",
+        "time",
+        "content_complete",
+        "_activation_cache",
+    )
 
-    def __init__(self, kind: str, sender: Address, recipient: Address, *, protocol: str, body: str = "",
-                 subject: str = "", type: str = "", size: int | None = None, payload: list[str] | None = None,
-                 headers: dict[str, str] | None = None, client: dict[str, Any] | None = None,
-                 time: datetime | None = None, content_complete: bool = True):
+    def __init__(
+        self,
+        kind: str,
+        sender: Address,
+        recipient: Address,
+        *,
+        protocol: str,
+        body: str = "",
+        subject: str = "",
+        type: str = "",
+        size: int | None = None,
+        payload: list[str] | None = None,
+        headers: dict[str, str] | None = None,
+        client: dict[str, Any] | None = None,
+        time: datetime | None = None,
+        content_complete: bool = True,
+    ):
         self.kind = kind
         self.protocol = protocol
         self.sender = sender
@@ -111,8 +140,13 @@ class Event:
         protocol = get("protocol")
         if protocol is None:
             protocol = "xmpp"
-            if (raw_from[0] in "sS" or raw_to[0] in "sS") and (  # only then can either be a sip: URI
-                    raw_from[:5].lower().startswith(("sip:", "sips:")) or raw_to[:5].lower().startswith(("sip:", "sips:"))):
+            if (
+                (raw_from[0] in "sS" or raw_to[0] in "sS")
+                and (  # only then can either be a sip: URI
+                    raw_from[:5].lower().startswith(("sip:", "sips:"))
+                    or raw_to[:5].lower().startswith(("sip:", "sips:"))
+                )
+            ):
                 protocol = "sip"
         elif protocol not in PROTOCOLS:
             raise _field_error("protocol", f"expected 'xmpp' or 'sip', got {protocol!r}")
@@ -128,8 +162,11 @@ class Event:
         if type(stanza_type) is not str:
             stanza_type = _optional_string(data, "type")
         size = get("size")
-        if size is not None and (type(size) is not int or size < 0) and (
-                not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        if (
+            size is not None
+            and (type(size) is not int or size < 0)
+            and (not isinstance(size, int) or isinstance(size, bool) or size < 0)
+        ):
             raise _field_error("size", f"expected a non-negative integer, got {size!r}")
         payload = get("payload", _ABSENT)
         if payload is _ABSENT:
@@ -142,15 +179,25 @@ class Event:
         if headers is _ABSENT or headers == {}:
             headers = {}
         elif (type(headers) is not dict and not isinstance(headers, Mapping)) or not all(
-                type(k) is str and type(v) is str or isinstance(k, str) and isinstance(v, str)
-                for k, v in headers.items()):
+            type(k) is str and type(v) is str or isinstance(k, str) and isinstance(v, str)
+            for k, v in headers.items()
+        ):
             raise _field_error("headers", "expected an object of string values")
         else:
             headers = {k.lower(): v for k, v in headers.items()}
         client = get("client")
-        if type(client) is dict and len(client) == 3 and type(client.get("ip")) is str and type(
-                client.get("port")) is int and type(client.get("secure")) is bool:
-            client = {"ip": client["ip"], "port": client["port"], "secure": client["secure"]}  # the usual shape
+        if (
+            type(client) is dict
+            and len(client) == 3
+            and type(client.get("ip")) is str
+            and type(client.get("port")) is int
+            and type(client.get("secure")) is bool
+        ):
+            client = {
+                "ip": client["ip"],
+                "port": client["port"],
+                "secure": client["secure"],
+            }  # the usual shape
         else:
             client = _client(client)
         time_value = get("time")
@@ -158,8 +205,11 @@ class Event:
             when = datetime.now(UTC)
         else:
             last = _last_time
-            when = last[1] if last is not None and last[0] == time_value and type(time_value) is str \
+            when = (
+                last[1]
+                if last is not None and last[0] == time_value and type(time_value) is str
                 else _parse_time_cached(time_value)
+            )
         if size is None:
             size = len(body) if body.isascii() else len(body.encode("utf-8", "surrogatepass"))
         complete = get("content_complete", True)
@@ -167,13 +217,39 @@ class Event:
             if complete is not None:  # null is the default, like the other optional members
                 raise _field_error("content_complete", f"expected true or false, got {complete!r}")
             complete = True
-        return cls.from_members(kind, protocol, sender, recipient, body, subject, stanza_type, size, payload, headers,
-                                client, when, complete)
+        return cls.from_members(
+            kind,
+            protocol,
+            sender,
+            recipient,
+            body,
+            subject,
+            stanza_type,
+            size,
+            payload,
+            headers,
+            client,
+            when,
+            complete,
+        )
 
     @classmethod
-    def from_members(cls, kind: str, protocol: str, sender: Address, recipient: Address, body: str, subject: str,
-                     type: str, size: int, payload: list[str], headers: dict[str, str], client: dict[str, Any],
-                     time: datetime, content_complete: bool = True) -> Event:
+    def from_members(
+        cls,
+        kind: str,
+        protocol: str,
+        sender: Address,
+        recipient: Address,
+        body: str,
+        subject: str,
+        type: str,
+        size: int,
+        payload: list[str],
+        headers: dict[str, str],
+        client: dict[str, Any],
+        time: datetime,
+        content_complete: bool = True,
+    ) -> Event:
         """An Event of members already checked and in their final form (from_json's, an adapter's):
         its slots set directly, without __init__'s keyword call and defaults (a fifth of from_json's time)."""
         event = _new_event(cls)
@@ -199,8 +275,10 @@ class Event:
         for key, value in fields.items():
             if key not in KEYWORD_FIELDS:
                 # from_json ignores unknown members (adapters may send more); a keyword is a typo
-                raise TypeError(f"Event.{kind}() got an unexpected keyword argument {key!r} "
-                                f"(event fields: {', '.join(KEYWORD_FIELDS)})")
+                raise TypeError(
+                    f"Event.{kind}() got an unexpected keyword argument {key!r} "
+                    f"(event fields: {', '.join(KEYWORD_FIELDS)})"
+                )
             if key == "time" and isinstance(value, datetime):
                 value = value.isoformat()
             data[key] = value
@@ -247,10 +325,18 @@ class Event:
     def to_json(self) -> dict[str, Any]:
         """The event JSON; `content_complete` only when false (true is its default)."""
         data = {
-            "kind": self.kind, "from": self.sender.raw, "to": self.recipient.raw, "body": self.body,
-            "time": self.time.isoformat().replace("+00:00", "Z"), "protocol": self.protocol,
-            "client": dict(self.client), "headers": dict(self.headers), "payload": list(self.payload),
-            "type": self.type, "subject": self.subject, "size": self.size,
+            "kind": self.kind,
+            "from": self.sender.raw,
+            "to": self.recipient.raw,
+            "body": self.body,
+            "time": self.time.isoformat().replace("+00:00", "Z"),
+            "protocol": self.protocol,
+            "client": dict(self.client),
+            "headers": dict(self.headers),
+            "payload": list(self.payload),
+            "type": self.type,
+            "subject": self.subject,
+            "size": self.size,
         }
         if self.content_complete is not True:
             data["content_complete"] = False

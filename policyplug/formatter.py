@@ -36,7 +36,7 @@ def _fold_spaces(code: str) -> str:
                 i += 2
                 continue
             if code.startswith(quote, i):
-                out.append(code[i + 1:i + len(quote)])
+                out.append(code[i + 1 : i + len(quote)])
                 i += len(quote)
                 quote = None
                 continue
@@ -116,8 +116,10 @@ def _shape(tree: nodes.PolicyFile) -> list[Any]:
             return None
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return (type(value).__name__,) + tuple(
-                strip(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if f.name not in ("location", "name_location", "kinds_location", "by_location"))
+                strip(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if f.name not in ("location", "name_location", "kinds_location", "by_location")
+            )
         if isinstance(value, list):
             return [strip(v) for v in value]
         if isinstance(value, str):
@@ -136,6 +138,13 @@ def format_file(text: str, file: str) -> str:
     check = DiagnosticSink()
     after = parse_text(formatted, file, check)
     if check.failed or _shape(after) != _shape(before):
-        raise PolicyError(check.diagnostics or [Diagnostic(
-            Location(file, 1, 1), "internal error: formatting would change the policy; file left as is")])
+        raise PolicyError(
+            check.diagnostics
+            or [
+                Diagnostic(
+                    Location(file, 1, 1),
+                    "internal error: formatting would change the policy; file left as is",
+                )
+            ]
+        )
     return formatted

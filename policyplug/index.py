@@ -30,17 +30,38 @@ from .schema import DIRECTIONS, EVENT_KINDS
 
 # The fields an index may be built on, most selective first. Group fields are lists: a rule
 # guarded by `"g" in sender.groups` is found through each of the sender's groups.
-INDEXED_FIELDS = ("recipient.address", "sender.address", "recipient.domain", "sender.domain", "sender.groups",
-                  "recipient.groups", "direction")
+INDEXED_FIELDS = (
+    "recipient.address",
+    "sender.address",
+    "recipient.domain",
+    "sender.domain",
+    "sender.groups",
+    "recipient.groups",
+    "direction",
+)
 MULTI_VALUED = frozenset({"sender.groups", "recipient.groups"})
-_PASS_THROUGH = {"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
-                 "member", "primary", "paren_expr"}
+_PASS_THROUGH = {
+    "expr",
+    "conditionalor",
+    "conditionaland",
+    "relation",
+    "addition",
+    "multiplication",
+    "unary",
+    "member",
+    "primary",
+    "paren_expr",
+}
 _PLAIN_STRING = re.compile(r'^(?:"([^"\\]*)"|\'([^\'\\]*)\')\Z')
 
 
 def _strip(tree: Any) -> Any:
-    while isinstance(tree, lark.Tree) and len(tree.children) == 1 and rule_name(tree.data) in _PASS_THROUGH \
-            and isinstance(tree.children[0], lark.Tree):
+    while (
+        isinstance(tree, lark.Tree)
+        and len(tree.children) == 1
+        and rule_name(tree.data) in _PASS_THROUGH
+        and isinstance(tree.children[0], lark.Tree)
+    ):
         tree = tree.children[0]
     return tree
 
@@ -109,8 +130,13 @@ _LOCAL_DIRECTIONS = {
 
 def _local_directions(tree: Any) -> frozenset[str] | None:
     negated = False
-    if isinstance(tree, lark.Tree) and len(tree.children) == 2 and rule_name(tree.data) == "unary" \
-            and isinstance(tree.children[0], lark.Tree) and rule_name(tree.children[0].data) == "unary_not":
+    if (
+        isinstance(tree, lark.Tree)
+        and len(tree.children) == 2
+        and rule_name(tree.data) == "unary"
+        and isinstance(tree.children[0], lark.Tree)
+        and rule_name(tree.children[0].data) == "unary_not"
+    ):
         negated, tree = True, _strip(tree.children[1])
     if not (isinstance(tree, lark.Tree) and rule_name(tree.data) == "member_dot"):
         return None
@@ -122,8 +148,13 @@ def _local_directions(tree: Any) -> frozenset[str] | None:
 
 _INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
 INT64 = 2**63
-_FLIPPED = {"relation_lt": "relation_gt", "relation_le": "relation_ge", "relation_gt": "relation_lt",
-            "relation_ge": "relation_le", "relation_eq": "relation_eq"}
+_FLIPPED = {
+    "relation_lt": "relation_gt",
+    "relation_le": "relation_ge",
+    "relation_gt": "relation_lt",
+    "relation_ge": "relation_le",
+    "relation_eq": "relation_eq",
+}
 
 
 def _int_literal(tree: Any) -> int | None:
@@ -155,8 +186,13 @@ def _size_interval(operation: str, lhs: Any, rhs: Any) -> tuple[float, float] | 
     if bound is None:
         return None
     inf = float("inf")
-    return {"relation_lt": (-inf, bound), "relation_le": (-inf, bound + 1), "relation_gt": (bound + 1, inf),
-            "relation_ge": (bound, inf), "relation_eq": (bound, bound + 1)}[operation]
+    return {
+        "relation_lt": (-inf, bound),
+        "relation_le": (-inf, bound + 1),
+        "relation_gt": (bound + 1, inf),
+        "relation_ge": (bound, inf),
+        "relation_eq": (bound, bound + 1),
+    }[operation]
 
 
 def _guard(conjunct: Any, lists: dict[str, tuple[str, ...]]) -> tuple[str, Any] | None:
@@ -165,7 +201,11 @@ def _guard(conjunct: Any, lists: dict[str, tuple[str, ...]]) -> tuple[str, Any] 
     directions = _local_directions(conjunct)
     if directions is not None:
         return "direction", directions
-    if not (isinstance(conjunct, lark.Tree) and len(conjunct.children) == 2 and rule_name(conjunct.data) == "relation"):
+    if not (
+        isinstance(conjunct, lark.Tree)
+        and len(conjunct.children) == 2
+        and rule_name(conjunct.data) == "relation"
+    ):
         return None
     operator, rhs = conjunct.children
     if not isinstance(operator, lark.Tree) or not operator.children:
@@ -198,13 +238,15 @@ def _conjunct_paths(tree: Any) -> list[tuple[Any, list[Any]]]:
     tree = _strip(tree)
     if isinstance(tree, lark.Tree) and rule_name(tree.data) == "conditionaland" and len(tree.children) == 2:
         left, right = _strip(tree.children[0]), _strip(tree.children[1])
-        return ([(c, above + [right]) for c, above in _conjunct_paths(left)]
-                + [(c, above + [left]) for c, above in _conjunct_paths(right)])
+        return [(c, above + [right]) for c, above in _conjunct_paths(left)] + [
+            (c, above + [left]) for c, above in _conjunct_paths(right)
+        ]
     return [(tree, [])]
 
 
-def _operand_may_raise(tree: Any, when: Any, may_raise: RaiseCheck, guards: dict[int, Any],
-                       memo: dict[Any, bool]) -> bool:
+def _operand_may_raise(
+    tree: Any, when: Any, may_raise: RaiseCheck, guards: dict[int, Any], memo: dict[Any, bool]
+) -> bool:
     """May this operand of a `&&` in `when` raise past it (see guards_of)? Its conjuncts that are
     guards cannot (typed comparisons with literals); the others are asked of the compiler.
     `guards`: conjunct id -> its guard or None; `memo` is per `when`."""
@@ -225,8 +267,9 @@ def _operand_may_raise(tree: Any, when: Any, may_raise: RaiseCheck, guards: dict
     return found
 
 
-def guards_of(when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]],
-              may_raise: RaiseCheck | None = None) -> dict[str, frozenset[str]]:
+def guards_of(
+    when_trees: Sequence[Any], lists: dict[str, tuple[str, ...]], may_raise: RaiseCheck | None = None
+) -> dict[str, frozenset[str]]:
     """Every (field -> allowed values) implied by a rule's `when` clauses.
 
     `sender.local` and `recipient.local` (or their negation) restrict the direction; comparisons
@@ -282,28 +325,42 @@ class RuleIndex:
     indexed fields that appear in some table) and caches candidates per (kind, signatures), and
     per size bucket when rules have `size` guards."""
 
-    def __init__(self, plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]],
-                 side_values: dict[str, dict[str, frozenset[str]]],
-                 sizes: dict[CompiledRule, tuple[float, float]] | None = None):
+    def __init__(
+        self,
+        plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]],
+        side_values: dict[str, dict[str, frozenset[str]]],
+        sizes: dict[CompiledRule, tuple[float, float]] | None = None,
+    ):
         self.plans = plans
         self.side_values = side_values  # "sender" | "recipient" -> field -> values some table holds
         # Rules with a `size` guard, and the bounds of all such guards: an event's size falls in one
         # of the buckets these bounds cut (bisect_right(size_points, size)), and within one bucket
         # every guard holds or fails alike, so candidates are cached per bucket too.
         self.sizes = sizes or {}
-        self.size_points = tuple(sorted({b for lo_hi in self.sizes.values() for b in lo_hi if b not in
-                                         (float("inf"), float("-inf"))}))
+        self.size_points = tuple(
+            sorted(
+                {b for lo_hi in self.sizes.values() for b in lo_hi if b not in (float("inf"), float("-inf"))}
+            )
+        )
 
     def signature(self, party: dict[str, Any], side: str) -> tuple[Any, ...]:
         values = self.side_values[side]
         address, domain, groups = values["address"], values["domain"], values["groups"]
-        return (party["local"],
-                party["address"] if party["address"] in address else None,
-                party["domain"] if party["domain"] in domain else None,
-                tuple(g for g in party["groups"] if g in groups) if groups else ())
+        return (
+            party["local"],
+            party["address"] if party["address"] in address else None,
+            party["domain"] if party["domain"] in domain else None,
+            tuple(g for g in party["groups"] if g in groups) if groups else (),
+        )
 
-    def candidates(self, kind: str, direction: str, sender: dict[str, Any], recipient: dict[str, Any],
-                   size_bucket: int = -1) -> tuple[CompiledRule, ...]:
+    def candidates(
+        self,
+        kind: str,
+        direction: str,
+        sender: dict[str, Any],
+        recipient: dict[str, Any],
+        size_bucket: int = -1,
+    ) -> tuple[CompiledRule, ...]:
         """Candidate rules; `size_bucket` is bisect_right(size_points, size) (Policy.decide works it
         out inline, on the hot path), -1 when the event's size is unknown (not an int64)."""
         found = self._candidates(kind, direction, sender, recipient)
@@ -313,8 +370,9 @@ class RuleIndex:
         value = points[size_bucket - 1] if size_bucket > 0 else points[0] - 1  # any size in the bucket
         return tuple(r for r in found if r not in sizes or sizes[r][0] <= value < sizes[r][1])
 
-    def _candidates(self, kind: str, direction: str, sender: dict[str, Any],
-                    recipient: dict[str, Any]) -> tuple[CompiledRule, ...]:
+    def _candidates(
+        self, kind: str, direction: str, sender: dict[str, Any], recipient: dict[str, Any]
+    ) -> tuple[CompiledRule, ...]:
         by_direction = self.plans.get(kind)
         if by_direction is None:
             return ()
@@ -345,8 +403,9 @@ class RuleIndex:
 INDEXED_PARTY_FIELDS = tuple(dict.fromkeys(f.partition(".")[2] for f in INDEXED_FIELDS if "." in f))
 
 
-def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any]],
-                lists: dict[str, tuple[str, ...]]) -> RuleIndex | None:
+def build_index(
+    rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any]], lists: dict[str, tuple[str, ...]]
+) -> RuleIndex | None:
     """The rule index of compiled `rules` (in file order), given each rule's `when` parse trees and
     the policy's lists; None when no rule has a guard (every rule is a candidate)."""
     check = RaiseCheck(lists)
@@ -354,17 +413,22 @@ def build_index(rules: Sequence[CompiledRule], when_trees: Sequence[Sequence[Any
     if not any(all_guards):
         return None
     plans: dict[str, dict[str, tuple[tuple[CompiledRule, ...], list[Any]]]] = {}
-    side_values: dict[str, dict[str, set[str]]] = {side: {f: set() for f in INDEXED_PARTY_FIELDS}
-                                                   for side in ("sender", "recipient")}
+    side_values: dict[str, dict[str, set[str]]] = {
+        side: {f: set() for f in INDEXED_PARTY_FIELDS} for side in ("sender", "recipient")
+    }
     # per rule, once: the kinds and directions it can match, and the field it is indexed by
     placed = []
     for rule, guards in zip(rules, all_guards, strict=True):
         kinds = EVENT_KINDS if rule.kinds is None else [k for k in EVENT_KINDS if k in rule.kinds]
         if "kind" in guards:  # `kind == "call"` restricts like `on call`
             kinds = [k for k in kinds if k in guards["kind"]]
-        directions = [d for d in DIRECTIONS if d in guards["direction"]] if "direction" in guards else DIRECTIONS
+        directions = (
+            [d for d in DIRECTIONS if d in guards["direction"]] if "direction" in guards else DIRECTIONS
+        )
         field = next((f for f in INDEXED_FIELDS if f in guards and f != "direction"), None)
-        placed.append((rule, frozenset(kinds), frozenset(directions), field, guards.get(field) if field else None))
+        placed.append(
+            (rule, frozenset(kinds), frozenset(directions), field, guards.get(field) if field else None)
+        )
     for kind in EVENT_KINDS:
         plans[kind] = {}
         for direction in DIRECTIONS:

@@ -51,11 +51,34 @@ class LogicalLine:
         return stripped[:end]
 
 
-STATEMENT_WORDS = frozenset((
-    "policy", "local", "list", "directory", "define", "include", "default", "rule", "test",
-    "on", "when", "unless", "limit", "allow", "deny", "drop", "redirect", "route", "copy", "disclaimer", "audit",
-    "tag", "expect", "repeat",
-))
+STATEMENT_WORDS = frozenset(
+    (
+        "policy",
+        "local",
+        "list",
+        "directory",
+        "define",
+        "include",
+        "default",
+        "rule",
+        "test",
+        "on",
+        "when",
+        "unless",
+        "limit",
+        "allow",
+        "deny",
+        "drop",
+        "redirect",
+        "route",
+        "copy",
+        "disclaimer",
+        "audit",
+        "tag",
+        "expect",
+        "repeat",
+    )
+)
 
 
 def _starts_statement(text: str) -> bool:
@@ -151,21 +174,30 @@ def logical_lines(file: str, text: str) -> tuple[list[LogicalLine], list[LexErro
             current = parts[-1].rstrip()
             continues = bool(stack) or quote is not None or current.endswith(CONTINUATION_ENDINGS)
             if len(stack) > MAX_NESTING:
-                errors.append(LexError(Location(file, i + 1, 1), f"brackets nest more than {MAX_NESTING} deep"))
+                errors.append(
+                    LexError(Location(file, i + 1, 1), f"brackets nest more than {MAX_NESTING} deep")
+                )
                 stack = []
                 quote = None
                 continues = False
             if not continues or i + 1 >= len(physical):
                 if stack:
-                    errors.append(LexError(Location(file, start_line, indent + 1),
-                                           f"'{stack[-1]}' is never closed"))
+                    errors.append(
+                        LexError(Location(file, start_line, indent + 1), f"'{stack[-1]}' is never closed")
+                    )
                 break
             nxt = physical[i + 1].strip()
-            if stack and not current.endswith(CONTINUATION_ENDINGS) and quote is None \
-                    and _starts_statement(nxt):
+            if (
+                stack
+                and not current.endswith(CONTINUATION_ENDINGS)
+                and quote is None
+                and _starts_statement(nxt)
+            ):
                 # An unclosed bracket must not swallow the rest of the file: a line that
                 # starts like a statement or clause ends the runaway expression.
-                errors.append(LexError(Location(file, start_line, indent + 1), f"'{stack[-1]}' is never closed"))
+                errors.append(
+                    LexError(Location(file, start_line, indent + 1), f"'{stack[-1]}' is never closed")
+                )
                 break
             i += 1
             raw = physical[i].rstrip("\r")
@@ -178,7 +210,9 @@ def logical_lines(file: str, text: str) -> tuple[list[LogicalLine], list[LexErro
         leading = tuple(c for c in pending_comments)
         while leading and leading[-1] == "":
             leading = leading[:-1]
-        result.append(LogicalLine(file, joined, start_line, indent + 1, tuple(comments), leading, blank_before))
+        result.append(
+            LogicalLine(file, joined, start_line, indent + 1, tuple(comments), leading, blank_before)
+        )
         pending_comments = []
         blank_before = False
         i += 1

@@ -47,7 +47,9 @@ class MemoryLimiter:
 
     def _sweep(self, now: float) -> None:
         self._hits_since_sweep = 0
-        idle = [k for k, (stamps, window) in self._windows.items() if not stamps or stamps[-1] <= now - window]
+        idle = [
+            k for k, (stamps, window) in self._windows.items() if not stamps or stamps[-1] <= now - window
+        ]
         for key in idle:
             del self._windows[key]
         if len(self._windows) > self._max_keys:

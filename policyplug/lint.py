@@ -41,8 +41,11 @@ def _warning(location: Location, message: str) -> Diagnostic:
 
 
 # the clients a first login comes from: if every one is refused, so is everyone's first login
-_CLIENTS = ({"ip": "127.0.0.1", "port": 5222, "secure": True}, {"ip": "10.0.0.10", "port": 5222, "secure": True},
-            {"ip": "192.168.1.10", "port": 5222, "secure": True})
+_CLIENTS = (
+    {"ip": "127.0.0.1", "port": 5222, "secure": True},
+    {"ip": "10.0.0.10", "port": 5222, "secure": True},
+    {"ip": "192.168.1.10", "port": 5222, "secure": True},
+)
 
 
 def lockout_warnings(policy: Policy) -> list[Diagnostic]:
@@ -65,11 +68,16 @@ def lockout_warnings(policy: Policy) -> list[Diagnostic]:
             by = refusals[0].rule
             rule = next((r for r in model.rules if r.node.name == by), None)
             where = rule.node.location if rule is not None else model.default.location
-            found.append(_warning(where, f"the '{kind}' event of {user} to {domain} is refused "
-                                         f"({refusals[0].decision} by {by or 'default'}), from every client "
-                                         f"tried: {consequence}; allow it in a rule (rules/starter-prosody.policy, "
-                                         "rules/starter-kamailio.policy), or leave the kind out of the "
-                                         "adapter's kinds"))
+            found.append(
+                _warning(
+                    where,
+                    f"the '{kind}' event of {user} to {domain} is refused "
+                    f"({refusals[0].decision} by {by or 'default'}), from every client "
+                    f"tried: {consequence}; allow it in a rule (rules/starter-prosody.policy, "
+                    "rules/starter-kamailio.policy), or leave the kind out of the "
+                    "adapter's kinds",
+                )
+            )
     return found
 
 
@@ -100,16 +108,24 @@ def subdomain_warnings(policy: Policy) -> list[Diagnostic]:
         if domain in seen:
             return
         seen.add(domain)
-        found.append(_warning(location, f"'{domain}' is a subdomain of the local domain '{parent}' but not in "
-                                        "`local domains`: traffic to it is outbound; if it is one of your "
-                                        "server's components (MUC, upload, the policy component), add it to "
-                                        "`local domains`"))
+        found.append(
+            _warning(
+                location,
+                f"'{domain}' is a subdomain of the local domain '{parent}' but not in "
+                "`local domains`: traffic to it is outbound; if it is one of your "
+                "server's components (MUC, upload, the policy component), add it to "
+                "`local domains`",
+            )
+        )
 
     for test in model.tests:
         event = test.event
         if event is None:
             continue
-        for raw, where in ((event.sender, event.sender_location), (event.recipient, event.recipient_location)):
+        for raw, where in (
+            (event.sender, event.sender_location),
+            (event.recipient, event.recipient_location),
+        ):
             domain = raw.split("/", 1)[0].rsplit("@", 1)[-1]
             parent = _not_local(domain, local)
             if parent:
@@ -124,7 +140,9 @@ def subdomain_warnings(policy: Policy) -> list[Diagnostic]:
     return found
 
 
-def prosody_hosts(config: Path, _depth: int = 0, _seen: set[Path] | None = None) -> list[tuple[str, Location]]:
+def prosody_hosts(
+    config: Path, _depth: int = 0, _seen: set[Path] | None = None
+) -> list[tuple[str, Location]]:
     """The VirtualHost and Component names of a Prosody configuration and the files it Includes
     (relative to its folder, as Prosody reads them), with where they are. Each file is read once:
     files that Include each other (or `*.cfg.lua` from inside that folder) would otherwise be read
@@ -138,10 +156,15 @@ def prosody_hosts(config: Path, _depth: int = 0, _seen: set[Path] | None = None)
     for number, line in enumerate(config.read_text(encoding="utf-8").splitlines(), 1):
         match = _PROSODY_HOST.match(line)
         if match:
-            hosts.append((match.group(2), Location(str(config), number, match.start(2) + 1, len(match.group(2)))))
+            hosts.append(
+                (match.group(2), Location(str(config), number, match.start(2) + 1, len(match.group(2))))
+            )
         elif (included := _PROSODY_INCLUDE.match(line)) and _depth < 8:
-            for path in sorted(config.parent.glob(included.group(1))) if "*" in included.group(1) else \
-                    [config.parent / included.group(1)]:
+            for path in (
+                sorted(config.parent.glob(included.group(1)))
+                if "*" in included.group(1)
+                else [config.parent / included.group(1)]
+            ):
                 if path.is_file():
                     hosts += prosody_hosts(path, _depth + 1, seen)
     return hosts
@@ -155,7 +178,9 @@ def server_host_warnings(policy: Policy, prosody_config: Path) -> list[Diagnosti
     try:
         hosts = prosody_hosts(prosody_config)
     except (OSError, UnicodeDecodeError) as exc:  # said, not raised: the policy itself was checked
-        return [_warning(Location(str(prosody_config), 1, 1), f"cannot read the Prosody configuration: {exc}")]
+        return [
+            _warning(Location(str(prosody_config), 1, 1), f"cannot read the Prosody configuration: {exc}")
+        ]
     found = []
     for host, where in hosts:
         try:
@@ -163,9 +188,14 @@ def server_host_warnings(policy: Policy, prosody_config: Path) -> list[Diagnosti
         except Exception:
             domain = host.lower()
         if domain not in model.local_domains:
-            found.append(_warning(where, f"'{host}' is served by this Prosody but is not in the policy's "
-                                         f"`local domains` ({policy.name}): traffic to it is outbound, refused "
-                                         "or audited like a stranger's; add it to `local domains`"))
+            found.append(
+                _warning(
+                    where,
+                    f"'{host}' is served by this Prosody but is not in the policy's "
+                    f"`local domains` ({policy.name}): traffic to it is outbound, refused "
+                    "or audited like a stranger's; add it to `local domains`",
+                )
+            )
     return found
 
 

@@ -99,16 +99,26 @@ def read_regular(path: Path, roots: Iterable[str] | None = None) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
-                    else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
-                    else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(info.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(info.st_mode)
+                else "a device"
+                if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                else "a socket"
+                if stat.S_ISSOCK(info.st_mode)
+                else "not a regular file"
+            )
             raise ReadProblem(f"it is {kind}, not a regular file")
         if roots is not None:
             real = _opened_path(fd, path)
             if not _under(real, roots):
-                raise ReadProblem(f"it is outside the policy's folder ({', '.join(roots)}); "
-                                  "allow its folder with --allow-path DIR (or load_policy(..., allowed_paths=[DIR]), "
-                                  "or POLICYPLUG_ALLOW_PATH)")
+                raise ReadProblem(
+                    f"it is outside the policy's folder ({', '.join(roots)}); "
+                    "allow its folder with --allow-path DIR (or load_policy(..., allowed_paths=[DIR]), "
+                    "or POLICYPLUG_ALLOW_PATH)"
+                )
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -137,8 +147,13 @@ def _opened_path(fd: int, path: Path) -> str:
         return os.path.realpath(path)
 
 
-def read_source(path: Path, sink: DiagnosticSink, location: Location | None = None,
-                what: str = "policy file", roots: Iterable[str] | None = None) -> str | None:
+def read_source(
+    path: Path,
+    sink: DiagnosticSink,
+    location: Location | None = None,
+    what: str = "policy file",
+    roots: Iterable[str] | None = None,
+) -> str | None:
     """Read a UTF-8 file; any failure becomes a diagnostic naming the file (and the line, for bad bytes)."""
     here = location or Location(str(path), 1, 1)
     try:
@@ -162,8 +177,14 @@ def _shown(path: Path) -> str:
 def _not_a_policy(text: str, file: str, own: DiagnosticSink) -> bool:
     """Does the file's first line that is neither blank nor a comment fail to parse, and not even
     start with a statement's keyword? (A policy with a broken first rule still gets its diagnostics.)"""
-    first = next(((n, line) for n, line in enumerate(text.splitlines(), 1)
-                  if line.strip() and not line.lstrip().startswith("#")), None)
+    first = next(
+        (
+            (n, line)
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ),
+        None,
+    )
     if first is None or first[1].split()[0].rstrip(":") in TOP_LEVEL_KEYWORDS:
         return False
     return any(d.location.file == file and d.location.line == first[0] for d in own.diagnostics)
@@ -217,8 +238,9 @@ class Loader:
         self.included: set[str] = set()
         self.texts: dict[str, str | None] = {}
 
-    def _read_once(self, path: Path, location: Location | None, what: str,
-                   confined: bool = True) -> tuple[str, str | None]:
+    def _read_once(
+        self, path: Path, location: Location | None, what: str, confined: bool = True
+    ) -> tuple[str, str | None]:
         """(real path, text or None): each file read and reported at most once per load."""
         real = _real(path)
         if real not in self.texts:
@@ -227,8 +249,15 @@ class Loader:
 
     # -- reading files and includes ------------------------------------------------------------
 
-    def parse_file(self, path: Path | None, text: str | None, display: str, location: Location | None,
-                   stack: tuple[str, ...], base_dir: Path | None = None) -> list[tuple[nodes.Node, Path]]:
+    def parse_file(
+        self,
+        path: Path | None,
+        text: str | None,
+        display: str,
+        location: Location | None,
+        stack: tuple[str, ...],
+        base_dir: Path | None = None,
+    ) -> list[tuple[nodes.Node, Path]]:
         """Parse a file and the files it includes; statements come back in place, each with its directory.
 
         `stack` holds the real paths of the files including this one (the main file first), so its
@@ -237,15 +266,18 @@ class Loader:
         if text is None:
             assert path is not None
             # the main file is the operator's choice, wherever it is; what it names is confined
-            real, text = self._read_once(path, location, "included file" if stack else "policy file",
-                                         confined=bool(stack))
+            real, text = self._read_once(
+                path, location, "included file" if stack else "policy file", confined=bool(stack)
+            )
             self.included.add(real)
             if text is None:
                 return []
         else:
             real = _real(path) if path is not None else ""
             if text.startswith("\ufeff"):
-                text = text[1:]  # load_policy(text=...) of a file read as text: its byte-order mark, as read_source drops it
+                text = text[
+                    1:
+                ]  # load_policy(text=...) of a file read as text: its byte-order mark, as read_source drops it
         if path is not None:
             self.files.append(path)
         self.hash_parts.append(("policy", text.encode("utf-8")))
@@ -256,8 +288,11 @@ class Loader:
             tree = parse_text(text, display, own)
             if _not_a_policy(text, display, own):
                 assert location is not None
-                sink.error(location, f"included file {_shown(path or Path(display))} is not a policy file "
-                                     "(its first statement is not one); its contents are not shown")
+                sink.error(
+                    location,
+                    f"included file {_shown(path or Path(display))} is not a policy file "
+                    "(its first statement is not one); its contents are not shown",
+                )
                 return []
             sink.sources.update(own.sources)
             sink.diagnostics.extend(own.diagnostics)
@@ -271,11 +306,16 @@ class Loader:
         for statement in tree.statements:
             if isinstance(statement, nodes.Include):
                 if "\x00" in statement.path:  # the file system cannot name it
-                    sink.error(statement.location,
-                               f"cannot read included file {statement.path!r}: the path contains a NUL character")
+                    sink.error(
+                        statement.location,
+                        f"cannot read included file {statement.path!r}: the path contains a NUL character",
+                    )
                     continue
-                target = (base or Path.cwd()) / statement.path if not Path(statement.path).is_absolute() \
+                target = (
+                    (base or Path.cwd()) / statement.path
+                    if not Path(statement.path).is_absolute()
                     else Path(statement.path)
+                )
                 resolved = _real(target)
                 if resolved in here:
                     sink.error(statement.location, f"'{statement.path}' includes itself (include cycle)")
@@ -288,11 +328,19 @@ class Loader:
                 shown = str(target) if base is None else str(Path(display).parent / statement.path)
                 included = self.parse_file(target, None, shown, statement.location, here)
                 for node, node_base in included:
-                    if isinstance(node, (nodes.PolicyName, nodes.LocalDomains, nodes.Default, nodes.OnErrorDeny)):
-                        keyword = {nodes.PolicyName: "policy", nodes.LocalDomains: "local domains",
-                                   nodes.Default: "default", nodes.OnErrorDeny: "on error deny"}[type(node)]
-                        sink.error(node.location, f"'{keyword}' belongs in the main policy file, "
-                                                  "not in an included file")
+                    if isinstance(
+                        node, (nodes.PolicyName, nodes.LocalDomains, nodes.Default, nodes.OnErrorDeny)
+                    ):
+                        keyword = {
+                            nodes.PolicyName: "policy",
+                            nodes.LocalDomains: "local domains",
+                            nodes.Default: "default",
+                            nodes.OnErrorDeny: "on error deny",
+                        }[type(node)]
+                        sink.error(
+                            node.location,
+                            f"'{keyword}' belongs in the main policy file, not in an included file",
+                        )
                         continue
                     out.append((node, node_base))
                 continue
@@ -357,9 +405,15 @@ class Loader:
                 elif name in defines or name in lists:
                     sink.error(loc, f"'{name}' is already defined")
                 pending_defines.pop(name, None)
-                tree, used = check_expression(statement.expression, sink, lists=lists, defines=defines,
-                                              later_defines=pending_defines, define_reads=define_reads,
-                                              parsed=self.parsed)
+                tree, used = check_expression(
+                    statement.expression,
+                    sink,
+                    lists=lists,
+                    defines=defines,
+                    later_defines=pending_defines,
+                    define_reads=define_reads,
+                    parsed=self.parsed,
+                )
                 if tree is not None:
                     defines[name] = tree
                     define_reads[name] = used
@@ -376,8 +430,11 @@ class Loader:
             elif isinstance(statement, nodes.Rule):
                 if statement.name in rule_locations:
                     first_at = rule_locations[statement.name]
-                    sink.error(statement.location, f"duplicate rule name '{statement.name}' "
-                                                   f"(first defined at {first_at.file}:{first_at.line})")
+                    sink.error(
+                        statement.location,
+                        f"duplicate rule name '{statement.name}' "
+                        f"(first defined at {first_at.file}:{first_at.line})",
+                    )
                 else:
                     rule_locations[statement.name] = statement.location
                 if statement.name == "default":
@@ -394,7 +451,10 @@ class Loader:
             where = Location(display, 1, 1)
             sink.error(where, "the policy has no 'default' statement (add 'default deny' or 'default allow')")
         if policy_name is None and first is None:
-            sink.error(Location(display, 1, 1), "the policy is empty (it needs at least 'policy \"NAME\"' and 'default')")
+            sink.error(
+                Location(display, 1, 1),
+                "the policy is empty (it needs at least 'policy \"NAME\"' and 'default')",
+            )
         elif policy_name is None:
             policy_name = ""
 
@@ -407,17 +467,35 @@ class Loader:
         for role, data in self.hash_parts:
             digest.update(role.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big") + data)
         return PolicyModel(
-            name=policy_name, path=path, base_dir=(path.parent if path else (base_dir or Path.cwd())),
-            local_domains=frozenset(local_domains), lists=lists, directory=directory, default=default,
-            on_error_deny=on_error_deny, rules=rules, tests=tests, files=self.files,
-            revision="sha256:" + digest.hexdigest(), reads=frozenset(reads) & frozenset(EVENT_VARIABLES), trees=self.trees,
-            warnings=sorted(sink.warnings, key=lambda d: (d.location.file, d.location.line, d.location.column)),
+            name=policy_name,
+            path=path,
+            base_dir=(path.parent if path else (base_dir or Path.cwd())),
+            local_domains=frozenset(local_domains),
+            lists=lists,
+            directory=directory,
+            default=default,
+            on_error_deny=on_error_deny,
+            rules=rules,
+            tests=tests,
+            files=self.files,
+            revision="sha256:" + digest.hexdigest(),
+            reads=frozenset(reads) & frozenset(EVENT_VARIABLES),
+            trees=self.trees,
+            warnings=sorted(
+                sink.warnings, key=lambda d: (d.location.file, d.location.line, d.location.column)
+            ),
         )
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def _declare_list(self, statement: nodes.ListDecl, base: Path, lists: dict[str, tuple[str, ...]],
-                      list_locations: dict[str, Location], defines: dict[str, Any]) -> None:
+    def _declare_list(
+        self,
+        statement: nodes.ListDecl,
+        base: Path,
+        lists: dict[str, tuple[str, ...]],
+        list_locations: dict[str, Location],
+        defines: dict[str, Any],
+    ) -> None:
         sink = self.sink
         loc = statement.name_location or statement.location
         if (problem := name_problem(statement.name)) is not None:
@@ -447,7 +525,9 @@ class Loader:
         lists[statement.name] = tuple(dict.fromkeys(normalise_list_entry(e) for e in entries))
         list_locations[statement.name] = loc
 
-    def _read_directory(self, statement: nodes.DirectoryDecl, base: Path, directory: dict[str, dict[str, Any]]) -> None:
+    def _read_directory(
+        self, statement: nodes.DirectoryDecl, base: Path, directory: dict[str, dict[str, Any]]
+    ) -> None:
         sink = self.sink
         path = base / statement.path
         first_read = _real(path) not in self.texts
@@ -460,12 +540,17 @@ class Loader:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            sink.error(statement.location, f"directory file '{statement.path}' is not valid JSON: "
-                                           f"{exc.msg} at line {exc.lineno} column {exc.colno}")
+            sink.error(
+                statement.location,
+                f"directory file '{statement.path}' is not valid JSON: "
+                f"{exc.msg} at line {exc.lineno} column {exc.colno}",
+            )
             return
         if not isinstance(data, dict):
-            sink.error(statement.location, f"directory file '{statement.path}' must be a JSON object "
-                                           "mapping addresses to attributes")
+            sink.error(
+                statement.location,
+                f"directory file '{statement.path}' must be a JSON object mapping addresses to attributes",
+            )
             return
         for raw_address, attributes in data.items():
             where = f"directory file '{statement.path}', entry '{raw_address}'"
@@ -490,14 +575,24 @@ class Loader:
             else:
                 directory[address] = {"groups": list(groups), "attrs": attrs}
 
-    def _check_rule(self, rule: nodes.Rule, lists: dict[str, Any], defines: dict[str, lark.Tree],
-                    pending: dict[str, Any], define_reads: dict[str, set[str]], reads: set[str]) -> CheckedRule:
+    def _check_rule(
+        self,
+        rule: nodes.Rule,
+        lists: dict[str, Any],
+        defines: dict[str, lark.Tree],
+        pending: dict[str, Any],
+        define_reads: dict[str, set[str]],
+        reads: set[str],
+    ) -> CheckedRule:
         sink = self.sink
         checked = CheckedRule(rule)
         if len(rule.effects) > 1:
             second = rule.effects[1]
-            sink.error(second.location, f"rule '{rule.name}' has two terminal effects "
-                                        f"('{rule.effects[0].kind}' and '{second.kind}'); a rule decides once")
+            sink.error(
+                second.location,
+                f"rule '{rule.name}' has two terminal effects "
+                f"('{rule.effects[0].kind}' and '{second.kind}'); a rule decides once",
+            )
         for obligation in rule.obligations:
             if obligation.kind == "route via" and (not rule.effects or rule.effects[0].kind != "allow"):
                 sink.error(obligation.location, "'route via' goes with 'allow' (add 'allow' to the rule)")
@@ -509,14 +604,28 @@ class Loader:
                 self._check_address(obligation.argument, obligation.location, "copy to")
         for expressions, trees in ((rule.when, checked.when), (rule.unless, checked.unless)):
             for expression in expressions:
-                tree, used = check_expression(expression, sink, lists=lists, defines=defines,
-                                              later_defines=pending, define_reads=define_reads, parsed=self.parsed)
+                tree, used = check_expression(
+                    expression,
+                    sink,
+                    lists=lists,
+                    defines=defines,
+                    later_defines=pending,
+                    define_reads=define_reads,
+                    parsed=self.parsed,
+                )
                 reads |= used
                 if tree is not None:  # None: the sink holds the error, and the load fails with it
                     trees.append(tree)
         if rule.limit is not None:
-            tree, used = check_expression(rule.limit.key, sink, lists=lists, defines=defines,
-                                          later_defines=pending, define_reads=define_reads, parsed=self.parsed)
+            tree, used = check_expression(
+                rule.limit.key,
+                sink,
+                lists=lists,
+                defines=defines,
+                later_defines=pending,
+                define_reads=define_reads,
+                parsed=self.parsed,
+            )
             reads |= used
             checked.limit_key = tree
         if rule.kinds is not None:
@@ -530,7 +639,9 @@ class Loader:
             self.sink.error(location, f"'{what}' address '{text}' is not valid: {exc}")
 
     def _check_test(self, test: nodes.Test, rule_locations: dict[str, Location]) -> None:
-        if test.event is not None and test.event.kind in nodes.EVENT_KINDS:  # an unknown kind is reported already
+        if (
+            test.event is not None and test.event.kind in nodes.EVENT_KINDS
+        ):  # an unknown kind is reported already
             problem = test_event_problem(test.event, test.repeat)
             if problem is not None:
                 self.sink.error(problem[0], f"test '{test.name}': {problem[1]}")
@@ -538,9 +649,11 @@ class Loader:
         if expect is None or expect.by is None or expect.by == "default":
             return
         if expect.by not in rule_locations:
-            self.sink.error(expect.by_location or expect.location,
-                            f"test '{test.name}' expects a decision by '{expect.by}', but no rule has that name"
-                            f"{did_you_mean(expect.by, list(rule_locations) + ['default'])}")
+            self.sink.error(
+                expect.by_location or expect.location,
+                f"test '{test.name}' expects a decision by '{expect.by}', but no rule has that name"
+                f"{did_you_mean(expect.by, list(rule_locations) + ['default'])}",
+            )
 
 
 def allowed_from_environment() -> list[str]:
@@ -548,8 +661,13 @@ def allowed_from_environment() -> list[str]:
     return [p for p in os.environ.get("POLICYPLUG_ALLOW_PATH", "").split(os.pathsep) if p]
 
 
-def load_model(path: str | Path | None = None, *, text: str | None = None,
-               base_dir: str | Path | None = None, allowed_paths: Iterable[str | Path] = ()) -> PolicyModel:
+def load_model(
+    path: str | Path | None = None,
+    *,
+    text: str | None = None,
+    base_dir: str | Path | None = None,
+    allowed_paths: Iterable[str | Path] = (),
+) -> PolicyModel:
     """Read and check a policy; raises PolicyError with every diagnostic.
 
     Includes, list files and the directory must lie in the policy's folder (the main file's, or

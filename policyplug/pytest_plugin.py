@@ -21,8 +21,12 @@ from .tester import TestOutcome, run_test
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("policyplug")
-    group.addoption("--no-policy-tests", action="store_true", default=False,
-                    help="do not collect test blocks from *.policy files")
+    group.addoption(
+        "--no-policy-tests",
+        action="store_true",
+        default=False,
+        help="do not collect test blocks from *.policy files",
+    )
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Collector | None:

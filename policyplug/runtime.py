@@ -33,14 +33,20 @@ from .schema import EVENT_KINDS
 EVALUATION_ERROR_REASON = "policy evaluation error"
 PARTY_CACHE_LIMIT = 65536
 
+
 class Obligations:
     """The obligations of the rules matched so far, in order and without repeats. Immutable and
     shared: `then(rule)` is cached, so a decision that matches the usual rules builds nothing."""
 
     __slots__ = ("copy_to", "disclaimers", "tags", "audit", "_after")
 
-    def __init__(self, copy_to: tuple[str, ...] = (), disclaimers: tuple[str, ...] = (), tags: tuple[str, ...] = (),
-                 audit: bool = False):
+    def __init__(
+        self,
+        copy_to: tuple[str, ...] = (),
+        disclaimers: tuple[str, ...] = (),
+        tags: tuple[str, ...] = (),
+        audit: bool = False,
+    ):
         self.copy_to = copy_to
         self.disclaimers = disclaimers
         self.tags = tags
@@ -50,14 +56,20 @@ class Obligations:
     def then(self, rule: CompiledRule) -> Obligations:
         after = self._after.get(rule)
         if after is None:
+
             def merged(have: tuple[str, ...], new: tuple[str, ...]) -> tuple[str, ...]:
                 out = list(have)
                 for item in new:
                     if item not in out:
                         out.append(item)
                 return tuple(out)
-            after = Obligations(merged(self.copy_to, rule.copy_to), merged(self.disclaimers, rule.disclaimers),
-                                merged(self.tags, rule.tags), self.audit or rule.audit)
+
+            after = Obligations(
+                merged(self.copy_to, rule.copy_to),
+                merged(self.disclaimers, rule.disclaimers),
+                merged(self.tags, rule.tags),
+                self.audit or rule.audit,
+            )
             if len(self._after) < OBLIGATION_CACHE_LIMIT:
                 self._after[rule] = after
         return after
@@ -66,8 +78,12 @@ class Obligations:
 OBLIGATION_CACHE_LIMIT = 256
 _new_decision = object.__new__
 # direction by (sender local, recipient local)
-_DIRECTION = {(True, True): "internal", (True, False): "outbound", (False, True): "inbound",
-              (False, False): "transit"}
+_DIRECTION = {
+    (True, True): "internal",
+    (True, False): "outbound",
+    (False, True): "inbound",
+    (False, False): "transit",
+}
 _SIG_BITS = 40  # sender signature number << _SIG_BITS | recipient signature number: a selection key
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 SELECTION_CACHE_LIMIT = 65536
@@ -110,8 +126,10 @@ class Policy:
 
     def __post_init__(self) -> None:
         if not self._candidates:
-            self._candidates = {kind: tuple(r for r in self.rules if r.kinds is None or kind in r.kinds)
-                                for kind in EVENT_KINDS}
+            self._candidates = {
+                kind: tuple(r for r in self.rules if r.kinds is None or kind in r.kinds)
+                for kind in EVENT_KINDS
+            }
         self._selection = {kind: {} for kind in EVENT_KINDS}
         for rule in self.rules:
             if rule.has_obligations:
@@ -132,10 +150,19 @@ class Policy:
         else:
             sender, recipient, direction = cached[1], cached[2], cached[3]
         activation = {
-            "kind": event.kind, "protocol": event.protocol, "direction": direction,
-            "sender": sender[0], "recipient": recipient[0],
-            "body": event.body, "subject": event.subject, "type": event.type, "size": event.size,
-            "payload": event.payload, "headers": event.headers, "client": event.client, "time": event.time,
+            "kind": event.kind,
+            "protocol": event.protocol,
+            "direction": direction,
+            "sender": sender[0],
+            "recipient": recipient[0],
+            "body": event.body,
+            "subject": event.subject,
+            "type": event.type,
+            "size": event.size,
+            "payload": event.payload,
+            "headers": event.headers,
+            "client": event.client,
+            "time": event.time,
             "content_complete": event.content_complete,
         }
         event._activation_cache = (self, sender, recipient, direction, activation)
@@ -159,9 +186,13 @@ class Policy:
         entry = self.directory.get(address.address)
         local = address.domain in self.local_domains
         party = {
-            "address": address.address, "user": address.user, "domain": address.domain,
-            "resource": address.resource, "local": local,
-            "groups": entry["groups"] if entry else [], "attrs": entry["attrs"] if entry else {},
+            "address": address.address,
+            "user": address.user,
+            "domain": address.domain,
+            "resource": address.resource,
+            "local": local,
+            "groups": entry["groups"] if entry else [],
+            "attrs": entry["attrs"] if entry else {},
         }
         if len(self._parties) >= PARTY_CACHE_LIMIT:
             self._forget()
@@ -189,8 +220,9 @@ class Policy:
         for cache in self._selection.values():
             cache.clear()
 
-    def _select(self, kind: str, sender: PartyEntry, recipient: PartyEntry,
-                size_bucket: int | None = None) -> Any:
+    def _select(
+        self, kind: str, sender: PartyEntry, recipient: PartyEntry, size_bucket: int | None = None
+    ) -> Any:
         """(direction, candidate rules in file order) for an event of `kind` between two parties;
         decide() caches it. Without `size_bucket`: when some candidates have `size` guards, a list
         with a slot per size bucket instead, the last one filled (candidates for any size)."""
@@ -201,8 +233,9 @@ class Policy:
         index = self._index
         if index is None:
             return direction, self._candidates.get(kind, ())
-        candidates = index.candidates(kind, direction, sender[0], recipient[0],
-                                      -1 if size_bucket is None else size_bucket)
+        candidates = index.candidates(
+            kind, direction, sender[0], recipient[0], -1 if size_bucket is None else size_bucket
+        )
         if size_bucket is None and index.sizes and any(rule in index.sizes for rule in candidates):
             by_bucket: list[Any] = [None] * (len(index.size_points) + 2)
             by_bucket[-1] = (direction, candidates)
@@ -211,8 +244,9 @@ class Policy:
 
     # -- deciding -----------------------------------------------------------------------------------
 
-    def decide(self, event: Event, *, now: float | None = None, explain: bool = False,
-               limiter: Limiter | None = None) -> Decision:
+    def decide(
+        self, event: Event, *, now: float | None = None, explain: bool = False, limiter: Limiter | None = None
+    ) -> Decision:
         """Decide one event. `now` (seconds) drives `limit` windows; by default the event's time."""
         if explain:
             # --explain shows every rule; the index is exact, so the outcome is the same
@@ -270,7 +304,9 @@ class Policy:
                 return self._walk(event, chain((rule,), rules), obligations, now, False, limiter)
             if limit is not None:  # what _over_limit does, with the key read off the party
                 party, field = limit.party_key  # type: ignore[misc]
-                if not self._count(rule, (s_party if party == "sender" else r_party)[field], event, now, limiter):
+                if not self._count(
+                    rule, (s_party if party == "sender" else r_party)[field], event, now, limiter
+                ):
                     continue
             if rule.has_obligations:
                 obligations = rule.obligations_alone if obligations is None else obligations.then(rule)
@@ -295,8 +331,15 @@ class Policy:
         decision.policy_revision = self.revision
         return decision
 
-    def _walk(self, event: Event, candidates: Iterator[CompiledRule], obligations: Obligations | None,
-              now: float | None, explain: bool, limiter: Limiter | None) -> Decision:
+    def _walk(
+        self,
+        event: Event,
+        candidates: Iterator[CompiledRule],
+        obligations: Obligations | None,
+        now: float | None,
+        explain: bool,
+        limiter: Limiter | None,
+    ) -> Decision:
         """First match over `candidates`, condition by condition, with errors, limits and (explain) a trace."""
         activation = self.activation(event)
         errors: list[dict[str, str]] | None = None
@@ -304,22 +347,29 @@ class Policy:
         trace = steps if explain else None
         for rule in candidates:
             if explain and rule.kinds is not None and event.kind not in rule.kinds:
-                steps.append(TraceStep(rule.name, False, f"on {', '.join(sorted(rule.kinds))}: not a {event.kind}"))
+                steps.append(
+                    TraceStep(rule.name, False, f"on {', '.join(sorted(rule.kinds))}: not a {event.kind}")
+                )
                 continue
             error = None  # set when a condition fails with an evaluation error
             for condition in rule.conditions:
                 try:
                     value = condition.evaluate(activation)
                 except Exception as exc:  # CelEvaluationError; anything else is a bug, still fail safe
-                    error = str(exc) if isinstance(exc, CelEvaluationError) \
+                    error = (
+                        str(exc)
+                        if isinstance(exc, CelEvaluationError)
                         else f"internal error: {type(exc).__name__}: {exc}"
+                    )
                     break
                 if value is not condition.expected:
                     if value is not True and value is not False:
                         error = f"condition '{condition.text}' gave {type(value).__name__}, not a bool"
                     elif explain:
                         clause = "when" if condition.expected else "unless"
-                        steps.append(TraceStep(rule.name, False, f"{clause} {condition.text} is {str(value).lower()}"))
+                        steps.append(
+                            TraceStep(rule.name, False, f"{clause} {condition.text} is {str(value).lower()}")
+                        )
                     break
             else:
                 # on, when and unless hold: the limit clause, then the rule matches
@@ -327,18 +377,36 @@ class Policy:
                     over, error = self._over_limit(rule, activation, event, now, limiter)
                     if not over and error is None:
                         if explain:
-                            steps.append(TraceStep(rule.name, False, f"limit {rule.limit.count} per "
-                                                                     f"{rule.limit.seconds:g}s by {rule.limit.text} not exceeded"))
+                            steps.append(
+                                TraceStep(
+                                    rule.name,
+                                    False,
+                                    f"limit {rule.limit.count} per "
+                                    f"{rule.limit.seconds:g}s by {rule.limit.text} not exceeded",
+                                )
+                            )
                         continue
                 if error is None:
                     if explain:
-                        steps.append(TraceStep(rule.name, True, "decides" if rule.effect else "matched (obligations added)"))
+                        steps.append(
+                            TraceStep(
+                                rule.name, True, "decides" if rule.effect else "matched (obligations added)"
+                            )
+                        )
                     if rule.has_obligations:
                         obligations = (obligations or self._no_obligations).then(rule)
                     if rule.effect is None:
                         continue
-                    return self._decision(rule.effect, rule.name, rule.reason, rule.redirect_to, rule.route_via,
-                                          obligations, errors, trace)
+                    return self._decision(
+                        rule.effect,
+                        rule.name,
+                        rule.reason,
+                        rule.redirect_to,
+                        rule.route_via,
+                        obligations,
+                        errors,
+                        trace,
+                    )
             if error is None:
                 continue
             # An evaluation error: the rule does not match (fail safe), or `on error deny` denies.
@@ -348,11 +416,29 @@ class Policy:
             if explain:
                 steps.append(TraceStep(rule.name, False, f"error: {error}"))
             if self.on_error_deny:
-                return self._decision("deny", rule.name, EVALUATION_ERROR_REASON, None, None, obligations,
-                                      errors, trace, force_audit=True)
-        return self._decision(self.default_effect, None, self.default_reason, None, None, obligations, errors, trace)
-    def _over_limit(self, rule: CompiledRule, activation: dict[str, Any], event: Event, now: float | None,
-                    limiter: Limiter | None) -> tuple[bool, str | None]:
+                return self._decision(
+                    "deny",
+                    rule.name,
+                    EVALUATION_ERROR_REASON,
+                    None,
+                    None,
+                    obligations,
+                    errors,
+                    trace,
+                    force_audit=True,
+                )
+        return self._decision(
+            self.default_effect, None, self.default_reason, None, None, obligations, errors, trace
+        )
+
+    def _over_limit(
+        self,
+        rule: CompiledRule,
+        activation: dict[str, Any],
+        event: Event,
+        now: float | None,
+        limiter: Limiter | None,
+    ) -> tuple[bool, str | None]:
         """Count this event against the rule's limit: (over the limit?, evaluation error)."""
         limit = rule.limit
         assert limit is not None
@@ -364,8 +450,9 @@ class Policy:
             key_value = key_value["address"]  # `by sender` counts per sender address
         return self._count(rule, key_value, event, now, limiter), None
 
-    def _count(self, rule: CompiledRule, key_value: Any, event: Event, now: float | None,
-               limiter: Limiter | None) -> bool:
+    def _count(
+        self, rule: CompiledRule, key_value: Any, event: Event, now: float | None, limiter: Limiter | None
+    ) -> bool:
         """One hit on the rule's window for `key_value`: over the limit now?"""
         limit = rule.limit
         assert limit is not None
@@ -373,13 +460,35 @@ class Policy:
         counter = limiter if limiter is not None else self.limiter
         return counter.hit(f"{rule.name}\x00{key_value}", clock, limit.seconds, limit.count)
 
-    def _decision(self, effect: str, rule: str | None, reason: str | None, redirect_to: str | None,
-                  route_via: str | None, obligations: Obligations | None, errors: list[dict[str, str]] | None,
-                  trace: list[TraceStep] | None, force_audit: bool = False) -> Decision:
+    def _decision(
+        self,
+        effect: str,
+        rule: str | None,
+        reason: str | None,
+        redirect_to: str | None,
+        route_via: str | None,
+        obligations: Obligations | None,
+        errors: list[dict[str, str]] | None,
+        trace: list[TraceStep] | None,
+        force_audit: bool = False,
+    ) -> Decision:
         """Build the decision; obligations of every matched rule, in order, without repeats."""
         o = obligations or self._no_obligations
-        return Decision(effect, rule, reason, redirect_to, route_via, list(o.copy_to), list(o.disclaimers),
-                        list(o.tags), force_audit or o.audit, errors, self.name, self.revision, trace)
+        return Decision(
+            effect,
+            rule,
+            reason,
+            redirect_to,
+            route_via,
+            list(o.copy_to),
+            list(o.disclaimers),
+            list(o.tags),
+            force_audit or o.audit,
+            errors,
+            self.name,
+            self.revision,
+            trace,
+        )
 
     # -- introspection --------------------------------------------------------------------------------
 

@@ -47,7 +47,9 @@ class TestOutcome:
                 lines.append("  trace:")
                 lines.append(self.decision.explain())
             if self.decision.errors:
-                lines.append("  errors: " + "; ".join(f"{e['rule']}: {e['message']}" for e in self.decision.errors))
+                lines.append(
+                    "  errors: " + "; ".join(f"{e['rule']}: {e['message']}" for e in self.decision.errors)
+                )
         return "\n".join(lines)
 
 
@@ -144,8 +146,12 @@ def same_address(decided: str | None, expected: str) -> bool:
     except AddressError:
         return False
     # a SIP redirect or copy also goes by its port, parameters and headers (`:5061;transport=tls`)
-    return ((a.protocol, a.scheme, a.address, a.resource) == (b.protocol, b.scheme, b.address, b.resource)
-            and (a.protocol != "sip" or sip_uri_suffix(a.raw) == sip_uri_suffix(b.raw)))
+    return (a.protocol, a.scheme, a.address, a.resource) == (
+        b.protocol,
+        b.scheme,
+        b.address,
+        b.resource,
+    ) and (a.protocol != "sip" or sip_uri_suffix(a.raw) == sip_uri_suffix(b.raw))
 
 
 def run_tests(policy: Policy) -> list[TestOutcome]:

@@ -67,8 +67,12 @@ def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location
     """Why a test's event is not a valid event, and where (the field's string, or the `with` map);
     None when it is valid. The loader reports it, so a broken test is found by `check`, never
     only when it runs."""
-    where = {"from": spec.sender_location, "to": spec.recipient_location, "body": spec.body_location,
-             "time": spec.at_location}
+    where = {
+        "from": spec.sender_location,
+        "to": spec.recipient_location,
+        "body": spec.body_location,
+        "time": spec.at_location,
+    }
     with_location = spec.with_map.location if spec.with_map is not None else None
     extra: dict[str, Any] | None = None
     try:
@@ -79,10 +83,12 @@ def test_event_problem(spec: nodes.TestEvent, repeat: int = 1) -> tuple[Location
             if isinstance(client, dict):
                 unknown += [f"client.{key}" for key in client if key not in CLIENT_FIELDS]
             if unknown:
-                return (with_location or spec.location,
-                        f"'with' sets '{unknown[0]}', which is not an event field"
-                        f"{did_you_mean(unknown[0].removeprefix('client.'), CLIENT_FIELDS if '.' in unknown[0] else EVENT_FIELDS)}"
-                        f" (fields: {', '.join(EVENT_FIELDS)}; client: {', '.join(CLIENT_FIELDS)})")
+                return (
+                    with_location or spec.location,
+                    f"'with' sets '{unknown[0]}', which is not an event field"
+                    f"{did_you_mean(unknown[0].removeprefix('client.'), CLIENT_FIELDS if '.' in unknown[0] else EVENT_FIELDS)}"
+                    f" (fields: {', '.join(EVENT_FIELDS)}; client: {', '.join(CLIENT_FIELDS)})",
+                )
         event = Event.from_json(build_event_json(spec, extra))
         problem = repeat_problem(event.time, repeat)
         if problem is not None:

@@ -34,8 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "prosody.md", ROOT / "docs" / "kamailio.md", ROOT / "examples" / "README.md",
-             ROOT / "docs" / "service.md", *sorted((ROOT / "examples").glob("*/README*"))]
+DOCUMENTS = [
+    ROOT / "README.md",
+    ROOT / "docs" / "prosody.md",
+    ROOT / "docs" / "kamailio.md",
+    ROOT / "examples" / "README.md",
+    ROOT / "docs" / "service.md",
+    *sorted((ROOT / "examples").glob("*/README*")),
+]
 HANDLED = {"sh", "bash", "shell", "lua", "toml", "json", "policy", "python"}
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)[^\n]*$")
 _MARKER = re.compile(r"<!--\s*doc-test:\s*(skip|parse)\b\s*(.*?)\s*-->")
@@ -69,7 +75,7 @@ def blocks(path: Path) -> list[Block]:
         body = []
         j = i + 1
         while j < len(lines) and not re.match(rf"^\s*{re.escape(fence[0])}{{{len(fence)},}}\s*$", lines[j]):
-            body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
+            body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
         marker = reason = None
         k = i - 1
@@ -94,7 +100,7 @@ def command_lines(text: str) -> list[str]:
 
 # -- the sandbox ---------------------------------------------------------------------------------
 
-SHIM_PROGRAM = r'''
+SHIM_PROGRAM = r"""
 import json, os, re, shlex, subprocess, sys
 from pathlib import Path
 SANDBOX = Path(os.environ["DOCTEST_SANDBOX"])
@@ -145,7 +151,7 @@ elif name == "systemctl":
 elif name == "kamailio":
     env = dict(os.environ, POLICYPLUG_KAMAILIO_CONFIG=str(SANDBOX / "etc" / "policyplug" / "kamailio.toml"))
     launch("kamailio", [os.environ["DOCTEST_KAMAILIO"], *args], env)
-'''
+"""
 
 SHIMS = ("apt-get", "systemctl", "sysctl", "prosodyctl", "kamailio")
 
@@ -177,12 +183,16 @@ class Sandbox:
         is replaced only where it starts (not inside a sandbox path that ends the same way), so a
         file can be rewritten twice."""
         start = r"(?<![\w./-])"
-        paths = [*self.extra,
-                 ("/opt/policyplug/.venv", str(self.venv)), ("/opt/policyplug", str(ROOT)),
-                 ("/etc/", f"{self.root}/etc/"), ("/run/policyplug", f"{self.root}/run/policyplug"),
-                 ("/var/log/policyplug", f"{self.root}/var/log/policyplug"),
-                 ("/var/lib/policyplug", f"{self.root}/var/lib/policyplug"),
-                 (".venv", str(self.venv))]  # the README's development environment, in the clone
+        paths = [
+            *self.extra,
+            ("/opt/policyplug/.venv", str(self.venv)),
+            ("/opt/policyplug", str(ROOT)),
+            ("/etc/", f"{self.root}/etc/"),
+            ("/run/policyplug", f"{self.root}/run/policyplug"),
+            ("/var/log/policyplug", f"{self.root}/var/log/policyplug"),
+            ("/var/lib/policyplug", f"{self.root}/var/lib/policyplug"),
+            (".venv", str(self.venv)),
+        ]  # the README's development environment, in the clone
         pairs = [(start + re.escape(old), new) for old, new in paths]
         pairs += [(rf"(?<!\d){doc_port}(?!\d)", str(port)) for doc_port, port in self.ports.items()]
         return pairs
@@ -200,8 +210,11 @@ class Sandbox:
         # the shims first; then the system's programs, but not this test's own environment nor any
         # other folder with a policyplug in it; the fresh environment's last, as if activated (the
         # README's walkthrough runs bare `policyplug` and `pytest`), so `python3` is the system's
-        system_path = [p for p in env.get("PATH", "").split(":")
-                       if p and not p.startswith(str(Path(sys.prefix))) and not (Path(p) / "policyplug").exists()]
+        system_path = [
+            p
+            for p in env.get("PATH", "").split(":")
+            if p and not p.startswith(str(Path(sys.prefix))) and not (Path(p) / "policyplug").exists()
+        ]
         env["PATH"] = ":".join([str(self.bin), *system_path, str(self.venv / "bin")])
         env["DOCTEST_SANDBOX"] = str(self.root)
         env["DOCTEST_KAMAILIO"] = "/usr/sbin/kamailio"
@@ -213,8 +226,14 @@ class Sandbox:
         repository's root (the documents run their commands there or give absolute paths)."""
         script = self.substitute(block.text)
         self.write_substitutions()
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=self.env(),
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         self.rewrite_copied_files()
         return result
 

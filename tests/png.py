@@ -12,8 +12,8 @@ def pixels(data: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
     pos, idat = 8, b""
     width = height = channels = 0
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, colour = struct.unpack(">IIBB", chunk[:10])
             assert depth == 8 and colour in (2, 6), f"unsupported PNG: depth {depth}, colour type {colour}"
@@ -27,7 +27,7 @@ def pixels(data: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
     out: list[tuple[int, int, int]] = []
     for row in range(height):
         start = row * (stride + 1)
-        kind, line = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
         for i in range(stride):
             left = line[i - channels] if i >= channels else 0
             up = previous[i]
@@ -42,7 +42,7 @@ def pixels(data: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
                 p = left + up - up_left
                 pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
                 line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else up_left)) & 255
-        out.extend(tuple(line[i:i + 3]) for i in range(0, stride, channels))
+        out.extend(tuple(line[i : i + 3]) for i in range(0, stride, channels))
         previous = line
     return width, height, out
 

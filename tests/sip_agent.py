@@ -48,7 +48,9 @@ class SipMessage:
 
     @property
     def method(self) -> str:
-        return self.first_line.split()[0] if not self.is_response else (self.header("CSeq") or " ").split()[-1]
+        return (
+            self.first_line.split()[0] if not self.is_response else (self.header("CSeq") or " ").split()[-1]
+        )
 
     @property
     def uri(self) -> str:
@@ -59,12 +61,16 @@ class SipMessage:
         return self.body.decode("utf-8", errors="replace")
 
 
-SDP_AUDIO = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-             "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
-SDP_MSRP_FILE = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-                 "m=message 40001 TCP/MSRP *\r\na=accept-types:text/plain\r\na=sendonly\r\n"
-                 "a=path:msrp://127.0.0.1:40001/s1;tcp\r\n"
-                 "a=file-selector:name:\"report.pdf\" type:application/pdf size:32349\r\n")
+SDP_AUDIO = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+)
+SDP_MSRP_FILE = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=message 40001 TCP/MSRP *\r\na=accept-types:text/plain\r\na=sendonly\r\n"
+    "a=path:msrp://127.0.0.1:40001/s1;tcp\r\n"
+    'a=file-selector:name:"report.pdf" type:application/pdf size:32349\r\n'
+)
 
 
 @dataclass
@@ -100,21 +106,39 @@ class SipAgent:
 
     # -- sending --------------------------------------------------------------------------------
 
-    def build(self, method: str, ruri: str, *, to: str | None = None, body: str | bytes = b"",
-              content_type: str | None = "text/plain", extra: str = "", call_id: str | None = None,
-              from_uri: str | None = None, cseq: int = 1, to_tag: str | None = None,
-              from_tag: str | None = None) -> tuple[bytes, str]:
+    def build(
+        self,
+        method: str,
+        ruri: str,
+        *,
+        to: str | None = None,
+        body: str | bytes = b"",
+        content_type: str | None = "text/plain",
+        extra: str = "",
+        call_id: str | None = None,
+        from_uri: str | None = None,
+        cseq: int = 1,
+        to_tag: str | None = None,
+        from_tag: str | None = None,
+    ) -> tuple[bytes, str]:
         call_id = call_id or uuid.uuid4().hex
         payload = body.encode() if isinstance(body, str) else body
         to_header = f"<{to or ruri}>" + (f";tag={to_tag}" if to_tag else "")
-        lines = [f"{method} {ruri} SIP/2.0",
-                 f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};rport;branch=z9hG4bK{uuid.uuid4().hex[:16]}",
-                 "Max-Forwards: 70", f"From: <{from_uri or self.aor}>;tag={from_tag or uuid.uuid4().hex[:8]}",
-                 f"To: {to_header}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}",
-                 f"Contact: <{self.contact}>"]
+        lines = [
+            f"{method} {ruri} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};rport;branch=z9hG4bK{uuid.uuid4().hex[:16]}",
+            "Max-Forwards: 70",
+            f"From: <{from_uri or self.aor}>;tag={from_tag or uuid.uuid4().hex[:8]}",
+            f"To: {to_header}",
+            f"Call-ID: {call_id}",
+            f"CSeq: {cseq} {method}",
+            f"Contact: <{self.contact}>",
+        ]
         if payload and content_type:
             lines.append(f"Content-Type: {content_type}")
-        raw = ("\r\n".join(lines) + "\r\n" + extra + f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+        raw = (
+            "\r\n".join(lines) + "\r\n" + extra + f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
         return raw, call_id
 
     def send_raw(self, raw: bytes, call_id: str | None = None) -> None:
@@ -145,15 +169,22 @@ class SipAgent:
                 return response
 
     def register(self, expires: int = 300) -> SipMessage | None:
-        return self.request("REGISTER", f"sip:{self.domain}", to=self.aor, content_type=None,
-                            extra=f"Expires: {expires}\r\n")
+        return self.request(
+            "REGISTER", f"sip:{self.domain}", to=self.aor, content_type=None, extra=f"Expires: {expires}\r\n"
+        )
 
     def _ack(self, response: SipMessage) -> None:
         via = response.header("Via") or ""
-        lines = [f"ACK {self.contact} SIP/2.0", f"Via: {via}", "Max-Forwards: 70",
-                 f"From: {response.header('From')}", f"To: {response.header('To')}",
-                 f"Call-ID: {response.header('Call-ID')}",
-                 f"CSeq: {(response.header('CSeq') or '1').split()[0]} ACK", "Content-Length: 0"]
+        lines = [
+            f"ACK {self.contact} SIP/2.0",
+            f"Via: {via}",
+            "Max-Forwards: 70",
+            f"From: {response.header('From')}",
+            f"To: {response.header('To')}",
+            f"Call-ID: {response.header('Call-ID')}",
+            f"CSeq: {(response.header('CSeq') or '1').split()[0]} ACK",
+            "Content-Length: 0",
+        ]
         if 200 <= response.status < 300:
             return  # a 2xx ACK is a new transaction; the tests do not need it
         self.sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), self.proxy)

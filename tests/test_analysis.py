@@ -16,13 +16,15 @@ from policyplug.audit.log import AuditWriter
 from policyplug.compiler import load_policy
 from policyplug.events import EVENT_KINDS, Event
 
-HEAD = '''policy "t"
+HEAD = """policy "t"
 local domains ["acme.example"]
 list partners = ["partner.example", "other.example"]
 default deny "no"
-'''
+"""
 
-FINDINGS = HEAD + '''rule out_partner:
+FINDINGS = (
+    HEAD
+    + """rule out_partner:
   on message
   when direction == "outbound" && recipient.domain in partners
   allow
@@ -45,12 +47,14 @@ rule flagged:
 rule internal:
   when direction == "internal"
   allow
-'''
+"""
+)
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "policyplug", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "policyplug", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -63,8 +67,12 @@ def test_analyze_findings_are_what_the_engine_does() -> None:
     policy = load_policy(text=FINDINGS)
     result = analyze(policy)
     kinds = {f.rule: f.kind for f in result.findings}
-    assert kinds == {"out_partner_x": "shadowed", "bad_case": "unsatisfiable", "contra": "unsatisfiable",
-                     "flagged": "unknown"}
+    assert kinds == {
+        "out_partner_x": "shadowed",
+        "bad_case": "unsatisfiable",
+        "contra": "unsatisfiable",
+        "flagged": "unknown",
+    }
     shadowed = next(f for f in result.findings if f.rule == "out_partner_x")
     assert shadowed.by == ["out_partner"]
     assert shadowed.witness is not None
@@ -79,7 +87,9 @@ def test_analyze_findings_are_what_the_engine_does() -> None:
 
 
 def test_redundant_rule_changes_no_outcome() -> None:
-    text = HEAD + '''rule big:
+    text = (
+        HEAD
+        + """rule big:
   on file
   when size > 2000 && sender.local
   deny "too large"
@@ -90,7 +100,8 @@ rule bigger:
 rule internal:
   when direction == "internal"
   allow
-'''
+"""
+    )
     kinds = {f.rule: f.kind for f in analyze(load_policy(text=text)).findings}
     assert kinds == {"big": "redundant"}
 
@@ -114,22 +125,28 @@ def test_cli_analyze_exit_statuses_and_json(tmp_path: Path) -> None:
     assert run("check", "--strict", str(tmp_path / "c.policy")).returncode == 0
 
 
-EQUIVALENT = HEAD.replace('["partner.example", "other.example"]', '["other.example", "Partner.example"]') + '''rule internal:
+EQUIVALENT = (
+    HEAD.replace('["partner.example", "other.example"]', '["other.example", "Partner.example"]')
+    + """rule internal:
   when kind != "nothing" && direction == "internal"
   allow
 rule out_partner:
   on message
   when recipient.domain in partners && direction == "outbound"
   allow
-'''
-ORIGINAL = HEAD + '''rule out_partner:
+"""
+)
+ORIGINAL = (
+    HEAD
+    + """rule out_partner:
   on message
   when direction == "outbound" && recipient.domain in partners
   allow
 rule internal:
   when direction == "internal"
   allow
-'''
+"""
+)
 
 
 def test_diff_equivalent_and_mutated(tmp_path: Path) -> None:
@@ -162,8 +179,10 @@ def test_replay_of_a_real_audit_log(tmp_path: Path) -> None:
     old = load_policy(policy_path)
     log = tmp_path / "audit.jsonl"
     writer = AuditWriter(log, level="all", include_bodies=True, node="test", max_bytes=4000, background=False)
-    events = [Event.message("alice@acme.example", f"bob@{d}", body="hi", time=None)
-              for d in ("partner.example", "other.example", "acme.example", "else.example")] * 5
+    events = [
+        Event.message("alice@acme.example", f"bob@{d}", body="hi", time=None)
+        for d in ("partner.example", "other.example", "acme.example", "else.example")
+    ] * 5
     for event in events:
         writer.submit(event, old.decide(event))
     writer.close()
@@ -185,16 +204,32 @@ def test_replay_of_a_real_audit_log(tmp_path: Path) -> None:
 
 # -- random policies: claims never contradicted by the engine ---------------------------------------
 
-ATOMS = ['direction == "outbound"', 'direction == "internal"', 'direction == "inbound"', 'direction != "transit"',
-         'recipient.domain == "partner.example"', 'recipient.domain in partners', 'sender.local',
-         'body.contains("secret")', 'body.startsWith("x")', 'size > 100', 'size <= 50', 'kind == "message"',
-         'sender.domain.endsWith(".example")', '"g" in sender.groups', 'sender.attrs.level >= 2',
-         'body.matches("[0-9]{4}")', 'recipient.user == "bob"']
+ATOMS = [
+    'direction == "outbound"',
+    'direction == "internal"',
+    'direction == "inbound"',
+    'direction != "transit"',
+    'recipient.domain == "partner.example"',
+    "recipient.domain in partners",
+    "sender.local",
+    'body.contains("secret")',
+    'body.startsWith("x")',
+    "size > 100",
+    "size <= 50",
+    'kind == "message"',
+    'sender.domain.endsWith(".example")',
+    '"g" in sender.groups',
+    "sender.attrs.level >= 2",
+    'body.matches("[0-9]{4}")',
+    'recipient.user == "bob"',
+]
 DOMAINS = ["acme.example", "partner.example", "other.example", "x.example"]
 
 
 def random_policy(rng: random.Random) -> str:
-    lines = [HEAD.rstrip("\n").replace('default deny "no"', rng.choice(['default deny "no"', "default allow"]))]
+    lines = [
+        HEAD.rstrip("\n").replace('default deny "no"', rng.choice(['default deny "no"', "default allow"]))
+    ]
     for i in range(rng.randint(3, 7)):
         atoms = rng.sample(ATOMS, rng.randint(1, 3))
         joiner = rng.choice([" && ", " || "])
@@ -210,17 +245,28 @@ def random_policy(rng: random.Random) -> str:
 def random_events(rng: random.Random, n: int) -> list[dict]:
     out = []
     for _ in range(n):
-        out.append({"kind": rng.choice(EVENT_KINDS), "from": f"{rng.choice(['alice', 'bob'])}@{rng.choice(DOMAINS)}",
-                    "to": f"{rng.choice(['alice', 'bob'])}@{rng.choice(DOMAINS)}",
-                    "body": rng.choice(["", "secret", "x1234", "hello", "xsecret 5555"]),
-                    "size": rng.choice([0, 10, 60, 101, 5000]), "time": "2026-11-24T10:00:00Z"})
+        out.append(
+            {
+                "kind": rng.choice(EVENT_KINDS),
+                "from": f"{rng.choice(['alice', 'bob'])}@{rng.choice(DOMAINS)}",
+                "to": f"{rng.choice(['alice', 'bob'])}@{rng.choice(DOMAINS)}",
+                "body": rng.choice(["", "secret", "x1234", "hello", "xsecret 5555"]),
+                "size": rng.choice([0, 10, 60, 101, 5000]),
+                "time": "2026-11-24T10:00:00Z",
+            }
+        )
     return out
 
 
 def decisions_differ(a: object, b: object, data: dict) -> bool:
     da, db = a.decide(Event.from_json(data)), b.decide(Event.from_json(data))  # type: ignore[attr-defined]
-    return (da.decision, da.rule, da.reason, set(da.tags), da.audit) != (db.decision, db.rule, db.reason,
-                                                                         set(db.tags), db.audit)
+    return (da.decision, da.rule, da.reason, set(da.tags), da.audit) != (
+        db.decision,
+        db.rule,
+        db.reason,
+        set(db.tags),
+        db.audit,
+    )
 
 
 def rewritten(text: str, rng: random.Random) -> str:
@@ -230,7 +276,7 @@ def rewritten(text: str, rng: random.Random) -> str:
     out = []
     for line in text.split("\n"):
         if line.startswith("  when ") and " && " in line and " || " not in line:
-            atoms = line[len("  when "):].split(" && ")
+            atoms = line[len("  when ") :].split(" && ")
             line = "  when " + " && ".join(reversed(atoms))
         out.append(line)
     blocks = "\n".join(out).split("\nrule ")
@@ -245,8 +291,14 @@ def rewritten(text: str, rng: random.Random) -> str:
 
 
 def mutated(text: str, rng: random.Random) -> str:
-    choices = [("size > 100", "size > 99"), ('"partner.example"', '"else.example"'), ('"secret"', '"secrets"'),
-               ("allow", 'deny "m"'), ('deny "d"', "allow"), ('"internal"', '"transit"')]
+    choices = [
+        ("size > 100", "size > 99"),
+        ('"partner.example"', '"else.example"'),
+        ('"secret"', '"secrets"'),
+        ("allow", 'deny "m"'),
+        ('deny "d"', "allow"),
+        ('"internal"', '"transit"'),
+    ]
     present = [c for c in choices if c[0] in text]
     old, new = rng.choice(present)
     return text.replace(old, new, 1)
@@ -256,12 +308,16 @@ def check_random_policy(seed: int) -> None:
     rng = random.Random(seed)
     text = random_policy(rng)
     if rng.random() < 0.5:
-        text = text.replace('default', 'on error deny\ndefault', 1)
+        text = text.replace("default", "on error deny\ndefault", 1)
     policy = load_policy(text=text)
     result = analyze(policy)
     dead = {f.rule for f in result.findings if f.kind in ("shadowed", "unsatisfiable")}
     redundant = {f.rule for f in result.findings if f.kind == "redundant"}
-    events = random_events(rng, 300) + list(result.live.values()) + [f.witness for f in result.findings if f.witness]
+    events = (
+        random_events(rng, 300)
+        + list(result.live.values())
+        + [f.witness for f in result.findings if f.witness]
+    )
     other = load_policy(text=mutated(text, rng))
     changes = diff(policy, other)
     events += [c["witness"] for c in changes.changes]
@@ -276,8 +332,9 @@ def check_random_policy(seed: int) -> None:
         index = next(r.index for r in policy.rules if r.name == rule)
         smaller = without_rule(policy, index)
         for data in events:
-            assert outcome_only(engine_decide(policy, data).decision) == \
-                outcome_only(engine_decide(smaller, data).decision), (text, rule, data)
+            assert outcome_only(engine_decide(policy, data).decision) == outcome_only(
+                engine_decide(smaller, data).decision
+            ), (text, rule, data)
     for rule, witness in result.live.items():
         decision = policy.decide(Event.from_json(witness), explain=True)
         assert rule in {step.rule for step in decision.trace or [] if step.matched}, (text, rule, witness)
@@ -299,10 +356,13 @@ def test_random_policies_claims_hold(seed: int) -> None:
 def test_random_policies_claims_hold_many(seed: int) -> None:
     check_random_policy(seed)
 
-DIRECTORY = {"alice@acme.example": {"groups": ["legal"], "level": 3},
-             "bob@acme.example": {"groups": ["sales"], "level": "high"},
-             "carol@acme.example": {"groups": ["legal", "sales"]}}
-WIDE = '''policy "p2"
+
+DIRECTORY = {
+    "alice@acme.example": {"groups": ["legal"], "level": 3},
+    "bob@acme.example": {"groups": ["sales"], "level": "high"},
+    "carol@acme.example": {"groups": ["legal", "sales"]},
+}
+WIDE = """policy "p2"
 local domains ["acme.example"]
 directory "dir.json"
 on error deny
@@ -330,7 +390,7 @@ rule flood:
 rule after:
   when direction == "outbound"
   allow
-'''
+"""
 
 
 def test_directory_errors_limits_headers_payload_time(tmp_path: Path) -> None:
@@ -350,7 +410,9 @@ def test_directory_errors_limits_headers_payload_time(tmp_path: Path) -> None:
 
 
 def test_local_time_in_a_zone_is_modelled_over_its_offsets() -> None:
-    text = HEAD + '''rule office:
+    text = (
+        HEAD
+        + """rule office:
   when time.getHours("Europe/Berlin") >= 8 && time.getHours("Europe/Berlin") < 18
   allow
 rule office_again:
@@ -359,11 +421,15 @@ rule office_again:
 rule impossible:
   when time.getHours("+05:30") > 23
   allow
-'''
+"""
+    )
     policy = load_policy(text=text)
     result = analyze(policy)
     # one offset per zone and event (which one the calendar gives is not modelled)
-    assert {f.rule: f.kind for f in result.findings} == {"office_again": "shadowed", "impossible": "unsatisfiable"}
+    assert {f.rule: f.kind for f in result.findings} == {
+        "office_again": "shadowed",
+        "impossible": "unsatisfiable",
+    }
     assert policy.decide(Event.from_json(result.live["office"])).rule == "office"
 
 
@@ -378,14 +444,19 @@ def test_word_boundaries_are_bounded_and_witnesses_confirmed() -> None:
         assert rule in {s.rule for s in decision.trace or [] if s.matched}
     # sixteen digits inside a word ("a0000000000000000b") are no card number to the \b pattern:
     # a later rule for them is not shadowed, and must not be claimed so
-    text = Path(policy.path).read_text(encoding="utf-8").split("\ntest ")[0] + '''
+    text = (
+        Path(policy.path).read_text(encoding="utf-8").split("\ntest ")[0]
+        + """
 rule late_cards:
   on message
   when outbound && body.matches("[0-9]{16}")
   deny "late"
-'''
+"""
+    )
     late_policy = load_policy(text=text)
     late = analyze(late_policy)
     assert [f.kind for f in late.findings if f.rule == "late_cards"] in ([], ["unknown"])
-    assert late_policy.decide(Event.message("a@shop.example", "b@x.example", body="a0000000000000000b")).rule \
+    assert (
+        late_policy.decide(Event.message("a@shop.example", "b@x.example", body="a0000000000000000b")).rule
         == "late_cards"
+    )

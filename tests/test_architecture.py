@@ -41,7 +41,10 @@ def test_every_module_has_a_layer_in_the_doc() -> None:
 def test_no_module_imports_a_later_layer() -> None:
     layers = _layers()
     graph = _module_graph()
-    backwards = [f"{m} (layer {_layer_of(m, layers)}) imports {d} (layer {_layer_of(d, layers)})"
-                 for m, deps in sorted(graph.items()) for d in sorted(deps)
-                 if (_layer_of(d, layers) or 0) > (_layer_of(m, layers) or 0)]
+    backwards = [
+        f"{m} (layer {_layer_of(m, layers)}) imports {d} (layer {_layer_of(d, layers)})"
+        for m, deps in sorted(graph.items())
+        for d in sorted(deps)
+        if (_layer_of(d, layers) or 0) > (_layer_of(m, layers) or 0)
+    ]
     assert backwards == [], "\n".join(backwards)

@@ -20,14 +20,21 @@ from policyplug.audit.seal import key_id, keygen, parse_verification_key
 from policyplug.audit.verify import verify
 
 
-def _cli(*args: str, memory: int | None = None, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
+def _cli(
+    *args: str, memory: int | None = None, timeout: float = 60
+) -> tuple[subprocess.CompletedProcess[str], float]:
     def limit() -> None:
         if memory is not None:
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "policyplug", "audit", "verify", *args], capture_output=True,
-                            text=True, timeout=timeout, preexec_fn=limit)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "audit", "verify", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+    )
     return result, time.monotonic() - start
 
 
@@ -35,8 +42,15 @@ def _chain(records: list[dict[str, Any]], prev: str = GENESIS, seq: int = 1) -> 
     """Records given their content, chained and hashed as a writer would."""
     lines = []
     for record in records:
-        record = {"id": uuid.uuid4().hex, "node": "n", "time": "2026-12-07T00:00:00+00:00", "v": 1, **record,
-                  "prev": prev, "seq": seq}
+        record = {
+            "id": uuid.uuid4().hex,
+            "node": "n",
+            "time": "2026-12-07T00:00:00+00:00",
+            "v": 1,
+            **record,
+            "prev": prev,
+            "seq": seq,
+        }
         record["hash"] = prev = record_hash(record)
         seq += 1
         import orjson
@@ -53,8 +67,14 @@ def test_verify_refuses_a_fifo_and_a_device_at_once(tmp_path: Path) -> None:
     good = tmp_path / "good" / "audit.jsonl"
     good.parent.mkdir()
     good.write_bytes(_chain([{"mark": {"kind": "note"}}]))
-    for args in ([str(fifo)], ["/dev/zero"], ["--heads", str(fifo), str(good)], ["--heads", "/dev/zero", str(good)],
-                 ["--key", str(fifo), str(good)], ["--key", "/dev/zero", str(good)]):
+    for args in (
+        [str(fifo)],
+        ["/dev/zero"],
+        ["--heads", str(fifo), str(good)],
+        ["--heads", "/dev/zero", str(good)],
+        ["--key", str(fifo), str(good)],
+        ["--key", "/dev/zero", str(good)],
+    ):
         result, took = _cli(*args, memory=1 << 30)
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr, result.stderr
@@ -118,8 +138,10 @@ def test_a_seal_with_a_junk_index_or_mac_fails_cleanly(tmp_path: Path) -> None:
 
 # -- attacks by someone who holds the current key file and the logs (docs/audit.md) ---------------------
 
-def _sealed_log(tmp_path: Path, name: str, verification_key: str | None = None,
-                shared_key_file: Path | None = None) -> tuple[Path, str, Path]:
+
+def _sealed_log(
+    tmp_path: Path, name: str, verification_key: str | None = None, shared_key_file: Path | None = None
+) -> tuple[Path, str, Path]:
     """A log of three sealed writer sessions (seals 0, 1, 2), the verification key and key file."""
     from tests.test_audit_seal import _write
 
@@ -149,7 +171,9 @@ def test_splicing_records_between_two_logs_of_one_key_is_found(tmp_path: Path) -
     from tests.audit_attacks import read, write
 
     first, key, key_file = _sealed_log(tmp_path, "a")
-    second, _, _ = _sealed_log(tmp_path, "b", key, key_file)  # the key went on: the second log's seals are 3, 4, 5
+    second, _, _ = _sealed_log(
+        tmp_path, "b", key, key_file
+    )  # the key went on: the second log's seals are 3, 4, 5
     assert _verify(first, key).returncode == 0
     assert "not 0" in _verify(second, key).stderr  # the second log alone is found: one key per log
     files = read(first)
@@ -182,9 +206,13 @@ def test_a_forged_repair_record_cannot_hide_a_removed_record(tmp_path: Path) -> 
     files = read(log)
     records = files[0][1]
     victim = next(i for i, r in enumerate(records) if "decision" in r)
-    records[victim] = {"id": records[victim]["id"], "mark": {"bytes": 57, "kind": "repair", "offset": 0,
-                                                              "sha256": "0" * 64},
-                       "node": records[victim]["node"], "time": records[victim]["time"], "v": 1}
+    records[victim] = {
+        "id": records[victim]["id"],
+        "mark": {"bytes": 57, "kind": "repair", "offset": 0, "sha256": "0" * 64},
+        "node": records[victim]["node"],
+        "time": records[victim]["time"],
+        "v": 1,
+    }
     write(files)
     result = _verify(log, key)
     assert result.returncode == 1 and "does not match the chain before it" in result.stderr, result.stderr

@@ -13,7 +13,7 @@ from policyplug.service.component import BACKOFF_MAX, _Allowed, backoff_delay, p
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     rng = random.Random(7)
     for failures in range(0, 40):
-        ceiling = min(BACKOFF_MAX, 2.0 ** failures)
+        ceiling = min(BACKOFF_MAX, 2.0**failures)
         delays = [backoff_delay(failures, rng) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays), failures
         assert max(delays) - min(delays) > ceiling / 4  # jittered, not one fixed delay

@@ -64,7 +64,8 @@ def test_every_block_is_run_or_says_why_not(block: Block) -> None:
     else:
         assert block.marker == "parse" or block.language in HANDLED, (
             f"{block.name}: a ```{block.language or '(no language)'} block no test runs; give it a language "
-            f"({', '.join(sorted(HANDLED))}) or put <!-- doc-test: skip REASON --> on the line before it")
+            f"({', '.join(sorted(HANDLED))}) or put <!-- doc-test: skip REASON --> on the line before it"
+        )
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.marker == "parse"], ids=lambda b: b.name)
@@ -72,8 +73,9 @@ def test_parse_blocks_are_command_lines_policyplug_accepts(block: Block) -> None
     assert parse_policyplug_commands(block), f"{block.name}: no policyplug command in a parse block"
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.marker is None and b.language in ("toml", "json")],
-                         ids=lambda b: b.name)
+@pytest.mark.parametrize(
+    "block", [b for b in BLOCKS if b.marker is None and b.language in ("toml", "json")], ids=lambda b: b.name
+)
 def test_data_blocks_parse(block: Block) -> None:
     if block.language == "toml":
         assert tomllib.loads(block.text) is not None
@@ -81,8 +83,9 @@ def test_data_blocks_parse(block: Block) -> None:
         json.loads(block.text)
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.marker is None and b.language == "policy"],
-                         ids=lambda b: b.name)
+@pytest.mark.parametrize(
+    "block", [b for b in BLOCKS if b.marker is None and b.language == "policy"], ids=lambda b: b.name
+)
 def test_policy_blocks_load_and_pass_their_tests(block: Block) -> None:
     policy = load_policy(text=block.text)
     outcomes = run_tests(policy)
@@ -91,8 +94,9 @@ def test_policy_blocks_load_and_pass_their_tests(block: Block) -> None:
     assert lint_policy(policy) == [], "\n".join(d.format() for d in lint_policy(policy))
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.marker is None and b.language == "python"],
-                         ids=lambda b: b.name)
+@pytest.mark.parametrize(
+    "block", [b for b in BLOCKS if b.marker is None and b.language == "python"], ids=lambda b: b.name
+)
 def test_python_blocks_run(block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # their paths are the repository's
     exec(compile(block.text, block.name, "exec"), {})
@@ -112,8 +116,11 @@ def test_lua_blocks_are_prosody_configuration_the_module_reads(block: Block, tmp
     path.write_text(block.text)
     result = subprocess.run([lua, "-p", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, f"{block.name}: {result.stderr}"
-    read = {name for module in MODULE_FILES
-            for name in re.findall(r'get_option\w*\("(policyplug_\w+)"', module.read_text())}
+    read = {
+        name
+        for module in MODULE_FILES
+        for name in re.findall(r'get_option\w*\("(policyplug_\w+)"', module.read_text())
+    }
     assert read, "the module reads no policyplug_* option?"
     used = set(re.findall(r"\b(policyplug_\w+)\s*=", block.text))
     assert used <= read, f"{block.name}: options the module does not read: {sorted(used - read)}"
@@ -132,8 +139,12 @@ def test_ci_runs_the_readmes_commands() -> None:
 
 def test_no_document_installs_into_the_system_python_or_from_an_index() -> None:
     # issue 19.2: `pip install policyplug` (not on an index) and `python3 -m pip install` (PEP 668)
-    for path in [*{b.path for b in BLOCKS}, ROOT / "examples" / "systemd" / "policyplug.service",
-                 ROOT / "examples" / "prosody" / "prosody.cfg.lua", ROOT / "examples" / "kamailio" / "policyplug-kamailio.toml"]:
+    for path in [
+        *{b.path for b in BLOCKS},
+        ROOT / "examples" / "systemd" / "policyplug.service",
+        ROOT / "examples" / "prosody" / "prosody.cfg.lua",
+        ROOT / "examples" / "kamailio" / "policyplug-kamailio.toml",
+    ]:
         text = path.read_text()
         assert "pip install policyplug" not in text, path
         assert "python3 -m pip install" not in text, path
@@ -158,8 +169,11 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def sandbox(tmp_path: Path, fresh_venv: Path) -> Iterator[Sandbox]:
     """A machine of its own for each document followed (its /etc, /run, /var, ports)."""
-    box = Sandbox(tmp_path / "machine", fresh_venv, ports={5060: free_port("127.0.0.1", socket.SOCK_DGRAM),
-                                                           5347: free_port(), 9464: free_port()})
+    box = Sandbox(
+        tmp_path / "machine",
+        fresh_venv,
+        ports={5060: free_port("127.0.0.1", socket.SOCK_DGRAM), 5347: free_port(), 9464: free_port()},
+    )
     box.extra.append(("/etc/prosody/prosody.cfg.lua", str(box.root / "prosody" / "prosody.cfg.lua")))
     yield box
     for name in ("policyplug", "kamailio"):
@@ -170,8 +184,10 @@ def run_blocks(box: Sandbox, path: Path, label: str) -> None:
     started = time.monotonic()
     for block in _of(path, "sh") + _of(path, "bash"):
         result = box.run(block)
-        assert result.returncode == 0, (f"{block.name} failed (exit {result.returncode}) as written:\n{block.text}\n"
-                                        f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+        assert result.returncode == 0, (
+            f"{block.name} failed (exit {result.returncode}) as written:\n{block.text}\n"
+            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        )
     TIMINGS[label] = TIMINGS.get(label, 0.0) + time.monotonic() - started
 
 
@@ -179,7 +195,9 @@ def run_blocks(box: Sandbox, path: Path, label: str) -> None:
 def test_readme_quick_start_and_walkthrough(sandbox: Sandbox) -> None:
     # the second quick start command is the whole suite, this test's caller (.ci/run runs it;
     # test_ci_runs_the_readmes_commands holds them equal): here it only collects one file
-    sandbox.extra.append((".venv/bin/python -m pytest", f"{sandbox.venv}/bin/python -m pytest -q --co tests/test_lint.py"))
+    sandbox.extra.append(
+        (".venv/bin/python -m pytest", f"{sandbox.venv}/bin/python -m pytest -q --co tests/test_lint.py")
+    )
     try:
         run_blocks(sandbox, README, "README")
     finally:
@@ -213,12 +231,19 @@ def test_prosody_from_the_documents_enforces_the_starter_policy(sandbox: Sandbox
     # the reader's existing Prosody: example.com, with the document's lines added
     lua = "\n".join(b.text for b in _of(PROSODY, "lua"))
     config = sandbox.root / "prosody-policyplug.cfg.lua"
-    config.write_text('modules_enabled = { "roster"; "saslauth"; "disco"; "ping"; "posix" }\n'
-                      + sandbox.substitute(lua) + '\nVirtualHost "example.com"\n    modules_enabled = { "policyplug" }\n')
+    config.write_text(
+        'modules_enabled = { "roster"; "saslauth"; "disco"; "ping"; "posix" }\n'
+        + sandbox.substitute(lua)
+        + '\nVirtualHost "example.com"\n    modules_enabled = { "policyplug" }\n'
+    )
     # the test server sets plugin_paths after the Include: to the document's own value
     assert 'plugin_paths = { "/opt/policyplug/adapters/prosody" }' in lua
-    server = ProsodyServer(sandbox.root / "prosody", include=config, plugin_paths=[str(ROOT / "adapters" / "prosody")],
-                           global_options={"component_ports": [sandbox.ports[5347]]})
+    server = ProsodyServer(
+        sandbox.root / "prosody",
+        include=config,
+        plugin_paths=[str(ROOT / "adapters" / "prosody")],
+        global_options={"component_ports": [sandbox.ports[5347]]},
+    )
     run_blocks(sandbox, SERVICE, "prosody")  # installs, writes the policy and secret, starts the unit
     secret = (sandbox.root / "etc" / "policyplug" / "secret.env").read_text().strip().split("=", 1)[1]
     assert oct((sandbox.root / "etc" / "policyplug" / "secret.env").stat().st_mode & 0o777) == "0o600"
@@ -231,7 +256,9 @@ def test_prosody_from_the_documents_enforces_the_starter_policy(sandbox: Sandbox
         try:
             server.wait_for_component(timeout=60)  # the unit's service connected with the secret
         except RuntimeError as exc:
-            raise AssertionError("the service did not connect; its log:\n" + sandbox.log("policyplug")[-4000:]) from exc
+            raise AssertionError(
+                "the service did not connect; its log:\n" + sandbox.log("policyplug")[-4000:]
+            ) from exc
 
         async def scenario() -> None:
             alice, bob = TestClient("alice@example.com", "pw"), TestClient("bob@example.com", "pw")
@@ -254,8 +281,13 @@ def test_prosody_from_the_documents_enforces_the_starter_policy(sandbox: Sandbox
         sandbox.stop("policyplug")
     TIMINGS["prosody"] = time.monotonic() - started
     # issue 19.5: the documented command keeps an audit log and a usage store
-    audit = [json.loads(line) for line in (sandbox.root / "var/log/policyplug/audit.jsonl").read_text().splitlines()]
-    assert any(r["decision"]["decision"] == "deny" and r["event"]["to"] == "eve@stranger.example" for r in audit)
+    audit = [
+        json.loads(line)
+        for line in (sandbox.root / "var/log/policyplug/audit.jsonl").read_text().splitlines()
+    ]
+    assert any(
+        r["decision"]["decision"] == "deny" and r["event"]["to"] == "eve@stranger.example" for r in audit
+    )
     assert (sandbox.root / "var/lib/policyplug/usage.db").stat().st_size > 0
     assert "python3-venv" in " ".join(_install_ran(sandbox)) or _install_ran(sandbox)
     log = server.log_text()
@@ -294,7 +326,9 @@ def test_kamailio_from_the_documents_enforces_the_starter_policy(sandbox: Sandbo
         # the refusal is audited where the example settings say (chained within about 100 ms)
         audit_log = sandbox.root / "var/log/policyplug/kamailio-audit.jsonl"
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not (audit_log.exists() and "stranger.example" in audit_log.read_text()):
+        while time.monotonic() < deadline and not (
+            audit_log.exists() and "stranger.example" in audit_log.read_text()
+        ):
             time.sleep(0.2)
         assert audit_log.exists() and "stranger.example" in audit_log.read_text()
     finally:

@@ -27,8 +27,10 @@ def _module_graph() -> dict[str, set[str]]:
                 continue
             # `from . import nodes` imports the submodule; `from .x import name` imports x
             submodules = [f"{target}.{alias.name}" for alias in node.names]
-            if all((root / (s.replace(".", "/") + ".py")).exists() or (root / s.replace(".", "/")).is_dir()
-                   for s in submodules):
+            if all(
+                (root / (s.replace(".", "/") + ".py")).exists() or (root / s.replace(".", "/")).is_dir()
+                for s in submodules
+            ):
                 deps.update(submodules)
             else:
                 deps.add(target)
@@ -46,7 +48,7 @@ def test_no_import_cycle_among_the_package_modules() -> None:
         state[module] = 1
         for dep in sorted(graph[module]):
             if state.get(dep) == 1:
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep not in state:
                 visit(dep, stack + [dep])
         state[module] = 2
@@ -61,4 +63,7 @@ def test_the_index_is_built_from_rules_alone() -> None:
     """policyplug.index needs no loader and no engine (OPA's ast/index.go: an index of rules)."""
     graph = _module_graph()
     assert not graph["policyplug.index"] & {"policyplug.loader", "policyplug.runtime", "policyplug.compiler"}
-    assert "policyplug.runtime" not in graph["policyplug.loader"] and "policyplug.tester" not in graph["policyplug.loader"]
+    assert (
+        "policyplug.runtime" not in graph["policyplug.loader"]
+        and "policyplug.tester" not in graph["policyplug.loader"]
+    )

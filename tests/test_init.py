@@ -22,12 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTER = ROOT / "policyplug" / "starter"
 
 
-@pytest.mark.parametrize(("template", "source"), [
-    ("prosody.policy", ROOT / "rules" / "starter-prosody.policy"),
-    ("kamailio.policy", ROOT / "rules" / "starter-kamailio.policy"),
-    ("policyplug.service", ROOT / "examples" / "systemd" / "policyplug.service"),
-    ("kamailio.toml", ROOT / "examples" / "kamailio" / "policyplug-kamailio.toml"),
-])
+@pytest.mark.parametrize(
+    ("template", "source"),
+    [
+        ("prosody.policy", ROOT / "rules" / "starter-prosody.policy"),
+        ("kamailio.policy", ROOT / "rules" / "starter-kamailio.policy"),
+        ("policyplug.service", ROOT / "examples" / "systemd" / "policyplug.service"),
+        ("kamailio.toml", ROOT / "examples" / "kamailio" / "policyplug-kamailio.toml"),
+    ],
+)
 def test_the_templates_are_the_repositorys_starting_points(template: str, source: Path) -> None:
     assert (STARTER / template).read_text() == source.read_text(), f"copy {source} to {STARTER / template}"
 
@@ -37,16 +40,26 @@ def test_the_prosody_lines_are_prosody_mds() -> None:
     assert (STARTER / "prosody.cfg.lua").read_text() == lua[0].text
 
 
-def test_init_prosody_writes_a_working_starting_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_prosody_writes_a_working_starting_point(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["init", "prosody", "Corp.Example.ORG", "--dir", str(tmp_path / "etc")]) == 0
     out = capsys.readouterr().out
     etc = tmp_path / "etc"
-    assert sorted(p.name for p in etc.iterdir()) == ["policyplug.service", "prosody-policyplug.cfg.lua",
-                                                      "secret.env", "site.policy"]
+    assert sorted(p.name for p in etc.iterdir()) == [
+        "policyplug.service",
+        "prosody-policyplug.cfg.lua",
+        "secret.env",
+        "site.policy",
+    ]
     assert f"wrote {etc / 'site.policy'}" in out and "prosodyctl reload" in out
     policy = load_policy(etc / "site.policy")
-    assert policy.local_domains == {"corp.example.org", "conference.corp.example.org", "upload.corp.example.org",
-                                    "policy.corp.example.org"}
+    assert policy.local_domains == {
+        "corp.example.org",
+        "conference.corp.example.org",
+        "upload.corp.example.org",
+        "policy.corp.example.org",
+    }
     outcomes = run_tests(policy)
     assert outcomes and all(o.passed for o in outcomes)
     assert lint_policy(policy) == []
@@ -70,8 +83,9 @@ def test_init_kamailio(tmp_path: Path) -> None:
     assert not (tmp_path / "secret.env").exists()
 
 
-def test_nothing_is_overwritten_without_force_and_a_secret_never(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_nothing_is_overwritten_without_force_and_a_secret_never(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["init", "prosody", "a.example", "--dir", str(tmp_path)]) == 0
     (tmp_path / "site.policy").write_text("# edited\n")
     secret = (tmp_path / "secret.env").read_text()
@@ -102,7 +116,11 @@ def test_the_written_unit_verifies(tmp_path: Path) -> None:
     assert main(["init", "prosody", "corp.example", "--dir", str(tmp_path)]) == 0
     unit = tmp_path / "policyplug.service"
     here = Path(sys.executable).parent / "policyplug"
-    unit.write_text(unit.read_text().replace("/opt/policyplug/.venv/bin/policyplug",
-                                             str(here if here.exists() else require_binary("policyplug"))))
+    unit.write_text(
+        unit.read_text().replace(
+            "/opt/policyplug/.venv/bin/policyplug",
+            str(here if here.exists() else require_binary("policyplug")),
+        )
+    )
     result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr

@@ -16,20 +16,39 @@ from policyplug.starter import FILES, write_files
 
 
 def _init(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "policyplug", "init", *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "policyplug", "init", *args], capture_output=True, text=True, timeout=60
+    )
 
 
-@pytest.mark.parametrize("domain", ["../x.com", "x.com/../../etc", "/etc/x.com", "a\nb.com", 'x.com"; os.execute("id") --',
-                                    "x.com\n[routes]", "x.com'", "x.com]]", "x.com\\",
-                                    "x.com #", "x.com\u2028y.com", "x.com${HOME}", "x.com%0a"])
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "../x.com",
+        "x.com/../../etc",
+        "/etc/x.com",
+        "a\nb.com",
+        'x.com"; os.execute("id") --',
+        "x.com\n[routes]",
+        "x.com'",
+        "x.com]]",
+        "x.com\\",
+        "x.com #",
+        "x.com\u2028y.com",
+        "x.com${HOME}",
+        "x.com%0a",
+    ],
+)
 @pytest.mark.parametrize("server", sorted(FILES))
 def test_a_domain_cannot_inject_or_escape(tmp_path: Path, server: str, domain: str) -> None:
     target = tmp_path / "out"
     result = _init(server, domain, "--dir", str(target))
     assert result.returncode != 0, result.stdout
-    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"] or \
-        not any(tmp_path.iterdir())
+    assert (
+        not target.exists()
+        and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        or not any(tmp_path.iterdir())
+    )
 
 
 @pytest.mark.parametrize("server", sorted(FILES))
@@ -78,7 +97,19 @@ def test_check_reads_each_included_prosody_file_once(tmp_path: Path) -> None:
         (tmp_path / f"h{i}.cfg.lua").write_text(f'Include "*.cfg.lua"\nVirtualHost "h{i}.acme.example"\n')
     policy = tmp_path / "p.policy"
     policy.write_text('policy "p"\nlocal domains ["acme.example"]\ndefault allow\n')
-    result = subprocess.run([sys.executable, "-m", "policyplug", "check", str(policy), "--prosody-config",
-                             str(tmp_path / "h0.cfg.lua")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "check",
+            str(policy),
+            "--prosody-config",
+            str(tmp_path / "h0.cfg.lua"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     output = result.stdout + result.stderr
     assert all(output.count(f"'h{i}.acme.example'") == 1 for i in range(8)), output

@@ -43,7 +43,12 @@ def scan_slowly(text: str, depth: list[str], in_string: str | None) -> tuple[int
 
 
 @settings(max_examples=3000, deadline=None)
-@given(st.text(alphabet="ab #\"'\\()[]{}x", max_size=30), st.lists(st.sampled_from("([{"), max_size=3),
-       st.sampled_from([None, '"', "'", '"""', "'''"]))
-def test_scan_line_agrees_with_a_character_by_character_scan(text: str, depth: list[str], quote: str | None) -> None:
+@given(
+    st.text(alphabet="ab #\"'\\()[]{}x", max_size=30),
+    st.lists(st.sampled_from("([{"), max_size=3),
+    st.sampled_from([None, '"', "'", '"""', "'''"]),
+)
+def test_scan_line_agrees_with_a_character_by_character_scan(
+    text: str, depth: list[str], quote: str | None
+) -> None:
     assert _scan_line(text, depth, quote) == scan_slowly(text, depth, quote)

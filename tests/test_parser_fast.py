@@ -58,18 +58,60 @@ def test_fast_paths_agree_on_the_benchmark_policy() -> None:
 
 
 SPACE = st.sampled_from(["", " ", "  ", "\t", " \t "])
-NAME = st.sampled_from(["r1", "_x", "message", "presence", "call", "Mess", "a$b", "9x", "when", "allow", "x-y", "é"])
-STRING = st.sampled_from(['"a"', '""', '"x y"', '"a\\"b"', '"a\\\\b"', '"a\\nb"', '"unterminated', "'single'",
-                          '"tab\there"', '"é"'])
-WORDS = ["rule", "test", "on", "when", "unless", "allow", "deny", "drop", "audit", "tag", "disclaimer", "copy", "redirect",
-         "route", "to", "via", "limit", "define", "list"]
+NAME = st.sampled_from(
+    ["r1", "_x", "message", "presence", "call", "Mess", "a$b", "9x", "when", "allow", "x-y", "é"]
+)
+STRING = st.sampled_from(
+    [
+        '"a"',
+        '""',
+        '"x y"',
+        '"a\\"b"',
+        '"a\\\\b"',
+        '"a\\nb"',
+        '"unterminated',
+        "'single'",
+        '"tab\there"',
+        '"é"',
+    ]
+)
+WORDS = [
+    "rule",
+    "test",
+    "on",
+    "when",
+    "unless",
+    "allow",
+    "deny",
+    "drop",
+    "audit",
+    "tag",
+    "disclaimer",
+    "copy",
+    "redirect",
+    "route",
+    "to",
+    "via",
+    "limit",
+    "define",
+    "list",
+]
 
 
 @st.composite
 def clause_lines(draw: Any) -> str:
-    pieces = draw(st.lists(st.one_of(st.sampled_from(WORDS), NAME, STRING, st.sampled_from([",", ":", "&&", "(", ")",
-                                                                                              "==", "!", "$", "x.y"])),
-                           min_size=1, max_size=5))
+    pieces = draw(
+        st.lists(
+            st.one_of(
+                st.sampled_from(WORDS),
+                NAME,
+                STRING,
+                st.sampled_from([",", ":", "&&", "(", ")", "==", "!", "$", "x.y"]),
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
     out = ""
     for piece in pieces:
         out += draw(SPACE) + piece
@@ -85,8 +127,19 @@ def test_fast_paths_agree_on_generated_lines(lines: list[str], name: str) -> Non
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(WORDS), SPACE, st.one_of(NAME, STRING), SPACE,
-                          st.sampled_from(["", ":", ",", ", call", " x", '"s"'])), min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(WORDS),
+            SPACE,
+            st.one_of(NAME, STRING),
+            SPACE,
+            st.sampled_from(["", ":", ",", ", call", " x", '"s"']),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_fast_paths_agree_on_near_misses(parts: list[tuple[str, str, str, str, str]]) -> None:
     text = 'policy "p"\ndefault deny\nrule r:\n' + "".join(f"  {a}{b}{c}{d}{e}\n" for a, b, c, d, e in parts)
     fast, slow = both_ways(text)

@@ -30,8 +30,13 @@ class Reader:
         lua = shutil.which("lua5.4")
         if lua is None or not Path("/usr/lib/prosody/util/stanza.lua").exists():
             pytest.skip("needs lua5.4 and Prosody's libraries")
-        self.process = subprocess.Popen([lua, str(HARNESS), str(MODULE)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, encoding="utf-8")
+        self.process = subprocess.Popen(
+            [lua, str(HARNESS), str(MODULE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
 
     def read(self, inner: str) -> dict:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -61,24 +66,46 @@ SHOWN = {
     "oob-url": (lambda t: f"<x xmlns='jabber:x:oob'><url>{t}</url></x>", "body"),
     "oob-desc": (lambda t: f"<x xmlns='jabber:x:oob'><desc>{t}</desc></x>", "body"),
     "forwarded": (lambda t: FORWARD.format(f"<body>{t}</body>"), "body"),
-    "carbon": (lambda t: "<received xmlns='urn:xmpp:carbons:2'>" + FORWARD.format(f"<body>{t}</body>")
-               + "</received>", "body"),
+    "carbon": (
+        lambda t: (
+            "<received xmlns='urn:xmpp:carbons:2'>" + FORWARD.format(f"<body>{t}</body>") + "</received>"
+        ),
+        "body",
+    ),
     "nick": (lambda t: f"<nick xmlns='http://jabber.org/protocol/nick'>{t}</nick>", "body"),
-    "reaction": (lambda t: f"<reactions xmlns='urn:xmpp:reactions:0' id='x'><reaction>{t}</reaction></reactions>",
-                 "body"),
-    "form": (lambda t: f"<x xmlns='jabber:x:data' type='form'><field var='v'><value>{t}</value></field></x>", "body"),
-    "invite": (lambda t: "<x xmlns='http://jabber.org/protocol/muc#user'><invite to='c@acme.example'>"
-               f"<reason>{t}</reason></invite></x>", "body"),
+    "reaction": (
+        lambda t: f"<reactions xmlns='urn:xmpp:reactions:0' id='x'><reaction>{t}</reaction></reactions>",
+        "body",
+    ),
+    "form": (
+        lambda t: f"<x xmlns='jabber:x:data' type='form'><field var='v'><value>{t}</value></field></x>",
+        "body",
+    ),
+    "invite": (
+        lambda t: (
+            "<x xmlns='http://jabber.org/protocol/muc#user'><invite to='c@acme.example'>"
+            f"<reason>{t}</reason></invite></x>"
+        ),
+        "body",
+    ),
     "subject": (lambda t: f"<subject>{t}</subject>", "subject"),
     "forwarded-subject": (lambda t: FORWARD.format(f"<subject>{t}</subject>"), "subject"),
 }
 # Payloads with no text a client shows, and ones nobody but the recipient can read
-TEXTLESS = ["<active xmlns='http://jabber.org/protocol/chatstates'/>", "<request xmlns='urn:xmpp:receipts'/>",
-            "<markable xmlns='urn:xmpp:chat-markers:0'/>", "<origin-id xmlns='urn:xmpp:sid:0' id='x'/>",
-            "<thread>t</thread>", "<unknown xmlns='urn:example:x'><deep><deeper/></deep></unknown>"]
-ENCRYPTED = ["<encrypted xmlns='eu.siacs.conversations.axolotl'><payload>AAAA</payload></encrypted>",
-             "<encrypted xmlns='urn:xmpp:omemo:2'><payload>AAAA</payload></encrypted>",
-             "<openpgp xmlns='urn:xmpp:openpgp:0'>AAAA</openpgp>", "<x xmlns='jabber:x:encrypted'>AAAA</x>"]
+TEXTLESS = [
+    "<active xmlns='http://jabber.org/protocol/chatstates'/>",
+    "<request xmlns='urn:xmpp:receipts'/>",
+    "<markable xmlns='urn:xmpp:chat-markers:0'/>",
+    "<origin-id xmlns='urn:xmpp:sid:0' id='x'/>",
+    "<thread>t</thread>",
+    "<unknown xmlns='urn:example:x'><deep><deeper/></deep></unknown>",
+]
+ENCRYPTED = [
+    "<encrypted xmlns='eu.siacs.conversations.axolotl'><payload>AAAA</payload></encrypted>",
+    "<encrypted xmlns='urn:xmpp:omemo:2'><payload>AAAA</payload></encrypted>",
+    "<openpgp xmlns='urn:xmpp:openpgp:0'>AAAA</openpgp>",
+    "<x xmlns='jabber:x:encrypted'>AAAA</x>",
+]
 
 PART = st.one_of(
     st.tuples(st.just("shown"), st.sampled_from(sorted(SHOWN)), TEXT),
@@ -109,7 +136,10 @@ def test_every_shown_text_is_read_in_order(reader: Reader, parts: list[tuple[str
             at = found + len(marked)
         if not expected[field]:
             assert answer[field] is None or "#" not in answer[field], answer
-    assert (answer["unreadable"] is not None) == any(what == "encrypted" for what, _, _ in parts), (answer, xml)
+    assert (answer["unreadable"] is not None) == any(what == "encrypted" for what, _, _ in parts), (
+        answer,
+        xml,
+    )
 
 
 @given(depth=st.integers(min_value=1, max_value=14), text=TEXT)
@@ -126,6 +156,8 @@ def test_forwarded_chains_are_read_to_their_limit(reader: Reader, depth: int, te
 
 @given(text=TEXT)
 def test_attribute_texts_are_read(reader: Reader, text: str) -> None:
-    answer = reader.read(f"<body>x</body><x xmlns='jabber:x:conference' jid='r@rooms.acme.example' "
-                         f"reason={quoteattr('#' + text)}/>" + XHTML.format(f"<img src='a' alt={quoteattr('%' + text)}/>"))
+    answer = reader.read(
+        f"<body>x</body><x xmlns='jabber:x:conference' jid='r@rooms.acme.example' "
+        f"reason={quoteattr('#' + text)}/>" + XHTML.format(f"<img src='a' alt={quoteattr('%' + text)}/>")
+    )
     assert f"#{text}" in answer["body"] and f"%{text}" in answer["body"], answer

@@ -18,8 +18,9 @@ from policyplug.usage.store import UsageStore
 from tests.test_usage import POLICY_TEXT as USAGE_POLICY_TEXT
 
 # test_usage's policy (tags without deciding, several kinds) with a second local domain
-POLICY_TEXT = USAGE_POLICY_TEXT.replace('policy "u"\nlocal domains ["acme.example"]',
-                                        'policy "r"\nlocal domains ["acme.example", "acme.test"]')
+POLICY_TEXT = USAGE_POLICY_TEXT.replace(
+    'policy "u"\nlocal domains ["acme.example"]', 'policy "r"\nlocal domains ["acme.example", "acme.test"]'
+)
 assert POLICY_TEXT != USAGE_POLICY_TEXT
 POLICY = load_policy(text=POLICY_TEXT)
 
@@ -135,10 +136,17 @@ def test_report_from_an_audit_log_equals_the_usage_stores(tmp_path: Path) -> Non
     log, db, policy = tmp_path / "audit.jsonl", tmp_path / "usage.db", policy_file(tmp_path)
     write_log(log, decisions)
     fill_store(db, decisions)
-    for period in ((), ("--since", "2026-11-24T11:00:00Z", "--until", "2026-11-25"), ("--since", "2026-11-25"),
-                   ("--until", "2026-11-24T11:00:00Z"), ("--top", "1")):
-        audit_csv, store_csv = from_logs(policy, log, options=("--format", "csv", *period)), report("--db", db,
-                                                                                                    "--format", "csv", *period)
+    for period in (
+        (),
+        ("--since", "2026-11-24T11:00:00Z", "--until", "2026-11-25"),
+        ("--since", "2026-11-25"),
+        ("--until", "2026-11-24T11:00:00Z"),
+        ("--top", "1"),
+    ):
+        audit_csv, store_csv = (
+            from_logs(policy, log, options=("--format", "csv", *period)),
+            report("--db", db, "--format", "csv", *period),
+        )
         assert audit_csv.returncode == 0, audit_csv.stderr
         assert audit_csv.stdout == store_csv.stdout, period
         audit_text, store_text = from_logs(policy, log, options=period), report("--db", db, *period)
@@ -155,11 +163,18 @@ def test_text_report_numbers_and_heading(tmp_path: Path) -> None:
     assert lines[:3] == ["policyplug usage report, from the beginning until now", HEADING, ""]
     section = text.stdout.split("Traffic by direction and outcome\n", 1)[1].splitlines()
     assert [line.split() for line in section[2:9]] == [
-        ["inbound", "allow", "2"], ["inbound", "deny", "1"], ["inbound", "drop", "2"], ["internal", "allow", "8"],
-        ["outbound", "allow", "5"], ["outbound", "deny", "3"], ["transit", "deny", "2"]]
+        ["inbound", "allow", "2"],
+        ["inbound", "deny", "1"],
+        ["inbound", "drop", "2"],
+        ["internal", "allow", "8"],
+        ["outbound", "allow", "5"],
+        ["outbound", "deny", "3"],
+        ["transit", "deny", "2"],
+    ]
     tags = text.stdout.split("Traffic by tag\n", 1)[1].splitlines()
     assert [line.split() for line in tags[2:]] == [
-        line.split(",")[1:] for line in CSV.splitlines() if line.startswith("Traffic by tag,")]
+        line.split(",")[1:] for line in CSV.splitlines() if line.startswith("Traffic by tag,")
+    ]
     # CSV stays one CSV: what the heading says goes to stderr
     csv_out = from_logs(policy, log, options=("--format", "csv"))
     assert csv_out.stderr == f"policyplug report: {HEADING}\n"
@@ -172,19 +187,32 @@ def test_text_report_numbers_and_heading(tmp_path: Path) -> None:
 def test_since_and_until_by_the_events_own_hour(tmp_path: Path) -> None:
     log, policy = tmp_path / "audit.jsonl", policy_file(tmp_path)
     write_log(log, decided())  # every record is written now; the event's time decides its hour
-    hour = from_logs(policy, log, options=("--format", "csv", "--since", "2026-11-24T11:00:00Z",
-                                           "--until", "2026-11-24T12:00:00Z")).stdout.splitlines()
+    hour = from_logs(
+        policy,
+        log,
+        options=("--format", "csv", "--since", "2026-11-24T11:00:00Z", "--until", "2026-11-24T12:00:00Z"),
+    ).stdout.splitlines()
     assert [line for line in hour if line.startswith("Traffic by direction")] == [
-        "Traffic by direction and outcome,inbound,allow,2", "Traffic by direction and outcome,inbound,deny,1",
-        "Traffic by direction and outcome,internal,allow,3"]
+        "Traffic by direction and outcome,inbound,allow,2",
+        "Traffic by direction and outcome,inbound,deny,1",
+        "Traffic by direction and outcome,internal,allow,3",
+    ]
     assert [line for line in hour if line.startswith("Busiest users")] == []  # no message in that hour
-    last_day = from_logs(policy, log, options=("--format", "csv", "--since", "2026-11-25")).stdout.splitlines()
+    last_day = from_logs(
+        policy, log, options=("--format", "csv", "--since", "2026-11-25")
+    ).stdout.splitlines()
     assert [line for line in last_day if line.startswith("Traffic by tag")] == [
-        "Traffic by tag,external,outbound,allow,1", "Traffic by tag,external,transit,deny,2",
-        "Traffic by tag,partner,outbound,allow,1"]
-    text = from_logs(policy, log, options=("--since", "2026-11-24T11:00:00Z", "--until", "2026-11-24T12:00:00Z"))
+        "Traffic by tag,external,outbound,allow,1",
+        "Traffic by tag,external,transit,deny,2",
+        "Traffic by tag,partner,outbound,allow,1",
+    ]
+    text = from_logs(
+        policy, log, options=("--since", "2026-11-24T11:00:00Z", "--until", "2026-11-24T12:00:00Z")
+    )
     assert text.stdout.splitlines()[:2] == [
-        "policyplug usage report, from 2026-11-24T11:00:00Z until 2026-11-24T12:00:00Z", HEADING]
+        "policyplug usage report, from 2026-11-24T11:00:00Z until 2026-11-24T12:00:00Z",
+        HEADING,
+    ]
 
 
 def test_rotated_files_in_any_order_and_per_process_chains(tmp_path: Path) -> None:
@@ -197,8 +225,10 @@ def test_rotated_files_in_any_order_and_per_process_chains(tmp_path: Path) -> No
     random.Random(7).shuffle(files)
     shuffled = from_logs(policy, *files, options=("--format", "csv"))
     assert shuffled.returncode == 0 and shuffled.stdout == CSV
-    assert shuffled.stderr == (f"policyplug report: from {RECORDS} audit records in {len(files)} files; "
-                               "decisions that were not audited are not counted\n")  # the chain verified
+    assert shuffled.stderr == (
+        f"policyplug report: from {RECORDS} audit records in {len(files)} files; "
+        "decisions that were not audited are not counted\n"
+    )  # the chain verified
     # rotated files alone (the current file left out) are checked oldest first, whatever order they came in
     older = [f for f in files if f != rotated]
     alone = from_logs(policy, *older, options=("--format", "csv"))
@@ -226,9 +256,11 @@ def test_a_tampered_log_is_warned_about_and_still_reported(tmp_path: Path) -> No
     result = from_logs(policy, log, options=("--format", "csv"))
     assert result.returncode == 0
     warning = [line for line in result.stderr.splitlines() if "not intact" in line]
-    assert warning == [f"policyplug report: warning: audit log {log} is not intact, reported all the same: "
-                       f"{log}:7: record {json.loads(lines[6])['id']} (seq 8) does not follow the record before it "
-                       "(seq 6): records were removed or reordered"]
+    assert warning == [
+        f"policyplug report: warning: audit log {log} is not intact, reported all the same: "
+        f"{log}:7: record {json.loads(lines[6])['id']} (seq 8) does not follow the record before it "
+        "(seq 6): records were removed or reordered"
+    ]
     assert "Traffic by direction and outcome,outbound,allow,4" in result.stdout  # one fewer than CSV's 5
     assert f"from {RECORDS - 1} audit records in 1 file" in result.stderr
 
@@ -238,15 +270,25 @@ def test_unreadable_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     write_log(log, decided())
     lines = log.read_text().splitlines(keepends=True)
     lines.insert(3, "{garbage\n")
-    lines.insert(9, json.dumps({"event": {"kind": "message", "from": "a@acme.example", "time": "2026-11-24T10:00:00Z"},
-                                "decision": {"decision": "allow", "rule": None, "tags": []}}) + "\n")  # no `to`
+    lines.insert(
+        9,
+        json.dumps(
+            {
+                "event": {"kind": "message", "from": "a@acme.example", "time": "2026-11-24T10:00:00Z"},
+                "decision": {"decision": "allow", "rule": None, "tags": []},
+            }
+        )
+        + "\n",
+    )  # no `to`
     log.write_text("".join(lines))
     text = from_logs(policy, log)
     assert text.returncode == 0 and "Traceback" not in text.stderr
     assert text.stdout.splitlines()[1:3] == [HEADING, "2 lines skipped: not a readable audit record"]
     assert f"skipped {log}:4: " in text.stderr and f"skipped {log}:10: field 'to': missing" in text.stderr
     assert f"{log}:4: not a valid audit record" in text.stderr  # what verify says of the chain
-    assert from_logs(policy, log, options=("--format", "csv")).stdout == CSV  # every real record still counted
+    assert (
+        from_logs(policy, log, options=("--format", "csv")).stdout == CSV
+    )  # every real record still counted
 
 
 def test_a_truncated_last_line_is_a_warning(tmp_path: Path) -> None:
@@ -273,8 +315,23 @@ def test_one_source_and_a_policy_for_audit_logs(tmp_path: Path) -> None:
     log, db, policy = tmp_path / "audit.jsonl", tmp_path / "usage.db", policy_file(tmp_path)
     write_log(log, decided())
     fill_store(db, decided())
-    process = subprocess.run([sys.executable, "-m", "policyplug", "report", "--audit-log", str(log), "--policy",
-                              str(policy), "--format", "csv"], capture_output=True, text=True, timeout=60)
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "report",
+            "--audit-log",
+            str(log),
+            "--policy",
+            str(policy),
+            "--format",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert process.returncode == 0 and process.stdout == CSV
     both = report("--db", db, "--audit-log", log, "--policy", policy)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
@@ -287,14 +344,24 @@ def test_one_source_and_a_policy_for_audit_logs(tmp_path: Path) -> None:
     missing = from_logs(policy, tmp_path / "none.jsonl")
     assert missing.returncode == 1 and f"no audit log at {tmp_path / 'none.jsonl'}" in missing.stderr
     bad_policy = from_logs(tmp_path / "none.policy", log)
-    assert bad_policy.returncode == 1 and "none.policy" in bad_policy.stderr and "Traceback" not in bad_policy.stderr
+    assert (
+        bad_policy.returncode == 1
+        and "none.policy" in bad_policy.stderr
+        and "Traceback" not in bad_policy.stderr
+    )
 
 
 def test_a_file_named_twice_is_counted_once(tmp_path: Path) -> None:
     log, policy = tmp_path / "audit.jsonl", policy_file(tmp_path)
     write_log(log, decided(), max_bytes=4000)
     files = len(list(tmp_path.glob("audit.jsonl*")))
-    twice = from_logs(policy, log, tmp_path, log.with_name("audit.jsonl.1"),
-                      tmp_path / ".." / tmp_path.name / "audit.jsonl", options=("--format", "csv"))
+    twice = from_logs(
+        policy,
+        log,
+        tmp_path,
+        log.with_name("audit.jsonl.1"),
+        tmp_path / ".." / tmp_path.name / "audit.jsonl",
+        options=("--format", "csv"),
+    )
     assert twice.returncode == 0 and twice.stdout == CSV and "not intact" not in twice.stderr
     assert f"from {RECORDS} audit records in {files} files;" in twice.stderr

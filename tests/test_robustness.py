@@ -41,11 +41,14 @@ def test_not_utf8_is_a_diagnostic_naming_line_and_column(tmp_path: Path) -> None
     assert (diagnostic.location.line, diagnostic.location.column) == (2, 18)
 
 
-@pytest.mark.parametrize("statement, what", [
-    ('include "\x00x.policy"', "included file"),
-    ('list l = file "\x00l.txt"', "list file"),
-    ('directory "\x00users.json"', "directory file"),
-])
+@pytest.mark.parametrize(
+    "statement, what",
+    [
+        ('include "\x00x.policy"', "included file"),
+        ('list l = file "\x00l.txt"', "list file"),
+        ('directory "\x00users.json"', "directory file"),
+    ],
+)
 def test_nul_in_a_file_path_is_a_diagnostic(tmp_path: Path, statement: str, what: str) -> None:
     # found by the mutation test below: os.stat raises ValueError (not OSError) for such a path
     with pytest.raises(PolicyError) as caught:
@@ -67,14 +70,18 @@ def test_empty_file_is_a_diagnostic() -> None:
 
 def test_brackets_nested_1000_deep_are_refused_quickly() -> None:
     started = time.perf_counter()
-    assert "nests too deep" in outcome(HEAD + "rule r:\n  when " + "(" * 1000 + "true" + ")" * 1000 + "\n  allow\n")
+    assert "nests too deep" in outcome(
+        HEAD + "rule r:\n  when " + "(" * 1000 + "true" + ")" * 1000 + "\n  allow\n"
+    )
     assert outcome(HEAD + "list x = " + "[" * 1000 + "]" * 1000 + "\n") != "loaded"
     assert "nest more than" in outcome(HEAD + "rule r:\n  when " + "(\n" * 1000 + "true\n  allow\n")
     assert time.perf_counter() - started < 30
 
 
 def test_ten_thousand_rules_load() -> None:
-    text = HEAD + "".join(f'rule r{i}:\n  when sender.domain == "d{i}.example"\n  allow\n' for i in range(10_000))
+    text = HEAD + "".join(
+        f'rule r{i}:\n  when sender.domain == "d{i}.example"\n  allow\n' for i in range(10_000)
+    )
     policy = load_policy(text=text)
     assert len(policy.rules) == 10_000
     assert policy.decide(Event.message("a@d9999.example", "b@x.example")).rule == "r9999"
@@ -99,8 +106,35 @@ def test_random_bytes_give_only_diagnostics(data: bytes) -> None:
     assert isinstance(outcome(text), str)
 
 
-TOKENS = ["rule", "test", "when", "unless", "allow", "deny", "drop", "(", ")", "[", "]", "{", "}", '"', "\\",
-          "&&", "||", ",", ":", "#", "\n", "on", "limit 3 per minute by", "expect", "include \"x\"", "é", "\x00"]
+TOKENS = [
+    "rule",
+    "test",
+    "when",
+    "unless",
+    "allow",
+    "deny",
+    "drop",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    '"',
+    "\\",
+    "&&",
+    "||",
+    ",",
+    ":",
+    "#",
+    "\n",
+    "on",
+    "limit 3 per minute by",
+    "expect",
+    'include "x"',
+    "é",
+    "\x00",
+]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,6 +166,7 @@ def test_mutations_of_the_spec_example_give_only_diagnostics(rng: random.Random,
 
 # -- files that never end, never answer, loop, explode or lie outside the policy (issue 16) ----------
 
+
 def load_errors(path: Path, **kwargs) -> list[str]:
     with pytest.raises(PolicyError) as caught:
         load_policy(path, **kwargs)
@@ -143,8 +178,10 @@ def test_a_device_as_list_file_is_refused_not_read_forever(tmp_path: Path) -> No
     size is 0. The opened file must be a regular one."""
     (tmp_path / "p.policy").write_text(HEAD + 'list x = file "/dev/zero"\n')
     [message] = load_errors(tmp_path / "p.policy", allowed_paths=["/dev"])
-    assert message.startswith(f"{tmp_path / 'p.policy'}:3:1: error: cannot read list file '/dev/zero': "
-                              "it is a device, not a regular file")
+    assert message.startswith(
+        f"{tmp_path / 'p.policy'}:3:1: error: cannot read list file '/dev/zero': "
+        "it is a device, not a regular file"
+    )
     (tmp_path / "zero.txt").symlink_to("/dev/zero")  # a name inside the folder changes nothing
     (tmp_path / "p.policy").write_text(HEAD + 'list x = file "zero.txt"\n')
     [message] = load_errors(tmp_path / "p.policy", allowed_paths=["/dev"])
@@ -155,11 +192,17 @@ def test_a_fifo_as_directory_file_does_not_hang_check(tmp_path: Path) -> None:
     """A FIFO as the `directory` file hung `policyplug check` (open() waits for a writer)."""
     os.mkfifo(tmp_path / "users.json")
     (tmp_path / "p.policy").write_text(HEAD + 'directory "users.json"\n')
-    result = subprocess.run([sys.executable, "-m", "policyplug", "check", str(tmp_path / "p.policy")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "check", str(tmp_path / "p.policy")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
-    assert f"{tmp_path / 'p.policy'}:3:1: error: cannot read directory file '{tmp_path / 'users.json'}': " \
-           "it is a FIFO, not a regular file" in result.stderr
+    assert (
+        f"{tmp_path / 'p.policy'}:3:1: error: cannot read directory file '{tmp_path / 'users.json'}': "
+        "it is a FIFO, not a regular file" in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -168,15 +211,19 @@ def test_an_include_symlink_loop_is_a_diagnostic_at_the_include(tmp_path: Path) 
     (tmp_path / "loop2").symlink_to("loop1")
     (tmp_path / "p.policy").write_text(HEAD + '\ninclude "loop1"\n')
     [message] = load_errors(tmp_path / "p.policy")
-    assert message.startswith(f"{tmp_path / 'p.policy'}:4:1: error: cannot read included file "
-                              f"'{tmp_path / 'loop1'}': a symlink loop")
+    assert message.startswith(
+        f"{tmp_path / 'p.policy'}:4:1: error: cannot read included file "
+        f"'{tmp_path / 'loop1'}': a symlink loop"
+    )
 
 
 def _diamond(folder: Path, depth: int, leaf: str = "rule leaf:\n  allow\n") -> Path:
     """inc0 includes inc1 twice, inc1 includes inc2 twice, ...: 2**depth paths to the leaf."""
     for i in range(depth):
-        (folder / f"inc{i}.rules").write_text(f'rule r{i}:\n  when sender.user == "u{i}"\n  deny\n'
-                                              f'include "inc{i + 1}.rules"\ninclude "inc{i + 1}.rules"\n')
+        (folder / f"inc{i}.rules").write_text(
+            f'rule r{i}:\n  when sender.user == "u{i}"\n  deny\n'
+            f'include "inc{i + 1}.rules"\ninclude "inc{i + 1}.rules"\n'
+        )
     (folder / f"inc{depth}.rules").write_text(leaf)
     (folder / "p.policy").write_text(HEAD + 'include "inc0.rules"\ninclude "inc0.rules"\n')
     return folder / "p.policy"
@@ -195,6 +242,7 @@ def test_a_diamond_of_includes_reads_each_file_once(tmp_path: Path) -> None:
 def test_includes_nest_32_deep_as_documented(tmp_path: Path) -> None:
     """docs/language.md: nesting deeper than 32 is an error. The depth was counted twice per level,
     so the 17th include was refused."""
+
     def chain(n: int) -> Path:
         for old in tmp_path.glob("c*.rules"):
             old.unlink()
@@ -217,8 +265,15 @@ def test_an_include_cycle_is_still_reported(tmp_path: Path) -> None:
     assert message.startswith(f"{tmp_path / 'b.rules'}:1:1: error: 'a.rules' includes itself (include cycle)")
 
 
-@pytest.mark.parametrize("statement", ['include "/etc/passwd"', 'list x = file "/etc/passwd"',
-                                       'directory "/etc/passwd"', 'include "../outside.rules"'])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        'include "/etc/passwd"',
+        'list x = file "/etc/passwd"',
+        'directory "/etc/passwd"',
+        'include "../outside.rules"',
+    ],
+)
 def test_files_outside_the_policy_folder_are_refused_unquoted(tmp_path: Path, statement: str) -> None:
     """A policy could include /etc/passwd, and the diagnostics quoted its lines."""
     (tmp_path / "outside.rules").write_text("rule outside:\n  allow\n")
@@ -234,10 +289,13 @@ def test_allowed_paths_let_files_elsewhere_in(tmp_path: Path, monkeypatch: pytes
     (tmp_path / "shared" / "partners.txt").write_text("partner.example\n")
     (tmp_path / "shared" / "x.rules").write_text("rule shared:\n  allow\n")
     (tmp_path / "pol").mkdir()
-    (tmp_path / "pol" / "p.policy").write_text(HEAD + 'list p = file "../shared/partners.txt"\ninclude "../shared/x.rules"\n')
+    (tmp_path / "pol" / "p.policy").write_text(
+        HEAD + 'list p = file "../shared/partners.txt"\ninclude "../shared/x.rules"\n'
+    )
     assert "outside the policy's folder" in load_errors(tmp_path / "pol" / "p.policy")[0]
-    assert [r.name for r in load_policy(tmp_path / "pol" / "p.policy", allowed_paths=[tmp_path / "shared"]).rules] \
-        == ["shared"]
+    assert [
+        r.name for r in load_policy(tmp_path / "pol" / "p.policy", allowed_paths=[tmp_path / "shared"]).rules
+    ] == ["shared"]
     monkeypatch.setenv("POLICYPLUG_ALLOW_PATH", str(tmp_path / "shared"))
     assert load_policy(tmp_path / "pol" / "p.policy").lists["p"] == ("partner.example",)
 
@@ -245,7 +303,9 @@ def test_allowed_paths_let_files_elsewhere_in(tmp_path: Path, monkeypatch: pytes
 def test_an_allowed_file_that_is_no_policy_is_not_quoted(tmp_path: Path) -> None:
     (tmp_path / "p.policy").write_text(HEAD + 'include "/etc/passwd"\n')
     [message] = load_errors(tmp_path / "p.policy", allowed_paths=["/etc"])
-    assert message.startswith(f"{tmp_path / 'p.policy'}:3:1: error: included file '/etc/passwd' is not a policy file")
+    assert message.startswith(
+        f"{tmp_path / 'p.policy'}:3:1: error: included file '/etc/passwd' is not a policy file"
+    )
     assert "root:x" not in message and "/bin/" not in message
 
 
@@ -257,8 +317,9 @@ def test_cli_allow_path(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "policyplug", "check", str(tmp_path / "pol" / "p.policy")]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "outside the policy's folder" in refused.stderr
-    allowed = subprocess.run([*command, "--allow-path", str(tmp_path / "shared")], capture_output=True, text=True,
-                             timeout=60)
+    allowed = subprocess.run(
+        [*command, "--allow-path", str(tmp_path / "shared")], capture_output=True, text=True, timeout=60
+    )
     assert allowed.returncode == 0, allowed.stderr
 
 
@@ -280,7 +341,9 @@ def test_a_long_constant_condition_is_folded_in_linear_work(monkeypatch: pytest.
     monkeypatch.setattr(cel_compile, "Evaluator", counted)
     for terms in (150, 600):
         started = 0
-        policy = load_policy(text=HEAD + "rule r:\n  when " + "+".join(["1"] * terms) + f" == {terms}\n  deny\n")
+        policy = load_policy(
+            text=HEAD + "rule r:\n  when " + "+".join(["1"] * terms) + f" == {terms}\n  deny\n"
+        )
         if terms == 150:  # (at 600 the compiled code is too deep for Python and the interpreter decides)
             assert policy.decide(Event.message("a@x.example", "b@y.example")).rule == "r"
         assert started <= terms // 10, (terms, started)
@@ -288,10 +351,12 @@ def test_a_long_constant_condition_is_folded_in_linear_work(monkeypatch: pytest.
 
 # -- exit statuses survive a closed pipe (issue 16) -------------------------------------------------
 
+
 def _run_into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess:
     """Run the CLI with its output read by something that stops after one line (`| head -1`)."""
-    proc = subprocess.Popen([sys.executable, "-m", "policyplug", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "policyplug", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert proc.stdout is not None and proc.stderr is not None
     first = proc.stdout.readline()
     proc.stdout.close()  # the reader goes away; the rest of the output meets a closed pipe
@@ -304,8 +369,13 @@ def test_a_failing_suite_piped_into_head_still_fails(tmp_path: Path) -> None:
     """`policyplug test failing.policy | head -1` exited 0 (`except BrokenPipeError: return 0`), so a CI
     gate with pipefail passed a failing suite."""
     path = tmp_path / "failing.policy"
-    path.write_text('policy "f"\ndefault deny\n' + "".join(
-        f'test t{i}:\n  message from "a@x.example" to "b@y.example"\n  expect allow\n' for i in range(3000)))
+    path.write_text(
+        'policy "f"\ndefault deny\n'
+        + "".join(
+            f'test t{i}:\n  message from "a@x.example" to "b@y.example"\n  expect allow\n'
+            for i in range(3000)
+        )
+    )
     result = _run_into_closed_pipe(["test", str(path)])
     assert result.stdout.startswith(b"FAIL ")
     assert result.returncode == 1, result.stderr

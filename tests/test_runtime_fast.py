@@ -18,7 +18,14 @@ from policyplug.limits import MemoryLimiter
 from policyplug.loader import load_model
 
 HEAD = 'policy "t"\nlocal domains ["acme.example"]\nlist partners = ["p1.example", "p2.example"]\n'
-USERS = ["a@acme.example", "b@acme.example", "c@p1.example", "d@p2.example", "e@q.example", "a@acme.example/phone"]
+USERS = [
+    "a@acme.example",
+    "b@acme.example",
+    "c@p1.example",
+    "d@p2.example",
+    "e@q.example",
+    "a@acme.example/phone",
+]
 
 
 def walked(policy: Any, event: Event) -> Decision:
@@ -29,13 +36,16 @@ def walked(policy: Any, event: Event) -> Decision:
 
 def all_events() -> list[Event]:
     out = []
-    for kind, sender, recipient, body in itertools.product(("message", "presence", "call", "file"), USERS, USERS,
-                                                           ("", "secret plan", "x" * 40)):
+    for kind, sender, recipient, body in itertools.product(
+        ("message", "presence", "call", "file"), USERS, USERS, ("", "secret plan", "x" * 40)
+    ):
         out.append(Event._of_kind(kind, sender, recipient, {"body": body}))
     return out
 
 
-POLICY = HEAD + '''directory "users.json"
+POLICY = (
+    HEAD
+    + """directory "users.json"
 default deny "no"
 rule audit_external:
   when direction != "internal"
@@ -71,7 +81,8 @@ rule partner:
 rule internal:
   when direction == "internal"
   allow
-'''
+"""
+)
 
 
 @pytest.fixture()
@@ -109,7 +120,11 @@ def test_decisions_do_not_share_their_lists(policy_text: tuple[str, Any]) -> Non
     first.tags.append("mine")
     first.copy_to.clear()
     assert second.tags == ["external", "partner", "vip"] and second.copy_to == ["archive@acme.example"]
-    assert policy.decide(Event.message("a@acme.example", "x@p1.example")).tags == ["external", "partner", "vip"]
+    assert policy.decide(Event.message("a@acme.example", "x@p1.example")).tags == [
+        "external",
+        "partner",
+        "vip",
+    ]
 
 
 def test_activation_after_a_decision_is_the_full_activation(policy_text: tuple[str, Any]) -> None:
@@ -127,20 +142,24 @@ def test_activation_after_a_decision_is_the_full_activation(policy_text: tuple[s
 
 
 def test_a_guard_in_a_later_when_does_not_hide_an_error_in_an_earlier_one() -> None:
-    policy = load_policy(text=HEAD + 'default allow\nrule r:\n  when sender.attrs.level > 0\n'
-                                     '  when direction == "internal"\n  deny\n')
+    policy = load_policy(
+        text=HEAD + "default allow\nrule r:\n  when sender.attrs.level > 0\n"
+        '  when direction == "internal"\n  deny\n'
+    )
     decision = policy.decide(Event.message("x@p1.example", "a@acme.example"))
     assert decision.decision == "allow" and [e["rule"] for e in decision.errors] == ["r"]
     # ... but a guard-only first `when` lets the index use the second one too
-    policy = load_policy(text=HEAD + 'default allow\nrule r:\n  when direction == "inbound"\n'
-                                     '  when recipient.domain == "acme.example"\n  deny\n')
+    policy = load_policy(
+        text=HEAD + 'default allow\nrule r:\n  when direction == "inbound"\n'
+        '  when recipient.domain == "acme.example"\n  deny\n'
+    )
     plan = policy._index.plans["message"]
     assert not plan["outbound"][0] and not plan["outbound"][1]
     assert policy.decide(Event.message("x@p1.example", "a@acme.example")).decision == "deny"
 
 
 def test_local_flags_restrict_directions_in_the_index() -> None:
-    policy = load_policy(text=HEAD + 'default allow\nrule r:\n  when !sender.local && size > 3\n  deny\n')
+    policy = load_policy(text=HEAD + "default allow\nrule r:\n  when !sender.local && size > 3\n  deny\n")
     plans = policy._index.plans["message"]
     assert [d for d, (unguarded, _) in plans.items() if unguarded] == ["inbound", "transit"]
 
@@ -159,24 +178,41 @@ def test_caches_overflowing_keep_decisions_exact(policy_text: tuple[str, Any], m
 
 
 def test_limits_and_explain_still_walk(policy_text: tuple[str, Any]) -> None:
-    policy = load_policy(text=HEAD + 'default allow\nrule first:\n  when direction == "internal"\n  tag "t"\n'
-                                     'rule flood:\n  limit 2 per second by sender\n  drop\n')
+    policy = load_policy(
+        text=HEAD + 'default allow\nrule first:\n  when direction == "internal"\n  tag "t"\n'
+        "rule flood:\n  limit 2 per second by sender\n  drop\n"
+    )
     limiter = MemoryLimiter()
     event = Event.message("a@acme.example", "b@acme.example")
     outcomes = [policy.decide(event, now=t, limiter=limiter) for t in (0.0, 0.1, 0.2)]
     assert [d.decision for d in outcomes] == ["allow", "allow", "drop"] and outcomes[2].tags == ["t"]
     explained = policy.decide(event, explain=True, now=5.0, limiter=limiter)
-    assert [s.rule for s in explained.trace] == ["first", "flood"] and isinstance(explained.trace[0], TraceStep)
+    assert [s.rule for s in explained.trace] == ["first", "flood"] and isinstance(
+        explained.trace[0], TraceStep
+    )
 
 
-@pytest.mark.parametrize("key", ["sender", "recipient", "sender.domain", "recipient . user", "sender.resource",
-                                 "sender.address", "sender.domain + recipient.domain", "kind"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sender",
+        "recipient",
+        "sender.domain",
+        "recipient . user",
+        "sender.resource",
+        "sender.address",
+        "sender.domain + recipient.domain",
+        "kind",
+    ],
+)
 def test_limits_keyed_by_a_party_count_exactly_as_the_walk_does(key: str) -> None:
     """decide() counts `by sender` / `by recipient.domain` ... reading the key off the party (no
     activation); every other key goes through the walk. Both must count the same windows."""
-    text = (HEAD + 'default allow\nrule first:\n  when direction == "internal"\n  tag "t"\n'
-            f'rule flood:\n  on message\n  when body != "exempt"\n  limit 3 per minute by {key}\n  drop\n'
-            'rule after:\n  when size > 35\n  deny "big"\n')
+    text = (
+        HEAD + 'default allow\nrule first:\n  when direction == "internal"\n  tag "t"\n'
+        f'rule flood:\n  on message\n  when body != "exempt"\n  limit 3 per minute by {key}\n  drop\n'
+        'rule after:\n  when size > 35\n  deny "big"\n'
+    )
     policy = load_policy(text=text)
     assert (policy.rules[1].limit.party_key is None) == (key in ("sender.domain + recipient.domain", "kind"))
     fast, walk = MemoryLimiter(), MemoryLimiter()
@@ -187,19 +223,25 @@ def test_limits_keyed_by_a_party_count_exactly_as_the_walk_does(key: str) -> Non
         event._activation_cache = None
         got = policy.decide(event, now=now, limiter=fast)
         event._activation_cache = None
-        candidates = (r for r in policy.rules if r.kinds is None or event.kind in r.kinds)  # as the index does
+        candidates = (
+            r for r in policy.rules if r.kinds is None or event.kind in r.kinds
+        )  # as the index does
         expected = policy._walk(event, candidates, None, now, False, walk)
         assert got == expected, (key, step, event)
         drops += got.decision == "drop"
     assert drops > 0  # the limit was reached, not only counted
-    assert {k: list(v[0]) for k, v in fast._windows.items()} == {k: list(v[0]) for k, v in walk._windows.items()}
+    assert {k: list(v[0]) for k, v in fast._windows.items()} == {
+        k: list(v[0]) for k, v in walk._windows.items()
+    }
 
 
 def test_an_empty_limiter_passed_in_is_used_not_the_policys_own() -> None:
     """A MemoryLimiter with no keys yet is falsy (it has a length): `limiter or self.limiter` would send
     the first hit of every caller's limiter to the policy's own one."""
     for key in ("sender", "kind"):  # the party fast path and the walk
-        policy = load_policy(text=HEAD + f"default allow\nrule flood:\n  limit 1 per minute by {key}\n  drop\n")
+        policy = load_policy(
+            text=HEAD + f"default allow\nrule flood:\n  limit 1 per minute by {key}\n  drop\n"
+        )
         event = Event.message("a@acme.example", "b@acme.example")
         for _ in range(3):
             event._activation_cache = None
@@ -209,7 +251,15 @@ def test_an_empty_limiter_passed_in_is_used_not_the_policys_own() -> None:
 
 def test_decision_keeps_the_dataclass_interface() -> None:
     d = Decision("allow", "r1")
-    assert (d.copy_to, d.disclaimers, d.tags, d.errors, d.trace, d.audit, d.reason) == ([], [], [], [], [], False, None)
+    assert (d.copy_to, d.disclaimers, d.tags, d.errors, d.trace, d.audit, d.reason) == (
+        [],
+        [],
+        [],
+        [],
+        [],
+        False,
+        None,
+    )
     e = Decision("allow", "r1", None, None, None, [], [], [], False, [], "", "", [])
     assert d == e and not (d != e) and d != Decision("deny", "r1")
     d.tags = ["x"]
@@ -218,8 +268,20 @@ def test_decision_keeps_the_dataclass_interface() -> None:
     assert "Decision(decision='allow'" in repr(d) and d.allowed
     with pytest.raises(TypeError):
         hash(d)
-    assert set(d.to_json()) == {"decision", "rule", "reason", "redirect_to", "route_via", "copy_to", "disclaimers",
-                                "tags", "audit", "errors", "policy", "policy_revision"}
+    assert set(d.to_json()) == {
+        "decision",
+        "rule",
+        "reason",
+        "redirect_to",
+        "route_via",
+        "copy_to",
+        "disclaimers",
+        "tags",
+        "audit",
+        "errors",
+        "policy",
+        "policy_revision",
+    }
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -240,8 +302,10 @@ def test_a_rule_too_big_for_one_function_is_compiled_condition_by_condition() ->
     deep = "size > 0"
     for i in range(22):  # 22 nested loops: more than Python's compiler takes in one function
         deep = f"payload.exists(p{i}, {deep})"
-    policy = load_policy(text=HEAD + f'default deny\nrule deep:\n  when {deep} || kind == "message"\n  allow\n'
-                                     'rule plain:\n  when kind == "call"\n  allow\n')
+    policy = load_policy(
+        text=HEAD + f'default deny\nrule deep:\n  when {deep} || kind == "message"\n  allow\n'
+        'rule plain:\n  when kind == "call"\n  allow\n'
+    )
     assert policy.rules[0].match is None and policy.rules[1].match is not None
     assert [why for _, _, why in policy.fallbacks()] == ["expression too complex to compile (SyntaxError)"]
     assert policy.decide(Event.message("a@acme.example", "b@acme.example", payload=["x"])).rule == "deep"
@@ -249,9 +313,11 @@ def test_a_rule_too_big_for_one_function_is_compiled_condition_by_condition() ->
 
 
 def test_size_guards_prune_by_bucket_and_stay_exact() -> None:
-    policy = load_policy(text=HEAD + 'default allow\nrule big:\n  when size > 1000 && sender.local\n  deny "big"\n'
-                                     'rule band:\n  when 10 <= size && size < 20\n  tag "band"\n'
-                                     'rule exact:\n  when size == 15 && body.matches("(")\n  drop\n')
+    policy = load_policy(
+        text=HEAD + 'default allow\nrule big:\n  when size > 1000 && sender.local\n  deny "big"\n'
+        'rule band:\n  when 10 <= size && size < 20\n  tag "band"\n'
+        'rule exact:\n  when size == 15 && body.matches("(")\n  drop\n'
+    )
     index = policy._index
     assert index.size_points == (10, 15, 16, 20, 1001)
     reference = compile_policy(policy.model, use_index=False)
@@ -264,10 +330,18 @@ def test_size_guards_prune_by_bucket_and_stay_exact() -> None:
     event.size = 5
     sender, recipient, direction = policy._derived(event)
     # the bucket of a size, as Policy.decide works it out (inline, on the hot path: the one copy)
-    assert [r.name for r in index.candidates("message", direction, sender[0], recipient[0],
-                                             bisect_right(index.size_points, 5))] == []
-    assert [r.name for r in index.candidates("message", direction, sender[0], recipient[0],
-                                             bisect_right(index.size_points, 15))] == ["band", "exact"]
+    assert [
+        r.name
+        for r in index.candidates(
+            "message", direction, sender[0], recipient[0], bisect_right(index.size_points, 5)
+        )
+    ] == []
+    assert [
+        r.name
+        for r in index.candidates(
+            "message", direction, sender[0], recipient[0], bisect_right(index.size_points, 15)
+        )
+    ] == ["band", "exact"]
     for size, bucket in ((5, 0), (15, 2), (2**63, -1), ("15", -1)):  # decide() fills the slot of its bucket
         event = Event.message("a@acme.example", "b@acme.example")
         event.size = size

@@ -37,15 +37,31 @@ def test_serve_never_prints_the_password_of_a_bad_url(tmp_path: Path, url: str) 
     policy = tmp_path / "p.policy"
     policy.write_text('policy "p"\ndefault allow\n')
     option = "--usage-db" if url.startswith("postgres") else "--state"
-    result = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket",
-                             str(tmp_path / "s.sock"), option, url], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(tmp_path / "s.sock"),
+            option,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert SECRET not in output, output
     assert "Traceback" not in output, output
 
 
-@pytest.mark.parametrize("url", [u for u in URLS if u.startswith("redis")] + ["redis://default:" + SECRET + "@h:1"])
+@pytest.mark.parametrize(
+    "url", [u for u in URLS if u.startswith("redis")] + ["redis://default:" + SECRET + "@h:1"]
+)
 def test_redact_url_hides_user_and_password(url: str) -> None:
     assert SECRET not in redact_url(url)
     assert redact_url(url).split(":", 1)[0] == url.split(":", 1)[0]  # the scheme stays, to tell what it is
@@ -79,7 +95,12 @@ def test_ldap_attribute_values_of_unexpected_types_are_text() -> None:
 
     from policyplug.directory_ldap import _values
 
-    found = {"Level": 3, "when": [datetime.datetime(2026, 1, 1), None], "raw": b"\xff\xfeok", "many": [1, b"x", "y"]}
+    found = {
+        "Level": 3,
+        "when": [datetime.datetime(2026, 1, 1), None],
+        "raw": b"\xff\xfeok",
+        "many": [1, b"x", "y"],
+    }
     assert _values(found, "level") == ["3"]
     assert _values(found, "when") == ["2026-01-01 00:00:00"]
     assert _values(found, "raw") == ["\ufffd\ufffdok"]

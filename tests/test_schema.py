@@ -23,17 +23,33 @@ PROSODY = ROOT / "adapters" / "prosody"
 
 def _full_event() -> Event:
     """An event with every member set, content_complete false (it is written only then)."""
-    return Event.from_json({"kind": "message", "from": "alice@acme.example/phone", "to": "bob@partner.example",
-                            "body": "hi", "subject": "s", "time": "2026-01-01T00:00:00Z", "protocol": "xmpp",
-                            "client": {"ip": "127.0.0.1", "port": 5222, "secure": True}, "headers": {"h": "v"},
-                            "payload": ["urn:x"], "type": "chat", "size": 2, "content_complete": False})
+    return Event.from_json(
+        {
+            "kind": "message",
+            "from": "alice@acme.example/phone",
+            "to": "bob@partner.example",
+            "body": "hi",
+            "subject": "s",
+            "time": "2026-01-01T00:00:00Z",
+            "protocol": "xmpp",
+            "client": {"ip": "127.0.0.1", "port": 5222, "secure": True},
+            "headers": {"h": "v"},
+            "payload": ["urn:x"],
+            "type": "chat",
+            "size": 2,
+            "content_complete": False,
+        }
+    )
 
 
 def test_variables_are_the_event_members_as_a_condition_names_them_plus_direction() -> None:
     members = {schema.VARIABLE_OF_MEMBER.get(m, m) for m in schema.EVENT_MEMBERS}
     assert set(schema.VARIABLES) == members | {"direction"}
-    assert schema.FIELDS_OF == {"sender": tuple(schema.PARTY_FIELDS), "recipient": tuple(schema.PARTY_FIELDS),
-                                "client": tuple(schema.CLIENT_FIELDS)}
+    assert schema.FIELDS_OF == {
+        "sender": tuple(schema.PARTY_FIELDS),
+        "recipient": tuple(schema.PARTY_FIELDS),
+        "client": tuple(schema.CLIENT_FIELDS),
+    }
 
 
 def test_derived_lists_are_the_schema() -> None:
@@ -78,11 +94,11 @@ def _lua_json_keys(text: str) -> tuple[list[str], list[str]]:
 
 def test_the_prosody_modules_event_json_uses_the_schema() -> None:
     source = (PROSODY / "policyplug_event.lib.lua").read_text()
-    event_json = source[source.index("local function event_json"):]
-    event_json = event_json[:event_json.index('return head .. "}"')]
+    event_json = source[source.index("local function event_json") :]
+    event_json = event_json[: event_json.index('return head .. "}"')]
     module = (PROSODY / "mod_policyplug.lua").read_text()
-    login = module[module.index("local login = "):]
-    login = login[:login.index('"}}";') + 4]
+    login = module[module.index("local login = ") :]
+    login = login[: login.index('"}}";') + 4]
     for piece in (event_json, login):
         members, client = _lua_json_keys(piece)
         assert set(schema.REQUIRED_MEMBERS) <= set(members), members
@@ -93,16 +109,27 @@ def test_the_prosody_modules_event_json_uses_the_schema() -> None:
 
 
 def test_the_kamailio_adapters_event_json_uses_the_schema() -> None:
-    spec = importlib.util.spec_from_file_location("sip_event_for_schema", ROOT / "adapters" / "kamailio" / "sip_event.py")
+    spec = importlib.util.spec_from_file_location(
+        "sip_event_for_schema", ROOT / "adapters" / "kamailio" / "sip_event.py"
+    )
     assert spec is not None and spec.loader is not None
     sip_event = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sip_event)
-    raw = (b"MESSAGE sip:bob@acme.example SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK1\r\n"
-           b"From: <sip:alice@acme.example>;tag=1\r\nTo: <sip:bob@acme.example>\r\nCall-ID: c1\r\n"
-           b"CSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi")
-    event = sip_event.event_json(method="MESSAGE", raw=raw, from_uri="sip:alice@acme.example",
-                                 to_uri="sip:bob@acme.example", source_ip="127.0.0.1", source_port=5062,
-                                 transport="udp", time="2026-01-01T00:00:00Z")
+    raw = (
+        b"MESSAGE sip:bob@acme.example SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK1\r\n"
+        b"From: <sip:alice@acme.example>;tag=1\r\nTo: <sip:bob@acme.example>\r\nCall-ID: c1\r\n"
+        b"CSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi"
+    )
+    event = sip_event.event_json(
+        method="MESSAGE",
+        raw=raw,
+        from_uri="sip:alice@acme.example",
+        to_uri="sip:bob@acme.example",
+        source_ip="127.0.0.1",
+        source_port=5062,
+        transport="udp",
+        time="2026-01-01T00:00:00Z",
+    )
     assert event is not None
     assert set(event) <= set(schema.EVENT_MEMBERS) and set(schema.REQUIRED_MEMBERS) <= set(event)
     assert set(schema.EVENT_MEMBERS) - set(event) == {"content_complete"}  # written only when false

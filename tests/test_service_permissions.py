@@ -21,14 +21,16 @@ import pytest
 from tests.servers import require_binary
 
 NOBODY = 65534
-CONNECT = ("import socket, sys\n"
-           "s = socket.socket(socket.AF_UNIX)\n"
-           "try:\n"
-           "    s.connect(sys.argv[1])\n"
-           "except PermissionError:\n"
-           "    print('refused'); sys.exit(0)\n"
-           "s.sendall(b'{\"id\": 1, \"event\": {\"kind\": \"message\", \"from\": \"a@acme.example\", \"to\": \"b@acme.example\"}}\\n')\n"
-           "print(s.makefile().readline().strip())\n")
+CONNECT = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "try:\n"
+    "    s.connect(sys.argv[1])\n"
+    "except PermissionError:\n"
+    "    print('refused'); sys.exit(0)\n"
+    's.sendall(b\'{"id": 1, "event": {"kind": "message", "from": "a@acme.example", "to": "b@acme.example"}}\\n\')\n'
+    "print(s.makefile().readline().strip())\n"
+)
 
 
 @pytest.fixture
@@ -42,8 +44,11 @@ def served() -> Iterator[Path]:
     policy = folder / "p.policy"
     policy.write_text('policy "perm"\nlocal domains ["acme.example"]\ndefault allow\n')
     sock = folder / "s.sock"
-    service = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -58,8 +63,12 @@ def served() -> Iterator[Path]:
 
 def connect_as(uid: int, gid: int, sock: Path) -> str:
     python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
-    result = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", python, "-c", CONNECT,
-                             str(sock)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", python, "-c", CONNECT, str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

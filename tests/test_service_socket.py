@@ -17,14 +17,14 @@ import pytest
 from policyplug.audit import verify
 from policyplug.usage.report import build_tables
 
-POLICY = '''policy "svc"
+POLICY = """policy "svc"
 local domains ["acme.example"]
 default deny "no"
 
 rule internal:
   when direction == "internal"
   allow
-'''
+"""
 
 
 class Client:
@@ -57,10 +57,28 @@ def service(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
     policy.write_text(POLICY)
     sock = tmp_path / "pp.sock"
     audit = tmp_path / "audit.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
-                             "--audit-log", str(audit), "--audit-level", "all", "--watch-interval", "0.2",
-                             "--usage-db", str(tmp_path / "usage.db")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(sock),
+            "--audit-log",
+            str(audit),
+            "--audit-level",
+            "all",
+            "--watch-interval",
+            "0.2",
+            "--usage-db",
+            str(tmp_path / "usage.db"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while not sock.exists():
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
@@ -78,8 +96,10 @@ def event(sender: str, recipient: str) -> dict:
 def test_pipelined_requests_are_answered_with_their_ids(service) -> None:  # type: ignore[no-untyped-def]
     _, sock, _ = service
     client = Client(sock)
-    requests = [{"id": i, "event": event(f"u{i}@acme.example", "b@acme.example" if i % 2 else "b@x.example")}
-                for i in range(200)]
+    requests = [
+        {"id": i, "event": event(f"u{i}@acme.example", "b@acme.example" if i % 2 else "b@x.example")}
+        for i in range(200)
+    ]
     client.send(*requests)
     answers = client.answers(200)
     assert sorted(a["id"] for a in answers) == list(range(200))
@@ -93,7 +113,9 @@ def test_bad_requests_get_error_answers_and_the_connection_lives(service) -> Non
     _, sock, _ = service
     client = Client(sock)
     client.send(raw=b"not json\n[1,2]\n")
-    client.send({"id": "x", "event": {"kind": "message", "from": "a@acme.example"}}, {"id": "y", "nothing": 1})
+    client.send(
+        {"id": "x", "event": {"kind": "message", "from": "a@acme.example"}}, {"id": "y", "nothing": 1}
+    )
     errors = client.answers(4)
     assert errors[0]["error"].startswith("not JSON")
     assert errors[1]["error"] == "a request must be a JSON object"
@@ -101,7 +123,10 @@ def test_bad_requests_get_error_answers_and_the_connection_lives(service) -> Non
     assert errors[3]["id"] == "y" and "needs 'event'" in errors[3]["error"]
     client.send(raw=b'{"id": 1, "event": "' + b"x" * (2 << 20) + b'"}\n')
     assert "longer than" in client.answers(1)[0]["error"]
-    assert client.ask({"id": 9, "event": event("a@acme.example", "b@acme.example")})["decision"]["decision"] == "allow"
+    assert (
+        client.ask({"id": 9, "event": event("a@acme.example", "b@acme.example")})["decision"]["decision"]
+        == "allow"
+    )
     status = client.ask({"id": 10, "op": "status"})["status"]
     assert status["invalid_requests"] == 5 and status["decisions"]["allow"] == 1
 
@@ -150,9 +175,26 @@ def test_unwritable_audit_log_is_reported_and_decisions_go_on(tmp_path: Path) ->
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the log folder should be")
     sock, port = tmp_path / "a.sock", free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
-                             "--audit-log", str(blocker / "audit.jsonl"), "--audit-level", "all",
-                             "--metrics-port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(sock),
+            "--audit-log",
+            str(blocker / "audit.jsonl"),
+            "--audit-level",
+            "all",
+            "--metrics-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -166,6 +208,7 @@ def test_unwritable_audit_log_is_reported_and_decisions_go_on(tmp_path: Path) ->
             assert time.monotonic() < deadline, "audit failure not reported in status"
             time.sleep(0.05)
         import urllib.request
+
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         assert "policyplug_audit_write_errors 1.0" in metrics
     finally:
@@ -198,7 +241,15 @@ def test_requests_split_across_reads_and_blank_lines(service) -> None:  # type: 
     first, second = client.answers(2)
     assert first["id"] == 1 and first["decision"]["decision"] == "allow"
     assert second["id"] == 2 and second["decision"]["decision"] == "allow"
-    assert set(first["decision"]) >= {"decision", "rule", "reason", "policy", "policy_revision", "audit", "errors"}
+    assert set(first["decision"]) >= {
+        "decision",
+        "rule",
+        "reason",
+        "policy",
+        "policy_revision",
+        "audit",
+        "errors",
+    }
 
 
 def test_a_backlog_is_answered_in_groups_in_order(tmp_path: Path) -> None:
@@ -220,8 +271,10 @@ def test_a_backlog_is_answered_in_groups_in_order(tmp_path: Path) -> None:
     transport = RecordingTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     count = 2 * ANSWER_GROUP + 3
-    backlog = b"".join(json.dumps({"id": i, "event": event(f"u{i}@acme.example", "b@acme.example")}).encode() + b"\n"
-                       for i in range(count))
+    backlog = b"".join(
+        json.dumps({"id": i, "event": event(f"u{i}@acme.example", "b@acme.example")}).encode() + b"\n"
+        for i in range(count)
+    )
     connection.data_received(backlog + b'{"id": "partial"')
     assert [w.count(b"\n") for w in transport.writes] == [ANSWER_GROUP, ANSWER_GROUP, 3]
     answers = [json.loads(line) for w in transport.writes for line in w.splitlines()]
@@ -233,10 +286,25 @@ def test_a_backlog_is_answered_in_groups_in_order(tmp_path: Path) -> None:
 
 # -- issue 16: reloads off the event loop, linear buffering, no deleted files ---------------------------
 
+
 def _start(policy: Path, sock: Path, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
-                             "--watch-interval", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(sock),
+            "--watch-interval",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not sock.exists():
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
@@ -254,8 +322,13 @@ def test_pipelined_reloads_coalesce_and_do_not_stall_decisions(tmp_path: Path) -
     """200 pipelined reloads stalled every decision for 1.8-2.8 s: each reload ran on the event loop.
     Now they share loads run in a thread, and the old policy answers meanwhile."""
     policy = tmp_path / "big.policy"
-    policy.write_text(POLICY + "".join(f'rule r{i}:\n  when sender.domain == "d{i}.example" && body.contains("w{i}")\n'
-                                       "  deny\n" for i in range(1500)))
+    policy.write_text(
+        POLICY
+        + "".join(
+            f'rule r{i}:\n  when sender.domain == "d{i}.example" && body.contains("w{i}")\n  deny\n'
+            for i in range(1500)
+        )
+    )
     sock = tmp_path / "pp.sock"
     proc = _start(policy, sock)
     try:
@@ -290,7 +363,9 @@ def test_pipelined_reloads_coalesce_and_do_not_stall_decisions(tmp_path: Path) -
     assert sorted(a["id"] for a in answered) == list(range(200))
     assert all(a["reload"]["ok"] for a in answered)
     assert status["reloads"]["ok"] <= 3, status["reloads"]  # 200 requests, coalesced into a few loads
-    assert status["revision"] != old_revision and old_revision in revisions  # the old policy answered meanwhile
+    assert (
+        status["revision"] != old_revision and old_revision in revisions
+    )  # the old policy answered meanwhile
     assert len(latencies) > 10 and max(latencies) < took / 3, (max(latencies), took)
 
 
@@ -300,8 +375,12 @@ def test_serve_never_deletes_a_file_that_is_not_a_socket(tmp_path: Path) -> None
     policy.write_text(POLICY)
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    result = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(precious)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(precious)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert precious.read_text() == "keep me"
     assert f"policyplug serve: {precious} exists and is not a socket; not removing it" in result.stderr
@@ -349,7 +428,7 @@ def test_a_long_line_in_small_writes_costs_linear_time(tmp_path: Path) -> None:
         connection, transport = _Connection(service), Transport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         line = b'{"id": 1, "event": "' + b"x" * (size - 22) + b'"}\n'
-        chunks = [line[i:i + 128] for i in range(0, len(line), 128)]
+        chunks = [line[i : i + 128] for i in range(0, len(line), 128)]
         started = time.perf_counter()
         for chunk in chunks:
             connection.data_received(chunk)
@@ -366,7 +445,10 @@ def test_a_long_line_in_small_writes_costs_linear_time(tmp_path: Path) -> None:
         whole = min(feed(1_000_000) for _ in range(5))
     finally:
         gc.enable()
-    assert whole < 64 * sixteenth, (sixteenth, whole)  # linear: about 16 (cache effects add some); quadratic: 256
+    assert whole < 64 * sixteenth, (
+        sixteenth,
+        whole,
+    )  # linear: about 16 (cache effects add some); quadratic: 256
 
 
 def test_an_oversized_line_in_small_writes_is_refused_once(tmp_path: Path) -> None:
@@ -378,7 +460,7 @@ def test_an_oversized_line_in_small_writes_is_refused_once(tmp_path: Path) -> No
         client = Client(sock)
         line = b'{"id": 2, "event": "' + b"y" * 1_100_000 + b'"}\n'
         for i in range(0, len(line), 4096):
-            client.sock.sendall(line[i:i + 4096])
+            client.sock.sendall(line[i : i + 4096])
         client.send({"id": 3, "event": event("a@acme.example", "b@acme.example")})
         too_long, decided = client.answers(2)
     finally:

@@ -50,12 +50,16 @@ def policy_text(generation: int, rules: int = 200) -> str:
         '"g{i}" in sender.groups || recipient.address == "x{i}@acme.example"',
     ]
     effects = ["allow", 'deny "no {i}"', "drop", 'tag "t{i}"']
-    text = ('policy "soak"\nlocal domains ["acme.example"]\nlist partners = ["partner.example", "p2.example"]\n'
-            f'default deny "no"\n# generation {generation}\n'
-            'rule internal:\n  when direction == "internal"\n  allow\n')
+    text = (
+        'policy "soak"\nlocal domains ["acme.example"]\nlist partners = ["partner.example", "p2.example"]\n'
+        f'default deny "no"\n# generation {generation}\n'
+        'rule internal:\n  when direction == "internal"\n  allow\n'
+    )
     for i in range(rules):
-        text += (f"rule r{i}:\n  when {shapes[i % len(shapes)].format(i=i)}\n"
-                 f"  {effects[(i + generation) % len(effects)].format(i=i)}\n")
+        text += (
+            f"rule r{i}:\n  when {shapes[i % len(shapes)].format(i=i)}\n"
+            f"  {effects[(i + generation) % len(effects)].format(i=i)}\n"
+        )
     return text
 
 
@@ -112,8 +116,12 @@ async def decision_client(path: Path, name: str, until: float, tally: Tally, rng
             for k in range(burst):
                 request_id = f"{name}-{n}-{k}"
                 ids.append(request_id)
-                event = {"kind": rng.choice(("message", "presence", "call")), "from": rng.choice(users),
-                         "to": rng.choice(users + ["x@partner.example"]), "body": rng.choice(("hi", "secret-7 x", ""))}
+                event = {
+                    "kind": rng.choice(("message", "presence", "call")),
+                    "from": rng.choice(users),
+                    "to": rng.choice(users + ["x@partner.example"]),
+                    "body": rng.choice(("hi", "secret-7 x", "")),
+                }
                 writer.write(json.dumps({"id": request_id, "event": event}).encode() + b"\n")
                 tally.sent += 1
             await writer.drain()
@@ -121,7 +129,9 @@ async def decision_client(path: Path, name: str, until: float, tally: Tally, rng
             while pending:
                 line = await asyncio.wait_for(reader.readline(), 30)
                 if not line:
-                    tally.problems.append(f"{name}: connection closed with {len(pending)} requests unanswered")
+                    tally.problems.append(
+                        f"{name}: connection closed with {len(pending)} requests unanswered"
+                    )
                     return
                 answer = json.loads(line)
                 if answer.get("id") is None and "reloaded" in answer:
@@ -143,9 +153,15 @@ async def decision_client(path: Path, name: str, until: float, tally: Tally, rng
 
 async def malformed_client(path: Path, until: float, tally: Tally, rng: random.Random) -> None:
     reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 22)
-    garbage = [b"not json", b"[1, 2]", b'{"id": "m", "event": {"kind": "message"}}', b'{"id": "m", "op": "nope"}',
-               b'{"id": "m", "event": {"kind": "message", "from": "@@", "to": "b@acme.example"}}', b"\xff\xfe",
-               b'{"id": "m", "event": ' + b"[" * 200 + b"]" * 200 + b"}"]
+    garbage = [
+        b"not json",
+        b"[1, 2]",
+        b'{"id": "m", "event": {"kind": "message"}}',
+        b'{"id": "m", "op": "nope"}',
+        b'{"id": "m", "event": {"kind": "message", "from": "@@", "to": "b@acme.example"}}',
+        b"\xff\xfe",
+        b'{"id": "m", "event": ' + b"[" * 200 + b"]" * 200 + b"}",
+    ]
     try:
         while time.monotonic() < until:
             line = b'"' + b"z" * 1_100_000 + b'"' if rng.random() < 0.01 else rng.choice(garbage)
@@ -167,8 +183,12 @@ async def malformed_client(path: Path, until: float, tally: Tally, rng: random.R
 
 async def disconnecting_clients(path: Path, until: float, counts: dict[str, int], rng: random.Random) -> None:
     """Clients that go away mid-request: after half a line, or after a request without reading."""
-    request = json.dumps({"id": 1, "event": {"kind": "message", "from": "a@acme.example",
-                                             "to": "b@x.example"}}).encode() + b"\n"
+    request = (
+        json.dumps(
+            {"id": 1, "event": {"kind": "message", "from": "a@acme.example", "to": "b@x.example"}}
+        ).encode()
+        + b"\n"
+    )
     while time.monotonic() < until:
         _, writer = await asyncio.open_unix_connection(str(path))
         cut = rng.choice((len(request) // 2, len(request), len(request) * 20))
@@ -219,10 +239,19 @@ async def soak(sock: Path, policy: Path, pid: int, seconds: float) -> dict:
     until = time.monotonic() + seconds
     rng = random.Random(16)
     decisions, malformed = Tally(), Tally()
-    counts: dict[str, int] = {"disconnects": 0, "disconnect_drain_errors": 0, "reloads asked": 0, "reload answers ok": 0, "reload answers failed": 0}
+    counts: dict[str, int] = {
+        "disconnects": 0,
+        "disconnect_drain_errors": 0,
+        "reloads asked": 0,
+        "reload answers ok": 0,
+        "reload answers failed": 0,
+    }
     memory: list[tuple[float, int]] = []
     await asyncio.gather(
-        *(decision_client(sock, f"c{i}", until, decisions, random.Random(i)) for i in range(DECISION_CLIENTS)),
+        *(
+            decision_client(sock, f"c{i}", until, decisions, random.Random(i))
+            for i in range(DECISION_CLIENTS)
+        ),
         malformed_client(sock, until, malformed, random.Random(99)),
         disconnecting_clients(sock, until, counts, rng),
         reloader(sock, policy, pid, until, counts),
@@ -232,7 +261,13 @@ async def soak(sock: Path, policy: Path, pid: int, seconds: float) -> dict:
     writer.write(b'{"id": "s", "op": "status"}\n')
     status = json.loads(await reader.readline())["status"]
     writer.close()
-    return {"decisions": decisions, "malformed": malformed, "counts": counts, "memory": memory, "status": status}
+    return {
+        "decisions": decisions,
+        "malformed": malformed,
+        "counts": counts,
+        "memory": memory,
+        "status": status,
+    }
 
 
 @pytest.mark.slow
@@ -244,13 +279,29 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     sock = tmp_path / "soak.sock"
     log_path = tmp_path / "service.log"
     log_file = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(sock),
-                             "--audit-log", str(tmp_path / "audit.jsonl"), "--usage-db", str(tmp_path / "usage.db"),
-                             "--watch-interval", "0.5"],
-                            # a file, not a pipe nobody reads for minutes: a full pipe blocks the
-                            # service's logging, and with it the event loop
-                            stdout=log_file, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # SIGABRT: every thread's stack
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(sock),
+            "--audit-log",
+            str(tmp_path / "audit.jsonl"),
+            "--usage-db",
+            str(tmp_path / "usage.db"),
+            "--watch-interval",
+            "0.5",
+        ],
+        # a file, not a pipe nobody reads for minutes: a full pipe blocks the
+        # service's logging, and with it the event loop
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )  # SIGABRT: every thread's stack
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
@@ -263,43 +314,67 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
             alive = proc.poll() is None
             proc.send_signal(signal.SIGABRT if alive else signal.SIGTERM)  # a stuck service shows where
             proc.wait(timeout=60)
-            raise AssertionError(f"{exc!r}; service {'running' if alive else f'exited {proc.returncode}'}; "
-                                 f"its log:\n{log_path.read_text()[-12000:]}") from exc
+            raise AssertionError(
+                f"{exc!r}; service {'running' if alive else f'exited {proc.returncode}'}; "
+                f"its log:\n{log_path.read_text()[-12000:]}"
+            ) from exc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         log_file.close()
     log = log_path.read_text()
-    decisions, malformed, counts, memory = (result["decisions"], result["malformed"], result["counts"],
-                                            result["memory"])
+    decisions, malformed, counts, memory = (
+        result["decisions"],
+        result["malformed"],
+        result["counts"],
+        result["memory"],
+    )
     latencies = sorted(decisions.latencies)
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
     # each phase without its first second: what a phase leaves behind (a backlog) is not the next one's
-    settled = [(at, lat) for at, lat in zip(decisions.at, decisions.latencies, strict=True)
-               if (at - STARTED) % PHASE >= 1.0]
+    settled = [
+        (at, lat)
+        for at, lat in zip(decisions.at, decisions.latencies, strict=True)
+        if (at - STARTED) % PHASE >= 1.0
+    ]
     during = sorted(lat for at, lat in settled if reloading(at))
     quiet = sorted(lat for at, lat in settled if not reloading(at))
     p99_during, p99_quiet = during[int(len(during) * 0.99)], quiet[int(len(quiet) * 0.99)]
     warm = [rss for t, rss in memory if t >= min(20.0, SECONDS / 3)]
     growth = max(warm) - warm[0]
     figures = {
-        "seconds": SECONDS, "decisions": len(latencies), "decisions_per_second": round(len(latencies) / SECONDS),
-        "p50_ms": round(p50 * 1000, 3), "p99_ms": round(p99 * 1000, 3), "max_ms": round(latencies[-1] * 1000, 2),
+        "seconds": SECONDS,
+        "decisions": len(latencies),
+        "decisions_per_second": round(len(latencies) / SECONDS),
+        "p50_ms": round(p50 * 1000, 3),
+        "p99_ms": round(p99 * 1000, 3),
+        "max_ms": round(latencies[-1] * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 3),
-        "p99_ms_reload_phases": round(p99_during * 1000, 3), "p99_ms_quiet_phases": round(p99_quiet * 1000, 3),
-        "schedule_resets": decisions.backlog_resets, "malformed_sent": malformed.sent, "malformed_answered": malformed.answered, **counts,
-        "service_reloads": result["status"]["reloads"], "invalid_requests": result["status"]["invalid_requests"],
-        "rss_start_mb": round(memory[0][1] / 2**20, 1), "rss_warm_mb": round(warm[0] / 2**20, 1),
+        "p99_ms_reload_phases": round(p99_during * 1000, 3),
+        "p99_ms_quiet_phases": round(p99_quiet * 1000, 3),
+        "schedule_resets": decisions.backlog_resets,
+        "malformed_sent": malformed.sent,
+        "malformed_answered": malformed.answered,
+        **counts,
+        "service_reloads": result["status"]["reloads"],
+        "invalid_requests": result["status"]["invalid_requests"],
+        "rss_start_mb": round(memory[0][1] / 2**20, 1),
+        "rss_warm_mb": round(warm[0] / 2**20, 1),
         "rss_max_mb": round(max(rss for _, rss in memory) / 2**20, 1),
-        "rss_mb_each_fifth": [round(memory[min(len(memory) - 1, len(memory) * k // 5)][1] / 2**20, 1) for k in range(1, 6)], "rss_growth_after_warmup_mb": round(growth / 2**20, 1),
+        "rss_mb_each_fifth": [
+            round(memory[min(len(memory) - 1, len(memory) * k // 5)][1] / 2**20, 1) for k in range(1, 6)
+        ],
+        "rss_growth_after_warmup_mb": round(growth / 2**20, 1),
     }
     print("\nsoak figures:", json.dumps(figures, indent=1))
     if os.environ.get("POLICYPLUG_SOAK_REPORT"):
         Path(os.environ["POLICYPLUG_SOAK_REPORT"]).write_text(json.dumps(figures, indent=1))
     assert not decisions.problems and not malformed.problems, (decisions.problems + malformed.problems)[:10]
     assert decisions.answered == decisions.sent and malformed.answered == malformed.sent  # nothing lost
-    assert result["status"]["reloads"].get("ok", 0) >= counts["reloads asked"] // 2, figures  # reloads happened
+    assert result["status"]["reloads"].get("ok", 0) >= counts["reloads asked"] // 2, (
+        figures
+    )  # reloads happened
     assert counts["reload answers failed"] == 0 and "Traceback" not in log, log[-3000:]
     # p99 under 5 ms, or (on a machine too busy for that even without reloads) no worse than four
     # times the quiet phases' p99: a reload on the event loop stalled decisions for 0.2-2.8 s. (On a

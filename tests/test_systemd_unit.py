@@ -66,15 +66,20 @@ def test_exec_start_is_a_command_line_policyplug_accepts() -> None:
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze")
-    result = subprocess.run([analyze, "verify", str(installed_copy(tmp_path))], capture_output=True, text=True)
+    result = subprocess.run(
+        [analyze, "verify", str(installed_copy(tmp_path))], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr.strip() == "", result.stderr  # no warning either
 
 
 def test_the_documented_security_score_is_the_units(tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze")
-    result = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(installed_copy(tmp_path))],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(installed_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+    )
     measured = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
     assert measured, result.stdout + result.stderr
     documented = re.search(r"`systemd-analyze security`[^.]*?scores (\d+\.\d)", SERVICE_DOC.read_text())

@@ -20,19 +20,26 @@ from tests.servers import require_binary
 
 # mark_external tags without deciding (its tag stays on whatever decides later); partners and
 # spam add a second tag; internal traffic carries none
-POLICY_TEXT = ('policy "u"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
-               'rule mark_external:\n  when direction != "internal"\n  tag "external"\n'
-               'rule internal:\n  when direction == "internal"\n  allow\n'
-               'rule partners:\n  when recipient.domain == "partner.example" || sender.domain == "partner.example"\n'
-               '  allow\n  tag "partner"\n'
-               'rule spam:\n  when sender.domain == "spam.example"\n  drop\n  tag "spam"\n')
+POLICY_TEXT = (
+    'policy "u"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
+    'rule mark_external:\n  when direction != "internal"\n  tag "external"\n'
+    'rule internal:\n  when direction == "internal"\n  allow\n'
+    'rule partners:\n  when recipient.domain == "partner.example" || sender.domain == "partner.example"\n'
+    '  allow\n  tag "partner"\n'
+    'rule spam:\n  when sender.domain == "spam.example"\n  drop\n  tag "spam"\n'
+)
 POLICY = load_policy(text=POLICY_TEXT)
 
 # what fill() leaves in tag_traffic, all hours (the 5 internal messages carry no tag)
-TAG_ROWS = [("external", "inbound", "allow", 2), ("external", "inbound", "drop", 4),
-            ("external", "outbound", "allow", 8), ("external", "outbound", "deny", 3),
-            ("partner", "inbound", "allow", 2), ("partner", "outbound", "allow", 8),
-            ("spam", "inbound", "drop", 4)]
+TAG_ROWS = [
+    ("external", "inbound", "allow", 2),
+    ("external", "inbound", "drop", 4),
+    ("external", "outbound", "allow", 8),
+    ("external", "outbound", "deny", 3),
+    ("partner", "inbound", "allow", 2),
+    ("partner", "outbound", "allow", 8),
+    ("spam", "inbound", "drop", 4),
+]
 
 # the schema before tags were counted, as an older policyplug created it
 OLD_SCHEMA = """
@@ -54,9 +61,13 @@ INSERT INTO user_messages VALUES ('2026-11-20T08:00Z', 'alice@acme.example', 'ou
 
 def fill(db: Path) -> None:
     store = UsageStore(db)
-    traffic = ([("alice@acme.example", "bob@acme.example")] * 5 + [("alice@acme.example", "d@partner.example")] * 7
-               + [("bob@acme.example", "e@evil.example")] * 3 + [("x@spam.example", "alice@acme.example")] * 4
-               + [("d@partner.example", "alice@acme.example")] * 2)
+    traffic = (
+        [("alice@acme.example", "bob@acme.example")] * 5
+        + [("alice@acme.example", "d@partner.example")] * 7
+        + [("bob@acme.example", "e@evil.example")] * 3
+        + [("x@spam.example", "alice@acme.example")] * 4
+        + [("d@partner.example", "alice@acme.example")] * 2
+    )
     for sender, recipient in traffic:
         event = Event.message(sender, recipient, time="2026-11-24T10:15:00Z")
         store.count(event, POLICY.decide(event), POLICY.activation(event)["direction"])
@@ -66,8 +77,12 @@ def fill(db: Path) -> None:
 
 
 def report(db: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", str(db), *options],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--db", str(db), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def tag_rows(db: Path) -> set[tuple]:
@@ -89,8 +104,12 @@ def test_tables_count_what_was_decided(tmp_path: Path) -> None:
     fill(db)
     by_title = {t.title: t.rows for t in build_tables(db)}
     assert set(by_title["Traffic by direction and outcome"]) == {
-        ("inbound", "allow", 2), ("inbound", "drop", 4), ("internal", "allow", 5),
-        ("outbound", "allow", 8), ("outbound", "deny", 3)}
+        ("inbound", "allow", 2),
+        ("inbound", "drop", 4),
+        ("internal", "allow", 5),
+        ("outbound", "allow", 8),
+        ("outbound", "deny", 3),
+    }
     assert by_title["Top external domains"][0] == ("partner.example", 10, 0)
     assert ("spam.example", 4, 4) in by_title["Top external domains"]
     assert by_title["Top denied rules"] == [("spam", "drop", 4), ("default", "deny", 3)]
@@ -102,15 +121,27 @@ def test_tables_count_what_was_decided(tmp_path: Path) -> None:
 def test_report_command_text_and_csv(tmp_path: Path) -> None:
     db = tmp_path / "usage.db"
     fill(db)
-    text = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", str(db)], capture_output=True,
-                          text=True, timeout=60)
+    text = subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert text.returncode == 0
     assert "Top denied rules" in text.stdout and "partner.example" in text.stdout
-    csv_out = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", str(db), "--format", "csv"],
-                             capture_output=True, text=True, timeout=60)
+    csv_out = subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--db", str(db), "--format", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "Top external domains,spam.example,4,4" in csv_out.stdout
-    missing = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", str(tmp_path / "none.db")],
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--db", str(tmp_path / "none.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 1 and "no usage store" in missing.stderr
 
 
@@ -119,19 +150,47 @@ def test_html_report_renders_its_charts_in_chromium(tmp_path: Path) -> None:
     db = tmp_path / "usage.db"
     fill(db)
     page = tmp_path / "report.html"
-    subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", str(db), "--html", str(page)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--db", str(db), "--html", str(page)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     html = page.read_text()
-    for external in ("<script", "<link", "src=", "href=", "@import", "url("):  # self-contained: nothing fetched
+    for external in (
+        "<script",
+        "<link",
+        "src=",
+        "href=",
+        "@import",
+        "url(",
+    ):  # self-contained: nothing fetched
         assert external not in html
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,2400",
-                    "--hide-scrollbars", page.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1000,2400",
+            "--hide-scrollbars",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     counts = colour_counts(shot.read_bytes())
     for colour in COLOURS:
-        rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
         assert counts[rgb] > 500, f"chart colour {colour} barely visible ({counts[rgb]} pixels)"
 
 
@@ -145,11 +204,15 @@ def test_store_counts_each_tag_once_per_decision(tmp_path: Path) -> None:
     store.count(event, Decision("deny", "r"), "outbound")  # no tag: nothing in tag_traffic
     store.count(event, Decision("deny", "r", tags=[]), "outbound")
     store.close()
-    assert tag_rows(db) == {("2026-11-24T10:00Z", "a", "message", "outbound", "allow", 2),
-                            ("2026-11-24T10:00Z", "b", "message", "outbound", "allow", 1),
-                            ("2026-11-24T10:00Z", "a", "message", "outbound", "deny", 1)}
+    assert tag_rows(db) == {
+        ("2026-11-24T10:00Z", "a", "message", "outbound", "allow", 2),
+        ("2026-11-24T10:00Z", "b", "message", "outbound", "allow", 1),
+        ("2026-11-24T10:00Z", "a", "message", "outbound", "deny", 1),
+    }
     connection = sqlite3.connect(db)
-    assert connection.execute("SELECT SUM(count) FROM traffic").fetchone() == (5,)  # every decision still counted
+    assert connection.execute("SELECT SUM(count) FROM traffic").fetchone() == (
+        5,
+    )  # every decision still counted
     connection.close()
 
 
@@ -158,11 +221,16 @@ def test_engine_tags_reach_the_store_per_hour(tmp_path: Path) -> None:
     fill(db)
     ten, nine = "2026-11-24T10:00Z", "2026-11-25T09:00Z"
     assert tag_rows(db) == {
-        (ten, "external", "message", "inbound", "allow", 2), (ten, "external", "message", "inbound", "drop", 4),
-        (ten, "external", "message", "outbound", "allow", 7), (ten, "external", "message", "outbound", "deny", 3),
-        (ten, "partner", "message", "inbound", "allow", 2), (ten, "partner", "message", "outbound", "allow", 7),
+        (ten, "external", "message", "inbound", "allow", 2),
+        (ten, "external", "message", "inbound", "drop", 4),
+        (ten, "external", "message", "outbound", "allow", 7),
+        (ten, "external", "message", "outbound", "deny", 3),
+        (ten, "partner", "message", "inbound", "allow", 2),
+        (ten, "partner", "message", "outbound", "allow", 7),
         (ten, "spam", "message", "inbound", "drop", 4),
-        (nine, "external", "message", "outbound", "allow", 1), (nine, "partner", "message", "outbound", "allow", 1)}
+        (nine, "external", "message", "outbound", "allow", 1),
+        (nine, "partner", "message", "outbound", "allow", 1),
+    }
 
 
 def test_service_feeds_tags_to_the_usage_store(tmp_path: Path) -> None:
@@ -170,12 +238,18 @@ def test_service_feeds_tags_to_the_usage_store(tmp_path: Path) -> None:
     policy.write_text(POLICY_TEXT)
     db = tmp_path / "usage.db"
     service = DecisionService(policy, usage=UsageStore(db))
-    for sender, recipient in [("x@spam.example", "alice@acme.example")] * 2 + [("alice@acme.example", "bob@acme.example")]:
-        answer = service.decide_json({"kind": "message", "from": sender, "to": recipient, "time": "2026-11-24T10:15:00Z"})
+    for sender, recipient in [("x@spam.example", "alice@acme.example")] * 2 + [
+        ("alice@acme.example", "bob@acme.example")
+    ]:
+        answer = service.decide_json(
+            {"kind": "message", "from": sender, "to": recipient, "time": "2026-11-24T10:15:00Z"}
+        )
         assert answer["tags"] == (["external", "spam"] if sender.startswith("x@") else [])
     service.close()
-    assert tag_rows(db) == {("2026-11-24T10:00Z", "external", "message", "inbound", "drop", 2),
-                            ("2026-11-24T10:00Z", "spam", "message", "inbound", "drop", 2)}
+    assert tag_rows(db) == {
+        ("2026-11-24T10:00Z", "external", "message", "inbound", "drop", 2),
+        ("2026-11-24T10:00Z", "spam", "message", "inbound", "drop", 2),
+    }
 
 
 def test_tag_table_and_its_period(tmp_path: Path) -> None:
@@ -187,7 +261,10 @@ def test_tag_table_and_its_period(tmp_path: Path) -> None:
     assert ("external", "outbound", "allow", 7) in one_day["Traffic by tag"]
     assert ("partner", "outbound", "allow", 7) in one_day["Traffic by tag"]
     next_day = {t.title: t.rows for t in build_tables(db, since="2026-11-25T00:00:00Z")}
-    assert next_day["Traffic by tag"] == [("external", "outbound", "allow", 1), ("partner", "outbound", "allow", 1)]
+    assert next_day["Traffic by tag"] == [
+        ("external", "outbound", "allow", 1),
+        ("partner", "outbound", "allow", 1),
+    ]
     assert {t.title: t.rows for t in build_tables(db, until="2026-11-24T10:00:00Z")}["Traffic by tag"] == []
 
 
@@ -202,10 +279,13 @@ def test_report_formats_show_the_tag_rows(tmp_path: Path) -> None:
     csv_out = report(db, "--format", "csv").stdout.splitlines()
     assert "table,tag,direction,decision,events" in csv_out
     assert [line for line in csv_out if line.startswith("Traffic by tag,")] == [
-        "Traffic by tag," + ",".join(str(c) for c in row) for row in TAG_ROWS]
+        "Traffic by tag," + ",".join(str(c) for c in row) for row in TAG_ROWS
+    ]
     since = report(db, "--format", "csv", "--since", "2026-11-25").stdout.splitlines()
     assert [line for line in since if line.startswith("Traffic by tag,")] == [
-        "Traffic by tag,external,outbound,allow,1", "Traffic by tag,partner,outbound,allow,1"]
+        "Traffic by tag,external,outbound,allow,1",
+        "Traffic by tag,partner,outbound,allow,1",
+    ]
     page = tmp_path / "report.html"
     assert report(db, "--html", str(page)).returncode == 0
     html = page.read_text()
@@ -239,12 +319,17 @@ def test_old_store_without_tag_table(tmp_path: Path) -> None:
     event = Event.message("alice@acme.example", "d@partner.example", time="2026-11-20T08:30:00Z")
     store.count(event, POLICY.decide(event), "outbound")
     store.close()
-    assert tag_rows(db) == {("2026-11-20T08:00Z", "external", "message", "outbound", "allow", 1),
-                            ("2026-11-20T08:00Z", "partner", "message", "outbound", "allow", 1)}
+    assert tag_rows(db) == {
+        ("2026-11-20T08:00Z", "external", "message", "outbound", "allow", 1),
+        ("2026-11-20T08:00Z", "partner", "message", "outbound", "allow", 1),
+    }
     by_title = {t.title: t.rows for t in build_tables(db)}
     assert by_title["Traffic by direction and outcome"] == [("outbound", "allow", 7)]
     assert by_title["Busiest users (messages)"] == [("alice@acme.example", 7, 7)]
-    assert by_title["Traffic by tag"] == [("external", "outbound", "allow", 1), ("partner", "outbound", "allow", 1)]
+    assert by_title["Traffic by tag"] == [
+        ("external", "outbound", "allow", 1),
+        ("partner", "outbound", "allow", 1),
+    ]
     assert "Traffic by tag,partner,outbound,allow,1" in report(db, "--format", "csv").stdout
 
 
@@ -261,16 +346,22 @@ def fill_with_attackers(db: Path) -> None:
     store = UsageStore(db)
     for sender in ATTACKERS:
         recipient = "alice@acme.example"
-        for event in (Event.message(sender, recipient, time="2026-11-24T10:15:00Z"),
-                      Event.message(recipient, sender, time="2026-11-24T10:16:00Z")):
+        for event in (
+            Event.message(sender, recipient, time="2026-11-24T10:15:00Z"),
+            Event.message(recipient, sender, time="2026-11-24T10:16:00Z"),
+        ):
             store.count(event, OPEN_POLICY.decide(event), OPEN_POLICY.activation(event)["direction"])
     store.close()
     for user in CONTROL_USERS:
         with pytest.raises(EventError, match="control or format character"):
-            Event.message("sip:" + user.replace("\x1b", "%1b").replace("\u202e", "%e2%80%ae"), "sip:alice@acme.example")
+            Event.message(
+                "sip:" + user.replace("\x1b", "%1b").replace("\u202e", "%e2%80%ae"), "sip:alice@acme.example"
+            )
     with sqlite3.connect(db) as connection:
-        connection.executemany("INSERT INTO user_messages (hour, user, direction, count) VALUES (?, ?, ?, ?)",
-                               [("2026-11-24T10:00Z", user, "inbound", 1) for user in CONTROL_USERS])
+        connection.executemany(
+            "INSERT INTO user_messages (hour, user, direction, count) VALUES (?, ?, ?, ?)",
+            [("2026-11-24T10:00Z", user, "inbound", 1) for user in CONTROL_USERS],
+        )
 
 
 def test_report_cells_never_run_as_formulas_nor_carry_controls(tmp_path: Path) -> None:
@@ -282,7 +373,13 @@ def test_report_cells_never_run_as_formulas_nor_carry_controls(tmp_path: Path) -
 
     from policyplug.usage.report import csv_cell, render_csv, render_html, render_text
 
-    assert [csv_cell(v) for v in ("@SUM(A1)", "\tx", "\r=1", 7, "ok")] == ["'@SUM(A1)", "\\x09x", "\\x0d=1", 7, "ok"]
+    assert [csv_cell(v) for v in ("@SUM(A1)", "\tx", "\r=1", 7, "ok")] == [
+        "'@SUM(A1)",
+        "\\x09x",
+        "\\x0d=1",
+        7,
+        "ok",
+    ]
 
     db = tmp_path / "usage.db"
     fill_with_attackers(db)
@@ -292,11 +389,15 @@ def test_report_cells_never_run_as_formulas_nor_carry_controls(tmp_path: Path) -
     controls = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
     csv_text = render_csv(tables)
     cells = [cell for row in csv.reader(io.StringIO(csv_text)) for cell in row]
-    assert "'=2+5@evil.example" in cells and "'-3+4@evil.example" in cells and "'+sum(1;2)@evil.example" in cells
+    assert (
+        "'=2+5@evil.example" in cells and "'-3+4@evil.example" in cells and "'+sum(1;2)@evil.example" in cells
+    )
     assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
     assert "\\x1b[31m@evil.example" in cells and "a\\u202eb@evil.example" in cells
     for rendered in (csv_text.replace("\r\n", "\n"), render_text(tables), render_html(tables)):
-        assert not controls.search(rendered.replace("\n", "")), repr(controls.search(rendered.replace("\n", "")))
+        assert not controls.search(rendered.replace("\n", "")), repr(
+            controls.search(rendered.replace("\n", ""))
+        )
     assert "\\x1b[31m@evil.example" in render_text(tables) and "\\x1b[31m@evil.example" in render_html(tables)
 
 
@@ -306,16 +407,30 @@ def test_report_reads_a_store_whatever_its_path(tmp_path: Path) -> None:
     for name in ("u#x.db", "a?mode=rwc.db", "100%.db", "sp ace.db"):
         fill(tmp_path / name)
         before = set(tmp_path.iterdir())
-        result = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", name, "--format", "csv"],
-                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        result = subprocess.run(
+            [sys.executable, "-m", "policyplug", "report", "--db", name, "--format", "csv"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         assert "Top external domains,spam.example,4,4" in result.stdout
         assert set(tmp_path.iterdir()) == before  # nothing created (no `u`, no journal)
     (tmp_path / "notes.txt").write_text("not a database\n" * 100)
-    for name, message in (("missing#x.db", "no usage store at missing#x.db"),
-                          ("notes.txt", "notes.txt is not a readable usage store")):
-        result = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", name],
-                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    for name, message in (
+        ("missing#x.db", "no usage store at missing#x.db"),
+        ("notes.txt", "notes.txt is not a readable usage store"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "policyplug", "report", "--db", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-    assert not (tmp_path / "missing").exists() and (tmp_path / "notes.txt").read_text().startswith("not a database")
+    assert not (tmp_path / "missing").exists() and (tmp_path / "notes.txt").read_text().startswith(
+        "not a database"
+    )

@@ -20,18 +20,23 @@ class TestClient(slixmpp.ClientXMPP):
         self.enable_plaintext = True
         self.plugin["feature_mechanisms"].unencrypted_plain = True
         self.register_plugin("xep_0030")
-        self.messages: asyncio.Queue[Any] = asyncio.Queue()      # messages with a body, and message errors
+        self.messages: asyncio.Queue[Any] = asyncio.Queue()  # messages with a body, and message errors
         self.all_messages: asyncio.Queue[Any] = asyncio.Queue()  # every message stanza, body or not
-        self.presences: asyncio.Queue[Any] = asyncio.Queue()     # every presence stanza
-        self.iq_answers: asyncio.Queue[Any] = asyncio.Queue()    # every IQ result or error (raw)
+        self.presences: asyncio.Queue[Any] = asyncio.Queue()  # every presence stanza
+        self.iq_answers: asyncio.Queue[Any] = asyncio.Queue()  # every IQ result or error (raw)
         self.ready = asyncio.Event()
         self.add_event_handler("session_start", self._started)
         self.add_event_handler("message", lambda msg: self.messages.put_nowait(msg))
         self.add_event_handler("message_error", lambda msg: self.messages.put_nowait(msg))
         self.add_event_handler("failed_auth", lambda _: self.ready.set())
         self.add_event_handler("presence", lambda presence: self.presences.put_nowait(presence))
-        self.register_handler(Callback("AllMessages", MatchXPath("{jabber:client}message"),
-                                       lambda msg: self.all_messages.put_nowait(msg)))
+        self.register_handler(
+            Callback(
+                "AllMessages",
+                MatchXPath("{jabber:client}message"),
+                lambda msg: self.all_messages.put_nowait(msg),
+            )
+        )
         # raw, because slixmpp cannot parse every error condition (e.g. policy-violation) in IQs
         self.register_handler(Callback("IqAnswers", MatchXPath("{jabber:client}iq"), self._iq_answer))
 

@@ -95,8 +95,24 @@ COPY_MARK = COPY_HEADER.lower()
 COPY_MARK_BYTES = COPY_MARK.encode()
 DIALOG_FORMING = ("INVITE", "SUBSCRIBE")
 # methods read from the request line itself; any other first word is asked of Kamailio ($rm)
-METHODS = frozenset(("MESSAGE", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY",
-                     "PUBLISH", "INFO", "REFER", "PRACK", "UPDATE"))
+METHODS = frozenset(
+    (
+        "MESSAGE",
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "OPTIONS",
+        "REGISTER",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "PUBLISH",
+        "INFO",
+        "REFER",
+        "PRACK",
+        "UPDATE",
+    )
+)
 IN_DIALOG_DECIDED = ("MESSAGE", "NOTIFY")
 
 FOLLOW_INTERVAL = 0.1  # seconds
@@ -126,6 +142,7 @@ def _ksr(path: str) -> Any:
 
         def missing(*_args: Any) -> Any:
             raise error
+
         return missing
 
 
@@ -155,9 +172,9 @@ def request_method(raw: str | bytes) -> str:
     """The method: the request line's first word, as Kamailio parsed it (the request got here, so
     it parsed), without asking for $rm; asked for when the text does not start with a known method."""
     if isinstance(raw, str):
-        method = raw[:raw.find(" ", 0, 12)]
+        method = raw[: raw.find(" ", 0, 12)]
     else:
-        method = raw[:raw.find(b" ", 0, 12)].decode("latin-1")
+        method = raw[: raw.find(b" ", 0, 12)].decode("latin-1")
     return method if method in METHODS else (pv_get("$rm") or "")
 
 
@@ -167,7 +184,11 @@ def has_copy_mark(raw: str | bytes) -> bool:
 
 
 def request_body(raw: str | bytes) -> str:
-    return split_text(raw)[1] if isinstance(raw, str) else split_message(raw)[1].decode("utf-8", errors="replace")
+    return (
+        split_text(raw)[1]
+        if isinstance(raw, str)
+        else split_message(raw)[1].decode("utf-8", errors="replace")
+    )
 
 
 def parse_sas(sas: str) -> tuple[str, int, str] | None:
@@ -200,12 +221,34 @@ def client() -> dict[str, Any]:
     return found
 
 
-def sip_event(kind: str, sender: Any, recipient: Any, body: str, subject: str, method: str, size: int,
-              payload: list[str], headers: dict[str, str], client: dict[str, Any]) -> Event:
+def sip_event(
+    kind: str,
+    sender: Any,
+    recipient: Any,
+    body: str,
+    subject: str,
+    method: str,
+    size: int,
+    payload: list[str],
+    headers: dict[str, str],
+    client: dict[str, Any],
+) -> Event:
     """The event of a request, its time now: every member is already in its final form here (sip_event
     made them), so Event.from_members sets them without Event.__init__'s keyword call and defaults."""
-    return Event.from_members(kind, "sip", sender, recipient, body, subject, method, size, payload, headers, client,
-                              datetime.now(UTC))
+    return Event.from_members(
+        kind,
+        "sip",
+        sender,
+        recipient,
+        body,
+        subject,
+        method,
+        size,
+        payload,
+        headers,
+        client,
+        datetime.now(UTC),
+    )
 
 
 def quoted(text: str) -> str:
@@ -225,23 +268,33 @@ class PolicyplugKamailio:
         self.policy_path = Path(config["policy"])
         # `state = "redis://..."`: windows shared with every node and service using that Redis
         # (docs/scaling.md); otherwise in this Kamailio's shared memory
-        self.limiter: Any = (make_limiter(config["state"], config.get("state_failure", "closed"))
-                             if config.get("state") else HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits")))
+        self.limiter: Any = (
+            make_limiter(config["state"], config.get("state_failure", "closed"))
+            if config.get("state")
+            else HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits"))
+        )
         self.server_name = config.get("server_name", "policyplug")
         self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
         self.extra_local = frozenset(d.lower() for d in config.get("local_domains", []))
         self.self_uri = config.get("self_uri")  # where copies are sent to be routed like any request
         self.unreadable_content = config.get("unreadable_content", "refuse")
         if self.unreadable_content not in UNREADABLE_CHOICES:
-            raise ValueError(f"{CONFIG_PATH}: unreadable_content must be one of {', '.join(UNREADABLE_CHOICES)}, "
-                             f"not {self.unreadable_content!r}")
+            raise ValueError(
+                f"{CONFIG_PATH}: unreadable_content must be one of {', '.join(UNREADABLE_CHOICES)}, "
+                f"not {self.unreadable_content!r}"
+            )
         if self.unreadable_content == "decide" and not CONTENT_COMPLETE:
-            log("warn", "unreadable_content = \"decide\": this policyplug's events have no content_complete field, "
-                        "so a MESSAGE whose text could not all be read is decided on what could be read, unmarked")
+            log(
+                "warn",
+                'unreadable_content = "decide": this policyplug\'s events have no content_complete field, '
+                "so a MESSAGE whose text could not all be read is decided on what could be read, unmarked",
+            )
         self.audit_bodies = bool(config.get("audit_bodies", False))
         self.audit_headers = config.get("audit_headers", "call-id")
         if self.audit_headers not in ("call-id", "all"):
-            raise ValueError(f"{CONFIG_PATH}: audit_headers must be \"call-id\" or \"all\", not {self.audit_headers!r}")
+            raise ValueError(
+                f'{CONFIG_PATH}: audit_headers must be "call-id" or "all", not {self.audit_headers!r}'
+            )
         audit_path = config.get("audit_log")
         self.audit: Any = None
         self.chainer: SpoolChainer | None = None
@@ -253,17 +306,33 @@ class PolicyplugKamailio:
             sealer = None
             if config.get("audit_seal_key"):  # the timer process seals (sync_audit); docs/audit.md
                 from policyplug.audit.seal import Sealer
-                sealer = Sealer.from_options(config["audit_seal_key"], config.get("audit_seal_interval"),
-                                             config.get("audit_syslog"), hostname=node,
-                                             syslog_batches=bool(config.get("audit_syslog_batches", False)))
-            shared_log = SharedAuditLog(audit_path, level=level, include_bodies=bodies, node=node,
-                                        max_bytes=config.get("audit_max_bytes"), sealer=sealer)
+
+                sealer = Sealer.from_options(
+                    config["audit_seal_key"],
+                    config.get("audit_seal_interval"),
+                    config.get("audit_syslog"),
+                    hostname=node,
+                    syslog_batches=bool(config.get("audit_syslog_batches", False)),
+                )
+            shared_log = SharedAuditLog(
+                audit_path,
+                level=level,
+                include_bodies=bodies,
+                node=node,
+                max_bytes=config.get("audit_max_bytes"),
+                sealer=sealer,
+            )
             self.sealed_log = shared_log if sealer is not None else None
             if config.get("audit_spool", True):
                 # workers spool, the timer process chains (policyplug/audit/multiprocess_log/)
                 spool = Path(config.get("audit_spool_dir", f"{audit_path}.spool"))
-                self.audit = AuditSpool(spool, level=level, include_bodies=bodies, node=node,
-                                        ring_bytes=int(config.get("audit_ring_bytes", RING_BYTES)))
+                self.audit = AuditSpool(
+                    spool,
+                    level=level,
+                    include_bodies=bodies,
+                    node=node,
+                    ring_bytes=int(config.get("audit_ring_bytes", RING_BYTES)),
+                )
                 self.chainer = SpoolChainer(spool, shared_log)
             else:
                 self.audit = shared_log
@@ -331,7 +400,10 @@ class PolicyplugKamailio:
         else:
             self.policy = load_policy(self.policy_path, limiter=self.limiter)
         self._mtimes = self._file_times(self.policy)
-        log("info", f"policy {self.policy.name!r} revision {self.policy.revision} loaded from {self.policy_path}")
+        log(
+            "info",
+            f"policy {self.policy.name!r} revision {self.policy.revision} loaded from {self.policy_path}",
+        )
         self._log_warnings(self.policy)
 
     @staticmethod
@@ -366,8 +438,11 @@ class PolicyplugKamailio:
         self._mtimes = self._file_times(policy)
         KSR.htable.sht_sets(STATE_TABLE, "snapshot", str(path))
         KSR.htable.sht_seti(STATE_TABLE, "generation", self.generation)
-        log("info", f"policy {policy.name!r} revision {policy.revision} published to the workers "
-                    f"(generation {self.generation})")
+        log(
+            "info",
+            f"policy {policy.name!r} revision {policy.revision} published to the workers "
+            f"(generation {self.generation})",
+        )
         self._log_warnings(policy)
 
     def _snapshot(self, policy: Any, generation: int) -> Path:
@@ -449,8 +524,11 @@ class PolicyplugKamailio:
 
     def _is_our_copy(self) -> bool:
         value = KSR.hdr.get(COPY_HEADER)
-        return value is not None and secrets.compare_digest(value.strip(), self.copy_token) \
+        return (
+            value is not None
+            and secrets.compare_digest(value.strip(), self.copy_token)
             and bool(KSR.is_myself_srcip())
+        )
 
     def _refresh(self) -> None:
         """What the adapter derives from the policy in force: does anything read a MESSAGE's text
@@ -527,7 +605,9 @@ class PolicyplugKamailio:
         if self._derived_of is not self.policy:
             self._refresh()
         read_text = self._reads_text
-        parts = event_parts(method, headers, body, size, repeated, all_headers=all_headers, read_text=read_text)
+        parts = event_parts(
+            method, headers, body, size, repeated, all_headers=all_headers, read_text=read_text
+        )
         if parts is None:
             return self.relay(method, to_uri) if initial else self.relay_in_dialog()
         kind, text, subject, size, payload, _headers, problem = parts
@@ -544,18 +624,34 @@ class PolicyplugKamailio:
             sender, recipient = event_address(from_uri, "sip"), event_address(to_uri, "sip")
         except AddressError as exc:
             return self.reply(400, "Bad Request", str(exc))
-        event = sip_event(kind, sender, recipient, text, subject, method, size, payload,
-                          headers if self._all_headers else {"call-id": headers.get("call-id", "")}, client())
+        event = sip_event(
+            kind,
+            sender,
+            recipient,
+            text,
+            subject,
+            method,
+            size,
+            payload,
+            headers if self._all_headers else {"call-id": headers.get("call-id", "")},
+            client(),
+        )
         if CONTENT_COMPLETE:  # set either way: Event.from_members leaves members it does not know unset
             event.content_complete = problem is None  # type: ignore[attr-defined]
         decision = self._decide(event)
         if self.usage_db:
             self.count_usage(event, decision)
-        if self.audit is not None and not self.audit.submit(event, decision) \
-                and self.audit.stats["errors"] != self._audit_errors:
+        if (
+            self.audit is not None
+            and not self.audit.submit(event, decision)
+            and self.audit.stats["errors"] != self._audit_errors
+        ):
             # a failing disk: said loudly in Kamailio's log (once per failure), decisions go on
             self._audit_errors = self.audit.stats["errors"]
-            log("err", f"audit record not written ({self._audit_errors} so far): {self.audit.stats['last_error']}")
+            log(
+                "err",
+                f"audit record not written ({self._audit_errors} so far): {self.audit.stats['last_error']}",
+            )
         verdict = decision.decision
         for address in decision.copy_to:
             self.send_copy(event, address, raw, headers.get("content-type", ""))
@@ -565,10 +661,17 @@ class PolicyplugKamailio:
             KSR.tm.t_newtran()
             KSR.tm.t_release()  # kept on tm's wait timer: retransmissions are absorbed, not re-decided
             return 1
-        if decision.disclaimers and method == "MESSAGE" \
-                and media_type(headers.get("content-type", "")) == "text/plain":
-            KSR.textops.set_body("\n\n".join([self.plain_text(event, headers, repeated, body, read_text),
-                                               *decision.disclaimers]), "text/plain")
+        if (
+            decision.disclaimers
+            and method == "MESSAGE"
+            and media_type(headers.get("content-type", "")) == "text/plain"
+        ):
+            KSR.textops.set_body(
+                "\n\n".join(
+                    [self.plain_text(event, headers, repeated, body, read_text), *decision.disclaimers]
+                ),
+                "text/plain",
+            )
         if verdict == "redirect" and decision.redirect_to:
             KSR.seturi(sip_uri(decision.redirect_to))
             to_uri = None  # the Request-URI is another now: its domain is asked for
@@ -577,8 +680,13 @@ class PolicyplugKamailio:
         return self.relay(method, to_uri) if initial else self.relay_in_dialog()
 
     @staticmethod
-    def plain_text(event: Event, headers: dict[str, str], repeated: dict[str, list[str]], body: str | bytes,
-                   read_text: bool) -> str:
+    def plain_text(
+        event: Event,
+        headers: dict[str, str],
+        repeated: dict[str, list[str]],
+        body: str | bytes,
+        read_text: bool,
+    ) -> str:
         """The text of a text/plain MESSAGE, for a disclaimer to follow (extracted now if it was not)."""
         if read_text:
             return event.body
@@ -612,7 +720,9 @@ class PolicyplugKamailio:
                 code = KSR.registrar.lookup("location")
                 if code < 0:
                     KSR.tm.t_newtran()
-                    KSR.tm.t_reply(404 if code == -1 else 480, "Not Found" if code == -1 else "Temporarily Unavailable")
+                    KSR.tm.t_reply(
+                        404 if code == -1 else 480, "Not Found" if code == -1 else "Temporarily Unavailable"
+                    )
                     return 1
             elif domain in self.routes:
                 setdsturi(self.routes[domain])
@@ -653,14 +763,18 @@ class PolicyplugKamailio:
             return
         content_type = content_type or "text/plain"
         original_body = request_body(raw)
-        cpim = (f"From: <{event.sender.raw}>\r\nTo: <{event.recipient.raw}>\r\n"
-                f"DateTime: {event.time.isoformat()}\r\n\r\n"
-                f"Content-Type: {content_type}\r\n\r\n{original_body}")
+        cpim = (
+            f"From: <{event.sender.raw}>\r\nTo: <{event.recipient.raw}>\r\n"
+            f"DateTime: {event.time.isoformat()}\r\n\r\n"
+            f"Content-Type: {content_type}\r\n\r\n{original_body}"
+        )
         archive = sip_uri(address)
-        headers = (f"From: <sip:policyplug@{self.server_name}>;tag={secrets.token_hex(6)}\r\n"
-                   f"To: <{archive}>\r\n{COPY_HEADER}: {self.copy_token}\r\n"
-                   f"X-Policyplug-Original-Call-ID: {KSR.pv.get('$ci') or ''}\r\n"
-                   f"Content-Type: message/cpim\r\n")
+        headers = (
+            f"From: <sip:policyplug@{self.server_name}>;tag={secrets.token_hex(6)}\r\n"
+            f"To: <{archive}>\r\n{COPY_HEADER}: {self.copy_token}\r\n"
+            f"X-Policyplug-Original-Call-ID: {KSR.pv.get('$ci') or ''}\r\n"
+            f"Content-Type: message/cpim\r\n"
+        )
         if KSR.tm.t_uac_send("MESSAGE", archive, self.self_uri, "", headers, cpim) < 0:
             log("err", f"copy to {archive} could not be sent (Call-ID {KSR.pv.get('$ci')})")
 
@@ -675,6 +789,7 @@ class PolicyplugKamailio:
             except Exception as exc:
                 self._usage_retry = time.monotonic() + 10
                 from policyplug.usage.postgres_store import safe_url
+
                 log("err", f"usage store {safe_url(self.usage_db)} not opened, decisions not counted: {exc}")
                 return
             self._usage_pid = os.getpid()
@@ -706,10 +821,15 @@ class kamailio:  # noqa: N801  (the class name app_python3 looks for)
             return self.adapter.request_route()
         except Exception as exc:  # never a silent drop, never a broken worker: 500 and the Call-ID
             call_id = KSR.pv.get("$ci")
-            log("err", f"internal error on {KSR.pv.get('$rm')} Call-ID {call_id}: {type(exc).__name__}: {exc}\n"
-                       + traceback.format_exc(limit=6))
+            log(
+                "err",
+                f"internal error on {KSR.pv.get('$rm')} Call-ID {call_id}: {type(exc).__name__}: {exc}\n"
+                + traceback.format_exc(limit=6),
+            )
             try:
-                KSR.hdr.append_to_reply(f"Warning: 399 {self.adapter.server_name} \"policyplug internal error\"\r\n")
+                KSR.hdr.append_to_reply(
+                    f'Warning: 399 {self.adapter.server_name} "policyplug internal error"\r\n'
+                )
                 KSR.sl.sl_send_reply(500, "Server Internal Error")
             except Exception:
                 pass

@@ -28,13 +28,29 @@ from typing import Any
 
 # RFC 3261 7.3.3 compact header forms, and a few common extension ones (RFC 3265, 3515, 3841)
 COMPACT_NAMES = {
-    "i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length", "c": "content-type",
-    "f": "from", "s": "subject", "k": "supported", "t": "to", "v": "via", "o": "event", "u": "allow-events",
-    "r": "refer-to", "b": "referred-by", "j": "reject-contact", "a": "accept-contact", "d": "request-disposition",
-    "x": "session-expires", "y": "identity", "n": "identity-info",
+    "i": "call-id",
+    "m": "contact",
+    "e": "content-encoding",
+    "l": "content-length",
+    "c": "content-type",
+    "f": "from",
+    "s": "subject",
+    "k": "supported",
+    "t": "to",
+    "v": "via",
+    "o": "event",
+    "u": "allow-events",
+    "r": "refer-to",
+    "b": "referred-by",
+    "j": "reject-contact",
+    "a": "accept-contact",
+    "d": "request-disposition",
+    "x": "session-expires",
+    "y": "identity",
+    "n": "identity-info",
 }
-MAX_HEADERS = 128          # what the policy sees of a request with more is the first 128
-MAX_HEADER_VALUE = 8192    # a longer value is cut (the request itself is relayed unchanged)
+MAX_HEADERS = 128  # what the policy sees of a request with more is the first 128
+MAX_HEADER_VALUE = 8192  # a longer value is cut (the request itself is relayed unchanged)
 PRESENCE_EVENTS = ("presence", "presence.winfo")
 SECURE_TRANSPORTS = ("tls", "wss")
 
@@ -51,7 +67,7 @@ def _header_end(raw: Any, crlf: Any, lf: Any) -> tuple[int, int]:
     if lf_at >= 0:
         return lf_at, lf_at + 2
     if crlf_at >= 0:
-        return (crlf_at - 1 if raw[crlf_at - 1:crlf_at] in ("\r", b"\r") else crlf_at), crlf_at + 3
+        return (crlf_at - 1 if raw[crlf_at - 1 : crlf_at] in ("\r", b"\r") else crlf_at), crlf_at + 3
     return len(raw), len(raw)
 
 
@@ -129,13 +145,21 @@ def media_type(content_type: str) -> str:
 # Unreadable (the operator's `unreadable_content` setting says what then); headers that contradict
 # each other raise Conflict (the request is refused: the recipient might read it either way).
 
-MAX_DEPTH = 8               # nested multipart / message/cpim levels
-MAX_PARTS = 64              # body parts in one request, at every level together
-MAX_BODY_BYTES = 1 << 20    # a larger MESSAGE body is not read
+MAX_DEPTH = 8  # nested multipart / message/cpim levels
+MAX_PARTS = 64  # body parts in one request, at every level together
+MAX_BODY_BYTES = 1 << 20  # a larger MESSAGE body is not read
 BINARY_ENCODINGS = ("", "7bit", "8bit", "binary")
 # Content-Type values of ASCII text read as it is (no charset to apply), looked up before parsing
-PLAIN_TYPES = frozenset(("", "text/plain", "text/plain; charset=utf-8", "text/plain; charset=UTF-8",
-                         "text/plain;charset=utf-8", "text/plain;charset=UTF-8"))
+PLAIN_TYPES = frozenset(
+    (
+        "",
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "text/plain; charset=UTF-8",
+        "text/plain;charset=utf-8",
+        "text/plain;charset=UTF-8",
+    )
+)
 _TOKEN = r"[!#$%&'*+\-.^_`{|}~0-9A-Za-z]+"
 _MEDIA = re.compile(rf"\s*({_TOKEN})\s*/\s*({_TOKEN})\s*")
 _PARAM = re.compile(rf'\s*;\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|"((?:[^"\\\r\n]|\\.)*)")\s*')
@@ -206,8 +230,10 @@ def _decoded(data: bytes, charset: str) -> str:
     has an encoding in doubt (UTF-16 without a mark, to a client that guesses): Unreadable."""
     if charset == "utf-8":
         if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-            return data.decode("utf-32" if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "utf-16",
-                               errors="replace")
+            return data.decode(
+                "utf-32" if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "utf-16",
+                errors="replace",
+            )
         if data.startswith(b"\x00\x00\xfe\xff"):
             return data.decode("utf-32", errors="replace")
         if b"\x00" in data:
@@ -215,9 +241,13 @@ def _decoded(data: bytes, charset: str) -> str:
     return data.decode(charset, errors="replace")
 
 
-_HTML_BREAKS = frozenset(("br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre"))
+_HTML_BREAKS = frozenset(
+    ("br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre")
+)
 _HTML_TAG_NAME = re.compile(r"\s*/?\s*([A-Za-z][A-Za-z0-9-]*)")
-_HTML_SHOWN_ATTRIBUTE = re.compile(r"""\b(?:alt|title|href|src)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.I)
+_HTML_SHOWN_ATTRIBUTE = re.compile(
+    r"""\b(?:alt|title|href|src)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.I
+)
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
 
 
@@ -240,10 +270,10 @@ def html_text(source: str) -> str:
         if closing < 0:  # never closed: a client may show it as text
             texts.append(_HTML_SPACE.sub(" ", html.unescape(source[opening:])))
             break
-        tag = source[opening + 1:closing]
+        tag = source[opening + 1 : closing]
         name = _HTML_TAG_NAME.match(tag)
         if name is None:  # "<!-- ... -->", "<!doctype>", "< 3": kept as text
-            texts.append(_HTML_SPACE.sub(" ", html.unescape(source[opening:closing + 1])))
+            texts.append(_HTML_SPACE.sub(" ", html.unescape(source[opening : closing + 1])))
         else:
             if name.group(1).lower() in _HTML_BREAKS and not tag.lstrip().startswith("/"):
                 texts.append("\n")
@@ -252,8 +282,11 @@ def html_text(source: str) -> str:
                 if value:
                     extras.append(html.unescape(value))
         at = closing + 1
-    return "\n".join(part for part in ["\n".join(line.strip() for line in "".join(texts).split("\n")).strip("\n"),
-                                        *extras] if part)
+    return "\n".join(
+        part
+        for part in ["\n".join(line.strip() for line in "".join(texts).split("\n")).strip("\n"), *extras]
+        if part
+    )
 
 
 def _decode_transfer(data: bytes, encoding: str) -> bytes:
@@ -270,7 +303,9 @@ def _decode_transfer(data: bytes, encoding: str) -> bytes:
     raise Unreadable(f"unknown Content-Transfer-Encoding {encoding[:40]!r}")
 
 
-def _single(headers: dict[str, str], repeated: dict[str, list[str]], name: str, error: type[ValueError]) -> str:
+def _single(
+    headers: dict[str, str], repeated: dict[str, list[str]], name: str, error: type[ValueError]
+) -> str:
     """A header that may appear once: its value; the same value repeated is that value; different
     values raise `error`."""
     values = repeated.get(name)
@@ -289,7 +324,7 @@ def _entity_split(data: bytes) -> tuple[bytes, bytes]:
     """(header section, content) of a MIME entity: split at its first empty line (there may be no
     header lines at all); none at all is Unreadable."""
     if data.startswith((b"\r\n", b"\n")):
-        return b"", data[2 if data.startswith(b"\r\n") else 1:]
+        return b"", data[2 if data.startswith(b"\r\n") else 1 :]
     end, body_at = _header_end(data, b"\n\r\n", b"\n\n")
     if end == len(data):
         raise Unreadable("a body part without an empty line after its headers")
@@ -353,8 +388,11 @@ class _Extraction:
         a client that does not know multipart shows the body as it is."""
         if not 1 <= len(boundary) <= 70:
             raise Unreadable("multipart without a valid boundary")
-        delimiter = re.compile(rb"(?:\A|\r?\n)--" + re.escape(boundary.encode("utf-8", "surrogateescape"))
-                               + rb"([^\r\n]*)(?=\r?\n|\Z)")
+        delimiter = re.compile(
+            rb"(?:\A|\r?\n)--"
+            + re.escape(boundary.encode("utf-8", "surrogateescape"))
+            + rb"([^\r\n]*)(?=\r?\n|\Z)"
+        )
         parts: list[bytes] = []
         preamble = epilogue = b""
         previous: re.Match[bytes] | None = None
@@ -364,18 +402,18 @@ class _Extraction:
             if rest not in (b"", b"--"):
                 raise Unreadable("a line that starts with the multipart boundary but is not a delimiter")
             if previous is None:
-                preamble = data[:found.start()]
+                preamble = data[: found.start()]
             else:
-                parts.append(data[previous.end():found.start()])
+                parts.append(data[previous.end() : found.start()])
             previous = found
             if rest == b"--":
                 closed = True
-                epilogue = data[found.end():]
+                epilogue = data[found.end() :]
                 break
         if previous is None:
             raise Unreadable("multipart without a delimiter")
         if not closed:
-            parts.append(data[previous.end():])  # read, for "decide"; then refused as unreadable
+            parts.append(data[previous.end() :])  # read, for "decide"; then refused as unreadable
         if preamble.strip():
             self.texts.append(preamble.decode("utf-8", errors="replace").strip())
         for part in parts:
@@ -398,8 +436,9 @@ class _Extraction:
         self.mime_entity(content, depth + 1)
 
 
-def message_text(headers: dict[str, str], repeated: dict[str, list[str]], body: str | bytes,
-                 *, all_headers: bool = True) -> tuple[str, list[str]]:
+def message_text(
+    headers: dict[str, str], repeated: dict[str, list[str]], body: str | bytes, *, all_headers: bool = True
+) -> tuple[str, list[str]]:
     """(the text a MESSAGE's recipient can be shown, the subjects inside it (message/cpim)).
 
     `headers` and `repeated` are parse_headers' result for the request, `body` its body (text when
@@ -408,9 +447,14 @@ def message_text(headers: dict[str, str], repeated: dict[str, list[str]], body: 
     if not all_headers:
         raise Unreadable(f"more than {MAX_HEADERS} header lines")
     content_type = headers.get("content-type", "")
-    if content_type in PLAIN_TYPES and isinstance(body, str) and "content-type" not in repeated \
-            and "content-encoding" not in headers and "content-transfer-encoding" not in headers \
-            and "\x00" not in body:
+    if (
+        content_type in PLAIN_TYPES
+        and isinstance(body, str)
+        and "content-type" not in repeated
+        and "content-encoding" not in headers
+        and "content-transfer-encoding" not in headers
+        and "\x00" not in body
+    ):
         return body, []  # the common case: ASCII text/plain, read as it is
     content_type = _single(headers, repeated, "content-type", Conflict)
     _check_content_encoding(headers)
@@ -418,8 +462,15 @@ def message_text(headers: dict[str, str], repeated: dict[str, list[str]], body: 
     if len(content_type) >= MAX_HEADER_VALUE:
         raise Unreadable("Content-Type too long")
     media = content_type.split(";", 1)[0].strip().lower()
-    if isinstance(body, str) and not transfer and "\x00" not in body and (media in ("text/plain", "") and (
-            ";" not in content_type or _charset(parse_content_type(content_type)[1]) == "utf-8")):
+    if (
+        isinstance(body, str)
+        and not transfer
+        and "\x00" not in body
+        and (
+            media in ("text/plain", "")
+            and (";" not in content_type or _charset(parse_content_type(content_type)[1]) == "utf-8")
+        )
+    ):
         return body, []  # the common case: ASCII text, read as it is
     data = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body
     if len(data) > MAX_BODY_BYTES:
@@ -448,7 +499,9 @@ def kind_of(method: str, headers: dict[str, str], body_text: str) -> str | None:
     if method in ("PUBLISH", "NOTIFY"):
         return "presence"
     if method == "INVITE":
-        if media_type(headers.get("content-type", "")) == "application/sdp" and offers_msrp_file_transfer(body_text):
+        if media_type(headers.get("content-type", "")) == "application/sdp" and offers_msrp_file_transfer(
+            body_text
+        ):
             return "file"
         return "call"
     if method == "REGISTER":
@@ -481,9 +534,16 @@ def all_headers_parsed(section: str) -> bool:
 Parts = tuple[str, str, str, int, list[str], dict[str, str], "Unreadable | Conflict | None"]
 
 
-def event_parts(method: str, headers: dict[str, str], body: str | bytes, size: int,
-                repeated: dict[str, list[str]] | None = None, *, all_headers: bool = True,
-                read_text: bool = True) -> Parts | None:
+def event_parts(
+    method: str,
+    headers: dict[str, str],
+    body: str | bytes,
+    size: int,
+    repeated: dict[str, list[str]] | None = None,
+    *,
+    all_headers: bool = True,
+    read_text: bool = True,
+) -> Parts | None:
     """request_parts of a request already split (message_sections) and its headers parsed
     (`repeated`: parse_headers' values of repeated headers; `all_headers`: all_headers_parsed).
     `read_text` False leaves a MESSAGE's text unread (a policy that reads neither body nor
@@ -518,17 +578,32 @@ def request_parts(method: str, raw: bytes | str) -> Parts | None:
     text when it is ASCII (the same result either way)."""
     section, body, size = message_sections(raw)
     repeated: dict[str, list[str]] = {}
-    return event_parts(method, parse_headers(section, repeated), body, size, repeated,
-                       all_headers=all_headers_parsed(section))
+    return event_parts(
+        method,
+        parse_headers(section, repeated),
+        body,
+        size,
+        repeated,
+        all_headers=all_headers_parsed(section),
+    )
 
 
 def client_of(source_ip: str, source_port: int, transport: str) -> dict[str, Any]:
     return {"ip": source_ip, "port": source_port, "secure": transport.lower() in SECURE_TRANSPORTS}
 
 
-def event_json(*, method: str, raw: bytes | str, from_uri: str | None, to_uri: str | None, source_ip: str,
-               source_port: int, transport: str, time: str | None = None,
-               unreadable_content: str = "decide") -> dict[str, Any] | None:
+def event_json(
+    *,
+    method: str,
+    raw: bytes | str,
+    from_uri: str | None,
+    to_uri: str | None,
+    source_ip: str,
+    source_port: int,
+    transport: str,
+    time: str | None = None,
+    unreadable_content: str = "decide",
+) -> dict[str, Any] | None:
     """The event JSON (docs/cli.md) of a request, or None when its method is not decided.
 
     `raw` is the request's bytes, or its text when it is ASCII (the same result either way).
@@ -547,9 +622,17 @@ def event_json(*, method: str, raw: bytes | str, from_uri: str | None, to_uri: s
     if isinstance(problem, Conflict) or (problem is not None and unreadable_content == "refuse"):
         raise problem
     event: dict[str, Any] = {
-        "kind": kind, "from": from_uri, "to": to_uri, "protocol": "sip",
-        "body": text, "subject": subject, "type": method, "size": size,
-        "payload": payload, "headers": headers, "client": client_of(source_ip, source_port, transport),
+        "kind": kind,
+        "from": from_uri,
+        "to": to_uri,
+        "protocol": "sip",
+        "body": text,
+        "subject": subject,
+        "type": method,
+        "size": size,
+        "payload": payload,
+        "headers": headers,
+        "client": client_of(source_ip, source_port, transport),
     }
     if problem is not None:
         event["content_complete"] = False

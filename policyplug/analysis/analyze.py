@@ -77,7 +77,9 @@ class Session:
             self.last_reason = solver.reason_unknown()
         return result, (solver.model() if result == z3.sat else None)
 
-    def solve(self, formulas: list[Any], preferred: Sequence[Any] = ()) -> tuple[z3.CheckSatResult, z3.ModelRef | None]:
+    def solve(
+        self, formulas: list[Any], preferred: Sequence[Any] = ()
+    ) -> tuple[z3.CheckSatResult, z3.ModelRef | None]:
         """The answer for `formulas`, with `preferred` (e.g. fresh limit windows) if they fit; an
         unsat answer is always the one without them."""
         if preferred:
@@ -136,11 +138,15 @@ def normalisation_notes(checked: Any) -> list[str]:
             try:
                 normal = parse_address(text).address if "@" in text else normalise_domain(text)
             except AddressError as exc:
-                notes.append(f'"{text}" is not a valid address or domain ({exc}): no normalised address equals it')
+                notes.append(
+                    f'"{text}" is not a valid address or domain ({exc}): no normalised address equals it'
+                )
                 continue
             if normal != text:
-                notes.append(f'"{text}" is not in normal form (events carry "{normal}"): no normalised address '
-                             f"or domain equals it")
+                notes.append(
+                    f'"{text}" is not in normal form (events carry "{normal}"): no normalised address '
+                    f"or domain equals it"
+                )
     return list(dict.fromkeys(notes))
 
 
@@ -153,8 +159,10 @@ class Analyzer:
         self.session = Session(self.ev, timeout_ms)
         self.witnesses = witnesses
         self.dead: set[str] = set()
-        self.guards = [guards(compiled.kinds, list(checked.when), dict(policy.lists))
-                       for compiled, checked in zip(policy.rules, policy.model.rules, strict=True)]  # type: ignore[union-attr]
+        self.guards = [
+            guards(compiled.kinds, list(checked.when), dict(policy.lists))
+            for compiled, checked in zip(policy.rules, policy.model.rules, strict=True)
+        ]  # type: ignore[union-attr]
 
     def run(self) -> Analysis:
         findings: list[Finding] = []
@@ -172,10 +180,12 @@ class Analyzer:
         return Analysis(self.policy.name, findings, live)
 
     def _exact_up_to(self, rule: RuleFormula) -> bool:
-        return all(not r.reasons and r.limit is None for r in self.formula.rules[:rule.index + 1])
+        return all(not r.reasons and r.limit is None for r in self.formula.rules[: rule.index + 1])
 
     def _gave_up(self, rule: RuleFormula) -> Finding:
-        return Finding("unknown", rule.name, rule.line, reason=f"the solver gave up ({self.session.last_reason})")
+        return Finding(
+            "unknown", rule.name, rule.line, reason=f"the solver gave up ({self.session.last_reason})"
+        )
 
     def rule(self, rule: RuleFormula, checked: Any) -> tuple[Finding | None, dict[str, Any] | None]:
         s = self.session
@@ -185,8 +195,11 @@ class Analyzer:
         # Reached and matching, with every rule's definitions: a model is then also an event whose
         # whole walk (and the walk without this rule) can be read off it.
         # the walk up to this rule, leaving out the rules whose guards it can never meet
-        relevant = [r for r in self.formula.rules[:rule.index]
-                    if not disjoint(self.guards[rule.index], self.guards[r.index])]
+        relevant = [
+            r
+            for r in self.formula.rules[: rule.index]
+            if not disjoint(self.guards[rule.index], self.guards[r.index])
+        ]
         upto = [z3.And(*[z3.Not(r.s) for r in relevant], *[d for r in [*relevant, rule] for d in r.defs])]
         reached, model = s.solve([rule.m, *upto], fresh)
         if reached == z3.unknown:
@@ -210,18 +223,25 @@ class Analyzer:
         witness = self._live_witness(rule, model, upto, fresh) if model is not None else None
         # Not redundant when the engine itself decides the witness otherwise without the rule;
         # else the solver says whether any event changes.
-        if witness is None or outcome_only(decide(self.policy, witness).decision) == \
-                outcome_only(decide(without_rule(self.policy, rule.index), witness).decision):
+        if witness is None or outcome_only(decide(self.policy, witness).decision) == outcome_only(
+            decide(without_rule(self.policy, rule.index), witness).decision
+        ):
             changes = self.formula.removal_changes(rule.index)
             result, _ = s.solve([rule.r, changes, *defs])
             if result == z3.unsat:
                 return Finding("redundant", rule.name, rule.line), None
         if model is None:  # it decides only by raising (on error deny): no match to show
-            return (Finding("unknown", rule.name, rule.line, reason="; ".join(rule.reasons)) if rule.reasons
-                    else None), None
+            return (
+                Finding("unknown", rule.name, rule.line, reason="; ".join(rule.reasons))
+                if rule.reasons
+                else None
+            ), None
         if witness is None:
-            reason = "; ".join(rule.reasons) if rule.reasons else \
-                "no event could be built that the engine decides by it"
+            reason = (
+                "; ".join(rule.reasons)
+                if rule.reasons
+                else "no event could be built that the engine decides by it"
+            )
             return Finding("unknown", rule.name, rule.line, reason=reason), None
         return None, witness
 
@@ -230,8 +250,11 @@ class Analyzer:
         unsat core of "no earlier rule stops" (z3 minimises it), under assumptions in one solver."""
         triggers = [t for t, possible in ((rule.m, can_match), (rule.e, can_err)) if possible != z3.unsat]
         # rules found never to decide are left out: the first rule that stops an event decides it
-        earlier = [r for r in self.formula.rules[:rule.index] if (r.terminal or self.formula.oed)
-                   and r.name not in self.dead]
+        earlier = [
+            r
+            for r in self.formula.rules[: rule.index]
+            if (r.terminal or self.formula.oed) and r.name not in self.dead
+        ]
         names: set[str] = set()
         for trigger in triggers:
             solver = z3.Solver()
@@ -239,7 +262,7 @@ class Analyzer:
             solver.set("core.minimize", True)
             solver.add(self.ev.conjunction(), *self.formula.defs_upto(rule.index), trigger)
             flags = {}
-            for r in self.formula.rules[:rule.index]:
+            for r in self.formula.rules[: rule.index]:
                 if r in earlier:
                     flag = z3.Bool(f"passes {r.name}")
                     solver.add(flag == z3.Not(r.s))
@@ -250,15 +273,19 @@ class Analyzer:
                 names |= {flags[str(lit)] for lit in solver.unsat_core() if str(lit) in flags}
             else:  # the solver could not say under assumptions: every rule that decides some such event
                 for r in earlier:
-                    if self.session.solve([trigger, r.s, r.r, *self.formula.defs_upto(rule.index)])[0] != z3.unsat:
+                    if (
+                        self.session.solve([trigger, r.s, r.r, *self.formula.defs_upto(rule.index)])[0]
+                        != z3.unsat
+                    ):
                         names.add(r.name)
         return [r.name for r in earlier if r.name in names]
 
     def _fresh(self, rule: RuleFormula) -> list[Any]:
         return [z3.Not(r.over) for r in self.formula.rules if r.over is not None and r is not rule]
 
-    def _live_witness(self, rule: RuleFormula, first: z3.ModelRef, upto: list[Any],
-                      fresh: list[Any]) -> dict[str, Any] | None:
+    def _live_witness(
+        self, rule: RuleFormula, first: z3.ModelRef, upto: list[Any], fresh: list[Any]
+    ) -> dict[str, Any] | None:
         """An event the engine decides by this rule (terminal) or whose obligations it adds."""
         exact = self._exact_up_to(rule)
         candidates = [first] if first is not None else []
@@ -271,8 +298,10 @@ class Analyzer:
             if rule.name in decided.matched and (not rule.terminal or decided.decision.rule == rule.name):
                 return public_event(data)
             if exact and not repaired:
-                raise AnalysisBug(f"rule {rule.name!r}: the solver's event {data} should be decided by it, the "
-                                  f"engine decides {decided.decision.to_json()} (matched {decided.matched})")
+                raise AnalysisBug(
+                    f"rule {rule.name!r}: the solver's event {data} should be decided by it, the "
+                    f"engine decides {decided.decision.to_json()} (matched {decided.matched})"
+                )
         return None
 
     def _shadow_witness(self, rule: RuleFormula, by: list[str]) -> dict[str, Any] | None:
@@ -284,12 +313,14 @@ class Analyzer:
             if data is None:
                 continue
             decided = decide(self.policy, data)
-            earlier = {r.name for r in self.formula.rules[:rule.index]}
+            earlier = {r.name for r in self.formula.rules[: rule.index]}
             if rule.name not in decided.matched and decided.decision.rule in earlier:
                 return public_event(data)
             if exact and not repaired:
-                raise AnalysisBug(f"rule {rule.name!r} is shadowed by {by}, but the engine decides {data} as "
-                                  f"{decided.decision.to_json()} (matched {decided.matched})")
+                raise AnalysisBug(
+                    f"rule {rule.name!r} is shadowed by {by}, but the engine decides {data} as "
+                    f"{decided.decision.to_json()} (matched {decided.matched})"
+                )
         return None
 
 

@@ -58,12 +58,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         for change in result.changes:
             o, n = change["old"], change["new"]
-            print(f"{o['rule'] or 'default'} ({o['decision']}) -> {n['rule'] or 'default'} ({n['decision']}): "
-                  f"{json.dumps(change['witness'], ensure_ascii=False)}")
+            print(
+                f"{o['rule'] or 'default'} ({o['decision']}) -> {n['rule'] or 'default'} ({n['decision']}): "
+                f"{json.dumps(change['witness'], ensure_ascii=False)}"
+            )
         for unknown in result.unknown:
             print(f"unknown: {unknown}")
-        print("same decisions for every event" if result.same else
-              f"{len(result.changes)} changes, {len(result.unknown)} unknown")
+        print(
+            "same decisions for every event"
+            if result.same
+            else f"{len(result.changes)} changes, {len(result.unknown)} unknown"
+        )
     return 0 if result.same else 1
 
 
@@ -74,27 +79,38 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if policy is None:
         return 2
     try:
-        result = replay(policy, args.logs, lambda line: print(f"policyplug replay: {line}", file=sys.stderr,
-                                                              flush=True))
+        result = replay(
+            policy, args.logs, lambda line: print(f"policyplug replay: {line}", file=sys.stderr, flush=True)
+        )
     except OSError as exc:
         print(f"policyplug replay: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":
         _print_json(result.to_json())
     else:
-        print(f"{result.events} events replayed, {result.changed} decided differently"
-              + (f", {result.skipped} lines skipped" if result.skipped else ""))
+        print(
+            f"{result.events} events replayed, {result.changed} decided differently"
+            + (f", {result.skipped} lines skipped" if result.skipped else "")
+        )
         for name, count in result.hits.items():
             print(f"  {name}: {count}")
         if result.never_hit:
             print(f"never hit: {', '.join(result.never_hit)}")
         for sample in result.samples:
-            print(f"  {sample['old'].get('rule') or 'default'} ({sample['old'].get('decision')}) -> "
-                  f"{sample['new']['rule'] or 'default'} ({sample['new']['decision']}): "
-                  f"{json.dumps(sample['event'], ensure_ascii=False)}")
+            print(
+                f"  {sample['old'].get('rule') or 'default'} ({sample['old'].get('decision')}) -> "
+                f"{sample['new']['rule'] or 'default'} ({sample['new']['decision']}): "
+                f"{json.dumps(sample['event'], ensure_ascii=False)}"
+            )
         if result.without_bodies:
-            print(f"{result.without_bodies} records carry no body (audit bodies off): decided with an empty body"
-                  + (f"; rules reading body or subject: {', '.join(result.body_rules)}" if result.body_rules else ""))
+            print(
+                f"{result.without_bodies} records carry no body (audit bodies off): decided with an empty body"
+                + (
+                    f"; rules reading body or subject: {', '.join(result.body_rules)}"
+                    if result.body_rules
+                    else ""
+                )
+            )
     return 1 if result.changed else 0
 
 

@@ -40,15 +40,20 @@ class Diff:
         return out
 
 
-def diff(old: Policy, new: Policy, *, timeout_ms: int = SOLVER_TIMEOUT_MS, max_changes: int = MAX_CHANGES) -> Diff:
+def diff(
+    old: Policy, new: Policy, *, timeout_ms: int = SOLVER_TIMEOUT_MS, max_changes: int = MAX_CHANGES
+) -> Diff:
     ev = SymEvent()
     tables = Tables()
     a = PolicyFormula(old, ev, "old.", tables)
     b = PolicyFormula(new, ev, "new.", tables)
     session = Session(ev, timeout_ms)
     items = list(dict.fromkeys([*a.items, *b.items]))
-    differ = z3.Or(a.out != b.out, a.name != b.name,
-                   *[a.items.get(item, FALSE) != b.items.get(item, FALSE) for item in items])
+    differ = z3.Or(
+        a.out != b.out,
+        a.name != b.name,
+        *[a.items.get(item, FALSE) != b.items.get(item, FALSE) for item in items],
+    )
     base = [*a.all_defs, *b.all_defs, differ]
     fresh = [*a.fresh_limits(), *b.fresh_limits()]
     exact = all(not r.reasons and r.limit is None for r in [*a.rules, *b.rules])
@@ -74,19 +79,27 @@ def diff(old: Policy, new: Policy, *, timeout_ms: int = SOLVER_TIMEOUT_MS, max_c
                 found = (data, decided_a.decision, decided_b.decision)
                 break
             if exact and not repaired:
-                raise AnalysisBug(f"the policies should decide {data} differently; the engine decides both "
-                                  f"{decided_a.decision.to_json()}")
+                raise AnalysisBug(
+                    f"the policies should decide {data} differently; the engine decides both "
+                    f"{decided_a.decision.to_json()}"
+                )
         names = (tables.name_of(code_a), tables.name_of(code_b))
         if found is None:
             reasons = sorted({why for r in [*a.rules, *b.rules] for why in r.reasons})
-            result.unknown.append({"old_rule": names[0], "new_rule": names[1],
-                                   "reason": "; ".join(reasons) or "no event could be built for the difference"})
+            result.unknown.append(
+                {
+                    "old_rule": names[0],
+                    "new_rule": names[1],
+                    "reason": "; ".join(reasons) or "no event could be built for the difference",
+                }
+            )
         else:
             data, decision_a, decision_b = found
             key = (decision_a.rule, decision_b.rule)
             if key not in seen:
                 seen.add(key)
-                result.changes.append({"witness": public_event(data), "old": decision_a.to_json(),
-                                       "new": decision_b.to_json()})
+                result.changes.append(
+                    {"witness": public_event(data), "old": decision_a.to_json(), "new": decision_b.to_json()}
+                )
         blocked.append(z3.Not(z3.And(*pair)))
     return result

@@ -19,7 +19,14 @@ from ..cel.fastparse import rule_name
 from .symbolic import unwrap
 
 Guards = dict[str, frozenset[str]]
-_DIMENSIONS = {"kind", "direction", "sender.domain", "sender.address", "recipient.domain", "recipient.address"}
+_DIMENSIONS = {
+    "kind",
+    "direction",
+    "sender.domain",
+    "sender.address",
+    "recipient.domain",
+    "recipient.address",
+}
 
 
 def _conjuncts(tree: Any) -> list[Any]:
@@ -51,8 +58,15 @@ def _strings(tree: Any, lists: dict[str, tuple[str, ...]]) -> frozenset[str] | N
     if name == "literal" and len(node.children) == 1:
         token = node.children[0]
         text = str(token)
-        if isinstance(token, lark.Token) and token.type == "STRING_LIT" and len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" \
-                and "\\" not in text and not text.startswith(("'''", '"""')):
+        if (
+            isinstance(token, lark.Token)
+            and token.type == "STRING_LIT"
+            and len(text) >= 2
+            and text[0] == text[-1]
+            and text[0] in "\"'"
+            and "\\" not in text
+            and not text.startswith(("'''", '"""'))
+        ):
             return frozenset({text[1:-1]})
         return None
     if name == "ident" and str(node.children[0]) in lists:

@@ -34,8 +34,11 @@ def _range(lo: str, hi: str) -> Any:
 
 
 def _class_of(letter: str) -> list[tuple[str, str]]:
-    return {"d": [("0", "9")], "w": [("0", "9"), ("A", "Z"), ("a", "z"), ("_", "_")],
-            "s": [("\t", "\n"), ("\f", "\r"), (" ", " ")]}[letter]
+    return {
+        "d": [("0", "9")],
+        "w": [("0", "9"), ("A", "Z"), ("a", "z"), ("_", "_")],
+        "s": [("\t", "\n"), ("\f", "\r"), (" ", " ")],
+    }[letter]
 
 
 def _union(parts: list[Any]) -> Any:
@@ -102,7 +105,7 @@ class _Parser:
                 item = z3.Option(item)
             elif c == "{":
                 close = self.p.find("}", self.i)
-                spec = self.p[self.i + 1:close] if close > 0 else ""
+                spec = self.p[self.i + 1 : close] if close > 0 else ""
                 lo_text, comma, hi_text = spec.partition(",")
                 if not lo_text.isdigit() or (hi_text and not hi_text.isdigit()):
                     raise self.fail("a repetition the analysis does not read")
@@ -237,8 +240,11 @@ def regex_formula(pattern: str, text: Any) -> tuple[Any, Any, bool]:
         raise Unsupported("regular expression with a character beyond the solver's alphabet")
     parser = _Parser(pattern)
     regex, start, end = parser.parse()
-    full = z3.Concat(*([] if start else [_ANY]) + [regex] + ([] if end else [_ANY])) if not (start and end) \
+    full = (
+        z3.Concat(*([] if start else [_ANY]) + [regex] + ([] if end else [_ANY]))
+        if not (start and end)
         else regex
+    )
     # RE2 matches the UTF-8 form: a lone surrogate cannot be encoded, and the match raises
     surrogate = z3.InRe(text, z3.Concat(_ANY, z3.Range("\\u{d800}", "\\u{dfff}"), _ANY))
     return z3.InRe(text, full), surrogate, not parser.approximate

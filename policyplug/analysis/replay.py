@@ -39,9 +39,14 @@ def _differs(recorded: Any, decided: tuple[str, ...] | None) -> bool:
 def _changed(old: dict[str, Any], new: Any) -> bool:
     """Reason, redirect, route or obligations (as sets) differ; effect and rule are compared first."""
     get = old.get
-    return (get("reason") != new.reason or get("redirect_to") != new.redirect_to
-            or get("route_via") != new.route_via or _differs(get("tags"), new._tags)
-            or _differs(get("copy_to"), new._copy_to) or _differs(get("disclaimers"), new._disclaimers))
+    return (
+        get("reason") != new.reason
+        or get("redirect_to") != new.redirect_to
+        or get("route_via") != new.route_via
+        or _differs(get("tags"), new._tags)
+        or _differs(get("copy_to"), new._copy_to)
+        or _differs(get("disclaimers"), new._disclaimers)
+    )
 
 
 @dataclass
@@ -58,10 +63,17 @@ class Replay:
     files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"events": self.events, "changed": self.changed, "hits": self.hits, "never_hit": self.never_hit,
-                "samples": self.samples, "skipped": self.skipped, "without_bodies": self.without_bodies,
-                "body_rules": self.body_rules,
-                "changes": [{"old_rule": o, "new_rule": n, "count": c} for (o, n), c in self.changes.items()]}
+        return {
+            "events": self.events,
+            "changed": self.changed,
+            "hits": self.hits,
+            "never_hit": self.never_hit,
+            "samples": self.samples,
+            "skipped": self.skipped,
+            "without_bodies": self.without_bodies,
+            "body_rules": self.body_rules,
+            "changes": [{"old_rule": o, "new_rule": n, "count": c} for (o, n), c in self.changes.items()],
+        }
 
 
 def replay(policy: Policy, paths: list[str], say: Callable[[str], None] | None = None) -> Replay:
@@ -110,8 +122,11 @@ def replay(policy: Policy, paths: list[str], say: Callable[[str], None] | None =
     result.never_hit = [rule.name for rule in policy.rules if hits[rule.name] == 0]
     reads = policy.model.reads if policy.model is not None else frozenset()
     if result.without_bodies and ({"body", "subject"} & set(reads)):
-        result.body_rules = [r.name for r, c in zip(policy.rules, policy.model.rules, strict=True)  # type: ignore[union-attr]
-                             if _reads_text(c)]
+        result.body_rules = [
+            r.name
+            for r, c in zip(policy.rules, policy.model.rules, strict=True)  # type: ignore[union-attr]
+            if _reads_text(c)
+        ]
     return result
 
 

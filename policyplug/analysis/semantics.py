@@ -47,8 +47,13 @@ def string_literals(tree: Any) -> list[str]:
         for child in tree.children:
             if isinstance(child, lark.Token):
                 text = str(child)
-                if child.type == "STRING_LIT" and len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" \
-                        and "\\" not in text:
+                if (
+                    child.type == "STRING_LIT"
+                    and len(text) >= 2
+                    and text[0] == text[-1]
+                    and text[0] in "\"'"
+                    and "\\" not in text
+                ):
                     out.append(text[1:-1])
             else:
                 out.extend(string_literals(child))
@@ -69,11 +74,17 @@ def _party_comparisons(tree: Any, lists: Any) -> set[tuple[str, str]]:
             left = op_node.children[0]
             for a, b in ((left, right), (right, left)):
                 node = unwrap(a)
-                if isinstance(node, lark.Tree) and rule_name(node.data) == "member_dot" \
-                        and str(node.children[1]) in ("domain", "address", "user"):
+                if (
+                    isinstance(node, lark.Tree)
+                    and rule_name(node.data) == "member_dot"
+                    and str(node.children[1]) in ("domain", "address", "user")
+                ):
                     target = unwrap(node.children[0])
-                    if isinstance(target, lark.Tree) and rule_name(target.data) == "ident" \
-                            and str(target.children[0]) in ("sender", "recipient"):
+                    if (
+                        isinstance(target, lark.Tree)
+                        and rule_name(target.data) == "ident"
+                        and str(target.children[0]) in ("sender", "recipient")
+                    ):
                         values = _strings(b, dict(lists))
                         out |= {(str(node.children[1]), v) for v in values or ()}
     for child in tree.children:
@@ -95,7 +106,9 @@ def _is_normal_address(text: str) -> bool:
         return False
 
 
-Item = tuple[str, str | None]  # ("copy_to", address) | ("disclaimer", text) | ("tag", label) | ("audit", None)
+Item = tuple[
+    str, str | None
+]  # ("copy_to", address) | ("disclaimer", text) | ("tag", label) | ("audit", None)
 
 
 @dataclass
@@ -140,8 +153,11 @@ class RuleFormula:
 
 
 def _items(rule: Any) -> tuple[Item, ...]:
-    out: list[Item] = [("copy_to", a) for a in rule.copy_to] + [("disclaimer", d) for d in rule.disclaimers] \
+    out: list[Item] = (
+        [("copy_to", a) for a in rule.copy_to]
+        + [("disclaimer", d) for d in rule.disclaimers]
         + [("tag", t) for t in rule.tags]
+    )
     if rule.audit:
         out.append(("audit", None))
     return tuple(out)
@@ -189,7 +205,9 @@ class PolicyFormula:
             for item in rule.items:
                 self.items[item] = z3.Or(self.items.get(item, FALSE), z3.And(rule.r, rule.m))
             if self.oed:
-                self.items[("audit", None)] = z3.Or(self.items.get(("audit", None), FALSE), z3.And(rule.r, rule.e))
+                self.items[("audit", None)] = z3.Or(
+                    self.items.get(("audit", None), FALSE), z3.And(rule.r, rule.e)
+                )
         self._suffix_out: dict[int, Any] = {}
         self._suffix_items: dict[tuple[int, Item], Any] = {}
         self._prefix_items: dict[tuple[int, Item], Any] = {}
@@ -223,8 +241,11 @@ class PolicyFormula:
     def _rule(self, i: int, compiled: Any, checked: Any, reach: Any) -> RuleFormula:
         ev, enc = self.ev, self.encoder
         enc.reasons = []
-        passed: Any = TRUE if compiled.kinds is None else z3.Or([ev.kind == EVENT_KINDS.index(k)
-                                                                 for k in sorted(compiled.kinds)])
+        passed: Any = (
+            TRUE
+            if compiled.kinds is None
+            else z3.Or([ev.kind == EVENT_KINDS.index(k) for k in sorted(compiled.kinds)])
+        )
         err: Any = FALSE
         trees = [(t, True) for t in checked.when] + [(t, False) for t in checked.unless]
         for tree, expected in trees:
@@ -236,8 +257,14 @@ class PolicyFormula:
         if compiled.limit is not None:
             key_err = self._limit_key_error(checked.limit_key)
             err = z3.Or(err, z3.And(passed, key_err))
-            signature = (compiled.name, compiled.limit.count, compiled.limit.seconds, compiled.limit.text,
-                         tuple(repr(t) for t, _ in trees), self.ctx.fingerprint)
+            signature = (
+                compiled.name,
+                compiled.limit.count,
+                compiled.limit.seconds,
+                compiled.limit.text,
+                tuple(repr(t) for t, _ in trees),
+                self.ctx.fingerprint,
+            )
             over = self.tables.overs.get(signature)
             if over is None:
                 over = self.tables.overs[signature] = z3.Bool(f"{self.tag}over{i}")
@@ -251,12 +278,31 @@ class PolicyFormula:
             defs.append(r == TRUE)
         else:
             r = reach
-        outcome = self.tables.outcome((compiled.effect, compiled.reason, compiled.redirect_to, compiled.route_via)) \
-            if terminal else self.error_outcome
+        outcome = (
+            self.tables.outcome((compiled.effect, compiled.reason, compiled.redirect_to, compiled.route_via))
+            if terminal
+            else self.error_outcome
+        )
         line = compiled.location.line if compiled.location is not None else 0
         source = compiled.location.file if compiled.location is not None else ""
-        return RuleFormula(compiled.name, i, line, source, terminal, _items(compiled), list(dict.fromkeys(enc.reasons)),
-                           compiled.limit, over, m, e, s, r, outcome, defs, z3.Not(s))
+        return RuleFormula(
+            compiled.name,
+            i,
+            line,
+            source,
+            terminal,
+            _items(compiled),
+            list(dict.fromkeys(enc.reasons)),
+            compiled.limit,
+            over,
+            m,
+            e,
+            s,
+            r,
+            outcome,
+            defs,
+            z3.Not(s),
+        )
 
     def _limit_key_error(self, tree: Any) -> Any:
         """Whether evaluating the limit key raises: a party (or one of its string fields) never
@@ -287,8 +333,11 @@ class PolicyFormula:
                     self._suffix_out[j] = z3.IntVal(self.default_outcome)
                     continue
                 rule = self.rules[j]
-                stop_out = z3.If(rule.m, z3.IntVal(rule.outcome), z3.IntVal(self.error_outcome)) if rule.terminal \
+                stop_out = (
+                    z3.If(rule.m, z3.IntVal(rule.outcome), z3.IntVal(self.error_outcome))
+                    if rule.terminal
                     else z3.IntVal(self.error_outcome)
+                )
                 self._suffix_out[j] = z3.If(rule.s, stop_out, self._suffix_out[j + 1])
         return self._suffix_out[k]
 
@@ -334,8 +383,12 @@ class PolicyFormula:
         when rule i is removed: the walk then goes on at rule i + 1 with what it has collected."""
         parts = [self.suffix_out(i) != self.suffix_out(i + 1)]
         for item in self.items:
-            parts.append(z3.And(z3.Not(self.prefix_item(i, item)),
-                                self.suffix_item(i, item) != self.suffix_item(i + 1, item)))
+            parts.append(
+                z3.And(
+                    z3.Not(self.prefix_item(i, item)),
+                    self.suffix_item(i, item) != self.suffix_item(i + 1, item),
+                )
+            )
         return z3.Or(parts)
 
     def defs_upto(self, k: int) -> list[Any]:
@@ -352,8 +405,11 @@ class PolicyFormula:
     def all_defs(self) -> list[Any]:
         """Every rule's definitions and the decision's, as one formula."""
         if self._all is None:
-            self._all = z3.And(*self.defs_upto(len(self.rules) - 1), *self.decision_defs) if self.rules \
+            self._all = (
+                z3.And(*self.defs_upto(len(self.rules) - 1), *self.decision_defs)
+                if self.rules
                 else z3.And(*self.decision_defs)
+            )
         return [self._all]
 
     def fresh_limits(self) -> list[Any]:

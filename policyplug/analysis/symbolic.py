@@ -42,16 +42,26 @@ DIRECTIONS = ("internal", "outbound", "inbound", "transit")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 TIME_MIN = int((datetime.datetime(1, 1, 1, tzinfo=datetime.UTC) - EPOCH) / datetime.timedelta(microseconds=1))
-TIME_MAX = int((datetime.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.UTC) - EPOCH)
-               / datetime.timedelta(microseconds=1))
-PASSTHROUGH = frozenset(("expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication",
-                         "unary", "member", "primary", "paren_expr"))
+TIME_MAX = int(
+    (datetime.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.UTC) - EPOCH)
+    / datetime.timedelta(microseconds=1)
+)
+PASSTHROUGH = frozenset(
+    (
+        "expr",
+        "conditionalor",
+        "conditionaland",
+        "relation",
+        "addition",
+        "multiplication",
+        "unary",
+        "member",
+        "primary",
+        "paren_expr",
+    )
+)
 PARTIES = ("sender", "recipient")
 STRING_FIELDS = ("address", "user", "domain", "resource")
-
-
-
-
 
 
 _ESCAPE = re.compile(r"\\u\{([0-9a-fA-F]+)\}")
@@ -123,8 +133,15 @@ class SymEvent:
         self.client_ip = z3.String("client.ip")
         self.client_port = z3.Int("client.port")
         self.client_secure = z3.Bool("client.secure")
-        self.parties = {p: Party(z3.String(f"{p}.address"), z3.String(f"{p}.user"), z3.String(f"{p}.domain"),
-                                 z3.String(f"{p}.resource")) for p in PARTIES}
+        self.parties = {
+            p: Party(
+                z3.String(f"{p}.address"),
+                z3.String(f"{p}.user"),
+                z3.String(f"{p}.domain"),
+                z3.String(f"{p}.resource"),
+            )
+            for p in PARTIES
+        }
         self.headers: dict[str, tuple[Any, Any]] = {}  # key -> (present, value)
         self.payload: dict[str, Any] = {}  # string -> is in payload
         self.atoms: dict[str, tuple[Any, Any]] = {}
@@ -143,36 +160,75 @@ class SymEvent:
             # address is user@domain, or the domain alone. A superset of the real forms.
             c.append(z3.Length(party.domain) > 0)
             c.append(z3.Not(z3.SuffixOf(zstr("."), party.domain)))
-            c.append(z3.If(party.user == zstr(""), party.address == party.domain,
-                           party.address == z3.Concat(party.user, zstr("@"), party.domain)))
+            c.append(
+                z3.If(
+                    party.user == zstr(""),
+                    party.address == party.domain,
+                    party.address == z3.Concat(party.user, zstr("@"), party.domain),
+                )
+            )
         # Plain values a witness takes where the conditions leave it free (tried first, each dropped
         # when it conflicts): events any reader understands, and that surely normalise as modelled.
         for p, party in self.parties.items():
-            self.nice += [party.domain == zstr(f"{p}.example"), party.user == zstr(p[0]),
-                          party.resource == zstr("")]
+            self.nice += [
+                party.domain == zstr(f"{p}.example"),
+                party.user == zstr(p[0]),
+                party.resource == zstr(""),
+            ]
         printable = z3.Star(z3.Range(" ", "~"))
         self.nice_groups = [
-            [self.parties["sender"].domain == zstr("sender.example"), self.parties["sender"].user == zstr("s"),
-             self.parties["sender"].resource == zstr("")],
-            [self.parties["recipient"].domain == zstr("recipient.example"),
-             self.parties["recipient"].user == zstr("r"), self.parties["recipient"].resource == zstr("")],
-            [self.protocol == 0], [self.body == zstr("")], [z3.InRe(self.body, printable)],
-            [self.subject == zstr(""), self.type == zstr("")], [self.time == 1_798_761_600_000_000],
-            [self.client_ip == zstr("192.0.2.1"), self.client_port == 5222], [self.size == 0]]
+            [
+                self.parties["sender"].domain == zstr("sender.example"),
+                self.parties["sender"].user == zstr("s"),
+                self.parties["sender"].resource == zstr(""),
+            ],
+            [
+                self.parties["recipient"].domain == zstr("recipient.example"),
+                self.parties["recipient"].user == zstr("r"),
+                self.parties["recipient"].resource == zstr(""),
+            ],
+            [self.protocol == 0],
+            [self.body == zstr("")],
+            [z3.InRe(self.body, printable)],
+            [self.subject == zstr(""), self.type == zstr("")],
+            [self.time == 1_798_761_600_000_000],
+            [self.client_ip == zstr("192.0.2.1"), self.client_port == 5222],
+            [self.size == 0],
+        ]
         for party in self.parties.values():
-            self.nice_groups += [[party.resource == zstr("")],
-                                 [z3.InRe(party.domain, z3.Star(z3.Union(z3.Range("a", "z"), z3.Range("0", "9"),
-                                                                          z3.Re(zstr("."))))),
-                                  z3.InRe(party.user, z3.Star(z3.Range("a", "z")))]]
-        self.shapes = [z3.InRe(self.body, printable), z3.InRe(self.subject, printable),
-                       self.time == 1_798_761_600_000_000]
-        self.nice += [self.protocol == 0, self.body == zstr(""), self.subject == zstr(""), self.type == zstr(""),
-                      self.client_ip == zstr("192.0.2.1"), self.client_port == 5222, self.size == 0,
-                      self.time == 1_798_761_600_000_000]  # 2027-01-01T00:00:00Z
+            self.nice_groups += [
+                [party.resource == zstr("")],
+                [
+                    z3.InRe(
+                        party.domain,
+                        z3.Star(z3.Union(z3.Range("a", "z"), z3.Range("0", "9"), z3.Re(zstr(".")))),
+                    ),
+                    z3.InRe(party.user, z3.Star(z3.Range("a", "z"))),
+                ],
+            ]
+        self.shapes = [
+            z3.InRe(self.body, printable),
+            z3.InRe(self.subject, printable),
+            self.time == 1_798_761_600_000_000,
+        ]
+        self.nice += [
+            self.protocol == 0,
+            self.body == zstr(""),
+            self.subject == zstr(""),
+            self.type == zstr(""),
+            self.client_ip == zstr("192.0.2.1"),
+            self.client_port == 5222,
+            self.size == 0,
+            self.time == 1_798_761_600_000_000,
+        ]  # 2027-01-01T00:00:00Z
         for party in self.parties.values():
-            self.shapes += [z3.InRe(party.domain, z3.Star(z3.Union(z3.Range("a", "z"), z3.Range("0", "9"),
-                                                                    z3.Re(zstr("."))))),
-                            z3.InRe(party.user, z3.Star(z3.Range("a", "z"))), party.resource == zstr("")]
+            self.shapes += [
+                z3.InRe(
+                    party.domain, z3.Star(z3.Union(z3.Range("a", "z"), z3.Range("0", "9"), z3.Re(zstr("."))))
+                ),
+                z3.InRe(party.user, z3.Star(z3.Range("a", "z"))),
+                party.resource == zstr(""),
+            ]
 
     def conjunction(self) -> Any:
         """All constraints as one formula (cached while none is added): one assertion per query."""
@@ -248,12 +304,18 @@ def free_reads(tree: Any, lists: frozenset[str], bound: frozenset[str] = frozens
                 out.add(f"{ident}.{node.children[1]}")
                 return out
         return free_reads(node.children[0], lists, bound)
-    if name == "member_dot_arg" and str(node.children[1]) in ("exists", "all", "exists_one", "map", "filter") \
-            and len(node.children) > 2:
+    if (
+        name == "member_dot_arg"
+        and str(node.children[1]) in ("exists", "all", "exists_one", "map", "filter")
+        and len(node.children) > 2
+    ):
         args = node.children[2].children
         var = unwrap(args[0]) if args else None
-        inner = bound | {str(var.children[0])} if isinstance(var, lark.Tree) and rule_name(var.data) == "ident" \
+        inner = (
+            bound | {str(var.children[0])}
+            if isinstance(var, lark.Tree) and rule_name(var.data) == "ident"
             else bound
+        )
         out |= free_reads(node.children[0], lists, bound)
         for a in args[1:]:
             out |= free_reads(a, lists, inner)
@@ -286,8 +348,13 @@ class Context:
 
     def __post_init__(self) -> None:
         self.keys = sorted(self.directory)
-        self.fingerprint = repr((sorted(self.local_domains), sorted(self.lists.items()),
-                                 sorted((k, repr(v)) for k, v in self.directory.items())))
+        self.fingerprint = repr(
+            (
+                sorted(self.local_domains),
+                sorted(self.lists.items()),
+                sorted((k, repr(v)) for k, v in self.directory.items()),
+            )
+        )
         for p in PARTIES:
             entry = z3.Int(f"{self.tag}{p}.entry")
             self.entry[p] = entry
@@ -318,11 +385,34 @@ class Context:
         for i, key in enumerate(self.keys):
             data = self.directory[key]
             user, _, domain = key.rpartition("@")
-            out.append((self.entry[party] == i, {
-                "address": key, "user": user, "domain": domain, "resource": "",
-                "local": domain in self.local_domains, "groups": data["groups"], "attrs": data["attrs"]}))
-        out.append((self.entry[party] == -1, {"address": "", "user": "", "domain": "", "resource": "",
-                                              "local": False, "groups": [], "attrs": {}}))
+            out.append(
+                (
+                    self.entry[party] == i,
+                    {
+                        "address": key,
+                        "user": user,
+                        "domain": domain,
+                        "resource": "",
+                        "local": domain in self.local_domains,
+                        "groups": data["groups"],
+                        "attrs": data["attrs"],
+                    },
+                )
+            )
+        out.append(
+            (
+                self.entry[party] == -1,
+                {
+                    "address": "",
+                    "user": "",
+                    "domain": "",
+                    "resource": "",
+                    "local": False,
+                    "groups": [],
+                    "attrs": {},
+                },
+            )
+        )
         return out
 
 
@@ -343,8 +433,9 @@ def _const(value: Any) -> V:
         return V("timestamp", term=z3.IntVal(micros))
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return V("list", alts=[(TRUE, tuple(zstr(str(v)) for v in value))], elem="string")
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, (bool, ct.UintType))
-                                       for v in value):
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, (bool, ct.UintType)) for v in value
+    ):
         return V("list", alts=[(TRUE, tuple(z3.IntVal(int(v)) for v in value))], elem="int")
     raise Unsupported(f"a constant of type {type(value).__name__}")
 
@@ -366,8 +457,15 @@ def _classify(value: Any) -> tuple[str, Any]:
     raise Unsupported(f"a {type(value).__name__} from the directory")
 
 
-_RELATIONS = {"relation_eq": "==", "relation_ne": "!=", "relation_lt": "<", "relation_le": "<=",
-              "relation_gt": ">", "relation_ge": ">=", "relation_in": "in"}
+_RELATIONS = {
+    "relation_eq": "==",
+    "relation_ne": "!=",
+    "relation_lt": "<",
+    "relation_le": "<=",
+    "relation_gt": ">",
+    "relation_ge": ">=",
+    "relation_in": "in",
+}
 TIME_PARTS: dict[str, Callable[[Any], Any]] = {
     "getHours": lambda t: (t / 3_600_000_000) % 24,
     "getMinutes": lambda t: (t / 60_000_000) % 60,
@@ -462,7 +560,9 @@ class Encoder:
         except CELEvalError as exc:  # CEL's own error, raised rather than returned: absorbable
             return exc
         except Exception as exc:  # noqa: BLE001 - an error && and || do not absorb
-            raise Unsupported(f"an evaluation error CEL's && and || do not absorb ({type(exc).__name__})") from None
+            raise Unsupported(
+                f"an evaluation error CEL's && and || do not absorb ({type(exc).__name__})"
+            ) from None
 
     def constant(self, node: lark.Tree) -> V:
         if rule_name(node.data) == "ident":  # cel-python evaluates a name inside its `primary` only
@@ -491,10 +591,20 @@ class Encoder:
             raise Unsupported("directory values of several types")
         kind = kinds.pop() if kinds else "bool"
         if kind == "bool":
-            out = vbool(z3.Or(groups.get(("bool", True), [FALSE])), z3.Or(groups.get(("bool", False), [FALSE])))
+            out = vbool(
+                z3.Or(groups.get(("bool", True), [FALSE])), z3.Or(groups.get(("bool", False), [FALSE]))
+            )
         elif kind == "list":
-            out = V("list", alts=[(z3.Or(guards), tuple(zstr(s) for s in value))
-                                  for (k, value), guards in groups.items() if k == "list"], elem="string", err=err)
+            out = V(
+                "list",
+                alts=[
+                    (z3.Or(guards), tuple(zstr(s) for s in value))
+                    for (k, value), guards in groups.items()
+                    if k == "list"
+                ],
+                elem="string",
+                err=err,
+            )
             if err is not FALSE:
                 raise Unsupported("a directory list that may be an error")
         else:
@@ -515,7 +625,10 @@ class Encoder:
         if a.type != b.type or a.values != b.values:
             a, b = as_string(a), as_string(b)
         if a.type == b.type == "bool":
-            return vbool(z3.Or(z3.And(cond.t, a.t), z3.And(cond.f, b.t)), z3.Or(z3.And(cond.t, a.f), z3.And(cond.f, b.f)))
+            return vbool(
+                z3.Or(z3.And(cond.t, a.t), z3.And(cond.f, b.t)),
+                z3.Or(z3.And(cond.t, a.f), z3.And(cond.f, b.f)),
+            )
         if a.type == b.type and a.type in ("int", "uint", "string", "timestamp"):
             err = z3.Or(z3.Not(z3.Or(cond.t, cond.f)), z3.And(cond.t, a.err), z3.And(cond.f, b.err))
             return V(a.type, term=z3.If(cond.t, a.term, b.term), err=err)
@@ -582,35 +695,52 @@ class Encoder:
             raise Unsupported(f"a comparison of {a.type}s")
         x, y = a.term, b.term
         if a.type == "string" and op in ("<", "<=", ">", ">="):
-            value = {"<": z3.StrLT(x, y) if hasattr(z3, "StrLT") else x < y, "<=": x <= y, ">": y < x,
-                     ">=": y <= x}[op]
+            value = {
+                "<": z3.StrLT(x, y) if hasattr(z3, "StrLT") else x < y,
+                "<=": x <= y,
+                ">": y < x,
+                ">=": y <= x,
+            }[op]
         else:
             value = {"==": x == y, "!=": x != y, "<": x < y, "<=": x <= y, ">": x > y, ">=": x >= y}[op]
         return vbool(z3.And(z3.Not(err), value), z3.And(z3.Not(err), z3.Not(value)))
 
     def member_of(self, a: V, b: V) -> V:
-        if a.type == "enum" and b.type == "list" and b.elem == "string" and all(
-                z3.is_string_value(e) for _g, elems in b.alts or [] for e in elems):
+        if (
+            a.type == "enum"
+            and b.type == "list"
+            and b.elem == "string"
+            and all(z3.is_string_value(e) for _g, elems in b.alts or [] for e in elems)
+        ):
             parts = []
             for guard, elems in b.alts or []:
                 found = {pystr(e) for e in elems}
-                parts.append(z3.And(guard, z3.Or([a.term == i for i, v in enumerate(a.values) if v in found]
-                                                 or [FALSE])))
+                parts.append(
+                    z3.And(
+                        guard, z3.Or([a.term == i for i, v in enumerate(a.values) if v in found] or [FALSE])
+                    )
+                )
             value = z3.And(z3.Not(b.err), z3.Or(parts))
             return vbool(value, z3.And(z3.Not(b.err), z3.Not(z3.Or(parts))))
         a = as_string(a)
         if b.type == "list":
             if a.type != b.elem:
                 raise Unsupported(f"'in' of a {a.type} in a list of {b.elem}")
-            value = z3.Or([z3.And(guard, z3.Or([a.term == e for e in elems]) if elems else FALSE)
-                           for guard, elems in b.alts or []])
+            value = z3.Or(
+                [
+                    z3.And(guard, z3.Or([a.term == e for e in elems]) if elems else FALSE)
+                    for guard, elems in b.alts or []
+                ]
+            )
             err = z3.Or(a.err, b.err)
             return vbool(z3.And(z3.Not(err), value), z3.And(z3.Not(err), z3.Not(value)))
         if b.type in ("headers", "payload") and a.type == "string":
             item = z3.simplify(a.term)
             if not z3.is_string_value(item):
                 raise Unsupported(f"'in' {b.type} with a computed item")
-            present = self.ev.header(pystr(item))[0] if b.type == "headers" else self.ev.in_payload(pystr(item))
+            present = (
+                self.ev.header(pystr(item))[0] if b.type == "headers" else self.ev.in_payload(pystr(item))
+            )
             return vbool(z3.And(z3.Not(a.err), present), z3.And(z3.Not(a.err), z3.Not(present)))
         raise Unsupported(f"'in' a {b.type}")
 
@@ -651,9 +781,13 @@ class Encoder:
             return V("enum", term=ev.kind, values=EVENT_KINDS)
         if name == "protocol":
             return V("enum", term=ev.protocol, values=PROTOCOLS)
-        simple = {"body": ("string", ev.body),
-                  "subject": ("string", ev.subject), "type": ("string", ev.type), "size": ("int", ev.size),
-                  "time": ("timestamp", ev.time)}
+        simple = {
+            "body": ("string", ev.body),
+            "subject": ("string", ev.subject),
+            "type": ("string", ev.type),
+            "size": ("int", ev.size),
+            "time": ("timestamp", ev.time),
+        }
         if name in simple:
             t, term = simple[name]
             return V(t, term=term)
@@ -704,14 +838,20 @@ class Encoder:
         alts: dict[tuple[str, ...], list[Any]] = {}
         for guard, data in self.ctx.entries(party):
             alts.setdefault(tuple(data["groups"]), []).append(guard)
-        return V("list", alts=[(z3.Or(guards), tuple(zstr(g) for g in groups)) for groups, guards in alts.items()],
-                 elem="string")
+        return V(
+            "list",
+            alts=[(z3.Or(guards), tuple(zstr(g) for g in groups)) for groups, guards in alts.items()],
+            elem="string",
+        )
 
     def e_member_index(self, node: lark.Tree, scope: dict[str, V]) -> V:
         target = self.encode(node.children[0], scope)
         index = unwrap(node.children[1])
-        if target.type == "headers" and not free_reads(index, self.lists, frozenset(scope)) \
-                and not self._uses(index, scope):
+        if (
+            target.type == "headers"
+            and not free_reads(index, self.lists, frozenset(scope))
+            and not self._uses(index, scope)
+        ):
             key = self.constant(index)
             if key.type != "string":
                 raise Unsupported("a header index that is not a string")
@@ -769,8 +909,9 @@ class Encoder:
                     # which): a superset of the real local times (policyplug.analysis.zones)
                     offset = self.ev.zone_offset(zone, offsets)
                     local = local + offset * 1_000_000
-                    self.reasons.append(f"{name}() in {zone}: modelled over the zone's UTC offsets, "
-                                        "not its calendar")
+                    self.reasons.append(
+                        f"{name}() in {zone}: modelled over the zone's UTC offsets, not its calendar"
+                    )
             return V("int", term=TIME_PARTS[name](local), err=target.err)
         if name in ("startsWith", "endsWith", "contains", "matches"):
             return self.method(name, target, args, scope)
@@ -801,9 +942,12 @@ class Encoder:
                 self.ev.constraints.append(z3.Implies(value, bound))
                 from .regex import regex_core
 
-                self.ev.nice_groups.insert(0, [z3.Implies(value, z3.InRe(target.term, regex_core(pystr(pattern))))])
-                self.reasons.append(f"regular expression {pystr(pattern)!r}: word boundaries modelled by an "
-                                    "upper bound")
+                self.ev.nice_groups.insert(
+                    0, [z3.Implies(value, z3.InRe(target.term, regex_core(pystr(pattern))))]
+                )
+                self.reasons.append(
+                    f"regular expression {pystr(pattern)!r}: word boundaries modelled by an upper bound"
+                )
             err = z3.Or(target.err, arg.err, failed)
             return vbool(z3.And(z3.Not(err), value), z3.And(z3.Not(err), z3.Not(value)))
         elif _constant_string(arg) is not None:
@@ -811,8 +955,11 @@ class Encoder:
             # (with `matches`) far better than of str.contains / str.prefixof
             text = zstr(_constant_string(arg))  # type: ignore[arg-type]
             anything = z3.Star(z3.AllChar(z3.ReSort(z3.StringSort())))
-            parts = {"startsWith": [z3.Re(text), anything], "endsWith": [anything, z3.Re(text)],
-                     "contains": [anything, z3.Re(text), anything]}[name]
+            parts = {
+                "startsWith": [z3.Re(text), anything],
+                "endsWith": [anything, z3.Re(text)],
+                "contains": [anything, z3.Re(text), anything],
+            }[name]
             value = z3.InRe(target.term, z3.Concat(*parts))
         elif name == "startsWith":
             value = z3.PrefixOf(arg.term, target.term)
@@ -836,7 +983,9 @@ class Encoder:
             raise Unsupported(f"{name}() over a {target.type}")
         t_parts, f_parts = [], []
         for guard, elems in target.alts or []:
-            results = [self.boolean(args[1], {**scope, var_name: V(target.elem or "string", term=e)}) for e in elems]
+            results = [
+                self.boolean(args[1], {**scope, var_name: V(target.elem or "string", term=e)}) for e in elems
+            ]
             if name == "exists":
                 t = z3.Or([r.t for r in results]) if results else FALSE
                 f = z3.And([r.f for r in results]) if results else TRUE

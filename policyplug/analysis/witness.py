@@ -44,15 +44,20 @@ def _raw_address(protocol: str, user: str, domain: str, resource: str) -> str | 
     return (f"{user}@" if user else "") + domain + (f"/{resource}" if resource else "")
 
 
-def _party_raw(protocol: str, values: tuple[str, str, str, str], nice_user: str, nice_domain: str,
-               repair: bool) -> tuple[str | None, tuple[str, str, str, str], bool]:
+def _party_raw(
+    protocol: str, values: tuple[str, str, str, str], nice_user: str, nice_domain: str, repair: bool
+) -> tuple[str | None, tuple[str, str, str, str], bool]:
     """(raw address, the normalised fields it gives, repaired?): the model's values when an
     address spells them exactly, else (with `repair`) plain values in place of those that cannot."""
     address, user, domain, resource = values
     tries = [(user, domain, resource, False)]
     if repair:
-        tries += [(user, domain, "", True), (user, nice_domain, "", True), (nice_user, domain, "", True),
-                  (nice_user, nice_domain, "", True)]
+        tries += [
+            (user, domain, "", True),
+            (user, nice_domain, "", True),
+            (nice_user, domain, "", True),
+            (nice_user, nice_domain, "", True),
+        ]
     for u, d, r, repaired in tries:
         raw = _raw_address(protocol, u, d, r)
         if raw is None:
@@ -76,7 +81,12 @@ def event_json(model: z3.ModelRef, ev: SymEvent, repair: bool = False) -> Any:
     repaired = False
     for p in PARTIES:
         party = ev.parties[p]
-        values = (_s(model, party.address), _s(model, party.user), _s(model, party.domain), _s(model, party.resource))
+        values = (
+            _s(model, party.address),
+            _s(model, party.user),
+            _s(model, party.domain),
+            _s(model, party.resource),
+        )
         raw, _got, fixed = _party_raw(protocol, values, p[0], f"{p}.example", repair)
         if raw is None:
             return (None, False) if repair else None
@@ -85,11 +95,20 @@ def event_json(model: z3.ModelRef, ev: SymEvent, repair: bool = False) -> Any:
     micros = _i(model, ev.time)
     when = EPOCH + datetime.timedelta(microseconds=micros)
     data: dict[str, Any] = {
-        "kind": EVENT_KINDS[_i(model, ev.kind)], "from": raws[0], "to": raws[1], "protocol": protocol,
-        "body": _s(model, ev.body), "subject": _s(model, ev.subject), "type": _s(model, ev.type),
-        "size": _i(model, ev.size), "time": f"{when.year:04d}-{when:%m-%dT%H:%M:%S.%f}Z",
-        "client": {"ip": _s(model, ev.client_ip), "port": _i(model, ev.client_port),
-                   "secure": _b(model, ev.client_secure)},
+        "kind": EVENT_KINDS[_i(model, ev.kind)],
+        "from": raws[0],
+        "to": raws[1],
+        "protocol": protocol,
+        "body": _s(model, ev.body),
+        "subject": _s(model, ev.subject),
+        "type": _s(model, ev.type),
+        "size": _i(model, ev.size),
+        "time": f"{when.year:04d}-{when:%m-%dT%H:%M:%S.%f}Z",
+        "client": {
+            "ip": _s(model, ev.client_ip),
+            "port": _i(model, ev.client_port),
+            "secure": _b(model, ev.client_secure),
+        },
         "headers": {k: _s(model, value) for k, (present, value) in ev.headers.items() if _b(model, present)},
         "payload": [item for item, present in ev.payload.items() if _b(model, present)],
     }
@@ -121,15 +140,25 @@ def decide(policy: Policy, data: dict[str, Any], repeat: int = 1) -> Decided:
         explained = policy.decide(Event.from_json(data), explain=True, limiter=limiter)
     assert decision is not None and explained is not None
     if _key(decision) != _key(explained):
-        raise AnalysisBug(f"the engine decides {data} as {decision.to_json()} but explains it as "
-                          f"{explained.to_json()}")
+        raise AnalysisBug(
+            f"the engine decides {data} as {decision.to_json()} but explains it as {explained.to_json()}"
+        )
     matched = [step.rule for step in explained.trace or [] if step.matched]
     return Decided(decision, matched)
 
 
 def _key(decision: Decision) -> tuple[Any, ...]:
-    return (decision.decision, decision.rule, decision.reason, decision.redirect_to, decision.route_via,
-            frozenset(decision.copy_to), frozenset(decision.disclaimers), frozenset(decision.tags), decision.audit)
+    return (
+        decision.decision,
+        decision.rule,
+        decision.reason,
+        decision.redirect_to,
+        decision.route_via,
+        frozenset(decision.copy_to),
+        frozenset(decision.disclaimers),
+        frozenset(decision.tags),
+        decision.audit,
+    )
 
 
 def outcome_key(decision: Decision) -> tuple[Any, ...]:
@@ -159,9 +188,18 @@ def without_rule(policy: Policy, index: int) -> Policy:
 
     from ..runtime import Obligations
 
-    return replace(policy, rules=[r for r in policy.rules if r.index != index], limiter=MemoryLimiter(),
-                   _candidates={}, _index=None, _parties={}, _signatures={}, _selection={}, _numbers=count(),
-                   _no_obligations=Obligations())
+    return replace(
+        policy,
+        rules=[r for r in policy.rules if r.index != index],
+        limiter=MemoryLimiter(),
+        _candidates={},
+        _index=None,
+        _parties={},
+        _signatures={},
+        _selection={},
+        _numbers=count(),
+        _no_obligations=Obligations(),
+    )
 
 
 def outcome_only(decision: Decision) -> tuple[Any, ...]:

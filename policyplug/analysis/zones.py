@@ -50,7 +50,7 @@ def _posix_offsets(footer: str) -> set[int] | None:
         return value if m.group(1) == "-" else -value  # POSIX offsets are west-positive
 
     std = seconds(matches[0])
-    rest = spec[matches[0].end():]
+    rest = spec[matches[0].end() :]
     if not rest:
         return {std}
     dst_match = _POSIX_OFFSET.match(rest)
@@ -90,7 +90,7 @@ def _parse_tzif(data: bytes) -> tuple[set[int], str]:
     version = data[4:5]
 
     def counts(at: int) -> tuple[int, ...]:
-        return struct.unpack(">6l", data[at + 20:at + 44])
+        return struct.unpack(">6l", data[at + 20 : at + 44])
 
     isut, isstd, leap, times, types, chars = counts(0)
     at = 44
@@ -101,10 +101,10 @@ def _parse_tzif(data: bytes) -> tuple[set[int], str]:
         at += 44
         time_size = 8
     at += times * time_size + times
-    offsets = {struct.unpack(">l", data[at + 6 * i:at + 6 * i + 4])[0] for i in range(types)}
+    offsets = {struct.unpack(">l", data[at + 6 * i : at + 6 * i + 4])[0] for i in range(types)}
     at += types * 6 + chars + leap * (time_size + 4) + isstd + isut
     footer = ""
-    if version >= b"2" and data[at:at + 1] == b"\n":
+    if version >= b"2" and data[at : at + 1] == b"\n":
         end = data.index(b"\n", at + 1)
-        footer = data[at + 1:end].decode("ascii")
+        footer = data[at + 1 : end].decode("ascii")
     return offsets, footer

@@ -33,7 +33,7 @@ def _key(args: argparse.Namespace) -> bytes | None:
         return None
     text = args.key
     if not text.startswith("ppseal") and Path(text).is_file():  # the key kept in a file
-        from .verify import open_regular
+        from .files import open_regular
 
         with open(open_regular(Path(text)), "rb") as file:  # a FIFO or device refused, a big file cut
             text = file.read(4096).decode("utf-8", "replace")

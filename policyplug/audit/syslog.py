@@ -98,7 +98,7 @@ def read_heads(path: str | Path) -> list[dict[str, Any]]:
     """The heads a collector wrote to a file, one message a line in any layout that keeps the message
     (rsyslog's default, RFC 5424 or `%msg%`): the JSON object of each line that has one (after our
     MSGID where the line shows it), with `log`, `seq` and `hash`."""
-    from .verify import bounded_lines, open_regular
+    from .files import bounded_lines, open_regular
 
     heads = []
     # a collector's file is not trusted to be sane: a FIFO or device is refused, a line over 64 KiB skipped

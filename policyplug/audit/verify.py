@@ -15,16 +15,14 @@ the next one, its MAC over the chain head before it. With the chain heads a coll
 
 from __future__ import annotations
 
-import os
 import re
-import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from .files import MAX_RECORD_LINE, bounded_lines, open_regular
 from .record import GENESIS, record_hash
 from .seal import advance, key_id, seal_mac
 
@@ -163,38 +161,6 @@ MAX_SEAL_INDEX = 1 << 32  # far beyond any real log (one seal a second for 136 y
 # The first seal of a --partial chain may be far along the key schedule; walking there costs ~10 µs a
 # step on a slow machine, so 4M steps (~8 years of 60 s intervals) is where it stops being an answer.
 MAX_KEY_WALK = 1 << 22
-# A record is one event of at most 1 MiB of request (the socket's limit) with its decision; JSON escapes can
-# make it six times longer. A longer line is not a record, and reading it whole would take any amount of
-# memory (a log replaced by a huge file without newlines).
-MAX_RECORD_LINE = 64 << 20
-
-
-def open_regular(path: Path) -> int:
-    """A read-only descriptor of `path`, refused unless it is a regular file: a FIFO would block the
-    reader until someone writes, a device such as /dev/zero never ends. O_NONBLOCK makes the open of a
-    FIFO return at once, and fstat judges what was opened (no race with a rename)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket)")
-    os.set_blocking(fd, True)
-    return fd
-
-
-def bounded_lines(fd: int, limit: int) -> Iterator[bytes | None]:
-    """The lines of an open file, each with its newline; None for a line longer than `limit` (its
-    bytes are skipped, never held whole)."""
-    with os.fdopen(fd, "rb") as file:
-        while True:
-            line = file.readline(limit + 1)
-            if not line:
-                return
-            if len(line) > limit and not line.endswith(b"\n"):
-                while line and not line.endswith(b"\n"):
-                    line = file.readline(1 << 20)
-                yield None
-                continue
-            yield line
 
 
 def _check_chain(

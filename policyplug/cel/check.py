@@ -25,19 +25,76 @@ from .reference import _env
 
 # What a condition can see (docs/language.md, "What a condition can see"), from the event schema.
 EVENT_VARIABLES = tuple(VARIABLES)
-FUNCTIONS = ("has", "size", "int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration", "type",
-             "dyn", "matches", "contains", "startsWith", "endsWith")
-METHODS = ("contains", "startsWith", "endsWith", "matches", "lowerAscii", "upperAscii", "size", "exists", "all",
-           "exists_one", "map", "filter", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
-           "getDayOfWeek", "getDayOfMonth", "getDayOfYear", "getMonth", "getFullYear", "getDate")
+FUNCTIONS = (
+    "has",
+    "size",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bytes",
+    "bool",
+    "timestamp",
+    "duration",
+    "type",
+    "dyn",
+    "matches",
+    "contains",
+    "startsWith",
+    "endsWith",
+)
+METHODS = (
+    "contains",
+    "startsWith",
+    "endsWith",
+    "matches",
+    "lowerAscii",
+    "upperAscii",
+    "size",
+    "exists",
+    "all",
+    "exists_one",
+    "map",
+    "filter",
+    "getHours",
+    "getMinutes",
+    "getSeconds",
+    "getMilliseconds",
+    "getDayOfWeek",
+    "getDayOfMonth",
+    "getDayOfYear",
+    "getMonth",
+    "getFullYear",
+    "getDate",
+)
 MACROS = ("exists", "all", "exists_one", "map", "filter")
 # CEL's type denotations (`type(x) == string`); `type` itself names the event's type field here
 TYPE_NAMES = ("int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type")
 # Words a CEL identifier cannot be (cel-spec: the literals, `in`, and the reserved words): a list or
 # define so named would never be read by a condition, which would see the literal or a syntax error
-CEL_RESERVED_WORDS = ("true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
-                      "function", "if", "import", "let", "loop", "package", "namespace", "return", "var",
-                      "void", "while")
+CEL_RESERVED_WORDS = (
+    "true",
+    "false",
+    "null",
+    "in",
+    "as",
+    "break",
+    "const",
+    "continue",
+    "else",
+    "for",
+    "function",
+    "if",
+    "import",
+    "let",
+    "loop",
+    "package",
+    "namespace",
+    "return",
+    "var",
+    "void",
+    "while",
+)
 MAX_CEL_LENGTH = 64 * 1024
 # a string literal with no escapes, prefixes or triple quotes: its value is its inside
 SIMPLE_STRING = re.compile(r'"[^"\\\n\r]*"|\'[^\'\\\n\r]*\'')
@@ -79,10 +136,17 @@ def parse_expression(expr: Expression, sink: DiagnosticSink) -> lark.Tree | None
         detail = exc.args[1] if len(exc.args) > 1 else None
         if isinstance(detail, lark.exceptions.UnexpectedToken):
             token = str(detail.token)
-            message = f"CEL syntax error: unexpected '{token}'" if detail.token.type != "$END" \
+            message = (
+                f"CEL syntax error: unexpected '{token}'"
+                if detail.token.type != "$END"
                 else "CEL syntax error: the expression ends too early"
+            )
         elif isinstance(detail, lark.exceptions.UnexpectedCharacters):
-            token = expr.text[detail.pos_in_stream:detail.pos_in_stream + 1] if detail.pos_in_stream is not None else ""
+            token = (
+                expr.text[detail.pos_in_stream : detail.pos_in_stream + 1]
+                if detail.pos_in_stream is not None
+                else ""
+            )
             message = f"CEL syntax error: unexpected character '{token}'"
         else:
             message = "CEL syntax error: the expression is incomplete"
@@ -143,9 +207,16 @@ def _ident_name(tree: lark.Tree) -> str | None:
 class NameChecker:
     """Checks names in one expression and inlines defines (returns a new tree)."""
 
-    def __init__(self, expr: Expression, sink: DiagnosticSink, *, lists: Mapping[str, object],
-                 defines: Mapping[str, lark.Tree], later_defines: Mapping[str, object] | None = None,
-                 define_reads: Mapping[str, set[str]] | None = None):
+    def __init__(
+        self,
+        expr: Expression,
+        sink: DiagnosticSink,
+        *,
+        lists: Mapping[str, object],
+        defines: Mapping[str, lark.Tree],
+        later_defines: Mapping[str, object] | None = None,
+        define_reads: Mapping[str, set[str]] | None = None,
+    ):
         self.expr = expr
         self.define_reads = define_reads or {}
         self.sink = sink
@@ -173,25 +244,36 @@ class NameChecker:
             return
         regex = compile_regex(pattern)
         if isinstance(regex, re2.error):
-            reason = regex.args[0].decode("utf-8", "replace") if regex.args and isinstance(regex.args[0], bytes) \
+            reason = (
+                regex.args[0].decode("utf-8", "replace")
+                if regex.args and isinstance(regex.args[0], bytes)
                 else str(regex)
-            self.sink.warning(_file_location(self.expr, token.line, token.column, len(str(token))),
-                              f"RE2 rejects this pattern ({reason}): the condition raises 'match error' "
-                              "at every evaluation, so its rule never matches")
+            )
+            self.sink.warning(
+                _file_location(self.expr, token.line, token.column, len(str(token))),
+                f"RE2 rejects this pattern ({reason}): the condition raises 'match error' "
+                "at every evaluation, so its rule never matches",
+            )
 
     def _visit(self, tree: lark.Tree, bound: frozenset[str]) -> lark.Tree:
         data = _name(tree.data, tree.data)
         if data not in _CHECKED:
             return self._children(tree, bound)
-        if data == "primary" and len(tree.children) == 1 and isinstance(tree.children[0], lark.Tree) \
-                and rule_name(tree.children[0].data) == "ident":
+        if (
+            data == "primary"
+            and len(tree.children) == 1
+            and isinstance(tree.children[0], lark.Tree)
+            and rule_name(tree.children[0].data) == "ident"
+        ):
             token = tree.children[0].children[0]
             name = str(token)
             if name in bound:
                 return tree
             if name in self.defines:
                 self.names_used |= self.define_reads.get(name, set())
-                return lark.Tree("primary", [lark.Tree("paren_expr", [self.defines[name]], tree.meta)], tree.meta)
+                return lark.Tree(
+                    "primary", [lark.Tree("paren_expr", [self.defines[name]], tree.meta)], tree.meta
+                )
             if name in EVENT_VARIABLES or name in self.lists:
                 self.names_used.add(name)
                 return tree
@@ -214,15 +296,22 @@ class NameChecker:
             target, token = tree.children[0], tree.children[1]
             base = _ident_name(target)
             if base in FIELDS_OF and base not in bound and str(token) not in FIELDS_OF[base]:
-                self._error(token, f"'{base}' has no field '{token}'{did_you_mean(str(token), FIELDS_OF[base])}"
-                                   f" (fields: {', '.join(FIELDS_OF[base])})")
+                self._error(
+                    token,
+                    f"'{base}' has no field '{token}'{did_you_mean(str(token), FIELDS_OF[base])}"
+                    f" (fields: {', '.join(FIELDS_OF[base])})",
+                )
         if data == "member_dot_arg":
             token = tree.children[1]
             method = str(token)
             if method not in METHODS:
                 self._error(token, f"unknown method '{method}'{did_you_mean(method, METHODS)}")
-            elif method == "matches" and len(tree.children) > 2 and isinstance(tree.children[2], lark.Tree) \
-                    and len(tree.children[2].children) == 1:
+            elif (
+                method == "matches"
+                and len(tree.children) > 2
+                and isinstance(tree.children[2], lark.Tree)
+                and len(tree.children[2].children) == 1
+            ):
                 self._check_pattern(tree.children[2].children[0])
             elif method in MACROS and len(tree.children) > 2 and isinstance(tree.children[2], lark.Tree):
                 args = tree.children[2].children
@@ -230,10 +319,15 @@ class NameChecker:
                 if variable is None:
                     self._error(token, f"'{method}' needs a variable name as its first argument")
                     return tree
-                new_children = [self._visit(tree.children[0], bound), token,
-                                lark.Tree(tree.children[2].data,
-                                          [args[0]] + [self._visit(a, bound | {variable}) for a in args[1:]],
-                                          tree.children[2].meta)]
+                new_children = [
+                    self._visit(tree.children[0], bound),
+                    token,
+                    lark.Tree(
+                        tree.children[2].data,
+                        [args[0]] + [self._visit(a, bound | {variable}) for a in args[1:]],
+                        tree.children[2].meta,
+                    ),
+                ]
                 return lark.Tree(tree.data, new_children, tree.meta)
         return self._children(tree, bound)
 
@@ -252,10 +346,16 @@ class NameChecker:
         return lark.Tree(tree.data, new_children, tree.meta)
 
 
-def check_expression(expr: Expression, sink: DiagnosticSink, *, lists: Mapping[str, object],
-                     defines: Mapping[str, lark.Tree], later_defines: Mapping[str, object] | None = None,
-                     define_reads: Mapping[str, set[str]] | None = None,
-                     parsed: dict[str, lark.Tree] | None = None) -> tuple[lark.Tree | None, set[str]]:
+def check_expression(
+    expr: Expression,
+    sink: DiagnosticSink,
+    *,
+    lists: Mapping[str, object],
+    defines: Mapping[str, lark.Tree],
+    later_defines: Mapping[str, object] | None = None,
+    define_reads: Mapping[str, set[str]] | None = None,
+    parsed: dict[str, lark.Tree] | None = None,
+) -> tuple[lark.Tree | None, set[str]]:
     """Parse, check and inline one expression; (None, names) when it has errors.
 
     `parsed` caches parse trees by expression text (one load's conditions repeat themselves;
@@ -268,8 +368,9 @@ def check_expression(expr: Expression, sink: DiagnosticSink, *, lists: Mapping[s
         if parsed is not None:
             parsed[expr.text] = tree
     before = len(sink.diagnostics)
-    checker = NameChecker(expr, sink, lists=lists, defines=defines, later_defines=later_defines,
-                          define_reads=define_reads)
+    checker = NameChecker(
+        expr, sink, lists=lists, defines=defines, later_defines=later_defines, define_reads=define_reads
+    )
     try:
         checked = checker.check(tree)
     except RecursionError:

@@ -45,27 +45,80 @@ MACROS = ("exists", "all", "exists_one", "map", "filter")
 UNSUPPORTED_MACROS = ("reduce", "min")  # cel-python extensions
 # frozensets, not tuples: node.data is a lark Token, and `in tuple` calls Token.__eq__ per item
 # (measured: a quarter of the load time of a 2,000-rule policy)
-PASSTHROUGH = frozenset(("expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication",
-                         "unary", "member", "primary", "paren_expr"))
-FOLDABLE = frozenset(("expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
-                      "member", "primary", "member_dot", "member_dot_arg", "member_index", "literal"))
-RESULT_TYPES = {"int": "int", "uint": "uint", "double": "double", "string": "string", "bool": "bool",
-                "bytes": "bytes", "timestamp": "timestamp", "duration": "duration", "size": "int",
-                "matches": "bool", "contains": "bool", "startsWith": "bool", "endsWith": "bool",
-                "lowerAscii": "string", "upperAscii": "string"}
+PASSTHROUGH = frozenset(
+    (
+        "expr",
+        "conditionalor",
+        "conditionaland",
+        "relation",
+        "addition",
+        "multiplication",
+        "unary",
+        "member",
+        "primary",
+        "paren_expr",
+    )
+)
+FOLDABLE = frozenset(
+    (
+        "expr",
+        "conditionalor",
+        "conditionaland",
+        "relation",
+        "addition",
+        "multiplication",
+        "unary",
+        "member",
+        "primary",
+        "member_dot",
+        "member_dot_arg",
+        "member_index",
+        "literal",
+    )
+)
+RESULT_TYPES = {
+    "int": "int",
+    "uint": "uint",
+    "double": "double",
+    "string": "string",
+    "bool": "bool",
+    "bytes": "bytes",
+    "timestamp": "timestamp",
+    "duration": "duration",
+    "size": "int",
+    "matches": "bool",
+    "contains": "bool",
+    "startsWith": "bool",
+    "endsWith": "bool",
+    "lowerAscii": "string",
+    "upperAscii": "string",
+}
 TIME_METHODS = {
-    "getHours": "{}.hour", "getMinutes": "{}.minute", "getSeconds": "{}.second",
-    "getMilliseconds": "({}.microsecond // 1000)", "getFullYear": "{}.year", "getMonth": "({}.month - 1)",
-    "getDate": "{}.day", "getDayOfMonth": "({}.day - 1)", "getDayOfWeek": "({}.isoweekday() % 7)",
+    "getHours": "{}.hour",
+    "getMinutes": "{}.minute",
+    "getSeconds": "{}.second",
+    "getMilliseconds": "({}.microsecond // 1000)",
+    "getFullYear": "{}.year",
+    "getMonth": "({}.month - 1)",
+    "getDate": "{}.day",
+    "getDayOfMonth": "({}.day - 1)",
+    "getDayOfWeek": "({}.isoweekday() % 7)",
     "getDayOfYear": "_day_of_year({})",
 }
-REL_OPS = {"relation_lt": ("_<_", "<"), "relation_le": ("_<=_", "<="), "relation_gt": ("_>_", ">"),
-           "relation_ge": ("_>=_", ">="), "relation_eq": ("_==_", "=="), "relation_ne": ("_!=_", "!="),
-           "relation_in": ("_in_", "in")}
+REL_OPS = {
+    "relation_lt": ("_<_", "<"),
+    "relation_le": ("_<=_", "<="),
+    "relation_gt": ("_>_", ">"),
+    "relation_ge": ("_>=_", ">="),
+    "relation_eq": ("_==_", "=="),
+    "relation_ne": ("_!=_", "!="),
+    "relation_in": ("_in_", "in"),
+}
 # Nodes whose own errors cel-python creates with `tree=node` (see runtime.Err.bad_repr).
 NOT_CONSTANT = frozenset(("ident", "dot_ident", "dot_ident_arg", "member_object"))
-TREE_ERROR_NODES = frozenset(("relation", "addition", "multiplication", "unary", "member_dot", "member_index",
-                              "map_lit"))
+TREE_ERROR_NODES = frozenset(
+    ("relation", "addition", "multiplication", "unary", "member_dot", "member_index", "map_lit")
+)
 ORDERED_SAME = (("int",), ("uint",), STRINGS, DOUBLES, ("timestamp",), ("bool",))
 EQ_SAME = ORDERED_SAME + (("null",),)
 
@@ -79,8 +132,8 @@ class Unsupported(Exception):  # noqa: N818
 
 @dataclass
 class CompiledExpression:
-    evaluate: Callable[[Mapping[str, Any]], Any]   # raises CelEvaluationError on CEL errors
-    fallback: bool            # True when this expression is run by the reference interpreter
+    evaluate: Callable[[Mapping[str, Any]], Any]  # raises CelEvaluationError on CEL errors
+    fallback: bool  # True when this expression is run by the reference interpreter
     fallback_reason: str | None
     python_source: str | None  # generated source, for debugging/--explain-compile
 
@@ -89,12 +142,13 @@ class CompiledExpression:
 class PyExpr:
     """The Python expression text generated for one CEL sub-expression, with what the generator
     knows about it: its static type, how it can fail, whether it is a constant."""
+
     code: str
     type: Type = "dyn"
-    err: bool = True        # evaluating it may raise functions.Err (an absorbable CEL error)
-    fatal: bool = False     # ... may raise Raised / PyErr / Defer (never absorbed)
-    atomic: bool = False    # a name or literal: evaluating it twice costs nothing and cannot fail
-    value: Any = None       # the value, for constants
+    err: bool = True  # evaluating it may raise functions.Err (an absorbable CEL error)
+    fatal: bool = False  # ... may raise Raised / PyErr / Defer (never absorbed)
+    atomic: bool = False  # a name or literal: evaluating it twice costs nothing and cannot fail
+    value: Any = None  # the value, for constants
     const: bool = False
     holds_err: bool = False  # code may evaluate to a functions.Err instance (a captured error)
 
@@ -105,15 +159,29 @@ def _same(a: Type, b: Type, groups: tuple[tuple[str, ...], ...]) -> bool:
 
 def _type_of_value(value: Any) -> Type:
     t = type(value)
-    simple = {bool: "bool", functions.Uint: "uint", int: "int", functions.RawFloat: "rawdouble", float: "double",
-              functions.RawStr: "rawstring", str: "string", bytes: "bytes", type(None): "null",
-              ct.TimestampType: "timestamp", ct.DurationType: "duration"}
+    simple = {
+        bool: "bool",
+        functions.Uint: "uint",
+        int: "int",
+        functions.RawFloat: "rawdouble",
+        float: "double",
+        functions.RawStr: "rawstring",
+        str: "string",
+        bytes: "bytes",
+        type(None): "null",
+        ct.TimestampType: "timestamp",
+        ct.DurationType: "duration",
+    }
     if t in simple:
         return simple[t]
     if t is list:
         return ("list", _common(_type_of_value(v) for v in value))
     if t is dict:
-        return ("map", _common(_type_of_value(k) for k in value), _common(_type_of_value(v) for v in value.values()))
+        return (
+            "map",
+            _common(_type_of_value(k) for k in value),
+            _common(_type_of_value(v) for v in value.values()),
+        )
     return "dyn"
 
 
@@ -160,7 +228,11 @@ def has_empty_literal(tree: Any) -> bool:
 
 
 def _unwrap(node: lark.Tree) -> lark.Tree:
-    while rule_name(node.data) in PASSTHROUGH and len(node.children) == 1 and isinstance(node.children[0], lark.Tree):
+    while (
+        rule_name(node.data) in PASSTHROUGH
+        and len(node.children) == 1
+        and isinstance(node.children[0], lark.Tree)
+    ):
         node = node.children[0]
     return node
 
@@ -170,7 +242,11 @@ def _unwrap(node: lark.Tree) -> lark.Tree:
 # parts a policy derives from it: sender and recipient (dicts) and direction. The values are the
 # same objects either way (Policy.activation builds the dict from exactly these).
 ACT_ACCESS = {name: f"_act[{name!r}]" for name in EVENT_SCHEMA}
-EVENT_ACCESS = {name: f"_ev.{name}" for name in EVENT_SCHEMA} | {"sender": "_s", "recipient": "_r", "direction": "_d"}
+EVENT_ACCESS = {name: f"_ev.{name}" for name in EVENT_SCHEMA} | {
+    "sender": "_s",
+    "recipient": "_r",
+    "direction": "_d",
+}
 MATCHER_ARGS = "_ev, _s, _r, _d"
 
 
@@ -225,7 +301,11 @@ class CodeGenerator:
 
     def literal(self, value: Any) -> PyExpr:
         t = type(value)
-        if t in (bool, int, str) or value is None or (t is float and value == value and abs(value) != float("inf")):
+        if (
+            t in (bool, int, str)
+            or value is None
+            or (t is float and value == value and abs(value) != float("inf"))
+        ):
             code = repr(value)
         else:
             code = self.bind_global(value)
@@ -238,7 +318,9 @@ class CodeGenerator:
         self.emit(f"{name} = {ex.code}")
         return replace(ex, code=name, atomic=True)
 
-    def fail(self, kind: str, message: str, cls: type[BaseException] | None = None, bad: bool = False) -> PyExpr:
+    def fail(
+        self, kind: str, message: str, cls: type[BaseException] | None = None, bad: bool = False
+    ) -> PyExpr:
         if kind == "err":
             return PyExpr(f"_fail_err({message!r}, {bad})", "dyn", err=True)
         if kind == "raised":
@@ -296,17 +378,23 @@ class CodeGenerator:
         if self.const_depth.get(id(node), 0) > FOLD_HEIGHT:
             return None
         if self._folder_activation is None:
-            self._folder_activation = _env().program(node, functions=functions.EXTRA_FUNCTIONS).new_activation()
+            self._folder_activation = (
+                _env().program(node, functions=functions.EXTRA_FUNCTIONS).new_activation()
+            )
         try:
             value = Evaluator(ast=node, activation=self._folder_activation).visit(node)
         except CELEvalError as exc:
-            return self.fail("raised", str(exc.args[0]) if exc.args else "error", bad=functions.cel_repr_fails(exc))
+            return self.fail(
+                "raised", str(exc.args[0]) if exc.args else "error", bad=functions.cel_repr_fails(exc)
+            )
         except RecursionError:
             return None
         except Exception as exc:
             return self.fail("py", f"{type(exc).__name__}: {exc}", type(exc))
         if isinstance(value, CELEvalError):
-            return self.fail("err", str(value.args[0]) if value.args else "error", bad=functions.cel_repr_fails(value))
+            return self.fail(
+                "err", str(value.args[0]) if value.args else "error", bad=functions.cel_repr_fails(value)
+            )
         try:
             plain = functions.from_cel(value)
         except functions.Defer:
@@ -325,7 +413,7 @@ class CodeGenerator:
             with self.sub() as buf:
                 ex = self.compile(node, scope)
             parts.append((buf, ex))
-        capture = [ex.err and any(p[1].fatal for p in parts[i + 1:]) for i, (_, ex) in enumerate(parts)]
+        capture = [ex.err and any(p[1].fatal for p in parts[i + 1 :]) for i, (_, ex) in enumerate(parts)]
         out: list[PyExpr] = []
         if any(capture):
             for (buf, ex), cap in zip(parts, capture, strict=True):
@@ -436,8 +524,11 @@ class CodeGenerator:
             return ex
         a = self.materialize(replace(a, atomic=False) if a.const else a)  # no `True is False` in the source
         result = self.tmp()
-        combine = (f"({a.code} {pyop} {b.code})" if both_bool and not a.holds_err and not b.holds_err
-                   else f"{'_lor' if is_or else '_land'}({a.code}, {b.code}, {self.dump_fails(node)})")
+        combine = (
+            f"({a.code} {pyop} {b.code})"
+            if both_bool and not a.holds_err and not b.holds_err
+            else f"{'_lor' if is_or else '_land'}({a.code}, {b.code}, {self.dump_fails(node)})"
+        )
         if b.fatal:  # cel-python evaluates both sides: no short circuit past a fatal error
             self.splice(bbuf)
             self.emit(f"{result} = {combine}")
@@ -453,8 +544,14 @@ class CodeGenerator:
         # node can escape too, and a `||` or `&&` above it must not short-circuit past it. Only in
         # expressions with an empty list or map literal (maybe_bad): no cost anywhere else.
         escapes = self.maybe_bad and combine.startswith(("_lor(", "_land("))
-        ex = PyExpr(result, "bool" if both_bool else "dyn", err=False, fatal=a.fatal or b.fatal or escapes, atomic=True,
-                holds_err=holds)
+        ex = PyExpr(
+            result,
+            "bool" if both_bool else "dyn",
+            err=False,
+            fatal=a.fatal or b.fatal or escapes,
+            atomic=True,
+            holds_err=holds,
+        )
         return self.finish(ex, capture)
 
     def ternary(self, node: lark.Tree, scope: dict, capture: bool) -> PyExpr:
@@ -463,9 +560,20 @@ class CodeGenerator:
             a = self.compile(node.children[1], scope)
         with self.sub() as bbuf:
             b = self.compile(node.children[2], scope)
-        if cond.type == "bool" and not cond.holds_err and not a.fatal and not b.fatal and not abuf and not bbuf:
-            return PyExpr(f"({a.code} if {cond.code} else {b.code})", a.type if a.type == b.type else "dyn",
-                      err=a.err or b.err, fatal=cond.fatal)
+        if (
+            cond.type == "bool"
+            and not cond.holds_err
+            and not a.fatal
+            and not b.fatal
+            and not abuf
+            and not bbuf
+        ):
+            return PyExpr(
+                f"({a.code} if {cond.code} else {b.code})",
+                a.type if a.type == b.type else "dyn",
+                err=a.err or b.err,
+                fatal=cond.fatal,
+            )
         cond = self.materialize(cond)
         result = self.tmp()
         for branch, buf, ex in (("if", abuf, a), ("else", bbuf, b)):
@@ -483,8 +591,14 @@ class CodeGenerator:
                 self.emit(f"{result} = _pyerr_to_err(_e)", 2)
         if not (cond.type == "bool" and not cond.holds_err):
             self.emit(f"if type({cond.code}) is not bool: {result} = _ternary_err({self.dump_fails(node)})")
-        out = PyExpr(result, a.type if a.type == b.type else "dyn", err=False, fatal=cond.fatal or a.fatal or b.fatal,
-                 atomic=True, holds_err=True)
+        out = PyExpr(
+            result,
+            a.type if a.type == b.type else "dyn",
+            err=False,
+            fatal=cond.fatal or a.fatal or b.fatal,
+            atomic=True,
+            holds_err=True,
+        )
         return self.finish(out, capture)
 
     # ------------------------------------------------------------ operators
@@ -498,10 +612,16 @@ class CodeGenerator:
         left_type, right_type = left.type, right_ex.type
         if name == "_in_":
             if left_type in STRINGS:
-                if right_ex.const and isinstance(right_ex.value, list) and all(type(v) is str for v in right_ex.value):
+                if (
+                    right_ex.const
+                    and isinstance(right_ex.value, list)
+                    and all(type(v) is str for v in right_ex.value)
+                ):
                     members = self.bind_global(frozenset(right_ex.value), "_set")
                     return PyExpr(f"({left.code} in {members})", "bool", err=err, fatal=fatal)
-                if right_type == ("list", "string") or (isinstance(right_type, tuple) and right_type[0] == "map" and right_type[1] == "string"):
+                if right_type == ("list", "string") or (
+                    isinstance(right_type, tuple) and right_type[0] == "map" and right_type[1] == "string"
+                ):
                     return PyExpr(f"({left.code} in {right_ex.code})", "bool", err=err, fatal=fatal)
             return PyExpr(f"_g_in({left.code}, {right_ex.code})", "bool", err=True, fatal=True)
         groups = EQ_SAME if name in ("_==_", "_!=_") else ORDERED_SAME
@@ -524,7 +644,9 @@ class CodeGenerator:
 
     def c_multiplication(self, node: lark.Tree, scope: dict) -> PyExpr:
         op_node, right = node.children
-        op = {"multiplication_mul": "mul", "multiplication_div": "div", "multiplication_mod": "mod"}[rule_name(op_node.data)]
+        op = {"multiplication_mul": "mul", "multiplication_div": "div", "multiplication_mod": "mod"}[
+            rule_name(op_node.data)
+        ]
         a, b = self.operands([op_node.children[0], right], scope)
         fatal = a.fatal or b.fatal
         if a.type == b.type == "int":
@@ -573,8 +695,12 @@ class CodeGenerator:
     def c_list_lit(self, node: lark.Tree, scope: dict) -> PyExpr:
         items = self.operands(list(node.children[0].children), scope) if node.children else []
         elem = _common(i.type for i in items) if items else "dyn"
-        return PyExpr(f"[{', '.join(i.code for i in items)}]", ("list", elem), err=any(i.err for i in items),
-                  fatal=any(i.fatal for i in items))
+        return PyExpr(
+            f"[{', '.join(i.code for i in items)}]",
+            ("list", elem),
+            err=any(i.err for i in items),
+            fatal=any(i.fatal for i in items),
+        )
 
     def c_map_lit(self, node: lark.Tree, scope: dict) -> PyExpr:
         if not node.children:
@@ -673,7 +799,11 @@ class CodeGenerator:
             if isinstance(target.type, tuple) and target.type[0] in ("map", "rec") and not target.err:
                 self.splice(buf)
                 key = repr(str(inner.children[1]))
-                code = f"({key} in {target.code})" if target.type[0] == "rec" else f"_has_key({target.code}, {key})"
+                code = (
+                    f"({key} in {target.code})"
+                    if target.type[0] == "rec"
+                    else f"_has_key({target.code}, {key})"
+                )
                 return PyExpr(code, "bool", err=False, fatal=target.fatal)
         with self.sub() as buf:
             ex = self.compile(arg, scope)
@@ -706,32 +836,54 @@ class CodeGenerator:
         err = any(e.err for e in exs)
         tt = target.type
         name = name_token
-        if name in ("startsWith", "endsWith") and tt in STRINGS and len(rest) == 1 and rest[0].type in STRINGS:
+        if (
+            name in ("startsWith", "endsWith")
+            and tt in STRINGS
+            and len(rest) == 1
+            and rest[0].type in STRINGS
+        ):
             pymethod = "startswith" if name == "startsWith" else "endswith"
             return PyExpr(f"{target.code}.{pymethod}({rest[0].code})", "bool", err=err, fatal=fatal)
         if name == "contains" and tt == "string" and len(rest) == 1 and rest[0].type in STRINGS:
             return PyExpr(f"({rest[0].code} in {target.code})", "bool", err=err, fatal=fatal)
         if name == "matches" and tt in STRINGS and len(rest) == 1 and rest[0].type in STRINGS:
             if rest[0].const:
-                regex = functions.compile_regex(rest[0].value)  # constant pattern: compiled (or rejected) at load time
+                regex = functions.compile_regex(
+                    rest[0].value
+                )  # constant pattern: compiled (or rejected) at load time
                 if isinstance(regex, re2.error):
                     return PyExpr(f"_bad_regex_for({target.code})", "bool", fatal=fatal)
-                return PyExpr(f"{self.bind_global(functions.regex_tester(regex), '_re')}({target.code})", "bool", err=err, fatal=fatal)
+                return PyExpr(
+                    f"{self.bind_global(functions.regex_tester(regex), '_re')}({target.code})",
+                    "bool",
+                    err=err,
+                    fatal=fatal,
+                )
             return PyExpr(f"_matches({target.code}, {rest[0].code})", "bool", fatal=fatal)
         if name in ("lowerAscii", "upperAscii") and tt in STRINGS and not rest:
-            return PyExpr(f"_{'lower' if name == 'lowerAscii' else 'upper'}_ascii({target.code})", "string",
-                      err=err, fatal=fatal)
+            return PyExpr(
+                f"_{'lower' if name == 'lowerAscii' else 'upper'}_ascii({target.code})",
+                "string",
+                err=err,
+                fatal=fatal,
+            )
         if name == "size" and not rest and self.sized(tt):
             return PyExpr(f"len({target.code})", "int", err=err, fatal=fatal)
-        if name in TIME_METHODS and tt == "timestamp" and len(rest) <= 1 and (not rest or (
-                rest[0].const and type(rest[0].value) is str)):
+        if (
+            name in TIME_METHODS
+            and tt == "timestamp"
+            and len(rest) <= 1
+            and (not rest or (rest[0].const and type(rest[0].value) is str))
+        ):
             try:
                 converter = functions.local_time_for(rest[0].value if rest else None)
             except Exception:  # noqa: BLE001 - the generic call reports the same error at run time
                 converter = None
             if converter is not None:
                 local = self.bind_global(converter, "_loc")
-                return PyExpr(TIME_METHODS[name].format(f"{local}({target.code})"), "int", err=err, fatal=fatal)
+                return PyExpr(
+                    TIME_METHODS[name].format(f"{local}({target.code})"), "int", err=err, fatal=fatal
+                )
         call = ", ".join([repr(name), target.code] + [e.code for e in rest])
         return PyExpr(f"_g_method({call})", RESULT_TYPES.get(name, "dyn"), fatal=True)
 
@@ -792,8 +944,14 @@ class CodeGenerator:
                 self.emit(f"{value} = _as_err(_e)", 2)
                 self.emit(f"{result} = {'_lor' if name == 'exists' else '_land'}({result}, {value})", 1)
                 holds = True
-            ex = PyExpr(result, "bool" if body.type == "bool" else "dyn", err=target.err, fatal=fatal or body.fatal,
-                    atomic=True, holds_err=holds)
+            ex = PyExpr(
+                result,
+                "bool" if body.type == "bool" else "dyn",
+                err=target.err,
+                fatal=fatal or body.fatal,
+                atomic=True,
+                holds_err=holds,
+            )
             ex = self.finish(ex, capture=False)
             return replace(ex, err=ex.err or target.err)
 
@@ -833,7 +991,9 @@ def generate(tree: lark.Tree, constants: Mapping[str, Any]) -> tuple[str, dict[s
     ex = gen.compile(tree, {})
     ex = gen.finish(ex, capture=False)
     result = ex.code if ex.type in _PLAIN_TYPES else f"_plain({ex.code})"
-    lines = ["def _cel(_act):"] + ["    " * level + text for level, text in gen.lines] + [f"    return {result}"]
+    lines = (
+        ["def _cel(_act):"] + ["    " * level + text for level, text in gen.lines] + [f"    return {result}"]
+    )
     return "\n".join(lines) + "\n", {**RUNTIME_NAMESPACE, **gen.globals}
 
 
@@ -867,7 +1027,9 @@ def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> Compile
     except Unsupported as exc:
         return CompiledExpression(reference, True, str(exc), None)
     except (RecursionError, SyntaxError, MemoryError) as exc:  # too deep or too big to compile
-        return CompiledExpression(reference, True, f"expression too complex to compile ({type(exc).__name__})", None)
+        return CompiledExpression(
+            reference, True, f"expression too complex to compile ({type(exc).__name__})", None
+        )
     function = namespace["_cel"]
 
     def evaluate(activation: Mapping[str, Any]) -> Any:
@@ -884,6 +1046,7 @@ def compile_expression(tree: lark.Tree, constants: Mapping[str, Any]) -> Compile
 
 # ---------------------------------------------------------------- whole policies: one matcher per rule
 
+
 @dataclass
 class CompiledRuleConditions:
     """The conditions of one rule fused into one function `matcher(event, sender, recipient, direction)`.
@@ -893,12 +1056,15 @@ class CompiledRuleConditions:
     only True and False from it: anything else makes it evaluate that rule again condition by
     condition (expressions are pure), which reports the error as the reference interpreter would. `matcher` is None
     when a condition is left to the reference interpreter (`fallbacks` says which, and why)."""
+
     matcher: Callable[..., Any] | None
     fallbacks: list[str | None]  # per condition: None when compiled, else why not
     python_source: str | None
 
 
-def _matcher_lines(gen: CodeGenerator, name: str, conditions: list[tuple[lark.Tree, bool]]) -> tuple[list[str], list[str | None]]:
+def _matcher_lines(
+    gen: CodeGenerator, name: str, conditions: list[tuple[lark.Tree, bool]]
+) -> tuple[list[str], list[str | None]]:
     """Source lines of `def name(_ev, _s, _r, _d)` for one rule's conditions, and per-condition fallbacks."""
     body: list[tuple[int, str]] = []
     reasons: list[str | None] = []
@@ -921,11 +1087,17 @@ def _matcher_lines(gen: CodeGenerator, name: str, conditions: list[tuple[lark.Tr
         body.append((1, f"if {value} is not {want}: return False if {value} is {other} else None"))
     if any(reasons):
         return [], reasons
-    lines = [f"def {name}({MATCHER_ARGS}):"] + ["    " * level + text for level, text in body] + ["    return True"]
+    lines = (
+        [f"def {name}({MATCHER_ARGS}):"]
+        + ["    " * level + text for level, text in body]
+        + ["    return True"]
+    )
     return lines, reasons
 
 
-def compile_rules(rules: list[list[tuple[lark.Tree, bool]]], constants: Mapping[str, Any]) -> list[CompiledRuleConditions]:
+def compile_rules(
+    rules: list[list[tuple[lark.Tree, bool]]], constants: Mapping[str, Any]
+) -> list[CompiledRuleConditions]:
     """Compile the conditions of every rule of a policy (in `when`, `unless` order) into one Python
     module, compiled and executed once: one matcher function per rule."""
     gen = CodeGenerator(constants, EVENT_ACCESS)
@@ -941,7 +1113,7 @@ def compile_rules(rules: list[list[tuple[lark.Tree, bool]]], constants: Mapping[
         # for 200 rules here), and the decision service loads a reload in a thread beside its event
         # loop, whose decisions would wait that long.
         for start in range(0, len(sources), RULES_PER_COMPILE):
-            chunk = sources[start:start + RULES_PER_COMPILE]
+            chunk = sources[start : start + RULES_PER_COMPILE]
             code = compile("\n".join(line for lines in chunk for line in lines) + "\n", "<policy>", "exec")
             exec(code, namespace)  # noqa: S102 - source generated above from the parse trees
         broken: set[int] = set()

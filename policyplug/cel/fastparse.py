@@ -24,15 +24,51 @@ from typing import Any
 from lark import Token, Tree
 from lark.tree import Meta
 
-_RULES = {name: Token("RULE", name) for name in (
-    "expr", "conditionalor", "conditionaland", "relation", "relation_lt", "relation_le", "relation_gt", "relation_ge",
-    "relation_eq", "relation_ne", "relation_in", "addition", "addition_add", "addition_sub", "multiplication",
-    "multiplication_mul", "multiplication_div", "multiplication_mod", "unary", "unary_not", "unary_neg", "member",
-    "member_dot", "member_dot_arg", "member_index", "primary", "ident_arg", "ident", "paren_expr", "list_lit",
-    "exprlist", "literal",
-    # produced by cel-python's parser only (this one gives up on them): named here so that
-    # RULE_NAMES knows every rule of the grammar
-    "member_object", "dot_ident_arg", "dot_ident", "map_lit", "fieldinits", "mapinits")}
+_RULES = {
+    name: Token("RULE", name)
+    for name in (
+        "expr",
+        "conditionalor",
+        "conditionaland",
+        "relation",
+        "relation_lt",
+        "relation_le",
+        "relation_gt",
+        "relation_ge",
+        "relation_eq",
+        "relation_ne",
+        "relation_in",
+        "addition",
+        "addition_add",
+        "addition_sub",
+        "multiplication",
+        "multiplication_mul",
+        "multiplication_div",
+        "multiplication_mod",
+        "unary",
+        "unary_not",
+        "unary_neg",
+        "member",
+        "member_dot",
+        "member_dot_arg",
+        "member_index",
+        "primary",
+        "ident_arg",
+        "ident",
+        "paren_expr",
+        "list_lit",
+        "exprlist",
+        "literal",
+        # produced by cel-python's parser only (this one gives up on them): named here so that
+        # RULE_NAMES knows every rule of the grammar
+        "member_object",
+        "dot_ident_arg",
+        "dot_ident",
+        "map_lit",
+        "fieldinits",
+        "mapinits",
+    )
+}
 # rule-name token -> plain str. Comparing a lark Token with a str runs Token.__eq__ in Python;
 # looking a tree's data up here hits by identity for trees built by this module (and still
 # answers, more slowly, for trees from lark or built by hand).
@@ -45,23 +81,65 @@ def rule_name(data: Any) -> str:
 
 
 _EXPR, _OR, _AND, _REL, _ADD, _MUL, _UNARY, _MEMBER, _PRIMARY = (
-    _RULES[n] for n in ("expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
-                        "member", "primary"))
-_REL_OPS = {"<": "relation_lt", "<=": "relation_le", ">": "relation_gt", ">=": "relation_ge", "==": "relation_eq",
-            "!=": "relation_ne", "in": "relation_in"}
+    _RULES[n]
+    for n in (
+        "expr",
+        "conditionalor",
+        "conditionaland",
+        "relation",
+        "addition",
+        "multiplication",
+        "unary",
+        "member",
+        "primary",
+    )
+)
+_REL_OPS = {
+    "<": "relation_lt",
+    "<=": "relation_le",
+    ">": "relation_gt",
+    ">=": "relation_ge",
+    "==": "relation_eq",
+    "!=": "relation_ne",
+    "in": "relation_in",
+}
 _MUL_OPS = {"*": "multiplication_mul", "/": "multiplication_div", "%": "multiplication_mod"}
 # celpy/cel.lark RESERVED, plus words the lexer treats specially
-_AWKWARD_WORDS = frozenset(("as", "break", "const", "continue", "else", "for", "function", "if", "import", "let", "loop",
-                            "package", "namespace", "return", "var", "void", "while", "in", "null"))
+_AWKWARD_WORDS = frozenset(
+    (
+        "as",
+        "break",
+        "const",
+        "continue",
+        "else",
+        "for",
+        "function",
+        "if",
+        "import",
+        "let",
+        "loop",
+        "package",
+        "namespace",
+        "return",
+        "var",
+        "void",
+        "while",
+        "in",
+        "null",
+    )
+)
 
 # One token: (kind, text, start). Kinds: name, str, int, op, end.
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<ws>[ \t\n\f\r]+)
   | (?P<name>[_a-zA-Z][_a-zA-Z0-9]*)
   | (?P<str>"[^"\\\n\r]*"(?!")|'[^'\\\n\r]*'(?!'))
   | (?P<int>[0-9]+)
   | (?P<op>==|!=|<=|>=|&&|\|\||[<>!()\[\],.+*%]|/(?!/))
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 # after these, the lexer would read something longer or different: give up
 _NUMBER_TAIL = frozenset("._xXuUeE" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -333,8 +411,11 @@ class _Parser:
             opening = self.anon()
             args = self.arguments("]")
             closing = self.take_op("]")
-            inner = _tree(_RULES["list_lit"], [args] if args is not None else [],
-                          [opening] + ([args] if args is not None else []) + [closing])
+            inner = _tree(
+                _RULES["list_lit"],
+                [args] if args is not None else [],
+                [opening] + ([args] if args is not None else []) + [closing],
+            )
         else:
             raise _GiveUp
         return _wrap(_PRIMARY, inner)

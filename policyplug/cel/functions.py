@@ -49,6 +49,7 @@ UINT64_MAX = 2**64 - 1
 
 # ---------------------------------------------------------------- errors
 
+
 class Err(CelEvaluationError):
     """A CEL error value (absorbed by &&, ||, ?:, has(), exists, all).
 
@@ -56,6 +57,7 @@ class Err(CelEvaluationError):
     tree_dump() cannot print (e.g. `x < []`) raises IndexError, and `&&`/`||` format both operands
     into their "no matching overload" message, so that IndexError escapes. `settled` is set
     once bad_repr is known (errors that came out of cel-python as values)."""
+
     bad_repr = False
     settled = False
 
@@ -90,8 +92,10 @@ def no_overload(what: str = "no such overload") -> Err:
 
 # ---------------------------------------------------------------- value marks
 
+
 class Uint(int):
     """A CEL uint."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -100,37 +104,44 @@ class Uint(int):
 
 class RawInt(int):
     """A plain Python int inside cel-python (e.g. `true + true`)."""
+
     __slots__ = ()
 
 
 class RawFloat(float):
     """A plain Python float inside cel-python (double +, -, *)."""
+
     __slots__ = ()
 
 
 class RawStr(str):
     """A plain Python str inside cel-python (string concatenation, indexing, iteration)."""
+
     __slots__ = ()
 
 
 class RawBytes(bytes):
     """Plain bytes inside cel-python (bytes concatenation)."""
+
     __slots__ = ()
 
 
 class RawList(list):
     """A plain Python list inside cel-python (list concatenation)."""
+
     __slots__ = ()
 
 
 class RawDuration(datetime.timedelta):
     """A plain timedelta inside cel-python (duration subtraction)."""
+
     __slots__ = ()
 
 
 class ErrVal:
     """A CEL error stored as a value inside a map literal: cel-python evaluates `{"a": 1/0, "b": 1}.b`
     to 1 and only fails when the erroneous entry is read (or the map is the result)."""
+
     __slots__ = ("message", "bad_repr")
 
     def __init__(self, exc: BaseException, bad_repr: bool | None = None):
@@ -261,8 +272,16 @@ def plain(value: Any) -> Any:
     if t is RawBytes:
         return bytes(value)
     if isinstance(value, datetime.datetime):
-        return datetime.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
-                                 value.microsecond, tzinfo=value.tzinfo)
+        return datetime.datetime(
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+            tzinfo=value.tzinfo,
+        )
     if isinstance(value, datetime.timedelta):
         return datetime.timedelta(value.days, value.seconds, value.microseconds)
     if t is ErrVal:
@@ -299,6 +318,7 @@ def upper_ascii(text: str) -> str:
 
 # ---------------------------------------------------------------- generic operations (exact via cel-python)
 # Each mirrors one node of celpy.evaluation.Evaluator: same function, same caught exceptions.
+
 
 def _result(value: Any) -> Any:
     if isinstance(value, CELEvalError):  # returned, not raised: it carries its own tree (or none)
@@ -451,6 +471,7 @@ def size(value: Any) -> int:
 
 # ---------------------------------------------------------------- logic (cel-python logical_and / logical_or)
 
+
 def land(x: Any, y: Any, bad: bool = False) -> Any:
     """x && y on values or Err instances; returns a value or an Err instance."""
     bx, by = type(x) is bool, type(y) is bool
@@ -494,6 +515,7 @@ def ternary_err(bad: bool = False) -> Err:
 
 
 # ---------------------------------------------------------------- macros
+
 
 def macro_iter(target: Any) -> Any:
     """What cel-python's macros iterate over `target`."""
@@ -562,6 +584,7 @@ def pyerr_to_err(exc: PyErr) -> Err:
 
 
 # ---------------------------------------------------------------- arithmetic (int64 / uint64)
+
 
 def _ovf() -> Err:
     return Err("return error for overflow")
@@ -715,6 +738,7 @@ def bad_regex() -> Err:
 
 # ---------------------------------------------------------------- timestamps
 
+
 class LocalTime:
     """Converts a timestamp to one time zone, remembering the last conversion.
 
@@ -782,11 +806,54 @@ def bad_regex_for(text: Any) -> Any:
 
 # What generated code may call (as `_NAME`): the compiler's only way into this module.
 exported = (
-    "Err", "Raised", "PyErr", "Defer", "ErrVal",
-    "fail_err", "fail_raised", "fail_py", "bad_regex_for",
-    "as_err", "mark_bad_repr", "raised", "pyerr_to_err", "ternary_err",
-    "g_rel", "g_in", "g_add", "g_mul", "g_unary", "g_index", "g_call", "g_method", "select",
-    "mget", "has_key", "map_item_error", "lidx", "make_map", "land", "lor", "lnot", "macro_iter", "chars",
-    "matches", "iadd", "isub", "imul", "idiv", "imod", "ineg", "uadd", "usub", "umul", "udiv", "umod",
-    "sconcat", "lower_ascii", "upper_ascii", "day_of_year", "plain",
+    "Err",
+    "Raised",
+    "PyErr",
+    "Defer",
+    "ErrVal",
+    "fail_err",
+    "fail_raised",
+    "fail_py",
+    "bad_regex_for",
+    "as_err",
+    "mark_bad_repr",
+    "raised",
+    "pyerr_to_err",
+    "ternary_err",
+    "g_rel",
+    "g_in",
+    "g_add",
+    "g_mul",
+    "g_unary",
+    "g_index",
+    "g_call",
+    "g_method",
+    "select",
+    "mget",
+    "has_key",
+    "map_item_error",
+    "lidx",
+    "make_map",
+    "land",
+    "lor",
+    "lnot",
+    "macro_iter",
+    "chars",
+    "matches",
+    "iadd",
+    "isub",
+    "imul",
+    "idiv",
+    "imod",
+    "ineg",
+    "uadd",
+    "usub",
+    "umul",
+    "udiv",
+    "umod",
+    "sconcat",
+    "lower_ascii",
+    "upper_ascii",
+    "day_of_year",
+    "plain",
 )

@@ -71,8 +71,16 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {to_plain(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, datetime.datetime):
-        return datetime.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
-                                 value.microsecond, tzinfo=value.tzinfo)
+        return datetime.datetime(
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+            tzinfo=value.tzinfo,
+        )
     if isinstance(value, datetime.timedelta):
         return datetime.timedelta(value.days, value.seconds, value.microseconds)
     return value  # type() results and the like: handed over as they are

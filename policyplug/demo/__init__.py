@@ -28,7 +28,9 @@ def run_demo(args: argparse.Namespace) -> int:
     policy = load_policy(policy_path)
     loaded = time.perf_counter() - started
     print(f"policy '{policy.name}' from {policy_path}")
-    print(f"  {len(policy.rules)} rules, revision {policy.revision[:19]}…, loaded and compiled in {loaded * 1000:.1f} ms")
+    print(
+        f"  {len(policy.rules)} rules, revision {policy.revision[:19]}…, loaded and compiled in {loaded * 1000:.1f} ms"
+    )
     outcomes = run_tests(policy)
     passed = sum(o.passed for o in outcomes)
     print(f"  its own tests: {passed} passed, {len(outcomes) - passed} failed\n")
@@ -44,8 +46,11 @@ def run_demo(args: argparse.Namespace) -> int:
         if decision.reason:
             line += f": {decision.reason}"
         print(line)
-        for label, values in (("copy to", decision.copy_to), ("disclaimer", decision.disclaimers),
-                              ("tags", decision.tags)):
+        for label, values in (
+            ("copy to", decision.copy_to),
+            ("disclaimer", decision.disclaimers),
+            ("tags", decision.tags),
+        ):
             if values:
                 print(f"     {label}: {', '.join(values)}")
         if decision.route_via:

@@ -41,8 +41,8 @@ from .server import DecisionService
 NS = "urn:policyplug:decision:1"
 log = logging.getLogger("policyplug.service.component")
 
-BACKOFF_FIRST = 1.0   # seconds: the ceiling of the first retry's delay
-BACKOFF_MAX = 30.0    # seconds: the ceiling never grows beyond this
+BACKOFF_FIRST = 1.0  # seconds: the ceiling of the first retry's delay
+BACKOFF_MAX = 30.0  # seconds: the ceiling never grows beyond this
 REFUSAL_LOG_EVERY = 60.0  # seconds between log lines about one refused sender
 
 
@@ -98,8 +98,18 @@ class DecisionAnswer(ElementBase):
 
 
 class PolicyComponent(ComponentXMPP):
-    def __init__(self, service: DecisionService, jid: str, secret: str, host: str, port: int, *,
-                 clients: Iterable[str] = (), admins: Iterable[str] = (), metrics: Any = None):
+    def __init__(
+        self,
+        service: DecisionService,
+        jid: str,
+        secret: str,
+        host: str,
+        port: int,
+        *,
+        clients: Iterable[str] = (),
+        admins: Iterable[str] = (),
+        metrics: Any = None,
+    ):
         # fix_error_ns: error elements in the component namespace, or Prosody cannot parse our error answers
         super().__init__(jid, secret, host, port, fix_error_ns=True)
         self.enable_direct_tls = False  # XEP-0114 is plain TCP to the server's component port (loopback)
@@ -126,18 +136,25 @@ class PolicyComponent(ComponentXMPP):
         # every command request (each step of a session too) passes the admin check first
         self.remove_handler("Ad-Hoc Execute")
         # (the handlers take an Iq: these paths match iq stanzas only, which slixmpp's types cannot say)
-        self.register_handler(Callback("policyplug ad-hoc", StanzaPath("iq@type=set/command"),
-                                       self._command))  # type: ignore[arg-type]
-        self.register_handler(Callback("policyplug decide", StanzaPath("iq@type=get/policyplug_decide"),
-                                       self._decide))  # type: ignore[arg-type]
-        self.register_handler(Callback("policyplug decide (set)", StanzaPath("iq@type=set/policyplug_decide"),
-                                       self._decide))  # type: ignore[arg-type]
+        self.register_handler(Callback("policyplug ad-hoc", StanzaPath("iq@type=set/command"), self._command))  # type: ignore[arg-type]
+        self.register_handler(
+            Callback("policyplug decide", StanzaPath("iq@type=get/policyplug_decide"), self._decide)  # type: ignore[arg-type]
+        )
+        self.register_handler(
+            Callback("policyplug decide (set)", StanzaPath("iq@type=set/policyplug_decide"), self._decide)  # type: ignore[arg-type]
+        )
         self.add_event_handler("session_start", self._session_start)
         self.add_event_handler("disconnected", self._disconnected)
         if not self.clients:
-            log.warning("component %s: no --component-client and no parent domain: decision IQs are refused", jid)
-        log.info("component %s answers decisions for %s; ad-hoc commands for %s", jid, self.clients.describe(),
-                 self.admins.describe())
+            log.warning(
+                "component %s: no --component-client and no parent domain: decision IQs are refused", jid
+            )
+        log.info(
+            "component %s answers decisions for %s; ad-hoc commands for %s",
+            jid,
+            self.clients.describe(),
+            self.admins.describe(),
+        )
 
     # -- the connection ------------------------------------------------------------------------------------
 
@@ -165,9 +182,14 @@ class PolicyComponent(ComponentXMPP):
                 return
             failures = 0 if self._had_session else failures + 1
             delay = backoff_delay(failures)
-            log.warning("component %s %s %s:%s; reconnecting in %.1f s", self.boundjid,
-                        "lost its connection to" if self._had_session else "could not connect to",
-                        self.server_host, self.server_port, delay)
+            log.warning(
+                "component %s %s %s:%s; reconnecting in %.1f s",
+                self.boundjid,
+                "lost its connection to" if self._had_session else "could not connect to",
+                self.server_host,
+                self.server_port,
+                delay,
+            )
             await asyncio.sleep(delay)
 
     async def _session_start(self, _: Any) -> None:
@@ -177,7 +199,9 @@ class PolicyComponent(ComponentXMPP):
         if not self._features_added:
             self._features_added = True
             self["xep_0030"].add_feature(NS)
-            self["xep_0030"].add_identity(category="component", itype="generic", name="policyplug decision service")
+            self["xep_0030"].add_identity(
+                category="component", itype="generic", name="policyplug decision service"
+            )
             commands = self["xep_0050"]
             commands.add_command(node="status", name="Show status", handler=self._cmd_status)
             commands.add_command(node="reload", name="Reload the policy", handler=self._cmd_reload)
@@ -203,16 +227,23 @@ class PolicyComponent(ComponentXMPP):
             if len(self._refusal_logged) > 10000:  # a flood of senders cannot grow this without bound
                 self._refusal_logged.clear()
             self._refusal_logged[key] = (now, 0)
-            log.warning("component: refused a %s request from %s (%s)%s", what, sender,
-                        "not a --component-client" if what == "decide" else "not an --admin",
-                        f"; {since} more from it since the last line" if since else "")
+            log.warning(
+                "component: refused a %s request from %s (%s)%s",
+                what,
+                sender,
+                "not a --component-client" if what == "decide" else "not an --admin",
+                f"; {since} more from it since the last line" if since else "",
+            )
         else:
             self._refusal_logged[key] = (last, since + 1)
         reply = iq.reply(clear=True)
         reply["error"]["type"] = "auth"
         reply["error"]["condition"] = "forbidden"
-        reply["error"]["text"] = ("only the server this component serves may ask for decisions" if what == "decide"
-                                  else "ad-hoc commands are for the service's administrators")
+        reply["error"]["text"] = (
+            "only the server this component serves may ask for decisions"
+            if what == "decide"
+            else "ad-hoc commands are for the service's administrators"
+        )
         reply.send()
 
     def _command(self, iq: Iq) -> None:
@@ -269,8 +300,12 @@ class PolicyComponent(ComponentXMPP):
 
     def _cmd_decide(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
         form = self["xep_0004"].make_form(ftype="form", title="Decide a test event")
-        form.add_field(var="event", ftype="text-multi", label="Event JSON",
-                       value='{"kind": "message", "from": "alice@example.com", "to": "bob@example.net"}')
+        form.add_field(
+            var="event",
+            ftype="text-multi",
+            label="Event JSON",
+            value='{"kind": "message", "from": "alice@example.com", "to": "bob@example.net"}',
+        )
         session["payload"] = form
         session["next"] = self._cmd_decide_submit
         session["has_next"] = False
@@ -282,6 +317,7 @@ class PolicyComponent(ComponentXMPP):
         try:
             data = json.loads(text)
             from ..events import Event
+
             event = Event.from_json(data)
             decision = self.service.policy.decide(event, explain=True)  # a test: not audited, not counted
             fields = {"decision": json.dumps(decision.to_json()), "trace": decision.explain()}

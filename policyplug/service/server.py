@@ -63,9 +63,18 @@ def release_generated_code(policy: Policy) -> None:
 
 
 class DecisionService:
-    def __init__(self, policy_path: str | Path, *, audit: Any = None, usage: Any = None, metrics: Any = None,
-                 freeze_gc: bool = False, limiter: Any = None, directory_source: Any = None,
-                 allowed_paths: Iterable[str | Path] = ()):
+    def __init__(
+        self,
+        policy_path: str | Path,
+        *,
+        audit: Any = None,
+        usage: Any = None,
+        metrics: Any = None,
+        freeze_gc: bool = False,
+        limiter: Any = None,
+        directory_source: Any = None,
+        allowed_paths: Iterable[str | Path] = (),
+    ):
         self.policy_path = Path(policy_path)
         self.allowed_paths = list(allowed_paths)
         # where `limit` windows live (policyplug.state): with --state one Redis limiter for every
@@ -135,7 +144,8 @@ class DecisionService:
         suffix = self._policy_members.get((name, revision))
         if suffix is None:
             suffix = self._policy_members[(name, revision)] = (
-                b',"policy":' + orjson.dumps(name) + b',"policy_revision":' + orjson.dumps(revision) + b"}")
+                b',"policy":' + orjson.dumps(name) + b',"policy_revision":' + orjson.dumps(revision) + b"}"
+            )
         return body[:-1] + suffix if len(body) > 2 else b"{" + suffix[1:]
 
     def _settle_memory(self) -> None:
@@ -178,8 +188,9 @@ class DecisionService:
         thresholds = gc.get_threshold()
         gc.set_threshold(thresholds[0] or 700, thresholds[1] or 10, 1 << 30)
         try:
-            return compile_policy(load_model(self.policy_path, allowed_paths=self.allowed_paths),
-                                  limiter=self.limiter)
+            return compile_policy(
+                load_model(self.policy_path, allowed_paths=self.allowed_paths), limiter=self.limiter
+            )
         finally:
             gc.set_threshold(*thresholds)
 
@@ -218,7 +229,11 @@ class DecisionService:
                 answer = self._install(loaded, reason)
             except Exception as exc:  # a bug must not leave the requests waiting forever
                 log.exception("reload (%s)", reason)
-                answer = {"ok": False, "revision": self.policy.revision, "diagnostics": f"internal error: {exc}"}
+                answer = {
+                    "ok": False,
+                    "revision": self.policy.revision,
+                    "diagnostics": f"internal error: {exc}",
+                }
             if not waiting.done():
                 waiting.set_result(answer)
 
@@ -245,8 +260,12 @@ class DecisionService:
             self.reloads["invalid"] += 1
             self.last_reload_error = exc.format()
             self._mtimes = self._file_times()  # do not retry the same broken text every second
-            log.error("reload (%s) rejected, keeping revision %s:\n%s", reason, self.policy.revision,
-                      self.last_reload_error)
+            log.error(
+                "reload (%s) rejected, keeping revision %s:\n%s",
+                reason,
+                self.policy.revision,
+                self.last_reload_error,
+            )
             if self.metrics is not None:
                 self.metrics.reloaded("invalid")
             return {"ok": False, "revision": self.policy.revision, "diagnostics": self.last_reload_error}
@@ -304,8 +323,12 @@ class DecisionService:
         policy reads nothing else, and no decision must reach the usage store or an audit log at
         level `all` (a cached decision never reaches the service)."""
         # with a directory refreshed from LDAP, a cached decision could outlive a group change
-        return (self.policy.cacheable and self.usage is None and self.directory_source is None
-                and (self.audit is None or getattr(self.audit, "level", "all") != "all"))
+        return (
+            self.policy.cacheable
+            and self.usage is None
+            and self.directory_source is None
+            and (self.audit is None or getattr(self.audit, "level", "all") != "all")
+        )
 
     async def watch(self, interval: float = 1.0) -> None:
         """Reload when the policy or any file it reads changes (polling: no extra dependency)."""
@@ -322,11 +345,18 @@ class DecisionService:
     def status(self) -> dict[str, Any]:
         audit_stats = dict(self.audit.stats) if self.audit is not None else None
         return {
-            "policy": self.policy.name, "revision": self.policy.revision, "path": str(self.policy_path),
-            "rules": len(self.policy.rules), "uptime_seconds": round(time.time() - self.started, 1),
-            "decisions": dict(self.decisions), "evaluation_errors": self.evaluation_errors,
-            "invalid_requests": self.invalid_requests, "reloads": dict(self.reloads),
-            "last_reload_error": self.last_reload_error, "audit": audit_stats, "cacheable": self.cacheable,
+            "policy": self.policy.name,
+            "revision": self.policy.revision,
+            "path": str(self.policy_path),
+            "rules": len(self.policy.rules),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "decisions": dict(self.decisions),
+            "evaluation_errors": self.evaluation_errors,
+            "invalid_requests": self.invalid_requests,
+            "reloads": dict(self.reloads),
+            "last_reload_error": self.last_reload_error,
+            "audit": audit_stats,
+            "cacheable": self.cacheable,
             "state": self.limiter.status() if hasattr(self.limiter, "status") else {"backend": "process"},
             "usage": self.usage.status() if hasattr(self.usage, "status") else None,
             "directory": self.directory_source.status() if self.directory_source is not None else None,

@@ -58,8 +58,15 @@ def handle_line(service: DecisionService, line: bytes, connection: Any = None) -
     try:
         if "event" in request:
             # the decision arrives serialised (shared with its audit record): splice it in
-            return b"".join((b'{"id":', orjson.dumps(request_id), b',"decision":',
-                             service.decide_encoded(request["event"]), b"}\n"))
+            return b"".join(
+                (
+                    b'{"id":',
+                    orjson.dumps(request_id),
+                    b',"decision":',
+                    service.decide_encoded(request["event"]),
+                    b"}\n",
+                )
+            )
         op = request.get("op")
         if op == "status":
             return _answer(request_id, status=service.status())
@@ -70,7 +77,9 @@ def handle_line(service: DecisionService, line: bytes, connection: Any = None) -
             return _answer(request_id, reload=service.reload("socket request"))
         if op == "watch" and connection is not None:
             connection.watch()
-            return _answer(request_id, watch={"revision": service.policy.revision, "cacheable": service.cacheable})
+            return _answer(
+                request_id, watch={"revision": service.policy.revision, "cacheable": service.cacheable}
+            )
         service.invalid_requests += 1
         return _answer(request_id, error="a request needs 'event' (or 'op': 'status' | 'reload')")
     except EventError as exc:
@@ -101,8 +110,10 @@ class SocketTransport:
             # only a stale socket of a previous run is removed: `--socket precious.txt` must not
             # delete the operator's file (nor a symlink's target, nor a folder)
             if not stat.S_ISSOCK(mode):
-                raise SocketPathError(f"{self.path} exists and is not a socket; not removing it "
-                                      "(choose another --socket path, or remove it yourself)")
+                raise SocketPathError(
+                    f"{self.path} exists and is not a socket; not removing it "
+                    "(choose another --socket path, or remove it yourself)"
+                )
             self.path.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
@@ -168,7 +179,7 @@ class _Connection(asyncio.Protocol):
             newline = data.find(b"\n")
             if newline < 0:
                 return
-            data = data[newline + 1:]
+            data = data[newline + 1 :]
             self.discarding = False
         if self.pending:
             if b"\n" not in data:  # only the new bytes are searched: linear in the line's length
@@ -178,7 +189,9 @@ class _Connection(asyncio.Protocol):
                     self.pending = bytearray()
                     self.discarding = True
                     if self.transport is not None:
-                        self.transport.write(_answer(None, error=f"request line longer than {MAX_LINE} bytes"))
+                        self.transport.write(
+                            _answer(None, error=f"request line longer than {MAX_LINE} bytes")
+                        )
                 return
             self.pending += data
             data = bytes(self.pending)

@@ -25,8 +25,11 @@ from ..addresses import AddressError, normalise_domain
 TEMPLATE_DOMAIN = "example.com"
 # server -> (template, file written, mode)
 FILES = {
-    "prosody": [("prosody.policy", "site.policy", 0o644), ("policyplug.service", "policyplug.service", 0o644),
-                ("prosody.cfg.lua", "prosody-policyplug.cfg.lua", 0o644)],
+    "prosody": [
+        ("prosody.policy", "site.policy", 0o644),
+        ("policyplug.service", "policyplug.service", 0o644),
+        ("prosody.cfg.lua", "prosody-policyplug.cfg.lua", 0o644),
+    ],
     "kamailio": [("kamailio.policy", "site.policy", 0o644), ("kamailio.toml", "kamailio.toml", 0o644)],
 }
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}\Z")
@@ -122,7 +125,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("init", help="write a starter policy, server settings and unit for one domain")
     p.add_argument("server", choices=sorted(FILES), help="the server policyplug is added to")
-    p.add_argument("domain", type=_domain, metavar="DOMAIN", help="the server's domain (replaces example.com)")
+    p.add_argument(
+        "domain", type=_domain, metavar="DOMAIN", help="the server's domain (replaces example.com)"
+    )
     p.add_argument("--dir", default=".", metavar="DIR", help="where to write (default: the current folder)")
     p.add_argument("--force", action="store_true", help="replace files that are there (never secret.env)")
     p.set_defaults(func=cmd_init)

@@ -30,7 +30,7 @@ import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from . import redact_url
+from .redaction import redact_url
 
 log = logging.getLogger("policyplug.state")
 
@@ -69,12 +69,15 @@ def _sentinel_client(url: str, timeout: float) -> Any:
         hosts.append((host.strip("[]"), int(port)))
     path = [p for p in parts.path.split("/") if p]
     if not path:
-        raise ValueError(f"--state {redact_url(url)}: the Sentinel service (master) name is missing: "
-                         "redis+sentinel://HOST:PORT/SERVICE/DB")
+        raise ValueError(
+            f"--state {redact_url(url)}: the Sentinel service (master) name is missing: "
+            "redis+sentinel://HOST:PORT/SERVICE/DB"
+        )
     db = int(path[1]) if len(path) > 1 else 0
     sentinel = Sentinel(hosts, socket_timeout=timeout, socket_connect_timeout=timeout)
-    return sentinel.master_for(path[0], db=db, password=password, socket_timeout=timeout,
-                               socket_connect_timeout=timeout)
+    return sentinel.master_for(
+        path[0], db=db, password=password, socket_timeout=timeout, socket_connect_timeout=timeout
+    )
 
 
 def connect(url: str, timeout: float = 0.25) -> Any:
@@ -89,22 +92,38 @@ def connect(url: str, timeout: float = 0.25) -> Any:
     if url.startswith("redis+sentinel://"):
         return _sentinel_client(url, timeout)
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"--state {redact_url(url)}: expected redis://HOST:PORT/DB, rediss://, unix:// or "
-                         "redis+sentinel://HOST:PORT,.../SERVICE/DB")
+        raise ValueError(
+            f"--state {redact_url(url)}: expected redis://HOST:PORT/DB, rediss://, unix:// or "
+            "redis+sentinel://HOST:PORT,.../SERVICE/DB"
+        )
     options: dict[str, Any] = {}
     if os.environ.get("POLICYPLUG_REDIS_PASSWORD") and not urlsplit(url).password:
         options["password"] = os.environ["POLICYPLUG_REDIS_PASSWORD"]
     # one retry on a fresh connection: a Redis restart costs one failed command, not a decision
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                retry=Retry(NoBackoff(), 1), health_check_interval=0, **options)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=0,
+        **options,
+    )
 
 
 class RedisLimiter:
     """policyplug.limits.Limiter over Redis sorted sets (see the module's docstring)."""
 
-    def __init__(self, url: str, *, failure: str = "closed", prefix: str = "policyplug:limit:",
-                 timeout: float = 0.25, retry_interval: float = 1.0, max_retry_interval: float = 8.0,
-                 client: Any = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        failure: str = "closed",
+        prefix: str = "policyplug:limit:",
+        timeout: float = 0.25,
+        retry_interval: float = 1.0,
+        max_retry_interval: float = 8.0,
+        client: Any = None,
+    ):
         if failure not in ("open", "closed"):
             raise ValueError(f"state failure mode must be 'open' or 'closed', not {failure!r}")
         connect(url, timeout) if client is None else None  # a bad URL is an error at start, not per hit
@@ -124,8 +143,14 @@ class RedisLimiter:
         self._lock = threading.Lock()
         # counters for status and metrics: hits answered by Redis, hits answered by the failure
         # mode, failed Redis calls, outages (a run of failures), recoveries
-        self.stats: dict[str, int] = {"hits": 0, "failed_open": 0, "failed_closed": 0, "errors": 0,
-                                      "outages": 0, "recoveries": 0}
+        self.stats: dict[str, int] = {
+            "hits": 0,
+            "failed_open": 0,
+            "failed_closed": 0,
+            "errors": 0,
+            "outages": 0,
+            "recoveries": 0,
+        }
         self.last_error: str | None = None
         self.down = False
 
@@ -146,6 +171,7 @@ class RedisLimiter:
     def _command(self, *args: Any) -> Any:
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
+
         conn = self._redis()
         try:
             conn.send_command(*args)
@@ -162,6 +188,7 @@ class RedisLimiter:
         """EVALSHA, loading the script first where Redis does not have it (first use, or a Redis
         that restarted or failed over)."""
         from redis.exceptions import NoScriptError, ResponseError
+
         try:
             if self._sha is not None:
                 try:
@@ -200,7 +227,9 @@ class RedisLimiter:
         ttl_ms = int(window * 1000) + 1000
         try:
             with self._conn_lock:  # one connection: one command at a time, whatever thread decides
-                count = self._run_script(self.key_for(key), repr(now), repr(now - window), limit, ttl_ms, member)
+                count = self._run_script(
+                    self.key_for(key), repr(now), repr(now - window), limit, ttl_ms, member
+                )
         except Exception as exc:  # redis.RedisError, OSError: any failure is an outage, never a crash
             with self._conn_lock:
                 self._drop_connection()
@@ -227,8 +256,12 @@ class RedisLimiter:
                 self.down = True
                 self.stats["outages"] += 1
         if first:
-            log.error("state: Redis %s unreachable (%s); limits fail %s until it is back", self._safe_url(),
-                      self.last_error, self.failure)
+            log.error(
+                "state: Redis %s unreachable (%s); limits fail %s until it is back",
+                self._safe_url(),
+                self.last_error,
+                self.failure,
+            )
         return self._failed()
 
     def _failed(self) -> bool:
@@ -242,8 +275,14 @@ class RedisLimiter:
         return redact_url(self.url)
 
     def status(self) -> dict[str, Any]:
-        return {"backend": "redis", "url": self._safe_url(), "failure": self.failure, "down": self.down,
-                "last_error": self.last_error, **self.stats}
+        return {
+            "backend": "redis",
+            "url": self._safe_url(),
+            "failure": self.failure,
+            "down": self.down,
+            "last_error": self.last_error,
+            **self.stats,
+        }
 
     def reset(self) -> None:
         """Forget every window under this limiter's prefix (tests; `policyplug test` never uses Redis)."""

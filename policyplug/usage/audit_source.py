@@ -36,9 +36,13 @@ class AuditReading:
 
     def heading(self) -> list[str]:
         files = f"{len(self.files)} file" + ("" if len(self.files) == 1 else "s")
-        lines = [f"from {self.records} audit records in {files}; decisions that were not audited are not counted"]
+        lines = [
+            f"from {self.records} audit records in {files}; decisions that were not audited are not counted"
+        ]
         if self.skipped:
-            lines.append(f"{self.skipped} line{'' if self.skipped == 1 else 's'} skipped: not a readable audit record")
+            lines.append(
+                f"{self.skipped} line{'' if self.skipped == 1 else 's'} skipped: not a readable audit record"
+            )
         return lines
 
 
@@ -55,11 +59,16 @@ def chains(paths: list[str]) -> list[list[Path]]:
             raise FileNotFoundError(f"no audit log at {raw}")
         for path in found:
             match = ROTATION.search(path.name)
-            base = path.with_name(path.name[:match.start()]) if match else path
-            by_base.setdefault(base.resolve(), {})[path.resolve()] = (path, int(match.group(1)) if match else 0)
+            base = path.with_name(path.name[: match.start()]) if match else path
+            by_base.setdefault(base.resolve(), {})[path.resolve()] = (
+                path,
+                int(match.group(1)) if match else 0,
+            )
     # .3 before .2 before .1 before the base: the order the chain was written in
-    return [[path for path, _ in sorted(files.values(), key=lambda named: -named[1])]
-            for _, files in sorted(by_base.items())]
+    return [
+        [path for path, _ in sorted(files.values(), key=lambda named: -named[1])]
+        for _, files in sorted(by_base.items())
+    ]
 
 
 def _verify_chain(files: list[Path]) -> VerifyResult:
@@ -84,8 +93,9 @@ def _decision(data: Any) -> Decision:
     return Decision(effect, rule, tags=tags)
 
 
-def count_audit_logs(paths: list[str], policy: Any, store: UsageStore,
-                     say: Callable[[str], None]) -> AuditReading:
+def count_audit_logs(
+    paths: list[str], policy: Any, store: UsageStore, say: Callable[[str], None]
+) -> AuditReading:
     """Count every readable record of the logs at `paths` into `store`; warnings and progress go to `say`."""
     reading = AuditReading()
     for files in chains(paths):
@@ -98,13 +108,16 @@ def count_audit_logs(paths: list[str], policy: Any, store: UsageStore,
         for path in files:
             _count_file(path, policy, store, reading, say)
     if reading.other_revision:
-        say(f"note: {reading.other_revision} records were decided by another revision than {policy.revision} "
-            f"of the policy given; their direction is taken from its local domains")
+        say(
+            f"note: {reading.other_revision} records were decided by another revision than {policy.revision} "
+            f"of the policy given; their direction is taken from its local domains"
+        )
     return reading
 
 
-def _count_file(path: Path, policy: Any, store: UsageStore, reading: AuditReading,
-                say: Callable[[str], None]) -> None:
+def _count_file(
+    path: Path, policy: Any, store: UsageStore, reading: AuditReading, say: Callable[[str], None]
+) -> None:
     revision = policy.revision
     with path.open("rb") as lines:  # line by line: a log can be larger than memory
         for number, line in enumerate(lines, start=1):

@@ -75,14 +75,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("report", help="usage reports from the usage store (SQLite or PostgreSQL) or from audit logs")
+    p = subparsers.add_parser(
+        "report", help="usage reports from the usage store (SQLite or PostgreSQL) or from audit logs"
+    )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--db", help="the usage store written by `policyplug serve --usage-db`: a SQLite "
-                        "file or postgresql://... (password: PGPASSWORD or ~/.pgpass)")
-    source.add_argument("--audit-log", nargs="+", metavar="LOG",
-                        help="audit logs, any order: files, a base name with its rotations, or a folder "
-                             "(only audited decisions are counted)")
-    p.add_argument("--policy", help="with --audit-log: the policy whose local domains give each event's direction")
+    source.add_argument(
+        "--db",
+        help="the usage store written by `policyplug serve --usage-db`: a SQLite "
+        "file or postgresql://... (password: PGPASSWORD or ~/.pgpass)",
+    )
+    source.add_argument(
+        "--audit-log",
+        nargs="+",
+        metavar="LOG",
+        help="audit logs, any order: files, a base name with its rotations, or a folder "
+        "(only audited decisions are counted)",
+    )
+    p.add_argument(
+        "--policy", help="with --audit-log: the policy whose local domains give each event's direction"
+    )
     p.add_argument("--since", help="start of the period (RFC 3339 or YYYY-MM-DD), inclusive")
     p.add_argument("--until", help="end of the period, exclusive")
     p.add_argument("--format", choices=("text", "csv"), default=None)

@@ -37,7 +37,10 @@ ADVISORY_LOCK = 0x706F6C6963797575  # "policyuu": one lock id for every policypl
 
 # (version, what it does, SQL); a version is applied once, in order, and recorded
 MIGRATIONS: list[tuple[int, str, str]] = [
-    (1, "traffic, user_messages and tag_traffic counts", """
+    (
+        1,
+        "traffic, user_messages and tag_traffic counts",
+        """
 CREATE TABLE traffic (
     hour TEXT COLLATE "C" NOT NULL, kind TEXT COLLATE "C" NOT NULL, direction TEXT COLLATE "C" NOT NULL,
     decision TEXT COLLATE "C" NOT NULL, rule TEXT COLLATE "C" NOT NULL, sender_domain TEXT COLLATE "C" NOT NULL,
@@ -55,17 +58,24 @@ CREATE TABLE tag_traffic (
     direction TEXT COLLATE "C" NOT NULL, decision TEXT COLLATE "C" NOT NULL, count BIGINT NOT NULL,
     PRIMARY KEY (hour, tag, kind, direction, decision)
 );
-"""),
+""",
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-UPSERT_TRAFFIC = ("INSERT INTO traffic VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
-                  "(hour, kind, direction, decision, rule, sender_domain, recipient_domain) "
-                  "DO UPDATE SET count = traffic.count + excluded.count")
-UPSERT_USERS = ("INSERT INTO user_messages VALUES (%s, %s, %s, %s) ON CONFLICT (hour, \"user\", direction) "
-                "DO UPDATE SET count = user_messages.count + excluded.count")
-UPSERT_TAGS = ("INSERT INTO tag_traffic VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT "
-               "(hour, tag, kind, direction, decision) DO UPDATE SET count = tag_traffic.count + excluded.count")
+UPSERT_TRAFFIC = (
+    "INSERT INTO traffic VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
+    "(hour, kind, direction, decision, rule, sender_domain, recipient_domain) "
+    "DO UPDATE SET count = traffic.count + excluded.count"
+)
+UPSERT_USERS = (
+    'INSERT INTO user_messages VALUES (%s, %s, %s, %s) ON CONFLICT (hour, "user", direction) '
+    "DO UPDATE SET count = user_messages.count + excluded.count"
+)
+UPSERT_TAGS = (
+    "INSERT INTO tag_traffic VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT "
+    "(hour, tag, kind, direction, decision) DO UPDATE SET count = tag_traffic.count + excluded.count"
+)
 
 
 def safe_url(url: str) -> str:
@@ -79,24 +89,31 @@ def migrate(db: Any) -> int:
     """Bring the schema to SCHEMA_VERSION; the version found before. Several nodes may call it at once."""
     with db.transaction():
         db.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
-        db.execute("CREATE TABLE IF NOT EXISTS policyplug_schema (version INTEGER PRIMARY KEY, "
-                   "description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS policyplug_schema (version INTEGER PRIMARY KEY, "
+            "description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
         row = db.execute("SELECT max(version) FROM policyplug_schema").fetchone()
         current = row[0] or 0
         if current > SCHEMA_VERSION:
-            raise RuntimeError(f"the usage store has schema version {current}, newer than this policyplug's "
-                               f"({SCHEMA_VERSION}): upgrade policyplug")
+            raise RuntimeError(
+                f"the usage store has schema version {current}, newer than this policyplug's "
+                f"({SCHEMA_VERSION}): upgrade policyplug"
+            )
         for version, description, sql in MIGRATIONS:
             if version > current:
                 db.execute(sql)
-                db.execute("INSERT INTO policyplug_schema (version, description) VALUES (%s, %s)",
-                           (version, description))
+                db.execute(
+                    "INSERT INTO policyplug_schema (version, description) VALUES (%s, %s)",
+                    (version, description),
+                )
                 log.info("usage store: schema migrated to version %d (%s)", version, description)
     return current
 
 
 def _connect(url: str, connect_timeout: int = 5, **options: Any) -> Any:
     import psycopg
+
     # the password: in the URL, or (kept out of the process list) PGPASSWORD / ~/.pgpass as libpq reads them
     try:
         return psycopg.connect(url, connect_timeout=connect_timeout, application_name="policyplug", **options)
@@ -105,7 +122,7 @@ def _connect(url: str, connect_timeout: int = 5, **options: Any) -> Any:
         text = str(exc)
         if safe_url(url) != url:
             text = text.replace(url, safe_url(url))
-            secret = url[len(safe_url(url).partition("***@")[0]):].rpartition("@")[0]
+            secret = url[len(safe_url(url).partition("***@")[0]) :].rpartition("@")[0]
             # libpq splits at the first `@`, so a password with an unescaped `@` shows up as a host name:
             # hide every piece of the user information as well as the whole of it
             for piece in sorted([secret, *re.split(r"[:@]", secret)], key=len, reverse=True):
@@ -132,7 +149,9 @@ class PostgresUsageStore(UsageStore):
         # what is taken from the tally but not yet written: kept across failures
         self._pending: tuple[Counter[Any], Counter[Any], Counter[Any]] = (Counter(), Counter(), Counter())
         self._write_lock = threading.Lock()
-        self._db: Any = _connect(url, autocommit=True)  # unreachable or refused at start: an error now, not a silent loss
+        self._db: Any = _connect(
+            url, autocommit=True
+        )  # unreachable or refused at start: an error now, not a silent loss
         migrate(self._db)
         self._wake = threading.Event()
         self._closing = False
@@ -179,6 +198,7 @@ class PostgresUsageStore(UsageStore):
 
     def _write(self, traffic: Counter[Any], users: Counter[Any], tags: Counter[Any]) -> None:
         import psycopg
+
         for _attempt in range(3):
             try:
                 if self._db is None or self._db.closed:
@@ -203,7 +223,9 @@ class PostgresUsageStore(UsageStore):
             return
         self._failed(RuntimeError(f"deadlocks 3 times: {self.last_error}"), traffic, users, tags)
 
-    def _failed(self, exc: BaseException, traffic: Counter[Any], users: Counter[Any], tags: Counter[Any]) -> None:
+    def _failed(
+        self, exc: BaseException, traffic: Counter[Any], users: Counter[Any], tags: Counter[Any]
+    ) -> None:
         self.errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}".strip()
         try:
@@ -220,13 +242,22 @@ class PostgresUsageStore(UsageStore):
             log.error("usage store %s: unreachable too long, %d pending rows dropped", self.path, rows)
         if not self.down:
             self.down = True
-            log.error("usage store %s: %s; counts are kept in memory and written when it is back",
-                      self.path, self.last_error)
+            log.error(
+                "usage store %s: %s; counts are kept in memory and written when it is back",
+                self.path,
+                self.last_error,
+            )
 
     def status(self) -> dict[str, Any]:
-        return {"backend": "postgresql", "url": self.path, "down": self.down, "errors": self.errors,
-                "last_error": self.last_error, "lost": self.lost,
-                "pending_rows": sum(len(c) for c in self._pending)}
+        return {
+            "backend": "postgresql",
+            "url": self.path,
+            "down": self.down,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "lost": self.lost,
+            "pending_rows": sum(len(c) for c in self._pending),
+        }
 
     def close(self) -> None:
         self._closing = True
@@ -235,8 +266,12 @@ class PostgresUsageStore(UsageStore):
             self._writer.join(timeout=30)
         self._drain()
         if any(self._pending):
-            log.error("usage store %s: closing with %d rows not written (%s)", self.path,
-                      sum(len(c) for c in self._pending), self.last_error)
+            log.error(
+                "usage store %s: closing with %d rows not written (%s)",
+                self.path,
+                sum(len(c) for c in self._pending),
+                self.last_error,
+            )
         if self._db is not None:
             self._db.close()
 
@@ -244,6 +279,7 @@ class PostgresUsageStore(UsageStore):
 def build_tables(url: str, since: str | None = None, until: str | None = None, top: int = 10) -> list[Table]:
     """policyplug.usage.report.build_tables for a PostgreSQL store: the same tables, row for row."""
     import psycopg
+
     clauses, params = [], []
     if since:
         clauses.append("hour >= %s")
@@ -264,22 +300,31 @@ def build_tables(url: str, since: str | None = None, until: str | None = None, t
             raise FileNotFoundError(f"no usage store at {safe_url(url)} (no policyplug_schema table)")
         by_direction = db.execute(
             f"SELECT direction, decision, SUM(count)::bigint FROM traffic{where} GROUP BY direction, decision "
-            "ORDER BY direction, decision", params).fetchall()
+            "ORDER BY direction, decision",
+            params,
+        ).fetchall()
         domains = db.execute(
             "SELECT domain, events, refused FROM (SELECT CASE WHEN direction = 'outbound' THEN recipient_domain "
             "ELSE sender_domain END AS domain, SUM(count)::bigint AS events, "
             f"SUM(CASE WHEN decision IN ('deny', 'drop') THEN count ELSE 0 END)::bigint AS refused FROM traffic"
             f"{and_where}direction IN ('outbound', 'inbound') GROUP BY 1) AS d ORDER BY events DESC, domain LIMIT %s",
-            [*params, top]).fetchall()
+            [*params, top],
+        ).fetchall()
         denied = db.execute(
             f"SELECT rule, decision, SUM(count)::bigint FROM traffic{and_where}decision IN ('deny', 'drop') "
-            "GROUP BY rule, decision ORDER BY 3 DESC, 1, 2 LIMIT %s", [*params, top]).fetchall()
+            "GROUP BY rule, decision ORDER BY 3 DESC, 1, 2 LIMIT %s",
+            [*params, top],
+        ).fetchall()
         users = db.execute(
             "SELECT \"user\", SUM(count)::bigint, SUM(CASE WHEN direction != 'internal' THEN count ELSE 0 END)::bigint "
-            f"FROM user_messages{where} GROUP BY \"user\" ORDER BY 2 DESC, 1 LIMIT %s", [*params, top]).fetchall()
+            f'FROM user_messages{where} GROUP BY "user" ORDER BY 2 DESC, 1 LIMIT %s',
+            [*params, top],
+        ).fetchall()
         tags = db.execute(
             f"SELECT tag, direction, decision, SUM(count)::bigint FROM tag_traffic{where} "
-            "GROUP BY tag, direction, decision ORDER BY tag, direction, decision", params).fetchall()
+            "GROUP BY tag, direction, decision ORDER BY tag, direction, decision",
+            params,
+        ).fetchall()
     except psycopg.Error as exc:
         raise OSError(f"usage store {safe_url(url)}: {exc}".strip()) from None
     finally:

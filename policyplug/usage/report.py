@@ -54,7 +54,9 @@ def open_read_only(db_path: str | Path) -> sqlite3.Connection:
         raise UsageStoreError(f"cannot open the usage store {db_path}: {exc}") from None
 
 
-def build_tables(db_path: str | Path, since: str | None = None, until: str | None = None, top: int = 10) -> list[Table]:
+def build_tables(
+    db_path: str | Path, since: str | None = None, until: str | None = None, top: int = 10
+) -> list[Table]:
     """The report's tables for hours in [since, until); `top` rows in the top-N tables."""
     db = open_read_only(db_path)
     where, params = _range(since, until)
@@ -62,24 +64,39 @@ def build_tables(db_path: str | Path, since: str | None = None, until: str | Non
     try:
         by_direction = db.execute(
             f"SELECT direction, decision, SUM(count) FROM traffic{where} GROUP BY direction, decision "
-            "ORDER BY direction, decision", params).fetchall()
+            "ORDER BY direction, decision",
+            params,
+        ).fetchall()
         domains = db.execute(
             f"SELECT CASE WHEN direction = 'outbound' THEN recipient_domain ELSE sender_domain END AS domain, "
             f"SUM(count), SUM(CASE WHEN decision IN ('deny', 'drop') THEN count ELSE 0 END) FROM traffic"
             f"{and_where}direction IN ('outbound', 'inbound') GROUP BY domain ORDER BY 2 DESC, 1 LIMIT ?",
-            [*params, top]).fetchall()
+            [*params, top],
+        ).fetchall()
         denied = db.execute(
             f"SELECT rule, decision, SUM(count) FROM traffic{and_where}decision IN ('deny', 'drop') "
-            "GROUP BY rule, decision ORDER BY 3 DESC, 1 LIMIT ?", [*params, top]).fetchall()
+            "GROUP BY rule, decision ORDER BY 3 DESC, 1 LIMIT ?",
+            [*params, top],
+        ).fetchall()
         users = db.execute(
             f"SELECT user, SUM(count), SUM(CASE WHEN direction != 'internal' THEN count ELSE 0 END) "
-            f"FROM user_messages{where} GROUP BY user ORDER BY 2 DESC, 1 LIMIT ?", [*params, top]).fetchall()
+            f"FROM user_messages{where} GROUP BY user ORDER BY 2 DESC, 1 LIMIT ?",
+            [*params, top],
+        ).fetchall()
         # opened read-only, a store written before tags were counted has no tag_traffic: an empty table then
-        has_tags = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tag_traffic'").fetchone()
+        has_tags = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tag_traffic'"
+        ).fetchone()
         # not limited by --top: tags are literals in the policy, so there are few of them
-        tags = db.execute(
-            f"SELECT tag, direction, decision, SUM(count) FROM tag_traffic{where} GROUP BY tag, direction, decision "
-            "ORDER BY tag, direction, decision", params).fetchall() if has_tags else []
+        tags = (
+            db.execute(
+                f"SELECT tag, direction, decision, SUM(count) FROM tag_traffic{where} GROUP BY tag, direction, decision "
+                "ORDER BY tag, direction, decision",
+                params,
+            ).fetchall()
+            if has_tags
+            else []
+        )
     except sqlite3.Error as exc:  # not a usage store (no tables), not a database, damaged
         raise UsageStoreError(f"{db_path} is not a readable usage store: {exc}") from None
     finally:
@@ -128,7 +145,12 @@ def render_text(tables: list[Table]) -> str:
         cells = [table.columns] + [[clean(c) for c in row] for row in table.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(table.columns))]
         for n, row in enumerate(cells):
-            out.append("  " + "  ".join(c.rjust(w) if n and c.isdigit() else c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            out.append(
+                "  "
+                + "  ".join(
+                    c.rjust(w) if n and c.isdigit() else c.ljust(w) for c, w in zip(row, widths, strict=True)
+                ).rstrip()
+            )
             if n == 0:
                 out.append("  " + "  ".join("-" * w for w in widths))
         if not table.rows:
@@ -163,11 +185,15 @@ def _bar_chart(table: Table, colour: str) -> str:
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         width = max(2, int(520 * value / peak))
         y = 8 + 26 * i
-        bars.append(f'<text x="0" y="{y + 15}" font-size="13">{html.escape(label)}</text>'
-                    f'<rect class="bar" x="230" y="{y}" width="{width}" height="20" fill="{colour}"/>'
-                    f'<text x="{236 + width}" y="{y + 15}" font-size="13">{value}</text>')
-    return (f'<svg class="chart" role="img" aria-label="{html.escape(table.title)}" width="820" height="{height}" '
-            f'xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">{"".join(bars)}</svg>')
+        bars.append(
+            f'<text x="0" y="{y + 15}" font-size="13">{html.escape(label)}</text>'
+            f'<rect class="bar" x="230" y="{y}" width="{width}" height="20" fill="{colour}"/>'
+            f'<text x="{236 + width}" y="{y + 15}" font-size="13">{value}</text>'
+        )
+    return (
+        f'<svg class="chart" role="img" aria-label="{html.escape(table.title)}" width="820" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg" font-family="sans-serif">{"".join(bars)}</svg>'
+    )
 
 
 def render_html(tables: list[Table], title: str = "policyplug usage report", period: str = "") -> str:
@@ -176,12 +202,18 @@ def render_html(tables: list[Table], title: str = "policyplug usage report", per
     for i, table in enumerate(tables):
         colour = COLOURS[i % len(COLOURS)]
         head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(clean(v))}</td>" for v in row) + "</tr>" for row in table.rows)
-        sections.append(f"<section><h2>{html.escape(table.title)}</h2>{_bar_chart(table, colour)}"
-                        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>")
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;margin:2em;color:#1a202c}table{border-collapse:collapse;margin:1em 0}"
-            "td,th{border:1px solid #cbd5e0;padding:4px 10px;text-align:left}th{background:#edf2f7}"
-            "section{margin-bottom:2em}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{html.escape(period)}</p>{''.join(sections)}</body></html>")
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(clean(v))}</td>" for v in row) + "</tr>" for row in table.rows
+        )
+        sections.append(
+            f"<section><h2>{html.escape(table.title)}</h2>{_bar_chart(table, colour)}"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
+        )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;margin:2em;color:#1a202c}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #cbd5e0;padding:4px 10px;text-align:left}th{background:#edf2f7}"
+        "section{margin-bottom:2em}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(period)}</p>{''.join(sections)}</body></html>"
+    )

@@ -76,8 +76,15 @@ class UsageStore:
     def count(self, event: Any, decision: Any, direction: str) -> None:
         hour = event.time.strftime("%Y-%m-%dT%H:00Z")
         kind = traffic_kind(event)
-        key = (hour, kind, direction, decision.decision, decision.rule or "default",
-               event.sender.domain, event.recipient.domain)
+        key = (
+            hour,
+            kind,
+            direction,
+            decision.decision,
+            decision.rule or "default",
+            event.sender.domain,
+            event.recipient.domain,
+        )
         # _tags, not .tags: the property makes a list for every decision without any; the engine
         # leaves None or a shared tuple without repeats, dict.fromkeys guards hand-built decisions
         tags = decision._tags
@@ -102,20 +109,27 @@ class UsageStore:
             return
         self._write(traffic, users, tags)
 
-    def _write(self, traffic: Counter[tuple[str, ...]], users: Counter[tuple[str, str, str]],
-               tags: Counter[tuple[str, str, str, str, str]]) -> None:
+    def _write(
+        self,
+        traffic: Counter[tuple[str, ...]],
+        users: Counter[tuple[str, str, str]],
+        tags: Counter[tuple[str, str, str, str, str]],
+    ) -> None:
         """Add one batch of counts to the database (a backend's own; policyplug.usage.postgres_store)."""
         try:
             with self._db:
                 self._db.executemany(
                     "INSERT INTO traffic VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count",
-                    [(*key, n) for key, n in traffic.items()])
+                    [(*key, n) for key, n in traffic.items()],
+                )
                 self._db.executemany(
                     "INSERT INTO user_messages VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count",
-                    [(*key, n) for key, n in users.items()])
+                    [(*key, n) for key, n in users.items()],
+                )
                 self._db.executemany(
                     "INSERT INTO tag_traffic VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count",
-                    [(*key, n) for key, n in tags.items()])
+                    [(*key, n) for key, n in tags.items()],
+                )
         except sqlite3.Error as exc:
             # a full disk must not stop decisions: the batch is lost, counted and logged
             self.errors += 1

@@ -97,8 +97,9 @@ class World:
     def __init__(self, tmp: Path):
         self.sbc = SipAgent("sbc", "sbc.example", ("127.0.0.1", 9))  # proxy set once Kamailio runs
         self.partner = SipAgent("dave", "partner.example", ("127.0.0.1", 9))
-        self.server = KamailioServer(tmp, policy_text(self.sbc),
-                                     routes={"partner.example": f"sip:127.0.0.1:{self.partner.port}"})
+        self.server = KamailioServer(
+            tmp, policy_text(self.sbc), routes={"partner.example": f"sip:127.0.0.1:{self.partner.port}"}
+        )
         self.agents: dict[str, SipAgent] = {}
         self.server.start()
         try:
@@ -108,7 +109,9 @@ class World:
                 agent = SipAgent(user, "acme.example", proxy)
                 self.agents[user] = agent
                 response = agent.register()
-                assert response is not None and response.status == 200, f"{user} could not register: {response}"
+                assert response is not None and response.status == 200, (
+                    f"{user} could not register: {response}"
+                )
         except BaseException:
             self.close()  # no Kamailio left running behind a failed set-up
             raise
@@ -140,6 +143,8 @@ def running_world(workdir: Path) -> Iterator[World]:
     yield world
     try:
         assert world.server.alive(), "Kamailio died during the tests"
-        assert world.server.python_errors() == [], "the adapter raised:\n" + "\n".join(world.server.python_errors())
+        assert world.server.python_errors() == [], "the adapter raised:\n" + "\n".join(
+            world.server.python_errors()
+        )
     finally:
         world.close()

@@ -32,23 +32,44 @@ STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 
 
 class Deployment:
-    def __init__(self, workdir: Path, transport: str = "socket", fail_mode: str = "closed", timeout: float = 1,
-                 policy: Path = POLICY, extra_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        transport: str = "socket",
+        fail_mode: str = "closed",
+        timeout: float = 1,
+        policy: Path = POLICY,
+        extra_options: dict[str, Any] | None = None,
+    ):
         assert transport in ("socket", "component")
         self.workdir = workdir
         self.transport = transport
         self.policy = policy
         self.socket = workdir / "svc.sock"
         self.service_log = workdir / "service.log"
-        where = {"policyplug_socket": str(self.socket)} if transport == "socket" else \
-            {"policyplug_component": "policy.acme.example"}
+        where = (
+            {"policyplug_socket": str(self.socket)}
+            if transport == "socket"
+            else {"policyplug_component": "policy.acme.example"}
+        )
         self.acme = ProsodyServer(
-            workdir / "acme", hosts=["acme.example"], components={"policy.acme.example": "s3cret"},
-            internal_components={"rooms.acme.example": "muc"}, plugin_paths=[str(ADAPTER)],
-            host_options={"acme.example": {"modules_enabled": ["policyplug"], "policyplug_timeout": timeout,
-                                           "policyplug_fail_mode": fail_mode, **where, **(extra_options or {})},
-                          # rooms open on first join (no XEP-0045 configuration step)
-                          "rooms.acme.example": {"muc_room_locking": False}})
+            workdir / "acme",
+            hosts=["acme.example"],
+            components={"policy.acme.example": "s3cret"},
+            internal_components={"rooms.acme.example": "muc"},
+            plugin_paths=[str(ADAPTER)],
+            host_options={
+                "acme.example": {
+                    "modules_enabled": ["policyplug"],
+                    "policyplug_timeout": timeout,
+                    "policyplug_fail_mode": fail_mode,
+                    **where,
+                    **(extra_options or {}),
+                },
+                # rooms open on first join (no XEP-0045 configuration step)
+                "rooms.acme.example": {"muc_room_locking": False},
+            },
+        )
         self.partner = ProsodyServer(workdir / "partner", hosts=["partner.example"])
         link_s2s(self.acme, self.partner)
         self.service: subprocess.Popen[bytes] | None = None
@@ -74,16 +95,33 @@ class Deployment:
         components, sockets = self.acme.component_logins(), self.socket_connections()
         with open(self.service_log, "ab") as log:
             self.service = subprocess.Popen(
-                [sys.executable, "-m", "policyplug", "serve", str(self.policy), "--component", "policy.acme.example",
-                 "--secret", "s3cret", "--server", f"127.0.0.1:{self.acme.component_port}",
-                 "--socket", str(self.socket)], stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "policyplug",
+                    "serve",
+                    str(self.policy),
+                    "--component",
+                    "policy.acme.example",
+                    "--secret",
+                    "s3cret",
+                    "--server",
+                    f"127.0.0.1:{self.acme.component_port}",
+                    "--socket",
+                    str(self.socket),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.acme.wait_for_component(components, timeout=60)
         if self.transport == "socket":  # the module retries its connection every second
             deadline = time.monotonic() + 30
             while self.socket_connections() <= sockets:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("mod_policyplug did not connect to the service's socket:\n"
-                                       + self.acme.log_text()[-3000:])
+                    raise RuntimeError(
+                        "mod_policyplug did not connect to the service's socket:\n"
+                        + self.acme.log_text()[-3000:]
+                    )
                 time.sleep(0.1)
 
     def stop_service(self) -> None:
@@ -155,7 +193,9 @@ def error_condition(stanza) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     """(condition, text) read from the XML: slixmpp does not know every RFC 6120 condition by name."""
     error = next((child for child in stanza.xml if child.tag.endswith("}error")), None)
     assert error is not None, stanza
-    condition = next(c.tag.split("}")[1] for c in error if c.tag.startswith("{" + STANZAS) and not c.tag.endswith("}text"))
+    condition = next(
+        c.tag.split("}")[1] for c in error if c.tag.startswith("{" + STANZAS) and not c.tag.endswith("}text")
+    )
     text = error.find(f"{{{STANZAS}}}text")
     return condition, text.text if text is not None else ""
 

@@ -58,9 +58,22 @@ class Service:
         self.sock = workdir / "pp.sock"
         self.log = workdir / "serve.log"
         self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket",
-                                      str(self.sock), "--watch-interval", "0", *extra],
-                                     stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "policyplug",
+                "serve",
+                str(policy),
+                "--socket",
+                str(self.sock),
+                "--watch-interval",
+                "0",
+                *extra,
+            ],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 30
         while not self.sock.exists():
             assert self.proc.poll() is None, self.log_text()

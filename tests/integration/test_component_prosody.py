@@ -26,8 +26,10 @@ from tests.xmpp_client import TestClient
 
 NS = "urn:policyplug:decision:1"
 COMMANDS = "http://jabber.org/protocol/commands"
-POLICY = 'policy "component-test"\nlocal domains ["acme.example"]\ndefault deny "no"\n' \
-         'rule internal:\n  when direction == "internal"\n  allow\n'
+POLICY = (
+    'policy "component-test"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
+    'rule internal:\n  when direction == "internal"\n  allow\n'
+)
 
 
 def decide_iq(client: TestClient, payload: str):  # type: ignore[no-untyped-def]
@@ -56,9 +58,26 @@ def start_service(tmp_path: Path, server_port: int, *extra: str) -> subprocess.P
     policy.write_text(POLICY)
     log = open(tmp_path / "service.log", "a")  # noqa: SIM115 (the child writes it; closed with the test dir)
     return subprocess.Popen(
-        [sys.executable, "-m", "policyplug", "serve", str(policy), "--component", "policy.acme.example",
-         "--secret", "s3cret", "--server", f"127.0.0.1:{server_port}", "--socket", str(tmp_path / "s.sock"), *extra],
-        stdout=log, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--component",
+            "policy.acme.example",
+            "--secret",
+            "s3cret",
+            "--server",
+            f"127.0.0.1:{server_port}",
+            "--socket",
+            str(tmp_path / "s.sock"),
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def stop_service(service: subprocess.Popen[str]) -> None:
@@ -89,23 +108,44 @@ def test_who_may_ask_the_component(tmp_path: Path) -> None:
     partner.register("eve", "partner.example", "pw")
     metrics_port = free_port()
     audit = tmp_path / "audit.jsonl"
-    service = start_service(tmp_path, acme.component_port, "--component-client", "decider@acme.example",
-                            "--admin", "admin@acme.example", "--audit-log", str(audit), "--audit-level", "all",
-                            "--metrics-port", str(metrics_port))
+    service = start_service(
+        tmp_path,
+        acme.component_port,
+        "--component-client",
+        "decider@acme.example",
+        "--admin",
+        "admin@acme.example",
+        "--audit-log",
+        str(audit),
+        "--audit-level",
+        "all",
+        "--metrics-port",
+        str(metrics_port),
+    )
     try:
         acme.wait_for_component()
 
         async def scenario() -> None:
-            decider, mallory, admin = (TestClient(f"{user}@acme.example", "pw") for user in ("decider", "mallory", "admin"))
+            decider, mallory, admin = (
+                TestClient(f"{user}@acme.example", "pw") for user in ("decider", "mallory", "admin")
+            )
             eve = TestClient("eve@partner.example", "pw")
             for client in (decider, mallory, admin):
                 await client.login(acme.c2s_port)
             await eve.login(partner.c2s_port)
 
             # a listed client: decisions, and bad requests named
-            internal = await ask(decider, {"kind": "message", "from": "alice@acme.example", "to": "bob@acme.example"})
-            assert (internal["decision"], internal["rule"], internal["policy"]) == ("allow", "internal", "component-test")
-            outside = await ask(decider, {"kind": "message", "from": "alice@acme.example", "to": "x@other.example"})
+            internal = await ask(
+                decider, {"kind": "message", "from": "alice@acme.example", "to": "bob@acme.example"}
+            )
+            assert (internal["decision"], internal["rule"], internal["policy"]) == (
+                "allow",
+                "internal",
+                "component-test",
+            )
+            outside = await ask(
+                decider, {"kind": "message", "from": "alice@acme.example", "to": "x@other.example"}
+            )
             assert (outside["decision"], outside["reason"]) == ("deny", "no")
             with pytest.raises(IqError) as caught:
                 await decide_iq(decider, '{"kind": "message", "from": "alice@acme.example"}')
@@ -187,7 +227,9 @@ def test_one_reconnect_loop_with_backoff(tmp_path: Path) -> None:
             deadline = time.monotonic() + 40
             while True:
                 try:
-                    answer = await ask(client, {"kind": "message", "from": "alice@acme.example", "to": "b@acme.example"})
+                    answer = await ask(
+                        client, {"kind": "message", "from": "alice@acme.example", "to": "b@acme.example"}
+                    )
                     break
                 except IqError:  # Prosody answers for a component that is not (yet) connected
                     assert time.monotonic() < deadline, "component did not come back"
@@ -216,7 +258,10 @@ def test_one_reconnect_loop_with_backoff(tmp_path: Path) -> None:
     assert "Received data before the connection is established" not in log
     # every logged delay is the delay waited: an attempt that fails at once (port closed) is logged
     # right after the delay the line before it announced
-    events = _log_times(log, r"(could not connect to|lost its connection to|connected to) [^\s;]+(?:; reconnecting in ([0-9.]+) s)?")
+    events = _log_times(
+        log,
+        r"(could not connect to|lost its connection to|connected to) [^\s;]+(?:; reconnecting in ([0-9.]+) s)?",
+    )
     checked = 0
     for (at, match), (next_at, next_match) in zip(events, events[1:], strict=False):
         if match.group(2) and next_match.group(1) == "could not connect to":
@@ -227,4 +272,6 @@ def test_one_reconnect_loop_with_backoff(tmp_path: Path) -> None:
     failures = _log_times(log, r"could not connect to \S+; reconnecting in ([0-9.]+) s")
     # exponential: within the first outage the ceilings double (delays in [ceiling/2, ceiling])
     first_outage = [float(m.group(1)) for _, m in failures[:3]]
-    assert 1.0 <= first_outage[0] <= 2.0 and 2.0 <= first_outage[1] <= 4.0 and 4.0 <= first_outage[2] <= 8.0, log
+    assert (
+        1.0 <= first_outage[0] <= 2.0 and 2.0 <= first_outage[1] <= 4.0 and 4.0 <= first_outage[2] <= 8.0
+    ), log

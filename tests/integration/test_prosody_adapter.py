@@ -22,9 +22,13 @@ from tests.integration.prosody_deployment import (
 
 
 @pytest.fixture(scope="module", params=["socket", "component"])
-def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     # a generous timeout: these tests are about effects; fail modes and timeouts have their own
-    yield from running(tmp_path_factory.mktemp(f"prosody-{request.param}"), transport=request.param, timeout=10)
+    yield from running(
+        tmp_path_factory.mktemp(f"prosody-{request.param}"), transport=request.param, timeout=10
+    )
 
 
 def is_groupchat_noise(msg) -> bool:  # type: ignore[no-untyped-def]
@@ -33,7 +37,9 @@ def is_groupchat_noise(msg) -> bool:  # type: ignore[no-untyped-def]
 
 def test_internal_chat_deny_drop_redirect(deployment: Deployment) -> None:
     async def scenario() -> None:
-        alice, bob, new = await login(deployment, "alice@acme.example", "bob@acme.example", "new@acme.example")
+        alice, bob, new = await login(
+            deployment, "alice@acme.example", "bob@acme.example", "new@acme.example"
+        )
         # internal chat is delivered untouched
         alice.send_message(mto="bob@acme.example", mbody="hello bob", mtype="chat")
         received = await next_message(bob)
@@ -49,7 +55,9 @@ def test_internal_chat_deny_drop_redirect(deployment: Deployment) -> None:
         # a dropped one never arrives, and nothing comes back
         alice.send_message(mto="bob@acme.example", mbody="please drop me", mtype="chat")
         alice.send_message(mto="bob@acme.example", mbody="after the dropped one", mtype="chat")
-        assert (await next_message(bob))["body"] == "after the dropped one"  # in order: the drop was decided first
+        assert (await next_message(bob))[
+            "body"
+        ] == "after the dropped one"  # in order: the drop was decided first
         assert await nothing_arrives(alice, 0.5)
 
         # a redirected one arrives at the new address
@@ -65,8 +73,9 @@ def test_internal_chat_deny_drop_redirect(deployment: Deployment) -> None:
 
 def test_outbound_over_s2s_copy_and_disclaimer(deployment: Deployment) -> None:
     async def scenario() -> None:
-        alice, archive, dave = await login(deployment, "alice@acme.example", "archive@acme.example",
-                                           "dave@partner.example")
+        alice, archive, dave = await login(
+            deployment, "alice@acme.example", "archive@acme.example", "dave@partner.example"
+        )
         # external chat reaches the other server with the disclaimer; a copy reaches the archive
         alice.send_message(mto="dave@partner.example", mbody="offer attached", mtype="chat")
         external = await next_message(dave, 20)
@@ -96,8 +105,9 @@ def test_outbound_over_s2s_copy_and_disclaimer(deployment: Deployment) -> None:
 
 def test_inbound_from_the_other_server(deployment: Deployment) -> None:
     async def scenario() -> None:
-        dave, bob, archive = await login(deployment, "dave@partner.example", "bob@acme.example",
-                                         "archive@acme.example")
+        dave, bob, archive = await login(
+            deployment, "dave@partner.example", "bob@acme.example", "archive@acme.example"
+        )
         # from outside: decided on arrival at acme.example, delivered with the disclaimer, archived
         dave.send_message(mto="bob@acme.example", mbody="hello from outside", mtype="chat")
         received = await next_message(bob, 20)
@@ -153,21 +163,30 @@ def test_calls_and_file_transfer_iqs(deployment: Deployment) -> None:
     async def scenario() -> None:
         alice, carol = await login(deployment, "alice@acme.example", "carol@acme.example")
         # a Jingle RTP session-initiate is a `call`: refused by rule, carol never sees it
-        answer = await ask(alice, f"<iq type='set' id='call1' to='{carol.boundjid}'>"
-                           "<jingle xmlns='urn:xmpp:jingle:1' action='session-initiate' sid='s1' "
-                           f"initiator='{alice.boundjid}'><content creator='initiator' name='voice'>"
-                           "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></content></jingle></iq>")
+        answer = await ask(
+            alice,
+            f"<iq type='set' id='call1' to='{carol.boundjid}'>"
+            "<jingle xmlns='urn:xmpp:jingle:1' action='session-initiate' sid='s1' "
+            f"initiator='{alice.boundjid}'><content creator='initiator' name='voice'>"
+            "<description xmlns='urn:xmpp:jingle:apps:rtp:1' media='audio'/></content></jingle></iq>",
+        )
         assert answer["type"] == "error"
         assert error_condition(answer) == ("policy-violation", "carol takes no calls")
 
         # an HTTP upload slot request is a `file`
-        answer = await ask(alice, "<iq type='get' id='up1' to='upload.acme.example'><request "
-                           "xmlns='urn:xmpp:http:upload:0' filename='plan.pdf' size='1000'/></iq>")
+        answer = await ask(
+            alice,
+            "<iq type='get' id='up1' to='upload.acme.example'><request "
+            "xmlns='urn:xmpp:http:upload:0' filename='plan.pdf' size='1000'/></iq>",
+        )
         assert error_condition(answer) == ("policy-violation", "no file transfer")
 
         # an ordinary IQ is allowed: carol's client answers a disco#info query
-        answer = await ask(alice, f"<iq type='get' id='disco1' to='{carol.boundjid}'>"
-                           "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        answer = await ask(
+            alice,
+            f"<iq type='get' id='disco1' to='{carol.boundjid}'>"
+            "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        )
         assert answer["type"] == "result"
         for client in (alice, carol):
             client.disconnect()
@@ -178,6 +197,7 @@ def test_calls_and_file_transfer_iqs(deployment: Deployment) -> None:
 def test_login_refused_by_policy(deployment: Deployment) -> None:
     async def scenario() -> None:
         from tests.xmpp_client import TestClient
+
         client = TestClient("banned@acme.example", "pw")
         closed = asyncio.Event()
         client.add_event_handler("disconnected", lambda _: closed.set())
@@ -200,7 +220,9 @@ def test_every_stanza_settles_in_order(deployment: Deployment) -> None:
         for i in range(count):
             body = f"{i} forbidden" if i % 10 == 0 else f"{i} fine"
             alice.send_message(mto="bob@acme.example", mbody=body, mtype="chat")
-        delivered = [int((await next_message(bob, 60))["body"].split()[0]) for _ in range(count - count // 10)]
+        delivered = [
+            int((await next_message(bob, 60))["body"].split()[0]) for _ in range(count - count // 10)
+        ]
         assert delivered == [i for i in range(count) if i % 10]
         bounced = [await next_message(alice, 60) for _ in range(count // 10)]
         assert all(error_condition(b) == ("policy-violation", "no forbidden words") for b in bounced)
@@ -215,6 +237,7 @@ def test_every_stanza_settles_in_order(deployment: Deployment) -> None:
 
 # -- helpers ------------------------------------------------------------------------------------
 
+
 async def ask(client, xml: str, timeout: float = 10):  # type: ignore[no-untyped-def]
     """Send a raw IQ; -> its answer (result or error)."""
     iq_id = element(xml).get("id")
@@ -225,6 +248,7 @@ async def ask(client, xml: str, timeout: float = 10):  # type: ignore[no-untyped
             answer = await client.iq_answers.get()
             if answer["id"] == iq_id:
                 return answer
+
     return await asyncio.wait_for(wait(), timeout)
 
 
@@ -234,6 +258,7 @@ async def next_presence(client, ptype: str, timeout: float = 10):  # type: ignor
             presence = await client.presences.get()
             if presence["type"] == ptype:
                 return presence
+
     return await asyncio.wait_for(wait(), timeout)
 
 
@@ -256,6 +281,7 @@ async def send_join(client, room_jid: str, timeout: float = 10):  # type: ignore
             answer = await client.presences.get()
             if answer["from"] == room_jid:
                 return answer
+
     return await asyncio.wait_for(wait(), timeout)
 
 

@@ -17,8 +17,10 @@ import pytest
 
 from tests.integration.prosody_deployment import Deployment, login, next_message, running
 
-STREAM = ("<?xml version='1.0'?><stream:stream to='acme.example' xmlns='jabber:client' "
-          "xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
+STREAM = (
+    "<?xml version='1.0'?><stream:stream to='acme.example' xmlns='jabber:client' "
+    "xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+)
 
 
 class RawClient:
@@ -44,7 +46,7 @@ class RawClient:
             if not chunk:
                 raise ConnectionError(f"closed by the server; got: {self.received[-2000:]}")
             self.received += chunk.decode(errors="replace")
-        text, self.received = self.received[:match.end()], self.received[match.end():]
+        text, self.received = self.received[: match.end()], self.received[match.end() :]
         return text
 
     def login(self, user: str, password: str) -> str:
@@ -159,6 +161,7 @@ def stanza_with_id(text: str, stanza_id: str) -> str:
 
 
 def condition_of(text: str, stanza_id: str) -> str:
-    match = re.search(r"<error[^>]*><([a-z-]+) xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'",
-                      stanza_with_id(text, stanza_id))
+    match = re.search(
+        r"<error[^>]*><([a-z-]+) xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'", stanza_with_id(text, stanza_id)
+    )
     return match.group(1) if match else ""

@@ -22,19 +22,19 @@ from tests.integration.prosody_deployment import (
 )
 from tests.servers import service_status
 
-ADDRESS_ONLY = '''policy "cache-test"
+ADDRESS_ONLY = """policy "cache-test"
 local domains ["acme.example", "rooms.acme.example"]
 default deny "not permitted"
 {extra}
 rule internal:
   when direction == "internal"
   allow
-'''
-BLOCK_ALICE_TO_BOB = '''rule blocked_pair:
+"""
+BLOCK_ALICE_TO_BOB = """rule blocked_pair:
   on message
   when sender.address == "alice@acme.example" && recipient.address == "bob@acme.example"
   deny "{reason}"
-'''
+"""
 
 
 @pytest.fixture
@@ -65,7 +65,9 @@ def reload(deployment: Deployment, policy_text: str, cached: bool = True) -> Non
     while (revision := service_status(deployment.socket)["revision"]) == before:
         assert time.monotonic() < deadline, "the service did not reload"
         time.sleep(0.05)
-    heard = f"decision service policy {revision}, " + ("decisions cached per (kind, from, to)" if cached else "not cached")
+    heard = f"decision service policy {revision}, " + (
+        "decisions cached per (kind, from, to)" if cached else "not cached"
+    )
     wait_for_log(deployment, heard, log_before.count(heard) + 1)
 
 
@@ -107,11 +109,17 @@ def test_cache_is_used_and_never_stale_across_reloads(cached: Deployment) -> Non
 
 def test_nothing_cached_when_the_policy_reads_the_body(cached: Deployment) -> None:
     """A policy reading the body: every stanza is asked about (the same pair gets different answers)."""
-    reload(cached, ADDRESS_ONLY.format(extra='''rule words:
+    reload(
+        cached,
+        ADDRESS_ONLY.format(
+            extra="""rule words:
   on message
   when body.contains("forbidden")
   deny "no forbidden words"
-'''), cached=False)
+"""
+        ),
+        cached=False,
+    )
     assert service_status(cached.socket)["cacheable"] is False
 
     async def scenario() -> None:

@@ -24,8 +24,12 @@ POLICY = Path(__file__).resolve().parent / "policies" / "prosody-example.policy"
 def test_the_example_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLICYPLUG_COMPONENT_SECRET", "example-secret")  # read by the example config
     sock = tmp_path / "policyplug.sock"
-    server = ProsodyServer(tmp_path / "prosody", include=EXAMPLE, plugin_paths=[str(ROOT / "adapters" / "prosody")],
-                           global_options={"policyplug_socket": str(sock)})
+    server = ProsodyServer(
+        tmp_path / "prosody",
+        include=EXAMPLE,
+        plugin_paths=[str(ROOT / "adapters" / "prosody")],
+        global_options={"policyplug_socket": str(sock)},
+    )
     service = None
     server.start()
     try:
@@ -33,9 +37,24 @@ def test_the_example_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             server.register(user, "example.com", "pw")
         with open(tmp_path / "service.log", "wb") as log:
             service = subprocess.Popen(
-                [sys.executable, "-m", "policyplug", "serve", str(POLICY), "--socket", str(sock),
-                 "--component", "policy.example.com", "--secret", "example-secret",
-                 "--server", f"127.0.0.1:{server.component_port}"], stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "policyplug",
+                    "serve",
+                    str(POLICY),
+                    "--socket",
+                    str(sock),
+                    "--component",
+                    "policy.example.com",
+                    "--secret",
+                    "example-secret",
+                    "--server",
+                    f"127.0.0.1:{server.component_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         server.wait_for_component(timeout=60)  # the example's Component block and secret work
 
         async def scenario() -> None:

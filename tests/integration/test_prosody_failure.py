@@ -24,10 +24,16 @@ from tests.xmpp_client import TestClient
 UNAVAILABLE = ("policy-violation", "policy service unavailable")
 
 
-def deployment(tmp_path_factory: pytest.TempPathFactory, transport: str, fail_mode: str) -> Iterator[Deployment]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, transport: str, fail_mode: str
+) -> Iterator[Deployment]:
     """A started deployment with a 1 s timeout; stopped afterwards, with clean logs."""
-    yield from running(tmp_path_factory.mktemp(f"fail-{fail_mode}-{transport}"), transport=transport,
-                       fail_mode=fail_mode, timeout=1)
+    yield from running(
+        tmp_path_factory.mktemp(f"fail-{fail_mode}-{transport}"),
+        transport=transport,
+        fail_mode=fail_mode,
+        timeout=1,
+    )
 
 
 @pytest.fixture(scope="module", params=["socket", "component"])
@@ -36,7 +42,9 @@ def closed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(params=["socket", "component"])
-def fail_open(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def fail_open(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     yield from deployment(tmp_path_factory, request.param, "open")
 
 
@@ -88,6 +96,7 @@ def test_fail_closed_when_the_service_is_stopped(closed: Deployment) -> None:
 def test_fail_closed_when_the_service_does_not_answer(closed: Deployment) -> None:
     """The service process is frozen (SIGSTOP): its socket and component connection stay open, but
     no answer comes. Each stanza is refused when its timeout (1 s) passes, and the session lives on."""
+
     async def scenario() -> None:
         alice, bob = await login(closed, "alice@acme.example", "bob@acme.example")
         await both_available(alice, bob)

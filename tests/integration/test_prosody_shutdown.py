@@ -9,11 +9,18 @@ from pathlib import Path
 
 from tests.integration.prosody_deployment import Deployment, login
 
-USERS = ["alice@acme.example", "bob@acme.example", "carol@acme.example", "new@acme.example", "old@acme.example"]
+USERS = [
+    "alice@acme.example",
+    "bob@acme.example",
+    "carol@acme.example",
+    "new@acme.example",
+    "old@acme.example",
+]
 
 
 def stop_with_users_online(deployment: Deployment, service_first: bool = False) -> str:
     """Log the users in, (stop the service,) stop Prosody under them, return what was logged meanwhile."""
+
     async def scenario() -> None:
         clients = await login(deployment, *USERS)
         await asyncio.sleep(0.5)  # initial presences decided and delivered

@@ -18,17 +18,33 @@ from policyplug.usage.store import UsageStore
 from tests.integration.scaling_helpers import Service
 from tests.servers.postgres import PostgresServer
 
-POLICY_TEXT = ('policy "u"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
-               'rule mark_external:\n  when direction != "internal"\n  tag "external"\n'
-               'rule internal:\n  when direction == "internal"\n  allow\n'
-               'rule partners:\n  when recipient.domain == "partner.example" || sender.domain == "partner.example"\n'
-               '  allow\n  tag "partner"\n'
-               'rule spam:\n  when sender.domain == "spam.example"\n  drop\n  tag "spam"\n')
+POLICY_TEXT = (
+    'policy "u"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
+    'rule mark_external:\n  when direction != "internal"\n  tag "external"\n'
+    'rule internal:\n  when direction == "internal"\n  allow\n'
+    'rule partners:\n  when recipient.domain == "partner.example" || sender.domain == "partner.example"\n'
+    '  allow\n  tag "partner"\n'
+    'rule spam:\n  when sender.domain == "spam.example"\n  drop\n  tag "spam"\n'
+)
 POLICY = load_policy(text=POLICY_TEXT)
 
-SENDERS = ["alice@acme.example", "bob@acme.example", "Zoë@acme.example", "x@spam.example", "d@partner.example",
-           "carol@acme.example", "=2+5@evil.example", "e@evil.example"]
-RECIPIENTS = ["bob@acme.example", "d@partner.example", "e@evil.example", "alice@acme.example", "f@other.example"]
+SENDERS = [
+    "alice@acme.example",
+    "bob@acme.example",
+    "Zoë@acme.example",
+    "x@spam.example",
+    "d@partner.example",
+    "carol@acme.example",
+    "=2+5@evil.example",
+    "e@evil.example",
+]
+RECIPIENTS = [
+    "bob@acme.example",
+    "d@partner.example",
+    "e@evil.example",
+    "alice@acme.example",
+    "f@other.example",
+]
 
 
 def traffic(seed: int, count: int) -> list[dict]:
@@ -36,15 +52,24 @@ def traffic(seed: int, count: int) -> list[dict]:
     events = []
     for _ in range(count):
         hour = rng.choice(("2026-11-24T09", "2026-11-24T10", "2026-11-25T14"))
-        events.append({"kind": rng.choice(("message", "message", "presence", "groupchat")),
-                       "from": rng.choice(SENDERS), "to": rng.choice(RECIPIENTS),
-                       "time": f"{hour}:{rng.randrange(60):02d}:00Z"})
+        events.append(
+            {
+                "kind": rng.choice(("message", "message", "presence", "groupchat")),
+                "from": rng.choice(SENDERS),
+                "to": rng.choice(RECIPIENTS),
+                "time": f"{hour}:{rng.randrange(60):02d}:00Z",
+            }
+        )
     return events
 
 
 def report(db: str, *options: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", db, *options],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--db", db, *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -66,7 +91,7 @@ def test_two_services_report_once_and_as_sqlite_does(postgres_server, tmp_path: 
     events = traffic(21, 900)
     try:
         for i in range(0, len(events), 100):
-            batch = [{"event": e} for e in events[i:i + 100]]
+            batch = [{"event": e} for e in events[i : i + 100]]
             nodes[(i // 100) % 2].ask_many(batch)
             single.ask_many(batch)
         assert nodes[0].status()["usage"]["backend"] == "postgresql"
@@ -74,8 +99,12 @@ def test_two_services_report_once_and_as_sqlite_does(postgres_server, tmp_path: 
         for service in (*nodes, single):
             service.stop()  # closing writes the last batch
     assert total(server) == 900
-    for options in ((), ("--format", "csv"), ("--since", "2026-11-24T10:00Z", "--until", "2026-11-25"),
-                    ("--top", "3", "--format", "csv")):
+    for options in (
+        (),
+        ("--format", "csv"),
+        ("--since", "2026-11-24T10:00Z", "--until", "2026-11-25"),
+        ("--top", "3", "--format", "csv"),
+    ):
         from_postgres = report(server.url, *options)
         assert from_postgres == report(str(sqlite), *options), options
     assert "zoë@acme.example" in report(server.url, "--top", "20")  # non-ASCII survives the round trip
@@ -113,13 +142,17 @@ def test_concurrent_writers_lose_no_count(postgres_server) -> None:  # type: ign
         for event, decision, direction in decided:
             reference.count(event, decision, direction)
     reference.close()
-    assert report(server.url, "--format", "csv") == report(str(Path(server.workdir) / "ref.db"), "--format", "csv")
+    assert report(server.url, "--format", "csv") == report(
+        str(Path(server.workdir) / "ref.db"), "--format", "csv"
+    )
 
 
 def test_schema_is_migrated_once_and_versioned(postgres_server) -> None:  # type: ignore[no-untyped-def]
     server = postgres_server()
     opened: list[PostgresUsageStore] = []
-    threads = [threading.Thread(target=lambda: opened.append(PostgresUsageStore(server.url))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: opened.append(PostgresUsageStore(server.url))) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -130,33 +163,62 @@ def test_schema_is_migrated_once_and_versioned(postgres_server) -> None:  # type
     with server.connect() as db:
         versions = db.execute("SELECT version FROM policyplug_schema ORDER BY version").fetchall()
         assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
-        db.execute("INSERT INTO policyplug_schema (version, description) VALUES (%s, 'from the future')",
-                   (SCHEMA_VERSION + 1,))
+        db.execute(
+            "INSERT INTO policyplug_schema (version, description) VALUES (%s, 'from the future')",
+            (SCHEMA_VERSION + 1,),
+        )
     with pytest.raises(RuntimeError, match="newer than this policyplug"):
         open_usage_store(server.url)
 
 
 def test_report_of_a_database_without_a_store_is_a_clear_error(postgres_server) -> None:  # type: ignore[no-untyped-def]
     server = postgres_server()
-    result = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db", server.url],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "policyplug", "report", "--db", server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "no usage store" in result.stderr and "Traceback" not in result.stderr
-    gone = subprocess.run([sys.executable, "-m", "policyplug", "report", "--db",
-                           f"postgresql://postgres:hunter2@127.0.0.1:{server.port + 1 if server.port < 65535 else 1}/x"],
-                          capture_output=True, text=True, timeout=60)
+    gone = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "report",
+            "--db",
+            f"postgresql://postgres:hunter2@127.0.0.1:{server.port + 1 if server.port < 65535 else 1}/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert gone.returncode == 1 and "Traceback" not in gone.stderr and "hunter2" not in gone.stderr
     policy = Path(server.workdir) / "u.policy"
     policy.write_text(POLICY_TEXT)
-    serve = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket",
-                            str(Path(server.workdir) / "s.sock"), "--usage-db",
-                            f"postgresql://postgres:hunter2@127.0.0.1:{server.port + 1 if server.port < 65535 else 1}/x"],
-                           capture_output=True, text=True, timeout=60)
+    serve = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(Path(server.workdir) / "s.sock"),
+            "--usage-db",
+            f"postgresql://postgres:hunter2@127.0.0.1:{server.port + 1 if server.port < 65535 else 1}/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert serve.returncode == 1 and "--usage-db" in serve.stderr and "Traceback" not in serve.stderr
     assert "hunter2" not in serve.stderr
 
 
 def test_postgres_outage_keeps_counts_and_writes_them_when_back(  # type: ignore[no-untyped-def]
-        postgres_server, tmp_path: Path) -> None:
+    postgres_server, tmp_path: Path
+) -> None:
     server = postgres_server()
     policy = tmp_path / "u.policy"
     policy.write_text(POLICY_TEXT)
@@ -187,7 +249,8 @@ def test_postgres_outage_keeps_counts_and_writes_them_when_back(  # type: ignore
 
 
 def test_kamailio_workers_count_usage_into_postgres_at_any_audit_level(  # type: ignore[no-untyped-def]
-        postgres_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    postgres_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A Kamailio (audit level `none`) counts every decision into PostgreSQL (issue 19.11). A worker
     writes its tally with its first decision a second after the last write (it runs Python only
     while handling a request): one worker here, so the eleventh message writes all eleven."""
@@ -195,12 +258,19 @@ def test_kamailio_workers_count_usage_into_postgres_at_any_audit_level(  # type:
     from tests.sip_agent import SipAgent
 
     server = postgres_server()
-    policy_text = ('policy "k"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
-                   'rule partners:\n  when recipient.domain == "partner.example"\n  allow\n')
+    policy_text = (
+        'policy "k"\nlocal domains ["acme.example"]\ndefault deny "no"\n'
+        'rule partners:\n  when recipient.domain == "partner.example"\n  allow\n'
+    )
     partner = SipAgent("dave", "partner.example", ("127.0.0.1", 9))
-    kamailio = KamailioServer(tmp_path / "kamailio", policy_text, children=1, audit_level="none",
-                              routes={"partner.example": f"sip:127.0.0.1:{partner.port}"},
-                              extra_config={"usage_db": server.url})
+    kamailio = KamailioServer(
+        tmp_path / "kamailio",
+        policy_text,
+        children=1,
+        audit_level="none",
+        routes={"partner.example": f"sip:127.0.0.1:{partner.port}"},
+        extra_config={"usage_db": server.url},
+    )
     if Path("/usr/lib/python3.11/ssl.py").exists():  # see test_scaling_redis: Kamailio's embedded stdlib
         monkeypatch.setenv("PYTHONHOME", "/usr")
     kamailio.start()

@@ -16,7 +16,7 @@ from policyplug.state.redis_limiter import RedisLimiter
 from tests.integration.scaling_helpers import Connection, Service
 from tests.servers.redis import RedisServer
 
-LIMIT_POLICY = '''policy "shared"
+LIMIT_POLICY = """policy "shared"
 local domains ["acme.example"]
 default allow
 
@@ -24,21 +24,26 @@ rule flood:
   on message
   limit 5 per minute by sender.address
   deny "too many messages"
-'''
+"""
 
-PLAIN_POLICY = '''policy "plain"
+PLAIN_POLICY = """policy "plain"
 local domains ["acme.example"]
 default deny "no"
 
 rule internal:
   when direction == "internal"
   allow
-'''
+"""
 
 
 def message(sender: str, n: int, recipient: str = "bob@acme.example") -> dict:
     # the event's time drives the window: events a millisecond apart, well inside one minute
-    return {"kind": "message", "from": sender, "to": recipient, "time": f"2026-12-01T10:00:{n // 1000:02d}.{n % 1000:03d}Z"}
+    return {
+        "kind": "message",
+        "from": sender,
+        "to": recipient,
+        "time": f"2026-12-01T10:00:{n // 1000:02d}.{n % 1000:03d}Z",
+    }
 
 
 def command_calls(server: RedisServer) -> dict[str, int]:
@@ -57,11 +62,15 @@ def test_redis_windows_answer_as_in_process_windows(redis_server) -> None:  # ty
         now += rng.choice((0.001, 0.5, 3.0, 7.0, 20.0))
         key = rng.choice(("a", "b", "c\x00d", "é"))
         window, limit = rng.choice(((10.0, 3), (60.0, 5), (1.0, 1)))
-        assert shared.hit(f"{window}{key}", now, window, limit) == local.hit(f"{window}{key}", now, window, limit)
+        assert shared.hit(f"{window}{key}", now, window, limit) == local.hit(
+            f"{window}{key}", now, window, limit
+        )
     assert shared.stats["errors"] == 0 and shared.stats["hits"] == 600
 
 
-def _hammer(url: str, start: multiprocessing.synchronize.Event, hits: int, queue: multiprocessing.Queue) -> None:
+def _hammer(
+    url: str, start: multiprocessing.synchronize.Event, hits: int, queue: multiprocessing.Queue
+) -> None:
     limiter = RedisLimiter(url)
     start.wait()
     allowed = sum(1 for i in range(hits) if not limiter.hit("one key", 5000.0 + i * 1e-6, 3600.0, 100))
@@ -85,7 +94,8 @@ def test_windows_stay_exact_under_concurrent_clients(redis_server) -> None:  # t
 
 
 def test_two_services_enforce_one_limit_and_plain_decisions_never_touch_redis(  # type: ignore[no-untyped-def]
-        redis_server, tmp_path: Path) -> None:
+    redis_server, tmp_path: Path
+) -> None:
     server = redis_server()
     limited = tmp_path / "shared.policy"
     limited.write_text(LIMIT_POLICY)
@@ -95,8 +105,10 @@ def test_two_services_enforce_one_limit_and_plain_decisions_never_touch_redis(  
     quiet = Service(tmp_path / "plain", plain, "--state", server.url)
     try:
         # a sender alternating between the two nodes gets the limit once, not twice
-        answers = [services[n % 2].decide(message("mallory@acme.example", n))["decision"]["decision"]
-                   for n in range(12)]
+        answers = [
+            services[n % 2].decide(message("mallory@acme.example", n))["decision"]["decision"]
+            for n in range(12)
+        ]
         assert answers == ["allow"] * 5 + ["deny"] * 7
         # another sender has a window of its own
         assert services[1].decide(message("alice@acme.example", 20))["decision"]["decision"] == "allow"
@@ -119,14 +131,24 @@ def test_two_services_enforce_one_limit_and_plain_decisions_never_touch_redis(  
 
 @pytest.mark.parametrize("failure", ["closed", "open"])
 def test_unreachable_redis_applies_the_operators_choice_and_recovers(  # type: ignore[no-untyped-def]
-        redis_server, tmp_path: Path, failure: str) -> None:
+    redis_server, tmp_path: Path, failure: str
+) -> None:
     server = redis_server()
     policy = tmp_path / "shared.policy"
     policy.write_text(LIMIT_POLICY)
     from tests.servers import free_port
+
     metrics_port = free_port()
-    service = Service(tmp_path / "node", policy, "--state", server.url, "--state-failure", failure,
-                      "--metrics-port", str(metrics_port))
+    service = Service(
+        tmp_path / "node",
+        policy,
+        "--state",
+        server.url,
+        "--state-failure",
+        failure,
+        "--metrics-port",
+        str(metrics_port),
+    )
     try:
         assert service.decide(message("carol@acme.example", 0))["decision"]["decision"] == "allow"
         server.stop()
@@ -142,6 +164,7 @@ def test_unreachable_redis_applies_the_operators_choice_and_recovers(  # type: i
         assert state[f"failed_{failure}"] == 50
         assert "unreachable" in service.log_text() and f"limits fail {failure}" in service.log_text()
         import urllib.request
+
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
             metrics = answer.read().decode()
         assert "policyplug_state_down 1.0" in metrics
@@ -186,7 +209,7 @@ def test_a_redis_restart_mid_load_loses_no_request(redis_server, tmp_path: Path)
         service.stop()
 
 
-KAMAILIO_POLICY = '''policy "shared"
+KAMAILIO_POLICY = """policy "shared"
 local domains ["acme.example"]
 default deny "not permitted"
 
@@ -199,11 +222,12 @@ rule to_partner:
   on message
   when recipient.domain == "partner.example"
   allow
-'''
+"""
 
 
 def test_two_services_and_a_two_worker_kamailio_enforce_one_limit(  # type: ignore[no-untyped-def]
-        redis_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    redis_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sender who alternates between two decision services and a Kamailio (two workers, each its
     own Python) gets the limit once: all three count in one Redis window."""
     from tests.servers.kamailio import KamailioServer
@@ -213,9 +237,13 @@ def test_two_services_and_a_two_worker_kamailio_enforce_one_limit(  # type: igno
     policy = tmp_path / "shared.policy"
     policy.write_text(KAMAILIO_POLICY)
     partner = SipAgent("dave", "partner.example", ("127.0.0.1", 9))
-    kamailio = KamailioServer(tmp_path / "kamailio", KAMAILIO_POLICY, children=2,
-                              routes={"partner.example": f"sip:127.0.0.1:{partner.port}"},
-                              extra_config={"state": server.url, "state_failure": "closed"})
+    kamailio = KamailioServer(
+        tmp_path / "kamailio",
+        KAMAILIO_POLICY,
+        children=2,
+        routes={"partner.example": f"sip:127.0.0.1:{partner.port}"},
+        extra_config={"state": server.url, "state_failure": "closed"},
+    )
     if Path("/usr/lib/python3.11/ssl.py").exists():
         # Kamailio embeds Debian's libpython; where `python3` on PATH is another build of the same
         # version (pyenv), the embedded interpreter takes that build's standard library, whose
@@ -235,7 +263,8 @@ def test_two_services_and_a_two_worker_kamailio_enforce_one_limit(  # type: igno
                 outcomes.append({200: "allow", 403: "deny"}[response.status])
             else:
                 answer = services[n % 3 - 1].decide(
-                    {"kind": "message", "from": "mallory@acme.example", "to": "dave@partner.example"})
+                    {"kind": "message", "from": "mallory@acme.example", "to": "dave@partner.example"}
+                )
                 outcomes.append(answer["decision"]["decision"])
         assert outcomes == ["allow"] * 5 + ["deny"] * 10, outcomes
         assert not kamailio.python_errors(), kamailio.python_errors()
@@ -260,8 +289,10 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path: Path) -> None:  #
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/policyplug/0"
         services = [Service(tmp_path / f"node{i}", policy, "--state", url) for i in (1, 2)]
         try:
-            answers = [services[n % 2].decide(message("mallory@acme.example", n))["decision"]["decision"]
-                       for n in range(8)]
+            answers = [
+                services[n % 2].decide(message("mallory@acme.example", n))["decision"]["decision"]
+                for n in range(8)
+            ]
             assert answers == ["allow"] * 5 + ["deny"] * 3
             assert any(k.startswith(b"policyplug:limit:") for k in master.client().keys("*"))
         finally:
@@ -269,8 +300,22 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path: Path) -> None:  #
                 service.stop()
     finally:
         sentinel.stop()
-    bad = subprocess.run([sys.executable, "-m", "policyplug", "serve", str(policy), "--socket", str(tmp_path / "x.sock"),
-                          "--state", "redis+sentinel://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policyplug",
+            "serve",
+            str(policy),
+            "--socket",
+            str(tmp_path / "x.sock"),
+            "--state",
+            "redis+sentinel://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "SERVICE" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -323,7 +368,9 @@ def test_a_hung_redis_costs_a_bounded_share_of_the_time(redis_server, tmp_path: 
         started = time.monotonic()
         answered = 0
         while time.monotonic() - started < 4:
-            answers = service.ask_many([{"event": message(f"g{answered + n}@acme.example", 1)} for n in range(20)])
+            answers = service.ask_many(
+                [{"event": message(f"g{answered + n}@acme.example", 1)} for n in range(20)]
+            )
             answered += sum(1 for a in answers if a["decision"]["decision"] == "allow")
         state = service.status()["state"]
         # tries at about 0 s, 1 s and 3 s, each up to two timeouts (0.25 s and one retry)
@@ -351,11 +398,18 @@ def test_sentinel_failover_moves_the_windows_to_the_new_master(redis_server, tmp
     sentinel.start()
     policy = tmp_path / "shared.policy"
     policy.write_text(LIMIT_POLICY)
-    service = Service(tmp_path / "node", policy, "--state", f"redis+sentinel://127.0.0.1:{sentinel.port}/policyplug/0",
-                      "--state-failure", "open")
+    service = Service(
+        tmp_path / "node",
+        policy,
+        "--state",
+        f"redis+sentinel://127.0.0.1:{sentinel.port}/policyplug/0",
+        "--state-failure",
+        "open",
+    )
     try:
-        assert [service.decide(message("ivan@acme.example", n))["decision"]["decision"] for n in range(3)] == \
-            ["allow"] * 3
+        assert [
+            service.decide(message("ivan@acme.example", n))["decision"]["decision"] for n in range(3)
+        ] == ["allow"] * 3
         deadline = time.monotonic() + 30
         while not sentinel.client().execute_command("SENTINEL", "REPLICAS", "policyplug"):
             assert time.monotonic() < deadline, "the Sentinel did not find the replica"

@@ -21,7 +21,9 @@ REQUIRE_SERVERS = os.environ.get("POLICYPLUG_REQUIRE_SERVERS") == "1"
 def require_binary(name: str, *candidates: str) -> str:
     """Return the path of an executable, or skip (fail in CI) when it is not installed."""
     for candidate in (name, *candidates):
-        path = shutil.which(candidate) or (candidate if os.path.isfile(candidate) and os.access(candidate, os.X_OK) else None)
+        path = shutil.which(candidate) or (
+            candidate if os.path.isfile(candidate) and os.access(candidate, os.X_OK) else None
+        )
         if path:
             return path
     message = f"{name} is not installed (apt-get install the Debian package)"

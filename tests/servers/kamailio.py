@@ -59,18 +59,33 @@ def embedded_python() -> str | None:
 
 
 class KamailioServer:
-    def __init__(self, workdir: Path, policy_text: str, *, routes: dict[str, str] | None = None,
-                 children: int = 4, audit_level: str = "all", allocator: str | None = None, shm_mb: int | None = None,
-                 extra_config: dict[str, Any] | None = None, debug: int = 2, cpus: str | None = None,
-                 cfg: Path = CFG):
+    def __init__(
+        self,
+        workdir: Path,
+        policy_text: str,
+        *,
+        routes: dict[str, str] | None = None,
+        children: int = 4,
+        audit_level: str = "all",
+        allocator: str | None = None,
+        shm_mb: int | None = None,
+        extra_config: dict[str, Any] | None = None,
+        debug: int = 2,
+        cpus: str | None = None,
+        cfg: Path = CFG,
+    ):
         self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
-        if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so").exists() and \
-                not list(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so")):
+        if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so").exists() and not list(
+            Path("/usr/lib").glob("*/kamailio/modules/app_python3.so")
+        ):
             require_binary("kamailio-python3-modules (app_python3.so)")
         embedded = embedded_python()
         if embedded and embedded != f"{sys.version_info.major}.{sys.version_info.minor}":
-            pytest.fail(f"Kamailio embeds Python {embedded}, these tests run on {sys.version.split()[0]}: policyplug's "
-                        "compiled dependencies would not load in Kamailio; run the tests with that Python", pytrace=False)
+            pytest.fail(
+                f"Kamailio embeds Python {embedded}, these tests run on {sys.version.split()[0]}: policyplug's "
+                "compiled dependencies would not load in Kamailio; run the tests with that Python",
+                pytrace=False,
+            )
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port("127.0.0.1", socket.SOCK_DGRAM)
@@ -88,9 +103,14 @@ class KamailioServer:
         self.cpus = cpus  # e.g. "0": run pinned (taskset), for benchmarks
         self.cfg = cfg
         settings: dict[str, Any] = {
-            "policy": str(self.policy), "python_path": python_paths(), "audit_log": str(self.audit_log),
-            "audit_level": audit_level, "self_uri": f"sip:{self.address}", "server_name": "kamailio.test",
-            "state_dir": str(self.workdir / "state"), "node": "kamailio-test",
+            "policy": str(self.policy),
+            "python_path": python_paths(),
+            "audit_log": str(self.audit_log),
+            "audit_level": audit_level,
+            "self_uri": f"sip:{self.address}",
+            "server_name": "kamailio.test",
+            "state_dir": str(self.workdir / "state"),
+            "node": "kamailio-test",
         }
         settings.update(extra_config or {})
         lines = [f"{key} = {_toml(value)}" for key, value in settings.items()]
@@ -101,11 +121,29 @@ class KamailioServer:
 
     def start(self, timeout: float = 30.0) -> None:
         module_dir = next(iter(Path("/usr/lib").glob("*/kamailio/modules/app_python3.so"))).parent
-        command = [self.binary, "-f", str(self.cfg), "-DD", "-E", "-w", str(self.workdir),
-                   "-A", f"LISTEN=udp:{self.address}", "-A", f"LISTEN2=tcp:{self.address}",
-                   "-A", f"CHILDREN={self.children}", "-A", f'KEMI_SCRIPT="{KEMI_SCRIPT}"',
-                   "-A", f'MPATH="{module_dir}/"', "-A", f'CTL_SOCKET="unix:{self.ctl}"',
-                   "-A", f"DEBUG_LEVEL={self.debug}"]
+        command = [
+            self.binary,
+            "-f",
+            str(self.cfg),
+            "-DD",
+            "-E",
+            "-w",
+            str(self.workdir),
+            "-A",
+            f"LISTEN=udp:{self.address}",
+            "-A",
+            f"LISTEN2=tcp:{self.address}",
+            "-A",
+            f"CHILDREN={self.children}",
+            "-A",
+            f'KEMI_SCRIPT="{KEMI_SCRIPT}"',
+            "-A",
+            f'MPATH="{module_dir}/"',
+            "-A",
+            f'CTL_SOCKET="unix:{self.ctl}"',
+            "-A",
+            f"DEBUG_LEVEL={self.debug}",
+        ]
         if self.allocator:
             command += ["-x", self.allocator]
         if self.shm_mb:
@@ -114,8 +152,14 @@ class KamailioServer:
             command = ["taskset", "-c", self.cpus, *command]
         env = dict(os.environ, POLICYPLUG_KAMAILIO_CONFIG=str(self.config))
         self._log_file = self.log.open("ab")
-        self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
-                                     cwd=self.workdir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            command,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -133,9 +177,11 @@ class KamailioServer:
             sock.settimeout(0.3)
             port = sock.getsockname()[1]
             call_id = uuid.uuid4().hex
-            request = (f"OPTIONS sip:{self.address} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
-                       f"Max-Forwards: 70\r\nFrom: <sip:ping@test>;tag=1\r\nTo: <sip:{self.address}>\r\n"
-                       f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+            request = (
+                f"OPTIONS sip:{self.address} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:ping@test>;tag=1\r\nTo: <sip:{self.address}>\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+            )
             try:
                 sock.sendto(request.encode(), ("127.0.0.1", self.port))
                 return sock.recv(4096).startswith(b"SIP/2.0 200")
@@ -147,7 +193,9 @@ class KamailioServer:
 
     def rpc(self, *args: str) -> str:
         kamcmd = require_binary("kamcmd", "/usr/sbin/kamcmd")
-        result = subprocess.run([kamcmd, "-s", f"unix:{self.ctl}", *args], capture_output=True, text=True, timeout=10)
+        result = subprocess.run(
+            [kamcmd, "-s", f"unix:{self.ctl}", *args], capture_output=True, text=True, timeout=10
+        )
         return result.stdout + result.stderr
 
     def stop(self) -> None:
@@ -167,8 +215,11 @@ class KamailioServer:
     def python_errors(self) -> list[str]:
         """Lines of Kamailio's log where the adapter's Python raised (the adapter catches and logs
         its own errors as 'policyplug: internal error'; app_python3 logs uncaught ones)."""
-        return [line for line in self.log_text().splitlines()
-                if "Unhandled exception" in line or "policyplug: internal error" in line]
+        return [
+            line
+            for line in self.log_text().splitlines()
+            if "Unhandled exception" in line or "policyplug: internal error" in line
+        ]
 
 
 # -- the benchmark's native-policy anchors (bench/kamailio-native-policy.cfg) ---------------------
@@ -183,8 +234,13 @@ def benchmark_tables(n_rules: int = 200) -> dict[str, list[str]]:
     destination), partners that may write to local users, partners whose messages are checked
     for card numbers, and senders whose messages are checked for "confidential"."""
     tables: dict[str, list[str]] = {
-        "blocked": [f"spam{i}.example" for i in range(50)], "local": ["acme.example", "eu.acme.example"],
-        "partner": [BENCH_DOMAIN], "inbound": [], "cards": [], "watched": []}
+        "blocked": [f"spam{i}.example" for i in range(50)],
+        "local": ["acme.example", "eu.acme.example"],
+        "partner": [BENCH_DOMAIN],
+        "inbound": [],
+        "cards": [],
+        "watched": [],
+    }
     for i in range(n_rules - 3):
         pattern = i % 10
         if pattern in (0, 5):
@@ -218,16 +274,23 @@ class Rsyslog:
             f'global(workDirectory="{self.workdir / "rsyslog-work"}")\n'
             'module(load="imuxsock" SysSock.Use="off")\n'
             f'input(type="imuxsock" Socket="{self.socket}" RateLimit.Interval="0")\n'
-            f'*.* action(type="omfile" file="{self.output}")\n')
+            f'*.* action(type="omfile" file="{self.output}")\n'
+        )
         command = [self.binary, "-n", "-f", str(conf), "-i", str(self.workdir / "rsyslogd.pid")]
         if cpus is not None:
             command = ["taskset", "-c", cpus, *command]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=(self.workdir / "rsyslogd.err").open("wb"),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.workdir / "rsyslogd.err").open("wb"),
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 10
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rsyslogd did not start: {(self.workdir / 'rsyslogd.err').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"rsyslogd did not start: {(self.workdir / 'rsyslogd.err').read_text()[-2000:]}"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -240,8 +303,11 @@ class Rsyslog:
                 self.proc.wait()
 
     def records(self, marker: str = "ACC:") -> list[str]:
-        return [line for line in (self.output.read_text(errors="replace") if self.output.exists() else "").splitlines()
-                if marker in line]
+        return [
+            line
+            for line in (self.output.read_text(errors="replace") if self.output.exists() else "").splitlines()
+            if marker in line
+        ]
 
 
 # In a private mount namespace, /dev is a copy of the devices Kamailio needs plus the rsyslogd's
@@ -261,9 +327,18 @@ class NativePolicyKamailio:
     True the permissions module's regex files), relaying what it allows to `next_hop`, its acc
     records going to its own rsyslogd (self.syslog)."""
 
-    def __init__(self, workdir: Path, next_hop: str, *, permissions: bool = False, children: int = 4,
-                 allocator: str | None = None, shm_mb: int | None = None, cpus: str | None = None,
-                 tables: dict[str, list[str]] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        next_hop: str,
+        *,
+        permissions: bool = False,
+        children: int = 4,
+        allocator: str | None = None,
+        shm_mb: int | None = None,
+        cpus: str | None = None,
+        tables: dict[str, list[str]] | None = None,
+    ):
         self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
         require_binary("unshare")
         self.workdir = Path(workdir)
@@ -287,15 +362,22 @@ class NativePolicyKamailio:
 
         def uri(domain: str) -> str:
             return '"^sip:[^@]*@' + re.escape(domain).replace('"', "") + '$"'
+
         local = self.tables["local"]
         files: dict[str, tuple[list[str], list[str]]] = {
             # name: (allow lines, deny lines); no match in either is allowed, as allow_routing does
-            "blocked": ([], [f"{uri(d)} : ALL" for d in self.tables["blocked"]]
-                        + [f"ALL : {uri(d)}" for d in self.tables["blocked"]]),
+            "blocked": (
+                [],
+                [f"{uri(d)} : ALL" for d in self.tables["blocked"]]
+                + [f"ALL : {uri(d)}" for d in self.tables["blocked"]],
+            ),
             "watched": ([], ['"^' + re.escape(a) + '$" : ALL' for a in self.tables["watched"]]),
             "cards": ([], [f"ALL : {uri(d)}" for d in self.tables["cards"]]),
-            "policy": ([f"{uri(f)} : {uri(t)}" for f in local for t in [*self.tables["partner"], *local]]
-                       + [f"{uri(f)} : {uri(t)}" for f in self.tables["inbound"] for t in local], ["ALL : ALL"]),
+            "policy": (
+                [f"{uri(f)} : {uri(t)}" for f in local for t in [*self.tables["partner"], *local]]
+                + [f"{uri(f)} : {uri(t)}" for f in self.tables["inbound"] for t in local],
+                ["ALL : ALL"],
+            ),
         }
         defines = ["-A", "PERMISSIONS"]
         for name, (allow, deny) in files.items():
@@ -310,9 +392,23 @@ class NativePolicyKamailio:
         module_dir = next(iter(Path("/usr/lib").glob("*/kamailio/modules/tm.so"))).parent
         cfg = self.workdir / NATIVE_POLICY_CFG.name  # beside its tables (import_file takes a literal path)
         cfg.write_text(NATIVE_POLICY_CFG.read_text())
-        command = [self.binary, "-f", str(cfg), "-DD", "-w", str(self.workdir),
-                   "-A", f"LISTEN=udp:{self.address}", "-A", f"CHILDREN={self.children}",
-                   "-A", f'NEXT_HOP="{self.next_hop}"', "-A", f'MPATH="{module_dir}/"', *self._write_tables()]
+        command = [
+            self.binary,
+            "-f",
+            str(cfg),
+            "-DD",
+            "-w",
+            str(self.workdir),
+            "-A",
+            f"LISTEN=udp:{self.address}",
+            "-A",
+            f"CHILDREN={self.children}",
+            "-A",
+            f'NEXT_HOP="{self.next_hop}"',
+            "-A",
+            f'MPATH="{module_dir}/"',
+            *self._write_tables(),
+        ]
         if self.allocator:
             command += ["-x", self.allocator]
         if self.shm_mb:
@@ -321,8 +417,9 @@ class NativePolicyKamailio:
             command = ["taskset", "-c", self.cpus, *command]
         command = ["unshare", "-m", "sh", "-c", _PRIVATE_DEV_LOG, "sh", str(self.syslog.dev), *command]
         self._log_file = self.log.open("ab")
-        self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -341,9 +438,11 @@ class NativePolicyKamailio:
             sock.settimeout(0.3)
             port = sock.getsockname()[1]
             call_id = uuid.uuid4().hex
-            request = (f"MESSAGE sip:x@{BENCH_DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
-                       f"Max-Forwards: 70\r\nFrom: <sip:ping@spam0.example>;tag=1\r\nTo: <sip:x@{BENCH_DOMAIN}>\r\n"
-                       f"Call-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n")
+            request = (
+                f"MESSAGE sip:x@{BENCH_DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:ping@spam0.example>;tag=1\r\nTo: <sip:x@{BENCH_DOMAIN}>\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+            )
             try:
                 sock.sendto(request.encode(), ("127.0.0.1", self.port))
                 return sock.recv(4096).startswith(b"SIP/2.0 403")

@@ -50,8 +50,14 @@ userPassword: {SERVICE_PASSWORD}
 
 
 class LdapServer:
-    def __init__(self, workdir: Path, port: int | None = None, memberof: bool = True, size_limit: int = 500,
-                 unlimited_service: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        memberof: bool = True,
+        size_limit: int = 500,
+        unlimited_service: bool = True,
+    ):
         self.slapd = require_binary("slapd", "/usr/sbin/slapd")
         self.slapadd = require_binary("slapadd", "/usr/sbin/slapadd")
         self.workdir = workdir
@@ -69,11 +75,12 @@ class LdapServer:
             "access to attrs=userPassword by anonymous auth by * none\n"
             "access to * by users read by * none\n"
             f"sizelimit {size_limit}\n"
-            f"database mdb\nmaxsize 2147483648\nsuffix \"{SUFFIX}\"\nrootdn \"{ROOT_DN}\"\n"
+            f'database mdb\nmaxsize 2147483648\nsuffix "{SUFFIX}"\nrootdn "{ROOT_DN}"\n'
             f"rootpw {ROOT_PASSWORD}\ndirectory {self.db}\nindex objectClass eq\nindex member eq\n"
             f"{overlay_db}"
             # slapd's default size limit (500) would cut a directory short; policyplug's account reads it all
-            + (f'limits dn.exact="{SERVICE_DN}" size=unlimited time=unlimited\n' if unlimited_service else ""))
+            + (f'limits dn.exact="{SERVICE_DN}" size=unlimited time=unlimited\n' if unlimited_service else "")
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "slapd.log"
         self._loaded = False
@@ -86,8 +93,12 @@ class LdapServer:
         """Load entries offline (before start; the base entries come first)."""
         path = self.workdir / "bulk.ldif"
         path.write_text(("" if self._loaded else BASE_LDIF) + ldif)
-        result = subprocess.run([self.slapadd, "-f", str(self.conf), "-l", str(path), "-q"],
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [self.slapadd, "-f", str(self.conf), "-l", str(path), "-q"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"slapadd failed: {result.stdout}{result.stderr}")
         self._loaded = True
@@ -97,12 +108,18 @@ class LdapServer:
             self.bulk_load("")
         self._log_file = self.log.open("ab")
         # -d 0: stay in the foreground (no fork), so the test owns the process
-        self.proc = subprocess.Popen([self.slapd, "-f", str(self.conf), "-h", self.url + "/", "-d", "0"],
-                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [self.slapd, "-f", str(self.conf), "-h", self.url + "/", "-d", "0"],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"slapd exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"slapd exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
@@ -127,8 +144,10 @@ class LdapServer:
     def admin(self) -> Any:
         """An ldap3 connection bound as the root DN, to change the directory."""
         from ldap3 import Connection, Server
-        return Connection(Server(self.url), user=ROOT_DN, password=ROOT_PASSWORD, auto_bind=True,
-                          raise_exceptions=True)
+
+        return Connection(
+            Server(self.url), user=ROOT_DN, password=ROOT_PASSWORD, auto_bind=True, raise_exceptions=True
+        )
 
     def add_user(self, conn: Any, uid: str, mail: str, **attributes: Any) -> str:
         dn = f"uid={uid},ou=people,{SUFFIX}"
@@ -145,9 +164,11 @@ class LdapServer:
         password = path.parent / "ldap.password"
         password.write_text(SERVICE_PASSWORD + "\n")
         password.chmod(0o600)
-        path.write_text(f'url = "{self.url}"\nbind_dn = "{SERVICE_DN}"\npassword_file = "{password}"\n'
-                        f'users_base = "ou=people,{SUFFIX}"\ngroups_base = "ou=groups,{SUFFIX}"\n'
-                        f"refresh_interval = {refresh}\ntimeout = 5\n{extra}")
+        path.write_text(
+            f'url = "{self.url}"\nbind_dn = "{SERVICE_DN}"\npassword_file = "{password}"\n'
+            f'users_base = "ou=people,{SUFFIX}"\ngroups_base = "ou=groups,{SUFFIX}"\n'
+            f"refresh_interval = {refresh}\ntimeout = 5\n{extra}"
+        )
         return path
 
 

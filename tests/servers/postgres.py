@@ -61,19 +61,39 @@ class PostgresServer:
     def _run(self, *command: str, timeout: float = 120) -> None:
         result = subprocess.run([*self.runas, *command], capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
-            raise RuntimeError(f"{command[0]} failed: {result.stdout}{result.stderr}{self.log_text()[-2000:]}")
+            raise RuntimeError(
+                f"{command[0]} failed: {result.stdout}{result.stderr}{self.log_text()[-2000:]}"
+            )
 
     def start(self) -> None:
         if not self.data.exists():
-            self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                      "--locale=C", "--no-sync")
-        options = (f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
-        self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+            self._run(
+                self.initdb,
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
+        options = (
+            f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50"
+        )
+        self._run(
+            self.pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
+        )
         self.started = True
         if not getattr(self, "_created", False):
             import psycopg
-            with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as db:
+
+            with psycopg.connect(
+                f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
+            ) as db:
                 db.execute("CREATE DATABASE policyplug")
             self._created = True
 
@@ -88,6 +108,7 @@ class PostgresServer:
 
     def connect(self) -> Any:
         import psycopg
+
         return psycopg.connect(self.url, autocommit=True)
 
     def log_text(self) -> str:

@@ -63,11 +63,20 @@ def _lua(value: Any) -> str:
 
 
 class ProsodyServer:
-    def __init__(self, workdir: Path, hosts: list[str] | None = None, components: dict[str, str] | None = None,
-                 extra_modules: list[str] | None = None, plugin_paths: list[str] | None = None,
-                 host_options: dict[str, dict[str, Any]] | None = None, global_options: dict[str, Any] | None = None,
-                 internal_components: dict[str, str] | None = None, log_level: str = "debug",
-                 s2s_peers: dict[str, int] | None = None, include: Path | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        hosts: list[str] | None = None,
+        components: dict[str, str] | None = None,
+        extra_modules: list[str] | None = None,
+        plugin_paths: list[str] | None = None,
+        host_options: dict[str, dict[str, Any]] | None = None,
+        global_options: dict[str, Any] | None = None,
+        internal_components: dict[str, str] | None = None,
+        log_level: str = "debug",
+        s2s_peers: dict[str, int] | None = None,
+        include: Path | None = None,
+    ):
         self.binary = require_binary("prosody")
         self.prosodyctl = require_binary("prosodyctl")
         self.workdir = Path(workdir)
@@ -94,17 +103,42 @@ class ProsodyServer:
         self.write_config()
 
     def write_config(self) -> None:
-        modules = ["roster", "saslauth", "disco", "ping", "presence", "message", "iq", "posix"] + self.extra_modules
+        modules = [
+            "roster",
+            "saslauth",
+            "disco",
+            "ping",
+            "presence",
+            "message",
+            "iq",
+            "posix",
+        ] + self.extra_modules
         options: dict[str, Any] = {
-            "daemonize": False, "run_as_root": True, "pidfile": str(self.workdir / "prosody.pid"),
-            "data_path": str(self.workdir / "data"), "interfaces": ["127.0.0.1"], "local_interfaces": ["127.0.0.1"],
-            "c2s_ports": [self.c2s_port], "s2s_ports": [self.s2s_port], "component_ports": [self.component_port],
-            "component_interfaces": ["127.0.0.1"], "http_ports": [], "https_ports": [], "c2s_direct_tls_ports": [],
-            "s2s_direct_tls_ports": [], "certificates": str(self.workdir / "certs"),
-            "authentication": "internal_plain", "c2s_require_encryption": False, "s2s_require_encryption": False,
-            "allow_unencrypted_plain_auth": True, "s2s_secure_auth": False, "storage": "internal",
-            "modules_enabled": modules, "modules_disabled": ["tls", "s2s_bidi"],
-            "plugin_paths": self.plugin_paths, "limits": {},
+            "daemonize": False,
+            "run_as_root": True,
+            "pidfile": str(self.workdir / "prosody.pid"),
+            "data_path": str(self.workdir / "data"),
+            "interfaces": ["127.0.0.1"],
+            "local_interfaces": ["127.0.0.1"],
+            "c2s_ports": [self.c2s_port],
+            "s2s_ports": [self.s2s_port],
+            "component_ports": [self.component_port],
+            "component_interfaces": ["127.0.0.1"],
+            "http_ports": [],
+            "https_ports": [],
+            "c2s_direct_tls_ports": [],
+            "s2s_direct_tls_ports": [],
+            "certificates": str(self.workdir / "certs"),
+            "authentication": "internal_plain",
+            "c2s_require_encryption": False,
+            "s2s_require_encryption": False,
+            "allow_unencrypted_plain_auth": True,
+            "s2s_secure_auth": False,
+            "storage": "internal",
+            "modules_enabled": modules,
+            "modules_disabled": ["tls", "s2s_bidi"],
+            "plugin_paths": self.plugin_paths,
+            "limits": {},
         }
         if self.include is not None:
             # the included config's modules, hosts and components stand; only what a throwaway
@@ -116,13 +150,20 @@ class ProsodyServer:
             options["use_ipv6"] = False
             # a `redirect` zone answers every name under the domain with the apex's records, so the
             # SRV record reaches the peer's components (policy.DOMAIN, rooms.DOMAIN) too
-            options["unbound"] = {"resolvconf": False, "hoststxt": False, "options": {
-                "local-zone:": f"{domain}. redirect",
-                "local-data:": f"{domain}. 60 IN SRV 0 0 {port} localhost."}}
+            options["unbound"] = {
+                "resolvconf": False,
+                "hoststxt": False,
+                "options": {
+                    "local-zone:": f"{domain}. redirect",
+                    "local-data:": f"{domain}. 60 IN SRV 0 0 {port} localhost.",
+                },
+            }
         options.update(self.global_options)
         lines = [f"Include {_lua(str(self.include))}"] if self.include is not None else []
         lines += [f"{key} = {_lua(value)}" for key, value in options.items()]
-        lines.append(f'log = {{ {{ levels = {{ min = {_lua(self.log_level)} }}, to = "file", filename = {_lua(str(self.log))} }} }}')
+        lines.append(
+            f'log = {{ {{ levels = {{ min = {_lua(self.log_level)} }}, to = "file", filename = {_lua(str(self.log))} }} }}'
+        )
         for host in self.hosts if self.include is None else []:
             lines.append(f"VirtualHost {_lua(host)}")
             for key, value in self.host_options.get(host, {}).items():
@@ -140,13 +181,20 @@ class ProsodyServer:
         return {**os.environ, "HOME": str(self.workdir)}
 
     def start(self, timeout: float = 30) -> None:
-        self.process = subprocess.Popen([self.binary, "-F", "--config", str(self.config)], cwd=self.workdir,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env())
+        self.process = subprocess.Popen(
+            [self.binary, "-F", "--config", str(self.config)],
+            cwd=self.workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 output = self.process.stdout.read().decode(errors="replace") if self.process.stdout else ""
-                raise RuntimeError(f"prosody exited ({self.process.returncode}):\n{output}\n{self.log_text()}")
+                raise RuntimeError(
+                    f"prosody exited ({self.process.returncode}):\n{output}\n{self.log_text()}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.c2s_port), timeout=0.5):
                     if not self.components:
@@ -173,8 +221,13 @@ class ProsodyServer:
         self.start()
 
     def register(self, user: str, host: str, password: str) -> None:
-        subprocess.run([self.prosodyctl, "--config", str(self.config), "register", user, host, password],
-                       check=True, capture_output=True, timeout=60, env=self._env())
+        subprocess.run(
+            [self.prosodyctl, "--config", str(self.config), "register", user, host, password],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            env=self._env(),
+        )
 
     def component_logins(self) -> int:
         """How many times a component has authenticated so far (Prosody logs each)."""

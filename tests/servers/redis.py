@@ -35,15 +35,37 @@ class RedisServer:
 
     def start(self, timeout: float = 15.0) -> None:
         # no persistence: a restart starts empty, the worst case for a shared window
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(self.log),
-                   "--protected-mode", "yes", *self.extra]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir, start_new_session=True)
+        command = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            str(self.log),
+            "--protected-mode",
+            "yes",
+            *self.extra,
+        ]
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode}: {self.log_text()[-2000:]}"
+                )
             if self.ping():
                 return
             time.sleep(0.05)
@@ -60,6 +82,7 @@ class RedisServer:
 
     def client(self) -> Any:
         import redis
+
         return redis.Redis(host="127.0.0.1", port=self.port, db=0, socket_timeout=5)
 
     def stop(self) -> None:
@@ -106,16 +129,25 @@ class SentinelServer(RedisServer):
 
     def start(self, timeout: float = 15.0) -> None:
         conf = self.workdir / "sentinel.conf"  # Sentinel rewrites its file: one of its own
-        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\nlogfile {self.log}\n"
-                        f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
-                        f"sentinel down-after-milliseconds {self.name} 1000\n"
-                        f"sentinel failover-timeout {self.name} 5000\n")
-        self.proc = subprocess.Popen([self.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\nlogfile {self.log}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.name} 1000\n"
+            f"sentinel failover-timeout {self.name} 5000\n"
+        )
+        self.proc = subprocess.Popen(
+            [self.binary, str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis sentinel exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+                raise RuntimeError(
+                    f"redis sentinel exited with {self.proc.returncode}: {self.log_text()[-2000:]}"
+                )
             if self.ping():
                 return
             time.sleep(0.05)
