@@ -58,6 +58,40 @@ def embedded_python() -> str | None:
     return match.group(1) if match else None
 
 
+def sip_probe(port: int, method: str, uri: str, sender: str, to: str, expect: bytes) -> bool:
+    """One request over UDP to Kamailio on `port`; True when the answer starts with `expect`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.3)
+        local = sock.getsockname()[1]
+        call_id = uuid.uuid4().hex
+        request = (
+            f"{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{call_id}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <{sender}>;tag=1\r\nTo: <{to}>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+        )
+        try:
+            sock.sendto(request.encode(), ("127.0.0.1", port))
+            return sock.recv(4096).startswith(expect)
+        except OSError:
+            return False
+
+
+def wait_answering(server: Any, timeout: float, on_exit: Any = None) -> None:
+    """Until `server.ping()` answers; a Kamailio that exits or never answers is an error with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            if on_exit is not None:
+                on_exit()
+            raise RuntimeError(f"kamailio exited with {server.proc.returncode}:\n{server.log_text()[-4000:]}")
+        if server.ping():
+            return
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"kamailio did not answer within {timeout}s:\n{server.log_text()[-4000:]}")
+
+
 class KamailioServer:
     def __init__(
         self,
@@ -160,33 +194,12 @@ class KamailioServer:
             cwd=self.workdir,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kamailio exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            if self.ping():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"kamailio did not answer OPTIONS within {timeout}s:\n{self.log_text()[-4000:]}")
+        wait_answering(self, timeout)
 
     def ping(self) -> bool:
         """An OPTIONS to the server itself, answered 200 by the adapter's keepalive branch."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            sock.settimeout(0.3)
-            port = sock.getsockname()[1]
-            call_id = uuid.uuid4().hex
-            request = (
-                f"OPTIONS sip:{self.address} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
-                f"Max-Forwards: 70\r\nFrom: <sip:ping@test>;tag=1\r\nTo: <sip:{self.address}>\r\n"
-                f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
-            )
-            try:
-                sock.sendto(request.encode(), ("127.0.0.1", self.port))
-                return sock.recv(4096).startswith(b"SIP/2.0 200")
-            except OSError:
-                return False
+        address = f"sip:{self.address}"
+        return sip_probe(self.port, "OPTIONS", address, "sip:ping@test", address, b"SIP/2.0 200")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -420,34 +433,12 @@ class NativePolicyKamailio:
         self.proc = subprocess.Popen(
             command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.syslog.stop()
-                raise RuntimeError(f"kamailio exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            if self.ping():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"kamailio did not answer within {timeout}s:\n{self.log_text()[-4000:]}")
+        wait_answering(self, timeout, on_exit=self.syslog.stop)
 
     def ping(self) -> bool:
         """A MESSAGE from a blocked domain: refused with 403 by the policy route, relayed nowhere."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            sock.settimeout(0.3)
-            port = sock.getsockname()[1]
-            call_id = uuid.uuid4().hex
-            request = (
-                f"MESSAGE sip:x@{BENCH_DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}\r\n"
-                f"Max-Forwards: 70\r\nFrom: <sip:ping@spam0.example>;tag=1\r\nTo: <sip:x@{BENCH_DOMAIN}>\r\n"
-                f"Call-ID: {call_id}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
-            )
-            try:
-                sock.sendto(request.encode(), ("127.0.0.1", self.port))
-                return sock.recv(4096).startswith(b"SIP/2.0 403")
-            except OSError:
-                return False
+        uri = f"sip:x@{BENCH_DOMAIN}"
+        return sip_probe(self.port, "MESSAGE", uri, "sip:ping@spam0.example", uri, b"SIP/2.0 403")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
