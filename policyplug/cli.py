@@ -1,4 +1,4 @@
-"""The `policyplug` command line (contract: shared/spec/cli.md)."""
+"""The `policyplug` command line (docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -295,13 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fmt)
 
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that part is not there (yet): its commands are simply absent
-            raise
-        module.add_commands(sub)
+        importlib.import_module(module_name).add_commands(sub)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Files -> a checked policy model: includes, lists, directory, defines, and every load-time check.
 
-Every problem the spec lists (unknown names, unknown lists, duplicate rule names, a `by`
+Every load-time problem docs/language.md names (unknown names, unknown lists, duplicate rule names, a `by`
 naming no rule, two terminal effects, unreadable files, CEL syntax errors) is found here,
 all of them in one run, before any traffic arrives. Nothing is half-loaded: either the
 whole model is valid or PolicyError carries every diagnostic.

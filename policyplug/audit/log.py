@@ -77,7 +77,7 @@ def shift_rotations(path: Path) -> None:
 
 def should_audit(level: str, decision: Any) -> bool:
     """`denied` (default): refusals and drops, and every decision a rule marked `audit`; `all`:
-    every decision; `none`: only those a rule marked `audit` (rule-language.md: the clause writes
+    every decision; `none`: only those a rule marked `audit` (docs/audit.md: the clause writes
     the decision "even where the audit level would not"; no --audit-log means no records at all)."""
     if level == "all":
         return True
