@@ -290,8 +290,9 @@ class PolicyComponent(ComponentXMPP):
         session["has_next"] = False
         return session
 
-    def _cmd_reload(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
-        result = self.service.reload("ad-hoc command")
+    async def _cmd_reload(self, iq: Iq, session: dict[str, Any]) -> dict[str, Any]:
+        # off the event loop like every reload (docs/service.md): decisions go on while it loads
+        result = await self.service.reload_async("ad-hoc command")
         fields = {k: str(v) for k, v in result.items()}
         session["payload"] = self._result_form("reload " + ("done" if result["ok"] else "rejected"), fields)
         session["next"] = None
