@@ -24,7 +24,7 @@ from typing import Any
 import lark
 
 from .cel.compile import RaiseCheck, has_empty_literal
-from .cel.fastparse import rule_name
+from .cel.fastparse import PASSTHROUGH, rule_name
 from .compiled import CompiledRule
 from .schema import DIRECTIONS, EVENT_KINDS
 
@@ -40,18 +40,6 @@ INDEXED_FIELDS = (
     "direction",
 )
 MULTI_VALUED = frozenset({"sender.groups", "recipient.groups"})
-_PASS_THROUGH = {
-    "expr",
-    "conditionalor",
-    "conditionaland",
-    "relation",
-    "addition",
-    "multiplication",
-    "unary",
-    "member",
-    "primary",
-    "paren_expr",
-}
 _PLAIN_STRING = re.compile(r'^(?:"([^"\\]*)"|\'([^\'\\]*)\')\Z')
 
 
@@ -59,7 +47,7 @@ def _strip(tree: Any) -> Any:
     while (
         isinstance(tree, lark.Tree)
         and len(tree.children) == 1
-        and rule_name(tree.data) in _PASS_THROUGH
+        and rule_name(tree.data) in PASSTHROUGH
         and isinstance(tree.children[0], lark.Tree)
     ):
         tree = tree.children[0]

@@ -31,7 +31,7 @@ import z3
 from celpy.evaluation import CELEvalError
 
 from ..cel.check import EVENT_VARIABLES, TYPE_NAMES
-from ..cel.fastparse import rule_name
+from ..cel.fastparse import PASSTHROUGH, rule_name
 from ..cel.functions import EXTRA_FUNCTIONS
 from ..cel.reference import _env, to_celpy
 from ..nodes import EVENT_KINDS
@@ -45,20 +45,6 @@ TIME_MIN = int((datetime.datetime(1, 1, 1, tzinfo=datetime.UTC) - EPOCH) / datet
 TIME_MAX = int(
     (datetime.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=datetime.UTC) - EPOCH)
     / datetime.timedelta(microseconds=1)
-)
-PASSTHROUGH = frozenset(
-    (
-        "expr",
-        "conditionalor",
-        "conditionaland",
-        "relation",
-        "addition",
-        "multiplication",
-        "unary",
-        "member",
-        "primary",
-        "paren_expr",
-    )
 )
 PARTIES = ("sender", "recipient")
 STRING_FIELDS = ("address", "user", "domain", "resource")
