@@ -22,7 +22,8 @@ import lark
 
 from . import nodes
 from .addresses import AddressError, normalise_domain, normalise_list_entry, parse_address
-from .cel.check import CEL_RESERVED_WORDS, EVENT_VARIABLES, TYPE_NAMES, check_expression
+from .cel.check import EVENT_VARIABLES, TYPE_NAMES, check_expression
+from .cel.fastparse import CEL_RESERVED_WORDS
 from .diagnostics import Diagnostic, DiagnosticSink, Location, did_you_mean
 from .parser import TOP_LEVEL_KEYWORDS, parse_text
 from .testevents import test_event_problem

@@ -70,31 +70,6 @@ METHODS = (
 MACROS = ("exists", "all", "exists_one", "map", "filter")
 # CEL's type denotations (`type(x) == string`); `type` itself names the event's type field here
 TYPE_NAMES = ("int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type")
-# Words a CEL identifier cannot be (cel-spec: the literals, `in`, and the reserved words): a list or
-# define so named would never be read by a condition, which would see the literal or a syntax error
-CEL_RESERVED_WORDS = (
-    "true",
-    "false",
-    "null",
-    "in",
-    "as",
-    "break",
-    "const",
-    "continue",
-    "else",
-    "for",
-    "function",
-    "if",
-    "import",
-    "let",
-    "loop",
-    "package",
-    "namespace",
-    "return",
-    "var",
-    "void",
-    "while",
-)
 MAX_CEL_LENGTH = 64 * 1024
 # a string literal with no escapes, prefixes or triple quotes: its value is its inside
 SIMPLE_STRING = re.compile(r'"[^"\\\n\r]*"|\'[^\'\\\n\r]*\'')

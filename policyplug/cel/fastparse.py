@@ -123,9 +123,14 @@ _REL_OPS = {
     "in": "relation_in",
 }
 _MUL_OPS = {"*": "multiplication_mul", "/": "multiplication_div", "%": "multiplication_mod"}
-# celpy/cel.lark RESERVED, plus words the lexer treats specially
-_AWKWARD_WORDS = frozenset(
+# Words a CEL identifier cannot be (cel-spec: the literals, `in`, and the reserved words): a list or
+# define so named would never be read by a condition, which would see the literal or a syntax error
+CEL_RESERVED_WORDS = frozenset(
     (
+        "true",
+        "false",
+        "null",
+        "in",
         "as",
         "break",
         "const",
@@ -143,10 +148,10 @@ _AWKWARD_WORDS = frozenset(
         "var",
         "void",
         "while",
-        "in",
-        "null",
     )
 )
+# the reserved words this parser leaves to cel-python's (true and false it reads as literals)
+_AWKWARD_WORDS = CEL_RESERVED_WORDS - {"true", "false"}
 
 # One token: (kind, text, start). Kinds: name, str, int, op, end.
 _TOKEN = re.compile(
