@@ -347,6 +347,7 @@ class PolicyplugKamailio(PolicyHost):
         self.usage_db: str | None = config.get("usage_db")
         self._usage_pid = 0
         self._usage_retry = 0.0
+        self._records = self.audit is not None or bool(self.usage_db)  # else record is not called
         self.state_dir = Path(config.get("state_dir", "/var/lib/policyplug/kamailio"))
         # copies this server sends itself carry this token, so they are routed without a decision;
         # nobody outside can forge it, and every worker knows the same one, also after
@@ -630,7 +631,11 @@ class PolicyplugKamailio(PolicyHost):
         decision = self._decide(event)
         if self.usage_db and self._usage_pid != os.getpid():
             self.open_usage()
-        if not self.record(event, decision) and self.audit.stats["errors"] != self._audit_errors:
+        if (
+            self._records
+            and not self.record(event, decision)
+            and self.audit.stats["errors"] != self._audit_errors
+        ):
             # a failing disk: said loudly in Kamailio's log (once per failure), decisions go on
             self._audit_errors = self.audit.stats["errors"]
             log(
