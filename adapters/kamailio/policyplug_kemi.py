@@ -83,10 +83,10 @@ from sip_event import (  # noqa: E402
     split_text,
 )
 
-from policyplug import Event, PolicyError, load_policy  # noqa: E402
+from policyplug import Event, PolicyError  # noqa: E402
 from policyplug.addresses import AddressError, event_address  # noqa: E402
 from policyplug.audit.multiprocess_log import RING_BYTES, AuditSpool, SharedAuditLog, SpoolChainer, after_fork  # noqa: E402
-from policyplug.loader import file_times  # noqa: E402
+from policyplug.host import PolicyHost  # noqa: E402
 from policyplug.state import make_limiter  # noqa: E402
 from policyplug.usage.backends import open_usage_store  # noqa: E402
 
@@ -262,16 +262,22 @@ def sip_uri(address: str) -> str:
     return address if address.startswith(("sip:", "sips:")) else "sip:" + address
 
 
-class PolicyplugKamailio:
+class PolicyplugKamailio(PolicyHost):
+    """The policy host inside Kamailio (policyplug.host: loading, file times, warnings, recording)
+    and the SIP glue around it."""
+
     def __init__(self, config: dict[str, Any]):
         self.config = config
-        self.policy_path = Path(config["policy"])
-        # `state = "redis://..."`: windows shared with every node and service using that Redis
-        # (docs/scaling.md); otherwise in this Kamailio's shared memory
-        self.limiter: Any = (
-            make_limiter(config["state"], config.get("state_failure", "closed"))
-            if config.get("state")
-            else HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits"))
+        super().__init__(
+            config["policy"],
+            # `state = "redis://..."`: windows shared with every node and service using that Redis
+            # (docs/scaling.md); otherwise in this Kamailio's shared memory
+            limiter=(
+                make_limiter(config["state"], config.get("state_failure", "closed"))
+                if config.get("state")
+                else HtableLimiter(KSR, config.get("limits_htable", "policyplug_limits"))
+            ),
+            warn=lambda text: log("warn", text),
         )
         self.server_name = config.get("server_name", "policyplug")
         self.routes: dict[str, str] = {k.lower(): v for k, v in config.get("routes", {}).items()}
@@ -296,7 +302,6 @@ class PolicyplugKamailio:
                 f'{CONFIG_PATH}: audit_headers must be "call-id" or "all", not {self.audit_headers!r}'
             )
         audit_path = config.get("audit_log")
-        self.audit: Any = None
         self.chainer: SpoolChainer | None = None
         self.sealed_log: SharedAuditLog | None = None
         if audit_path:
@@ -338,16 +343,16 @@ class PolicyplugKamailio:
                 self.audit = shared_log
         # usage counts for `policyplug report` at any audit level (docs/kamailio.md): every worker
         # tallies its own decisions into the store (SQLite or PostgreSQL), opened after the fork
+        # (self.usage: see open_usage)
         self.usage_db: str | None = config.get("usage_db")
-        self._usage: Any = None
         self._usage_pid = 0
         self._usage_retry = 0.0
+        self._records = self.audit is not None or bool(self.usage_db)  # else record is not called
         self.state_dir = Path(config.get("state_dir", "/var/lib/policyplug/kamailio"))
         # copies this server sends itself carry this token, so they are routed without a decision;
         # nobody outside can forge it, and every worker knows the same one, also after
         # `kamcmd app_python.reload` has run this file again in each of them
         self.copy_token = self._copy_token()
-        self.policy: Any = None
         self.generation = 0
         self._audit_errors = 0
         self._local: frozenset[str] = frozenset()
@@ -361,7 +366,6 @@ class PolicyplugKamailio:
         self._decide: Any = None
         self._domains: dict[str, str] = {}  # Request-URI -> its domain as Kamailio parses it ($rd)
         self._next_follow = 0.0
-        self._mtimes: dict[Path, float] = {}
         self._load_initial()
 
     def _copy_token(self) -> str:
@@ -387,29 +391,17 @@ class PolicyplugKamailio:
     # (one htable read) and load the snapshot. So every worker runs the same policy, and an
     # invalid text is never loaded by anyone, whenever each worker happens to look.
 
-    def _file_times(self, policy: Any) -> dict[Path, float]:
-        return file_times([self.policy_path, *(policy.files if policy else [])])
-
     def _load_initial(self) -> None:
         snapshot = self._shared_snapshot()
         if snapshot is not None:  # `kamcmd app_python.reload` runs this file again in a worker
             self.generation, path = snapshot
             # a snapshot keeps the files' relative places under its own folder, which may be above the
             # policy's (files from --allow-path / POLICYPLUG_ALLOW_PATH folders): it was checked when made
-            self.policy = load_policy(path, limiter=self.limiter, allowed_paths=[self.state_dir])
+            policy = self.load(path, allowed_paths=[self.state_dir])
         else:
-            self.policy = load_policy(self.policy_path, limiter=self.limiter)
-        self._mtimes = self._file_times(self.policy)
-        log(
-            "info",
-            f"policy {self.policy.name!r} revision {self.policy.revision} loaded from {self.policy_path}",
-        )
-        self._log_warnings(self.policy)
-
-    @staticmethod
-    def _log_warnings(policy: Any) -> None:
-        for warning in policy.warnings:
-            log("warn", warning.format())
+            policy = self.load()
+        log("info", f"policy {policy.name!r} revision {policy.revision} loaded from {self.policy_path}")
+        self.install(policy)  # and its warnings logged
 
     def _shared_snapshot(self) -> tuple[int, str] | None:
         try:
@@ -423,19 +415,17 @@ class PolicyplugKamailio:
 
     def watch(self) -> None:
         """Timer process: validate a changed policy and publish it to the workers."""
-        if self._file_times(self.policy) == self._mtimes:
+        if not self.changed():
             return
         try:
-            policy = load_policy(self.policy_path, limiter=self.limiter)
+            policy = self.load()
         except PolicyError as exc:
-            self._mtimes = self._file_times(self.policy)  # do not retry the same text every second
+            self.mark_seen()  # do not retry the same text every second
             KSR.htable.sht_inc(STATE_TABLE, "failed_reloads")
             log("err", f"{self.policy_path} is invalid, keeping revision {self.policy.revision}:\n{exc}")
             return
         self.generation += 1
         path = self._snapshot(policy, self.generation)
-        self.policy = policy
-        self._mtimes = self._file_times(policy)
         KSR.htable.sht_sets(STATE_TABLE, "snapshot", str(path))
         KSR.htable.sht_seti(STATE_TABLE, "generation", self.generation)
         log(
@@ -443,7 +433,7 @@ class PolicyplugKamailio:
             f"policy {policy.name!r} revision {policy.revision} published to the workers "
             f"(generation {self.generation})",
         )
-        self._log_warnings(policy)
+        self.install(policy)  # and its warnings logged
 
     def _snapshot(self, policy: Any, generation: int) -> Path:
         """Copy the policy and every file it read, keeping their relative places."""
@@ -471,7 +461,7 @@ class PolicyplugKamailio:
             return
         path = KSR.htable.sht_get(STATE_TABLE, "snapshot")
         try:
-            self.policy = load_policy(path, limiter=self.limiter, allowed_paths=[self.state_dir])
+            self.policy = self.load(path, allowed_paths=[self.state_dir])  # warnings: logged by the timer
         except (PolicyError, OSError) as exc:  # a snapshot was valid when made: say so loudly
             log("err", f"snapshot {path} did not load, keeping revision {self.policy.revision}: {exc}")
         self.generation = generation
@@ -639,11 +629,11 @@ class PolicyplugKamailio:
         if CONTENT_COMPLETE:  # set either way: Event.from_members leaves members it does not know unset
             event.content_complete = problem is None  # type: ignore[attr-defined]
         decision = self._decide(event)
-        if self.usage_db:
-            self.count_usage(event, decision)
+        if self.usage_db and self._usage_pid != os.getpid():
+            self.open_usage()
         if (
-            self.audit is not None
-            and not self.audit.submit(event, decision)
+            self._records
+            and not self.record(event, decision)
             and self.audit.stats["errors"] != self._audit_errors
         ):
             # a failing disk: said loudly in Kamailio's log (once per failure), decisions go on
@@ -778,22 +768,22 @@ class PolicyplugKamailio:
         if KSR.tm.t_uac_send("MESSAGE", archive, self.self_uri, "", headers, cpim) < 0:
             log("err", f"copy to {archive} could not be sent (Call-ID {KSR.pv.get('$ci')})")
 
-    def count_usage(self, event: Any, decision: Any) -> None:
-        """Never fails the request: a store that cannot be opened is logged, and tried again 10 s later."""
-        if self._usage_pid != os.getpid():  # each worker its own store connection and tally
-            if time.monotonic() < self._usage_retry:
-                return
-            try:
-                # no background writer: Kamailio runs a worker's Python only while it handles a request
-                self._usage = open_usage_store(self.usage_db, background=False)
-            except Exception as exc:
-                self._usage_retry = time.monotonic() + 10
-                from policyplug.usage.postgres_store import safe_url
+    def open_usage(self) -> None:
+        """Each worker its own store connection and tally (self.usage, counted into by record). Never
+        fails the request: a store that cannot be opened is logged, and tried again 10 s later."""
+        self.usage = None  # a store opened before a fork is not this process's
+        if time.monotonic() < self._usage_retry:
+            return
+        try:
+            # no background writer: Kamailio runs a worker's Python only while it handles a request
+            self.usage = open_usage_store(self.usage_db, background=False)
+        except Exception as exc:
+            self._usage_retry = time.monotonic() + 10
+            from policyplug.usage.postgres_store import safe_url
 
-                log("err", f"usage store {safe_url(self.usage_db)} not opened, decisions not counted: {exc}")
-                return
-            self._usage_pid = os.getpid()
-        self._usage.count(event, decision, self.policy.activation(event)["direction"])
+            log("err", f"usage store {safe_url(self.usage_db)} not opened, decisions not counted: {exc}")
+            return
+        self._usage_pid = os.getpid()
 
     def sync_audit(self) -> int:
         """Timer process: chain what the workers spooled (or fsync the directly written log)."""

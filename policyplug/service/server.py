@@ -23,10 +23,11 @@ from typing import Any
 import orjson
 
 from ..audit.log import encode_decision
-from ..compiler import compile_policy, load_policy
+from ..compiler import compile_policy
 from ..diagnostics import PolicyError
 from ..events import Event
-from ..loader import file_times, load_model
+from ..host import PolicyHost
+from ..loader import load_model
 from ..runtime import Policy
 
 log = logging.getLogger("policyplug.service")
@@ -62,7 +63,9 @@ def release_generated_code(policy: Policy) -> None:
             visit(rule.limit.key)
 
 
-class DecisionService:
+class DecisionService(PolicyHost):
+    """The policy host of `policyplug serve` (policyplug.host: loading, file times, warnings)."""
+
     def __init__(
         self,
         policy_path: str | Path,
@@ -75,22 +78,23 @@ class DecisionService:
         directory_source: Any = None,
         allowed_paths: Iterable[str | Path] = (),
     ):
-        self.policy_path = Path(policy_path)
-        self.allowed_paths = list(allowed_paths)
-        # where `limit` windows live (policyplug.state): with --state one Redis limiter for every
-        # policy loaded; None: each loaded policy counts in its own memory
-        self.limiter = limiter
-        self.policy: Policy = self._load()  # an invalid policy at start-up is fatal
+        super().__init__(
+            policy_path,
+            limiter=limiter,
+            allowed_paths=allowed_paths,
+            warn=lambda text: log.warning("%s", text),
+            audit=audit,
+            usage=usage,
+        )
+        policy = self.load()  # an invalid policy at start-up is fatal
         # users and groups from LDAP (policyplug.directory_ldap), overlaid on the policy's directory
         self.directory_source = directory_source
         if directory_source is not None:
-            directory_source.apply(self.policy)
-        self._log_warnings(self.policy)
+            directory_source.apply(policy)
+        self.install(policy)
         self.freeze_gc = freeze_gc
         if freeze_gc:
             self._settle_memory()
-        self.audit = audit
-        self.usage = usage
         self.metrics = metrics
         self.started = time.time()
         self.decisions: Counter[str] = Counter()
@@ -98,7 +102,6 @@ class DecisionService:
         self.invalid_requests = 0
         self.reloads: Counter[str] = Counter()
         self.last_reload_error: str | None = None
-        self._mtimes = self._file_times()
         self._policy_members: dict[tuple[str, str], bytes] = {}  # serialised policy fields of answers
         # called with {"revision", "cacheable"} after a reload: the socket tells its clients, so
         # an adapter's decision cache never outlives the policy that made it
@@ -136,6 +139,8 @@ class DecisionService:
         if decision._errors:  # not .errors: that makes an empty list for every decision without any
             self.evaluation_errors += len(decision._errors)
         encoded = encode_decision(decision)
+        # PolicyHost.record, written out here (the hot path, no extra call), with the audit log
+        # given the encoding made for the answer
         if self.audit is not None:
             self.audit.submit_encoded(event, decision, encoded)
         if self.usage is not None:
@@ -163,20 +168,6 @@ class DecisionService:
 
     # -- reloading -----------------------------------------------------------------------------------
 
-    def _file_times(self) -> dict[Path, float]:
-        return file_times([self.policy_path, *self.policy.files])
-
-    def changed(self) -> bool:
-        return self._file_times() != self._mtimes
-
-    @staticmethod
-    def _log_warnings(policy: Policy) -> None:
-        for warning in policy.warnings:
-            log.warning("%s", warning.format())
-
-    def _load(self) -> Policy:
-        return load_policy(self.policy_path, limiter=self.limiter, allowed_paths=self.allowed_paths)
-
     def _load_collecting_young(self) -> Policy:
         """The load of a reload, with the collector collecting young objects only.
 
@@ -198,7 +189,7 @@ class DecisionService:
         """Compile the policy anew and swap it in if valid; the old one stays otherwise. Synchronous:
         the service's transports use reload_async, which loads off the event loop."""
         try:
-            loaded: Policy | BaseException = self._load()
+            loaded: Policy | BaseException = self.load()
         except (PolicyError, OSError) as exc:
             loaded = exc
         return self._install(loaded, reason)
@@ -244,7 +235,7 @@ class DecisionService:
         previous = sys.getswitchinterval()
         sys.setswitchinterval(min(previous, RELOAD_SWITCH_INTERVAL))
         try:
-            return self._load_collecting_young() if self.freeze_gc else self._load()
+            return self._load_collecting_young() if self.freeze_gc else self.load()
         except (PolicyError, OSError) as exc:
             return exc
         finally:
@@ -259,7 +250,7 @@ class DecisionService:
         except PolicyError as exc:
             self.reloads["invalid"] += 1
             self.last_reload_error = exc.format()
-            self._mtimes = self._file_times()  # do not retry the same broken text every second
+            self.mark_seen()  # do not retry the same broken text every second
             log.error(
                 "reload (%s) rejected, keeping revision %s:\n%s",
                 reason,
@@ -280,7 +271,8 @@ class DecisionService:
         if self.directory_source is not None:
             self.directory_source.apply(new_policy)
             self.directory_source.wake()  # and read the directory again, as the docs promise on reload
-        self.policy = new_policy
+        log.info("reload (%s): %s -> %s", reason, old, new_policy.revision)
+        self.install(new_policy)  # and its warnings logged
         # Nothing decides with the old policy any more (decisions run on this loop, between calls
         # like this one): break its generated code's cycles so reference counting frees it, and
         # move the new policy out of the collector's way. No full collection: it walked the whole
@@ -293,12 +285,9 @@ class DecisionService:
             gc.freeze()
         self.last_reload_error = None
         self.reloads["ok"] += 1
-        self._mtimes = self._file_times()
         if self.metrics is not None:
             self.metrics.reloaded("ok")
             self.metrics.policy_loaded(new_policy)
-        log.info("reload (%s): %s -> %s", reason, old, new_policy.revision)
-        self._log_warnings(new_policy)
         notice = {"revision": new_policy.revision, "cacheable": self.cacheable}
         for listener in list(self.reload_listeners):
             try:
