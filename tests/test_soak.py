@@ -10,8 +10,12 @@ POLICYPLUG_SOAK_SECONDS sets the length: 120 s by default (CI), as long as you l
 (`POLICYPLUG_SOAK_SECONDS=900 python3 -m pytest tests/test_soak.py -s`). The figures are printed
 (`-s` shows them) and written as JSON to POLICYPLUG_SOAK_REPORT when that is set.
 
-Prosody restarts are not part of this soak (the Prosody module and its test servers belong to
-another part of the project); the lead wires them in.
+A real Prosody with mod_policyplug asks the same service over its socket for the messages, logins
+and presences of two slixmpp clients (alice sends bob ten messages a second, some refused by the
+policy), and is restarted twice (at a third and two thirds of the run). Every message sent while
+Prosody is up must reach bob or come back to alice as refused, as the policy says; the p99 above
+leaves out each restart's window (from the stop until the module is back on the socket, plus a
+second). Without Prosody the test fails when POLICYPLUG_REQUIRE_SERVERS=1 and skips otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.servers.prosody import ProsodyServer
+from tests.xmpp_client import TestClient
+
+ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "prosody"
+XMPP_INTERVAL = 0.1  # seconds between alice's messages
+RESTARTS = 2
 
 SECONDS = float(os.environ.get("POLICYPLUG_SOAK_SECONDS", "120"))
 P99_LIMIT = 0.005
@@ -53,6 +64,8 @@ def policy_text(generation: int, rules: int = 200) -> str:
     text = (
         'policy "soak"\nlocal domains ["acme.example"]\nlist partners = ["partner.example", "p2.example"]\n'
         f'default deny "no"\n# generation {generation}\n'
+        # what the Prosody clients send: refused when it says "forbidden", else internal (allowed)
+        'rule forbidden_word:\n  when kind == "message" && body.contains("forbidden")\n  deny "forbidden word"\n'
         'rule internal:\n  when direction == "internal"\n  allow\n'
     )
     for i in range(rules):
@@ -228,6 +241,108 @@ async def reloader(path: Path, policy: Path, pid: int, until: float, counts: dic
         writer.close()
 
 
+@dataclass
+class XmppTally:
+    sent: int = 0
+    delivered: int = 0
+    refused: int = 0
+    logins: int = 0
+    restart_windows: list[tuple[float, float]] = field(default_factory=list)  # monotonic
+    restart_seconds: list[float] = field(default_factory=list)  # stop to module back on the socket
+    problems: list[str] = field(default_factory=list)
+
+
+def prosody_for(workdir: Path, sock: Path) -> ProsodyServer:
+    return ProsodyServer(
+        workdir,
+        hosts=["acme.example"],
+        plugin_paths=[str(ADAPTER)],
+        host_options={
+            "acme.example": {
+                "modules_enabled": ["policyplug"],
+                "policyplug_socket": str(sock),
+                "policyplug_timeout": 5,
+                "policyplug_fail_mode": "closed",
+            }
+        },
+    )
+
+
+def module_connections(server: ProsodyServer) -> int:
+    return server.log_text().count("connected to the decision service at")
+
+
+async def wait_module_connected(server: ProsodyServer, before: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while module_connections(server) <= before:
+        if time.monotonic() > deadline:
+            raise AssertionError("mod_policyplug did not connect to the service:\n" + server.log_text()[-3000:])
+        await asyncio.sleep(0.05)
+
+
+async def xmpp_session(server: ProsodyServer, until: float, tally: XmppTally) -> None:
+    """alice and bob log in; alice sends bob a message every XMPP_INTERVAL until `until`, each awaited:
+    delivered to bob, or refused back to alice (the policy refuses those that say "forbidden")."""
+    alice, bob = TestClient("alice@acme.example", "pw"), TestClient("bob@acme.example", "pw")
+    delivered: set[str] = set()
+    refused: dict[str, str] = {}
+    bob.add_event_handler("message", lambda msg: delivered.add(msg["body"]))
+
+    def on_error(msg: object) -> None:
+        refused[msg["id"]] = msg["error"]["text"] or msg["error"]["condition"]  # type: ignore[index]
+
+    alice.add_event_handler("message_error", on_error)
+    try:
+        for client in (alice, bob):
+            await client.login(server.c2s_port)
+            tally.logins += 1
+        while time.monotonic() < until:
+            tally.sent += 1
+            n = tally.sent
+            bad = n % 5 == 0
+            body = f"soak {n}" + (" forbidden" if bad else "")
+            ident = f"soak-{n}"
+            message = alice.make_message(mto="bob@acme.example", mbody=body, mtype="chat")  # type: ignore[arg-type]
+            message["id"] = ident
+            message.send()
+            deadline = time.monotonic() + 15
+            while body not in delivered and ident not in refused:
+                if time.monotonic() > deadline:
+                    tally.problems.append(f"message {n} neither delivered nor refused in 15 s")
+                    break
+                await asyncio.sleep(0.005)
+            if body in delivered:
+                tally.delivered += 1
+                if bad:
+                    tally.problems.append(f"message {n} says forbidden and was delivered")
+            elif ident in refused:
+                tally.refused += 1
+                if not bad or "forbidden word" not in refused[ident]:
+                    tally.problems.append(f"message {n} ({body!r}) refused: {refused[ident]!r}")
+            await asyncio.sleep(XMPP_INTERVAL)
+    finally:
+        for client in (alice, bob):
+            client.disconnect()
+        await asyncio.sleep(0.2)
+
+
+async def prosody_traffic(server: ProsodyServer, started: float, until: float, tally: XmppTally) -> None:
+    """Traffic through Prosody, with RESTARTS restarts spread over the run."""
+    span = until - started
+    for k in range(RESTARTS + 1):
+        stop_at = started + span * (k + 1) / (RESTARTS + 1) if k < RESTARTS else until
+        await xmpp_session(server, stop_at, tally)
+        if k == RESTARTS:
+            break
+        begin = time.monotonic()
+        before = module_connections(server)
+        await asyncio.to_thread(server.restart)
+        await wait_module_connected(server, before)
+        end = time.monotonic()
+        tally.restart_seconds.append(round(end - begin, 2))
+        tally.restart_windows.append((begin, end + 1.0))
+
+
 async def sample_memory(pid: int, until: float, samples: list[tuple[float, int]]) -> None:
     started = time.monotonic()
     while time.monotonic() < until:
@@ -235,8 +350,9 @@ async def sample_memory(pid: int, until: float, samples: list[tuple[float, int]]
         await asyncio.sleep(1.0)
 
 
-async def soak(sock: Path, policy: Path, pid: int, seconds: float) -> dict:
-    until = time.monotonic() + seconds
+async def soak(sock: Path, policy: Path, pid: int, seconds: float, prosody: ProsodyServer) -> dict:
+    started = time.monotonic()
+    until = started + seconds
     rng = random.Random(16)
     decisions, malformed = Tally(), Tally()
     counts: dict[str, int] = {
@@ -247,7 +363,9 @@ async def soak(sock: Path, policy: Path, pid: int, seconds: float) -> dict:
         "reload answers failed": 0,
     }
     memory: list[tuple[float, int]] = []
+    xmpp = XmppTally()
     await asyncio.gather(
+        prosody_traffic(prosody, started, until, xmpp),
         *(
             decision_client(sock, f"c{i}", until, decisions, random.Random(i))
             for i in range(DECISION_CLIENTS)
@@ -267,6 +385,7 @@ async def soak(sock: Path, policy: Path, pid: int, seconds: float) -> dict:
         "counts": counts,
         "memory": memory,
         "status": status,
+        "xmpp": xmpp,
     }
 
 
@@ -302,14 +421,21 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
         text=True,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )  # SIGABRT: every thread's stack
+    prosody: ProsodyServer | None = None
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "service did not start"
             time.sleep(0.05)
+        prosody = prosody_for(tmp_path / "prosody", sock)  # fails under POLICYPLUG_REQUIRE_SERVERS=1
+        prosody.start()
+        for user in ("alice", "bob"):
+            prosody.register(user, "acme.example", "pw")
+        asyncio.run(wait_module_connected(prosody, 0))
+        STARTED = time.monotonic()  # the phases count from here
         try:
-            result = asyncio.run(soak(sock, policy, proc.pid, SECONDS))
+            result = asyncio.run(soak(sock, policy, proc.pid, SECONDS, prosody))
         except Exception as exc:  # say what the service said
             alive = proc.poll() is None
             proc.send_signal(signal.SIGABRT if alive else signal.SIGTERM)  # a stuck service shows where
@@ -319,11 +445,15 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
                 f"its log:\n{log_path.read_text()[-12000:]}"
             ) from exc
     finally:
+        if prosody is not None:
+            prosody.stop()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         log_file.close()
     log = log_path.read_text()
+    assert prosody is not None
+    prosody_log = prosody.log_text()
     decisions, malformed, counts, memory = (
         result["decisions"],
         result["malformed"],
@@ -333,16 +463,24 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     latencies = sorted(decisions.latencies)
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
     # each phase without its first second: what a phase leaves behind (a backlog) is not the next one's
+    # and without Prosody's restart windows (the issue asks for the p99 outside the restarts)
+    xmpp = result["xmpp"]
     settled = [
         (at, lat)
         for at, lat in zip(decisions.at, decisions.latencies, strict=True)
-        if (at - STARTED) % PHASE >= 1.0
+        if (at - STARTED) % PHASE >= 1.0 and not any(a <= at < b for a, b in xmpp.restart_windows)
     ]
     during = sorted(lat for at, lat in settled if reloading(at))
     quiet = sorted(lat for at, lat in settled if not reloading(at))
     p99_during, p99_quiet = during[int(len(during) * 0.99)], quiet[int(len(quiet) * 0.99)]
     warm = [rss for t, rss in memory if t >= min(20.0, SECONDS / 3)]
     growth = max(warm) - warm[0]
+    # growth over each half of the warm run, median to median of five samples (a reload's peak is
+    # not growth): reported, not asserted: what grows under traffic is the usage store's SQLite page
+    # cache (C memory, bounded by SQLite's cache_size), and over the CI run's two minutes its
+    # steps are as big as the noise
+    halves = (warm[: len(warm) // 2], warm[len(warm) // 2 :])
+    half_growth = [statistics.median(h[-5:]) - statistics.median(h[:5]) for h in halves if len(h) >= 5]
     figures = {
         "seconds": SECONDS,
         "decisions": len(latencies),
@@ -366,6 +504,13 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
             round(memory[min(len(memory) - 1, len(memory) * k // 5)][1] / 2**20, 1) for k in range(1, 6)
         ],
         "rss_growth_after_warmup_mb": round(growth / 2**20, 1),
+        "rss_growth_each_half_mb": [round(g / 2**20, 2) for g in half_growth],
+        "xmpp_sent": xmpp.sent,
+        "xmpp_delivered": xmpp.delivered,
+        "xmpp_refused": xmpp.refused,
+        "xmpp_logins": xmpp.logins,
+        "prosody_restart_seconds": xmpp.restart_seconds,
+        "module_fail_mode_lines": prosody_log.count("no decision for"),
     }
     print("\nsoak figures:", json.dumps(figures, indent=1))
     if os.environ.get("POLICYPLUG_SOAK_REPORT"):
@@ -382,3 +527,8 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     # event loop waits for it: the reload phases then show more delay than the quiet ones.)
     assert p99_during < max(P99_LIMIT, 4 * p99_quiet), figures
     assert growth < RSS_GROWTH_LIMIT, figures
+    # Prosody: restarted as planned, every message answered as the policy says, nothing lost
+    assert len(xmpp.restart_windows) == RESTARTS and not xmpp.problems, (xmpp.problems[:10], figures)
+    assert xmpp.delivered + xmpp.refused == xmpp.sent and xmpp.refused == xmpp.sent // 5, figures
+    assert xmpp.logins == 2 * (RESTARTS + 1), figures
+    assert "traceback" not in prosody_log.lower(), prosody_log[-3000:]
