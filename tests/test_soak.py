@@ -276,7 +276,9 @@ async def wait_module_connected(server: ProsodyServer, before: int, timeout: flo
     deadline = time.monotonic() + timeout
     while module_connections(server) <= before:
         if time.monotonic() > deadline:
-            raise AssertionError("mod_policyplug did not connect to the service:\n" + server.log_text()[-3000:])
+            raise AssertionError(
+                "mod_policyplug did not connect to the service:\n" + server.log_text()[-3000:]
+            )
         await asyncio.sleep(0.05)
 
 
