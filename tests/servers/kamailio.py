@@ -77,6 +77,19 @@ def sip_probe(port: int, method: str, uri: str, sender: str, to: str, expect: by
             return False
 
 
+def stop_group(proc: subprocess.Popen[bytes] | None, log_file: Any = None) -> None:
+    """Stop a Kamailio started in its own session (all its processes), then close its log file."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if log_file:
+        log_file.close()
+
+
 def wait_answering(server: Any, timeout: float, on_exit: Any = None) -> None:
     """Until `server.ping()` answers; a Kamailio that exits or never answers is an error with its log."""
     deadline = time.monotonic() + timeout
@@ -212,15 +225,7 @@ class KamailioServer:
         return result.stdout + result.stderr
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if getattr(self, "_log_file", None):
-            self._log_file.close()
+        stop_group(self.proc, getattr(self, "_log_file", None))
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -441,15 +446,7 @@ class NativePolicyKamailio:
         return sip_probe(self.port, "MESSAGE", uri, "sip:ping@spam0.example", uri, b"SIP/2.0 403")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if getattr(self, "_log_file", None):
-            self._log_file.close()
+        stop_group(self.proc, getattr(self, "_log_file", None))
         self.syslog.stop()
 
     def log_text(self) -> str:

@@ -53,6 +53,10 @@ class RedisServer:
             "yes",
             *self.extra,
         ]
+        self._run(command, "redis-server", timeout)
+
+    def _run(self, command: list[str], what: str, timeout: float) -> None:
+        """Start `command` and wait until it answers PING; an exit or silence is an error with its log."""
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -63,14 +67,12 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {self.proc.returncode}: {self.log_text()[-2000:]}"
-                )
+                raise RuntimeError(f"{what} exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
             if self.ping():
                 return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server did not answer within {timeout}s")
+        raise RuntimeError(f"{what} did not answer within {timeout}s")
 
     def ping(self) -> bool:
         try:
@@ -135,21 +137,4 @@ class SentinelServer(RedisServer):
             f"sentinel down-after-milliseconds {self.name} 1000\n"
             f"sentinel failover-timeout {self.name} 5000\n"
         )
-        self.proc = subprocess.Popen(
-            [self.binary, str(conf), "--sentinel"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis sentinel exited with {self.proc.returncode}: {self.log_text()[-2000:]}"
-                )
-            if self.ping():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis sentinel did not answer within {timeout}s")
+        self._run([self.binary, str(conf), "--sentinel"], "redis sentinel", timeout)
