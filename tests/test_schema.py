@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import orjson
+import pytest
 
 from policyplug import Event, load_policy, schema
 from policyplug.audit.record import encode_event
@@ -94,18 +97,92 @@ def _lua_json_keys(text: str) -> tuple[list[str], list[str]]:
 
 def test_the_prosody_modules_event_json_uses_the_schema() -> None:
     source = (PROSODY / "policyplug_event.lib.lua").read_text()
+    head = source[source.index("local function event_head") :]
+    head = head[: head.index('"}";') + 4]
+    members, client = _lua_json_keys(head)
+    assert set(schema.REQUIRED_MEMBERS) <= set(members), members
+    assert set(members) <= set(schema.EVENT_MEMBERS), members
+    assert client == list(schema.CLIENT_FIELDS)
     event_json = source[source.index("local function event_json") :]
     event_json = event_json[: event_json.index('return head .. "}"')]
-    module = (PROSODY / "mod_policyplug.lua").read_text()
-    login = module[module.index("local login = ") :]
-    login = login[: login.index('"}}";') + 4]
-    for piece in (event_json, login):
-        members, client = _lua_json_keys(piece)
-        assert set(schema.REQUIRED_MEMBERS) <= set(members), members
-        assert set(members) <= set(schema.EVENT_MEMBERS), members
-        assert client == list(schema.CLIENT_FIELDS)
+    assert "event_head(" in event_json
+    added = re.findall(r'[{,]"([a-z_]+)":', event_json)  # the content members, after the head
+    assert set(added) <= set(schema.EVENT_MEMBERS), added
     # the module reports unreadable content the way the schema names it
-    assert "content_complete" in _lua_json_keys(event_json)[0]
+    assert "content_complete" in added
+
+
+def test_the_prosody_module_spells_the_event_json_once() -> None:
+    """Stanzas and logins get their event JSON from the one builder (event_head): no other piece
+    of the module writes event members."""
+    for path in sorted(PROSODY.glob("*.lua")):
+        text = path.read_text()
+        for member in ("kind", "from", "client", "protocol"):
+            found = text.count(f'"{member}":')
+            expected = 1 if path.name == "policyplug_event.lib.lua" else 0
+            assert found == expected, (path.name, member, found)
+
+
+# Builds a login's and a stanza's event JSON with the module's own event lib and Prosody's libraries
+LUA_EVENTS = r"""
+package.path = "/usr/lib/prosody/?.lua;" .. package.path;
+package.cpath = "/usr/lib/prosody/?.so;" .. package.cpath;
+local st = require "util.stanza";
+local events = assert(loadfile(arg[1], "t", _G))();
+local conn = { clientport = function () return 40123; end };
+local session = { full_jid = "alice@acme.example/ph\"one", host = "acme.example", ip = "::1",
+	secure = true, conn = conn };
+print(events.login_json(session));
+local stanza = st.message({ from = "alice@acme.example/phone", to = "bob@partner.example", type = "chat" })
+	:text_tag("subject", "s"):text_tag("body", "hi\n\"there\"");
+stanza:tag("x", { xmlns = "urn:x" }):up();
+local body, subject, unreadable = events.content_of(stanza);
+print(events.event_json(session, stanza, events.kind_of(stanza), body, subject, unreadable or "test"));
+"""
+
+
+def test_the_prosody_modules_event_json_is_an_event(tmp_path: Path) -> None:
+    """The JSON the event lib builds for a login and a stanza (run by lua5.4 with Prosody's own
+    libraries) has the schema's members and client fields, and the engine reads it as written."""
+    lua = shutil.which("lua5.4")
+    if lua is None or not Path("/usr/lib/prosody/util/stanza.lua").exists():
+        pytest.skip("needs lua5.4 and Prosody's libraries")
+    script = tmp_path / "events.lua"
+    script.write_text(LUA_EVENTS)
+    out = subprocess.run(
+        [lua, str(script), str(PROSODY / "policyplug_event.lib.lua")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.splitlines()
+    login, message = (orjson.loads(line) for line in out)
+    for event in (login, message):
+        assert set(schema.REQUIRED_MEMBERS) <= set(event) <= set(schema.EVENT_MEMBERS), event
+        assert list(event["client"]) == list(schema.CLIENT_FIELDS)
+        assert event["client"] == {"ip": "::1", "port": 40123, "secure": True}
+    assert login == {
+        "kind": "login",
+        "from": 'alice@acme.example/ph"one',
+        "to": "acme.example",
+        "protocol": "xmpp",
+        "type": "bind",
+        "size": 0,
+        "payload": [],
+        "client": {"ip": "::1", "port": 40123, "secure": True},
+    }
+    parsed = Event.from_json(login)
+    assert (parsed.kind, parsed.sender.address, parsed.sender.resource, parsed.recipient.address) == (
+        "login",
+        "alice@acme.example",
+        'ph"one',
+        "acme.example",
+    )
+    assert message["kind"] == "message" and message["type"] == "chat"
+    assert (message["body"], message["subject"]) == ('hi\n"there"', "s")
+    assert message["payload"] == ["urn:x"] and message["content_complete"] is False
+    parsed = Event.from_json(message)
+    assert parsed.body == 'hi\n"there"' and parsed.content_complete is False
 
 
 def test_the_kamailio_adapters_event_json_uses_the_schema() -> None:

@@ -19,10 +19,11 @@
 --
 -- Files (module:require, as prosody-modules' mod_firewall does; keep them together in one folder
 -- of plugin_paths):
---   mod_policyplug.lua               options, counters, the hooks, logins
+--   mod_policyplug.lua               options, counters, the hooks
 --   policyplug_transport.lib.lua     asking the service (socket or component), timeouts, the cache
---   policyplug_event.lib.lua         what a stanza is: kind, content (body, subject), event JSON
---   policyplug_enforce.lib.lua       per-session queues, enforcing decisions and the fail mode
+--   policyplug_event.lib.lua         what a stanza is: kind, content (body, subject); the event JSON
+--                                    of stanzas and logins
+--   policyplug_enforce.lib.lua       per-session queues, enforcing decisions and the fail mode, logins
 --
 -- Options (Prosody config, per host or global):
 --   policyplug_socket = "/run/policyplug/policyplug.sock" -- the service's Unix socket (preferred)
@@ -40,7 +41,6 @@
 --                                                  -- only in <forwarded/>; "summary": no text at all
 
 local json = require "util.json";
-local async = require "util.async";
 
 local NS = "urn:policyplug:decision:1";
 local ALLOW, DROP = { decision = "allow" }, { decision = "drop" }; -- shared, never modified
@@ -97,7 +97,6 @@ local P = { NS = NS, ALLOW = ALLOW, DROP = DROP, socket_path = socket_path, serv
 local events_lib = module:require("policyplug_event");
 local transport = module:require("policyplug_transport")(P);
 local enforcement = module:require("policyplug_enforce")(P, events_lib, transport);
-local quote, ask = events_lib.quote, transport.ask;
 module.content_of = events_lib.content_of; -- for tests (tests/prosody_content_harness.lua)
 
 for _, name in ipairs({ "message", "presence", "iq" }) do
@@ -107,48 +106,5 @@ for _, name in ipairs({ "message", "presence", "iq" }) do
 	end
 end
 
--- login: a client session bound a resource. Waits in the session's runner for the decision.
-module:hook("resource-bind", function (event)
-	if not kinds:contains("login") then return; end
-	local session = event.session;
-	local conn = session.conn;
-	local port = conn and conn.clientport and tonumber(conn:clientport()) or 0;
-	local login = '{"kind":"login","from":' .. quote(session.full_jid) .. ',"to":' .. quote(session.host)
-		.. ',"protocol":"xmpp","type":"bind","size":0,"payload":[],"client":{"ip":' .. quote(session.ip or "")
-		.. ',"port":' .. port .. ',"secure":' .. (session.secure and "true" or "false") .. "}}";
-	local function decided(decision, why)
-		local refused_reason;
-		if not decision then
-			if fail_mode == "open" then
-				count("failed_open");
-				module:log("warn", "no decision for login of %s (%s): fail open, accepting", session.full_jid, why);
-			else
-				count("failed_closed");
-				module:log("warn", "no decision for login of %s (%s): fail closed, refusing", session.full_jid, why);
-				refused_reason = UNAVAILABLE_REASON;
-			end
-		elseif decision.decision == "deny" or decision.decision == "drop" then
-			refused_reason = value(decision.reason) or "login not permitted by policy";
-			module:log("info", "login of %s refused by policy: %s", session.full_jid, refused_reason);
-		end
-		if refused_reason and not session.destroyed then
-			session:close({ condition = "policy-violation", text = refused_reason });
-		end
-	end
-	local ok, err = pcall(function ()
-		if async.ready() then
-			local wait, done = async.waiter();
-			local decision, why;
-			ask(login, function (d, w) decision, why = d, w; done(); end);
-			wait();
-			decided(decision, why);
-		else
-			ask(login, decided); -- not in a runner (should not happen): close later if refused
-		end
-	end);
-	if not ok then
-		count("lua_errors");
-		module:log("error", "policyplug failed deciding the login of %s: %s", session.full_jid, err);
-		decided(nil, "internal error");
-	end
-end, 1000);
+-- logins: a client session bound a resource; decided before anything else of the session is processed
+module:hook("resource-bind", enforcement.login, 1000);

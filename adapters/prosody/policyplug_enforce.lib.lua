@@ -1,19 +1,22 @@
 -- luacheck: globals module prosody
 -- policyplug_enforce.lib.lua, part of mod_policyplug (module:require "policyplug_enforce"): the
--- per-session queues that keep a sender's stanzas in order while they are decided, and what each
--- decision (or the fail mode) does to a stanza. Called with the module's shared table P, the
--- event functions (policyplug_event) and the transport (policyplug_transport); sets P.flush.
+-- per-session queues that keep a sender's stanzas in order while they are decided, what each
+-- decision (or the fail mode) does to a stanza, and logins (decided before the session goes on).
+-- Called with the module's shared table P, the event functions (policyplug_event) and the
+-- transport (policyplug_transport); sets P.flush.
 
 local st = require "util.stanza";
 local jid_util = require "util.jid";
 local datetime = require "util.datetime";
 local new_id = require "util.id".short;
+local async = require "util.async";
 
 return function (P, events_lib, transport)
 local NS, ALLOW, UNAVAILABLE_REASON = P.NS, P.ALLOW, P.UNAVAILABLE_REASON;
 local fail_mode, kinds, unreadable_mode, copy_body = P.fail_mode, P.kinds, P.unreadable_mode, P.copy_body;
 local count, value = P.count, P.value;
 local content_of, event_json, kind_of = events_lib.content_of, events_lib.event_json, events_lib.kind_of;
+local login_json = events_lib.login_json;
 local SUBSCRIPTION_TYPES, is_client_ns = events_lib.SUBSCRIPTION_TYPES, events_lib.is_client_ns;
 local XHTML_IM = events_lib.XHTML_IM;
 local ask = transport.ask;
@@ -110,32 +113,38 @@ local function post(origin, stanza)
 	end
 end
 
--- The fail mode. Returns true when the stanza is to be delivered.
-local function fail(origin, stanza, kind, why)
-	if P.stopping then -- the sessions are closing: no bounces, one log line for all of them
+-- The fail mode, for whatever the service did not decide (what: "message from ...", "login of
+-- ..."; passing: the word for letting it through). Counted and logged, once a line, or once in all
+-- while Prosody stops. Returns true when it goes through; else false and the reason to give.
+local function fail_mode_verdict(what, why, passing)
+	if P.stopping then -- the sessions are closing: one log line for all of them
 		count(fail_mode == "open" and "failed_open" or "failed_closed");
 		undecided_while_stopping = undecided_while_stopping + 1;
 		if undecided_while_stopping == 1 then
-			module:log("info", "Prosody is stopping: stanzas that cannot be decided now (first: %s from %s, %s) are %s"
-				.. " (fail mode %s), without a line each", kind, tostring(stanza.attr.from or origin.full_jid), why,
+			module:log("info", "Prosody is stopping: stanzas that cannot be decided now (first: %s, %s) are %s"
+				.. " (fail mode %s), without a line each", what, why,
 				fail_mode == "open" and "delivered" or "refused", fail_mode);
 		end
-		return fail_mode == "open";
-	end
-	if fail_mode == "open" then
+	elseif fail_mode == "open" then
 		count("failed_open");
-		module:log("warn", "no decision for %s from %s (%s): fail open, delivering", kind,
-			tostring(stanza.attr.from or origin.full_jid), why);
-		return true;
+		module:log("warn", "no decision for %s (%s): fail open, %s", what, why, passing);
 	else
 		count("failed_closed");
-		module:log("warn", "no decision for %s from %s (%s): fail closed, refusing", kind,
-			tostring(stanza.attr.from or origin.full_jid), why);
-		-- the service refused the event itself (e.g. an address it cannot parse): say that, not
-		-- that it is unavailable
-		local invalid = why and why:match("^decision service: (.*)");
-		refuse(origin, stanza, invalid and "cannot be decided: " .. invalid or UNAVAILABLE_REASON);
+		module:log("warn", "no decision for %s (%s): fail closed, refusing", what, why);
 	end
+	if fail_mode == "open" then return true; end
+	-- the service refused the event itself (e.g. an address it cannot parse): say that, not
+	-- that it is unavailable
+	local invalid = why and why:match("^decision service: (.*)");
+	return false, invalid and "cannot be decided: " .. invalid or UNAVAILABLE_REASON;
+end
+
+-- The fail mode for a stanza. Returns true when it is to be delivered.
+local function fail(origin, stanza, kind, why)
+	local from = tostring(stanza.attr.from or origin.full_jid);
+	local deliver, reason = fail_mode_verdict(kind .. " from " .. from, why, "delivering");
+	if deliver then return true; end
+	if not P.stopping then refuse(origin, stanza, reason); end -- no bounces to sessions that are closing
 end
 
 -- Apply a decision. Returns true when the (possibly rewritten) stanza is to be delivered.
@@ -293,6 +302,44 @@ local function guarded(event)
 	return true;
 end
 
+-- Logins (resource bind): decided inside the session's async runner, so nothing of the session
+-- is processed before its login is decided; a refused login closes the session.
+local function login_decided(session, decision, why)
+	local refused_reason;
+	if not decision then
+		local accepted, reason = fail_mode_verdict("login of " .. tostring(session.full_jid), why, "accepting");
+		if not accepted then refused_reason = reason; end
+	elseif decision.decision == "deny" or decision.decision == "drop" then
+		refused_reason = value(decision.reason) or "login not permitted by policy";
+		module:log("info", "login of %s refused by policy: %s", session.full_jid, refused_reason);
+	end
+	if refused_reason and not session.destroyed then
+		session:close({ condition = "policy-violation", text = refused_reason });
+	end
+end
+
+local function login(event)
+	if not kinds:contains("login") then return; end
+	local session = event.session;
+	local ok, err = pcall(function ()
+		local request = login_json(session);
+		if async.ready() then
+			local wait, done = async.waiter();
+			local decision, why;
+			ask(request, function (d, w) decision, why = d, w; done(); end);
+			wait();
+			login_decided(session, decision, why);
+		else -- not in a runner (should not happen): closed later if refused
+			ask(request, function (d, w) login_decided(session, d, w); end);
+		end
+	end);
+	if not ok then
+		count("lua_errors");
+		module:log("error", "policyplug failed deciding the login of %s: %s", tostring(session.full_jid), err);
+		login_decided(session, nil, "internal error");
+	end
+end
+
 -- From local clients: before routing, on the sender's host.
 local function from_client(event)
 	if event.origin.type ~= "c2s" then return; end
@@ -306,5 +353,5 @@ local function from_remote(event)
 end
 
 P.flush = flush;
-return { from_client = from_client, from_remote = from_remote };
+return { from_client = from_client, from_remote = from_remote, login = login };
 end

@@ -236,18 +236,24 @@ local function content_of(stanza)
 	return body, subject, c.unreadable;
 end
 
--- The event JSON of a stanza (docs/cli.md), without `time` (the service's now is the same moment);
--- body, subject and unreadable are content_of's.
+-- The members every event JSON has (docs/cli.md), up to and with the client, for stanzas and
+-- logins alike: the one place the module spells them (tests/test_schema.py holds them to the
+-- schema). Left open for the content members; `time` is left out (the service's now is the same moment).
+local function event_head(kind, from, to, stype, size, payload, session)
+	local conn = session.conn;
+	local port = conn and conn.clientport and tonumber(conn:clientport()) or 0;
+	return '{"kind":"' .. kind .. '","from":' .. quote(from) .. ',"to":' .. quote(to)
+		.. ',"protocol":"xmpp","type":' .. quote(stype) .. ',"size":' .. size
+		.. ',"payload":' .. payload .. ',"client":{"ip":' .. quote(session.ip or "")
+		.. ',"port":' .. port .. ',"secure":' .. (session.secure and "true" or "false") .. "}";
+end
+
+-- The event JSON of a stanza; body, subject and unreadable are content_of's.
 local function event_json(origin, stanza, kind, body, subject, unreadable)
 	local attr = stanza.attr;
 	local from = attr.from or origin.full_jid or origin.host or "";
 	local to = attr.to or jid_util.bare(from) or from; -- no 'to': addressed to the sender's own account
-	local conn = origin.conn;
-	local port = conn and conn.clientport and tonumber(conn:clientport()) or 0;
-	local head = '{"kind":"' .. kind .. '","from":' .. quote(from) .. ',"to":' .. quote(to)
-		.. ',"protocol":"xmpp","type":' .. quote(attr.type or "") .. ',"size":' .. #tostring(stanza)
-		.. ',"payload":' .. payload_json(stanza) .. ',"client":{"ip":' .. quote(origin.ip or "")
-		.. ',"port":' .. port .. ',"secure":' .. (origin.secure and "true" or "false") .. "}"
+	local head = event_head(kind, from, to, attr.type or "", #tostring(stanza), payload_json(stanza), origin)
 		.. (subject and ',"subject":' .. quote(subject) or "");
 	if body then
 		local body_json = quote(body);
@@ -263,5 +269,10 @@ local function event_json(origin, stanza, kind, body, subject, unreadable)
 	return head .. "}";
 end
 
-return { quote = quote, kind_of = kind_of, content_of = content_of, event_json = event_json,
+-- The event JSON of a login: a client session bound a resource (its full JID) on its host.
+local function login_json(session)
+	return event_head("login", session.full_jid, session.host, "bind", 0, "[]", session) .. "}";
+end
+
+return { quote = quote, kind_of = kind_of, content_of = content_of, event_json = event_json, login_json = login_json,
 	SUBSCRIPTION_TYPES = SUBSCRIPTION_TYPES, is_client_ns = is_client_ns, XHTML_IM = XHTML_IM };
