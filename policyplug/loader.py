@@ -12,7 +12,6 @@ import errno
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from .cel.check import EVENT_VARIABLES, TYPE_NAMES, check_expression
 from .cel.fastparse import CEL_RESERVED_WORDS
 from .diagnostics import Diagnostic, DiagnosticSink, Location, did_you_mean
 from .parser import TOP_LEVEL_KEYWORDS, parse_text
+from .regular_file import NotRegularFile, TooLarge, open_regular, read_capped
 from .testevents import test_event_problem
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -83,14 +83,14 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 def read_regular(path: Path, roots: Iterable[str] | None = None) -> bytes:
     """The bytes of a regular file, at most MAX_FILE_BYTES, read once through one descriptor.
 
-    Opened non-blocking, so a FIFO cannot hang the load; the open descriptor is checked (fstat),
-    not the name, so a device (/dev/zero), FIFO or directory is refused whatever the name pointed
-    to when checked; the size is capped while reading, not by a stat() that a growing file or a
-    device's size 0 would pass. With `roots`, the file really opened must lie under one of them
-    (followed symlinks included). Raises ReadProblem."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    regular_file.open_regular refuses a device (/dev/zero), FIFO (without hanging the load) or
+    directory, judged by the open descriptor; the size is capped while reading, not by a stat()
+    that a growing file or a device's size 0 would pass. With `roots`, the file really opened must
+    lie under one of them (followed symlinks included). Raises ReadProblem."""
     try:
-        fd = os.open(path, flags)
+        fd = open_regular(path)
+    except NotRegularFile as exc:
+        raise ReadProblem(str(exc)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ReadProblem("a symlink loop (too many levels of symbolic links)") from None
@@ -98,20 +98,6 @@ def read_regular(path: Path, roots: Iterable[str] | None = None) -> bytes:
     except ValueError:  # a NUL in the name
         raise ReadProblem("the path contains a NUL character") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = (
-                "a directory"
-                if stat.S_ISDIR(info.st_mode)
-                else "a FIFO"
-                if stat.S_ISFIFO(info.st_mode)
-                else "a device"
-                if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
-                else "a socket"
-                if stat.S_ISSOCK(info.st_mode)
-                else "not a regular file"
-            )
-            raise ReadProblem(f"it is {kind}, not a regular file")
         if roots is not None:
             real = _opened_path(fd, path)
             if not _under(real, roots):
@@ -120,20 +106,9 @@ def read_regular(path: Path, roots: Iterable[str] | None = None) -> bytes:
                     "allow its folder with --allow-path DIR (or load_policy(..., allowed_paths=[DIR]), "
                     "or POLICYPLUG_ALLOW_PATH)"
                 )
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                chunk = os.read(fd, min(1 << 20, MAX_FILE_BYTES + 1 - total))
-            except BlockingIOError:  # not for a regular file; never wait on anything else
-                raise ReadProblem("it would block") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > MAX_FILE_BYTES:
-                raise ReadProblem(f"it is more than the {MAX_FILE_BYTES} bytes allowed")
-        return b"".join(chunks)
+        return read_capped(fd, MAX_FILE_BYTES)
+    except TooLarge as exc:
+        raise ReadProblem(str(exc)) from None
     except OSError as exc:
         raise ReadProblem(exc.strerror or str(exc)) from None
     finally:
