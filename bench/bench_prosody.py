@@ -7,6 +7,11 @@ baseline throughput each configuration keeps.
     python3 bench/bench_prosody.py [--messages 3000] [--window 50] [--rounds 3] [--transport socket|component]
 
 POLICYPLUG_PROSODY_ADAPTER=DIR loads mod_policyplug.lua from DIR instead (to measure a variant).
+`--baseline TREE` compares two checkouts in the same run (e.g. one made with `git worktree add
+--detach /tmp/base COMMIT`): each module configuration runs with this tree's mod_policyplug and
+service and with TREE's (its adapters/prosody, and `python -m policyplug` with PYTHONPATH=TREE),
+one after the other in an order that alternates between rounds, and a last table gives each
+configuration's CPU per message and throughput against the baseline's.
 The module asks the decision service over its Unix socket by default (`--transport component`:
 decision IQs to its XEP-0114 component). The receiver stamps each message on arrival; latency is
 arrival minus the send time written in the body, so "added" is the median with the module minus
@@ -128,7 +133,9 @@ def run_config(
     latency_count: int,
     transport: str,
     module_options: dict[str, object] | None = None,
+    tree: Path = ROOT,
 ) -> Result:
+    """One configuration: Prosody with (policy given) mod_policyplug and the service of `tree`."""
     options = {}
     sock = workdir / "s.sock"
     if policy is not None:
@@ -149,7 +156,11 @@ def run_config(
     server = ProsodyServer(
         workdir,
         components={"policy.acme.example": "s3cret"},
-        plugin_paths=[os.environ.get("POLICYPLUG_PROSODY_ADAPTER", str(ROOT / "adapters" / "prosody"))],
+        plugin_paths=[
+            os.environ.get("POLICYPLUG_PROSODY_ADAPTER", str(tree / "adapters" / "prosody"))
+            if tree == ROOT
+            else str(tree / "adapters" / "prosody")
+        ],
         host_options=options,
         log_level="info",
     )
@@ -171,7 +182,9 @@ def run_config(
                     "--server",
                     f"127.0.0.1:{server.component_port}",
                 ]
-            service = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # the service of `tree`, not whatever policyplug is installed
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            service = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             if transport == "component":
                 server.wait_for_component()
             else:
@@ -197,7 +210,16 @@ def main() -> int:
     parser.add_argument("--latency-messages", type=int, default=500, help="messages sent one at a time")
     parser.add_argument("--transport", choices=("socket", "component"), default="socket")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the configurations")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout to compare with in the same run (its module and service)",
+    )
     args = parser.parse_args()
+    baseline = args.baseline.resolve() if args.baseline else None
+    if baseline is not None and not (baseline / "adapters" / "prosody" / "mod_policyplug.lua").exists():
+        parser.error(f"--baseline {baseline}: no adapters/prosody/mod_policyplug.lua there")
     print(
         f"{args.messages} messages with {args.window} in flight, then {args.latency_messages} one at a time; "
         f"transport {args.transport}",
@@ -205,17 +227,27 @@ def main() -> int:
     )
     # the trivial policy reads nothing: the module caches its decisions (socket transport); the
     # same policy with the cache off shows what the cache is worth
-    configs = (
-        ("without the module", None, None),
-        ("module, trivial, no cache", TRIVIAL, {"policyplug_cache": False}),
-        ("module, trivial policy", TRIVIAL, None),
-        ("module, 200-rule policy", large_policy(), None),
-    )
-    runs: dict[str, list[Result]] = {label: [] for label, _, _ in configs}
+    configs: list[tuple[str, str | None, dict[str, object] | None, Path]] = [
+        ("without the module", None, None, ROOT),
+        ("module, trivial, no cache", TRIVIAL, {"policyplug_cache": False}, ROOT),
+        ("module, trivial policy", TRIVIAL, None, ROOT),
+        ("module, 200-rule policy", large_policy(), None, ROOT),
+    ]
+    if baseline is not None:
+        print(f"baseline: {baseline} (rows marked 'base')", flush=True)
+        configs = [
+            (f"{label}{suffix}", policy, options, tree)
+            for label, policy, options, _ in configs
+            for suffix, tree in ((("", ROOT),) if policy is None else (("", ROOT), (" base", baseline)))
+        ]
+    runs: dict[str, list[Result]] = {label: [] for label, _, _, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         # rounds interleave the configurations, so a slow moment of the machine hits all of them
         for round_no in range(args.rounds):
-            for label, policy, module_options in configs:
+            order = list(configs)
+            if baseline is not None and round_no % 2:  # the two trees' runs of a configuration swap places
+                order = [order[0]] + [c for pair in zip(order[2::2], order[1::2], strict=True) for c in pair]
+            for label, policy, module_options, tree in order:
                 workdir = Path(tmp) / f"{round_no}-{label.replace(' ', '-').replace(',', '')}"
                 workdir.mkdir()
                 result = run_config(
@@ -226,11 +258,14 @@ def main() -> int:
                     args.latency_messages,
                     args.transport,
                     module_options,
+                    tree,
                 )
                 runs[label].append(result)
                 print(
-                    f"  round {round_no + 1}: {label:<26} {result.rate:>8,.0f} msg/s, "
-                    f"1-at-a-time median {statistics.median(result.unloaded):.3f} ms",
+                    f"  round {round_no + 1}: {label:<31} {result.rate:>8,.0f} msg/s, "
+                    f"1-at-a-time median {statistics.median(result.unloaded):.3f} ms, "
+                    + ", ".join(f"{n} {c * 1e6 / args.messages:.1f}" for n, c in result.cpu.items())
+                    + " µs CPU/msg",
                     flush=True,
                 )
     rows = []
@@ -247,18 +282,46 @@ def main() -> int:
     base_rate, base_median = rows[0][1], statistics.median(rows[0][3])
     print(f"\nmedians over {args.rounds} rounds")
     print(
-        f"{'configuration':<26} {'msg/s':>8} {'kept':>6} {'loaded median':>14} {'p99':>7}   "
+        f"{'configuration':<31} {'msg/s':>8} {'kept':>6} {'loaded median':>14} {'p99':>7}   "
         f"{'1-at-a-time median':>18} {'added':>7} {'p99':>7}   CPU s per 1000 msgs"
     )
     for label, rate, loaded, unloaded, cpu in rows:
         median = statistics.median(unloaded)
         cpu_text = ", ".join(f"{name} {seconds * 1000 / args.messages:.2f}" for name, seconds in cpu.items())
         print(
-            f"{label:<26} {rate:>8,.0f} {rate / base_rate:>6.0%} {statistics.median(loaded):>11.2f} ms "
+            f"{label:<31} {rate:>8,.0f} {rate / base_rate:>6.0%} {statistics.median(loaded):>11.2f} ms "
             f"{percentile(loaded, 0.99):>7.2f}   {median:>15.3f} ms {median - base_median:>+7.3f} "
             f"{percentile(unloaded, 0.99):>7.2f}   {cpu_text}"
         )
+    if baseline is not None:
+        compare(runs, args.messages)
     return 0
+
+
+def compare(runs: dict[str, list[Result]], messages: int) -> None:
+    """This tree against the baseline, per configuration: the medians over rounds of the CPU per
+    message of Prosody and the service (the module's cost is Prosody's), of the throughput and of the
+    1-at-a-time latency, and the median of the per-round ratios (same round, same machine state)."""
+    print("\nthis tree against the baseline (medians over rounds; ratio: median of the per-round ratios)")
+    print(
+        f"{'configuration':<26} {'Prosody+service CPU µs/msg':>27} {'ratio':>6}   "
+        f"{'msg/s':>15} {'ratio':>6}   {'1-at-a-time ms':>15}"
+    )
+    for label, results in runs.items():
+        base = runs.get(label + " base")
+        if base is None:
+            continue
+        cpu = [(r.cpu["prosody"] + r.cpu.get("service", 0.0)) * 1e6 / messages for r in results]
+        base_cpu = [(r.cpu["prosody"] + r.cpu.get("service", 0.0)) * 1e6 / messages for r in base]
+        cpu_ratio = statistics.median(a / b for a, b in zip(cpu, base_cpu, strict=True))
+        rate_ratio = statistics.median(a.rate / b.rate for a, b in zip(results, base, strict=True))
+        print(
+            f"{label:<26} {statistics.median(cpu):>12.1f} vs {statistics.median(base_cpu):>6.1f} base "
+            f"{cpu_ratio:>6.3f}   {statistics.median(r.rate for r in results):>6,.0f} vs "
+            f"{statistics.median(r.rate for r in base):>6,.0f} {rate_ratio:>6.3f}   "
+            f"{statistics.median(x for r in results for x in r.unloaded):>6.3f} vs "
+            f"{statistics.median(x for r in base for x in r.unloaded):>6.3f}"
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
