@@ -578,23 +578,10 @@ class Loader:
         for obligation in rule.obligations:
             if obligation.kind == "copy to" and obligation.argument is not None:
                 self._check_address(obligation.argument, obligation.location, "copy to")
-        for expressions, trees in ((rule.when, checked.when), (rule.unless, checked.unless)):
-            for expression in expressions:
-                tree, used = check_expression(
-                    expression,
-                    sink,
-                    lists=lists,
-                    defines=defines,
-                    later_defines=pending,
-                    define_reads=define_reads,
-                    parsed=self.parsed,
-                )
-                reads |= used
-                if tree is not None:  # None: the sink holds the error, and the load fails with it
-                    trees.append(tree)
-        if rule.limit is not None:
-            tree, used = check_expression(
-                rule.limit.key,
+
+        def check(expression: nodes.Expression) -> tuple[lark.Tree | None, set[str]]:
+            return check_expression(
+                expression,
                 sink,
                 lists=lists,
                 defines=defines,
@@ -602,6 +589,15 @@ class Loader:
                 define_reads=define_reads,
                 parsed=self.parsed,
             )
+
+        for expressions, trees in ((rule.when, checked.when), (rule.unless, checked.unless)):
+            for expression in expressions:
+                tree, used = check(expression)
+                reads |= used
+                if tree is not None:  # None: the sink holds the error, and the load fails with it
+                    trees.append(tree)
+        if rule.limit is not None:
+            tree, used = check(rule.limit.key)
             reads |= used
             checked.limit_key = tree
         if rule.kinds is not None:
