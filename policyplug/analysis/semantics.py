@@ -150,6 +150,7 @@ class RuleFormula:
     outcome: int
     defs: list[Any]  # what defines m, e, s and the reach of the next rule
     not_s: Any = None  # ¬s, built once
+    stop: Any = None  # s as a formula over the event's variables (for evaluating it in a model)
 
 
 def _items(rule: Any) -> tuple[Item, ...]:
@@ -213,6 +214,7 @@ class PolicyFormula:
         self._prefix_items: dict[tuple[int, Item], Any] = {}
         self._upto: list[Any] = []
         self._all: Any = None
+        self._first_stop: Any = None
 
     def _exclude_foreign_literals(self, policy: Policy) -> None:
         """Every string literal and list entry the policy holds that no normalised domain,
@@ -272,6 +274,8 @@ class PolicyFormula:
         m, e, s = z3.Bool(f"{self.tag}m{i}"), z3.Bool(f"{self.tag}e{i}"), z3.Bool(f"{self.tag}s{i}")
         terminal = compiled.effect is not None
         stop = z3.Or(z3.And(m, z3.BoolVal(terminal)), z3.And(e, z3.BoolVal(self.oed)))
+        stops = ([passed] if terminal else []) + ([err] if self.oed else [])
+        stop_expr = z3.Or(stops) if len(stops) > 1 else stops[0] if stops else FALSE
         defs = [m == passed, e == err, s == stop]
         if i == 0:
             r = z3.Bool(f"{self.tag}r0")
@@ -302,6 +306,7 @@ class PolicyFormula:
             outcome,
             defs,
             z3.Not(s),
+            stop_expr,
         )
 
     def _limit_key_error(self, tree: Any) -> Any:
@@ -391,6 +396,53 @@ class PolicyFormula:
             )
         return z3.Or(parts)
 
+    def removal_changes_within(self, i: int, members: list[int]) -> list[Any]:
+        """removal_changes(i) and the reach of rule i over the walk of `members` alone (rule
+        indexes in order, i among them), with their definitions: the whole question of "does
+        removing rule i change anything" when the rules left out neither match nor raise wherever
+        rule i does (their guards are disjoint, policyplug.analysis.guards). A change needs rule i
+        to match or raise (else the walk from i is the walk from i + 1), so on every such event the
+        left-out rules do nothing, and the two walks decide alike."""
+        rules = [self.rules[k] for k in members]
+        pos = members.index(i)
+        reach: list[Any] = []
+        current: Any = TRUE
+        for rule in rules:
+            reach.append(current)
+            current = _and(current, rule.not_s)
+
+        def stop_out(rule: RuleFormula) -> Any:
+            if rule.terminal:
+                return z3.If(rule.m, z3.IntVal(rule.outcome), z3.IntVal(self.error_outcome))
+            return z3.IntVal(self.error_outcome)
+
+        out: Any = z3.IntVal(self.default_outcome)
+        for rule in reversed(rules[pos + 1 :]):
+            out = z3.If(rule.s, stop_out(rule), out)
+        parts = [z3.If(rules[pos].s, stop_out(rules[pos]), out) != out]
+        items = list(dict.fromkeys(item for rule in rules for item in rule.items))
+        if self.oed and ("audit", None) not in items:
+            items.append(("audit", None))
+        for item in items:
+            audit_errors = item == ("audit", None) and self.oed
+
+            def here(rule: RuleFormula, item: Item = item, audit_errors: bool = audit_errors) -> Any:
+                value = rule.m if item in rule.items else FALSE
+                return _or(value, rule.e) if audit_errors else value
+
+            before: Any = FALSE
+            for k in range(pos):
+                before = _or(before, _and(reach[k], here(rules[k])))
+            after: Any = FALSE
+            for rule in reversed(rules[pos + 1 :]):
+                after = _or(here(rule), _and(rule.not_s, after))
+            with_rule = _or(here(rules[pos]), _and(rules[pos].not_s, after))
+            if z3.is_false(with_rule) and z3.is_false(after):
+                continue
+            parts.append(z3.And(z3.Not(before), with_rule != after))
+        defs = [d for rule in rules for d in rule.defs]
+        return [reach[pos], z3.Or(parts), *defs]
+
     def defs_upto(self, k: int) -> list[Any]:
         """The definitions of rules 0..k (all a query about rule k's reach and match needs), as
         one formula built incrementally (adding thousands of assertions per query costs more
@@ -411,6 +463,18 @@ class PolicyFormula:
                 else z3.And(*self.decision_defs)
             )
         return [self._all]
+
+    @property
+    def first_stop(self) -> Any:
+        """The index of the rule the walk stops at (len(rules): none), as a term over the event's
+        variables alone: evaluated in a model it says which rule decides that event."""
+        if self._first_stop is None:
+            term: Any = z3.IntVal(len(self.rules))
+            for rule in reversed(self.rules):
+                if not z3.is_false(rule.stop):
+                    term = z3.If(rule.stop, z3.IntVal(rule.index), term)
+            self._first_stop = term
+        return self._first_stop
 
     def fresh_limits(self) -> list[Any]:
         """Assumptions: no limit window is exceeded (the state of a fresh engine)."""
