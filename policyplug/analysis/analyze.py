@@ -87,12 +87,27 @@ class Session:
         self.checks += 1
         solver = z3.Solver()
         solver.set("timeout", self.timeout_ms)
-        solver.add(self.ev.conjunction())
+        solver.add(self.ev.core_conjunction())
         solver.add(*formulas)
-        result = solver.check()
-        if result == z3.unknown:
-            self.last_reason = solver.reason_unknown()
-        return result, (solver.model() if result == z3.sat else None)
+        return self.finish(solver)
+
+    def finish(
+        self, solver: z3.Solver, assumptions: Sequence[Any] = ()
+    ) -> tuple[z3.CheckSatResult, z3.ModelRef | None]:
+        """Check `solver` (asserted without SymEvent's exclusions): unsat is then proven (fewer
+        constraints, more events); a model that breaks exclusions gets them added and the
+        question asked again, so a model returned satisfies every constraint."""
+        while True:
+            result = solver.check(*assumptions)
+            if result == z3.unknown:
+                self.last_reason = solver.reason_unknown()
+            if result != z3.sat:
+                return result, None
+            model = solver.model()
+            broken = self.ev.violated_exclusions(model)
+            if not broken:
+                return result, model
+            solver.add(*broken)
 
     def solve(
         self, formulas: list[Any], preferred: Sequence[Any] = ()
@@ -348,13 +363,13 @@ class Analyzer:
             solver = z3.Solver()
             solver.set("timeout", self.session.timeout_ms)
             solver.set("core.minimize", True)
-            solver.add(self.ev.conjunction(), trigger, *rule.defs)
+            solver.add(self.ev.core_conjunction(), trigger, *rule.defs)
             flags = {}
             for r in asked:
                 flag = z3.Bool(f"passes {r.name}")
                 solver.add(flag == r.not_s, *r.defs)
                 flags[str(flag)] = r.index
-            if solver.check(*[z3.Bool(f) for f in flags]) == z3.unsat:
+            if self.session.finish(solver, [z3.Bool(f) for f in flags])[0] == z3.unsat:
                 names |= {flags[str(lit)] for lit in solver.unsat_core() if str(lit) in flags}
             else:  # the solver could not say under assumptions: every rule asked about
                 names |= {r.index for r in asked}
