@@ -143,6 +143,16 @@ class Session:
             yield model
 
 
+def _has_items(decision: Any, items: tuple[Any, ...]) -> bool:
+    """Whether the decision carries every obligation in `items` (True for none)."""
+    held = {
+        "copy_to": decision.copy_to,
+        "disclaimer": decision.disclaimers,
+        "tag": decision.tags,
+    }
+    return all(decision.audit if kind == "audit" else value in held[kind] for kind, value in items)
+
+
 def _literals(tree: Any) -> list[str]:
     out = []
     if isinstance(tree, lark.Tree):
@@ -224,9 +234,7 @@ class Analyzer:
         oed = self.formula.oed
         guessed = self._guessed_witness(rule, checked)
         if guessed is not None:  # live: the engine decides an event by it
-            if outcome_only(decide(self.policy, guessed).decision) != outcome_only(
-                decide(without_rule(self.policy, rule.index), guessed).decision
-            ) or not self._redundant(rule):
+            if self._changes_without(rule, guessed) or not self._redundant(rule):
                 return None, guessed
             return Finding("redundant", rule.name, rule.line), None
         fresh = self._fresh(rule)
@@ -297,12 +305,29 @@ class Analyzer:
                 quick = self.policy.decide(Event.from_json(data), limiter=MemoryLimiter())
             except (EventError, ValueError):
                 continue
-            if rule.terminal and repeat == 1 and quick.rule != rule.name:
-                continue  # the common miss, found without the explained walk
+            if rule.terminal and repeat == 1:
+                if quick.rule == rule.name and not quick.errors:  # decided by it, not by an error
+                    return public_event(data)
+                if quick.rule != rule.name:
+                    continue
+            elif not rule.terminal and repeat == 1 and not _has_items(quick, rule.items):
+                continue  # had it matched, the decision would carry its obligations
             decided = decide(self.policy, data, repeat)
             if rule.name in decided.matched and (not rule.terminal or decided.decision.rule == rule.name):
                 return public_event(data)
         return None
+
+    def _changes_without(self, rule: RuleFormula, data: dict[str, Any]) -> bool:
+        """Whether the engine decides `data` otherwise (all but the deciding rule's name) without
+        the rule: the engine's own full walk (Policy._walk, as for --explain) over the other rules
+        for the event's kind, instead of a policy rebuilt without it (witness.without_rule, whose
+        set-up costs milliseconds in a policy of thousands of rules)."""
+        policy = self.policy
+        event = Event.from_json(data)
+        others = (r for r in policy._candidates[event.kind] if r.index != rule.index)
+        without = policy._walk(event, others, None, None, False, MemoryLimiter())
+        with_it = policy.decide(Event.from_json(data), limiter=MemoryLimiter())
+        return outcome_only(with_it) != outcome_only(without)
 
     def _first_stop(self, model: z3.ModelRef) -> int | None:
         """The rule the walk stops at for the model's event (by the formulas), None if z3 cannot

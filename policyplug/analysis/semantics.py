@@ -440,22 +440,25 @@ class PolicyFormula:
         for rule in reversed(rules[pos + 1 :]):
             out = z3.If(rule.s, stop_out(rule), out)
         parts = [z3.If(rules[pos].s, stop_out(rules[pos]), out) != out]
+        # the walk from pos + 1 reaching member q: built once, shared by every item
+        onward: list[Any] = [TRUE] * len(rules)
+        current = TRUE
+        for q in range(pos + 1, len(rules)):
+            onward[q] = current
+            current = _and(current, rules[q].not_s)
         items = list(dict.fromkeys(item for rule in rules for item in rule.items))
         if self.oed and ("audit", None) not in items:
             items.append(("audit", None))
         for item in items:
             audit_errors = item == ("audit", None) and self.oed
+            holders = [q for q, rule in enumerate(rules) if audit_errors or item in rule.items]
 
             def here(rule: RuleFormula, item: Item = item, audit_errors: bool = audit_errors) -> Any:
                 value = rule.m if item in rule.items else FALSE
                 return _or(value, rule.e) if audit_errors else value
 
-            before: Any = FALSE
-            for k in range(pos):
-                before = _or(before, _and(reach[k], here(rules[k])))
-            after: Any = FALSE
-            for rule in reversed(rules[pos + 1 :]):
-                after = _or(here(rule), _and(rule.not_s, after))
+            before = z3.Or([_and(reach[q], here(rules[q])) for q in holders if q < pos] or [FALSE])
+            after = z3.Or([_and(onward[q], here(rules[q])) for q in holders if q > pos] or [FALSE])
             with_rule = _or(here(rules[pos]), _and(rules[pos].not_s, after))
             if z3.is_false(with_rule) and z3.is_false(after):
                 continue
