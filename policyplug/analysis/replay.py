@@ -30,10 +30,13 @@ MAX_SAMPLES = 100
 
 
 def _differs(recorded: Any, decided: tuple[str, ...] | None) -> bool:
-    """Two obligation lists differ as sets (the usual case, equal in order, costs one compare)."""
-    have = tuple(recorded) if recorded else ()
-    now = decided or ()
-    return have != now and set(have) != set(now)
+    """Two obligation lists differ as sets (the usual cases, both empty or equal in order, cost
+    one test)."""
+    if not recorded:
+        return bool(decided)
+    if not decided:
+        return True
+    return tuple(recorded) != decided and set(recorded) != set(decided)
 
 
 def _changed(old: dict[str, Any], new: Any) -> bool:
@@ -80,8 +83,12 @@ def replay(policy: Policy, paths: list[str], say: Callable[[str], None] | None =
     """Decide every record of the logs at `paths` again. Raises FileNotFoundError/OSError for a
     log that cannot be read; unreadable lines are skipped and counted."""
     result = Replay()
-    hits = {rule.name: 0 for rule in policy.rules}
-    hits["default"] = 0
+    hits: dict[str | None, int] = {rule.name: 0 for rule in policy.rules}
+    hits[None] = 0  # the default: renamed at the end (a rule may not be called None)
+    events = changed = skipped = without_bodies = 0
+    next_progress = PROGRESS_EVERY
+    samples: list[dict[str, Any]] = []
+    changes: dict[tuple[Any, Any], int] = {}
     per_pair: dict[tuple[Any, Any], int] = {}
     policy.limiter = MemoryLimiter()
     decide = policy.decide
@@ -100,25 +107,29 @@ def replay(policy: Policy, paths: list[str], say: Callable[[str], None] | None =
                             raise ValueError("not an audit record")
                         event = from_json(event_json)
                     except (ValueError, KeyError, TypeError, EventError):
-                        result.skipped += 1
+                        skipped += 1
                         continue
                     if "body" not in event_json:
-                        result.without_bodies += 1
+                        without_bodies += 1
                     new = decide(event)
                     name = new.rule
-                    hits[name if name is not None else "default"] += 1
-                    result.events += 1
-                    if old.get("decision") != new.decision or old.get("rule") != name or _changed(old, new):
-                        new_json = new.to_json()
-                        result.changed += 1
+                    hits[name] += 1  # None: the default
+                    events += 1
+                    if old.get("rule") != name or old.get("decision") != new.decision or _changed(old, new):
+                        changed += 1
                         pair = (old.get("rule"), name)
-                        result.changes[pair] = result.changes.get(pair, 0) + 1
-                        if per_pair.get(pair, 0) < SAMPLES_PER_CHANGE and len(result.samples) < MAX_SAMPLES:
+                        changes[pair] = changes.get(pair, 0) + 1
+                        if per_pair.get(pair, 0) < SAMPLES_PER_CHANGE and len(samples) < MAX_SAMPLES:
                             per_pair[pair] = per_pair.get(pair, 0) + 1
-                            result.samples.append({"event": event_json, "old": old, "new": new_json})
-                    if say is not None and result.events % PROGRESS_EVERY == 0:
-                        say(f"{result.events} events replayed, {result.changed} changed ({path})")
-    result.hits = hits
+                            samples.append({"event": event_json, "old": old, "new": new.to_json()})
+                    if events >= next_progress:
+                        next_progress += PROGRESS_EVERY
+                        if say is not None:
+                            say(f"{events} events replayed, {changed} changed ({path})")
+    result.events, result.changed, result.skipped = events, changed, skipped
+    result.without_bodies, result.samples, result.changes = without_bodies, samples, changes
+    hits["default"] = hits.pop(None)
+    result.hits = hits  # type: ignore[assignment]
     result.never_hit = [rule.name for rule in policy.rules if hits[rule.name] == 0]
     reads = policy.model.reads if policy.model is not None else frozenset()
     if result.without_bodies and ({"body", "subject"} & set(reads)):
