@@ -43,13 +43,22 @@ def _and(a: Any, b: Any) -> Any:
 NEVER_RAISES_TIMEOUT_MS = 200
 
 
-def _raises(v: Any) -> Any:
+def _raises(v: Any, cache: dict[int, tuple[Any, Any]]) -> Any:
     """When the condition `v` is an error: neither true nor false. Most conditions never raise,
     and z3 proves it at once alone, while the same "neither" in a question about the whole walk
-    (the complement of a regular expression...) can cost it seconds: FALSE when proven."""
+    (the complement of a regular expression...) can cost it seconds: FALSE when proven. `cache`:
+    by the formula's id (z3 shares equal terms: diff's two policies ask once)."""
     raises = z3.simplify(z3.Not(z3.Or(v.t, v.f)))
     if z3.is_false(raises):
         return FALSE
+    known = cache.get(raises.get_id())
+    if known is not None:
+        return known[1]
+    cache[raises.get_id()] = (raises, _proven_raises(raises))  # the term kept: its id stays its own
+    return cache[raises.get_id()][1]
+
+
+def _proven_raises(raises: Any) -> Any:
     solver = z3.Solver()
     solver.set("timeout", NEVER_RAISES_TIMEOUT_MS)
     solver.add(raises)
@@ -136,6 +145,7 @@ class Tables:
     outcomes: dict[tuple[Any, ...], int] = field(default_factory=dict)
     names: dict[str | None, int] = field(default_factory=lambda: {None: 0})
     overs: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    raises: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # _raises, by formula id
 
     def outcome(self, value: tuple[Any, ...]) -> int:
         return self.outcomes.setdefault(value, len(self.outcomes))
@@ -162,7 +172,7 @@ class RuleFormula:
     limit: Any  # CompiledLimit or None
     over: Any  # z3 Bool or None
     m: Any
-    e: Any
+    e: Any  # (FALSE without on error deny: only read with it)
     s: Any
     r: Any
     outcome: int
@@ -271,7 +281,8 @@ class PolicyFormula:
         for tree, expected in trees:
             v = enc.condition(tree)
             ok = v.t if expected else v.f
-            raises = _raises(v)
+            # without `on error deny` an error only makes the rule not match: `e` is never read
+            raises = _raises(v, self.tables.raises) if self.oed else FALSE
             if not z3.is_false(raises):
                 err = z3.Or(err, z3.And(passed, raises))
             passed = z3.And(passed, ok)
