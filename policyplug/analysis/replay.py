@@ -223,11 +223,12 @@ def replay(
     policy.limiter = MemoryLimiter()
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    jobs = max(1, jobs)
     if any(rule.limit is not None for rule in policy.rules) or not hasattr(os, "fork"):
         jobs = 1
     if jobs > 1 and sum(path.stat().st_size for path in files) < PARALLEL_MIN_BYTES:
         jobs = 1
-    if jobs == 1:
+    if jobs <= 1:
 
         def progress(events: int, changed: int, path: Path) -> None:
             if say is not None:
