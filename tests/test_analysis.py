@@ -42,7 +42,7 @@ rule tagger:
   when sender.local
   tag "local"
 rule flagged:
-  when body.matches("(?i)abc")
+  when body.matches("(?i)^x[0-9]{3}y$")
   deny "x"
 rule internal:
   when direction == "internal"
@@ -116,7 +116,7 @@ def test_cli_analyze_exit_statuses_and_json(tmp_path: Path) -> None:
     unknown = next(f for f in data["findings"] if f["kind"] == "unknown")
     assert unknown["reason"] and unknown["witness"] is None
     clean = HEAD + 'rule internal:\n  when direction == "internal"\n  allow\n'
-    only_unknown = clean + 'rule r:\n  when body.matches("(?i)x")\n  deny "x"\n'
+    only_unknown = clean + 'rule r:\n  when body.matches("(?i)^x[0-9]{3}y$")\n  deny "x"\n'
     assert run("analyze", write(tmp_path, "c.policy", clean), "--format", "json").returncode == 0
     assert run("analyze", write(tmp_path, "u.policy", only_unknown)).returncode == 0  # unknown alone: 0
     assert run("analyze", write(tmp_path, "x.policy", "rule x:\n")).returncode == 2

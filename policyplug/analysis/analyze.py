@@ -12,7 +12,10 @@ import lark
 import z3
 
 from ..addresses import AddressError, normalise_domain, parse_address
+from ..events import Event, EventError
+from ..limits import MemoryLimiter
 from ..runtime import Policy
+from .candidates import candidates
 from .guards import disjoint, guards
 from .semantics import PolicyFormula, RuleFormula, Tables
 from .symbolic import SymEvent
@@ -56,6 +59,20 @@ class Analysis:
         return [f for f in self.findings if f.kind != "unknown"]
 
 
+@dataclass
+class Reach:
+    """The answer of Analyzer._reach: `model` an event of the walk up to the rule (sat), `upto` the
+    formulas asked besides the trigger, `asked` the earlier rules asked about, `alone` the answer
+    for the trigger with the rule's own definitions only and `first` its model (None: not asked)."""
+
+    result: z3.CheckSatResult
+    model: z3.ModelRef | None = None
+    upto: list[Any] = field(default_factory=list)
+    asked: list[RuleFormula] = field(default_factory=list)
+    alone: z3.CheckSatResult | None = None
+    first: z3.ModelRef | None = None
+
+
 class Session:
     """Checks formulas over the symbolic event, each in a fresh solver with everything asserted
     (z3 answers such queries far faster than the same under assumptions)."""
@@ -70,12 +87,27 @@ class Session:
         self.checks += 1
         solver = z3.Solver()
         solver.set("timeout", self.timeout_ms)
-        solver.add(self.ev.conjunction())
+        solver.add(self.ev.core_conjunction())
         solver.add(*formulas)
-        result = solver.check()
-        if result == z3.unknown:
-            self.last_reason = solver.reason_unknown()
-        return result, (solver.model() if result == z3.sat else None)
+        return self.finish(solver)
+
+    def finish(
+        self, solver: z3.Solver, assumptions: Sequence[Any] = ()
+    ) -> tuple[z3.CheckSatResult, z3.ModelRef | None]:
+        """Check `solver` (asserted without SymEvent's exclusions): unsat is then proven (fewer
+        constraints, more events); a model that breaks exclusions gets them added and the
+        question asked again, so a model returned satisfies every constraint."""
+        while True:
+            result = solver.check(*assumptions)
+            if result == z3.unknown:
+                self.last_reason = solver.reason_unknown()
+            if result != z3.sat:
+                return result, None
+            model = solver.model()
+            broken = self.ev.violated_exclusions(model)
+            if not broken:
+                return result, model
+            solver.add(*broken)
 
     def solve(
         self, formulas: list[Any], preferred: Sequence[Any] = ()
@@ -109,6 +141,16 @@ class Session:
         result, model = self.check(list(formulas))
         if model is not None:
             yield model
+
+
+def _has_items(decision: Any, items: tuple[Any, ...]) -> bool:
+    """Whether the decision carries every obligation in `items` (True for none)."""
+    held = {
+        "copy_to": decision.copy_to,
+        "disclaimer": decision.disclaimers,
+        "tag": decision.tags,
+    }
+    return all(decision.audit if kind == "audit" else value in held[kind] for kind, value in items)
 
 
 def _literals(tree: Any) -> list[str]:
@@ -190,35 +232,33 @@ class Analyzer:
     def rule(self, rule: RuleFormula, checked: Any) -> tuple[Finding | None, dict[str, Any] | None]:
         s = self.session
         oed = self.formula.oed
-        defs = self.formula.all_defs
+        guessed = self._guessed_witness(rule, checked)
+        if guessed is not None:  # live: the engine decides an event by it
+            if self._changes_without(rule, guessed) or not self._redundant(rule):
+                return None, guessed
+            return Finding("redundant", rule.name, rule.line), None
         fresh = self._fresh(rule)
-        # Reached and matching, with every rule's definitions: a model is then also an event whose
-        # whole walk (and the walk without this rule) can be read off it.
-        # the walk up to this rule, leaving out the rules whose guards it can never meet
-        relevant = [
-            r
-            for r in self.formula.rules[: rule.index]
-            if not disjoint(self.guards[rule.index], self.guards[r.index])
-        ]
-        upto = [z3.And(*[z3.Not(r.s) for r in relevant], *[d for r in [*relevant, rule] for d in r.defs])]
-        reached, model = s.solve([rule.m, *upto], fresh)
+        # Reached and matching: a model is an event whose walk up to this rule can be read off it.
+        match = self._reach(rule, rule.m, fresh)
+        reached, model, upto = match.result, match.model, match.upto
         if reached == z3.unknown:
             return self._gave_up(rule), None
         if reached == z3.unsat:
-            reached_err = s.solve([rule.e, *upto])[0] if oed else z3.unsat
-            if reached_err == z3.unknown:
+            err = self._reach(rule, rule.e, ()) if oed else Reach(z3.unsat, alone=z3.unsat)
+            if err.result == z3.unknown:
                 return self._gave_up(rule), None
-            if reached_err == z3.unsat:
-                can_match = s.solve([rule.m, *rule.defs])[0]
-                can_err = s.solve([rule.e, *rule.defs])[0] if oed else z3.unsat
+            if err.result == z3.unsat:
+                by_m, by_e = match.asked, err.asked
+                can_match = match.alone if match.alone is not None else s.solve([rule.m, *rule.defs])[0]
+                can_err = err.alone if err.alone is not None else s.solve([rule.e, *rule.defs])[0]
                 if z3.unknown in (can_match, can_err):
                     return self._gave_up(rule), None
                 if can_match == z3.unsat and can_err == z3.unsat:
                     notes = normalisation_notes(checked)
                     reason = "; ".join(notes) if notes else "no event satisfies its on/when/unless"
                     return Finding("unsatisfiable", rule.name, rule.line, reason=reason), None
-                by = self._covering(rule, can_match, can_err)
-                witness = self._shadow_witness(rule, by) if self.witnesses else None
+                by = self._covering(rule, [(t, b) for t, b in ((rule.m, by_m), (rule.e, by_e)) if b])
+                witness = self._shadow_witness(rule, by, match.first) if self.witnesses else None
                 return Finding("shadowed", rule.name, rule.line, by=by, witness=witness), None
         witness = self._live_witness(rule, model, upto, fresh) if model is not None else None
         # Not redundant when the engine itself decides the witness otherwise without the rule;
@@ -226,9 +266,7 @@ class Analyzer:
         if witness is None or outcome_only(decide(self.policy, witness).decision) == outcome_only(
             decide(without_rule(self.policy, rule.index), witness).decision
         ):
-            changes = self.formula.removal_changes(rule.index)
-            result, _ = s.solve([rule.r, changes, *defs])
-            if result == z3.unsat:
+            if self._redundant(rule):
                 return Finding("redundant", rule.name, rule.line), None
         if model is None:  # it decides only by raising (on error deny): no match to show
             return (
@@ -245,40 +283,122 @@ class Analyzer:
             return Finding("unknown", rule.name, rule.line, reason=reason), None
         return None, witness
 
-    def _covering(self, rule: RuleFormula, can_match: Any, can_err: Any) -> list[str]:
-        """The earlier rules that catch every event this rule would match (or raise for): an
-        unsat core of "no earlier rule stops" (z3 minimises it), under assumptions in one solver."""
-        triggers = [t for t, possible in ((rule.m, can_match), (rule.e, can_err)) if possible != z3.unsat]
-        # rules found never to decide are left out: the first rule that stops an event decides it
-        earlier = [
+    def _redundant(self, rule: RuleFormula) -> bool:
+        """Proven: no event changes effect, reason, redirect, route or obligations without the rule."""
+        members = [
+            r.index
+            for r in self.formula.rules
+            if r is rule or not disjoint(self.guards[rule.index], self.guards[r.index])
+        ]
+        result, _ = self.session.solve(self.formula.removal_changes_within(rule.index, members))
+        return result == z3.unsat
+
+    def _guessed_witness(self, rule: RuleFormula, checked: Any) -> dict[str, Any] | None:
+        """An event built from the rule's own literals (policyplug.analysis.candidates) that the
+        engine decides by the rule (terminal) or whose obligations it adds; None if no guess is."""
+        compiled = self.policy.rules[rule.index]
+        repeat = rule.limit.count + 1 if rule.limit is not None else 1
+        for data in candidates(
+            compiled, checked, self.guards[rule.index], self.policy.local_domains, self.policy.directory
+        ):
+            try:
+                quick = self.policy.decide(Event.from_json(data), limiter=MemoryLimiter())
+            except (EventError, ValueError):
+                continue
+            if rule.terminal and repeat == 1:
+                if quick.rule == rule.name and not quick.errors:  # decided by it, not by an error
+                    return public_event(data)
+                if quick.rule != rule.name:
+                    continue
+            elif not rule.terminal and repeat == 1 and not _has_items(quick, rule.items):
+                continue  # had it matched, the decision would carry its obligations
+            decided = decide(self.policy, data, repeat)
+            if rule.name in decided.matched and (not rule.terminal or decided.decision.rule == rule.name):
+                return public_event(data)
+        return None
+
+    def _changes_without(self, rule: RuleFormula, data: dict[str, Any]) -> bool:
+        """Whether the engine decides `data` otherwise (all but the deciding rule's name) without
+        the rule: the engine's own full walk (Policy._walk, as for --explain) over the other rules
+        for the event's kind, instead of a policy rebuilt without it (witness.without_rule, whose
+        set-up costs milliseconds in a policy of thousands of rules)."""
+        policy = self.policy
+        event = Event.from_json(data)
+        others = (r for r in policy._candidates[event.kind] if r.index != rule.index)
+        without = policy._walk(event, others, None, None, False, MemoryLimiter())
+        with_it = policy.decide(Event.from_json(data), limiter=MemoryLimiter())
+        return outcome_only(with_it) != outcome_only(without)
+
+    def _first_stop(self, model: z3.ModelRef) -> int | None:
+        """The rule the walk stops at for the model's event (by the formulas), None if z3 cannot
+        evaluate it to a number."""
+        value = model.eval(self.formula.first_stop, model_completion=True)
+        return value.as_long() if z3.is_int_value(value) else None
+
+    def _reach(self, rule: RuleFormula, trigger: Any, fresh: Sequence[Any]) -> Reach:
+        """Is there an event for which `trigger` (the rule's match, or its error) holds and no
+        earlier rule stops the walk?
+
+        Asked lazily: first of the rule alone; while the solver's event is stopped by an earlier
+        rule (the formulas, evaluated in the model, say which one stops it first), that rule is
+        added as "does not stop", and the question asked again. Sat with no earlier stop: the model
+        is one of the whole walk up to the rule. Unsat: the rules added already stop every such
+        event (a subset of the constraints being unsatisfiable, so is the whole). Each rule is
+        added at most once, so this ends; usually after a few small questions instead of one with
+        every earlier rule in it (docs/analysis.md, Cost)."""
+        added: list[RuleFormula] = []
+        alone: z3.CheckSatResult | None = None
+        first: z3.ModelRef | None = None
+        while True:
+            upto = [*rule.defs, *(x for r in added for x in (r.not_s, *r.defs))]
+            result, model = self.session.solve([trigger, *upto], fresh)
+            if not added:
+                alone, first = result, model
+            if result != z3.sat or model is None:
+                return Reach(result, None, upto, added, alone, first)
+            stop = self._first_stop(model)
+            if stop is not None and stop >= rule.index:
+                return Reach(result, model, upto, added, alone, first)
+            if stop is None or self.formula.rules[stop] in added:
+                # z3 could not evaluate it: one question with every earlier rule it may meet
+                found = self._reach_all(rule, trigger, fresh)
+                found.alone, found.first = alone, first
+                return found
+            added.append(self.formula.rules[stop])
+
+    def _reach_all(self, rule: RuleFormula, trigger: Any, fresh: Sequence[Any]) -> Reach:
+        """_reach in one question, with every earlier rule whose guards it can meet."""
+        relevant = [
             r
             for r in self.formula.rules[: rule.index]
-            if (r.terminal or self.formula.oed) and r.name not in self.dead
+            if not disjoint(self.guards[rule.index], self.guards[r.index])
         ]
-        names: set[str] = set()
-        for trigger in triggers:
+        upto = [z3.And(*[z3.Not(r.s) for r in relevant], *[d for r in [*relevant, rule] for d in r.defs])]
+        result, model = self.session.solve([trigger, *upto], fresh)
+        asked = [r for r in relevant if (r.terminal or self.formula.oed) and r.name not in self.dead]
+        return Reach(result, model, upto, asked)
+
+    def _covering(self, rule: RuleFormula, triggers: list[tuple[Any, list[RuleFormula]]]) -> list[str]:
+        """The earlier rules that catch every event this rule would match (or raise for): an
+        unsat core (z3 minimises it) of "none of the rules _reach asked about stops it". Those
+        rules each stop some event first, so each decides something (rules found never to decide
+        are left out of the question: the first rule that stops an event decides it)."""
+        names: set[int] = set()
+        for trigger, asked in triggers:
             solver = z3.Solver()
             solver.set("timeout", self.session.timeout_ms)
             solver.set("core.minimize", True)
-            solver.add(self.ev.conjunction(), *self.formula.defs_upto(rule.index), trigger)
+            solver.add(self.ev.core_conjunction(), trigger, *rule.defs)
             flags = {}
-            for r in self.formula.rules[: rule.index]:
-                if r in earlier:
-                    flag = z3.Bool(f"passes {r.name}")
-                    solver.add(flag == z3.Not(r.s))
-                    flags[str(flag)] = r.name
-                else:
-                    solver.add(z3.Not(r.s))  # a non-terminal rule never stops the walk
-            if solver.check(*[z3.Bool(f) for f in flags]) == z3.unsat:
+            for r in asked:
+                flag = z3.Bool(f"passes {r.name}")
+                solver.add(flag == r.not_s, *r.defs)
+                flags[str(flag)] = r.index
+            if self.session.finish(solver, [z3.Bool(f) for f in flags])[0] == z3.unsat:
                 names |= {flags[str(lit)] for lit in solver.unsat_core() if str(lit) in flags}
-            else:  # the solver could not say under assumptions: every rule that decides some such event
-                for r in earlier:
-                    if (
-                        self.session.solve([trigger, r.s, r.r, *self.formula.defs_upto(rule.index)])[0]
-                        != z3.unsat
-                    ):
-                        names.add(r.name)
-        return [r.name for r in earlier if r.name in names]
+            else:  # the solver could not say under assumptions: every rule asked about
+                names |= {r.index for r in asked}
+        return [r.name for r in self.formula.rules[: rule.index] if r.index in names]
 
     def _fresh(self, rule: RuleFormula) -> list[Any]:
         return [z3.Not(r.over) for r in self.formula.rules if r.over is not None and r is not rule]
@@ -297,6 +417,10 @@ class Analyzer:
             decided = decide(self.policy, data, repeat)
             if rule.name in decided.matched and (not rule.terminal or decided.decision.rule == rule.name):
                 return public_event(data)
+            if model is not first:  # the later models are of the rules _reach asked about only
+                stop = self._first_stop(model)
+                if stop is None or stop < rule.index:
+                    continue
             if exact and not repaired:
                 raise AnalysisBug(
                     f"rule {rule.name!r}: the solver's event {data} should be decided by it, the "
@@ -304,11 +428,14 @@ class Analyzer:
                 )
         return None
 
-    def _shadow_witness(self, rule: RuleFormula, by: list[str]) -> dict[str, Any] | None:
+    def _shadow_witness(
+        self, rule: RuleFormula, by: list[str], first: z3.ModelRef | None
+    ) -> dict[str, Any] | None:
         """An event the rule's conditions hold for, decided by an earlier rule (one of `by`, or
-        another earlier rule that catches it first)."""
+        another earlier rule that catches it first); `first`: a model of the rule's match, if any."""
         exact = self._exact_up_to(rule)
-        for model in self.session.models([rule.m, *self.formula.defs_upto(rule.index)], self._fresh(rule)):
+        tried = [first] if first is not None else []
+        for model in chain(tried, self.session.models([rule.m, *rule.defs], self._fresh(rule))):
             data, repaired = event_json(model, self.ev, repair=True)
             if data is None:
                 continue

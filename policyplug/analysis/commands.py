@@ -80,7 +80,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     try:
         result = replay(
-            policy, args.logs, lambda line: print(f"policyplug replay: {line}", file=sys.stderr, flush=True)
+            policy,
+            args.logs,
+            lambda line: print(f"policyplug replay: {line}", file=sys.stderr, flush=True),
+            jobs=args.jobs,
         )
     except OSError as exc:
         print(f"policyplug replay: {exc}", file=sys.stderr)
@@ -130,4 +133,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("policy", metavar="POLICY")
     p.add_argument("logs", nargs="+", metavar="LOG")
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes replaying a large log when the policy has no limit (default: the CPUs usable)",
+    )
     p.set_defaults(func=cmd_replay)

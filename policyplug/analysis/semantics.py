@@ -40,6 +40,33 @@ def _and(a: Any, b: Any) -> Any:
     return z3.BoolRef(z3.z3core.Z3_mk_and(a.ctx_ref(), 2, args), a.ctx)
 
 
+NEVER_RAISES_TIMEOUT_MS = 200
+
+
+def _raises(v: Any, cache: dict[int, tuple[Any, Any]]) -> Any:
+    """When the condition `v` is an error: neither true nor false. Most conditions never raise,
+    and z3 proves it at once alone, while the same "neither" in a question about the whole walk
+    (the complement of a regular expression...) can cost it seconds: FALSE when proven. `cache`:
+    by the formula's id (z3 shares equal terms: diff's two policies ask once)."""
+    raises = z3.simplify(z3.Not(z3.Or(v.t, v.f)))
+    if z3.is_false(raises):
+        return FALSE
+    known = cache.get(raises.get_id())
+    if known is not None:
+        return known[1]
+    cache[raises.get_id()] = (raises, _proven_raises(raises))  # the term kept: its id stays its own
+    return cache[raises.get_id()][1]
+
+
+def _proven_raises(raises: Any) -> Any:
+    solver = z3.Solver()
+    solver.set("timeout", NEVER_RAISES_TIMEOUT_MS)
+    solver.add(raises)
+    if solver.check() == z3.unsat:  # for any value of every variable: never an error
+        return FALSE
+    return raises
+
+
 def string_literals(tree: Any) -> list[str]:
     """The plain string literals (no escapes) in a condition's tree."""
     out = []
@@ -118,6 +145,7 @@ class Tables:
     outcomes: dict[tuple[Any, ...], int] = field(default_factory=dict)
     names: dict[str | None, int] = field(default_factory=lambda: {None: 0})
     overs: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    raises: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # _raises, by formula id
 
     def outcome(self, value: tuple[Any, ...]) -> int:
         return self.outcomes.setdefault(value, len(self.outcomes))
@@ -144,12 +172,13 @@ class RuleFormula:
     limit: Any  # CompiledLimit or None
     over: Any  # z3 Bool or None
     m: Any
-    e: Any
+    e: Any  # (FALSE without on error deny: only read with it)
     s: Any
     r: Any
     outcome: int
     defs: list[Any]  # what defines m, e, s and the reach of the next rule
     not_s: Any = None  # ¬s, built once
+    stop: Any = None  # s as a formula over the event's variables (for evaluating it in a model)
 
 
 def _items(rule: Any) -> tuple[Item, ...]:
@@ -213,6 +242,7 @@ class PolicyFormula:
         self._prefix_items: dict[tuple[int, Item], Any] = {}
         self._upto: list[Any] = []
         self._all: Any = None
+        self._first_stop: Any = None
 
     def _exclude_foreign_literals(self, policy: Policy) -> None:
         """Every string literal and list entry the policy holds that no normalised domain,
@@ -236,7 +266,7 @@ class PolicyFormula:
                 fields.append("user")
             for party in self.ev.parties.values():
                 for name in fields:
-                    self.ev.constraints.append(getattr(party, name) != literal)
+                    self.ev.exclude(getattr(party, name) != literal)
 
     def _rule(self, i: int, compiled: Any, checked: Any, reach: Any) -> RuleFormula:
         ev, enc = self.ev, self.encoder
@@ -251,7 +281,10 @@ class PolicyFormula:
         for tree, expected in trees:
             v = enc.condition(tree)
             ok = v.t if expected else v.f
-            err = z3.Or(err, z3.And(passed, z3.Not(z3.Or(v.t, v.f))))
+            # without `on error deny` an error only makes the rule not match: `e` is never read
+            raises = _raises(v, self.tables.raises) if self.oed else FALSE
+            if not z3.is_false(raises):
+                err = z3.Or(err, z3.And(passed, raises))
             passed = z3.And(passed, ok)
         over = None
         if compiled.limit is not None:
@@ -272,6 +305,8 @@ class PolicyFormula:
         m, e, s = z3.Bool(f"{self.tag}m{i}"), z3.Bool(f"{self.tag}e{i}"), z3.Bool(f"{self.tag}s{i}")
         terminal = compiled.effect is not None
         stop = z3.Or(z3.And(m, z3.BoolVal(terminal)), z3.And(e, z3.BoolVal(self.oed)))
+        stops = ([passed] if terminal else []) + ([err] if self.oed else [])
+        stop_expr = z3.Or(stops) if len(stops) > 1 else stops[0] if stops else FALSE
         defs = [m == passed, e == err, s == stop]
         if i == 0:
             r = z3.Bool(f"{self.tag}r0")
@@ -302,6 +337,7 @@ class PolicyFormula:
             outcome,
             defs,
             z3.Not(s),
+            stop_expr,
         )
 
     def _limit_key_error(self, tree: Any) -> Any:
@@ -391,6 +427,56 @@ class PolicyFormula:
             )
         return z3.Or(parts)
 
+    def removal_changes_within(self, i: int, members: list[int]) -> list[Any]:
+        """removal_changes(i) and the reach of rule i over the walk of `members` alone (rule
+        indexes in order, i among them), with their definitions: the whole question of "does
+        removing rule i change anything" when the rules left out neither match nor raise wherever
+        rule i does (their guards are disjoint, policyplug.analysis.guards). A change needs rule i
+        to match or raise (else the walk from i is the walk from i + 1), so on every such event the
+        left-out rules do nothing, and the two walks decide alike."""
+        rules = [self.rules[k] for k in members]
+        pos = members.index(i)
+        reach: list[Any] = []
+        current: Any = TRUE
+        for rule in rules:
+            reach.append(current)
+            current = _and(current, rule.not_s)
+
+        def stop_out(rule: RuleFormula) -> Any:
+            if rule.terminal:
+                return z3.If(rule.m, z3.IntVal(rule.outcome), z3.IntVal(self.error_outcome))
+            return z3.IntVal(self.error_outcome)
+
+        out: Any = z3.IntVal(self.default_outcome)
+        for rule in reversed(rules[pos + 1 :]):
+            out = z3.If(rule.s, stop_out(rule), out)
+        parts = [z3.If(rules[pos].s, stop_out(rules[pos]), out) != out]
+        # the walk from pos + 1 reaching member q: built once, shared by every item
+        onward: list[Any] = [TRUE] * len(rules)
+        current = TRUE
+        for q in range(pos + 1, len(rules)):
+            onward[q] = current
+            current = _and(current, rules[q].not_s)
+        items = list(dict.fromkeys(item for rule in rules for item in rule.items))
+        if self.oed and ("audit", None) not in items:
+            items.append(("audit", None))
+        for item in items:
+            audit_errors = item == ("audit", None) and self.oed
+            holders = [q for q, rule in enumerate(rules) if audit_errors or item in rule.items]
+
+            def here(rule: RuleFormula, item: Item = item, audit_errors: bool = audit_errors) -> Any:
+                value = rule.m if item in rule.items else FALSE
+                return _or(value, rule.e) if audit_errors else value
+
+            before = z3.Or([_and(reach[q], here(rules[q])) for q in holders if q < pos] or [FALSE])
+            after = z3.Or([_and(onward[q], here(rules[q])) for q in holders if q > pos] or [FALSE])
+            with_rule = _or(here(rules[pos]), _and(rules[pos].not_s, after))
+            if z3.is_false(with_rule) and z3.is_false(after):
+                continue
+            parts.append(z3.And(z3.Not(before), with_rule != after))
+        defs = [d for rule in rules for d in rule.defs]
+        return [reach[pos], z3.Or(parts), *defs]
+
     def defs_upto(self, k: int) -> list[Any]:
         """The definitions of rules 0..k (all a query about rule k's reach and match needs), as
         one formula built incrementally (adding thousands of assertions per query costs more
@@ -411,6 +497,18 @@ class PolicyFormula:
                 else z3.And(*self.decision_defs)
             )
         return [self._all]
+
+    @property
+    def first_stop(self) -> Any:
+        """The index of the rule the walk stops at (len(rules): none), as a term over the event's
+        variables alone: evaluated in a model it says which rule decides that event."""
+        if self._first_stop is None:
+            term: Any = z3.IntVal(len(self.rules))
+            for rule in reversed(self.rules):
+                if not z3.is_false(rule.stop):
+                    term = z3.If(rule.stop, z3.IntVal(rule.index), term)
+            self._first_stop = term
+        return self._first_stop
 
     def fresh_limits(self) -> list[Any]:
         """Assumptions: no limit window is exceeded (the state of a fresh engine)."""

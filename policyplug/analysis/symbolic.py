@@ -134,6 +134,12 @@ class SymEvent:
         self.zones: dict[str, Any] = {}
         self.constraints: list[Any] = []
         self._conjunction: tuple[int, Any] | None = None
+        # Exclusions (facts such as "no normalised domain equals this literal"), also among
+        # `constraints`: thousands in a large policy, and each question rarely needs any, so
+        # Session asks without them and adds those a model breaks (policyplug.analysis.analyze).
+        self.exclusions: list[Any] = []
+        self._core: tuple[int, Any] | None = None
+        self._excluded: tuple[int, Any] | None = None
         self.nice: list[Any] = []
         c = self.constraints
         c.append(z3.And(self.kind >= 0, self.kind < len(EVENT_KINDS)))
@@ -221,6 +227,27 @@ class SymEvent:
         if self._conjunction is None or self._conjunction[0] != len(self.constraints):
             self._conjunction = (len(self.constraints), z3.And(self.constraints))
         return self._conjunction[1]
+
+    def exclude(self, constraint: Any) -> None:
+        self.constraints.append(constraint)
+        self.exclusions.append(constraint)
+
+    def core_conjunction(self) -> Any:
+        """The constraints but the exclusions, as one formula."""
+        if self._core is None or self._core[0] != len(self.constraints):
+            excluded = {c.get_id() for c in self.exclusions}
+            self._core = (len(self.constraints), z3.And([c for c in self.constraints if c.get_id() not in excluded]))
+        return self._core[1]
+
+    def violated_exclusions(self, model: z3.ModelRef) -> list[Any]:
+        """The exclusions the model breaks (one evaluation when it breaks none)."""
+        if not self.exclusions:
+            return []
+        if self._excluded is None or self._excluded[0] != len(self.exclusions):
+            self._excluded = (len(self.exclusions), z3.And(self.exclusions))
+        if z3.is_true(model.eval(self._excluded[1], model_completion=True)):
+            return []
+        return [c for c in self.exclusions if not z3.is_true(model.eval(c, model_completion=True))]
 
     def zone_offset(self, zone: str, offsets: frozenset[int]) -> Any:
         """The UTC offset (seconds) of `zone` at the event's time: one of the zone's offsets, the
