@@ -331,6 +331,12 @@ class Policy:
         decision.policy_revision = self.revision
         return decision
 
+    def decide_without(self, event: Event, rule_index: int, *, limiter: Limiter | None = None) -> Decision:
+        """Decide `event` as if the rule at `rule_index` were not in the policy (`analyze`'s question
+        whether removing a rule changes anything), by the full walk over the other candidate rules."""
+        others = (rule for rule in self._candidates[event.kind] if rule.index != rule_index)
+        return self._walk(event, others, None, None, False, limiter)
+
     def _walk(
         self,
         event: Event,

@@ -55,7 +55,8 @@ def test_parallel_replay_is_the_sequential_one(
 def test_a_policy_with_limit_is_replayed_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = _write_log(tmp_path, 600, 1)
     text = make_policy(40).replace(
-        "rule internal:", 'rule busy:\n  when sender.local\n  limit 3 per hour by sender\n  deny "slow"\n\nrule internal:'
+        "rule internal:",
+        'rule busy:\n  when sender.local\n  limit 3 per hour by sender\n  deny "slow"\n\nrule internal:',
     )
     monkeypatch.setattr(replay_module, "PARALLEL_MIN_BYTES", 0)
     forked = []

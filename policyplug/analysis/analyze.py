@@ -319,13 +319,11 @@ class Analyzer:
 
     def _changes_without(self, rule: RuleFormula, data: dict[str, Any]) -> bool:
         """Whether the engine decides `data` otherwise (all but the deciding rule's name) without
-        the rule: the engine's own full walk (Policy._walk, as for --explain) over the other rules
-        for the event's kind, instead of a policy rebuilt without it (witness.without_rule, whose
-        set-up costs milliseconds in a policy of thousands of rules)."""
+        the rule: the engine's own full walk over the other rules for the event's kind
+        (Policy.decide_without), instead of a policy rebuilt without it (witness.without_rule,
+        whose set-up costs milliseconds in a policy of thousands of rules)."""
         policy = self.policy
-        event = Event.from_json(data)
-        others = (r for r in policy._candidates[event.kind] if r.index != rule.index)
-        without = policy._walk(event, others, None, None, False, MemoryLimiter())
+        without = policy.decide_without(Event.from_json(data), rule.index, limiter=MemoryLimiter())
         with_it = policy.decide(Event.from_json(data), limiter=MemoryLimiter())
         return outcome_only(with_it) != outcome_only(without)
 

@@ -55,7 +55,11 @@ def _patterns(tree: Any) -> Iterator[str]:
     """The constant patterns of `x.matches("...")` in `tree`."""
     if not isinstance(tree, lark.Tree):
         return
-    if rule_name(tree.data) == "member_dot_arg" and len(tree.children) > 2 and str(tree.children[1]) == "matches":
+    if (
+        rule_name(tree.data) == "member_dot_arg"
+        and len(tree.children) > 2
+        and str(tree.children[1]) == "matches"
+    ):
         for token in _tokens(tree.children[2]):
             text = _string(token) if isinstance(token, lark.Token) else None
             if text is not None:
@@ -102,7 +106,9 @@ def candidates(
                 except ValueError:
                     pass
     strings = list(dict.fromkeys(strings))
-    samples = [s for p in dict.fromkeys(p for t in trees for p in _patterns(t)) if (s := _sample(p)) is not None]
+    samples = [
+        s for p in dict.fromkeys(p for t in trees for p in _patterns(t)) if (s := _sample(p)) is not None
+    ]
     kinds = sorted(guards.get("kind") or compiled.kinds or ["message"], key=EVENT_KINDS.index)
     local = sorted(local_domains)
     directions = guards.get("direction")
@@ -114,7 +120,9 @@ def candidates(
         named = [k for k, v in directory.items() if set(map(str, v.get("groups", ()))) & set(strings)]
         out = addresses[:2] + [f"{name[0]}@{d}" for d in domains[:2]] + named[:2]
         if not out:
-            out = [f"{name[0]}@{d}" for d in local[:1]] + [f"{name[0]}@{name}.example"] + sorted(directory)[:1]
+            out = (
+                [f"{name[0]}@{d}" for d in local[:1]] + [f"{name[0]}@{name}.example"] + sorted(directory)[:1]
+            )
         return list(dict.fromkeys(out))
 
     def is_local(address: str) -> bool:

@@ -236,7 +236,10 @@ class SymEvent:
         """The constraints but the exclusions, as one formula."""
         if self._core is None or self._core[0] != len(self.constraints):
             excluded = {c.get_id() for c in self.exclusions}
-            self._core = (len(self.constraints), z3.And([c for c in self.constraints if c.get_id() not in excluded]))
+            self._core = (
+                len(self.constraints),
+                z3.And([c for c in self.constraints if c.get_id() not in excluded]),
+            )
         return self._core[1]
 
     def violated_exclusions(self, model: z3.ModelRef) -> list[Any]:
