@@ -75,3 +75,21 @@ def test_reload_async_frees_the_old_policy_in_the_reload_thread(tmp_path: Path) 
     finally:
         server.dispose_policy = real_dispose  # type: ignore[assignment]
         gc.unfreeze()
+
+
+def test_remembered_answers_of_old_revisions_are_forgotten() -> None:
+    """encode_decision remembers answers by their shape, which ends with the policy revision: a service
+    reloading under traffic kept every old revision's answers (~2 KB each) until the cache's limit,
+    memory that grew with every reload. Only the last few revisions' are kept."""
+    from policyplug import Decision
+    from policyplug.audit import record
+
+    for n in range(50):
+        for rule in ("a", "b", "c"):
+            record.encode_decision(Decision("allow", rule, None, policy="p", policy_revision=f"rev{n}"))
+    revisions = {shape[-1] for shape in record._ENCODED_DECISIONS}
+    assert revisions == {f"rev{n}" for n in range(50 - record.ENCODED_REVISIONS_LIMIT, 50)}
+    assert len(record._ENCODED_DECISIONS) == 3 * record.ENCODED_REVISIONS_LIMIT
+    # an older revision answering again (two policies in one process) is serialised anew, and right
+    again = Decision("deny", "a", "why", policy="p", policy_revision="rev0")
+    assert record.encode_decision(again)[2] == "rev0" and b'"deny"' in record.encode_decision(again)[0]
