@@ -122,6 +122,7 @@ class DecisionService(PolicyHost):
         if freeze_gc:
             self._settle_memory()
         self.metrics = metrics
+        self._records = audit is not None or usage is not None  # is there anything to record to?
         self.started = time.time()
         self.decisions: Counter[str] = Counter()
         self.evaluation_errors = 0
@@ -165,12 +166,8 @@ class DecisionService(PolicyHost):
         if decision._errors:  # not .errors: that makes an empty list for every decision without any
             self.evaluation_errors += len(decision._errors)
         encoded = encode_decision(decision)
-        # PolicyHost.record, written out here (the hot path, no extra call), with the audit log
-        # given the encoding made for the answer
-        if self.audit is not None:
-            self.audit.submit_encoded(event, decision, encoded)
-        if self.usage is not None:
-            self.usage.count(event, decision, policy.activation(event)["direction"])
+        if self._records:  # audit, then usage: as every host records (the log gets the answer's encoding)
+            self.record(event, decision, encoded, policy)
         body, name, revision = encoded
         suffix = self._policy_members.get((name, revision))
         if suffix is None:
