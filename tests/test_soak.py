@@ -49,9 +49,9 @@ P99_LIMIT = 0.005
 # POLICYPLUG_SOAK_STRICT=1 judges the 5 ms: for a run on a machine of its own (here: under the
 # benchmark lock, `flock -x`). Without it (CI, a machine shared with other jobs, where the quiet
 # phases alone can pass 5 ms: 5.2 ms outside restarts at load 1.5 here) the reload phases' p99 must
-# stay within twice the quiet phases'. The share of the run the service's event-loop thread waited
-# for a CPU (the scheduler's run-queue time) is printed beside: 6.9% in a judged run, the soak's own
-# processes sharing the two cores.
+# stay within three times the quiet phases' (1.1-1.4 times in the runs here). The share of the run
+# the service's event-loop thread waited for a CPU (the scheduler's run-queue time) is printed
+# beside: 6.9% in a judged run, the soak's own processes sharing the two cores.
 STRICT = os.environ.get("POLICYPLUG_SOAK_STRICT") == "1"
 # The run alternates PHASE seconds with a reload every second and PHASE seconds without, so the
 # reloads' cost is measured against the same machine's quiet latency in the same run: on a busy
@@ -473,7 +473,7 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
         "rss_slope_last_half_mb_per_min": round(slope / 2**20, 3),
         "rss_troughs_mb": [round(rss / 2**20, 2) for _, rss in troughs],
         "service_cpu_wait_percent": round(100 * result["service_cpu_wait"], 2),
-        "judged": "p99 < 5 ms" if STRICT else "reload phases within twice the quiet phases",
+        "judged": "p99 < 5 ms" if STRICT else "reload phases within three times the quiet phases",
         "xmpp_sent": xmpp.sent,
         "xmpp_delivered": xmpp.delivered,
         "xmpp_refused": xmpp.refused,
@@ -491,13 +491,13 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     )  # reloads happened
     assert counts["reload answers failed"] == 0 and "Traceback" not in log, log[-3000:]
     # p99 under 5 ms outside the restarts, reload phases and quiet ones together (STRICT); on a
-    # shared machine the reload phases within twice the quiet phases' p99 (a reload on the event
-    # loop stalled decisions for 0.2-2.8 s; on a machine whose cores are all busy, a thread that
-    # holds the interpreter can be preempted, and the event loop waits for it)
+    # shared machine the reload phases within three times the quiet phases' p99 (a reload on the
+    # event loop stalled decisions for 0.2-2.8 s; on a machine whose cores are all busy, a thread
+    # that holds the interpreter can be preempted, and the event loop waits for it)
     if STRICT:
         assert p99_outside < P99_LIMIT, figures
     else:
-        assert p99_during < max(P99_LIMIT, 2 * p99_quiet), figures
+        assert p99_during < max(P99_LIMIT, 3 * p99_quiet), figures
     assert growth < RSS_GROWTH_LIMIT and late_growth < RSS_LATE_GROWTH_LIMIT, figures
     # Prosody: restarted as planned, every message answered as the policy says, nothing lost
     assert len(xmpp.restart_windows) == RESTARTS and not xmpp.problems, (xmpp.problems[:10], figures)
