@@ -26,6 +26,12 @@ machine is shared with other jobs that would otherwise take turns on those CPUs:
 of a service with a core of its own. Prosody, in the component run, shares the client's CPU.
 
     python3 bench/bench_service.py [--rate 20000] [--duration 5] [--windows 16,64] [--iq-requests 3000]
+
+`--record-compare CHECKOUT` runs only closed-loop runs with an audit log (level all) and a usage store,
+alternating CHECKOUT's policyplug (a `git archive` of another commit, say) and this one's, and prints
+the service CPU per decision of each (how recording a decision changed; 2026-12-07, the service
+recording through PolicyHost.record against writing it out inline: 18.60 vs 18.70 µs, median of 7
+runs of 100,000 decisions, i.e. no difference at this resolution of 0.1 µs).
 """
 
 from __future__ import annotations
