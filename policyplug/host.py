@@ -43,7 +43,8 @@ class PolicyHost:
         # shared memory) for every policy loaded; None: each loaded policy counts in its own memory
         self.limiter = limiter
         self.warn = warn  # the host's log for policy warnings (Python logging, Kamailio's log)
-        self.audit = audit  # an audit log with submit(event, decision), or None
+        # an audit log with submit(event, decision) (and submit_encoded, for record's `encoded`), or None
+        self.audit = audit
         self.usage = usage  # a usage store with count(event, decision, direction), or None
         self.policy = None
         self._mtimes: dict[Path, float] = {}
@@ -89,13 +90,21 @@ class PolicyHost:
 
     # -- a decision -------------------------------------------------------------------------------
 
-    def record(self, event: Any, decision: Any) -> bool:
+    def record(self, event: Any, decision: Any, encoded: Any = None, policy: Any = None) -> bool:
         """Audit the decision, then count it for usage reports. Never raises for the log or the
         store (each counts and reports its own failures); False when the audit log says the record
-        was not written."""
+        was not written.
+
+        `encoded`: the decision already serialised by `audit.log.encode_decision` (the service's
+        answer is made of it), handed to the log as it is, so a decision is serialised once.
+        `policy`: the policy that decided (its `activation` gives the direction usage counts under);
+        the one in force when not given."""
         written = True
         if self.audit is not None:
-            written = self.audit.submit(event, decision) is not False
+            if encoded is None:
+                written = self.audit.submit(event, decision) is not False
+            else:
+                written = self.audit.submit_encoded(event, decision, encoded) is not False
         if self.usage is not None:
-            self.usage.count(event, decision, self.policy.activation(event)["direction"])
+            self.usage.count(event, decision, (policy or self.policy).activation(event)["direction"])
         return written

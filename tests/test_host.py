@@ -77,3 +77,37 @@ def test_record_audits_then_counts_with_the_policy_direction(tmp_path: Path) -> 
     audit.written = None  # the service's log returns nothing: written (it counts its own failures)
     assert host.record(event, decision) is True
     assert PolicyHost(path, warn=print).record(event, decision) is True  # neither log nor store
+
+
+def test_the_service_records_through_the_host_with_the_answers_encoding(tmp_path: Path) -> None:
+    """The decision service records as every host does (PolicyHost.record: audit, then usage), handing
+    the audit log the serialisation its answer is made of, and the direction of the policy that decided."""
+    import orjson
+
+    from policyplug.audit.log import encode_decision
+    from policyplug.service.server import DecisionService
+
+    path = tmp_path / "h.policy"
+    touch_later(path, POLICY)
+
+    class EncodedAudit(Audit):
+        def submit_encoded(self, event: Any, decision: Any, encoded: tuple[bytes, str, str]) -> None:
+            self.records.append((event, encoded))
+
+    audit, usage = EncodedAudit(written=None), Usage()
+    service = DecisionService(path, audit=audit, usage=usage)
+    recorded: list[tuple[Any, ...]] = []
+    real_record = service.record
+    service.record = lambda *args: recorded.append(args) or real_record(*args)  # type: ignore[method-assign]
+    answer = service.decide_encoded({"kind": "message", "from": "a@acme.example", "to": "b@elsewhere.example"})
+    [(event, decision, encoded, policy)] = recorded
+    assert policy is service.policy and encoded == encode_decision(decision)
+    assert audit.records == [(event, encoded)]  # serialised once, for the answer and the record
+    assert usage.counted == [(event, decision, "outbound")]
+    body = orjson.loads(answer)
+    assert body["decision"] == "deny" and orjson.loads(encoded[0])["decision"] == "deny"
+    # without a log or a store there is nothing to record, and no call
+    bare = DecisionService(path)
+    bare.record = lambda *args: recorded.append(args)  # type: ignore[method-assign]
+    bare.decide_encoded({"kind": "message", "from": "a@acme.example", "to": "b@elsewhere.example"})
+    assert len(recorded) == 1

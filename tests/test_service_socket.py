@@ -310,6 +310,17 @@ def _start(policy: Path, sock: Path, *extra: str) -> subprocess.Popen:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         assert time.monotonic() < deadline, "service did not start"
         time.sleep(0.05)
+    # the file appears at bind(), a moment before listen(): a connection meanwhile is refused
+    while True:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(sock))
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, "service did not listen"
+            time.sleep(0.02)
+        finally:
+            probe.close()
     return proc
 
 

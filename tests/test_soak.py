@@ -1,10 +1,12 @@
 """Soak: the decision service under mixed load for minutes (issue 16).
 
-A real `policyplug serve` on a temporary Unix socket gets, at once: decisions from several clients,
-a reload every second (the socket op, SIGHUP and a file change in turn, each changing the policy),
-malformed lines, and clients that disconnect mid-request. It must lose no request (every request
-on a connection that stays gets its answer: a decision or an error), keep the p99 of decisions
-under 5 ms (see PHASE), and its memory must not grow beyond a bound once warm.
+A real `policyplug serve` on a temporary Unix socket gets, at once: decisions from several clients
+(in a process of their own, tests/soak_client.py, so that their latencies are the service's and not
+this process's), a reload every second in alternate phases (the socket op, SIGHUP and a file change
+in turn, each changing the policy), malformed lines, and clients that disconnect mid-request. It
+must lose no request (every request on a connection that stays gets its answer: a decision or an
+error), keep the p99 of decisions under 5 ms (see P99_LIMIT and STRICT), and its memory must
+not grow once warm (see RSS_LATE_GROWTH_LIMIT).
 
 POLICYPLUG_SOAK_SECONDS sets the length: 120 s by default (CI), as long as you like locally
 (`POLICYPLUG_SOAK_SECONDS=900 python3 -m pytest tests/test_soak.py -s`). The figures are printed
@@ -35,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers.prosody import ProsodyServer
+from tests.soak_client import Tally
 from tests.xmpp_client import TestClient
 
 ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "prosody"
@@ -43,14 +46,23 @@ RESTARTS = 2
 
 SECONDS = float(os.environ.get("POLICYPLUG_SOAK_SECONDS", "120"))
 P99_LIMIT = 0.005
+# POLICYPLUG_SOAK_STRICT=1 judges the 5 ms: for a run on a machine of its own (here: under the
+# benchmark lock, `flock -x`). Without it (CI, a machine shared with other jobs, where the quiet
+# phases alone can pass 5 ms: 5.2 ms outside restarts at load 1.5 here) the reload phases' p99 must
+# stay within three times the quiet phases' (1.1-1.4 times in the runs here). The share of the run
+# the service's event-loop thread waited for a CPU (the scheduler's run-queue time) is printed
+# beside: 6.9% in a judged run, the soak's own processes sharing the two cores.
+STRICT = os.environ.get("POLICYPLUG_SOAK_STRICT") == "1"
 # The run alternates PHASE seconds with a reload every second and PHASE seconds without, so the
 # reloads' cost is measured against the same machine's quiet latency in the same run: on a busy
 # machine (this one's two cores are shared) the quiet p99 alone can exceed 5 ms.
 PHASE = 5.0
-RSS_GROWTH_LIMIT = 24 * 1024 * 1024  # bytes, after warm-up
-DECISION_CLIENTS = 4
-INTERVAL = 0.005  # seconds between one client's requests: 200/s each, 800/s in all
-MAX_BACKLOG = 0.5  # seconds a client may fall behind its schedule before it skips ahead
+WARM_UP = 30.0  # seconds before memory is judged
+RSS_GROWTH_LIMIT = 4 * 2**20  # bytes after warm-up: SQLite's page cache (2 MiB at most) and a margin
+# bytes from the middle third of the warm run to the last: the page cache's last steps stay under it
+# (0.0 MiB in the judged 300 s run), memory held per reload (0.4-1 MiB a minute before the fix of
+# audit.record's cache) did not over a long run; over the CI run's two minutes it is a loose guard
+RSS_LATE_GROWTH_LIMIT = 2**20
 
 
 def policy_text(generation: int, rules: int = 200) -> str:
@@ -84,84 +96,17 @@ def reloading(moment: float) -> bool:
     return int((moment - STARTED) / PHASE) % 2 == 1
 
 
+def cpu_wait_seconds(pid: int) -> float:
+    """How long the service's event-loop thread was ready to run but waited for a CPU (the
+    scheduler's run-queue time, /proc/PID/task/PID/schedstat): what other jobs on the machine took."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-@dataclass
-class Tally:
-    sent: int = 0
-    answered: int = 0
-    errors: int = 0
-    latencies: list[float] = field(default_factory=list)
-    at: list[float] = field(default_factory=list)  # monotonic time of each latency
-    backlog_resets: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-async def decision_client(path: Path, name: str, until: float, tally: Tally, rng: random.Random) -> None:
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    users = [f"u{i}@acme.example" for i in range(50)] + [f"v{i}@d{i}.example" for i in range(50)]
-    n = 0
-    # Requests go out on a fixed schedule and each latency counts from its scheduled time, so a
-    # stall delays every request that should have gone out meanwhile (a client that only sends
-    # when answered would see one slow request per stall: "coordinated omission").
-    scheduled = time.perf_counter()
-    try:
-        while time.monotonic() < until:
-            n += 1
-            burst = rng.choice((1, 1, 1, 4))  # mostly one at a time, sometimes pipelined
-            scheduled += INTERVAL * burst
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif delay < -MAX_BACKLOG:
-                # this far behind, the machine stopped the client or the service for longer than any
-                # reload: count it, and do not carry the backlog on (it would weigh on every later
-                # request, both phases alike, and hide what the reloads cost)
-                tally.backlog_resets += 1
-                scheduled = time.perf_counter() - MAX_BACKLOG
-            sent_at = scheduled
-            ids = []
-            for k in range(burst):
-                request_id = f"{name}-{n}-{k}"
-                ids.append(request_id)
-                event = {
-                    "kind": rng.choice(("message", "presence", "call")),
-                    "from": rng.choice(users),
-                    "to": rng.choice(users + ["x@partner.example"]),
-                    "body": rng.choice(("hi", "secret-7 x", "")),
-                }
-                writer.write(json.dumps({"id": request_id, "event": event}).encode() + b"\n")
-                tally.sent += 1
-            await writer.drain()
-            pending = set(ids)
-            while pending:
-                line = await asyncio.wait_for(reader.readline(), 30)
-                if not line:
-                    tally.problems.append(
-                        f"{name}: connection closed with {len(pending)} requests unanswered"
-                    )
-                    return
-                answer = json.loads(line)
-                if answer.get("id") is None and "reloaded" in answer:
-                    continue
-                if answer.get("id") not in pending:
-                    tally.problems.append(f"{name}: unexpected answer {line[:200]!r}")
-                    continue
-                pending.discard(answer["id"])
-                tally.answered += 1
-                if "decision" in answer:
-                    tally.latencies.append(max(0.0, time.perf_counter() - sent_at))
-                    tally.at.append(time.monotonic() - (time.perf_counter() - sent_at))
-                else:
-                    tally.errors += 1
-                    tally.problems.append(f"{name}: error for a valid event: {answer}")
-    finally:
-        writer.close()
 
 
 async def malformed_client(path: Path, until: float, tally: Tally, rng: random.Random) -> None:
@@ -356,7 +301,7 @@ async def soak(sock: Path, policy: Path, pid: int, seconds: float, prosody: Pros
     started = time.monotonic()
     until = started + seconds
     rng = random.Random(16)
-    decisions, malformed = Tally(), Tally()
+    malformed = Tally()
     counts: dict[str, int] = {
         "disconnects": 0,
         "disconnect_drain_errors": 0,
@@ -366,17 +311,22 @@ async def soak(sock: Path, policy: Path, pid: int, seconds: float, prosody: Pros
     }
     memory: list[tuple[float, int]] = []
     xmpp = XmppTally()
+    # the decision clients, whose latencies are judged, in a process of their own (tests/soak_client.py)
+    tally_file = sock.with_name("decisions.json")
+    clients = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.soak_client", str(sock), repr(until), str(tally_file)
+    )
+    waited_before = cpu_wait_seconds(pid)
     await asyncio.gather(
         prosody_traffic(prosody, started, until, xmpp),
-        *(
-            decision_client(sock, f"c{i}", until, decisions, random.Random(i))
-            for i in range(DECISION_CLIENTS)
-        ),
         malformed_client(sock, until, malformed, random.Random(99)),
         disconnecting_clients(sock, until, counts, rng),
         reloader(sock, policy, pid, until, counts),
         sample_memory(pid, until, memory),
     )
+    assert await asyncio.wait_for(clients.wait(), 120) == 0, "the decision clients failed"
+    decisions = Tally(**json.loads(tally_file.read_text()))
+    waited = cpu_wait_seconds(pid) - waited_before
     reader, writer = await asyncio.open_unix_connection(str(sock))
     writer.write(b'{"id": "s", "op": "status"}\n')
     status = json.loads(await reader.readline())["status"]
@@ -388,6 +338,7 @@ async def soak(sock: Path, policy: Path, pid: int, seconds: float, prosody: Pros
         "memory": memory,
         "status": status,
         "xmpp": xmpp,
+        "service_cpu_wait": waited / seconds,
     }
 
 
@@ -475,14 +426,25 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     during = sorted(lat for at, lat in settled if reloading(at))
     quiet = sorted(lat for at, lat in settled if not reloading(at))
     p99_during, p99_quiet = during[int(len(during) * 0.99)], quiet[int(len(quiet) * 0.99)]
-    warm = [rss for t, rss in memory if t >= min(20.0, SECONDS / 3)]
-    growth = max(warm) - warm[0]
-    # growth over each half of the warm run, median to median of five samples (a reload's peak is
-    # not growth): reported, not asserted: what grows under traffic is the usage store's SQLite page
-    # cache (C memory, bounded by SQLite's cache_size), and over the CI run's two minutes its
-    # steps are as big as the noise
-    halves = (warm[: len(warm) // 2], warm[len(warm) // 2 :])
-    half_growth = [statistics.median(h[-5:]) - statistics.median(h[:5]) for h in halves if len(h) >= 5]
+    outside = sorted(lat for _, lat in settled)
+    p99_outside = outside[int(len(outside) * 0.99)]
+    # Memory: the lowest RSS of each phase pair (a reload's peak, old and new policy alive at once
+    # for a moment, is not growth) after warm-up; the slope over the last half of those troughs must
+    # be flat, and the growth after warm-up within SQLite's page cache for the usage store (at most
+    # its cache_size, 2 MiB, reached over the first minutes as the database grows) and a margin.
+    troughs = [
+        (window * 2 * PHASE, min(rss for t, rss in memory if window * 2 * PHASE <= t < (window + 1) * 2 * PHASE))
+        for window in range(int(SECONDS // (2 * PHASE)))
+        if any(window * 2 * PHASE <= t < (window + 1) * 2 * PHASE for t, _ in memory)
+    ]
+    warm = [(t, rss) for t, rss in troughs if t >= WARM_UP]
+    growth = max(rss for _, rss in warm) - warm[0][1]
+    # the lowest RSS of the last third of the warm run against that of the middle third: a transient
+    # (a 1 MiB oversized line being read, the allocator's steps) lifts single troughs, not a third's
+    thirds = [warm[k * len(warm) // 3 : (k + 1) * len(warm) // 3] for k in range(3)]
+    late_growth = min(rss for _, rss in thirds[2]) - min(rss for _, rss in thirds[1])
+    late = warm[len(warm) // 2 :]
+    slope = statistics.linear_regression([t for t, _ in late], [rss for _, rss in late]).slope * 60  # bytes/min
     figures = {
         "seconds": SECONDS,
         "decisions": len(latencies),
@@ -491,6 +453,7 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
         "p99_ms": round(p99 * 1000, 3),
         "max_ms": round(latencies[-1] * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 3),
+        "p99_ms_outside_restarts": round(p99_outside * 1000, 3),
         "p99_ms_reload_phases": round(p99_during * 1000, 3),
         "p99_ms_quiet_phases": round(p99_quiet * 1000, 3),
         "schedule_resets": decisions.backlog_resets,
@@ -500,13 +463,17 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
         "service_reloads": result["status"]["reloads"],
         "invalid_requests": result["status"]["invalid_requests"],
         "rss_start_mb": round(memory[0][1] / 2**20, 1),
-        "rss_warm_mb": round(warm[0] / 2**20, 1),
+        "rss_warm_mb": round(warm[0][1] / 2**20, 1),
         "rss_max_mb": round(max(rss for _, rss in memory) / 2**20, 1),
         "rss_mb_each_fifth": [
             round(memory[min(len(memory) - 1, len(memory) * k // 5)][1] / 2**20, 1) for k in range(1, 6)
         ],
-        "rss_growth_after_warmup_mb": round(growth / 2**20, 1),
-        "rss_growth_each_half_mb": [round(g / 2**20, 2) for g in half_growth],
+        "rss_growth_after_warmup_mb": round(growth / 2**20, 2),
+        "rss_growth_last_third_mb": round(late_growth / 2**20, 2),
+        "rss_slope_last_half_mb_per_min": round(slope / 2**20, 3),
+        "rss_troughs_mb": [round(rss / 2**20, 2) for _, rss in troughs],
+        "service_cpu_wait_percent": round(100 * result["service_cpu_wait"], 2),
+        "judged": "p99 < 5 ms" if STRICT else "reload phases within three times the quiet phases",
         "xmpp_sent": xmpp.sent,
         "xmpp_delivered": xmpp.delivered,
         "xmpp_refused": xmpp.refused,
@@ -523,12 +490,15 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
         figures
     )  # reloads happened
     assert counts["reload answers failed"] == 0 and "Traceback" not in log, log[-3000:]
-    # p99 under 5 ms, or (on a machine too busy for that even without reloads) no worse than four
-    # times the quiet phases' p99: a reload on the event loop stalled decisions for 0.2-2.8 s. (On a
-    # machine whose cores are all busy, a thread that holds the interpreter can be preempted, and the
-    # event loop waits for it: the reload phases then show more delay than the quiet ones.)
-    assert p99_during < max(P99_LIMIT, 4 * p99_quiet), figures
-    assert growth < RSS_GROWTH_LIMIT, figures
+    # p99 under 5 ms outside the restarts, reload phases and quiet ones together (STRICT); on a
+    # shared machine the reload phases within three times the quiet phases' p99 (a reload on the
+    # event loop stalled decisions for 0.2-2.8 s; on a machine whose cores are all busy, a thread
+    # that holds the interpreter can be preempted, and the event loop waits for it)
+    if STRICT:
+        assert p99_outside < P99_LIMIT, figures
+    else:
+        assert p99_during < max(P99_LIMIT, 3 * p99_quiet), figures
+    assert growth < RSS_GROWTH_LIMIT and late_growth < RSS_LATE_GROWTH_LIMIT, figures
     # Prosody: restarted as planned, every message answered as the policy says, nothing lost
     assert len(xmpp.restart_windows) == RESTARTS and not xmpp.problems, (xmpp.problems[:10], figures)
     assert xmpp.delivered + xmpp.refused == xmpp.sent and xmpp.refused == xmpp.sent // 5, figures

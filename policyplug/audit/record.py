@@ -114,6 +114,11 @@ def encode_event(event: Any, include_bodies: bool) -> bytes:
 # by Decision.shape(), so the service does not serialise the same answer 20,000 times a second.
 ENCODED_DECISIONS_LIMIT = 4096
 _ENCODED_DECISIONS: dict[tuple[Any, ...], tuple[bytes, str, str]] = {}
+# Only the decisions of the last few policy revisions are kept (a shape ends with its revision): a
+# service reloading under traffic otherwise kept every old revision's answers (~2 KB each) until the
+# limit above, ~8 MB of memory that looked like a leak for the first few hundred reloads.
+ENCODED_REVISIONS_LIMIT = 4
+_ENCODED_REVISIONS: dict[str, None] = {}  # the revisions remembered, oldest first
 
 
 def encode_decision(decision: Any) -> tuple[bytes, str, str]:
@@ -134,6 +139,14 @@ def encode_decision(decision: Any) -> tuple[bytes, str, str]:
     if shape is not None:
         if len(_ENCODED_DECISIONS) >= ENCODED_DECISIONS_LIMIT:
             _ENCODED_DECISIONS.clear()
+            _ENCODED_REVISIONS.clear()
+        if revision not in _ENCODED_REVISIONS:  # a new revision (a reload): forget the oldest one's
+            _ENCODED_REVISIONS[revision] = None
+            if len(_ENCODED_REVISIONS) > ENCODED_REVISIONS_LIMIT:
+                oldest = next(iter(_ENCODED_REVISIONS))
+                del _ENCODED_REVISIONS[oldest]
+                for key in [key for key in _ENCODED_DECISIONS if key[-1] == oldest]:
+                    del _ENCODED_DECISIONS[key]
         _ENCODED_DECISIONS[shape] = encoded
     return encoded
 

@@ -20,4 +20,4 @@ def open_usage_store(target: str | Path, flush_interval: float = 1.0, background
     docs/scaling.md). `background=False` where no thread runs between requests (a Kamailio worker)."""
     if is_postgres_url(target):
         return PostgresUsageStore(str(target), flush_interval=flush_interval, background=background)
-    return UsageStore(target, flush_interval=flush_interval)
+    return UsageStore(target, flush_interval=flush_interval, background=background)

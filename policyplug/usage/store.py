@@ -4,7 +4,9 @@ Counts are kept per hour, kind, direction, decision, deciding rule, sender domai
 domain, plus per-user message counts, plus per-tag counts (table `tag_traffic`: a decision counts
 once under each of its `tag "LABEL"`s, and not at all there without one). `count` only adds to an
 in-memory tally; the tally is written in one transaction every `flush_interval` seconds (or 5,000
-distinct rows), so a decision costs a dictionary update, not a disk write.
+distinct rows), so a decision costs a dictionary update, not a disk write. With `background=True`
+(the decision service) a thread of its own writes it: a commit waits for the disk (5-15 ms here),
+and the service's event loop must not.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def traffic_kind(event: Any) -> str:
 
 
 class UsageStore:
-    def __init__(self, path: str | Path, flush_interval: float = 1.0) -> None:
+    def __init__(self, path: str | Path, flush_interval: float = 1.0, background: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_interval = flush_interval
@@ -72,6 +74,13 @@ class UsageStore:
         self._last_flush = time.monotonic()
         self.errors = 0
         self.last_error: str | None = None
+        self._write_lock = threading.Lock()  # one batch at a time, in order (the thread's, close's)
+        self._wake = threading.Event()
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        if background:
+            self._writer = threading.Thread(target=self._run, name="policyplug-usage", daemon=True)
+            self._writer.start()
 
     def count(self, event: Any, decision: Any, direction: str) -> None:
         hour = event.time.strftime("%Y-%m-%dT%H:00Z")
@@ -100,14 +109,29 @@ class UsageStore:
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            traffic, self._traffic = self._traffic, Counter()
-            users, self._users = self._users, Counter()
-            tags, self._tags = self._tags, Counter()
+        """Write the tally: now, or (with a writer thread) by waking the thread."""
+        if self._writer is not None and not self._closing:
             self._last_flush = time.monotonic()
-        if not traffic and not users and not tags:
+            self._wake.set()
             return
-        self._write(traffic, users, tags)
+        self._drain()
+
+    def _drain(self) -> None:
+        with self._write_lock:
+            with self._lock:
+                traffic, self._traffic = self._traffic, Counter()
+                users, self._users = self._users, Counter()
+                tags, self._tags = self._tags, Counter()
+                self._last_flush = time.monotonic()
+            if not traffic and not users and not tags:
+                return
+            self._write(traffic, users, tags)
+
+    def _run(self) -> None:
+        while not self._closing:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self._drain()
 
     def _write(
         self,
@@ -137,7 +161,11 @@ class UsageStore:
             log.error("usage store %s: %s", self.path, exc)
 
     def close(self) -> None:
+        self._closing = True
+        if self._writer is not None:
+            self._wake.set()
+            self._writer.join(timeout=30)
         try:
-            self.flush()
+            self._drain()  # what came after the thread's last batch
         finally:
             self._db.close()
