@@ -99,7 +99,9 @@ def test_the_service_records_through_the_host_with_the_answers_encoding(tmp_path
     recorded: list[tuple[Any, ...]] = []
     real_record = service.record
     service.record = lambda *args: recorded.append(args) or real_record(*args)  # type: ignore[method-assign]
-    answer = service.decide_encoded({"kind": "message", "from": "a@acme.example", "to": "b@elsewhere.example"})
+    answer = service.decide_encoded(
+        {"kind": "message", "from": "a@acme.example", "to": "b@elsewhere.example"}
+    )
     [(event, decision, encoded, policy)] = recorded
     assert policy is service.policy and encoded == encode_decision(decision)
     assert audit.records == [(event, encoded)]  # serialised once, for the answer and the record

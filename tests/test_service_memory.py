@@ -38,8 +38,13 @@ def test_reload_async_frees_the_old_policy_in_the_reload_thread(tmp_path: Path) 
     from policyplug.service import server
 
     path = tmp_path / "mem.policy"
-    text = POLICY + 'list partners = ["p.example"]\n' + "".join(
-        f'rule r{i}:\n  when recipient.domain in partners && size > {i}\n  deny "r{i}"\n' for i in range(50)
+    text = (
+        POLICY
+        + 'list partners = ["p.example"]\n'
+        + "".join(
+            f'rule r{i}:\n  when recipient.domain in partners && size > {i}\n  deny "r{i}"\n'
+            for i in range(50)
+        )
     )
     path.write_text(text)
     disposed: list[str] = []
@@ -53,7 +58,9 @@ def test_reload_async_frees_the_old_policy_in_the_reload_thread(tmp_path: Path) 
     try:
         from policyplug.limits import MemoryLimiter
 
-        service = DecisionService(path, freeze_gc=True, limiter=MemoryLimiter())  # one for every policy loaded
+        service = DecisionService(
+            path, freeze_gc=True, limiter=MemoryLimiter()
+        )  # one for every policy loaded
         event = {"kind": "message", "from": "a@acme.example", "to": "b@p.example", "size": 3}
         assert service.decide_json(event)["reason"] == "r0"
         old = weakref.ref(service.policy)
@@ -69,7 +76,9 @@ def test_reload_async_frees_the_old_policy_in_the_reload_thread(tmp_path: Path) 
         assert asyncio.run(reload())["ok"]
         assert old() is None
         assert disposed and all(name.startswith("policyplug-reload") for name in disposed)
-        assert service.policy.limiter is limiter and service.policy.lists == lists == {"partners": ("p.example",)}
+        assert service.policy.limiter is limiter and service.policy.lists == lists == {
+            "partners": ("p.example",)
+        }
         assert service.decide_json(event)["reason"] == "first"
         service.close()
     finally:

@@ -433,7 +433,10 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     # be flat, and the growth after warm-up within SQLite's page cache for the usage store (at most
     # its cache_size, 2 MiB, reached over the first minutes as the database grows) and a margin.
     troughs = [
-        (window * 2 * PHASE, min(rss for t, rss in memory if window * 2 * PHASE <= t < (window + 1) * 2 * PHASE))
+        (
+            window * 2 * PHASE,
+            min(rss for t, rss in memory if window * 2 * PHASE <= t < (window + 1) * 2 * PHASE),
+        )
         for window in range(int(SECONDS // (2 * PHASE)))
         if any(window * 2 * PHASE <= t < (window + 1) * 2 * PHASE for t, _ in memory)
     ]
@@ -444,7 +447,9 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     thirds = [warm[k * len(warm) // 3 : (k + 1) * len(warm) // 3] for k in range(3)]
     late_growth = min(rss for _, rss in thirds[2]) - min(rss for _, rss in thirds[1])
     late = warm[len(warm) // 2 :]
-    slope = statistics.linear_regression([t for t, _ in late], [rss for _, rss in late]).slope * 60  # bytes/min
+    slope = (
+        statistics.linear_regression([t for t, _ in late], [rss for _, rss in late]).slope * 60
+    )  # bytes/min
     figures = {
         "seconds": SECONDS,
         "decisions": len(latencies),
