@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections import Counter
 from typing import Any
@@ -136,31 +135,17 @@ class PostgresUsageStore(UsageStore):
     def __init__(self, url: str, flush_interval: float = 1.0, background: bool = True) -> None:
         self.url = url
         self.path = safe_url(url)  # type: ignore[assignment]  # what the base class's messages name
-        self.flush_interval = flush_interval
-        self._traffic: Counter[tuple[str, ...]] = Counter()
-        self._users: Counter[tuple[str, str, str]] = Counter()
-        self._tags: Counter[tuple[str, str, str, str, str]] = Counter()
-        self._lock = threading.Lock()
-        self._last_flush = time.monotonic()
-        self.errors = 0
-        self.last_error: str | None = None
         self.lost = 0  # counts dropped because PostgreSQL stayed away too long
         self.down = False
         # what is taken from the tally but not yet written: kept across failures
         self._pending: tuple[Counter[Any], Counter[Any], Counter[Any]] = (Counter(), Counter(), Counter())
-        self._write_lock = threading.Lock()
         self._db: Any = _connect(
             url, autocommit=True
         )  # unreachable or refused at start: an error now, not a silent loss
         migrate(self._db)
-        self._wake = threading.Event()
-        self._closing = False
         self._retry_at = 0.0  # background=False: no try before this (monotonic) during an outage
         self._pause = 1.0
-        self._writer: threading.Thread | None = None
-        if background:
-            self._writer = threading.Thread(target=self._run, name="policyplug-usage-postgres", daemon=True)
-            self._writer.start()
+        self._start_tally(flush_interval, background, "policyplug-usage-postgres")
 
     def flush(self) -> None:
         """Hand the tally to the writer thread (never waits for PostgreSQL); without one, write now."""
@@ -175,19 +160,9 @@ class PostgresUsageStore(UsageStore):
             else:
                 self._pause = 1.0
 
-    def _run(self) -> None:
-        while not self._closing:
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
-            if not self._closing:
-                self._drain()
-
     def _drain(self) -> None:
         with self._write_lock:
-            with self._lock:
-                traffic, self._traffic = self._traffic, Counter()
-                users, self._users = self._users, Counter()
-                tags, self._tags = self._tags, Counter()
+            traffic, users, tags = self._take()
             pending = self._pending
             pending[0].update(traffic)
             pending[1].update(users)

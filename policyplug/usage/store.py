@@ -64,9 +64,13 @@ class UsageStore:
     def __init__(self, path: str | Path, flush_interval: float = 1.0, background: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.flush_interval = flush_interval
         self._db = sqlite3.connect(str(self.path), check_same_thread=False)
         self._db.executescript(SCHEMA)
+        self._start_tally(flush_interval, background, "policyplug-usage")
+
+    def _start_tally(self, flush_interval: float, background: bool, thread_name: str) -> None:
+        """The tally every backend keeps between writes, and its writer thread when `background`."""
+        self.flush_interval = flush_interval
         self._traffic: Counter[tuple[str, ...]] = Counter()
         self._users: Counter[tuple[str, str, str]] = Counter()
         self._tags: Counter[tuple[str, str, str, str, str]] = Counter()
@@ -79,7 +83,7 @@ class UsageStore:
         self._closing = False
         self._writer: threading.Thread | None = None
         if background:
-            self._writer = threading.Thread(target=self._run, name="policyplug-usage", daemon=True)
+            self._writer = threading.Thread(target=self._run, name=thread_name, daemon=True)
             self._writer.start()
 
     def count(self, event: Any, decision: Any, direction: str) -> None:
@@ -116,22 +120,29 @@ class UsageStore:
             return
         self._drain()
 
+    def _take(self) -> tuple[Counter[Any], Counter[Any], Counter[Any]]:
+        """The tally so far (traffic, users, tags), leaving an empty one; the caller holds _write_lock."""
+        with self._lock:
+            taken = self._traffic, self._users, self._tags
+            self._traffic, self._users, self._tags = Counter(), Counter(), Counter()
+            self._last_flush = time.monotonic()
+        return taken
+
     def _drain(self) -> None:
         with self._write_lock:
-            with self._lock:
-                traffic, self._traffic = self._traffic, Counter()
-                users, self._users = self._users, Counter()
-                tags, self._tags = self._tags, Counter()
-                self._last_flush = time.monotonic()
+            traffic, users, tags = self._take()
             if not traffic and not users and not tags:
                 return
             self._write(traffic, users, tags)
 
     def _run(self) -> None:
+        """The writer thread: a batch each flush interval or when count() finds one due; close()
+        writes the last."""
         while not self._closing:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
-            self._drain()
+            if not self._closing:
+                self._drain()
 
     def _write(
         self,
