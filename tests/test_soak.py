@@ -58,7 +58,7 @@ STRICT = os.environ.get("POLICYPLUG_SOAK_STRICT") == "1"
 # machine (this one's two cores are shared) the quiet p99 alone can exceed 5 ms.
 PHASE = 5.0
 WARM_UP = 30.0  # seconds before memory is judged
-RSS_GROWTH_LIMIT = 4 * 2**20  # bytes after warm-up: SQLite's page cache (2 MiB at most) and a margin
+RSS_GROWTH_LIMIT = 4 * 2**20  # bytes after warm-up: SQLite's page cache (512 KiB at most) and a margin
 # bytes from the middle third of the warm run to the last: the page cache's last steps stay under it
 # (0.0 MiB in the judged 300 s run), memory held per reload (0.4-1 MiB a minute before the fix of
 # audit.record's cache) did not over a long run; over the CI run's two minutes it is a loose guard
@@ -431,7 +431,7 @@ def test_soak_mixed_load(tmp_path: Path) -> None:
     # Memory: the lowest RSS of each phase pair (a reload's peak, old and new policy alive at once
     # for a moment, is not growth) after warm-up; the slope over the last half of those troughs must
     # be flat, and the growth after warm-up within SQLite's page cache for the usage store (at most
-    # its cache_size, 2 MiB, reached over the first minutes as the database grows) and a margin.
+    # its cache_size, 512 KiB, reached over the first minutes as the database grows) and a margin.
     troughs = [
         (
             window * 2 * PHASE,

@@ -21,6 +21,8 @@ from typing import Any
 
 log = logging.getLogger("policyplug.usage")
 
+PAGE_CACHE_KIB = 512  # the SQLite store's page cache (PRAGMA cache_size)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS traffic (
     hour TEXT NOT NULL, kind TEXT NOT NULL, direction TEXT NOT NULL, decision TEXT NOT NULL,
@@ -66,6 +68,9 @@ class UsageStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False)
         self._db.executescript(SCHEMA)
+        # SQLite's page cache is 2 MiB per connection by default; a batch a second touches only the
+        # current hour's pages, so 512 KiB holds them, and a long-running service's memory settles sooner
+        self._db.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         self._start_tally(flush_interval, background, "policyplug-usage")
 
     def _start_tally(self, flush_interval: float, background: bool, thread_name: str) -> None:
