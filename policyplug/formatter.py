@@ -14,8 +14,8 @@ from typing import Any
 
 from . import nodes
 from .diagnostics import Diagnostic, DiagnosticSink, Location, PolicyError
-from .lexer import LogicalLine, logical_lines
-from .parser import TOP_LEVEL_KEYWORDS, parse_text
+from .lexer import TOP_LEVEL_KEYWORDS, LogicalLine, logical_lines
+from .parser import parse_text
 
 INDENT = "  "
 TEST_LINE_STARTS = frozenset(nodes.EVENT_KINDS) | {"repeat", "expect"}

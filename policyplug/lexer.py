@@ -51,34 +51,26 @@ class LogicalLine:
         return stripped[:end]
 
 
-STATEMENT_WORDS = frozenset(
-    (
-        "policy",
-        "local",
-        "list",
-        "directory",
-        "define",
-        "include",
-        "default",
-        "rule",
-        "test",
-        "on",
-        "when",
-        "unless",
-        "limit",
-        "allow",
-        "deny",
-        "drop",
-        "redirect",
-        "route",
-        "copy",
-        "disclaimer",
-        "audit",
-        "tag",
-        "expect",
-        "repeat",
-    )
+# The words that begin a statement: top-level statements, a rule's clauses, a test's lines.
+# The parser (policyplug/parser.py) takes its keyword lists from here.
+TOP_LEVEL_KEYWORDS = ("policy", "local", "list", "directory", "define", "include", "default", "rule", "test")
+RULE_CLAUSES = (
+    "on",
+    "when",
+    "unless",
+    "limit",
+    "allow",
+    "deny",
+    "drop",
+    "redirect",
+    "route",
+    "copy",
+    "disclaimer",
+    "audit",
+    "tag",
 )
+TEST_CLAUSES = ("expect", "repeat")
+STATEMENT_WORDS = frozenset(TOP_LEVEL_KEYWORDS + RULE_CLAUSES + TEST_CLAUSES)
 
 
 def _starts_statement(text: str) -> bool:

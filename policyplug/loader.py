@@ -24,7 +24,8 @@ from .addresses import AddressError, normalise_domain, normalise_list_entry, par
 from .cel.check import EVENT_VARIABLES, TYPE_NAMES, check_expression
 from .cel.fastparse import CEL_RESERVED_WORDS
 from .diagnostics import Diagnostic, DiagnosticSink, Location, did_you_mean
-from .parser import TOP_LEVEL_KEYWORDS, parse_text
+from .lexer import TOP_LEVEL_KEYWORDS
+from .parser import parse_text
 from .regular_file import NotRegularFile, TooLarge, open_regular, read_capped
 from .testevents import test_event_problem
 

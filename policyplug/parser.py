@@ -14,27 +14,11 @@ import pyparsing as pp
 
 from . import nodes
 from .diagnostics import DiagnosticSink, Location, did_you_mean
-from .lexer import LogicalLine, logical_lines
+from .lexer import RULE_CLAUSES, TOP_LEVEL_KEYWORDS, LogicalLine, logical_lines
 
 # No packrat: these per-line grammars barely backtrack, and memoising costs more than it saves
 # (measured: 0.46 s instead of 0.68 s to parse a 2,000-rule policy).
 
-TOP_LEVEL_KEYWORDS = ("policy", "local", "list", "directory", "define", "include", "default", "rule", "test")
-RULE_CLAUSES = (
-    "on",
-    "when",
-    "unless",
-    "limit",
-    "allow",
-    "deny",
-    "drop",
-    "redirect",
-    "route",
-    "copy",
-    "disclaimer",
-    "audit",
-    "tag",
-)
 WINDOWS = ("second", "minute", "hour", "day")
 MAX_LIMIT = 1_000_000_000  # `limit N`: at most this N (it must fit every limiter's counters)
 
