@@ -37,6 +37,7 @@ round: a slow spell of the host slows both.
 
     python3 bench/bench_kamailio.py --pair /path/to/older/checkout [--policy large|trivial] [--audit denied|none]
     python3 bench/bench_kamailio.py --pair . --other-config 'audit_spool = false'   (two settings, one checkout)
+    python3 bench/bench_kamailio.py --pair . --other-env PYTHONMALLOC=malloc      (Kamailio's environment)
 """
 
 from __future__ import annotations
@@ -277,6 +278,7 @@ def pair(args: argparse.Namespace) -> int:
                     cpus=KAMAILIO_CPU,
                     debug=1,
                     cfg=root / "adapters" / "kamailio" / "kamailio.cfg",  # each its own
+                    env=dict(item.split("=", 1) for item in args.other_env) if name == "other" else None,
                     routes={"bench.example": f"sip:127.0.0.1:{sink_port}"},
                     extra_config={
                         "python_path": [*site.getsitepackages(), str(root)],
@@ -359,6 +361,13 @@ def main() -> int:
         default=[],
         metavar="'KEY = VALUE'",
         help="with --pair: an adapter setting (TOML) for the other side only; --pair . compares settings",
+    )
+    parser.add_argument(
+        "--other-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --pair: an environment variable for the other side's Kamailio only",
     )
     args = parser.parse_args()
     if args.pair:

@@ -120,6 +120,7 @@ class KamailioServer:
         debug: int = 2,
         cpus: str | None = None,
         cfg: Path = CFG,
+        env: dict[str, str] | None = None,
     ):
         self.binary = require_binary("kamailio", "/usr/sbin/kamailio")
         if not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so").exists() and not list(
@@ -149,6 +150,7 @@ class KamailioServer:
         self.debug = debug
         self.cpus = cpus  # e.g. "0": run pinned (taskset), for benchmarks
         self.cfg = cfg
+        self.env = env or {}  # more environment for Kamailio (PYTHONMALLOC, GLIBC_TUNABLES, ...)
         settings: dict[str, Any] = {
             "policy": str(self.policy),
             "python_path": python_paths(),
@@ -197,7 +199,7 @@ class KamailioServer:
             command += ["-m", str(self.shm_mb)]  # shared memory: transactions wait there a few seconds
         if self.cpus is not None:
             command = ["taskset", "-c", self.cpus, *command]
-        env = dict(os.environ, POLICYPLUG_KAMAILIO_CONFIG=str(self.config))
+        env = dict(os.environ, **self.env, POLICYPLUG_KAMAILIO_CONFIG=str(self.config))
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(
             command,
