@@ -99,11 +99,37 @@ def test_guessed_witnesses_change_no_claim(seed: int, monkeypatch: pytest.Monkey
         assert rule in {step.rule for step in decision.trace or [] if step.matched}
     monkeypatch.setattr(Analyzer, "_guessed_witness", lambda self, rule, checked: None)
     solved = analyze(policy)
+    if _outcome(guessed) != _outcome(solved) and _answered_late(guessed, solved):
+        # a question ran out of the solver's time in one run only (seed 42 meets z3's slow case, and
+        # a loaded machine makes it slower): both asked again with time to spare
+        solved = analyze(policy, timeout_ms=LATE_TIMEOUT_MS)
+        monkeypatch.undo()
+        guessed = analyze(policy, timeout_ms=LATE_TIMEOUT_MS)
     claims = {(f.kind, f.rule, tuple(f.by or ())) for f in guessed.claims}
     assert {(f.kind, f.rule) for f in guessed.claims} == {(f.kind, f.rule) for f in solved.claims}, claims
     assert {f.rule for f in guessed.findings if f.kind == "unknown"} <= {
         f.rule for f in solved.findings if f.kind == "unknown"
     }
+
+
+LATE_TIMEOUT_MS = 120_000
+
+
+def _outcome(analysis: object) -> tuple[set[tuple[str, str]], set[str]]:
+    """(the claims, the rules left unknown) of an analysis."""
+    return (
+        {(f.kind, f.rule) for f in analysis.claims},  # type: ignore[attr-defined]
+        {f.rule for f in analysis.findings if f.kind == "unknown"},  # type: ignore[attr-defined]
+    )
+
+
+def _answered_late(*analyses: object) -> bool:
+    """Did a solver question of either run end by its timeout? (z3 says "timeout" or "canceled")"""
+    return any(
+        f.kind == "unknown" and ("timeout" in (f.reason or "") or "canceled" in (f.reason or ""))
+        for analysis in analyses
+        for f in analysis.findings  # type: ignore[attr-defined]
+    )
 
 
 def test_guesses_decide_most_rules_of_the_benchmark_policy() -> None:
