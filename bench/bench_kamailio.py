@@ -370,6 +370,9 @@ def main() -> int:
         help="with --pair: an environment variable for the other side's Kamailio only",
     )
     args = parser.parse_args()
+    for item in args.other_env:
+        if "=" not in item[1:]:
+            parser.error(f"--other-env {item!r}: give NAME=VALUE")
     if args.pair:
         return pair(args)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import z3
 
-from policyplug.analysis.analyze import Analyzer, analyze
+from policyplug.analysis.analyze import Analysis, Analyzer, analyze
 from policyplug.compiler import load_policy
 from policyplug.events import Event
 
@@ -115,20 +115,20 @@ def test_guessed_witnesses_change_no_claim(seed: int, monkeypatch: pytest.Monkey
 LATE_TIMEOUT_MS = 120_000
 
 
-def _outcome(analysis: object) -> tuple[set[tuple[str, str]], set[str]]:
+def _outcome(analysis: Analysis) -> tuple[set[tuple[str, str]], set[str]]:
     """(the claims, the rules left unknown) of an analysis."""
     return (
-        {(f.kind, f.rule) for f in analysis.claims},  # type: ignore[attr-defined]
-        {f.rule for f in analysis.findings if f.kind == "unknown"},  # type: ignore[attr-defined]
+        {(f.kind, f.rule) for f in analysis.claims},
+        {f.rule for f in analysis.findings if f.kind == "unknown"},
     )
 
 
-def _answered_late(*analyses: object) -> bool:
+def _answered_late(*analyses: Analysis) -> bool:
     """Did a solver question of either run end by its timeout? (z3 says "timeout" or "canceled")"""
     return any(
         f.kind == "unknown" and ("timeout" in (f.reason or "") or "canceled" in (f.reason or ""))
         for analysis in analyses
-        for f in analysis.findings  # type: ignore[attr-defined]
+        for f in analysis.findings
     )
 
 
